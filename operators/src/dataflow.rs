@@ -1,0 +1,204 @@
+//! The whole expense dataflow on one worker, and how it is driven.
+//!
+//! ```text
+//! push(Record) ──> Instruction ──(exchange by expense_id)──> UpsertByExpense
+//!     ──> live facts ──> AggregateCells ──(exchange by user_id)──> arrangement of AggKey -> (count, sum)
+//!     ──> CaptureChanges ──> probe
+//! ```
+//!
+//! The dataflow time is an [`Epoch`]. A caller pushes records at the current epoch, advances to
+//! a later epoch to close the current one, and steps the worker. Once every worker has closed
+//! an epoch and the probe has passed it, [`ExpenseDataflow::drain_closed`] returns the
+//! consolidated changes of this worker's cells for all newly closed epochs, plus the new
+//! last-event time of every user whose events changed. Each worker owns a share of the users,
+//! so the union over workers of what they drain is the complete change of the aggregates.
+//!
+//! The worker holds one trace handle (the cell arrangement's), used to find a user's newest live
+//! event time. Its compaction frontiers advance to the last drained epoch every time, so the
+//! arrangement keeps no history nobody will ask for.
+
+use differential_dataflow::input::{Input, InputSession};
+use differential_dataflow::trace::TraceReader;
+use differential_dataflow::trace::cursor::{Cursor, cursor_list};
+use timely::dataflow::ProbeHandle;
+use timely::dataflow::operators::Probe;
+use timely::progress::frontier::{Antichain, AntichainRef};
+use timely::worker::Worker;
+
+use crate::Epoch;
+use crate::aggregate::{AggregateCells, CapturedChanges, CellTrace, capture_changes};
+use crate::model::{AggKey, CellChange, LastSeen, Record, UserId};
+use crate::upsert::{Instruction, UpsertByExpense};
+
+/// What became final when one or more epochs closed: the changes of this worker's cells.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClosedEpochs {
+    /// Every epoch up to and including this one is closed and included.
+    pub through: Epoch,
+    /// Consolidated, non-zero changes of aggregate cells (never `Seen` cells), sorted by key.
+    pub cells: Vec<CellChange>,
+    /// Users whose last event time changed, with the new value; sorted by user.
+    pub last_seen: Vec<LastSeen>,
+}
+
+impl ClosedEpochs {
+    /// True if nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.cells.is_empty() && self.last_seen.is_empty()
+    }
+}
+
+/// One worker's handle to the expense dataflow.
+pub struct ExpenseDataflow {
+    input: InputSession<Epoch, Instruction, i64>,
+    probe: ProbeHandle<Epoch>,
+    trace: CellTrace,
+    captured: CapturedChanges,
+    /// The epoch through which changes were last drained, if any.
+    drained_through: Option<Epoch>,
+}
+
+impl ExpenseDataflow {
+    /// Builds the dataflow on `worker`. Every worker of a computation must build it, in the
+    /// same order relative to other dataflows.
+    pub fn new(worker: &mut Worker) -> Self {
+        let captured = CapturedChanges::default();
+        let probe = ProbeHandle::new();
+        let (input, trace) = worker.dataflow::<Epoch, _, _>(|scope| {
+            let (input, instructions) = scope.new_collection::<Instruction, i64>();
+            let cells = instructions.upsert_by_expense().aggregate_cells();
+            capture_changes(&cells, captured.clone()).probe_with(&probe);
+            (input, cells.trace)
+        });
+        ExpenseDataflow { input, probe, trace, captured, drained_through: None }
+    }
+
+    /// Adds a record to the current epoch.
+    pub fn push(&mut self, record: Record) {
+        self.input.update(Instruction::from(record), 1);
+    }
+
+    /// The epoch records are currently pushed at.
+    pub fn epoch(&self) -> Epoch {
+        *self.input.time()
+    }
+
+    /// Closes every epoch before `epoch`; later pushes go to `epoch`. Does nothing if `epoch` is
+    /// not after the current one.
+    pub fn advance_to(&mut self, epoch: Epoch) {
+        if epoch > *self.input.time() {
+            self.input.advance_to(epoch);
+            self.input.flush();
+        }
+    }
+
+    /// Sends buffered records into the dataflow without closing the epoch.
+    pub fn flush(&mut self) {
+        self.input.flush();
+    }
+
+    /// Stops input for good: the dataflow drains and completes.
+    pub fn close(self) {
+        drop(self);
+    }
+
+    /// True while some closed epoch has not made it through the whole dataflow.
+    pub fn is_behind(&self) -> bool {
+        self.probe.less_than(self.input.time())
+    }
+
+    /// The first epoch not yet complete everywhere, if any.
+    fn frontier(&self) -> Option<Epoch> {
+        self.probe.with_frontier(|f| f.first().copied())
+    }
+
+    /// Changes for the epochs that completed since the last call, or `None` if no new epoch
+    /// completed. See [`ClosedEpochs`].
+    pub fn drain_closed(&mut self) -> Option<ClosedEpochs> {
+        let through = match self.frontier() {
+            Some(0) => return None,
+            Some(f) => f - 1,
+            // The probe's frontier is empty once the input is closed and everything is done.
+            None => Epoch::MAX,
+        };
+        if self.drained_through.is_some_and(|d| d >= through) {
+            return None;
+        }
+        self.drained_through = Some(through);
+
+        let mut updates = {
+            let mut captured = self.captured.borrow_mut();
+            let (now, later): (Vec<_>, Vec<_>) =
+                captured.drain(..).partition(|(_, time, _)| *time <= through);
+            *captured = later;
+            now
+        };
+        updates.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+
+        let mut closed = ClosedEpochs { through, ..ClosedEpochs::default() };
+        let mut seen_users: Vec<UserId> = Vec::new();
+        let mut updates = updates.into_iter().peekable();
+        while let Some((key, _, (mut count, mut sum))) = updates.next() {
+            while let Some((_, _, (c, s))) = updates.next_if(|(next, _, _)| *next == key) {
+                count += c;
+                sum += s;
+            }
+            if count == 0 && sum == 0 {
+                continue;
+            }
+            match key {
+                AggKey::Seen(user, _) => {
+                    if seen_users.last() != Some(&user) {
+                        seen_users.push(user);
+                    }
+                }
+                key => closed.cells.push(CellChange { key, count, sum }),
+            }
+        }
+        closed.last_seen = self.last_seen(&seen_users, through);
+
+        if through != Epoch::MAX {
+            let frontier = [through];
+            self.trace.set_logical_compaction(AntichainRef::new(&frontier));
+            self.trace.set_physical_compaction(AntichainRef::new(&frontier));
+        }
+        Some(closed)
+    }
+
+    /// The newest live event time of each user (sorted, distinct), as of `through`.
+    fn last_seen(&mut self, users: &[UserId], through: Epoch) -> Vec<LastSeen> {
+        if users.is_empty() {
+            return Vec::new();
+        }
+        let Some(batches) = self.trace.batches_through(Antichain::new().borrow()) else {
+            return Vec::new();
+        };
+        let (mut cursor, storage) = cursor_list(batches);
+        users
+            .iter()
+            .map(|&user| {
+                // Seen keys hold negated times, so the first live one is the newest.
+                cursor.seek_key(&storage, &AggKey::Seen(user, i64::MIN));
+                let mut newest = None;
+                while let Some(key) = cursor.get_key(&storage) {
+                    let AggKey::Seen(u, neg_ms) = key else { break };
+                    if *u != user {
+                        break;
+                    }
+                    let mut count = 0;
+                    cursor.map_times(&storage, |time, diff| {
+                        if *time <= through {
+                            count += diff.0;
+                        }
+                    });
+                    if count > 0 {
+                        newest = Some(-neg_ms);
+                        break;
+                    }
+                    cursor.step_key(&storage);
+                }
+                LastSeen { user_id: user, event_ms: newest }
+            })
+            .collect()
+    }
+}
