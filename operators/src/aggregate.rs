@@ -42,7 +42,11 @@ impl<'scope> AggregateCells<'scope> for VecCollection<'scope, Epoch, Fact, i64> 
         self.explode(|fact: Fact| {
             let amount = fact.amount_minor;
             fact.cells().into_iter().map(move |cell| {
-                let weight = if matches!(cell, AggKey::Seen(..)) { (1, 0) } else { (1, amount) };
+                let weight = if matches!(cell, AggKey::Seen(..)) {
+                    (1, 0)
+                } else {
+                    (1, amount)
+                };
                 (cell, weight)
             })
         })
@@ -59,24 +63,31 @@ pub fn capture_changes<'scope>(
     arranged: &Arranged<'scope, CellTrace>,
     sink: CapturedChanges,
 ) -> Stream<'scope, Epoch, Vec<()>> {
-    arranged.stream.clone().unary::<CapacityContainerBuilder<Vec<()>>, _, _, _>(Pipeline, "CaptureChanges", move |_capability, _info| {
-        move |input, _output| {
-            input.for_each(|_capability, spans| {
-                let mut sink = sink.borrow_mut();
-                for span in spans.iter() {
-                    let Some(batch) = &span.inner else { continue };
-                    let mut cursor = batch.cursor();
-                    while let Some(key) = cursor.get_key(batch) {
-                        while cursor.get_val(batch).is_some() {
-                            cursor.map_times(batch, |time, diff| {
-                                sink.push((key.clone(), *time, *diff));
-                            });
-                            cursor.step_val(batch);
+    arranged
+        .stream
+        .clone()
+        .unary::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
+            Pipeline,
+            "CaptureChanges",
+            move |_capability, _info| {
+                move |input, _output| {
+                    input.for_each(|_capability, spans| {
+                        let mut sink = sink.borrow_mut();
+                        for span in spans.iter() {
+                            let Some(batch) = &span.inner else { continue };
+                            let mut cursor = batch.cursor();
+                            while let Some(key) = cursor.get_key(batch) {
+                                while cursor.get_val(batch).is_some() {
+                                    cursor.map_times(batch, |time, diff| {
+                                        sink.push((key.clone(), *time, *diff));
+                                    });
+                                    cursor.step_val(batch);
+                                }
+                                cursor.step_key(batch);
+                            }
                         }
-                        cursor.step_key(batch);
-                    }
+                    });
                 }
-            });
-        }
-    })
+            },
+        )
 }

@@ -8,9 +8,9 @@
 //!
 //! The dataflow time is an [`Epoch`]. A caller pushes records at the current epoch, advances to
 //! a later epoch to close the current one, and steps the worker. Once every worker has closed
-//! an epoch and the probe has passed it, [`ExpenseDataflow::drain_closed`] returns the
-//! consolidated changes of this worker's cells for all newly closed epochs, plus the new
-//! last-event time of every user whose events changed. Each worker owns a share of the users,
+//! an epoch and the probe has passed it, [`ExpenseDataflow::drain_closed`] returns, per newly
+//! closed epoch, the consolidated changes of this worker's cells plus the new last-event time of
+//! every user whose events changed. Each worker owns a share of the users,
 //! so the union over workers of what they drain is the complete change of the aggregates.
 //!
 //! The worker holds one trace handle (the cell arrangement's), used to find a user's newest live
@@ -30,18 +30,18 @@ use crate::aggregate::{AggregateCells, CapturedChanges, CellTrace, capture_chang
 use crate::model::{AggKey, CellChange, LastSeen, Record, UserId};
 use crate::upsert::{Instruction, UpsertByExpense};
 
-/// What became final when one or more epochs closed: the changes of this worker's cells.
+/// The changes of this worker's cells when one epoch closed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ClosedEpochs {
-    /// Every epoch up to and including this one is closed and included.
-    pub through: Epoch,
+pub struct ClosedEpoch {
+    /// The epoch. Every earlier epoch is closed too.
+    pub epoch: Epoch,
     /// Consolidated, non-zero changes of aggregate cells (never `Seen` cells), sorted by key.
     pub cells: Vec<CellChange>,
-    /// Users whose last event time changed, with the new value; sorted by user.
+    /// Users whose last event time changed in this epoch, with the new value; sorted by user.
     pub last_seen: Vec<LastSeen>,
 }
 
-impl ClosedEpochs {
+impl ClosedEpoch {
     /// True if nothing changed.
     pub fn is_empty(&self) -> bool {
         self.cells.is_empty() && self.last_seen.is_empty()
@@ -70,7 +70,13 @@ impl ExpenseDataflow {
             capture_changes(&cells, captured.clone()).probe_with(&probe);
             (input, cells.trace)
         });
-        ExpenseDataflow { input, probe, trace, captured, drained_through: None }
+        ExpenseDataflow {
+            input,
+            probe,
+            trace,
+            captured,
+            drained_through: None,
+        }
     }
 
     /// Adds a record to the current epoch.
@@ -112,36 +118,48 @@ impl ExpenseDataflow {
         self.probe.with_frontier(|f| f.first().copied())
     }
 
-    /// Changes for the epochs that completed since the last call, or `None` if no new epoch
-    /// completed. See [`ClosedEpochs`].
-    pub fn drain_closed(&mut self) -> Option<ClosedEpochs> {
+    /// The changes of the epochs that completed since the last call, one entry per epoch that
+    /// changed anything, in epoch order, always ending with an entry for the newest completed
+    /// epoch (empty if nothing changed in it). Empty if no epoch completed since the last call.
+    pub fn drain_closed(&mut self) -> Vec<ClosedEpoch> {
         let through = match self.frontier() {
-            Some(0) => return None,
+            Some(0) => return Vec::new(),
             Some(f) => f - 1,
             // The probe's frontier is empty once the input is closed and everything is done.
             None => Epoch::MAX,
         };
         if self.drained_through.is_some_and(|d| d >= through) {
-            return None;
+            return Vec::new();
         }
         self.drained_through = Some(through);
 
         let mut updates = {
             let mut captured = self.captured.borrow_mut();
-            let (now, later): (Vec<_>, Vec<_>) =
-                captured.drain(..).partition(|(_, time, _)| *time <= through);
+            let (now, later): (Vec<_>, Vec<_>) = captured
+                .drain(..)
+                .partition(|(_, time, _)| *time <= through);
             *captured = later;
             now
         };
-        updates.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        // By epoch, then by key, so each epoch's run consolidates in one pass.
+        updates.sort_unstable_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
 
-        let mut closed = ClosedEpochs { through, ..ClosedEpochs::default() };
+        let mut closed: Vec<ClosedEpoch> = Vec::new();
         let mut seen_users: Vec<UserId> = Vec::new();
         let mut updates = updates.into_iter().peekable();
-        while let Some((key, _, (mut count, mut sum))) = updates.next() {
-            while let Some((_, _, (c, s))) = updates.next_if(|(next, _, _)| *next == key) {
+        while let Some((key, epoch, (mut count, mut sum))) = updates.next() {
+            while let Some((_, _, (c, s))) =
+                updates.next_if(|(next, time, _)| *time == epoch && *next == key)
+            {
                 count += c;
                 sum += s;
+            }
+            if closed.last().is_none_or(|c| c.epoch != epoch) {
+                self.finish_epoch(closed.last_mut(), &mut seen_users);
+                closed.push(ClosedEpoch {
+                    epoch,
+                    ..ClosedEpoch::default()
+                });
             }
             if count == 0 && sum == 0 {
                 continue;
@@ -152,17 +170,38 @@ impl ExpenseDataflow {
                         seen_users.push(user);
                     }
                 }
-                key => closed.cells.push(CellChange { key, count, sum }),
+                key => closed
+                    .last_mut()
+                    .expect("pushed above")
+                    .cells
+                    .push(CellChange { key, count, sum }),
             }
         }
-        closed.last_seen = self.last_seen(&seen_users, through);
+        self.finish_epoch(closed.last_mut(), &mut seen_users);
+        closed.retain(|c| !c.is_empty());
+        if closed.last().is_none_or(|c| c.epoch != through) {
+            closed.push(ClosedEpoch {
+                epoch: through,
+                ..ClosedEpoch::default()
+            });
+        }
 
         if through != Epoch::MAX {
             let frontier = [through];
-            self.trace.set_logical_compaction(AntichainRef::new(&frontier));
-            self.trace.set_physical_compaction(AntichainRef::new(&frontier));
+            self.trace
+                .set_logical_compaction(AntichainRef::new(&frontier));
+            self.trace
+                .set_physical_compaction(AntichainRef::new(&frontier));
         }
-        Some(closed)
+        closed
+    }
+
+    /// Fills in the last-seen changes of a finished epoch's run.
+    fn finish_epoch(&mut self, closed: Option<&mut ClosedEpoch>, users: &mut Vec<UserId>) {
+        if let Some(closed) = closed {
+            closed.last_seen = self.last_seen(users, closed.epoch);
+        }
+        users.clear();
     }
 
     /// The newest live event time of each user (sorted, distinct), as of `through`.
@@ -197,7 +236,10 @@ impl ExpenseDataflow {
                     }
                     cursor.step_key(&storage);
                 }
-                LastSeen { user_id: user, event_ms: newest }
+                LastSeen {
+                    user_id: user,
+                    event_ms: newest,
+                }
             })
             .collect()
     }

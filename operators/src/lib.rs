@@ -27,6 +27,6 @@ pub mod upsert;
 /// epoch. Results are only ever read at closed epochs.
 pub type Epoch = u64;
 
-pub use dataflow::{ClosedEpochs, ExpenseDataflow};
+pub use dataflow::{ClosedEpoch, ExpenseDataflow};
 pub use decode::{RejectReason, Rejection, decode};
 pub use model::{AggKey, CellChange, CountSum, Expense, Fact, LastSeen, Record, UserId};

@@ -276,8 +276,14 @@ mod tests {
         assert_eq!(day_of(before), days_from_civil(2026, 11, 24));
         assert_eq!(day_of(before + 1), days_from_civil(2026, 11, 25));
         assert_eq!(day_of(-1), -1);
-        assert_eq!(split_month(month_of_day(days_from_civil(2026, 11, 30))), (2026, 11));
-        assert_eq!(split_month(month_of_day(days_from_civil(2026, 12, 1))), (2026, 12));
+        assert_eq!(
+            split_month(month_of_day(days_from_civil(2026, 11, 30))),
+            (2026, 11)
+        );
+        assert_eq!(
+            split_month(month_of_day(days_from_civil(2026, 12, 1))),
+            (2026, 12)
+        );
         assert_eq!(split_month(month_of_day(-1)), (1969, 12));
     }
 }

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::ClosedEpochs;
+use crate::ClosedEpoch;
 use crate::model::{AggKey, CountSum, Fact, Record, UserId};
 
 /// All aggregates at one point of the input: `(count, sum)` per cell, and the newest event time
@@ -21,7 +21,7 @@ pub struct Aggregates {
 
 impl Aggregates {
     /// Applies the changes a worker drained (for testing the change stream itself).
-    pub fn apply(&mut self, closed: &ClosedEpochs) {
+    pub fn apply(&mut self, closed: &ClosedEpoch) {
         for change in &closed.cells {
             let cell = self.cells.entry(change.key.clone()).or_insert((0, 0));
             cell.0 += change.count;

@@ -30,8 +30,8 @@ use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::operator::Operator;
 
-use crate::model::{Fact, Record};
 use crate::Epoch;
+use crate::model::{Fact, Record};
 
 /// One upsert-stage instruction: replace (`Some`) or remove (`None`) the fact of an expense.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -47,9 +47,15 @@ impl From<Record> for Instruction {
         match record {
             Record::Upsert(e) => {
                 let fact = e.fact();
-                Instruction { expense_id: e.expense_id, fact: Some(fact) }
+                Instruction {
+                    expense_id: e.expense_id,
+                    fact: Some(fact),
+                }
             }
-            Record::Delete { expense_id, .. } => Instruction { expense_id, fact: None },
+            Record::Delete { expense_id, .. } => Instruction {
+                expense_id,
+                fact: None,
+            },
         }
     }
 }
@@ -79,7 +85,9 @@ impl<'scope> UpsertByExpense<'scope> for VecCollection<'scope, Epoch, Instructio
                 let mut live: FxHashMap<String, (Epoch, Fact)> = FxHashMap::default();
                 move |input, output| {
                     input.for_each(|capability, data| {
-                        let Some(capability) = capability.retain_least(0) else { return };
+                        let Some(capability) = capability.retain_least(0) else {
+                            return;
+                        };
                         let mut session = output.session(&capability);
                         for (instruction, time, diff) in data.drain(..) {
                             if diff <= 0 {

@@ -9,7 +9,7 @@ use rand_chacha::ChaCha8Rng;
 use spendflow_operators::model::{Expense, MS_PER_DAY, Record};
 use spendflow_operators::oracle::{Aggregates, recompute};
 use spendflow_operators::runtime::execute;
-use spendflow_operators::{ClosedEpochs, Epoch};
+use spendflow_operators::{ClosedEpoch, Epoch};
 
 const CATEGORIES: &[&str] = &["groceries", "travel", "fuel"];
 const MERCHANTS: &[&str] = &["Tesco", "Aldi", "Shell", "KLM", "Café Nord"];
@@ -23,7 +23,11 @@ fn random_stream(seed: u64, records: usize, users: u64) -> Vec<Vec<Record>> {
     for i in 0..records {
         let fresh = |rng: &mut ChaCha8Rng, id: String, user: u64| {
             let late = rng.random_bool(0.1);
-            let offset = if late { -rng.random_range(0..60 * MS_PER_DAY) } else { 0 };
+            let offset = if late {
+                -rng.random_range(0..60 * MS_PER_DAY)
+            } else {
+                0
+            };
             Expense {
                 expense_id: id,
                 user_id: user,
@@ -46,7 +50,12 @@ fn random_stream(seed: u64, records: usize, users: u64) -> Vec<Vec<Record>> {
         } else if roll < 35 && !sent.is_empty() {
             // Correction of an earlier expense: same id and user, new content.
             let earlier = &sent[rng.random_range(0..sent.len())];
-            fresh(&mut rng, earlier.expense_id().to_string(), earlier.user_id()).into_upsert()
+            fresh(
+                &mut rng,
+                earlier.expense_id().to_string(),
+                earlier.user_id(),
+            )
+            .into_upsert()
         } else if roll < 45 && !sent.is_empty() {
             // Delete of an earlier expense (maybe already deleted).
             let earlier = &sent[rng.random_range(0..sent.len())];
@@ -56,7 +65,10 @@ fn random_stream(seed: u64, records: usize, users: u64) -> Vec<Vec<Record>> {
             }
         } else if roll < 47 {
             // Delete of an expense that never existed.
-            Record::Delete { expense_id: format!("ghost-{i}"), user_id: 1 }
+            Record::Delete {
+                expense_id: format!("ghost-{i}"),
+                user_id: 1,
+            }
         } else {
             let user = rng.random_range(1..=users);
             fresh(&mut rng, format!("e-{i}"), user).into_upsert()
@@ -81,8 +93,8 @@ impl IntoUpsert for Expense {
 
 /// Runs the dataflow on `workers` workers. Each worker pushes the records of the users it
 /// "reads" (`user % peers == index`), as a partitioned source would; every epoch is closed and
-/// drained in lockstep so that each worker reports exactly one `ClosedEpochs` per epoch.
-fn run(epochs: Arc<Vec<Vec<Record>>>, workers: usize) -> Vec<Vec<ClosedEpochs>> {
+/// drained in lockstep so that each worker reports exactly one `ClosedEpoch` per epoch.
+fn run(epochs: Arc<Vec<Vec<Record>>>, workers: usize) -> Vec<Vec<ClosedEpoch>> {
     execute(workers, move |ctx| {
         let mut dataflow = ctx.build_dataflow();
         let (index, peers) = (ctx.index() as u64, ctx.peers() as u64);
@@ -95,8 +107,10 @@ fn run(epochs: Arc<Vec<Vec<Record>>>, workers: usize) -> Vec<Vec<ClosedEpochs>> 
             while dataflow.is_behind() {
                 ctx.step();
             }
-            let closed = dataflow.drain_closed().expect("the epoch just closed");
-            assert_eq!(closed.through, epoch as Epoch);
+            let mut closed = dataflow.drain_closed();
+            assert_eq!(closed.len(), 1, "exactly the epoch that just closed");
+            let closed = closed.pop().unwrap();
+            assert_eq!(closed.epoch, epoch as Epoch);
             drained.push(closed);
         }
         drained
@@ -105,7 +119,7 @@ fn run(epochs: Arc<Vec<Vec<Record>>>, workers: usize) -> Vec<Vec<ClosedEpochs>> 
 }
 
 /// Checks every epoch of a run against recomputation; returns the final aggregates.
-fn check(epochs: &[Vec<Record>], per_worker: &[Vec<ClosedEpochs>]) -> Aggregates {
+fn check(epochs: &[Vec<Record>], per_worker: &[Vec<ClosedEpoch>]) -> Aggregates {
     let mut served = Aggregates::default();
     let mut prefix: Vec<&Record> = Vec::new();
     for (epoch, records) in epochs.iter().enumerate() {
@@ -114,8 +128,14 @@ fn check(epochs: &[Vec<Record>], per_worker: &[Vec<ClosedEpochs>]) -> Aggregates
             served.apply(&worker[epoch]);
         }
         let expected = recompute(prefix.iter().copied());
-        assert_eq!(served.cells, expected.cells, "cells differ at epoch {epoch}");
-        assert_eq!(served.last_seen, expected.last_seen, "last seen differs at epoch {epoch}");
+        assert_eq!(
+            served.cells, expected.cells,
+            "cells differ at epoch {epoch}"
+        );
+        assert_eq!(
+            served.last_seen, expected.last_seen,
+            "last seen differs at epoch {epoch}"
+        );
     }
     served
 }
@@ -127,7 +147,10 @@ fn every_epoch_matches_recomputation_with_one_and_two_workers() {
         let one = check(&epochs, &run(epochs.clone(), 1));
         let two = check(&epochs, &run(epochs.clone(), 2));
         assert_eq!(one, two, "seed {seed}: 1 and 2 workers disagree");
-        assert!(!one.cells.is_empty(), "seed {seed}: the stream left something live");
+        assert!(
+            !one.cells.is_empty(),
+            "seed {seed}: the stream left something live"
+        );
     }
 }
 
@@ -137,7 +160,10 @@ fn changes_are_consolidated_and_never_mention_seen_cells() {
     for worker in run(epochs, 2) {
         for closed in worker {
             let mut keys: Vec<_> = closed.cells.iter().map(|c| c.key.clone()).collect();
-            assert!(keys.windows(2).all(|w| w[0] < w[1]), "sorted, one change per key");
+            assert!(
+                keys.windows(2).all(|w| w[0] < w[1]),
+                "sorted, one change per key"
+            );
             keys.dedup();
             assert!(closed.cells.iter().all(|c| (c.count, c.sum) != (0, 0)));
             assert!(
@@ -165,10 +191,18 @@ fn expense(id: &str, user: u64, amount: i64, event_ms: i64) -> Record {
 
 #[test]
 fn order_inside_one_epoch_decides() {
-    let delete = |id: &str| Record::Delete { expense_id: id.into(), user_id: 1 };
+    let delete = |id: &str| Record::Delete {
+        expense_id: id.into(),
+        user_id: 1,
+    };
     let epochs = vec![
         // Upsert then delete in one epoch: gone. Delete then upsert: live.
-        vec![expense("a", 1, 100, 0), delete("a"), delete("b"), expense("b", 1, 250, 5)],
+        vec![
+            expense("a", 1, 100, 0),
+            delete("a"),
+            delete("b"),
+            expense("b", 1, 250, 5),
+        ],
         // Two corrections in one epoch: the last wins, even though it is the smaller value.
         vec![expense("b", 1, 900, 5), expense("b", 1, 300, 7)],
         // Delete the only live expense: the user disappears, last seen included.
@@ -177,7 +211,7 @@ fn order_inside_one_epoch_decides() {
     let per_worker = run(Arc::new(epochs.clone()), 1);
     check(&epochs, &per_worker);
     let worker = &per_worker[0];
-    let total = |closed: &ClosedEpochs| {
+    let total = |closed: &ClosedEpoch| {
         closed
             .cells
             .iter()
@@ -188,4 +222,46 @@ fn order_inside_one_epoch_decides() {
     assert_eq!(total(&worker[1]), Some((0, 50)));
     assert_eq!(total(&worker[2]), Some((-1, -300)));
     assert_eq!(worker[2].last_seen[0].event_ms, None);
+}
+
+#[test]
+fn one_drain_over_many_epochs_splits_them_by_epoch() {
+    let epochs = Arc::new(random_stream(11, 2_000, 10));
+    let input = epochs.clone();
+    let per_worker = execute(2, move |ctx| {
+        let mut dataflow = ctx.build_dataflow();
+        let (index, peers) = (ctx.index() as u64, ctx.peers() as u64);
+        // Push every epoch before stepping at all: the first drain sees many closed epochs.
+        for (epoch, records) in input.iter().enumerate() {
+            for record in records.iter().filter(|r| r.user_id() % peers == index) {
+                dataflow.push(record.clone());
+            }
+            dataflow.advance_to(epoch as Epoch + 1);
+        }
+        while dataflow.is_behind() {
+            ctx.step();
+        }
+        dataflow.drain_closed()
+    })
+    .unwrap();
+    let last = epochs.len() as Epoch - 1;
+    for drained in &per_worker {
+        assert!(drained.windows(2).all(|w| w[0].epoch < w[1].epoch));
+        assert_eq!(drained.last().map(|c| c.epoch), Some(last));
+    }
+    // Applying each epoch's changes in order reproduces recomputation at that epoch.
+    let mut served = Aggregates::default();
+    let mut prefix: Vec<&Record> = Vec::new();
+    for (epoch, records) in epochs.iter().enumerate() {
+        prefix.extend(records);
+        for drained in &per_worker {
+            drained
+                .iter()
+                .filter(|c| c.epoch == epoch as Epoch)
+                .for_each(|c| served.apply(c));
+        }
+        let expected = recompute(prefix.iter().copied());
+        assert_eq!(served.cells, expected.cells, "epoch {epoch}");
+        assert_eq!(served.last_seen, expected.last_seen, "epoch {epoch}");
+    }
 }

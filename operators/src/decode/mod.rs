@@ -135,9 +135,7 @@ impl RejectReason {
             RejectReason::MissingField(f) | RejectReason::WrongType(f) => Some(f),
             RejectReason::BadExpenseId => Some("expense_id"),
             RejectReason::BadUserId | RejectReason::UserMismatch => Some("user_id"),
-            RejectReason::AmountNotInteger | RejectReason::AmountOutOfRange => {
-                Some("amount_minor")
-            }
+            RejectReason::AmountNotInteger | RejectReason::AmountOutOfRange => Some("amount_minor"),
             RejectReason::BadCurrency => Some("currency"),
             RejectReason::BadCategory => Some("category"),
             RejectReason::BadMerchant => Some("merchant"),
@@ -172,7 +170,10 @@ pub struct Rejection {
 
 impl Rejection {
     fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
-        Rejection { reason, detail: detail.into() }
+        Rejection {
+            reason,
+            detail: detail.into(),
+        }
     }
 }
 
@@ -232,16 +233,25 @@ pub fn decode(bytes: &[u8]) -> Result<Record, Rejection> {
     if bytes.len() > MAX_RECORD_BYTES {
         return Err(Rejection::new(
             RejectReason::Oversize,
-            format!("record is {} bytes; the limit is {MAX_RECORD_BYTES}", bytes.len()),
+            format!(
+                "record is {} bytes; the limit is {MAX_RECORD_BYTES}",
+                bytes.len()
+            ),
         ));
     }
     let text = std::str::from_utf8(bytes).map_err(|e| {
-        Rejection::new(RejectReason::NotUtf8, format!("invalid UTF-8 at byte {}", e.valid_up_to()))
+        Rejection::new(
+            RejectReason::NotUtf8,
+            format!("invalid UTF-8 at byte {}", e.valid_up_to()),
+        )
     })?;
     // Checked before deserializing: serde would also accept a JSON array as a struct.
     if !text.trim_start().starts_with('{') {
         return Err(match serde_json::from_str::<&RawValue>(text) {
-            Ok(_) => Rejection::new(RejectReason::NotAnObject, "the record must be a JSON object"),
+            Ok(_) => Rejection::new(
+                RejectReason::NotAnObject,
+                "the record must be a JSON object",
+            ),
             Err(e) => Rejection::new(RejectReason::BadJson, e.to_string()),
         });
     }
@@ -252,7 +262,10 @@ pub fn decode(bytes: &[u8]) -> Result<Record, Rejection> {
     if expense_id.is_empty() || expense_id.len() > MAX_EXPENSE_ID_BYTES {
         return Err(Rejection::new(
             RejectReason::BadExpenseId,
-            format!("expense_id must be 1 to {MAX_EXPENSE_ID_BYTES} bytes, got {}", expense_id.len()),
+            format!(
+                "expense_id must be 1 to {MAX_EXPENSE_ID_BYTES} bytes, got {}",
+                expense_id.len()
+            ),
         ));
     }
     let user_id = user_id(wire.user_id)?;
@@ -265,13 +278,19 @@ pub fn decode(bytes: &[u8]) -> Result<Record, Rejection> {
             other => {
                 return Err(Rejection::new(
                     RejectReason::UnknownOp,
-                    format!("op must be \"upsert\" or \"delete\", got {:?}", prefix(other)),
+                    format!(
+                        "op must be \"upsert\" or \"delete\", got {:?}",
+                        prefix(other)
+                    ),
                 ));
             }
         },
     };
     if is_delete {
-        return Ok(Record::Delete { expense_id: expense_id.into_owned(), user_id });
+        return Ok(Record::Delete {
+            expense_id: expense_id.into_owned(),
+            user_id,
+        });
     }
 
     let merchant = name(wire.merchant, "merchant", RejectReason::BadMerchant)?;
@@ -312,7 +331,10 @@ fn present(raw: Option<&RawValue>) -> Option<&RawValue> {
 
 fn required<'a>(raw: Option<&'a RawValue>, field: &'static str) -> Result<&'a RawValue, Rejection> {
     present(raw).ok_or_else(|| {
-        Rejection::new(RejectReason::MissingField(field), format!("{field} is required"))
+        Rejection::new(
+            RejectReason::MissingField(field),
+            format!("{field} is required"),
+        )
     })
 }
 
@@ -360,19 +382,30 @@ fn integer_text<'a>(
 }
 
 fn user_id(raw: Option<&RawValue>) -> Result<u64, Rejection> {
-    let text = integer_text(required(raw, "user_id")?, "user_id", RejectReason::BadUserId)?;
+    let text = integer_text(
+        required(raw, "user_id")?,
+        "user_id",
+        RejectReason::BadUserId,
+    )?;
     match text.parse::<i64>() {
         Ok(id) if id >= 1 => Ok(id as u64),
         _ => Err(Rejection::new(
             RejectReason::BadUserId,
-            format!("user_id must be an integer from 1 to {}, got {}", i64::MAX, prefix(text)),
+            format!(
+                "user_id must be an integer from 1 to {}, got {}",
+                i64::MAX,
+                prefix(text)
+            ),
         )),
     }
 }
 
 fn amount(raw: Option<&RawValue>) -> Result<i64, Rejection> {
-    let text =
-        integer_text(required(raw, "amount_minor")?, "amount_minor", RejectReason::AmountNotInteger)?;
+    let text = integer_text(
+        required(raw, "amount_minor")?,
+        "amount_minor",
+        RejectReason::AmountNotInteger,
+    )?;
     match text.parse::<i64>() {
         Ok(a) if a.unsigned_abs() <= MAX_ABS_AMOUNT_MINOR as u64 => Ok(a),
         _ => Err(Rejection::new(
@@ -391,12 +424,19 @@ fn currency(raw: Option<&RawValue>) -> Result<[u8; 3], Rejection> {
         [a, b, c] if [a, b, c].iter().all(|x| x.is_ascii_uppercase()) => Ok([*a, *b, *c]),
         _ => Err(Rejection::new(
             RejectReason::BadCurrency,
-            format!("currency must be three uppercase letters (ISO 4217), got {:?}", prefix(&text)),
+            format!(
+                "currency must be three uppercase letters (ISO 4217), got {:?}",
+                prefix(&text)
+            ),
         )),
     }
 }
 
-fn name(raw: Option<&RawValue>, field: &'static str, bad: RejectReason) -> Result<Arc<str>, Rejection> {
+fn name(
+    raw: Option<&RawValue>,
+    field: &'static str,
+    bad: RejectReason,
+) -> Result<Arc<str>, Rejection> {
     let text = required_string(raw, field)?;
     let chars = text.chars().count();
     if chars == 0 || chars > MAX_NAME_CHARS {
@@ -415,7 +455,10 @@ fn event_time(raw: Option<&RawValue>) -> Result<i64, Rejection> {
         .map_err(|e| {
             Rejection::new(
                 RejectReason::BadTimestamp,
-                format!("event_time must be RFC 3339 (e.g. 2026-11-24T10:15:00Z): {e}, got {:?}", prefix(&text)),
+                format!(
+                    "event_time must be RFC 3339 (e.g. 2026-11-24T10:15:00Z): {e}, got {:?}",
+                    prefix(&text)
+                ),
             )
         })
 }
@@ -448,9 +491,10 @@ pub fn encode(record: &Record) -> String {
             }
             v.to_string()
         }
-        Record::Delete { expense_id, user_id } => {
-            json!({"expense_id": expense_id, "user_id": user_id, "op": "delete"}).to_string()
-        }
+        Record::Delete {
+            expense_id,
+            user_id,
+        } => json!({"expense_id": expense_id, "user_id": user_id, "op": "delete"}).to_string(),
     }
 }
 

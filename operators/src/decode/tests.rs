@@ -22,7 +22,9 @@ fn reason(text: &str) -> RejectReason {
 
 #[test]
 fn the_contract_example_decodes() {
-    let Record::Upsert(e) = decode(GOOD.as_bytes()).unwrap() else { panic!("not an upsert") };
+    let Record::Upsert(e) = decode(GOOD.as_bytes()).unwrap() else {
+        panic!("not an upsert")
+    };
     assert_eq!(e.expense_id, "e-7f3a");
     assert_eq!(e.user_id, 42);
     assert_eq!(e.card_id.as_deref(), Some("c-42-1"));
@@ -35,15 +37,33 @@ fn the_contract_example_decodes() {
 
 #[test]
 fn op_defaults_to_upsert_and_delete_needs_only_ids() {
-    assert!(matches!(decode(with("op", None).as_bytes()), Ok(Record::Upsert(_))));
-    assert!(matches!(decode(with("op", Some("null")).as_bytes()), Ok(Record::Upsert(_))));
+    assert!(matches!(
+        decode(with("op", None).as_bytes()),
+        Ok(Record::Upsert(_))
+    ));
+    assert!(matches!(
+        decode(with("op", Some("null")).as_bytes()),
+        Ok(Record::Upsert(_))
+    ));
     let delete = decode(br#"{"expense_id":"e-1","user_id":7,"op":"delete"}"#).unwrap();
-    assert_eq!(delete, Record::Delete { expense_id: "e-1".into(), user_id: 7 });
+    assert_eq!(
+        delete,
+        Record::Delete {
+            expense_id: "e-1".into(),
+            user_id: 7
+        }
+    );
     // A delete's other fields are not looked at, even when they would be invalid.
     let delete = decode(br#"{"expense_id":"e-1","user_id":7,"op":"delete","amount_minor":1.5}"#);
     assert!(matches!(delete, Ok(Record::Delete { .. })));
-    assert_eq!(reason(r#"{"user_id":7,"op":"delete"}"#), RejectReason::MissingField("expense_id"));
-    assert_eq!(reason(r#"{"expense_id":"e","op":"delete"}"#), RejectReason::MissingField("user_id"));
+    assert_eq!(
+        reason(r#"{"user_id":7,"op":"delete"}"#),
+        RejectReason::MissingField("expense_id")
+    );
+    assert_eq!(
+        reason(r#"{"expense_id":"e","op":"delete"}"#),
+        RejectReason::MissingField("user_id")
+    );
 }
 
 #[test]
@@ -52,11 +72,26 @@ fn each_rule_has_its_reason() {
     let cases: Vec<(String, RejectReason)> = vec![
         (with("amount_minor", Some("12.5")), AmountNotInteger),
         (with("amount_minor", Some("1e3")), AmountNotInteger),
-        (with("amount_minor", Some("\"12\"")), WrongType("amount_minor")),
-        (with("amount_minor", Some("1000000000001")), AmountOutOfRange),
-        (with("amount_minor", Some("-1000000000001")), AmountOutOfRange),
-        (with("amount_minor", Some("-9223372036854775808")), AmountOutOfRange),
-        (with("amount_minor", Some("99999999999999999999999")), AmountOutOfRange),
+        (
+            with("amount_minor", Some("\"12\"")),
+            WrongType("amount_minor"),
+        ),
+        (
+            with("amount_minor", Some("1000000000001")),
+            AmountOutOfRange,
+        ),
+        (
+            with("amount_minor", Some("-1000000000001")),
+            AmountOutOfRange,
+        ),
+        (
+            with("amount_minor", Some("-9223372036854775808")),
+            AmountOutOfRange,
+        ),
+        (
+            with("amount_minor", Some("99999999999999999999999")),
+            AmountOutOfRange,
+        ),
         (with("amount_minor", None), MissingField("amount_minor")),
         (with("user_id", Some("0")), BadUserId),
         (with("user_id", Some("-3")), BadUserId),
@@ -64,27 +99,48 @@ fn each_rule_has_its_reason() {
         (with("user_id", Some("4.0")), BadUserId),
         (with("user_id", Some("\"42\"")), WrongType("user_id")),
         (with("expense_id", Some("\"\"")), BadExpenseId),
-        (with("expense_id", Some(&format!("\"{}\"", "x".repeat(129)))), BadExpenseId),
+        (
+            with("expense_id", Some(&format!("\"{}\"", "x".repeat(129)))),
+            BadExpenseId,
+        ),
         (with("expense_id", Some("17")), WrongType("expense_id")),
         (with("currency", Some("\"eur\"")), BadCurrency),
         (with("currency", Some("\"EURO\"")), BadCurrency),
         (with("currency", Some("\"E1R\"")), BadCurrency),
         (with("category", Some("\"\"")), BadCategory),
-        (with("category", Some(&format!("\"{}\"", "é".repeat(65)))), BadCategory),
-        (with("merchant", Some(&format!("\"{}\"", "m".repeat(65)))), BadMerchant),
+        (
+            with("category", Some(&format!("\"{}\"", "é".repeat(65)))),
+            BadCategory,
+        ),
+        (
+            with("merchant", Some(&format!("\"{}\"", "m".repeat(65)))),
+            BadMerchant,
+        ),
         (with("merchant", None), MissingField("merchant")),
         (with("card_id", Some("\"\"")), BadCardId),
         (with("event_time", Some("\"yesterday\"")), BadTimestamp),
-        (with("event_time", Some("\"2026-11-24 10:15:00\"")), BadTimestamp),
-        (with("event_time", Some("\"2026-02-30T10:15:00Z\"")), BadTimestamp),
-        (with("event_time", Some("1764000000")), WrongType("event_time")),
+        (
+            with("event_time", Some("\"2026-11-24 10:15:00\"")),
+            BadTimestamp,
+        ),
+        (
+            with("event_time", Some("\"2026-02-30T10:15:00Z\"")),
+            BadTimestamp,
+        ),
+        (
+            with("event_time", Some("1764000000")),
+            WrongType("event_time"),
+        ),
         (with("op", Some("\"insert\"")), UnknownOp),
         (with("op", Some("1")), WrongType("op")),
         ("{\"expense_id\":".to_string(), BadJson),
         ("[1,2,3]".to_string(), NotAnObject),
         ("\"just a string\"".to_string(), NotAnObject),
         (String::new(), BadJson),
-        (GOOD.replace("\"user_id\":42", "\"user_id\":42,\"user_id\":43"), BadJson),
+        (
+            GOOD.replace("\"user_id\":42", "\"user_id\":42,\"user_id\":43"),
+            BadJson,
+        ),
     ];
     for (text, expected) in cases {
         let got = decode(text.as_bytes());
@@ -99,7 +155,9 @@ fn bounds_are_inclusive() {
     assert!(decode(with("amount_minor", Some("1000000000000")).as_bytes()).is_ok());
     assert!(decode(with("amount_minor", Some("-1000000000000")).as_bytes()).is_ok());
     assert!(decode(with("user_id", Some("9223372036854775807")).as_bytes()).is_ok());
-    assert!(decode(with("expense_id", Some(&format!("\"{}\"", "x".repeat(128)))).as_bytes()).is_ok());
+    assert!(
+        decode(with("expense_id", Some(&format!("\"{}\"", "x".repeat(128)))).as_bytes()).is_ok()
+    );
     assert!(decode(with("category", Some(&format!("\"{}\"", "é".repeat(64)))).as_bytes()).is_ok());
 }
 
@@ -117,14 +175,18 @@ fn size_and_encoding_are_checked_first() {
 #[test]
 fn unknown_fields_and_escapes_are_fine() {
     let text = with("merchant", Some(r#""Caf\u00e9 \"Nord\"""#)).replace('{', "{\"extra\":[1,{}],");
-    let Record::Upsert(e) = decode(text.as_bytes()).unwrap() else { panic!() };
+    let Record::Upsert(e) = decode(text.as_bytes()).unwrap() else {
+        panic!()
+    };
     assert_eq!(&*e.merchant, "Café \"Nord\"");
 }
 
 #[test]
 fn event_time_offsets_normalise_to_utc() {
     let t = with("event_time", Some("\"2026-11-25T00:30:00+01:00\""));
-    let Record::Upsert(e) = decode(t.as_bytes()).unwrap() else { panic!() };
+    let Record::Upsert(e) = decode(t.as_bytes()).unwrap() else {
+        panic!()
+    };
     assert_eq!(format_event_time(e.event_ms), "2026-11-24T23:30:00Z");
 }
 
@@ -132,7 +194,10 @@ fn event_time_offsets_normalise_to_utc() {
 fn encode_round_trips() {
     let record = decode(GOOD.as_bytes()).unwrap();
     assert_eq!(decode(encode(&record).as_bytes()).unwrap(), record);
-    let delete = Record::Delete { expense_id: "e-9".into(), user_id: 3 };
+    let delete = Record::Delete {
+        expense_id: "e-9".into(),
+        user_id: 3,
+    };
     assert_eq!(decode(encode(&delete).as_bytes()).unwrap(), delete);
 }
 
