@@ -1,1 +1,384 @@
-//! Placeholder.
+//! spendflow's engine: where expense records come from, how they flow through the dataflow, and
+//! where results go. `spendflow-operators` says *what* is computed; this crate says *where*.
+//!
+//! Modules in data-path order:
+//!
+//! 1. [`source`]: the generator, files and the in-process input.
+//! 2. [`pipeline`]: the whole path of a record in one place — read, decode, push, cut epochs,
+//!    step, publish.
+//! 3. [`sink`]: dead letters (and, later, durable sinks).
+//! 4. [`serve`]: the read model and the gRPC services.
+//!
+//! # Embedding
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use spendflow_engine::Engine;
+//!
+//! let engine = Engine::builder().workers(2).start()?;
+//! engine.input().push_json(
+//!     r#"{"expense_id":"e-1","user_id":42,"merchant":"Tesco","category":"groceries",
+//!         "amount_minor":1299,"currency":"EUR","event_time":"2026-11-24T10:15:00Z"}"#,
+//! )?;
+//! engine.wait_caught_up(Duration::from_secs(5));
+//! let snapshot = engine.read_model().snapshot();
+//! assert_eq!(snapshot.user(42).map(|u| u.total_minor), Some(1299));
+//! engine.shutdown()?;
+//! # Ok::<(), spendflow_engine::EngineError>(())
+//! ```
+
+pub mod config;
+pub mod error;
+pub mod pipeline;
+pub mod serve;
+pub mod sink;
+pub mod source;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+pub use config::{EngineConfig, SourceConfig};
+pub use error::{EngineError, SourceError};
+pub use serve::read_model::{ReadModel, Snapshot};
+pub use serve::status::Status;
+pub use source::input::InputHandle;
+
+use crate::pipeline::{EpochClock, Shared};
+use crate::serve::status::StatusProbe;
+use crate::sink::dead_letter::DeadLetters;
+use crate::source::Source;
+
+/// Configures and starts an [`Engine`].
+#[derive(Clone, Debug, Default)]
+pub struct EngineBuilder {
+    config: EngineConfig,
+}
+
+impl EngineBuilder {
+    /// Starts from a whole configuration.
+    pub fn config(mut self, config: EngineConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Dataflow worker threads.
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.config.workers = workers;
+        self
+    }
+
+    /// Longest time between epoch cuts while records arrive.
+    pub fn epoch_interval(mut self, interval: Duration) -> Self {
+        self.config.epoch_interval_ms = interval.as_millis().max(1) as u64;
+        self
+    }
+
+    /// A source besides the in-process input.
+    pub fn source(mut self, source: SourceConfig) -> Self {
+        self.config.source = Some(source);
+        self
+    }
+
+    /// Serves gRPC on `addr` (port 0 picks a free port; see [`Engine::grpc_addr`]).
+    pub fn grpc(mut self, addr: SocketAddr) -> Self {
+        self.config.grpc = Some(addr);
+        self
+    }
+
+    /// Validates the configuration, opens the sources and starts the workers, the publisher and
+    /// (if configured) the gRPC server. Blocking; call it outside an async runtime.
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::Config`] for invalid settings, [`EngineError::Source`] if a source cannot
+    /// be opened, [`EngineError::Serve`] if the gRPC address cannot be bound.
+    pub fn start(self) -> Result<Engine, EngineError> {
+        Engine::start(self.config)
+    }
+}
+
+/// A running engine. Dropping it shuts it down.
+#[derive(Debug)]
+pub struct Engine {
+    config: EngineConfig,
+    input: InputHandle,
+    read_model: Arc<ReadModel>,
+    shared: Arc<Shared>,
+    workers: Option<JoinHandle<Result<Vec<()>, String>>>,
+    publisher: Option<JoinHandle<()>>,
+    grpc: Option<GrpcServer>,
+}
+
+#[derive(Debug)]
+struct GrpcServer {
+    addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<Result<(), String>>>,
+}
+
+impl Engine {
+    /// A builder with default settings: one worker, no source but the in-process input, no
+    /// gRPC server.
+    pub fn builder() -> EngineBuilder {
+        EngineBuilder::default()
+    }
+
+    fn start(config: EngineConfig) -> Result<Engine, EngineError> {
+        config.validate()?;
+        let workers = config.workers;
+
+        // Sources, per worker. Single-partition sources are read by worker 0.
+        let (input, input_source) = source::input::channel();
+        let mut first: Vec<Box<dyn Source>> = vec![Box::new(input_source)];
+        match &config.source {
+            Some(SourceConfig::Generator(g)) => {
+                first.push(Box::new(source::generator::GeneratorSource::new(
+                    g.clone(),
+                )?));
+            }
+            Some(SourceConfig::File(f)) => {
+                first.push(Box::new(source::file::FileSource::open(f.clone(), 0)?));
+            }
+            None => {}
+        }
+        let mut per_worker: Vec<Option<Vec<Box<dyn Source>>>> =
+            (0..workers).map(|_| Some(Vec::new())).collect();
+        per_worker[0] = Some(first);
+        let per_worker = Arc::new(Mutex::new(per_worker));
+
+        let (read_model, writer) = ReadModel::new();
+        let dead_letters = Arc::new(DeadLetters::with_capacity(config.dead_letter_capacity));
+        let clock = EpochClock::new(config.epoch_interval(), config.epoch_budget);
+        let shared = Arc::new(Shared::new(workers, clock, dead_letters));
+
+        // Bind before starting anything else, so a taken port fails fast.
+        let grpc_listener = match config.grpc {
+            Some(addr) => {
+                let listener =
+                    std::net::TcpListener::bind(addr).map_err(|e| EngineError::Serve {
+                        addr: addr.to_string(),
+                        message: format!(
+                            "{e} (is another spendflow running? choose another address with --grpc)"
+                        ),
+                    })?;
+                listener
+                    .set_nonblocking(true)
+                    .map_err(|e| EngineError::Serve {
+                        addr: addr.to_string(),
+                        message: e.to_string(),
+                    })?;
+                Some(listener)
+            }
+            None => None,
+        };
+
+        let (reports_tx, reports_rx) = pipeline::report_channel();
+        let publisher = std::thread::Builder::new()
+            .name("spendflow-publisher".into())
+            .spawn(move || pipeline::run_publisher(reports_rx, workers, writer))
+            .map_err(|e| EngineError::Workers(e.to_string()))?;
+
+        let worker_shared = Arc::clone(&shared);
+        let worker_thread = std::thread::Builder::new()
+            .name("spendflow-workers".into())
+            .spawn(move || {
+                let reports_tx = Mutex::new(reports_tx);
+                let result = spendflow_operators::runtime::execute(workers, move |ctx| {
+                    let sources = per_worker
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_mut(ctx.index())
+                        .and_then(Option::take)
+                        .unwrap_or_default();
+                    let reports = reports_tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    pipeline::run_worker(ctx, &worker_shared, sources, reports);
+                });
+                if let Err(e) = &result {
+                    tracing::error!(error = %e, "Dataflow workers failed; the served state no longer advances.");
+                }
+                result
+            })
+            .map_err(|e| EngineError::Workers(e.to_string()))?;
+
+        let status = StatusProbe {
+            shared: Arc::clone(&shared),
+            read_model: Arc::clone(&read_model),
+        };
+        let grpc = match grpc_listener {
+            Some(listener) => Some(GrpcServer::start(
+                listener,
+                Arc::clone(&read_model),
+                status,
+            )?),
+            None => None,
+        };
+
+        Ok(Engine {
+            config,
+            input,
+            read_model,
+            shared,
+            workers: Some(worker_thread),
+            publisher: Some(publisher),
+            grpc,
+        })
+    }
+
+    /// A handle to push records into the engine.
+    pub fn input(&self) -> InputHandle {
+        self.input.clone()
+    }
+
+    /// The read model: snapshots, read-your-writes waits and subscriptions.
+    pub fn read_model(&self) -> &Arc<ReadModel> {
+        &self.read_model
+    }
+
+    /// Counters, positions and whether the engine has caught up.
+    pub fn status(&self) -> Status {
+        self.status_probe().status()
+    }
+
+    fn status_probe(&self) -> StatusProbe {
+        StatusProbe {
+            shared: Arc::clone(&self.shared),
+            read_model: Arc::clone(&self.read_model),
+        }
+    }
+
+    /// The address the gRPC server listens on, if it runs.
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc.as_ref().map(|g| g.addr)
+    }
+
+    /// The configuration the engine runs with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Waits until the served state includes everything the sources have made available.
+    /// Returns false on timeout.
+    pub fn wait_caught_up(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        // A record pushed just before this call may not have been polled yet: require two
+        // consecutive caught-up observations a poll interval apart.
+        let mut streak = 0;
+        while Instant::now() < deadline {
+            if self.status().caught_up && self.input_is_empty() {
+                streak += 1;
+                if streak == 2 {
+                    return true;
+                }
+            } else {
+                streak = 0;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    fn input_is_empty(&self) -> bool {
+        self.shared
+            .partitions()
+            .iter()
+            .all(|p| p.high_watermark.is_none_or(|h| h <= p.position))
+    }
+
+    /// Stops the sources, closes the last epoch, publishes it, and stops every thread.
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::Workers`] if a worker thread failed.
+    pub fn shutdown(mut self) -> Result<(), EngineError> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Result<(), EngineError> {
+        self.shared.stop.store(true, Ordering::Release);
+        let mut result = Ok(());
+        if let Some(workers) = self.workers.take() {
+            match workers.join() {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => result = Err(EngineError::Workers(e)),
+                Err(_) => result = Err(EngineError::Workers("the worker thread panicked".into())),
+            }
+        }
+        if let Some(publisher) = self.publisher.take()
+            && publisher.join().is_err()
+        {
+            result = Err(EngineError::Workers("the publisher thread panicked".into()));
+        }
+        // Ends open subscriptions, so the gRPC server's graceful shutdown does not wait on them.
+        self.read_model.close();
+        if let Some(mut grpc) = self.grpc.take() {
+            grpc.stop();
+        }
+        result
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if self.workers.is_some() {
+            let _ = self.stop();
+        }
+    }
+}
+
+impl GrpcServer {
+    fn start(
+        listener: std::net::TcpListener,
+        read_model: Arc<ReadModel>,
+        status: StatusProbe,
+    ) -> Result<GrpcServer, EngineError> {
+        let addr = listener.local_addr().map_err(|e| EngineError::Serve {
+            addr: "?".into(),
+            message: e.to_string(),
+        })?;
+        let serve_error = |message: String| EngineError::Serve {
+            addr: addr.to_string(),
+            message,
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("spendflow-grpc")
+            .enable_all()
+            .build()
+            .map_err(|e| serve_error(e.to_string()))?;
+        let (shutdown, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("spendflow-grpc-main".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let listener =
+                        tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
+                    let shutdown = async {
+                        let _ = shutdown_rx.await;
+                    };
+                    serve::grpc::serve(listener, read_model, status, shutdown).await
+                })
+            })
+            .map_err(|e| serve_error(e.to_string()))?;
+        Ok(GrpcServer {
+            addr,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+        })
+    }
+
+    fn stop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            match thread.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server ended with an error."),
+                Err(_) => tracing::warn!("gRPC server thread panicked."),
+            }
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! The command line: parses arguments, builds an engine configuration, and runs it until Ctrl-C.
+//! Everything it does goes through the library's public API, like any embedding program.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use spendflow_engine::source::file::FileSourceConfig;
+use spendflow_engine::source::generator::{GeneratorConfig, GeneratorSourceConfig};
+use spendflow_engine::{Engine, EngineConfig, SourceConfig, Status};
+
+/// spendflow: real-time expense analytics on differential dataflow.
+///
+/// Reads card expenses (JSON records), keeps per-user totals, counts, per-category,
+/// per-merchant, per-day and per-month aggregates and top spenders exactly up to date —
+/// corrections, deletes and refunds included — and serves them over gRPC.
+#[derive(Debug, Parser)]
+#[command(
+    name = "spendflow",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+
+    /// Log filter, e.g. `info`, `spendflow_engine=debug` (the RUST_LOG variable also works).
+    #[arg(long, global = true, env = "RUST_LOG", default_value = "info")]
+    log: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run everything in-process: a simulated card stream, the dataflow, and the gRPC service.
+    ///
+    /// Needs no Kafka, database or other service. Prints grpcurl commands to try, then a live
+    /// progress line, until Ctrl-C.
+    Demo(DemoArgs),
+    /// Run the engine over an input and serve the results until Ctrl-C.
+    ///
+    /// Example: `spendflow run --input file:expenses.jsonl --follow -w 2`
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+struct EngineArgs {
+    /// Dataflow worker threads; users are divided among them.
+    #[arg(short = 'w', long, default_value_t = 1)]
+    workers: usize,
+
+    /// Address of the gRPC query service (reflection is on: `grpcurl -plaintext ADDR list`).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    grpc: SocketAddr,
+
+    /// Longest time between epochs while records arrive, in milliseconds: how stale the
+    /// served results can be.
+    #[arg(long, default_value_t = 50)]
+    epoch_interval_ms: u64,
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
+
+    /// Simulated users.
+    #[arg(long, default_value_t = 1000)]
+    users: u64,
+
+    /// Records per second (0: as fast as possible).
+    #[arg(long, default_value_t = 2000)]
+    rate: u64,
+
+    /// Stop generating after this many records (the service keeps running).
+    #[arg(long)]
+    events: Option<u64>,
+
+    /// Seed of the simulation: the same seed gives the same records.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+
+    /// Share of malformed records, to see rejection at work (0 to 1).
+    #[arg(long, default_value_t = 0.01)]
+    bad_rate: f64,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
+
+    /// Where records come from: `file:PATH` (JSON lines).
+    #[arg(long, value_name = "SOURCE")]
+    input: String,
+
+    /// Keep reading the file as it grows (like `tail -f`).
+    #[arg(long)]
+    follow: bool,
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    let result = match cli.command {
+        Command::Demo(args) => demo(args),
+        Command::Run(args) => run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn engine_config(args: &EngineArgs, source: SourceConfig) -> EngineConfig {
+    EngineConfig {
+        workers: args.workers,
+        epoch_interval_ms: args.epoch_interval_ms,
+        source: Some(source),
+        grpc: Some(args.grpc),
+        ..EngineConfig::default()
+    }
+}
+
+fn demo(args: DemoArgs) -> Result<()> {
+    let simulator = GeneratorConfig {
+        seed: args.seed,
+        users: args.users,
+        bad_rate: args.bad_rate,
+        ..GeneratorConfig::default()
+    };
+    let source = SourceConfig::Generator(GeneratorSourceConfig {
+        simulator,
+        rate: (args.rate > 0).then_some(args.rate),
+        events: args.events,
+    });
+    let engine = Engine::builder()
+        .config(engine_config(&args.engine, source))
+        .start()
+        .context("could not start the demo")?;
+    let addr = engine
+        .grpc_addr()
+        .context("the gRPC server did not start")?;
+    println!("{}", demo_banner(addr, &args));
+    watch(engine)
+}
+
+fn demo_banner(addr: SocketAddr, args: &DemoArgs) -> String {
+    let rate = if args.rate == 0 {
+        "as fast as possible".to_string()
+    } else {
+        format!("{}/s", args.rate)
+    };
+    format!(
+        "\
+spendflow demo: {users} simulated users, {rate}, seed {seed}; gRPC on {addr}
+
+Try (grpcurl: `make tools` installs it into target/tools/bin):
+  grpcurl -plaintext {addr} list
+  grpcurl -plaintext {addr} describe spendflow.v1.ExpenseQuery
+  grpcurl -plaintext -d '{{\"limit\": 5}}' {addr} spendflow.v1.ExpenseQuery/TopSpenders
+  grpcurl -plaintext -d '{{\"user_id\": 1}}' {addr} spendflow.v1.ExpenseQuery/GetUserSummary
+  grpcurl -plaintext -d '{{\"user_id\": 1, \"granularity\": \"GRANULARITY_MONTH\", \"from\": \"2026-01\", \"to\": \"2026-12\"}}' {addr} spendflow.v1.ExpenseQuery/GetUserWindows
+  grpcurl -plaintext -d '{{\"user_ids\": [1]}}' {addr} spendflow.v1.ExpenseQuery/Subscribe
+  grpcurl -plaintext {addr} spendflow.v1.Admin/GetStatus
+  grpcurl -plaintext -d '{{\"limit\": 3}}' {addr} spendflow.v1.Admin/ListRejected
+
+Ctrl-C stops.",
+        users = args.users,
+        seed = args.seed,
+    )
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let source = match args.input.split_once(':') {
+        Some(("file", path)) if !path.is_empty() => SourceConfig::File(FileSourceConfig {
+            path: PathBuf::from(path),
+            follow: args.follow,
+        }),
+        _ => bail!(
+            "--input must be file:PATH (a file of JSON lines), got {:?}",
+            args.input
+        ),
+    };
+    let engine = Engine::builder()
+        .config(engine_config(&args.engine, source))
+        .start()
+        .context("could not start the engine")?;
+    if let Some(addr) = engine.grpc_addr() {
+        tracing::info!(%addr, "Serving gRPC; try `grpcurl -plaintext {addr} spendflow.v1.Admin/GetStatus`.");
+    }
+    watch(engine)
+}
+
+/// Shows progress until Ctrl-C (or SIGTERM), then shuts the engine down.
+fn watch(engine: Engine) -> Result<()> {
+    let stop = stop_signal()?;
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    let interactive = !bar.is_hidden();
+    let mut last = (Instant::now(), 0u64);
+    let mut last_line = Instant::now();
+    while !stop.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(250));
+        let status = engine.status();
+        let now = Instant::now();
+        let rate = (status.records_read - last.1) as f64 / now.duration_since(last.0).as_secs_f64();
+        if now.duration_since(last.0) >= Duration::from_secs(1) {
+            last = (now, status.records_read);
+            let line = progress_line(&status, rate);
+            if interactive {
+                bar.set_message(line);
+                bar.tick();
+            } else if now.duration_since(last_line) >= Duration::from_secs(10) {
+                last_line = now;
+                tracing::info!("{line}");
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let status = engine.status();
+    tracing::info!(
+        records_read = status.records_read,
+        rejected = status.records_rejected,
+        epoch = status.as_of.epoch,
+        "Shutting down."
+    );
+    engine
+        .shutdown()
+        .context("the engine did not shut down cleanly")?;
+    Ok(())
+}
+
+fn progress_line(status: &Status, rate: f64) -> String {
+    format!(
+        "{:>9.0} events/s | {} read | {} users | {} live expenses | {} rejected | epoch {}{}",
+        rate,
+        status.records_read,
+        status.users,
+        status.live_expenses,
+        status.records_rejected,
+        status.as_of.epoch,
+        if status.caught_up { " | caught up" } else { "" }
+    )
+}
+
+/// A flag set by Ctrl-C or SIGTERM.
+fn stop_signal() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("could not start the signal handler")?;
+    std::thread::Builder::new()
+        .name("spendflow-signals".into())
+        .spawn(move || {
+            runtime.block_on(async {
+                #[cfg(unix)]
+                {
+                    use tokio::signal::unix::{SignalKind, signal};
+                    match signal(SignalKind::terminate()) {
+                        Ok(mut term) => {
+                            tokio::select! {
+                                _ = tokio::signal::ctrl_c() => {}
+                                _ = term.recv() => {}
+                            }
+                        }
+                        Err(_) => {
+                            let _ = tokio::signal::ctrl_c().await;
+                        }
+                    }
+                }
+                #[cfg(not(unix))]
+                {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            });
+            flag.store(true, Ordering::Release);
+        })?;
+    Ok(stop)
+}

@@ -1,0 +1,158 @@
+//! The engine's configuration, validated once when the engine starts.
+//!
+//! Every struct rejects unknown fields, so a misspelt setting in a config file is an error, not
+//! a silently ignored line.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::EngineError;
+use crate::source::file::FileSourceConfig;
+use crate::source::generator::GeneratorSourceConfig;
+
+/// How the engine runs.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Dataflow worker threads. Users are divided among them.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    /// Longest time, in milliseconds, between epoch cuts while records arrive: the upper bound
+    /// on how stale the served state is.
+    #[serde(default = "default_epoch_interval_ms")]
+    pub epoch_interval_ms: u64,
+    /// Records a worker takes into one epoch before it is cut early (large epochs make
+    /// catch-up efficient).
+    #[serde(default = "default_epoch_budget")]
+    pub epoch_budget: usize,
+    /// Rejected records kept in memory for `Admin/ListRejected` (all are counted).
+    #[serde(default = "default_dead_letter_capacity")]
+    pub dead_letter_capacity: usize,
+    /// Where records come from, besides the in-process input every engine has.
+    #[serde(default)]
+    pub source: Option<SourceConfig>,
+    /// Serve gRPC on this address (port 0 picks a free port).
+    #[serde(default)]
+    pub grpc: Option<SocketAddr>,
+}
+
+/// A source of records.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// The seeded in-process simulator.
+    Generator(GeneratorSourceConfig),
+    /// A file of JSON lines.
+    File(FileSourceConfig),
+}
+
+const fn default_workers() -> usize {
+    1
+}
+
+const fn default_epoch_interval_ms() -> u64 {
+    50
+}
+
+const fn default_epoch_budget() -> usize {
+    100_000
+}
+
+const fn default_dead_letter_capacity() -> usize {
+    crate::sink::dead_letter::DEFAULT_CAPACITY
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            workers: default_workers(),
+            epoch_interval_ms: default_epoch_interval_ms(),
+            epoch_budget: default_epoch_budget(),
+            dead_letter_capacity: default_dead_letter_capacity(),
+            source: None,
+            grpc: None,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// The epoch interval as a duration.
+    pub fn epoch_interval(&self) -> Duration {
+        Duration::from_millis(self.epoch_interval_ms)
+    }
+
+    /// Checks every setting.
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::Config`] naming the setting and what is allowed.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        if !(1..=256).contains(&self.workers) {
+            return Err(EngineError::Config(format!(
+                "workers must be 1 to 256, got {}",
+                self.workers
+            )));
+        }
+        if !(1..=60_000).contains(&self.epoch_interval_ms) {
+            return Err(EngineError::Config(format!(
+                "epoch_interval_ms must be 1 to 60000, got {}",
+                self.epoch_interval_ms
+            )));
+        }
+        if self.epoch_budget == 0 {
+            return Err(EngineError::Config(
+                "epoch_budget must be at least 1".into(),
+            ));
+        }
+        if let Some(SourceConfig::Generator(g)) = &self.source {
+            g.validate()
+                .map_err(|e| EngineError::Config(format!("generator: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = serde_json::from_str::<EngineConfig>(r#"{"wrokers": 2}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `wrokers`"), "{err}");
+        let ok: EngineConfig = serde_json::from_str(
+            r#"{"workers": 2, "source": {"kind": "file", "path": "x.jsonl"}}"#,
+        )
+        .unwrap();
+        assert_eq!(ok.workers, 2);
+        assert!(matches!(ok.source, Some(SourceConfig::File(_))));
+    }
+
+    #[test]
+    fn validation_names_the_setting() {
+        let config = EngineConfig {
+            workers: 0,
+            ..EngineConfig::default()
+        };
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("workers")
+        );
+        let config = EngineConfig {
+            epoch_interval_ms: 0,
+            ..EngineConfig::default()
+        };
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("epoch_interval_ms")
+        );
+    }
+}

@@ -1,0 +1,77 @@
+//! Errors of the engine library.
+//!
+//! Each error says whether trying again can help ([`EngineError::is_retriable`]): a broker that
+//! is restarting is retriable, a file that does not exist is not. Binaries wrap these in
+//! `anyhow` at the top; the library never does.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Everything that can go wrong starting or running the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The configuration is invalid; the message says which setting and why.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A source failed.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The gRPC server could not start or failed.
+    #[error("gRPC server on {addr}: {message}")]
+    Serve {
+        /// The address it was to listen on.
+        addr: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The dataflow workers failed (a worker thread panicked or could not start).
+    #[error("dataflow workers failed: {0}")]
+    Workers(String),
+    /// The engine was already shut down.
+    #[error("the engine has shut down")]
+    ShutDown,
+}
+
+impl EngineError {
+    /// True if the same operation may succeed later without a change of configuration.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            EngineError::Source(e) => e.is_retriable(),
+            EngineError::Serve { .. } => true,
+            EngineError::Config(_) | EngineError::Workers(_) | EngineError::ShutDown => false,
+        }
+    }
+}
+
+/// A source could not produce records.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// A file could not be opened or read.
+    #[error("{path}: {source}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// The generator's configuration is invalid.
+    #[error("generator: {0}")]
+    Generator(String),
+    /// The in-process input was closed by every handle.
+    #[error("the in-process input is closed")]
+    InputClosed,
+}
+
+impl SourceError {
+    /// True if reading again later may succeed.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            SourceError::File { source, .. } => matches!(
+                source.kind(),
+                io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
+            SourceError::Generator(_) | SourceError::InputClosed => false,
+        }
+    }
+}

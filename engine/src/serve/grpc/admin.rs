@@ -1,0 +1,83 @@
+//! `spendflow.v1.Admin`.
+
+use spendflow_proto::v1 as pb;
+use spendflow_proto::v1::admin_server::Admin;
+use tonic::{Request, Response, Status};
+
+use super::convert;
+use crate::serve::status::StatusProbe;
+
+/// Answers `Admin` from the engine's shared state.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    status: StatusProbe,
+}
+
+impl AdminService {
+    /// A service over the engine's status.
+    pub fn new(status: StatusProbe) -> Self {
+        AdminService { status }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn get_status(
+        &self,
+        _request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        let s = self.status.status();
+        Ok(Response::new(pb::GetStatusResponse {
+            as_of: Some(convert::as_of(&s.as_of)),
+            records_read: s.records_read,
+            records_accepted: s.records_accepted,
+            records_rejected: s.records_rejected,
+            rejected_by_reason: s
+                .rejected_by_reason
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
+            caught_up: s.caught_up,
+            partitions: s
+                .partitions
+                .iter()
+                .map(|p| pb::PartitionStatus {
+                    source: p.source.to_string(),
+                    partition: p.partition,
+                    position: p.position,
+                    high_watermark: p.high_watermark.unwrap_or(-1),
+                    lag: p.high_watermark.map_or(-1, |h| (h - p.position).max(0)),
+                })
+                .collect(),
+            workers: s.workers as u32,
+            users: s.users as u64,
+            live_expenses: s.live_expenses,
+            uptime_ms: s.uptime.as_millis() as u64,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }))
+    }
+
+    async fn list_rejected(
+        &self,
+        request: Request<pb::ListRejectedRequest>,
+    ) -> Result<Response<pb::ListRejectedResponse>, Status> {
+        let limit = convert::limit(request.into_inner().limit, 20, 1000, "limit")?;
+        let dead_letters = &self.status.shared.dead_letters;
+        let records = dead_letters
+            .recent(limit)
+            .into_iter()
+            .map(|r| pb::RejectedRecord {
+                reason: r.reason.code().to_string(),
+                detail: r.detail,
+                source: r.source.to_string(),
+                partition: r.partition,
+                offset: r.offset,
+                raw_prefix: String::from_utf8_lossy(&r.raw_prefix).into_owned(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListRejectedResponse {
+            records,
+            total_rejected: dead_letters.total(),
+        }))
+    }
+}

@@ -1,0 +1,208 @@
+//! Request validation and conversions between the read model and `spendflow.v1` messages.
+//!
+//! Every validation error is `INVALID_ARGUMENT` with a message that names the field, says what
+//! is allowed and what was sent, so a client can fix the request without reading the server.
+
+use std::time::Duration;
+
+use spendflow_operators::model::days_from_civil;
+use spendflow_operators::{AggKey, Epoch, UserId};
+use spendflow_proto::v1 as pb;
+use tonic::Status;
+
+use crate::serve::read_model::{AsOf, CellValue, UserAggregates, format_day, format_month};
+
+/// Longest read-your-writes wait a request may ask for.
+pub const MAX_WAIT: Duration = Duration::from_secs(30);
+/// Wait used when a request sets `min_epoch` without a timeout.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(5);
+
+pub fn as_of(as_of: &AsOf) -> pb::AsOf {
+    pb::AsOf {
+        epoch: as_of.epoch,
+        positions: as_of
+            .positions
+            .iter()
+            .map(|p| pb::SourcePosition {
+                source: p.source.to_string(),
+                partition: p.partition,
+                offset: p.position,
+            })
+            .collect(),
+    }
+}
+
+pub fn user_id(user_id: u64) -> Result<UserId, Status> {
+    if user_id == 0 || user_id > i64::MAX as u64 {
+        return Err(Status::invalid_argument(format!(
+            "user_id must be from 1 to {}, got {user_id}",
+            i64::MAX
+        )));
+    }
+    Ok(user_id)
+}
+
+/// `(min_epoch, wait)` of a request's consistency setting.
+pub fn consistency(c: Option<&pb::Consistency>) -> Result<(Epoch, Duration), Status> {
+    let Some(c) = c else {
+        return Ok((0, Duration::ZERO));
+    };
+    let wait = match c.timeout_ms {
+        0 => DEFAULT_WAIT,
+        ms => Duration::from_millis(ms.into()),
+    };
+    if wait > MAX_WAIT {
+        return Err(Status::invalid_argument(format!(
+            "consistency.timeout_ms must be at most {}, got {}",
+            MAX_WAIT.as_millis(),
+            c.timeout_ms
+        )));
+    }
+    Ok((c.min_epoch, wait))
+}
+
+/// A count limit: 0 means `default`, above `max` is an error naming `field`.
+pub fn limit(value: u32, default: u32, max: u32, field: &str) -> Result<usize, Status> {
+    match value {
+        0 => Ok(default as usize),
+        v if v > max => Err(Status::invalid_argument(format!(
+            "{field} must be at most {max}, got {v}"
+        ))),
+        v => Ok(v as usize),
+    }
+}
+
+fn totals<'a, K: 'a>(
+    entries: impl Iterator<Item = (&'a K, &'a (i64, i64))>,
+    key: impl Fn(&K) -> String,
+) -> Vec<pb::Total> {
+    let mut out: Vec<pb::Total> = entries
+        .map(|(k, (count, sum))| pb::Total {
+            key: key(k),
+            total_minor: *sum,
+            expense_count: *count,
+        })
+        .collect();
+    // Largest total first; ties by name so answers are stable.
+    out.sort_by(|a, b| {
+        b.total_minor
+            .cmp(&a.total_minor)
+            .then_with(|| a.key.cmp(&b.key))
+    });
+    out
+}
+
+pub fn summary(user: &UserAggregates) -> pb::UserSummary {
+    pb::UserSummary {
+        user_id: user.user_id,
+        total_minor: user.total_minor,
+        expense_count: user.expense_count,
+        by_category: totals(user.categories.iter(), |k| k.to_string()),
+        by_merchant: totals(user.merchants.iter(), |k| k.to_string()),
+        last_event_time: user
+            .last_event_ms
+            .map(spendflow_operators::decode::format_event_time)
+            .unwrap_or_default(),
+        last_event_ms: user.last_event_ms.unwrap_or(0),
+    }
+}
+
+pub fn cell(value: &CellValue) -> pb::Cell {
+    let (kind, key) = match &value.key {
+        AggKey::User(_) => (pb::CellKind::User, String::new()),
+        AggKey::Category(_, name) => (pb::CellKind::Category, name.to_string()),
+        AggKey::Merchant(_, name) => (pb::CellKind::Merchant, name.to_string()),
+        AggKey::Day(_, day) => (pb::CellKind::Day, format_day(*day)),
+        AggKey::Month(_, month) => (pb::CellKind::Month, format_month(*month)),
+        AggKey::Seen(..) => (pb::CellKind::Unspecified, String::new()),
+    };
+    pb::Cell {
+        user_id: value.key.user_id(),
+        kind: kind.into(),
+        key,
+        total_minor: value.sum,
+        expense_count: value.count,
+        removed: value.removed(),
+        last_event_time: value
+            .last_event_ms
+            .map(spendflow_operators::decode::format_event_time)
+            .unwrap_or_default(),
+    }
+}
+
+/// Parses `YYYY-MM-DD` into a day number.
+pub fn parse_day(text: &str, field: &str) -> Result<i32, Status> {
+    let bad = || {
+        Status::invalid_argument(format!(
+            "{field} must be a date like 2026-11-24 for day windows, got {text:?}"
+        ))
+    };
+    let date = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d").map_err(|_| bad())?;
+    use chrono::Datelike;
+    Ok(days_from_civil(date.year(), date.month(), date.day()))
+}
+
+/// Parses `YYYY-MM` into a month bucket.
+pub fn parse_month(text: &str, field: &str) -> Result<i32, Status> {
+    let bad = || {
+        Status::invalid_argument(format!(
+            "{field} must be a month like 2026-11 for month windows, got {text:?}"
+        ))
+    };
+    let (y, m) = text.split_once('-').ok_or_else(bad)?;
+    let (y, m): (i32, u32) = (y.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+    if y.to_string().len() != 4 || !(1..=12).contains(&m) || text.len() != 7 {
+        return Err(bad());
+    }
+    Ok(y * 12 + m as i32 - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_dates_strictly() {
+        assert_eq!(
+            parse_day("2026-11-24", "from").unwrap(),
+            days_from_civil(2026, 11, 24)
+        );
+        assert_eq!(parse_month("2026-11", "from").unwrap(), 2026 * 12 + 10);
+        for bad in ["2026-13", "2026-1", "26-11", "2026-11-01", "x", ""] {
+            let status = parse_month(bad, "from").unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{bad}");
+            assert!(
+                status.message().contains("2026-11"),
+                "says what is expected"
+            );
+        }
+        for bad in ["2026-02-30", "2026-11", "24.11.2026"] {
+            assert_eq!(
+                parse_day(bad, "to").unwrap_err().code(),
+                tonic::Code::InvalidArgument
+            );
+        }
+    }
+
+    #[test]
+    fn limits_and_ids_are_checked() {
+        assert_eq!(limit(0, 10, 1000, "limit").unwrap(), 10);
+        assert_eq!(limit(1000, 10, 1000, "limit").unwrap(), 1000);
+        assert!(
+            limit(1001, 10, 1000, "limit")
+                .unwrap_err()
+                .message()
+                .contains("at most 1000")
+        );
+        assert_eq!(user_id(0).unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            user_id(u64::MAX).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        let wait = pb::Consistency {
+            min_epoch: 3,
+            timeout_ms: 60_000,
+        };
+        assert!(consistency(Some(&wait)).is_err());
+    }
+}

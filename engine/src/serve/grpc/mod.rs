@@ -1,0 +1,91 @@
+//! The gRPC services: `spendflow.v1.ExpenseQuery`, `spendflow.v1.Admin`, `grpc.health.v1`, and
+//! server reflection (v1 and v1alpha, so both current and older `grpcurl` can list and
+//! describe everything without the `.proto` files).
+//!
+//! Handlers read the current read-model snapshot and never wait on the dataflow, except where a
+//! request asks for read-your-writes (`consistency.min_epoch`), which waits, bounded, for the
+//! publisher.
+
+mod admin;
+mod convert;
+mod query;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use spendflow_proto::v1::admin_server::AdminServer;
+use spendflow_proto::v1::expense_query_server::ExpenseQueryServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use admin::AdminService;
+pub use query::QueryService;
+
+use crate::serve::read_model::ReadModel;
+use crate::serve::status::StatusProbe;
+
+/// Largest request message accepted, in bytes. Requests are small; this bounds memory per call.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// Subscriptions served at once; more get `RESOURCE_EXHAUSTED`.
+pub const MAX_SUBSCRIBERS: usize = 256;
+
+/// Builds the router with every service, ready to serve.
+///
+/// # Errors
+///
+/// A message if the reflection service could not be built from the descriptor sets.
+pub async fn router(
+    read_model: Arc<ReadModel>,
+    status: StatusProbe,
+) -> Result<tonic::transport::server::Router, String> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<ExpenseQueryServer<QueryService>>()
+        .await;
+    health_reporter
+        .set_serving::<AdminServer<AdminService>>()
+        .await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(spendflow_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| e.to_string())?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(spendflow_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| e.to_string())?;
+
+    let query = ExpenseQueryServer::new(QueryService::new(Arc::clone(&read_model)))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let admin =
+        AdminServer::new(AdminService::new(status)).max_decoding_message_size(MAX_REQUEST_BYTES);
+    Ok(tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(query)
+        .add_service(admin))
+}
+
+/// Serves every service on `listener` until `shutdown` completes.
+///
+/// # Errors
+///
+/// A message if the server failed.
+pub async fn serve(
+    listener: TcpListener,
+    read_model: Arc<ReadModel>,
+    status: StatusProbe,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), String> {
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    let router = router(read_model, status).await?;
+    tracing::info!(addr = ?addr, "gRPC server listening.");
+    router
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .map_err(|e| e.to_string())
+}

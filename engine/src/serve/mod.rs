@@ -1,0 +1,9 @@
+//! Serving results: the read model and the query services built on it.
+//!
+//! * [`read_model`]: the snapshot per closed epoch, readable without blocking the workers.
+//! * [`status`]: the engine's counters and progress, as `Admin/GetStatus` reports them.
+//! * [`grpc`]: `spendflow.v1.ExpenseQuery` and `spendflow.v1.Admin`, with health and reflection.
+
+pub mod grpc;
+pub mod read_model;
+pub mod status;

@@ -1,0 +1,479 @@
+//! The read model: the served state, one immutable snapshot per closed epoch.
+//!
+//! The publisher thread applies each closed epoch's changes ([`EpochDelta`]) with a
+//! [`ReadModelWriter`] and swaps in a new [`Snapshot`]. Readers (gRPC threads, the web page,
+//! embedding programs) load the current snapshot with one atomic pointer read and never block
+//! the writer or the dataflow workers; a snapshot they hold stays valid and consistent (all of one
+//! epoch) for as long as they hold it.
+//!
+//! Snapshots share structure: the maps are persistent (`imbl`), so publishing an epoch copies
+//! only the paths to the users and cells that changed, never the whole state.
+//!
+//! Changes are also published as the new absolute values of every changed cell
+//! ([`Published`]), to subscribers and into a bounded history that lets a subscriber resume
+//! after a disconnect without a new snapshot.
+
+use std::cmp::Reverse;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use imbl::{OrdMap, OrdSet};
+use rustc_hash::FxHashMap;
+use spendflow_operators::model::civil_from_days;
+use spendflow_operators::{AggKey, CellChange, CountSum, Epoch, LastSeen, UserId};
+use tokio::sync::{broadcast, watch};
+
+use crate::source::PartitionPosition;
+
+/// Closed epochs of changes kept for resuming subscribers.
+pub const HISTORY_EPOCHS: usize = 512;
+
+/// Where a snapshot or answer stands in the input.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AsOf {
+    /// The last closed epoch included.
+    pub epoch: Epoch,
+    /// For every input partition, the position before which all records are included.
+    pub positions: Arc<Vec<PartitionPosition>>,
+}
+
+/// The changes of one or more closed epochs, merged over all workers, ready to apply.
+#[derive(Clone, Debug, Default)]
+pub struct EpochDelta {
+    /// The state after applying the delta.
+    pub as_of: AsOf,
+    /// Changes of cells, in any order.
+    pub cells: Vec<CellChange>,
+    /// New last-event times, later entries overriding earlier ones for a user.
+    pub last_seen: Vec<LastSeen>,
+    /// Records read by the sources that the state now covers (accepted and rejected).
+    pub records_covered: u64,
+}
+
+/// All aggregates of one user.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UserAggregates {
+    /// The user.
+    pub user_id: UserId,
+    /// Sum of the live expenses, minor units.
+    pub total_minor: i64,
+    /// Number of live expenses.
+    pub expense_count: i64,
+    /// The newest event time among the live expenses, ms since the Unix epoch.
+    pub last_event_ms: Option<i64>,
+    /// `(count, sum)` per category.
+    pub categories: OrdMap<Arc<str>, CountSum>,
+    /// `(count, sum)` per merchant.
+    pub merchants: OrdMap<Arc<str>, CountSum>,
+    /// `(count, sum)` per UTC day (days since 1970-01-01).
+    pub days: OrdMap<i32, CountSum>,
+    /// `(count, sum)` per UTC month (`year * 12 + month - 1`).
+    pub months: OrdMap<i32, CountSum>,
+}
+
+impl UserAggregates {
+    fn new(user_id: UserId) -> Self {
+        UserAggregates {
+            user_id,
+            ..UserAggregates::default()
+        }
+    }
+
+    /// The current `(count, sum)` of one of this user's cells; `(0, 0)` if it does not exist.
+    pub fn cell(&self, key: &AggKey) -> CountSum {
+        let get = |v: Option<&CountSum>| v.copied().unwrap_or((0, 0));
+        match key {
+            AggKey::User(_) => (self.expense_count, self.total_minor),
+            AggKey::Category(_, name) => get(self.categories.get(name)),
+            AggKey::Merchant(_, name) => get(self.merchants.get(name)),
+            AggKey::Day(_, day) => get(self.days.get(day)),
+            AggKey::Month(_, month) => get(self.months.get(month)),
+            AggKey::Seen(..) => (0, 0),
+        }
+    }
+
+    fn apply(&mut self, key: &AggKey, count: i64, sum: i64) {
+        fn add<K: Ord + Clone>(map: &mut OrdMap<K, CountSum>, key: &K, count: i64, sum: i64) {
+            let (c, s) = map.get(key).copied().unwrap_or((0, 0));
+            let (c, s) = (c + count, s + sum);
+            if (c, s) == (0, 0) {
+                map.remove(key);
+            } else {
+                map.insert(key.clone(), (c, s));
+            }
+        }
+        match key {
+            AggKey::User(_) => {
+                self.expense_count += count;
+                self.total_minor += sum;
+            }
+            AggKey::Category(_, name) => add(&mut self.categories, name, count, sum),
+            AggKey::Merchant(_, name) => add(&mut self.merchants, name, count, sum),
+            AggKey::Day(_, day) => add(&mut self.days, day, count, sum),
+            AggKey::Month(_, month) => add(&mut self.months, month, count, sum),
+            AggKey::Seen(..) => {}
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.expense_count == 0
+            && self.total_minor == 0
+            && self.categories.is_empty()
+            && self.merchants.is_empty()
+            && self.days.is_empty()
+            && self.months.is_empty()
+    }
+}
+
+/// The value of one cell after an epoch, as published to subscribers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CellValue {
+    /// The cell.
+    pub key: AggKey,
+    /// Live expenses in it; `0` together with `sum == 0` means the cell is gone.
+    pub count: i64,
+    /// Their total, minor units.
+    pub sum: i64,
+    /// For a user cell: the user's newest event time.
+    pub last_event_ms: Option<i64>,
+}
+
+impl CellValue {
+    /// True if the cell no longer exists.
+    pub fn removed(&self) -> bool {
+        self.count == 0 && self.sum == 0
+    }
+}
+
+/// The new values of everything that changed when an epoch was published.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Published {
+    /// The epoch published.
+    pub as_of: AsOf,
+    /// The cells that changed, with their new values, ordered by key.
+    pub cells: Vec<CellValue>,
+}
+
+/// The served state at one closed epoch. Cheap to clone; immutable once published.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    as_of: AsOf,
+    users: OrdMap<UserId, Arc<UserAggregates>>,
+    by_total: OrdSet<(Reverse<i64>, UserId)>,
+    live_expenses: i64,
+    records_covered: u64,
+}
+
+impl Snapshot {
+    /// Where this snapshot stands in the input.
+    pub fn as_of(&self) -> &AsOf {
+        &self.as_of
+    }
+
+    /// One user's aggregates, if the user has any live expense.
+    pub fn user(&self, user_id: UserId) -> Option<&Arc<UserAggregates>> {
+        self.users.get(&user_id)
+    }
+
+    /// Users with a live expense, by id, starting after `after`.
+    pub fn users_after(&self, after: Option<UserId>) -> impl Iterator<Item = &Arc<UserAggregates>> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let lower = after.map_or(Unbounded, Excluded);
+        self.users.range((lower, Unbounded)).map(|(_, u)| u)
+    }
+
+    /// Users by total, largest first (ties by user id).
+    pub fn top_spenders(&self) -> impl Iterator<Item = &Arc<UserAggregates>> {
+        self.by_total
+            .iter()
+            .filter_map(|(_, user)| self.users.get(user))
+    }
+
+    /// Users with at least one live expense.
+    pub fn user_count(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Live expenses over all users.
+    pub fn live_expenses(&self) -> i64 {
+        self.live_expenses
+    }
+
+    /// Records read from the sources that this snapshot covers.
+    pub fn records_covered(&self) -> u64 {
+        self.records_covered
+    }
+
+    /// Every cell of the selected users (all users if `users` is empty), for snapshots sent to
+    /// subscribers. User cells carry the last event time.
+    pub fn cells<'a>(&'a self, users: &'a [UserId]) -> impl Iterator<Item = CellValue> + 'a {
+        let selected: Box<dyn Iterator<Item = &Arc<UserAggregates>> + 'a> = if users.is_empty() {
+            Box::new(self.users.values())
+        } else {
+            Box::new(users.iter().filter_map(|u| self.users.get(u)))
+        };
+        selected.flat_map(|u| {
+            let id = u.user_id;
+            let value = |key: AggKey, (count, sum): CountSum| CellValue {
+                key,
+                count,
+                sum,
+                last_event_ms: None,
+            };
+            std::iter::once(CellValue {
+                key: AggKey::User(id),
+                count: u.expense_count,
+                sum: u.total_minor,
+                last_event_ms: u.last_event_ms,
+            })
+            .chain(
+                u.categories
+                    .iter()
+                    .map(move |(k, v)| value(AggKey::Category(id, k.clone()), *v)),
+            )
+            .chain(
+                u.merchants
+                    .iter()
+                    .map(move |(k, v)| value(AggKey::Merchant(id, k.clone()), *v)),
+            )
+            .chain(
+                u.days
+                    .iter()
+                    .map(move |(k, v)| value(AggKey::Day(id, *k), *v)),
+            )
+            .chain(
+                u.months
+                    .iter()
+                    .map(move |(k, v)| value(AggKey::Month(id, *k), *v)),
+            )
+        })
+    }
+}
+
+/// The shared, readable side of the read model.
+#[derive(Debug)]
+pub struct ReadModel {
+    current: ArcSwap<Snapshot>,
+    epoch: watch::Sender<Option<Epoch>>,
+    changes: broadcast::Sender<Arc<Published>>,
+    history: Mutex<VecDeque<Arc<Published>>>,
+    closed: watch::Sender<bool>,
+}
+
+/// What a new subscriber starts from.
+#[derive(Debug)]
+pub enum SubscriptionStart {
+    /// A snapshot; changes after its epoch follow on the receiver.
+    Snapshot(Arc<Snapshot>),
+    /// The changes after the requested epoch, replayed from history; newer ones follow on the
+    /// receiver (skip any the replay already covered).
+    Replay(Vec<Arc<Published>>),
+}
+
+impl ReadModel {
+    /// An empty read model and the writer that will publish into it.
+    pub fn new() -> (Arc<ReadModel>, ReadModelWriter) {
+        let model = Arc::new(ReadModel {
+            current: ArcSwap::from_pointee(Snapshot::default()),
+            epoch: watch::Sender::new(None),
+            changes: broadcast::Sender::new(1024),
+            history: Mutex::new(VecDeque::with_capacity(HISTORY_EPOCHS)),
+            closed: watch::Sender::new(false),
+        });
+        let writer = ReadModelWriter {
+            state: Snapshot::default(),
+            model: Arc::clone(&model),
+        };
+        (model, writer)
+    }
+
+    /// The current snapshot. Never blocks.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Marks the model closed: no epoch will be published any more.
+    pub fn close(&self) {
+        self.closed.send_replace(true);
+    }
+
+    /// Completes once the model is closed (see [`ReadModel::close`]).
+    pub async fn closed(&self) {
+        let mut rx = self.closed.subscribe();
+        let _ = rx.wait_for(|closed| *closed).await;
+    }
+
+    /// The last published epoch, if any epoch was published yet.
+    pub fn published_epoch(&self) -> Option<Epoch> {
+        *self.epoch.borrow()
+    }
+
+    /// Waits until an epoch `>= min_epoch` is published, then returns the snapshot.
+    /// Returns `None` on timeout.
+    pub async fn snapshot_at_least(
+        &self,
+        min_epoch: Epoch,
+        timeout: Duration,
+    ) -> Option<Arc<Snapshot>> {
+        let mut rx = self.epoch.subscribe();
+        let reached =
+            tokio::time::timeout(timeout, rx.wait_for(|e| e.is_some_and(|e| e >= min_epoch)));
+        match reached.await {
+            Ok(Ok(_)) => Some(self.snapshot()),
+            _ => None,
+        }
+    }
+
+    /// Blocking form of [`ReadModel::snapshot_at_least`], for threads outside an async runtime.
+    pub fn wait_for_epoch(&self, min_epoch: Epoch, timeout: Duration) -> Option<Arc<Snapshot>> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let snapshot = self.snapshot();
+            if self.published_epoch().is_some_and(|e| e >= min_epoch) {
+                return Some(snapshot);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Starts a subscription: where to begin, and a receiver of everything published after.
+    /// `resume_after` asks to replay the changes after that epoch instead of a snapshot, which
+    /// works while the history still holds them.
+    pub fn subscribe(
+        &self,
+        resume_after: Option<Epoch>,
+    ) -> (SubscriptionStart, broadcast::Receiver<Arc<Published>>) {
+        // The writer appends to the history and broadcasts under this lock, so the receiver
+        // taken here misses nothing after what the history or the snapshot covers.
+        let history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        let receiver = self.changes.subscribe();
+        if let Some(after) = resume_after {
+            let covered = history.front().is_some_and(|p| p.as_of.epoch <= after + 1)
+                || self.published_epoch().is_some_and(|e| e <= after);
+            if covered {
+                let replay = history
+                    .iter()
+                    .filter(|p| p.as_of.epoch > after)
+                    .cloned()
+                    .collect();
+                return (SubscriptionStart::Replay(replay), receiver);
+            }
+        }
+        (SubscriptionStart::Snapshot(self.snapshot()), receiver)
+    }
+}
+
+/// The single writer of a [`ReadModel`]; owned by the publisher thread.
+#[derive(Debug)]
+pub struct ReadModelWriter {
+    state: Snapshot,
+    model: Arc<ReadModel>,
+}
+
+impl ReadModelWriter {
+    /// Applies a delta, publishes the new snapshot, and returns what changed.
+    pub fn apply(&mut self, delta: EpochDelta) -> Arc<Published> {
+        let state = &mut self.state;
+        let mut touched: FxHashMap<UserId, UserAggregates> = FxHashMap::default();
+        for change in &delta.cells {
+            let user = change.key.user_id();
+            let aggregates = touched
+                .entry(user)
+                .or_insert_with(|| current(&state.users, user));
+            aggregates.apply(&change.key, change.count, change.sum);
+            if matches!(change.key, AggKey::User(_)) {
+                state.live_expenses += change.count;
+            }
+        }
+        for seen in &delta.last_seen {
+            let user = seen.user_id;
+            let aggregates = touched
+                .entry(user)
+                .or_insert_with(|| current(&state.users, user));
+            aggregates.last_event_ms = seen.event_ms;
+        }
+
+        // New values of the changed cells, before the users are moved into the snapshot.
+        let mut changed: Vec<AggKey> = delta.cells.iter().map(|c| c.key.clone()).collect();
+        changed.extend(delta.last_seen.iter().map(|s| AggKey::User(s.user_id)));
+        changed.sort_unstable();
+        changed.dedup();
+        let cells = changed
+            .into_iter()
+            .map(|key| {
+                let user = &touched[&key.user_id()];
+                let (count, sum) = user.cell(&key);
+                let last_event_ms = match key {
+                    AggKey::User(_) => user.last_event_ms,
+                    _ => None,
+                };
+                CellValue {
+                    key,
+                    count,
+                    sum,
+                    last_event_ms,
+                }
+            })
+            .collect();
+
+        for (user_id, aggregates) in touched {
+            if let Some(old) = state.users.get(&user_id) {
+                state.by_total.remove(&(Reverse(old.total_minor), user_id));
+            }
+            if aggregates.is_empty() {
+                state.users.remove(&user_id);
+            } else {
+                state
+                    .by_total
+                    .insert((Reverse(aggregates.total_minor), user_id));
+                state.users.insert(user_id, Arc::new(aggregates));
+            }
+        }
+        state.as_of = delta.as_of.clone();
+        state.records_covered = delta.records_covered;
+
+        let published = Arc::new(Published {
+            as_of: delta.as_of,
+            cells,
+        });
+        self.model.current.store(Arc::new(state.clone()));
+        {
+            let mut history = self.model.history.lock().unwrap_or_else(|p| p.into_inner());
+            if history.len() == HISTORY_EPOCHS {
+                history.pop_front();
+            }
+            history.push_back(Arc::clone(&published));
+            // No receivers is fine: nobody is subscribed.
+            let _ = self.model.changes.send(Arc::clone(&published));
+        }
+        self.model.epoch.send_replace(Some(published.as_of.epoch));
+        published
+    }
+}
+
+/// A copy of a user's aggregates to change (cheap: the maps share structure).
+fn current(users: &OrdMap<UserId, Arc<UserAggregates>>, user: UserId) -> UserAggregates {
+    users
+        .get(&user)
+        .map_or_else(|| UserAggregates::new(user), |u| (**u).clone())
+}
+
+/// `2026-11-24` for a day number.
+pub fn format_day(day: i32) -> String {
+    let (y, m, d) = civil_from_days(day);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// `2026-11` for a month bucket.
+pub fn format_month(month: i32) -> String {
+    let (y, m) = spendflow_operators::model::split_month(month);
+    format!("{y:04}-{m:02}")
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,170 @@
+use std::sync::Arc;
+
+use spendflow_operators::{AggKey, CellChange, LastSeen};
+
+use super::*;
+
+fn change(key: AggKey, count: i64, sum: i64) -> CellChange {
+    CellChange { key, count, sum }
+}
+
+fn delta(epoch: Epoch, cells: Vec<CellChange>, last_seen: Vec<LastSeen>) -> EpochDelta {
+    EpochDelta {
+        as_of: AsOf {
+            epoch,
+            positions: Arc::default(),
+        },
+        cells,
+        last_seen,
+        records_covered: epoch,
+    }
+}
+
+fn groceries() -> Arc<str> {
+    Arc::from("groceries")
+}
+
+#[test]
+fn applies_changes_and_publishes_new_values() {
+    let (model, mut writer) = ReadModel::new();
+    assert!(model.published_epoch().is_none());
+    let published = writer.apply(delta(
+        1,
+        vec![
+            change(AggKey::User(7), 2, 300),
+            change(AggKey::Category(7, groceries()), 2, 300),
+            change(AggKey::Day(7, 20_000), 2, 300),
+            change(AggKey::User(9), 1, 50),
+        ],
+        vec![LastSeen {
+            user_id: 7,
+            event_ms: Some(1_000),
+        }],
+    ));
+    assert_eq!(model.published_epoch(), Some(1));
+    let snapshot = model.snapshot();
+    let user = snapshot.user(7).unwrap();
+    assert_eq!(
+        (user.expense_count, user.total_minor, user.last_event_ms),
+        (2, 300, Some(1_000))
+    );
+    assert_eq!(user.categories.get(&groceries()), Some(&(2, 300)));
+    assert_eq!(snapshot.live_expenses(), 3);
+    assert_eq!(published.cells.len(), 4);
+    assert_eq!(
+        published.cells[0].last_event_ms,
+        Some(1_000),
+        "user cells carry last seen"
+    );
+
+    // A retraction that empties a category removes it, and the published value says so.
+    let published = writer.apply(delta(
+        2,
+        vec![
+            change(AggKey::User(7), -2, -300),
+            change(AggKey::Category(7, groceries()), -2, -300),
+        ],
+        vec![],
+    ));
+    assert!(published.cells.iter().all(CellValue::removed));
+    let after = model.snapshot();
+    assert!(after.user(7).unwrap().categories.is_empty());
+    // The earlier snapshot is untouched: readers keep a consistent epoch.
+    assert_eq!(snapshot.user(7).unwrap().total_minor, 300);
+}
+
+#[test]
+fn users_without_live_expenses_disappear() {
+    let (model, mut writer) = ReadModel::new();
+    writer.apply(delta(1, vec![change(AggKey::User(1), 1, 10)], vec![]));
+    writer.apply(delta(
+        2,
+        vec![change(AggKey::User(1), -1, -10)],
+        vec![LastSeen {
+            user_id: 1,
+            event_ms: None,
+        }],
+    ));
+    let snapshot = model.snapshot();
+    assert!(snapshot.user(1).is_none());
+    assert_eq!(snapshot.user_count(), 0);
+    assert_eq!(snapshot.top_spenders().count(), 0);
+}
+
+#[test]
+fn top_spenders_follow_totals() {
+    let (model, mut writer) = ReadModel::new();
+    writer.apply(delta(
+        1,
+        vec![
+            change(AggKey::User(1), 1, 100),
+            change(AggKey::User(2), 1, 300),
+            change(AggKey::User(3), 1, 200),
+        ],
+        vec![],
+    ));
+    let order = |m: &ReadModel| {
+        m.snapshot()
+            .top_spenders()
+            .map(|u| u.user_id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(order(&model), vec![2, 3, 1]);
+    writer.apply(delta(2, vec![change(AggKey::User(1), 1, 500)], vec![]));
+    assert_eq!(order(&model), vec![1, 2, 3]);
+    // A refund can push a user down.
+    writer.apply(delta(3, vec![change(AggKey::User(1), 1, -550)], vec![]));
+    assert_eq!(order(&model), vec![2, 3, 1]);
+}
+
+#[test]
+fn paging_starts_after_the_token() {
+    let (model, mut writer) = ReadModel::new();
+    let cells = (1..=5).map(|u| change(AggKey::User(u), 1, 1)).collect();
+    writer.apply(delta(1, cells, vec![]));
+    let snapshot = model.snapshot();
+    let ids: Vec<_> = snapshot.users_after(Some(2)).map(|u| u.user_id).collect();
+    assert_eq!(ids, vec![3, 4, 5]);
+}
+
+#[test]
+fn subscriptions_resume_from_history_or_start_from_a_snapshot() {
+    let (model, mut writer) = ReadModel::new();
+    for epoch in 1..=3 {
+        writer.apply(delta(epoch, vec![change(AggKey::User(1), 1, 10)], vec![]));
+    }
+    match model.subscribe(Some(1)).0 {
+        SubscriptionStart::Replay(replay) => {
+            let epochs: Vec<_> = replay.iter().map(|p| p.as_of.epoch).collect();
+            assert_eq!(epochs, vec![2, 3]);
+        }
+        SubscriptionStart::Snapshot(_) => panic!("epoch 1 is in the history"),
+    }
+    assert!(matches!(
+        model.subscribe(None).0,
+        SubscriptionStart::Snapshot(_)
+    ));
+
+    // Once the history has moved past the requested epoch, a snapshot is the only way back.
+    for epoch in 4..(HISTORY_EPOCHS as Epoch + 10) {
+        writer.apply(delta(epoch, vec![], vec![]));
+    }
+    assert!(matches!(
+        model.subscribe(Some(1)).0,
+        SubscriptionStart::Snapshot(_)
+    ));
+
+    // Everything published after subscribing arrives on the receiver.
+    let (_, mut receiver) = model.subscribe(None);
+    writer.apply(delta(1_000, vec![change(AggKey::User(2), 1, 5)], vec![]));
+    assert_eq!(receiver.try_recv().unwrap().as_of.epoch, 1_000);
+}
+
+#[test]
+fn formats_dates() {
+    assert_eq!(
+        format_day(spendflow_operators::model::days_from_civil(2026, 11, 24)),
+        "2026-11-24"
+    );
+    assert_eq!(format_month(2026 * 12 + 10), "2026-11");
+}

@@ -1,0 +1,83 @@
+//! Sources: where records come from.
+//!
+//! A source is read by one worker thread, which polls it for raw records, decodes them and
+//! pushes them into the dataflow. Every record comes with its position (partition and offset),
+//! so the engine knows exactly which input each closed epoch covers (`as_of`) and, later, where
+//! to resume after a restart. Each partition is read by exactly one worker, which keeps the
+//! records of an expense in input order (see `spendflow_operators::upsert`).
+//!
+//! | source | partitions | read by |
+//! |---|---|---|
+//! | [`generator`] | one, offset = records generated | worker 0 |
+//! | [`file`] | one, offset = byte offset of the next line | worker 0 |
+//! | [`input`] | one, offset = records pushed | worker 0 |
+
+pub mod file;
+pub mod generator;
+pub mod input;
+
+use std::sync::Arc;
+
+use spendflow_operators::{Record, UserId};
+
+use crate::error::SourceError;
+
+/// The payload of a source record: bytes to decode, or a record decoded already (in-process
+/// input from Rust code).
+#[derive(Clone, Debug)]
+pub enum Payload {
+    /// JSON v1 bytes; decoded by the worker.
+    Bytes(Vec<u8>),
+    /// A record built in process; it skips decoding.
+    Record(Record),
+}
+
+/// One record as a source returns it.
+#[derive(Clone, Debug)]
+pub struct SourceRecord {
+    /// What to decode.
+    pub payload: Payload,
+    /// Index of the partition in the source's [`Source::partitions`].
+    pub partition: usize,
+    /// The record's offset in its partition.
+    pub offset: i64,
+    /// The user the record must belong to, when the source knows (a per-user topic).
+    pub expected_user: Option<UserId>,
+}
+
+/// The read position of one partition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionPosition {
+    /// The source's name (`file:/path`, `generator`, `input`, a topic).
+    pub source: Arc<str>,
+    /// The partition number.
+    pub partition: i32,
+    /// The next offset to read.
+    pub position: i64,
+    /// The end of the partition when last checked, if known.
+    pub high_watermark: Option<i64>,
+}
+
+/// What a poll found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Poll {
+    /// Records were returned; there may be more right away.
+    Ready,
+    /// Nothing is available now; poll again later.
+    Idle,
+    /// The source has ended for good (a file without `--follow` at its end).
+    Finished,
+}
+
+/// A source of records, read by one worker.
+pub trait Source: Send {
+    /// Appends at most `max` records to `out` and says whether more may follow.
+    ///
+    /// # Errors
+    ///
+    /// A [`SourceError`]; the caller retries the retriable ones.
+    fn poll(&mut self, out: &mut Vec<SourceRecord>, max: usize) -> Result<Poll, SourceError>;
+
+    /// The position of every partition after the records returned so far.
+    fn partitions(&self) -> Vec<PartitionPosition>;
+}
