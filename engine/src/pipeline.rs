@@ -60,7 +60,8 @@ impl EpochClock {
             start: Instant::now(),
             interval,
             budget: budget.max(1),
-            current: AtomicU64::new(0),
+            // Epoch 0 stays empty: data starts at 1, so "epoch 0" can mean "nothing yet".
+            current: AtomicU64::new(1),
             last_cut_ns: AtomicU64::new(0),
             dirty: AtomicBool::new(false),
         }
@@ -87,6 +88,11 @@ impl EpochClock {
             self.dirty.store(false, Ordering::Release);
             return self.current.fetch_add(1, Ordering::AcqRel) + 1;
         }
+        self.current.load(Ordering::Acquire)
+    }
+
+    /// The epoch records are pushed at now.
+    pub fn current(&self) -> Epoch {
         self.current.load(Ordering::Acquire)
     }
 
@@ -206,6 +212,7 @@ pub fn run_worker(
     let index = ctx.index();
     let status = &shared.workers[index];
     let mut dataflow = ctx.build_dataflow();
+    dataflow.advance_to(shared.clock.current());
     let mut batch: Vec<SourceRecord> = Vec::with_capacity(POLL_BATCH);
     // (last epoch closed by an advance, positions then, records read then), oldest first.
     let mut closes: VecDeque<(Epoch, Arc<Vec<PartitionPosition>>, u64)> = VecDeque::new();
@@ -220,7 +227,13 @@ pub fn run_worker(
             let mut idle = true;
             let mut failed = Vec::new();
             for (i, source) in sources.iter_mut().enumerate() {
-                match source.poll(&mut batch, POLL_BATCH) {
+                // Never take more than the epoch budget has room for, so epochs stay bounded.
+                let room = shared
+                    .clock
+                    .budget
+                    .saturating_sub(in_epoch)
+                    .clamp(1, POLL_BATCH);
+                match source.poll(&mut batch, room) {
                     Ok(Poll::Ready) => busy = true,
                     Ok(Poll::Idle) | Ok(Poll::Finished) => {}
                     Err(e) if e.is_retriable() => {

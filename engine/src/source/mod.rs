@@ -9,7 +9,7 @@
 //! | source | partitions | read by |
 //! |---|---|---|
 //! | [`generator`] | one, offset = records generated | worker 0 |
-//! | [`file`] | one, offset = byte offset of the next line | worker 0 |
+//! | [`file`](mod@file) | one, offset = byte offset of the next line | worker 0 |
 //! | [`input`] | one, offset = records pushed | worker 0 |
 
 pub mod file;

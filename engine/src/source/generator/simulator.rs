@@ -925,6 +925,8 @@ struct Live {
     merchant: u32,
     category: Category,
     card: u8,
+    /// Index into [`CURRENCIES`] (the user's, kept here to save a hash per record).
+    currency: u8,
 }
 
 /// The per-user facts needed on the hot path.
@@ -1317,6 +1319,7 @@ impl Simulator {
             merchant,
             category,
             card,
+            currency: traits.currency as u8,
         }
     }
 
@@ -1436,7 +1439,7 @@ impl Simulator {
     }
 
     fn upsert(&self, live: &Live, kind: GeneratedKind) -> Generated {
-        let currency = CURRENCIES[self.traits(live.user_id).currency].code;
+        let currency = CURRENCIES[usize::from(live.currency)].code;
         let mut bytes = Vec::with_capacity(256);
         self.write_upsert(&mut bytes, live, currency);
         let expense = Expense {
@@ -1502,7 +1505,7 @@ impl Simulator {
     /// The same upsert as `(field, raw JSON value)` pairs, for the malformed records to edit.
     /// Joined with [`join_fields`] it is byte-identical to [`Simulator::write_upsert`].
     fn upsert_fields(&self, live: &Live) -> Vec<(&'static str, Vec<u8>)> {
-        let currency = CURRENCIES[self.traits(live.user_id).currency].code;
+        let currency = CURRENCIES[usize::from(live.currency)].code;
         let quoted = |s: &[u8]| [b"\"", s, b"\""].concat();
         let mut amount = Vec::new();
         push_i64(&mut amount, live.amount_minor);
@@ -1555,7 +1558,7 @@ impl Simulator {
                 return bytes;
             }
             "float_amount" => {
-                let text = if r % 5 == 0 {
+                let text = if r.is_multiple_of(5) {
                     format!("{}e0", live.amount_minor)
                 } else {
                     format!("{sign}{}.{:02}", abs / 100, abs % 100)
@@ -1573,7 +1576,7 @@ impl Simulator {
                     "event_time",
                 ];
                 let key = REQUIRED[below(r, REQUIRED.len() as u64) as usize];
-                if r % 3 == 0 {
+                if r.is_multiple_of(3) {
                     set(&mut fields, key, b"null".to_vec());
                 } else {
                     fields.retain(|(k, _)| *k != key);
@@ -1768,7 +1771,7 @@ pub(super) mod testing {
     pub fn writers_agree(sim: &mut Simulator) -> bool {
         let live = sim.new_live(sim.stream_ms());
         let mut fast = Vec::new();
-        let currency = CURRENCIES[sim.traits(live.user_id).currency].code;
+        let currency = CURRENCIES[usize::from(live.currency)].code;
         sim.write_upsert(&mut fast, &live, currency);
         fast == join_fields(&sim.upsert_fields(&live))
     }

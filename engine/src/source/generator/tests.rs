@@ -599,33 +599,6 @@ fn fast_writer_and_field_writer_agree() {
 }
 
 #[test]
-#[ignore]
-fn zz_print_sample() {
-    let mut sim = Simulator::new(config(1)).expect("valid");
-    for g in sim.by_ref().take(40) {
-        println!(
-            "{:<12} {}",
-            g.kind.label(),
-            String::from_utf8_lossy(&g.bytes)
-        );
-    }
-    for u in 1..=5 {
-        println!("{:?}", sim.user(u));
-    }
-    let start = std::time::Instant::now();
-    let n = 5_000_000;
-    let mut bytes = 0;
-    for g in sim.by_ref().take(n) {
-        bytes += g.bytes.len();
-    }
-    let secs = start.elapsed().as_secs_f64();
-    println!(
-        "{n} records, {bytes} bytes in {secs:.3}s: {:.2} M records/s",
-        n as f64 / secs / 1e6
-    );
-}
-
-#[test]
 fn generates_many_records_with_bounded_state() {
     // A smoke run, timing nothing: the rate is measured in release builds, not asserted.
     let mut sim = Simulator::new(GeneratorConfig {

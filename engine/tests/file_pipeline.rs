@@ -1,0 +1,281 @@
+//! The file source end to end, against recomputation made outside the engine:
+//!
+//! * 100,000 simulated records (corrections, deletes, duplicates, refunds, late events and
+//!   malformed lines) in a file, `-w 2`: once caught up, every gRPC answer equals the
+//!   recomputation, and the rejected count equals the malformed lines.
+//! * At every epoch the engine publishes, the published state equals the recomputation over
+//!   exactly the input its `as_of` says it covers, with 1 and with 2 workers.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::time::Duration;
+
+use spendflow_engine::serve::read_model::{CellValue, SubscriptionStart};
+use spendflow_engine::source::file::FileSourceConfig;
+use spendflow_engine::source::generator::{GeneratorConfig, Simulator};
+use spendflow_engine::{Engine, EngineConfig, SourceConfig};
+use spendflow_operators::oracle::{Aggregates, recompute};
+use spendflow_operators::{AggKey, Record};
+use spendflow_proto::v1 as pb;
+use spendflow_proto::v1::admin_client::AdminClient;
+use spendflow_proto::v1::expense_query_client::ExpenseQueryClient;
+
+/// A file of `n` simulated records; returns it with each line's byte offset and decoded truth
+/// (`None` for malformed lines).
+fn simulated_file(
+    n: usize,
+    seed: u64,
+    users: u64,
+) -> (tempfile::NamedTempFile, Vec<(i64, Option<Record>)>) {
+    let config = GeneratorConfig {
+        seed,
+        users,
+        bad_rate: 0.01,
+        ..GeneratorConfig::default()
+    };
+    let mut simulator = Simulator::new(config).unwrap();
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    let mut lines = Vec::with_capacity(n);
+    let mut offset = 0i64;
+    let mut buffer = Vec::new();
+    for _ in 0..n {
+        let generated = simulator.next_record();
+        // A malformed record may not contain a newline of its own, or it would be two lines.
+        assert!(!generated.bytes.contains(&b'\n'));
+        lines.push((offset, generated.record));
+        buffer.extend_from_slice(&generated.bytes);
+        buffer.push(b'\n');
+        offset += generated.bytes.len() as i64 + 1;
+    }
+    file.write_all(&buffer).unwrap();
+    file.flush().unwrap();
+    (file, lines)
+}
+
+fn engine_over(path: &std::path::Path, workers: usize, budget: usize, grpc: bool) -> Engine {
+    let config = EngineConfig {
+        workers,
+        epoch_interval_ms: 5,
+        epoch_budget: budget,
+        source: Some(SourceConfig::File(FileSourceConfig {
+            path: path.into(),
+            follow: false,
+        })),
+        grpc: grpc.then(|| "127.0.0.1:0".parse().unwrap()),
+        ..EngineConfig::default()
+    };
+    Engine::builder().config(config).start().unwrap()
+}
+
+#[test]
+fn hundred_thousand_records_with_two_workers_match_recomputation() {
+    let (file, lines) = simulated_file(100_000, 2026, 1_000);
+    let malformed = lines.iter().filter(|(_, r)| r.is_none()).count() as u64;
+    assert!(
+        malformed > 500,
+        "the stream has malformed lines: {malformed}"
+    );
+    let expected = recompute(lines.iter().filter_map(|(_, r)| r.as_ref()));
+
+    let engine = engine_over(file.path(), 2, 10_000, true);
+    assert!(
+        engine.wait_caught_up(Duration::from_secs(120)),
+        "caught up in time"
+    );
+    let addr = engine.grpc_addr().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let endpoint = format!("http://{addr}");
+        let mut admin = AdminClient::connect(endpoint.clone()).await.unwrap();
+        let status = admin
+            .get_status(pb::GetStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(status.caught_up);
+        assert_eq!(status.records_read, 100_000);
+        assert_eq!(
+            status.records_rejected, malformed,
+            "rejected == malformed lines"
+        );
+        assert_eq!(status.records_accepted, 100_000 - malformed);
+
+        let mut query = ExpenseQueryClient::connect(endpoint).await.unwrap();
+        let mut users_checked = 0;
+        for (key, (count, sum)) in &expected.cells {
+            let AggKey::User(user) = key else { continue };
+            let request = pb::GetUserSummaryRequest {
+                user_id: *user,
+                consistency: None,
+            };
+            let summary = query
+                .get_user_summary(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .summary
+                .unwrap();
+            assert_eq!(
+                (summary.expense_count, summary.total_minor),
+                (*count, *sum),
+                "user {user}"
+            );
+            let by = |prefix: fn(&AggKey) -> Option<String>| -> BTreeMap<String, (i64, i64)> {
+                expected
+                    .cells
+                    .iter()
+                    .filter(|(k, _)| k.user_id() == *user)
+                    .filter_map(|(k, v)| prefix(k).map(|name| (name, *v)))
+                    .collect()
+            };
+            let served = |totals: &[pb::Total]| -> BTreeMap<String, (i64, i64)> {
+                totals
+                    .iter()
+                    .map(|t| (t.key.clone(), (t.expense_count, t.total_minor)))
+                    .collect()
+            };
+            assert_eq!(
+                served(&summary.by_category),
+                by(|k| match k {
+                    AggKey::Category(_, c) => Some(c.to_string()),
+                    _ => None,
+                }),
+                "user {user} categories"
+            );
+            assert_eq!(
+                served(&summary.by_merchant),
+                by(|k| match k {
+                    AggKey::Merchant(_, m) => Some(m.to_string()),
+                    _ => None,
+                }),
+                "user {user} merchants"
+            );
+            let last = expected.last_seen.get(user).copied().unwrap_or(0);
+            assert_eq!(summary.last_event_ms, last, "user {user} last event");
+
+            let months = query
+                .get_user_windows(pb::GetUserWindowsRequest {
+                    user_id: *user,
+                    granularity: pb::Granularity::Month.into(),
+                    from: "1970-01".into(),
+                    to: "2069-12".into(),
+                    consistency: None,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(
+                served(&months.windows),
+                by(|k| match k {
+                    AggKey::Month(_, m) =>
+                        Some(spendflow_engine::serve::read_model::format_month(*m)),
+                    _ => None,
+                }),
+                "user {user} months"
+            );
+            users_checked += 1;
+        }
+        assert!(users_checked > 900, "checked {users_checked} users");
+
+        // Top spenders: the recomputed totals, largest first.
+        let mut totals: Vec<(i64, u64)> = expected
+            .cells
+            .iter()
+            .filter_map(|(k, (_, sum))| match k {
+                AggKey::User(u) => Some((-sum, *u)),
+                _ => None,
+            })
+            .collect();
+        totals.sort();
+        let top = query
+            .top_spenders(pb::TopSpendersRequest {
+                limit: 20,
+                consistency: None,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let served: Vec<(i64, u64)> = top
+            .spenders
+            .iter()
+            .map(|s| (-s.total_minor, s.user_id))
+            .collect();
+        assert_eq!(served, totals[..20].to_vec());
+    });
+    engine.shutdown().unwrap();
+}
+
+/// The state a subscriber builds from a snapshot and the changes after it.
+fn apply(state: &mut Aggregates, cells: impl IntoIterator<Item = CellValue>) {
+    for cell in cells {
+        if let AggKey::User(user) = cell.key {
+            match cell.last_event_ms {
+                Some(ms) => state.last_seen.insert(user, ms),
+                None => state.last_seen.remove(&user),
+            };
+        }
+        if cell.removed() {
+            state.cells.remove(&cell.key);
+        } else {
+            state.cells.insert(cell.key, (cell.count, cell.sum));
+        }
+    }
+}
+
+#[test]
+fn every_published_epoch_matches_recomputation_of_the_input_it_covers() {
+    for workers in [1, 2] {
+        let (file, lines) = simulated_file(6_000, 7 + workers as u64, 60);
+        // A small budget makes many epochs.
+        let engine = engine_over(file.path(), workers, 150, false);
+        let (start, mut changes) = engine.read_model().subscribe(None);
+        let SubscriptionStart::Snapshot(snapshot) = start else {
+            panic!("fresh subscriptions start from a snapshot")
+        };
+        let mut state = Aggregates::default();
+        apply(&mut state, snapshot.cells(&[]));
+        let mut epochs_checked = 0;
+        let mut check = |state: &Aggregates, position: i64, epoch: u64| {
+            let covered = lines.iter().filter(|(offset, _)| *offset < position);
+            let expected = recompute(covered.filter_map(|(_, r)| r.as_ref()));
+            assert_eq!(
+                state.cells, expected.cells,
+                "{workers} workers, epoch {epoch}, position {position}"
+            );
+            assert_eq!(
+                state.last_seen, expected.last_seen,
+                "{workers} workers, epoch {epoch}"
+            );
+            epochs_checked += 1;
+        };
+        let file_position = |positions: &[spendflow_engine::source::PartitionPosition]| {
+            positions
+                .iter()
+                .find(|p| p.source.starts_with("file:"))
+                .map_or(0, |p| p.position)
+        };
+        check(
+            &state,
+            file_position(&snapshot.as_of().positions),
+            snapshot.as_of().epoch,
+        );
+        let end = lines.last().map(|(o, _)| *o).unwrap() + 1;
+        loop {
+            let published = changes.blocking_recv().expect("no lag at this size");
+            if published.as_of.epoch <= snapshot.as_of().epoch {
+                continue;
+            }
+            apply(&mut state, published.cells.iter().cloned());
+            let position = file_position(&published.as_of.positions);
+            check(&state, position, published.as_of.epoch);
+            if position >= end {
+                break;
+            }
+        }
+        assert!(
+            epochs_checked > 10,
+            "{workers} workers: only {epochs_checked} epochs"
+        );
+        engine.shutdown().unwrap();
+    }
+}

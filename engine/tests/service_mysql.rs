@@ -1,0 +1,68 @@
+//! MySQL/MariaDB (mysql crate) against the real server: create a table, insert, select, drop.
+//! Needs `SPENDFLOW_MYSQL` (see `docker/native/services env`).
+
+mod support;
+
+use mysql::prelude::Queryable;
+use mysql::{Conn, Opts, params};
+
+use support::{service_env, unique_name};
+
+#[test]
+fn mysql_create_insert_select() {
+    let url = service_env("SPENDFLOW_MYSQL");
+    let opts =
+        Opts::from_url(&url).unwrap_or_else(|e| panic!("bad SPENDFLOW_MYSQL url {url}: {e}"));
+    let mut conn = Conn::new(opts).unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+    let table = unique_name("it_expenses");
+
+    conn.query_drop(format!(
+        "CREATE TABLE {table} (
+            expense_id VARCHAR(64) NOT NULL PRIMARY KEY,
+            user_id BIGINT NOT NULL,
+            amount_minor BIGINT NOT NULL,
+            category VARCHAR(64) NOT NULL
+        )"
+    ))
+    .expect("create table");
+
+    let rows_in = [
+        ("e-1", 1_i64, 1299_i64, "groceries"),
+        ("e-2", 1, -500, "refund"),
+        ("e-3", 42, 123_456, "travel"),
+    ];
+    conn.exec_batch(
+        format!(
+            "INSERT INTO {table} (expense_id, user_id, amount_minor, category) \
+             VALUES (:expense_id, :user_id, :amount_minor, :category)"
+        ),
+        rows_in
+            .iter()
+            .map(|&(expense_id, user_id, amount_minor, category)| {
+                params! { expense_id, user_id, amount_minor, category }
+            }),
+    )
+    .expect("insert");
+
+    let got: Vec<(String, i64, i64, String)> = conn
+        .query(format!(
+            "SELECT expense_id, user_id, amount_minor, category FROM {table} ORDER BY expense_id"
+        ))
+        .expect("select");
+    let want: Vec<(String, i64, i64, String)> = rows_in
+        .iter()
+        .map(|&(e, u, a, c)| (e.to_string(), u, a, c.to_string()))
+        .collect();
+    assert_eq!(got, want);
+
+    let totals: Vec<(i64, i64)> = conn
+        .exec(
+            format!("SELECT user_id, CAST(SUM(amount_minor) AS SIGNED) FROM {table} WHERE user_id = ? GROUP BY user_id"),
+            (1_i64,),
+        )
+        .expect("aggregate");
+    assert_eq!(totals, vec![(1, 799)]);
+
+    conn.query_drop(format!("DROP TABLE {table}"))
+        .expect("drop table");
+}

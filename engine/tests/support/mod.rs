@@ -1,0 +1,41 @@
+//! Shared helpers for the integration tests that talk to real services
+//! (`service_kafka.rs`, `service_cassandra.rs`, `service_mysql.rs`, `service_hdfs.rs`).
+//!
+//! The services are started by `docker/native/services up` (or `make test`, which also sets
+//! the variables and stops the services afterwards). A test whose variable is unset fails with
+//! instructions; it never passes silently.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::future::Future;
+use std::time::Duration;
+
+/// Address of a running service, read from the environment (`SPENDFLOW_KAFKA`,
+/// `SPENDFLOW_CASSANDRA`, `SPENDFLOW_MYSQL`, `SPENDFLOW_HDFS`).
+///
+/// Panics with instructions when the variable is unset or empty.
+pub fn service_env(var: &str) -> String {
+    match std::env::var(var) {
+        Ok(value) if !value.trim().is_empty() => value.trim().to_string(),
+        _ => panic!(
+            "{var} is not set, so this test cannot reach its real service.\n\
+             Start the services and export their addresses, then rerun:\n\
+             \n    docker/native/services up\n    eval \"$(docker/native/services env)\"\n\
+             \nor run the whole suite with `make test` (starts, tests, stops).\n\
+             See docker/native/README.md."
+        ),
+    }
+}
+
+/// A name that is unique per run, usable as a Kafka topic, Cassandra keyspace, MySQL table or
+/// HDFS path component: `<prefix>_<16 hex digits>` (lowercase ASCII, digits, underscore).
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}_{:016x}", rand::random::<u64>())
+}
+
+/// Awaits `fut`, failing the test with `what` if it takes longer than `secs` seconds.
+pub async fn within<T>(secs: u64, what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(Duration::from_secs(secs), fut).await {
+        Ok(value) => value,
+        Err(_) => panic!("timed out after {secs} s: {what}"),
+    }
+}
