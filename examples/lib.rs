@@ -1,0 +1,1 @@
+//! Example programs for spendflow; see `embed.rs` and `grpc_client.rs`.
