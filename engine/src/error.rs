@@ -58,6 +58,15 @@ pub enum SourceError {
     /// The generator's configuration is invalid.
     #[error("generator: {0}")]
     Generator(String),
+    /// Kafka failed; `retriable` says whether trying again can help (a broker restarting) or
+    /// not (an invalid setting).
+    #[error("kafka: {message}")]
+    Kafka {
+        /// What failed and why.
+        message: String,
+        /// Whether a retry may succeed.
+        retriable: bool,
+    },
     /// The in-process input was closed by every handle.
     #[error("the in-process input is closed")]
     InputClosed,
@@ -71,6 +80,7 @@ impl SourceError {
                 source.kind(),
                 io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
             ),
+            SourceError::Kafka { retriable, .. } => *retriable,
             SourceError::Generator(_) | SourceError::InputClosed => false,
         }
     }

@@ -137,7 +137,7 @@ fn hundred_thousand_records_with_two_workers_match_recomputation() {
             assert_eq!(
                 served(&summary.by_category),
                 by(|k| match k {
-                    AggKey::Category(_, c) => Some(c.to_string()),
+                    AggKey::Category(_, c) => Some(c.text().to_string()),
                     _ => None,
                 }),
                 "user {user} categories"
@@ -145,7 +145,7 @@ fn hundred_thousand_records_with_two_workers_match_recomputation() {
             assert_eq!(
                 served(&summary.by_merchant),
                 by(|k| match k {
-                    AggKey::Merchant(_, m) => Some(m.to_string()),
+                    AggKey::Merchant(_, m) => Some(m.text().to_string()),
                     _ => None,
                 }),
                 "user {user} merchants"

@@ -79,7 +79,7 @@ pub fn capture_changes<'scope>(
                             while let Some(key) = cursor.get_key(batch) {
                                 while cursor.get_val(batch).is_some() {
                                     cursor.map_times(batch, |time, diff| {
-                                        sink.push((key.clone(), *time, *diff));
+                                        sink.push((*key, *time, *diff));
                                     });
                                     cursor.step_val(batch);
                                 }

@@ -19,6 +19,7 @@ pub mod aggregate;
 pub mod dataflow;
 pub mod decode;
 pub mod model;
+pub mod name;
 pub mod oracle;
 pub mod runtime;
 pub mod upsert;
@@ -29,4 +30,4 @@ pub type Epoch = u64;
 
 pub use dataflow::{ClosedEpoch, ExpenseDataflow};
 pub use decode::{RejectReason, Rejection, decode};
-pub use model::{AggKey, CellChange, CountSum, Expense, Fact, LastSeen, Record, UserId};
+pub use model::{AggKey, CellChange, CountSum, Expense, Fact, LastSeen, Name, Record, UserId};

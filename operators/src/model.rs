@@ -18,6 +18,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::name::Name;
+
 /// Largest absolute amount a record may carry, in minor units (10^12, ten billion in major units).
 pub const MAX_ABS_AMOUNT_MINOR: i64 = 1_000_000_000_000;
 
@@ -58,8 +60,8 @@ impl Expense {
     pub fn fact(&self) -> Fact {
         Fact {
             user_id: self.user_id,
-            category: Arc::clone(&self.category),
-            merchant: Arc::clone(&self.merchant),
+            category: Name::intern(&self.category).0,
+            merchant: Name::intern(&self.merchant).0,
             amount_minor: self.amount_minor,
             event_ms: self.event_ms,
         }
@@ -98,15 +100,15 @@ impl Record {
     }
 }
 
-/// What the aggregates keep of a live expense.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// What the aggregates keep of a live expense: small and `Copy`, no strings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Fact {
     /// The owning user.
     pub user_id: UserId,
     /// Spending category.
-    pub category: Arc<str>,
+    pub category: Name,
     /// Merchant name.
-    pub merchant: Arc<str>,
+    pub merchant: Name,
     /// Amount in minor units.
     pub amount_minor: i64,
     /// Event time, milliseconds since the Unix epoch (UTC).
@@ -131,8 +133,8 @@ impl Fact {
         let day = self.day();
         [
             AggKey::User(user),
-            AggKey::Category(user, Arc::clone(&self.category)),
-            AggKey::Merchant(user, Arc::clone(&self.merchant)),
+            AggKey::Category(user, self.category),
+            AggKey::Merchant(user, self.merchant),
             AggKey::Day(user, day),
             AggKey::Month(user, month_of_day(day)),
             AggKey::Seen(user, -self.event_ms),
@@ -150,14 +152,14 @@ impl Fact {
 /// `Seen(user, -event_ms)` is bookkeeping for "last event time": the multiset of event times of
 /// a user's live expenses, negated so that the newest sorts first and a cursor can find it with a
 /// single seek. Its cells carry `(count, 0)`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum AggKey {
     /// The user's total and count.
     User(UserId),
     /// The user's total and count in one category.
-    Category(UserId, Arc<str>),
+    Category(UserId, Name),
     /// The user's total and count at one merchant.
-    Merchant(UserId, Arc<str>),
+    Merchant(UserId, Name),
     /// The user's total and count on one UTC day (days since 1970-01-01).
     Day(UserId, i32),
     /// The user's total and count in one UTC month (`year * 12 + month - 1`).

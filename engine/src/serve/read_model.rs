@@ -22,7 +22,7 @@ use arc_swap::ArcSwap;
 use imbl::{OrdMap, OrdSet};
 use rustc_hash::FxHashMap;
 use spendflow_operators::model::civil_from_days;
-use spendflow_operators::{AggKey, CellChange, CountSum, Epoch, LastSeen, UserId};
+use spendflow_operators::{AggKey, CellChange, CountSum, Epoch, LastSeen, Name, UserId};
 use tokio::sync::{broadcast, watch};
 
 use crate::source::PartitionPosition;
@@ -64,9 +64,9 @@ pub struct UserAggregates {
     /// The newest event time among the live expenses, ms since the Unix epoch.
     pub last_event_ms: Option<i64>,
     /// `(count, sum)` per category.
-    pub categories: OrdMap<Arc<str>, CountSum>,
+    pub categories: OrdMap<Name, CountSum>,
     /// `(count, sum)` per merchant.
-    pub merchants: OrdMap<Arc<str>, CountSum>,
+    pub merchants: OrdMap<Name, CountSum>,
     /// `(count, sum)` per UTC day (days since 1970-01-01).
     pub days: OrdMap<i32, CountSum>,
     /// `(count, sum)` per UTC month (`year * 12 + month - 1`).
@@ -94,26 +94,40 @@ impl UserAggregates {
         }
     }
 
-    fn apply(&mut self, key: &AggKey, count: i64, sum: i64) {
-        fn add<K: Ord + Clone>(map: &mut OrdMap<K, CountSum>, key: &K, count: i64, sum: i64) {
-            let (c, s) = map.get(key).copied().unwrap_or((0, 0));
-            let (c, s) = (c + count, s + sum);
-            if (c, s) == (0, 0) {
+    /// Adds a change to one cell and returns the cell's new `(count, sum)`.
+    fn apply(&mut self, key: &AggKey, count: i64, sum: i64) -> CountSum {
+        fn add<K: Ord + Clone>(
+            map: &mut OrdMap<K, CountSum>,
+            key: &K,
+            count: i64,
+            sum: i64,
+        ) -> CountSum {
+            let value = match map.get_mut(key) {
+                Some(value) => {
+                    *value = (value.0 + count, value.1 + sum);
+                    *value
+                }
+                None => {
+                    map.insert(key.clone(), (count, sum));
+                    return (count, sum);
+                }
+            };
+            if value == (0, 0) {
                 map.remove(key);
-            } else {
-                map.insert(key.clone(), (c, s));
             }
+            value
         }
         match key {
             AggKey::User(_) => {
                 self.expense_count += count;
                 self.total_minor += sum;
+                (self.expense_count, self.total_minor)
             }
             AggKey::Category(_, name) => add(&mut self.categories, name, count, sum),
             AggKey::Merchant(_, name) => add(&mut self.merchants, name, count, sum),
             AggKey::Day(_, day) => add(&mut self.days, day, count, sum),
             AggKey::Month(_, month) => add(&mut self.months, month, count, sum),
-            AggKey::Seen(..) => {}
+            AggKey::Seen(..) => (0, 0),
         }
     }
 
@@ -231,12 +245,12 @@ impl Snapshot {
             .chain(
                 u.categories
                     .iter()
-                    .map(move |(k, v)| value(AggKey::Category(id, k.clone()), *v)),
+                    .map(move |(k, v)| value(AggKey::Category(id, *k), *v)),
             )
             .chain(
                 u.merchants
                     .iter()
-                    .map(move |(k, v)| value(AggKey::Merchant(id, k.clone()), *v)),
+                    .map(move |(k, v)| value(AggKey::Merchant(id, *k), *v)),
             )
             .chain(
                 u.days
@@ -380,12 +394,18 @@ impl ReadModelWriter {
     pub fn apply(&mut self, delta: EpochDelta) -> Arc<Published> {
         let state = &mut self.state;
         let mut touched: FxHashMap<UserId, UserAggregates> = FxHashMap::default();
+        // New values of the changed cells, in the order applied (a key may repeat when the
+        // delta spans several epochs; the last value wins below).
+        let mut values: Vec<(AggKey, CountSum)> = Vec::with_capacity(delta.cells.len());
         for change in &delta.cells {
             let user = change.key.user_id();
             let aggregates = touched
                 .entry(user)
                 .or_insert_with(|| current(&state.users, user));
-            aggregates.apply(&change.key, change.count, change.sum);
+            values.push((
+                change.key,
+                aggregates.apply(&change.key, change.count, change.sum),
+            ));
             if matches!(change.key, AggKey::User(_)) {
                 state.live_expenses += change.count;
             }
@@ -396,20 +416,19 @@ impl ReadModelWriter {
                 .entry(user)
                 .or_insert_with(|| current(&state.users, user));
             aggregates.last_event_ms = seen.event_ms;
+            values.push((
+                AggKey::User(user),
+                (aggregates.expense_count, aggregates.total_minor),
+            ));
         }
-
-        // New values of the changed cells, before the users are moved into the snapshot.
-        let mut changed: Vec<AggKey> = delta.cells.iter().map(|c| c.key.clone()).collect();
-        changed.extend(delta.last_seen.iter().map(|s| AggKey::User(s.user_id)));
-        changed.sort_unstable();
-        changed.dedup();
-        let cells = changed
+        values.reverse();
+        values.sort_by_key(|(key, _)| *key); // stable: the last applied value comes first
+        values.dedup_by_key(|(key, _)| *key);
+        let cells = values
             .into_iter()
-            .map(|key| {
-                let user = &touched[&key.user_id()];
-                let (count, sum) = user.cell(&key);
+            .map(|(key, (count, sum))| {
                 let last_event_ms = match key {
-                    AggKey::User(_) => user.last_event_ms,
+                    AggKey::User(user) => touched[&user].last_event_ms,
                     _ => None,
                 };
                 CellValue {

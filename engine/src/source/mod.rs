@@ -11,10 +11,12 @@
 //! | [`generator`] | one, offset = records generated | worker 0 |
 //! | [`file`](mod@file) | one, offset = byte offset of the next line | worker 0 |
 //! | [`input`] | one, offset = records pushed | worker 0 |
+//! | [`kafka`] | every matching topic's partitions, offset = Kafka offset | divided by a stable hash |
 
 pub mod file;
 pub mod generator;
 pub mod input;
+pub mod kafka;
 
 use std::sync::Arc;
 

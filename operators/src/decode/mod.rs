@@ -32,7 +32,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::model::{Expense, MAX_ABS_AMOUNT_MINOR, Record};
+use crate::model::{Expense, MAX_ABS_AMOUNT_MINOR, Name, Record};
 
 /// The largest record accepted, in bytes.
 pub const MAX_RECORD_BYTES: usize = 64 * 1024;
@@ -445,7 +445,7 @@ fn name(
             format!("{field} must be 1 to {MAX_NAME_CHARS} characters, got {chars}"),
         ));
     }
-    Ok(Arc::from(text.as_ref()))
+    Ok(Name::intern(&text).1)
 }
 
 fn event_time(raw: Option<&RawValue>) -> Result<i64, Rejection> {

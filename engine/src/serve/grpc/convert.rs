@@ -97,8 +97,8 @@ pub fn summary(user: &UserAggregates) -> pb::UserSummary {
         user_id: user.user_id,
         total_minor: user.total_minor,
         expense_count: user.expense_count,
-        by_category: totals(user.categories.iter(), |k| k.to_string()),
-        by_merchant: totals(user.merchants.iter(), |k| k.to_string()),
+        by_category: totals(user.categories.iter(), |k| k.text().to_string()),
+        by_merchant: totals(user.merchants.iter(), |k| k.text().to_string()),
         last_event_time: user
             .last_event_ms
             .map(spendflow_operators::decode::format_event_time)
@@ -110,8 +110,8 @@ pub fn summary(user: &UserAggregates) -> pb::UserSummary {
 pub fn cell(value: &CellValue) -> pb::Cell {
     let (kind, key) = match &value.key {
         AggKey::User(_) => (pb::CellKind::User, String::new()),
-        AggKey::Category(_, name) => (pb::CellKind::Category, name.to_string()),
-        AggKey::Merchant(_, name) => (pb::CellKind::Merchant, name.to_string()),
+        AggKey::Category(_, name) => (pb::CellKind::Category, name.text().to_string()),
+        AggKey::Merchant(_, name) => (pb::CellKind::Merchant, name.text().to_string()),
         AggKey::Day(_, day) => (pb::CellKind::Day, format_day(*day)),
         AggKey::Month(_, month) => (pb::CellKind::Month, format_month(*month)),
         AggKey::Seen(..) => (pb::CellKind::Unspecified, String::new()),

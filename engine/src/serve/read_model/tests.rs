@@ -20,8 +20,8 @@ fn delta(epoch: Epoch, cells: Vec<CellChange>, last_seen: Vec<LastSeen>) -> Epoc
     }
 }
 
-fn groceries() -> Arc<str> {
-    Arc::from("groceries")
+fn groceries() -> spendflow_operators::Name {
+    spendflow_operators::Name::intern("groceries").0
 }
 
 #[test]

@@ -1,0 +1,31 @@
+//! The Kafka source: many topics by pattern, partitions divided among workers, positions kept
+//! by spendflow.
+//!
+//! * **Topics.** A regex (`--topic-pattern`) or one name (`--topic`). The source lists the
+//!   cluster's topics every [`KafkaSourceConfig::discovery_interval_ms`] and starts reading any
+//!   new match from its beginning, so a per-user topic created while the engine runs is picked
+//!   up within that delay.
+//! * **Users.** A topic named `<user_topic_prefix><digits>` (default prefix `expenses.user.`)
+//!   belongs to that user, and a record in it that names another user is rejected
+//!   (`user_mismatch`). In a keyed topic, a key that is a number is the user the record must name.
+//! * **Workers.** Every worker lists the same partitions and takes those whose stable hash of
+//!   `(topic, partition)` falls on its index: deterministic, no coordination, and a partition
+//!   never moves while the engine runs, so each partition keeps a single reader (which keeps each
+//!   expense's records in order).
+//! * **Positions.** Partitions are assigned manually at positions spendflow chooses (the
+//!   beginning, or a checkpoint); consumer-group commits are sent only so Kafka tools can show
+//!   lag, never read back. `isolation.level=read_committed`.
+//! * **Back-pressure.** librdkafka's prefetch queue is bounded
+//!   (`queued.max.messages.kbytes`); the worker polls only as much as the epoch budget allows.
+//! * **Caught up.** A poll reports idle only when every assigned partition's position has
+//!   reached the partition's end as of the last check (refreshed every few hundred milliseconds
+//!   while the source looks idle).
+
+mod config;
+mod consumer;
+
+#[cfg(test)]
+mod tests;
+
+pub use config::KafkaSourceConfig;
+pub use consumer::{KafkaSource, owner_of, user_of_topic};
