@@ -12,6 +12,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use spendflow_engine::source::file::FileSourceConfig;
 use spendflow_engine::source::generator::{GeneratorConfig, GeneratorSourceConfig};
+use spendflow_engine::source::kafka::KafkaSourceConfig;
 use spendflow_engine::{Engine, EngineConfig, SourceConfig, Status};
 
 /// spendflow: real-time expense analytics on differential dataflow.
@@ -44,7 +45,11 @@ enum Command {
     Demo(DemoArgs),
     /// Run the engine over an input and serve the results until Ctrl-C.
     ///
-    /// Example: `spendflow run --input file:expenses.jsonl --follow -w 2`
+    /// Examples:
+    ///   spendflow run --input file:expenses.jsonl --follow -w 2
+    ///   spendflow run --input kafka:127.0.0.1:9092 --topic-pattern 'expenses\.user\..*' -w 2
+    ///   spendflow run --input kafka:127.0.0.1:9092 --topic expenses
+    #[command(verbatim_doc_comment)]
     Run(RunArgs),
 }
 
@@ -95,13 +100,31 @@ struct RunArgs {
     #[command(flatten)]
     engine: EngineArgs,
 
-    /// Where records come from: `file:PATH` (JSON lines).
+    /// Where records come from: `file:PATH` (JSON lines) or `kafka:HOST:PORT[,HOST:PORT]`.
     #[arg(long, value_name = "SOURCE")]
     input: String,
 
-    /// Keep reading the file as it grows (like `tail -f`).
+    /// With file input: keep reading the file as it grows (like `tail -f`).
     #[arg(long)]
     follow: bool,
+
+    /// With Kafka input: read every topic whose whole name matches this regex; topics created
+    /// later are picked up within --discovery-interval-ms.
+    #[arg(long, value_name = "REGEX", conflicts_with = "topic")]
+    topic_pattern: Option<String>,
+
+    /// With Kafka input: read this one topic (e.g. a topic keyed by user id).
+    #[arg(long, value_name = "NAME")]
+    topic: Option<String>,
+
+    /// With Kafka input: the topic rejected records are copied to, with headers saying where
+    /// they came from and why.
+    #[arg(long, default_value = "expenses.dead-letter")]
+    dead_letter_topic: String,
+
+    /// With Kafka input: how often to look for new matching topics, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    discovery_interval_ms: u64,
 }
 
 /// Entry point of the binary.
@@ -195,13 +218,24 @@ fn run(args: RunArgs) -> Result<()> {
             path: PathBuf::from(path),
             follow: args.follow,
         }),
+        Some(("kafka", brokers)) if !brokers.is_empty() => {
+            let mut kafka = match (&args.topic_pattern, &args.topic) {
+                (Some(pattern), None) => KafkaSourceConfig::pattern(brokers, pattern),
+                (None, Some(topic)) => KafkaSourceConfig::topic(brokers, topic),
+                _ => bail!("with --input kafka:..., give --topic-pattern REGEX or --topic NAME"),
+            };
+            kafka.discovery_interval_ms = args.discovery_interval_ms;
+            SourceConfig::Kafka(kafka)
+        }
         _ => bail!(
-            "--input must be file:PATH (a file of JSON lines), got {:?}",
+            "--input must be file:PATH (a file of JSON lines) or kafka:HOST:PORT, got {:?}",
             args.input
         ),
     };
+    let mut config = engine_config(&args.engine, source);
+    config.dead_letter_topic = args.dead_letter_topic;
     let engine = Engine::builder()
-        .config(engine_config(&args.engine, source))
+        .config(config)
         .start()
         .context("could not start the engine")?;
     if let Some(addr) = engine.grpc_addr() {

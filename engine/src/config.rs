@@ -11,6 +11,7 @@ use serde::Deserialize;
 use crate::error::EngineError;
 use crate::source::file::FileSourceConfig;
 use crate::source::generator::GeneratorSourceConfig;
+use crate::source::kafka::KafkaSourceConfig;
 
 /// How the engine runs.
 #[derive(Clone, Debug, Deserialize)]
@@ -36,6 +37,10 @@ pub struct EngineConfig {
     /// Serve gRPC on this address (port 0 picks a free port).
     #[serde(default)]
     pub grpc: Option<SocketAddr>,
+    /// With a Kafka source: the topic rejected records are copied to, with their original
+    /// bytes and headers saying where they came from and why they were rejected.
+    #[serde(default = "default_dead_letter_topic")]
+    pub dead_letter_topic: String,
 }
 
 /// A source of records.
@@ -46,6 +51,8 @@ pub enum SourceConfig {
     Generator(GeneratorSourceConfig),
     /// A file of JSON lines.
     File(FileSourceConfig),
+    /// Kafka topics, by name or pattern.
+    Kafka(KafkaSourceConfig),
 }
 
 const fn default_workers() -> usize {
@@ -64,6 +71,10 @@ const fn default_dead_letter_capacity() -> usize {
     crate::sink::dead_letter::DEFAULT_CAPACITY
 }
 
+fn default_dead_letter_topic() -> String {
+    crate::sink::dead_letter::kafka::DEFAULT_DEAD_LETTER_TOPIC.to_string()
+}
+
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
@@ -73,6 +84,7 @@ impl Default for EngineConfig {
             dead_letter_capacity: default_dead_letter_capacity(),
             source: None,
             grpc: None,
+            dead_letter_topic: default_dead_letter_topic(),
         }
     }
 }

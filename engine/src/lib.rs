@@ -142,15 +142,39 @@ impl Engine {
             Some(SourceConfig::File(f)) => {
                 first.push(Box::new(source::file::FileSource::open(f.clone(), 0)?));
             }
-            None => {}
+            Some(SourceConfig::Kafka(_)) | None => {}
         }
         let mut per_worker: Vec<Option<Vec<Box<dyn Source>>>> =
             (0..workers).map(|_| Some(Vec::new())).collect();
-        per_worker[0] = Some(first);
+        if let Some(SourceConfig::Kafka(k)) = &config.source {
+            // Every worker reads its own share of the partitions.
+            for (worker, sources) in per_worker.iter_mut().enumerate() {
+                let kafka = source::kafka::KafkaSource::new(
+                    k.clone(),
+                    worker,
+                    workers,
+                    Default::default(),
+                )?;
+                sources.get_or_insert_with(Vec::new).push(Box::new(kafka));
+            }
+        }
+        per_worker[0].get_or_insert_with(Vec::new).extend(first);
         let per_worker = Arc::new(Mutex::new(per_worker));
 
         let (read_model, writer) = ReadModel::new();
-        let dead_letters = Arc::new(DeadLetters::with_capacity(config.dead_letter_capacity));
+        let mut dead_letters = DeadLetters::with_capacity(config.dead_letter_capacity);
+        if let Some(SourceConfig::Kafka(k)) = &config.source {
+            let output = sink::dead_letter::kafka::KafkaDeadLetters::new(
+                &k.brokers,
+                &config.dead_letter_topic,
+            )
+            .map_err(|e| SourceError::Kafka {
+                message: format!("dead-letter producer: {e}"),
+                retriable: false,
+            })?;
+            dead_letters = dead_letters.with_output(Box::new(output));
+        }
+        let dead_letters = Arc::new(dead_letters);
         let clock = EpochClock::new(config.epoch_interval(), config.epoch_budget);
         let shared = Arc::new(Shared::new(workers, clock, dead_letters));
 
@@ -311,6 +335,7 @@ impl Engine {
         {
             result = Err(EngineError::Workers("the publisher thread panicked".into()));
         }
+        self.shared.dead_letters.flush();
         // Ends open subscriptions, so the gRPC server's graceful shutdown does not wait on them.
         self.read_model.close();
         if let Some(mut grpc) = self.grpc.take() {

@@ -255,16 +255,22 @@ pub fn run_worker(
                             dataflow.push(decoded);
                             status.accepted.fetch_add(1, Ordering::Relaxed);
                         }
-                        Err((rejection, raw)) => shared.dead_letters.record(RejectedRecord {
-                            reason: rejection.reason,
-                            detail: rejection.detail,
-                            source: partitions
-                                .get(record.partition)
-                                .map_or_else(|| Arc::from("?"), |p| Arc::clone(&p.source)),
-                            partition: partitions.get(record.partition).map_or(0, |p| p.partition),
-                            offset: record.offset,
-                            raw_prefix: raw,
-                        }),
+                        Err((rejection, raw)) => shared.dead_letters.record(
+                            RejectedRecord {
+                                reason: rejection.reason,
+                                detail: rejection.detail,
+                                source: partitions
+                                    .get(record.partition)
+                                    .map_or_else(|| Arc::from("?"), |p| Arc::clone(&p.source)),
+                                partition: partitions
+                                    .get(record.partition)
+                                    .map_or(0, |p| p.partition),
+                                offset: record.offset,
+                                raw_prefix: raw[..raw.len().min(RAW_PREFIX_BYTES)].to_vec(),
+                            },
+                            &raw,
+                            record.key.as_deref(),
+                        ),
                     }
                 }
             }
@@ -343,7 +349,7 @@ pub fn run_worker(
 }
 
 /// Decodes a payload and checks the user a source expects. On rejection, returns the reason
-/// and the first bytes of the record.
+/// and the record's bytes.
 fn admit(
     payload: Payload,
     expected_user: Option<u64>,
@@ -360,10 +366,8 @@ fn admit(
     };
     match expected_user {
         Some(user) if record.user_id() != user => {
-            let raw = bytes.map_or_else(
-                || spendflow_operators::decode::encode(&record).into_bytes(),
-                |b| b[..b.len().min(RAW_PREFIX_BYTES)].to_vec(),
-            );
+            let raw =
+                bytes.unwrap_or_else(|| spendflow_operators::decode::encode(&record).into_bytes());
             let detail = format!(
                 "the record's user_id {} differs from the topic's user {user}",
                 record.user_id()

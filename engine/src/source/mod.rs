@@ -45,6 +45,8 @@ pub struct SourceRecord {
     pub offset: i64,
     /// The user the record must belong to, when the source knows (a per-user topic).
     pub expected_user: Option<UserId>,
+    /// The record's key, where the source has keys (Kafka); kept for dead letters.
+    pub key: Option<Vec<u8>>,
 }
 
 /// The read position of one partition.

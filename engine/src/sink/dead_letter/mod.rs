@@ -13,6 +13,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use spendflow_operators::RejectReason;
 
+pub mod kafka;
+
+/// Where dead letters go besides the in-memory ring: a durable output such as a Kafka topic.
+pub trait DeadLetterOutput: Send + Sync + std::fmt::Debug {
+    /// Sends one rejected record with its complete original bytes and key.
+    fn send(&self, rejected: &RejectedRecord, raw: &[u8], key: Option<&[u8]>);
+    /// Waits until everything sent is delivered (at shutdown).
+    fn flush(&self);
+}
+
 /// Bytes of a rejected record kept for inspection.
 pub const RAW_PREFIX_BYTES: usize = 256;
 
@@ -43,6 +53,7 @@ pub struct DeadLetters {
     capacity: usize,
     by_reason: Vec<AtomicU64>,
     total: AtomicU64,
+    output: Option<Box<dyn DeadLetterOutput>>,
 }
 
 impl Default for DeadLetters {
@@ -62,11 +73,29 @@ impl DeadLetters {
                 .map(|_| AtomicU64::new(0))
                 .collect(),
             total: AtomicU64::new(0),
+            output: None,
         }
     }
 
-    /// Counts and keeps a rejected record.
-    pub fn record(&self, rejected: RejectedRecord) {
+    /// Also sends every dead letter to `output`.
+    pub fn with_output(mut self, output: Box<dyn DeadLetterOutput>) -> Self {
+        self.output = Some(output);
+        self
+    }
+
+    /// Delivers what the durable output still holds (at shutdown).
+    pub fn flush(&self) {
+        if let Some(output) = &self.output {
+            output.flush();
+        }
+    }
+
+    /// Counts and keeps a rejected record; `raw` is the whole original record and `key` its
+    /// key, for the durable output.
+    pub fn record(&self, rejected: RejectedRecord, raw: &[u8], key: Option<&[u8]>) {
+        if let Some(output) = &self.output {
+            output.send(&rejected, raw, key);
+        }
         let code = rejected.reason.code();
         if let Some(i) = RejectReason::ALL_CODES.iter().position(|c| *c == code) {
             self.by_reason[i].fetch_add(1, Ordering::Relaxed);
@@ -136,7 +165,7 @@ mod tests {
             } else {
                 RejectReason::BadCurrency
             };
-            dl.record(rejected(i, reason));
+            dl.record(rejected(i, reason), b"{", None);
         }
         assert_eq!(dl.total(), 10);
         assert_eq!(

@@ -86,6 +86,7 @@ impl FileSource {
                 partition: 0,
                 offset,
                 expected_user: None,
+                key: None,
             });
         }
     }

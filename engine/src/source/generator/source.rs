@@ -95,6 +95,7 @@ impl Source for GeneratorSource {
                 partition: 0,
                 offset: self.produced as i64,
                 expected_user: None,
+                key: None,
             });
             self.produced += 1;
         }

@@ -90,6 +90,7 @@ impl Source for InputSource {
                 partition: 0,
                 offset: self.position,
                 expected_user: None,
+                key: None,
             });
             self.position += 1;
         }

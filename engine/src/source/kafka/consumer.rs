@@ -293,6 +293,7 @@ impl Source for KafkaSource {
                 partition: i,
                 offset: message.offset(),
                 expected_user,
+                key: message.key().map(<[u8]>::to_vec),
             });
             assigned.status.position = message.offset() + 1;
         }
