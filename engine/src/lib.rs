@@ -287,28 +287,18 @@ impl Engine {
     /// Returns false on timeout.
     pub fn wait_caught_up(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        // A record pushed just before this call may not have been polled yet: require two
-        // consecutive caught-up observations a poll interval apart.
-        let mut streak = 0;
-        while Instant::now() < deadline {
-            if self.status().caught_up && self.input_is_empty() {
-                streak += 1;
-                if streak == 2 {
-                    return true;
-                }
-            } else {
-                streak = 0;
+        loop {
+            // Pending input first: once the channel is empty, every record pushed before this
+            // call has been taken, and is either counted in the status or in a poll that keeps
+            // its worker from looking idle.
+            if self.input.pending() == 0 && self.status().caught_up {
+                return true;
             }
-            std::thread::sleep(Duration::from_millis(5));
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
         }
-        false
-    }
-
-    fn input_is_empty(&self) -> bool {
-        self.shared
-            .partitions()
-            .iter()
-            .all(|p| p.high_watermark.is_none_or(|h| h <= p.position))
     }
 
     /// Stops the sources, closes the last epoch, publishes it, and stops every thread.

@@ -38,6 +38,9 @@ use crate::source::{PartitionPosition, Payload, Poll, Source, SourceRecord};
 /// Records taken from the sources per poll.
 const POLL_BATCH: usize = 4096;
 
+/// How often an idle worker refreshes the partition positions it shows the status service.
+const STATUS_REFRESH: Duration = Duration::from_millis(250);
+
 /// Reports the publisher may have queued before workers wait for it (back-pressure).
 const REPORT_QUEUE: usize = 64;
 
@@ -219,11 +222,15 @@ pub fn run_worker(
     let mut in_epoch = 0usize;
     let mut read = 0u64;
     let mut stopping = false;
+    let mut last_status = Instant::now();
 
     loop {
         // 1. Poll every source once.
         let mut busy = false;
         if !stopping {
+            // Not idle while polling: records taken from a source but not yet counted must
+            // never look caught up.
+            status.idle.store(false, Ordering::Release);
             let mut idle = true;
             let mut failed = Vec::new();
             for (i, source) in sources.iter_mut().enumerate() {
@@ -245,7 +252,7 @@ pub fn run_worker(
                     }
                 }
                 // 2.–3. Decode and push (or reject) everything the poll returned.
-                let partitions = source.partitions();
+                let mut partitions = None;
                 for record in batch.drain(..) {
                     idle = false;
                     read += 1;
@@ -255,22 +262,23 @@ pub fn run_worker(
                             dataflow.push(decoded);
                             status.accepted.fetch_add(1, Ordering::Relaxed);
                         }
-                        Err((rejection, raw)) => shared.dead_letters.record(
-                            RejectedRecord {
-                                reason: rejection.reason,
-                                detail: rejection.detail,
-                                source: partitions
-                                    .get(record.partition)
-                                    .map_or_else(|| Arc::from("?"), |p| Arc::clone(&p.source)),
-                                partition: partitions
-                                    .get(record.partition)
-                                    .map_or(0, |p| p.partition),
-                                offset: record.offset,
-                                raw_prefix: raw[..raw.len().min(RAW_PREFIX_BYTES)].to_vec(),
-                            },
-                            &raw,
-                            record.key.as_deref(),
-                        ),
+                        Err((rejection, raw)) => {
+                            let partitions = partitions.get_or_insert_with(|| source.partitions());
+                            let partition = partitions.get(record.partition);
+                            shared.dead_letters.record(
+                                RejectedRecord {
+                                    reason: rejection.reason,
+                                    detail: rejection.detail,
+                                    source: partition
+                                        .map_or_else(|| Arc::from("?"), |p| Arc::clone(&p.source)),
+                                    partition: partition.map_or(0, |p| p.partition),
+                                    offset: record.offset,
+                                    raw_prefix: raw[..raw.len().min(RAW_PREFIX_BYTES)].to_vec(),
+                                },
+                                &raw,
+                                record.key.as_deref(),
+                            );
+                        }
                     }
                 }
             }
@@ -281,8 +289,13 @@ pub fn run_worker(
                 shared.clock.note_input();
             }
             status.read.store(read, Ordering::Release);
-            *status.partitions.lock().unwrap_or_else(|p| p.into_inner()) =
-                sources.iter().flat_map(|s| s.partitions()).collect();
+            // Positions for the status service: after reads, and now and then for sources whose
+            // ends move without reads (Kafka watermarks). Not on every idle loop.
+            if !idle || last_status.elapsed() >= STATUS_REFRESH {
+                last_status = Instant::now();
+                *status.partitions.lock().unwrap_or_else(|p| p.into_inner()) =
+                    sources.iter().flat_map(|s| s.partitions()).collect();
+            }
             status.idle.store(!busy, Ordering::Release);
         }
 

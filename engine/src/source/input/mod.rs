@@ -46,6 +46,11 @@ impl InputHandle {
             .map_err(|_| EngineError::ShutDown)
     }
 
+    /// Records pushed but not yet taken by the engine.
+    pub fn pending(&self) -> usize {
+        self.tx.len()
+    }
+
     /// Pushes without waiting. Returns the record back if the input is full.
     ///
     /// # Errors
