@@ -13,6 +13,7 @@ use std::time::Duration;
 /// `SPENDFLOW_CASSANDRA`, `SPENDFLOW_MYSQL`, `SPENDFLOW_HDFS`).
 ///
 /// Panics with instructions when the variable is unset or empty.
+#[track_caller]
 pub fn service_env(var: &str) -> String {
     match std::env::var(var) {
         Ok(value) if !value.trim().is_empty() => value.trim().to_string(),

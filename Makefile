@@ -1,0 +1,53 @@
+# spendflow: the test command and the native services.
+#
+#   make test            start Kafka, Cassandra, MariaDB and HDFS (docker/native/services), run
+#                        the whole test suite against them, stop them again (also on failure
+#                        or Ctrl-C). CI runs this through .ci/run.
+#   make services-up     start the services and leave them running (then:
+#                        eval "$$(docker/native/services env)"; cargo test ...)
+#   make services-down   stop them
+#   make services-status healthy/down per service
+#   make tools           install grpcurl and ghz into target/tools/bin
+#
+# Everything the suite runs is listed once, in TEST_COMMANDS below.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+SERVICES := docker/native/services
+CARGO ?= cargo
+
+# The whole suite, in one place. Add new steps here (one shell command per line, `;`-joined).
+define TEST_COMMANDS
+$(CARGO) test --workspace --all-targets; \
+$(CARGO) test --workspace --doc
+endef
+
+.PHONY: help test services-up services-down services-status tools
+
+help:
+	@sed -n '3,12p' Makefile | sed -e 's/^# \{0,1\}//' -e 's/\$$\$$/$$/g'
+
+# The EXIT trap stops the services whatever happens; INT/TERM turn Ctrl-C into a normal exit
+# (so the EXIT trap runs once cargo has stopped).
+test:
+	@trap '$(SERVICES) down' EXIT; \
+	trap 'exit 130' INT TERM; \
+	$(SERVICES) up; \
+	eval "$$($(SERVICES) env)"; \
+	$(SERVICES) env; \
+	$(TEST_COMMANDS)
+
+services-up:
+	@$(SERVICES) up
+	@echo 'now run: eval "$$($(SERVICES) env)"'
+
+services-down:
+	@$(SERVICES) down
+
+services-status:
+	@$(SERVICES) status
+
+tools:
+	@$(SERVICES) tools
