@@ -371,10 +371,7 @@ fn admit(
         Payload::Record(record) => (record, None),
         Payload::Bytes(bytes) => match decode(&bytes) {
             Ok(record) => (record, Some(bytes)),
-            Err(rejection) => {
-                let raw = bytes[..bytes.len().min(RAW_PREFIX_BYTES)].to_vec();
-                return Err((rejection, raw));
-            }
+            Err(rejection) => return Err((rejection, bytes)),
         },
     };
     match expected_user {

@@ -23,7 +23,7 @@ impl Aggregates {
     /// Applies the changes a worker drained (for testing the change stream itself).
     pub fn apply(&mut self, closed: &ClosedEpoch) {
         for change in &closed.cells {
-            let cell = self.cells.entry(change.key.clone()).or_insert((0, 0));
+            let cell = self.cells.entry(change.key).or_insert((0, 0));
             cell.0 += change.count;
             cell.1 += change.sum;
             if *cell == (0, 0) {

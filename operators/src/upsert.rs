@@ -101,13 +101,13 @@ impl<'scope> UpsertByExpense<'scope> for VecCollection<'scope, Epoch, Instructio
                                             continue; // a duplicate delivery changes nothing
                                         }
                                         let at = time.max(*old_time);
-                                        let old = std::mem::replace(old, new.clone());
+                                        let old = std::mem::replace(old, new);
                                         *old_time = at;
                                         session.give((old, at, -1));
                                         session.give((new, at, 1));
                                     }
                                     None => {
-                                        live.insert(expense_id, (time, new.clone()));
+                                        live.insert(expense_id, (time, new));
                                         session.give((new, time, 1));
                                     }
                                 },

@@ -159,7 +159,7 @@ fn changes_are_consolidated_and_never_mention_seen_cells() {
     let epochs = Arc::new(random_stream(7, 2_000, 10));
     for worker in run(epochs, 2) {
         for closed in worker {
-            let mut keys: Vec<_> = closed.cells.iter().map(|c| c.key.clone()).collect();
+            let mut keys: Vec<_> = closed.cells.iter().map(|c| c.key).collect();
             assert!(
                 keys.windows(2).all(|w| w[0] < w[1]),
                 "sorted, one change per key"

@@ -206,10 +206,16 @@ impl KafkaSource {
         if self.assigned.is_empty() {
             return Ok(());
         }
-        // Timestamp -1 asks for the latest offset of each partition.
+        // A timestamp of -1 (`Offset::End` as raw) asks for the latest offset of each partition.
+        let mut request = TopicPartitionList::new();
+        for a in &self.assigned {
+            request
+                .add_partition_offset(&a.status.source, a.status.partition, Offset::End)
+                .map_err(|e| kafka_error("fetching partition ends", e))?;
+        }
         let ends = self
             .consumer
-            .offsets_for_timestamp(-1, REQUEST_TIMEOUT)
+            .offsets_for_times(request, REQUEST_TIMEOUT)
             .map_err(|e| kafka_error("fetching partition ends", e))?;
         for element in ends.elements() {
             if let (Offset::Offset(end), Some(&i)) = (
