@@ -228,7 +228,11 @@ impl ExpenseQuery for QueryService {
         let read_model = Arc::clone(&self.read_model);
         tokio::spawn(async move {
             let _guard = guard;
-            let feed = Feed { tx, users };
+            let feed = Feed {
+                tx,
+                users,
+                resume_after: resume.unwrap_or(0),
+            };
             if let Err(Closed) = feed.run(start, changes, &read_model).await {
                 tracing::debug!("Subscriber went away.");
             }
@@ -265,6 +269,8 @@ struct Closed;
 struct Feed {
     tx: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
     users: Vec<UserId>,
+    /// The epoch the client resumes after (0 for a fresh subscription).
+    resume_after: Epoch,
 }
 
 impl Feed {
@@ -334,7 +340,9 @@ impl Feed {
         let mut sent_through = match start {
             SubscriptionStart::Snapshot(snapshot) => self.snapshot(&snapshot).await?,
             SubscriptionStart::Replay(replay) => {
-                let mut through = 0;
+                // Nothing at or before the epoch the client already has, even if the replay is
+                // empty.
+                let mut through = self.resume_after;
                 for published in &replay {
                     self.published(published).await?;
                     through = published.as_of.epoch;
