@@ -10,9 +10,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
+use spendflow_engine::generate::config::{
+    DEFAULT_BATCH, DEFAULT_PARTITIONS, DEFAULT_TOPIC, DEFAULT_TOPIC_PREFIX,
+};
+use spendflow_engine::generate::{GenerateConfig, Layout, TerminalProgress};
 use spendflow_engine::source::file::FileSourceConfig;
 use spendflow_engine::source::generator::{GeneratorConfig, GeneratorSourceConfig};
 use spendflow_engine::source::kafka::KafkaSourceConfig;
+use spendflow_engine::verify::grpc::GrpcServed;
+use spendflow_engine::verify::mysql::MySqlTruth;
+use spendflow_engine::verify::{self, VerifyOptions};
 use spendflow_engine::{Engine, EngineConfig, SourceConfig, Status};
 
 /// spendflow: real-time expense analytics on differential dataflow.
@@ -51,6 +58,29 @@ enum Command {
     ///   spendflow run --input kafka:127.0.0.1:9092 --topic expenses
     #[command(verbatim_doc_comment)]
     Run(RunArgs),
+    /// Simulate card expenses into MySQL (the ground truth) and stream them to Kafka.
+    ///
+    /// Each batch is committed to MySQL with an outbox, then produced to Kafka (idempotent
+    /// producer, acks=all), so a crash loses nothing: a restart with the same settings
+    /// re-publishes the outbox and continues where the run stopped. Deterministic for a seed.
+    ///
+    /// Examples:
+    ///   spendflow generate --mysql mysql://spendflow:spendflow@127.0.0.1:13306/spendflow \
+    ///       --brokers 127.0.0.1:9092 --users 200 --events 50000 --bad-rate 0.01
+    ///   spendflow generate --mysql ... --brokers ... --layout keyed --partitions 4 --rate 1000
+    #[command(verbatim_doc_comment)]
+    Generate(GenerateArgs),
+    /// Compare the engine's answers over gRPC with SQL over the live expenses in MySQL.
+    ///
+    /// Checks every user's total, count, per-category and per-month aggregates, and users
+    /// present on one side only. Waits for the engine to be caught up first. Prints the
+    /// mismatches (the first 20, with both values) and exits non-zero if there is any.
+    ///
+    /// Example:
+    ///   spendflow verify --mysql mysql://spendflow:spendflow@127.0.0.1:13306/spendflow \
+    ///       --grpc 127.0.0.1:50051
+    #[command(verbatim_doc_comment)]
+    Verify(VerifyArgs),
 }
 
 #[derive(Debug, Args)]
@@ -122,9 +152,119 @@ struct RunArgs {
     #[arg(long, default_value = "expenses.dead-letter")]
     dead_letter_topic: String,
 
+    /// With Kafka input: topics named this prefix and a user id hold only that user's records;
+    /// a record there that names another user is rejected.
+    #[arg(long, default_value = "expenses.user.")]
+    user_topic_prefix: String,
+
     /// With Kafka input: how often to look for new matching topics, in milliseconds.
     #[arg(long, default_value_t = 2000)]
     discovery_interval_ms: u64,
+}
+
+/// Where `generate` puts records in Kafka.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LayoutArg {
+    /// One topic per user, `<topic-prefix><user_id>`, one partition each.
+    PerUser,
+    /// One topic (`--topic`) with `--partitions` partitions, keyed by user id.
+    Keyed,
+}
+
+#[derive(Debug, Args)]
+struct GenerateArgs {
+    /// MySQL URL; the database (default `spendflow`) is created if missing and its schema
+    /// migrated.
+    #[arg(long, value_name = "URL", env = "SPENDFLOW_MYSQL")]
+    mysql: String,
+
+    /// Kafka bootstrap servers.
+    #[arg(long, value_name = "HOST:PORT", env = "SPENDFLOW_KAFKA")]
+    brokers: String,
+
+    /// One topic per user, or one topic keyed by user id.
+    #[arg(long, value_enum, default_value_t = LayoutArg::PerUser)]
+    layout: LayoutArg,
+
+    /// With --layout per-user: the topic name before the user id.
+    #[arg(long, default_value = DEFAULT_TOPIC_PREFIX)]
+    topic_prefix: String,
+
+    /// With --layout keyed: the topic.
+    #[arg(long, default_value = DEFAULT_TOPIC)]
+    topic: String,
+
+    /// With --layout keyed: partitions to create the topic with.
+    #[arg(long, default_value_t = DEFAULT_PARTITIONS)]
+    partitions: i32,
+
+    /// Simulated users (ids 1..=N).
+    #[arg(long, default_value_t = 1000)]
+    users: u64,
+
+    /// Stop when this many records exist in total (a restart continues towards it); without
+    /// it, run until Ctrl-C.
+    #[arg(long)]
+    events: Option<u64>,
+
+    /// Records per second (0: as fast as MySQL and Kafka take them).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+
+    /// Seed of the simulation: the same seed and settings give the same records.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+
+    /// Share of malformed records (Kafka only, never in MySQL), 0 to 1.
+    #[arg(long, default_value_t = 0.0)]
+    bad_rate: f64,
+
+    /// Share of records correcting an earlier live expense, 0 to 1.
+    #[arg(long, default_value_t = 0.05)]
+    correction_rate: f64,
+
+    /// Share of records deleting a live expense (chargebacks, voids), 0 to 1.
+    #[arg(long, default_value_t = 0.02)]
+    delete_rate: f64,
+
+    /// Share of records re-sending an earlier record byte for byte, 0 to 1.
+    #[arg(long, default_value_t = 0.02)]
+    duplicate_rate: f64,
+
+    /// Share of refunds (new expenses with a negative amount), 0 to 1.
+    #[arg(long, default_value_t = 0.03)]
+    refund_rate: f64,
+
+    /// Share of new expenses with an event time up to ten days in the past, 0 to 1.
+    #[arg(long, default_value_t = 0.05)]
+    late_rate: f64,
+
+    /// Records per MySQL transaction and Kafka flush.
+    #[arg(long, default_value_t = DEFAULT_BATCH)]
+    batch: usize,
+}
+
+#[derive(Debug, Args)]
+struct VerifyArgs {
+    /// MySQL URL of the database `spendflow generate` wrote.
+    #[arg(long, value_name = "URL", env = "SPENDFLOW_MYSQL")]
+    mysql: String,
+
+    /// Address of the engine's gRPC service.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:50051")]
+    grpc: String,
+
+    /// Seconds to wait for the engine to report caught_up before comparing (0: do not wait).
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    wait_caught_up: u64,
+
+    /// Users per gRPC page (at most 1000).
+    #[arg(long, default_value_t = 1000)]
+    page_size: usize,
+
+    /// Mismatches to print (all are counted).
+    #[arg(long, default_value_t = 20)]
+    show: usize,
 }
 
 /// Entry point of the binary.
@@ -134,6 +274,8 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => demo(args),
         Command::Run(args) => run(args),
+        Command::Generate(args) => generate(args),
+        Command::Verify(args) => verify_command(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -225,6 +367,7 @@ fn run(args: RunArgs) -> Result<()> {
                 _ => bail!("with --input kafka:..., give --topic-pattern REGEX or --topic NAME"),
             };
             kafka.discovery_interval_ms = args.discovery_interval_ms;
+            kafka.user_topic_prefix = args.user_topic_prefix.clone();
             SourceConfig::Kafka(kafka)
         }
         _ => bail!(
@@ -242,6 +385,79 @@ fn run(args: RunArgs) -> Result<()> {
         tracing::info!(%addr, "Serving gRPC; try `grpcurl -plaintext {addr} spendflow.v1.Admin/GetStatus`.");
     }
     watch(engine)
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    let layout = match args.layout {
+        LayoutArg::PerUser => Layout::PerUser {
+            prefix: args.topic_prefix,
+        },
+        LayoutArg::Keyed => Layout::Keyed {
+            topic: args.topic,
+            partitions: args.partitions,
+        },
+    };
+    let mut config = GenerateConfig::new(args.mysql, args.brokers);
+    config.layout = layout;
+    config.events = args.events;
+    config.rate = (args.rate > 0).then_some(args.rate);
+    config.batch = args.batch;
+    config.simulator.seed = args.seed;
+    config.simulator.users = args.users;
+    config.simulator.bad_rate = args.bad_rate;
+    config.simulator.correction_rate = args.correction_rate;
+    config.simulator.delete_rate = args.delete_rate;
+    config.simulator.duplicate_rate = args.duplicate_rate;
+    config.simulator.refund_rate = args.refund_rate;
+    config.simulator.late_rate = args.late_rate;
+    let stop = stop_signal()?;
+    let mut progress = TerminalProgress::new();
+    let summary = match spendflow_engine::generate::run(&config, &mut progress, &stop) {
+        Ok(summary) => summary,
+        Err(e) if e.is_retriable() => {
+            return Err(anyhow::Error::new(e).context(
+                "spendflow generate stopped; run the same command again to continue (what \
+                 Kafka has not acknowledged stays in the MySQL outbox and is re-published first)",
+            ));
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("spendflow generate failed")),
+    };
+    if summary.stopped {
+        tracing::info!(
+            records = summary.records,
+            "Stopped; run the same command again to continue."
+        );
+    }
+    let input = match &summary.layout {
+        Layout::PerUser { .. } => format!("--topic-pattern '{}'", summary.layout.topic_pattern()),
+        Layout::Keyed { topic, .. } => format!("--topic {topic}"),
+    };
+    println!(
+        "  read it: spendflow run --input kafka:{} {input}",
+        config.brokers
+    );
+    Ok(())
+}
+
+fn verify_command(args: VerifyArgs) -> Result<()> {
+    let mut truth = MySqlTruth::connect(&args.mysql).context("could not read MySQL")?;
+    let mut served = GrpcServed::connect(&args.grpc).context("could not reach the engine")?;
+    let options = VerifyOptions {
+        page_size: args.page_size,
+        max_reported: args.show,
+        wait_ready: Duration::from_secs(args.wait_caught_up),
+    };
+    let report = verify::verify(&mut truth, &mut served, &options).context("verify failed")?;
+    println!("{report}");
+    if !report.is_ok() {
+        bail!(
+            "{} mismatches in {} of {} users",
+            report.mismatch_count,
+            report.mismatched_users,
+            report.users_checked
+        );
+    }
+    Ok(())
 }
 
 /// Shows progress until Ctrl-C (or SIGTERM), then shuts the engine down.

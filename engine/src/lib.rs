@@ -29,10 +29,12 @@
 
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod pipeline;
 pub mod serve;
 pub mod sink;
 pub mod source;
+pub mod verify;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;

@@ -16,7 +16,7 @@ pub const DEFAULT_TOPIC: &str = "expenses";
 /// The default number of partitions of the keyed topic.
 pub const DEFAULT_PARTITIONS: i32 = 4;
 /// The default number of records per MySQL transaction and Kafka flush.
-pub const DEFAULT_BATCH: usize = 2000;
+pub const DEFAULT_BATCH: usize = 10_000;
 /// The largest accepted batch.
 pub const MAX_BATCH: usize = 50_000;
 /// Kafka's limit on topic name length.

@@ -21,11 +21,16 @@
 //! 1. **One MySQL transaction** applies the batch's net effect to `expenses`, inserts every
 //!    record of the batch into `outbox(seq, topic, msg_key, payload)` (`seq` = the record's
 //!    position in the simulated stream), advances `generator_state.records` (how many records
-//!    of the stream are now in MySQL), and deletes the previous batch's outbox rows, which
-//!    were published before this transaction started.
-//! 2. The batch's outbox rows are **produced to Kafka in `seq` order** and flushed; every
-//!    delivery must be acknowledged. A failure is retried (the whole batch, again in order).
-//! 3. Only then does the next batch start (its transaction deletes these rows).
+//!    of the stream are now in MySQL), and deletes the outbox rows of batches Kafka has
+//!    acknowledged.
+//! 2. The **previous** batch's acknowledgements are awaited (it was produced while this batch
+//!    was generated and committed: MySQL and Kafka work in parallel). If they fail, the whole
+//!    previous batch is produced again, in order, until acknowledged.
+//! 3. Only then is this batch's outbox **produced to Kafka in `seq` order** (without waiting;
+//!    the next iteration waits).
+//!
+//! So at most two batches are unacknowledged, and a batch is only sent once every earlier one
+//! is acknowledged.
 //!
 //! On start, before anything new is generated, every row left in `outbox` is re-published in
 //! `seq` order and then deleted. So whatever the moment of a crash (`kill -9`):
@@ -37,7 +42,7 @@
 //! Re-publishing can deliver a record twice. That is harmless because records are upserts and
 //! deletes keyed by `expense_id`, and because **replay preserves per-expense order**: the
 //! outbox is replayed as a whole, in `seq` order, before any newer batch is produced, and a
-//! batch is never left half-published when the next one starts. Within a partition Kafka then
+//! batch is never sent before every earlier one is acknowledged. Within a partition Kafka then
 //! holds some prefix-subsequence of earlier attempts followed by the complete last attempt, so
 //! the *last* record of every expense in the partition is its latest version, which is exactly
 //! the row (or absence of a row) in MySQL. The engine applies the last record per expense, so it
@@ -473,8 +478,11 @@ pub(crate) struct RunState {
 
 /// Where records are published: Kafka in production, memory in tests.
 pub(crate) trait Publish {
-    /// Produces `rows` in order and waits until every one is acknowledged.
-    fn publish(&mut self, rows: &[OutboxRow]) -> Result<(), GenerateError>;
+    /// Enqueues `rows`, in order, without waiting for acknowledgements.
+    fn send(&mut self, rows: &[OutboxRow]) -> Result<(), GenerateError>;
+    /// Waits until everything sent since the last wait is acknowledged. After an error,
+    /// nothing sent before counts as acknowledged: send it again.
+    fn wait(&mut self) -> Result<(), GenerateError>;
     /// Topics this publisher created.
     fn topics_created(&self) -> u64;
 }
@@ -500,14 +508,7 @@ pub fn run(
         config.layout.clone(),
         config.publish_timeout,
     )?;
-    run_with(
-        config,
-        &mut store,
-        &mut publisher,
-        observer,
-        stop,
-        started,
-    )
+    run_with(config, &mut store, &mut publisher, observer, stop, started)
 }
 
 /// The run loop over any store and publisher; see the module docs for the protocol.
@@ -556,7 +557,11 @@ pub(crate) fn run_with(
 
     let generating = Instant::now();
     let batch_size = config.effective_batch();
-    let mut published_below = None;
+    // Outbox rows below this are acknowledged by Kafka and may be deleted.
+    let mut confirmed_below = None;
+    // The batch whose messages are on their way to Kafka while the next one is generated and
+    // committed.
+    let mut in_flight: Option<Batch> = None;
     let mut stopped = false;
     loop {
         let remaining = config
@@ -578,9 +583,32 @@ pub(crate) fn run_with(
             users.insert(generated.user_id);
             batch.push(seq, generated, &config.layout);
         }
-        store.commit_batch(&batch, simulator.produced(), published_below)?;
-        publish_with_retry(publisher, batch.outbox(), config)?;
-        published_below = batch.end_seq();
+        let commit_started = Instant::now();
+        store.commit_batch(&batch, simulator.produced(), confirmed_below)?;
+        let commit_ms = commit_started.elapsed().as_millis() as u64;
+
+        // The previous batch must be acknowledged before this one is sent, so that a retry of
+        // it can never land after this batch's records.
+        let wait_started = Instant::now();
+        if let Some(previous) = in_flight.take() {
+            confirm(publisher, &previous, config)?;
+            confirmed_below = previous.end_seq();
+        }
+        tracing::debug!(
+            records = batch.len(),
+            commit_ms,
+            wait_ms = wait_started.elapsed().as_millis() as u64,
+            "Batch committed; the previous one acknowledged."
+        );
+        match publisher.send(batch.outbox()) {
+            Ok(()) => in_flight = Some(batch),
+            Err(e) if e.is_retriable() => {
+                tracing::warn!(error = %e, "Sending a batch failed; retrying it in order.");
+                publish_with_retry(publisher, batch.outbox(), config)?;
+                confirmed_below = batch.end_seq();
+            }
+            Err(e) => return Err(e),
+        }
 
         let session_records = simulator.produced() - state.records;
         observer.progress(&Progress {
@@ -597,8 +625,12 @@ pub(crate) fn run_with(
             }
         }
     }
+    if let Some(last) = in_flight.take() {
+        confirm(publisher, &last, config)?;
+        confirmed_below = last.end_seq();
+    }
     let generating = generating.elapsed();
-    if let Some(below) = published_below {
+    if let Some(below) = confirmed_below {
         store.delete_published(below)?;
     }
 
@@ -623,8 +655,26 @@ pub(crate) fn run_with(
     Ok(summary)
 }
 
-/// Publishes `rows`, retrying retriable failures with capped exponential backoff. Each attempt
-/// re-sends every row, in order (see the module docs for why that keeps per-expense order).
+/// Waits for the acknowledgement of `batch`, which was sent; if that fails retriably, publishes
+/// the whole batch again (in order, with retries).
+fn confirm(
+    publisher: &mut dyn Publish,
+    batch: &Batch,
+    config: &GenerateConfig,
+) -> Result<(), GenerateError> {
+    match publisher.wait() {
+        Ok(()) => Ok(()),
+        Err(e) if e.is_retriable() => {
+            tracing::warn!(error = %e, "A batch was not acknowledged; sending it again in order.");
+            publish_with_retry(publisher, batch.outbox(), config)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Publishes `rows` and waits for them, retrying retriable failures with capped exponential
+/// backoff. Each attempt re-sends every row, in order (see the module docs for why that keeps
+/// per-expense order).
 fn publish_with_retry(
     publisher: &mut dyn Publish,
     rows: &[OutboxRow],
@@ -633,7 +683,7 @@ fn publish_with_retry(
     let mut backoff = Duration::from_millis(200);
     let mut attempt = 0;
     loop {
-        match publisher.publish(rows) {
+        match publisher.send(rows).and_then(|()| publisher.wait()) {
             Ok(()) => return Ok(()),
             Err(e) if e.is_retriable() && attempt < config.publish_retries => {
                 attempt += 1;

@@ -197,10 +197,11 @@ pub fn migrate(conn: &mut Conn) -> Result<u32, GenerateError> {
     let mut version = current;
     for migration in pending_migrations(current) {
         for statement in migration.statements {
-            conn.query_drop(statement).map_err(GenerateError::mysql(format!(
-                "migration {}",
-                migration.version
-            )))?;
+            conn.query_drop(statement)
+                .map_err(GenerateError::mysql(format!(
+                    "migration {}",
+                    migration.version
+                )))?;
         }
         conn.exec_drop(
             "INSERT IGNORE INTO schema_migrations (version, description) VALUES (?, ?)",
@@ -275,6 +276,35 @@ pub fn datetime_value(event_ms: i64) -> Value {
         (ms_of_day / 1000 % 60) as u8,
         (ms_of_day % 1000) as u32 * 1000,
     )
+}
+
+/// Writes the buffered `users` and `cards` rows (6 and 2 values per row).
+fn flush_reference(
+    conn: &mut Conn,
+    user_rows: &mut Vec<Value>,
+    card_rows: &mut Vec<Value>,
+) -> Result<(), GenerateError> {
+    if !user_rows.is_empty() {
+        let sql = format!(
+            "INSERT INTO users (user_id, name, email, country, currency, monthly_budget_minor) \
+             VALUES {} ON DUPLICATE KEY UPDATE name = VALUES(name), email = VALUES(email), \
+             country = VALUES(country), currency = VALUES(currency), \
+             monthly_budget_minor = VALUES(monthly_budget_minor)",
+            placeholders(user_rows.len() / 6, 6)
+        );
+        conn.exec_drop(sql, Params::Positional(std::mem::take(user_rows)))
+            .map_err(GenerateError::mysql("write users"))?;
+    }
+    if !card_rows.is_empty() {
+        let sql = format!(
+            "INSERT INTO cards (card_id, user_id) VALUES {} \
+             ON DUPLICATE KEY UPDATE user_id = VALUES(user_id)",
+            placeholders(card_rows.len() / 2, 2)
+        );
+        conn.exec_drop(sql, Params::Positional(std::mem::take(card_rows)))
+            .map_err(GenerateError::mysql("write cards"))?;
+    }
+    Ok(())
 }
 
 fn expense_values(e: &Expense, out: &mut Vec<Value>) {
@@ -375,34 +405,6 @@ impl Store for MySqlStore {
         let users = simulator.config().users;
         let mut user_rows = Vec::new();
         let mut card_rows = Vec::new();
-        let mut flush = |conn: &mut Conn,
-                         user_rows: &mut Vec<Value>,
-                         card_rows: &mut Vec<Value>|
-         -> Result<(), GenerateError> {
-            if !user_rows.is_empty() {
-                let n = user_rows.len() / 6;
-                let sql = format!(
-                    "INSERT INTO users (user_id, name, email, country, currency, \
-                     monthly_budget_minor) VALUES {} ON DUPLICATE KEY UPDATE name = VALUES(name), \
-                     email = VALUES(email), country = VALUES(country), \
-                     currency = VALUES(currency), monthly_budget_minor = VALUES(monthly_budget_minor)",
-                    placeholders(n, 6)
-                );
-                conn.exec_drop(sql, Params::Positional(std::mem::take(user_rows)))
-                    .map_err(GenerateError::mysql("write users"))?;
-            }
-            if !card_rows.is_empty() {
-                let n = card_rows.len() / 2;
-                let sql = format!(
-                    "INSERT INTO cards (card_id, user_id) VALUES {} \
-                     ON DUPLICATE KEY UPDATE user_id = VALUES(user_id)",
-                    placeholders(n, 2)
-                );
-                conn.exec_drop(sql, Params::Positional(std::mem::take(card_rows)))
-                    .map_err(GenerateError::mysql("write cards"))?;
-            }
-            Ok(())
-        };
         for user_id in 1..=users {
             let Some(user) = simulator.user(user_id) else {
                 continue;
@@ -419,10 +421,10 @@ impl Store for MySqlStore {
                 card_rows.extend([Value::Bytes(card.into_bytes()), Value::UInt(user_id)]);
             }
             if user_rows.len() / 6 >= ROWS_PER_STATEMENT || card_rows.len() / 2 >= 1000 {
-                flush(&mut self.conn, &mut user_rows, &mut card_rows)?;
+                flush_reference(&mut self.conn, &mut user_rows, &mut card_rows)?;
             }
         }
-        flush(&mut self.conn, &mut user_rows, &mut card_rows)?;
+        flush_reference(&mut self.conn, &mut user_rows, &mut card_rows)?;
         for chunk in simulator.merchants().chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "INSERT INTO merchants (name, category) VALUES {} \

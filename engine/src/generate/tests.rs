@@ -1,0 +1,792 @@
+//! Unit tests without services: schema SQL, topic naming, batches, and the outbox protocol
+//! against in-memory fakes of MySQL and Kafka that can fail ("crash") at any point.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use spendflow_operators::decode;
+use spendflow_operators::model::{Expense, Record, days_from_civil};
+
+use super::config::{DEFAULT_TOPIC_PREFIX, GenerateConfig, Layout};
+use super::mysql::{
+    DEFAULT_DATABASE, MIGRATIONS, database_of, datetime_value, delete_expenses_sql,
+    insert_outbox_sql, pending_migrations, placeholders, upsert_expenses_sql,
+    validate_database_name,
+};
+use super::{
+    Batch, GenerateError, KindCounts, Observer, OutboxRow, Progress, Publish, RunState, Store,
+    Summary, run_with,
+};
+use crate::source::generator::{GeneratorConfig, Simulator};
+
+// ---------------------------------------------------------------------------------------------
+// Schema and SQL
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn migration_one_creates_every_table_idempotently() {
+    let ddl = MIGRATIONS[0].statements.join("\n");
+    assert_eq!(MIGRATIONS[0].version, 1);
+    for statement in MIGRATIONS[0].statements {
+        assert!(
+            statement
+                .trim_start()
+                .starts_with("CREATE TABLE IF NOT EXISTS"),
+            "not idempotent: {statement}"
+        );
+    }
+    for (table, columns) in [
+        (
+            "users",
+            &[
+                "user_id BIGINT UNSIGNED NOT NULL PRIMARY KEY",
+                "name",
+                "email",
+                "country",
+                "currency",
+                "monthly_budget_minor BIGINT",
+                "image_ref VARCHAR(512) NULL",
+            ][..],
+        ),
+        ("cards", &["card_id", "user_id"][..]),
+        ("merchants", &["name", "category"][..]),
+        (
+            "expenses",
+            &[
+                "expense_id VARBINARY(128) NOT NULL PRIMARY KEY",
+                "user_id",
+                "card_id",
+                "merchant",
+                "category",
+                "amount_minor BIGINT",
+                "currency",
+                "event_ms BIGINT",
+                "event_time DATETIME(3)",
+            ][..],
+        ),
+        (
+            "outbox",
+            &[
+                "seq BIGINT UNSIGNED NOT NULL PRIMARY KEY",
+                "topic",
+                "msg_key",
+                "payload",
+            ][..],
+        ),
+        (
+            "generator_state",
+            &["fingerprint", "records", "reference_done"][..],
+        ),
+    ] {
+        let statement = MIGRATIONS[0]
+            .statements
+            .iter()
+            .find(|s| s.contains(&format!("EXISTS {table} (")))
+            .unwrap_or_else(|| panic!("no CREATE TABLE {table} in:\n{ddl}"));
+        for column in columns {
+            assert!(
+                statement.contains(column),
+                "{table} lacks {column}:\n{statement}"
+            );
+        }
+    }
+    // Names the engine groups by compare byte for byte.
+    assert!(ddl.contains("category VARBINARY"));
+    assert!(ddl.contains("merchant VARBINARY"));
+    assert!(!ddl.contains("FLOAT") && !ddl.contains("DOUBLE") && !ddl.contains("DECIMAL"));
+}
+
+#[test]
+fn migrations_are_ordered_and_pending_ones_are_found() {
+    let versions: Vec<u32> = MIGRATIONS.iter().map(|m| m.version).collect();
+    let mut sorted = versions.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(versions, sorted, "versions must increase");
+    assert_eq!(pending_migrations(0).count(), MIGRATIONS.len());
+    let latest = *versions.last().unwrap();
+    assert_eq!(pending_migrations(latest).count(), 0);
+}
+
+#[test]
+fn multi_row_statements_have_one_placeholder_per_value() {
+    assert_eq!(placeholders(2, 3), "(?, ?, ?), (?, ?, ?)");
+    let upsert = upsert_expenses_sql(3);
+    assert_eq!(upsert.matches('?').count(), 27);
+    assert!(upsert.contains("ON DUPLICATE KEY UPDATE"));
+    for column in [
+        "user_id",
+        "card_id",
+        "merchant",
+        "category",
+        "amount_minor",
+        "currency",
+        "event_ms",
+        "event_time",
+    ] {
+        assert!(
+            upsert.contains(&format!("{column} = VALUES({column})")),
+            "an upsert must replace {column}"
+        );
+    }
+    assert_eq!(delete_expenses_sql(4).matches('?').count(), 4);
+    assert_eq!(insert_outbox_sql(5).matches('?').count(), 20);
+}
+
+#[test]
+fn database_names_come_from_the_url_and_are_checked() {
+    let (_, db) = database_of("mysql://u:p@127.0.0.1:3306/sf_test_1").unwrap();
+    assert_eq!(db, "sf_test_1");
+    let (_, db) = database_of("mysql://u:p@127.0.0.1:3306").unwrap();
+    assert_eq!(db, DEFAULT_DATABASE);
+    assert!(validate_database_name("spendflow").is_ok());
+    assert!(validate_database_name("a`b").is_err());
+    assert!(validate_database_name("").is_err());
+    assert!(validate_database_name(&"x".repeat(65)).is_err());
+    assert!(matches!(
+        database_of("postgres://nope"),
+        Err(GenerateError::Config(_))
+    ));
+}
+
+#[test]
+fn datetime_values_are_utc_with_milliseconds() {
+    let day = i64::from(days_from_civil(2026, 11, 24));
+    let ms = day * 86_400_000 + 10 * 3_600_000 + 15 * 60_000 + 7_123;
+    assert_eq!(
+        datetime_value(ms),
+        ::mysql::Value::Date(2026, 11, 24, 10, 15, 7, 123_000)
+    );
+    assert_eq!(
+        datetime_value(0),
+        ::mysql::Value::Date(1970, 1, 1, 0, 0, 0, 0)
+    );
+    // The last millisecond of a month stays in it.
+    let dec1 = i64::from(days_from_civil(2026, 12, 1)) * 86_400_000;
+    assert_eq!(
+        datetime_value(dec1 - 1),
+        ::mysql::Value::Date(2026, 11, 30, 23, 59, 59, 999_000)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Topics and settings
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn topics_and_keys_follow_the_layout() {
+    let per_user = Layout::default();
+    assert_eq!(per_user.topic_for(42), format!("{DEFAULT_TOPIC_PREFIX}42"));
+    assert_eq!(per_user.partitions(), 1);
+    let keyed = Layout::Keyed {
+        topic: "expenses".into(),
+        partitions: 4,
+    };
+    assert_eq!(keyed.topic_for(42), "expenses");
+    assert_eq!(keyed.partitions(), 4);
+    assert_eq!(Layout::key_for(42), "42");
+
+    // The pattern the engine subscribes with matches exactly the layout's topics.
+    let re = regex::Regex::new(&format!("^(?:{})$", per_user.topic_pattern())).unwrap();
+    assert!(re.is_match("expenses.user.7"));
+    assert!(!re.is_match("expenses.user."));
+    assert!(!re.is_match("expensesXuserX7"));
+    assert!(!re.is_match("expenses.user.7.x"));
+    let re = regex::Regex::new(&format!("^(?:{})$", keyed.topic_pattern())).unwrap();
+    assert!(re.is_match("expenses") && !re.is_match("expensesX"));
+
+    // The Kafka source reads the user back from the topic name.
+    assert_eq!(
+        crate::source::kafka::user_of_topic(&per_user.topic_for(9001), DEFAULT_TOPIC_PREFIX),
+        Some(9001)
+    );
+}
+
+#[test]
+fn invalid_settings_name_the_flag() {
+    let mut config = GenerateConfig::new("mysql://u@h/db", "127.0.0.1:9092");
+    assert!(config.validate().is_ok());
+    config.layout = Layout::PerUser {
+        prefix: "bad prefix/".into(),
+    };
+    let e = config.validate().unwrap_err().to_string();
+    assert!(e.contains("--topic-prefix"), "{e}");
+    config.layout = Layout::PerUser {
+        prefix: "p".repeat(240),
+    };
+    assert!(
+        config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--topic-prefix")
+    );
+    config.layout = Layout::Keyed {
+        topic: "expenses".into(),
+        partitions: 0,
+    };
+    assert!(
+        config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--partitions")
+    );
+    config.layout = Layout::default();
+    config.batch = 0;
+    assert!(config.validate().is_err());
+    config.batch = 10;
+    config.brokers = " ".into();
+    assert!(
+        config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--brokers")
+    );
+    config.brokers = "b:1".into();
+    config.simulator.bad_rate = 2.0;
+    assert!(matches!(
+        config.validate(),
+        Err(GenerateError::Simulator(_))
+    ));
+}
+
+#[test]
+fn the_fingerprint_covers_what_determines_the_records() {
+    let base = GenerateConfig::new("mysql://u@h/db", "b:1");
+    let mut other = base.clone();
+    other.events = Some(10);
+    other.rate = Some(5);
+    other.batch = 7;
+    other.mysql_url = "mysql://x@y/z".into();
+    assert_eq!(base.fingerprint(), other.fingerprint());
+    let mut seed = base.clone();
+    seed.simulator.seed += 1;
+    assert_ne!(base.fingerprint(), seed.fingerprint());
+    let mut layout = base.clone();
+    layout.layout = Layout::Keyed {
+        topic: "t".into(),
+        partitions: 2,
+    };
+    assert_ne!(base.fingerprint(), layout.fingerprint());
+}
+
+#[test]
+fn a_rate_makes_batches_small() {
+    let mut config = GenerateConfig::new("mysql://u@h/db", "b:1");
+    assert_eq!(config.effective_batch(), config.batch);
+    config.rate = Some(100);
+    assert_eq!(config.effective_batch(), 5);
+    config.rate = Some(1);
+    assert_eq!(config.effective_batch(), 1);
+    config.rate = Some(10_000_000);
+    assert_eq!(config.effective_batch(), config.batch);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batches
+// ---------------------------------------------------------------------------------------------
+
+fn simulator(seed: u64, bad_rate: f64) -> Simulator {
+    Simulator::new(GeneratorConfig {
+        seed,
+        users: 20,
+        bad_rate,
+        correction_rate: 0.2,
+        delete_rate: 0.1,
+        duplicate_rate: 0.1,
+        live_window: 50,
+        ..GeneratorConfig::default()
+    })
+    .unwrap()
+}
+
+/// Applies records one by one, as the engine does.
+fn apply(state: &mut BTreeMap<String, Expense>, record: Record) {
+    match record {
+        Record::Upsert(e) => {
+            state.insert(e.expense_id.clone(), e);
+        }
+        Record::Delete { expense_id, .. } => {
+            state.remove(&expense_id);
+        }
+    }
+}
+
+#[test]
+fn a_batch_nets_out_to_applying_its_records_in_order() {
+    let mut sim = simulator(7, 0.05);
+    let layout = Layout::default();
+    let mut sequential = BTreeMap::new();
+    let mut netted = BTreeMap::new();
+    for _ in 0..20 {
+        let mut batch = Batch::with_capacity(100);
+        for _ in 0..100 {
+            let seq = sim.produced();
+            let g = sim.next_record();
+            if let Some(r) = g.record.clone() {
+                apply(&mut sequential, r);
+            }
+            batch.push(seq, g, &layout);
+        }
+        // Each id once, upserts and deletes disjoint.
+        let up: Vec<&str> = batch.upserts().map(|e| e.expense_id.as_str()).collect();
+        let del: Vec<&str> = batch.deletes().collect();
+        let mut all: Vec<&str> = up.iter().chain(del.iter()).copied().collect();
+        let n = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), n, "an id appears twice in a batch's changes");
+        for e in batch.upserts() {
+            netted.insert(e.expense_id.clone(), e.clone());
+        }
+        for id in batch.deletes() {
+            netted.remove(id);
+        }
+        // Every record (malformed included) is in the outbox, in stream order.
+        assert_eq!(batch.len(), 100);
+        assert!(batch.outbox().windows(2).all(|w| w[0].seq + 1 == w[1].seq));
+        assert_eq!(batch.end_seq(), Some(sim.produced()));
+    }
+    assert_eq!(sequential, netted);
+}
+
+#[test]
+fn malformed_records_go_to_the_outbox_only() {
+    let mut sim = Simulator::new(GeneratorConfig {
+        bad_rate: 1.0,
+        correction_rate: 0.0,
+        delete_rate: 0.0,
+        duplicate_rate: 0.0,
+        refund_rate: 0.0,
+        late_rate: 0.0,
+        ..GeneratorConfig::default()
+    })
+    .unwrap();
+    let mut batch = Batch::with_capacity(50);
+    for _ in 0..50 {
+        let seq = sim.produced();
+        batch.push(seq, sim.next_record(), &Layout::default());
+    }
+    assert_eq!(batch.len(), 50);
+    assert_eq!(batch.upserts().count() + batch.deletes().count(), 0);
+    for row in batch.outbox() {
+        assert!(decode(&row.payload).is_err());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The outbox protocol against fakes that crash
+// ---------------------------------------------------------------------------------------------
+
+/// MySQL in memory. A "crash" is an error from a commit, which then changes nothing (as a
+/// transaction that never committed).
+#[derive(Default)]
+struct MemStore {
+    fingerprint: Option<String>,
+    records: u64,
+    reference_done: bool,
+    users: u64,
+    expenses: BTreeMap<String, Expense>,
+    outbox: BTreeMap<u64, OutboxRow>,
+    /// Commits that succeed before one fails.
+    commits_before_failure: Option<usize>,
+}
+
+impl Store for MemStore {
+    fn database(&self) -> &str {
+        "memory"
+    }
+
+    fn begin_run(&mut self, fingerprint: &str) -> Result<RunState, GenerateError> {
+        match &self.fingerprint {
+            Some(stored) if stored != fingerprint => Err(GenerateError::OtherRun {
+                database: "memory".into(),
+                stored: stored.clone(),
+                wanted: fingerprint.into(),
+            }),
+            _ => {
+                self.fingerprint = Some(fingerprint.to_string());
+                Ok(RunState {
+                    records: self.records,
+                    reference_done: self.reference_done,
+                })
+            }
+        }
+    }
+
+    fn write_reference(&mut self, simulator: &Simulator) -> Result<(), GenerateError> {
+        self.users = simulator.config().users;
+        self.reference_done = true;
+        Ok(())
+    }
+
+    fn pending_outbox(&mut self) -> Result<Vec<OutboxRow>, GenerateError> {
+        Ok(self.outbox.values().cloned().collect())
+    }
+
+    fn commit_batch(
+        &mut self,
+        batch: &Batch,
+        records: u64,
+        published_below: Option<u64>,
+    ) -> Result<(), GenerateError> {
+        if let Some(n) = &mut self.commits_before_failure {
+            if *n == 0 {
+                return Err(GenerateError::Config("crash during commit".into()));
+            }
+            *n -= 1;
+        }
+        if let Some(below) = published_below {
+            self.outbox.retain(|seq, _| *seq >= below);
+        }
+        for e in batch.upserts() {
+            self.expenses.insert(e.expense_id.clone(), e.clone());
+        }
+        for id in batch.deletes() {
+            self.expenses.remove(id);
+        }
+        for row in batch.outbox() {
+            self.outbox.insert(row.seq, row.clone());
+        }
+        self.records = records;
+        Ok(())
+    }
+
+    fn delete_published(&mut self, below: u64) -> Result<(), GenerateError> {
+        self.outbox.retain(|seq, _| *seq >= below);
+        Ok(())
+    }
+}
+
+/// Kafka in memory: one log per topic. Sent messages are delivered when waited for; a "crash"
+/// delivers a prefix of them and fails.
+#[derive(Default)]
+struct MemKafka {
+    in_flight: Vec<OutboxRow>,
+    logs: BTreeMap<String, Vec<OutboxRow>>,
+    /// Messages delivered before a failure.
+    messages_before_failure: Option<usize>,
+    /// Whether that failure is retriable (the run retries) or not (the run stops).
+    retriable: bool,
+    created: u64,
+}
+
+impl Publish for MemKafka {
+    fn send(&mut self, rows: &[OutboxRow]) -> Result<(), GenerateError> {
+        // The ordering invariant: nothing is sent while an earlier send is unacknowledged.
+        assert!(
+            self.in_flight.is_empty(),
+            "a batch was sent before the previous one was acknowledged"
+        );
+        self.in_flight.extend_from_slice(rows);
+        Ok(())
+    }
+
+    fn wait(&mut self) -> Result<(), GenerateError> {
+        for row in std::mem::take(&mut self.in_flight) {
+            if let Some(n) = &mut self.messages_before_failure {
+                if *n == 0 {
+                    self.messages_before_failure = None;
+                    return Err(GenerateError::Kafka {
+                        context: "test".into(),
+                        message: "broker went away".into(),
+                        retriable: self.retriable,
+                    });
+                }
+                *n -= 1;
+            }
+            if !self.logs.contains_key(&row.topic) {
+                self.created += 1;
+            }
+            self.logs.entry(row.topic.clone()).or_default().push(row);
+        }
+        Ok(())
+    }
+
+    fn topics_created(&self) -> u64 {
+        self.created
+    }
+}
+
+impl MemKafka {
+    /// What an engine reading every topic converges to: the last record per expense, per
+    /// topic in order; and the malformed messages it rejects, by stream position.
+    fn consume(&self) -> (BTreeMap<String, Expense>, BTreeMap<u64, Vec<u8>>) {
+        let mut state = BTreeMap::new();
+        let mut rejected = BTreeMap::new();
+        for log in self.logs.values() {
+            for row in log {
+                match decode(&row.payload) {
+                    Ok(record) => apply(&mut state, record),
+                    Err(_) => {
+                        rejected.insert(row.seq, row.payload.clone());
+                    }
+                }
+            }
+        }
+        (state, rejected)
+    }
+
+    fn messages(&self) -> usize {
+        self.logs.values().map(Vec::len).sum()
+    }
+}
+
+fn config(events: u64, batch: usize) -> GenerateConfig {
+    let mut config = GenerateConfig::new("mysql://memory/db", "memory:0");
+    config.simulator = GeneratorConfig {
+        seed: 11,
+        users: 30,
+        bad_rate: 0.02,
+        correction_rate: 0.15,
+        delete_rate: 0.08,
+        duplicate_rate: 0.05,
+        late_rate: 0.05,
+        live_window: 200,
+        ..GeneratorConfig::default()
+    };
+    config.events = Some(events);
+    config.batch = batch;
+    config
+}
+
+fn go(
+    config: &GenerateConfig,
+    store: &mut MemStore,
+    kafka: &mut MemKafka,
+) -> Result<Summary, GenerateError> {
+    run_with(
+        config,
+        store,
+        kafka,
+        &mut (),
+        &AtomicBool::new(false),
+        Instant::now(),
+    )
+}
+
+/// The reference: one uninterrupted run.
+fn clean_run(config: &GenerateConfig) -> (MemStore, MemKafka, Summary) {
+    let mut store = MemStore::default();
+    let mut kafka = MemKafka::default();
+    let summary = go(config, &mut store, &mut kafka).unwrap();
+    (store, kafka, summary)
+}
+
+#[test]
+fn an_uninterrupted_run_leaves_mysql_equal_to_what_kafka_delivers() {
+    let config = config(3_000, 128);
+    let (store, kafka, summary) = clean_run(&config);
+    assert_eq!(summary.records, 3_000);
+    assert_eq!(summary.kinds.total(), 3_000);
+    assert!(summary.kinds.malformed_total() > 0);
+    assert!(summary.kinds.correction > 0 && summary.kinds.delete > 0);
+    assert!(store.outbox.is_empty(), "everything published is deleted");
+    assert_eq!(store.records, 3_000);
+    assert!(store.reference_done);
+    assert_eq!(kafka.messages(), 3_000);
+    let (delivered, rejected) = kafka.consume();
+    assert_eq!(delivered, store.expenses);
+    assert_eq!(rejected.len() as u64, summary.kinds.malformed_total());
+    assert_eq!(summary.topics, kafka.logs.len() as u64);
+    assert!(!summary.stopped);
+}
+
+/// Crashes at every kind of moment, then a restart with the same settings: MySQL ends equal to
+/// the clean run's, Kafka delivers the same final state, and every malformed record is there.
+#[test]
+fn a_crash_anywhere_then_a_restart_converges_to_the_clean_run() {
+    let config = config(2_000, 100);
+    let (clean_store, _, clean_summary) = clean_run(&config);
+
+    // (commits before the failed one, messages delivered before a publish failure)
+    let cases: &[(Option<usize>, Option<usize>)] = &[
+        (Some(0), None),         // crash in the first commit
+        (Some(7), None),         // crash in a later commit
+        (None, Some(0)),         // crash right after a commit, nothing published
+        (None, Some(550)),       // crash in the middle of a batch's publish
+        (None, Some(700)),       // crash at a batch boundary of the publish
+        (Some(12), Some(1_150)), // both, the publish first
+    ];
+    for (&(commits, messages), delivered_anyway) in
+        cases.iter().flat_map(|c| [(c, false), (c, true)])
+    {
+        let mut store = MemStore {
+            commits_before_failure: commits,
+            ..MemStore::default()
+        };
+        let mut kafka = MemKafka {
+            messages_before_failure: messages,
+            retriable: false,
+            ..MemKafka::default()
+        };
+        let first = go(&config, &mut store, &mut kafka);
+        assert!(first.is_err(), "case {commits:?}/{messages:?} should crash");
+        let left_in_outbox = store.outbox.len() as u64;
+
+        // The process is gone: what it had sent but not seen acknowledged is either lost or
+        // delivered by the broker anyway.
+        kafka.messages_before_failure = None;
+        if delivered_anyway {
+            kafka.wait().unwrap();
+        } else {
+            kafka.in_flight.clear();
+        }
+
+        // Restart: same settings, a working store and broker.
+        store.commits_before_failure = None;
+        let summary = go(&config, &mut store, &mut kafka).unwrap();
+        assert_eq!(summary.records, 2_000);
+        assert_eq!(summary.replayed, left_in_outbox);
+        assert_eq!(summary.kinds, clean_summary.kinds, "fast-forward recounts");
+        assert!(store.outbox.is_empty());
+        assert_eq!(
+            store.expenses, clean_store.expenses,
+            "case {commits:?}/{messages:?}: MySQL differs from the clean run"
+        );
+        let (delivered, rejected) = kafka.consume();
+        assert_eq!(
+            delivered, store.expenses,
+            "case {commits:?}/{messages:?}: Kafka's final state differs from MySQL"
+        );
+        assert_eq!(rejected.len() as u64, clean_summary.kinds.malformed_total());
+        // Nothing is lost: every stream position reached Kafka at least once.
+        let seqs: std::collections::BTreeSet<u64> =
+            kafka.logs.values().flatten().map(|r| r.seq).collect();
+        assert_eq!(seqs.len(), 2_000);
+    }
+}
+
+#[test]
+fn replay_preserves_per_expense_order() {
+    // Crash in the middle of publishing a batch, after a correction of an expense whose
+    // delete comes later in the same batch: the replay must end with the delete again.
+    let config = config(1_500, 300);
+    for cut in [1, 150, 299, 301, 450, 899] {
+        let mut store = MemStore::default();
+        let mut kafka = MemKafka {
+            messages_before_failure: Some(cut),
+            ..MemKafka::default()
+        };
+        assert!(go(&config, &mut store, &mut kafka).is_err());
+        go(&config, &mut store, &mut kafka).unwrap();
+        // Per topic: the last record of each expense is the latest in stream order.
+        for log in kafka.logs.values() {
+            let mut last_seq_by_id: HashMap<String, u64> = HashMap::new();
+            let mut newest_seq_by_id: HashMap<String, u64> = HashMap::new();
+            for row in log {
+                if let Ok(record) = decode(&row.payload) {
+                    let id = record.expense_id().to_string();
+                    last_seq_by_id.insert(id.clone(), row.seq);
+                    let newest = newest_seq_by_id.entry(id).or_insert(row.seq);
+                    *newest = (*newest).max(row.seq);
+                }
+            }
+            assert_eq!(last_seq_by_id, newest_seq_by_id, "cut at {cut}");
+        }
+        let (delivered, _) = kafka.consume();
+        assert_eq!(delivered, store.expenses, "cut at {cut}");
+    }
+}
+
+#[test]
+fn a_retriable_publish_failure_is_retried_in_place() {
+    let config = config(500, 100);
+    let (clean_store, clean_kafka, _) = clean_run(&config);
+    let mut store = MemStore::default();
+    let mut kafka = MemKafka {
+        messages_before_failure: Some(250),
+        retriable: true,
+        ..MemKafka::default()
+    };
+    let summary = go(&config, &mut store, &mut kafka).unwrap();
+    assert_eq!(summary.records, 500);
+    assert_eq!(store.expenses, clean_store.expenses);
+    // The failed batch's first 50 messages went out twice.
+    assert_eq!(kafka.messages(), clean_kafka.messages() + 50);
+    assert_eq!(kafka.consume().0, store.expenses);
+}
+
+#[test]
+fn a_restart_with_other_settings_is_refused() {
+    let config_a = config(200, 50);
+    let mut store = MemStore::default();
+    let mut kafka = MemKafka::default();
+    go(&config_a, &mut store, &mut kafka).unwrap();
+    let mut config_b = config_a.clone();
+    config_b.simulator.seed += 1;
+    let e = go(&config_b, &mut store, &mut kafka).unwrap_err();
+    assert!(matches!(e, GenerateError::OtherRun { .. }), "{e}");
+    assert!(!e.is_retriable());
+}
+
+#[test]
+fn a_finished_run_does_nothing_and_a_larger_target_extends_it() {
+    let config_a = config(400, 64);
+    let mut store = MemStore::default();
+    let mut kafka = MemKafka::default();
+    go(&config_a, &mut store, &mut kafka).unwrap();
+    let again = go(&config_a, &mut store, &mut kafka).unwrap();
+    assert_eq!(again.session_records(), 0);
+    assert_eq!(kafka.messages(), 400);
+
+    let mut config_b = config_a.clone();
+    config_b.events = Some(900);
+    let extended = go(&config_b, &mut store, &mut kafka).unwrap();
+    assert_eq!(extended.resumed_from, 400);
+    assert_eq!(extended.session_records(), 500);
+    let (clean_store, clean_kafka, _) = clean_run(&config_b);
+    assert_eq!(store.expenses, clean_store.expenses);
+    assert_eq!(kafka.messages(), clean_kafka.messages());
+}
+
+#[test]
+fn a_stop_request_finishes_the_batch_and_reports_it() {
+    struct StopAfter<'a>(&'a AtomicBool, u64);
+    impl Observer for StopAfter<'_> {
+        fn progress(&mut self, progress: &Progress<'_>) {
+            if progress.records >= self.1 {
+                self.0.store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
+    }
+    let config = config(10_000, 100);
+    let stop = AtomicBool::new(false);
+    let mut store = MemStore::default();
+    let mut kafka = MemKafka::default();
+    let summary = run_with(
+        &config,
+        &mut store,
+        &mut kafka,
+        &mut StopAfter(&stop, 300),
+        &stop,
+        Instant::now(),
+    )
+    .unwrap();
+    assert!(summary.stopped);
+    assert_eq!(summary.records, 300);
+    assert!(store.outbox.is_empty());
+    assert_eq!(kafka.consume().0, store.expenses);
+}
+
+#[test]
+fn the_summary_names_counts_topics_and_rate() {
+    let config = config(600, 100);
+    let (_, _, summary) = clean_run(&config);
+    let text = summary.to_string();
+    assert!(text.contains("600 records this start"), "{text}");
+    assert!(text.contains("malformed"), "{text}");
+    assert!(
+        text.contains("per-user topics expenses.user.<user_id>"),
+        "{text}"
+    );
+    let mut kinds = KindCounts::default();
+    kinds.add(crate::source::generator::GeneratedKind::Malformed(
+        "float_amount",
+    ));
+    kinds.add(crate::source::generator::GeneratedKind::New);
+    assert_eq!((kinds.total(), kinds.malformed_total()), (2, 1));
+}
