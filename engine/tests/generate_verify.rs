@@ -15,7 +15,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use mysql::prelude::Queryable;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -27,7 +27,7 @@ use spendflow_engine::verify::grpc::GrpcServed;
 use spendflow_engine::verify::mysql::MySqlTruth;
 use spendflow_engine::verify::{self, Report, VerifyOptions};
 use spendflow_engine::{Engine, EngineConfig, SourceConfig, Status};
-use support::{service_env, unique_name};
+use support::{create_topics, service_env, unique_name};
 
 /// The services, and names unique to one test.
 struct Setup {
@@ -136,24 +136,6 @@ fn admin(brokers: &str) -> AdminClient<DefaultClientContext> {
         .set("bootstrap.servers", brokers)
         .create()
         .unwrap()
-}
-
-fn create_topics(brokers: &str, topics: &[(String, i32)]) {
-    let admin = admin(brokers);
-    let topics: Vec<NewTopic<'_>> = topics
-        .iter()
-        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
-        .collect();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let results = runtime
-        .block_on(admin.create_topics(
-            &topics,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
-        ))
-        .unwrap();
-    for result in results {
-        result.unwrap_or_else(|(name, e)| panic!("creating {name}: {e}"));
-    }
 }
 
 fn consumer(brokers: &str) -> BaseConsumer {

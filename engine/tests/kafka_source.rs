@@ -7,8 +7,6 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
@@ -18,28 +16,7 @@ use spendflow_engine::source::kafka::KafkaSourceConfig;
 use spendflow_engine::{Engine, EngineConfig, SourceConfig};
 use spendflow_operators::Record;
 use spendflow_operators::oracle::recompute;
-use support::{service_env, unique_name};
-
-fn create_topics(brokers: &str, topics: &[(String, i32)]) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .unwrap();
-    let topics: Vec<NewTopic<'_>> = topics
-        .iter()
-        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
-        .collect();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let results = runtime
-        .block_on(admin.create_topics(
-            &topics,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
-        ))
-        .unwrap();
-    for result in results {
-        result.unwrap_or_else(|(name, e)| panic!("creating {name}: {e}"));
-    }
-}
+use support::{create_topics, service_env, unique_name};
 
 fn producer(brokers: &str) -> BaseProducer {
     ClientConfig::new()

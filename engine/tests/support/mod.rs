@@ -40,3 +40,28 @@ pub async fn within<T>(secs: u64, what: &str, fut: impl Future<Output = T>) -> T
         Err(_) => panic!("timed out after {secs} s: {what}"),
     }
 }
+
+/// Creates Kafka topics `(name, partitions)` (replication 1) on `brokers`, failing the test if
+/// any cannot be created.
+pub fn create_topics(brokers: &str, topics: &[(String, i32)]) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::config::ClientConfig;
+
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("admin client");
+    let topics: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let results = runtime
+        .block_on(admin.create_topics(&topics, &options))
+        .expect("create_topics");
+    for result in results {
+        result.unwrap_or_else(|(name, e)| panic!("creating {name}: {e}"));
+    }
+}
