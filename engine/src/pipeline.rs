@@ -223,6 +223,7 @@ pub fn run_worker(
     let mut read = 0u64;
     let mut stopping = false;
     let mut last_status = Instant::now();
+    let mut last_busy = false;
 
     loop {
         // 1. Poll every source once.
@@ -291,11 +292,14 @@ pub fn run_worker(
             status.read.store(read, Ordering::Release);
             // Positions for the status service: after reads, and now and then for sources whose
             // ends move without reads (Kafka watermarks). Not on every idle loop.
-            if !idle || last_status.elapsed() >= STATUS_REFRESH {
+            // Also when the worker turns idle: the caught-up claim and the positions (lag) it
+            // shows must agree.
+            if !idle || busy != last_busy || last_status.elapsed() >= STATUS_REFRESH {
                 last_status = Instant::now();
                 *status.partitions.lock().unwrap_or_else(|p| p.into_inner()) =
                     sources.iter().flat_map(|s| s.partitions()).collect();
             }
+            last_busy = busy;
             status.idle.store(!busy, Ordering::Release);
         }
 
