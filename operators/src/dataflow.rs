@@ -1,9 +1,10 @@
 //! The whole expense dataflow on one worker, and how it is driven.
 //!
 //! ```text
-//! push(Record) ──> Instruction ──(exchange by expense_id)──> UpsertByExpense
-//!     ──> live facts ──> AggregateCells ──(exchange by user_id)──> arrangement of AggKey -> (count, sum)
-//!     ──> CaptureChanges ──> probe
+//! push(Record) ──> Instruction ──(exchange by expense_id)──> UpsertByExpense ──> live facts
+//!     ├──> AggregateCells ──(exchange by user_id)──> arrangement of AggKey -> (count, sum)
+//!     │        ──> CaptureChanges ──> probe
+//!     └──(exchange by user_id)──> LastSeenByUser ──> probe
 //! ```
 //!
 //! The dataflow time is an [`Epoch`]. A caller pushes records at the current epoch, advances to
@@ -13,21 +14,19 @@
 //! every user whose events changed. Each worker owns a share of the users,
 //! so the union over workers of what they drain is the complete change of the aggregates.
 //!
-//! The worker holds one trace handle (the cell arrangement's), used to find a user's newest live
-//! event time. Its compaction frontiers advance to the last drained epoch every time, so the
-//! arrangement keeps no history nobody will ask for.
+//! The worker holds no trace handle: everything it reports comes out of the operators as
+//! changes, so the arrangement is free to compact its history as it goes.
 
 use differential_dataflow::input::{Input, InputSession};
-use differential_dataflow::trace::TraceReader;
-use differential_dataflow::trace::cursor::{Cursor, cursor_list};
 use timely::dataflow::ProbeHandle;
 use timely::dataflow::operators::Probe;
-use timely::progress::frontier::{Antichain, AntichainRef};
 use timely::worker::Worker;
 
 use crate::Epoch;
-use crate::aggregate::{AggregateCells, CapturedChanges, CellTrace, capture_changes};
-use crate::model::{AggKey, CellChange, LastSeen, Record, UserId};
+use crate::aggregate::{
+    AggregateCells, CapturedChanges, CapturedLastSeen, LastSeenByUser, capture_changes,
+};
+use crate::model::{CellChange, LastSeen, Record};
 use crate::upsert::{Instruction, UpsertByExpense};
 
 /// The changes of this worker's cells when one epoch closed.
@@ -52,8 +51,8 @@ impl ClosedEpoch {
 pub struct ExpenseDataflow {
     input: InputSession<Epoch, Instruction, i64>,
     probe: ProbeHandle<Epoch>,
-    trace: CellTrace,
     captured: CapturedChanges,
+    last_seen: CapturedLastSeen,
     /// The epoch through which changes were last drained, if any.
     drained_through: Option<Epoch>,
 }
@@ -63,18 +62,25 @@ impl ExpenseDataflow {
     /// same order relative to other dataflows.
     pub fn new(worker: &mut Worker) -> Self {
         let captured = CapturedChanges::default();
+        let last_seen = CapturedLastSeen::default();
         let probe = ProbeHandle::new();
-        let (input, trace) = worker.dataflow::<Epoch, _, _>(|scope| {
+        let input = worker.dataflow::<Epoch, _, _>(|scope| {
             let (input, instructions) = scope.new_collection::<Instruction, i64>();
-            let cells = instructions.upsert_by_expense().aggregate_cells();
+            let facts = instructions.upsert_by_expense();
+            facts
+                .clone()
+                .last_seen_by_user(last_seen.clone())
+                .probe_with(&probe);
+            let cells = facts.aggregate_cells();
             capture_changes(&cells, captured.clone()).probe_with(&probe);
-            (input, cells.trace)
+            // The trace handle is dropped here: nobody reads the arrangement but the capture.
+            input
         });
         ExpenseDataflow {
             input,
             probe,
-            trace,
             captured,
+            last_seen,
             drained_through: None,
         }
     }
@@ -143,9 +149,7 @@ impl ExpenseDataflow {
         };
         // By epoch, then by key, so each epoch's run consolidates in one pass.
         updates.sort_unstable_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
-
         let mut closed: Vec<ClosedEpoch> = Vec::new();
-        let mut seen_users: Vec<UserId> = Vec::new();
         let mut updates = updates.into_iter().peekable();
         while let Some((key, epoch, (mut count, mut sum))) = updates.next() {
             while let Some((_, _, (c, s))) =
@@ -154,93 +158,51 @@ impl ExpenseDataflow {
                 count += c;
                 sum += s;
             }
+            if (count, sum) == (0, 0) {
+                continue;
+            }
             if closed.last().is_none_or(|c| c.epoch != epoch) {
-                self.finish_epoch(closed.last_mut(), &mut seen_users);
                 closed.push(ClosedEpoch {
                     epoch,
                     ..ClosedEpoch::default()
                 });
             }
-            if count == 0 && sum == 0 {
-                continue;
-            }
-            match key {
-                AggKey::Seen(user, _) => {
-                    if seen_users.last() != Some(&user) {
-                        seen_users.push(user);
-                    }
-                }
-                key => closed
-                    .last_mut()
-                    .expect("pushed above")
-                    .cells
-                    .push(CellChange { key, count, sum }),
-            }
+            closed
+                .last_mut()
+                .expect("pushed above")
+                .cells
+                .push(CellChange { key, count, sum });
         }
-        self.finish_epoch(closed.last_mut(), &mut seen_users);
-        closed.retain(|c| !c.is_empty());
+
+        // Last-seen changes, each in the entry of its epoch (one per user and epoch, in user
+        // order within an epoch as the operator emits them; sorted here to be sure).
+        let mut seen = {
+            let mut captured = self.last_seen.borrow_mut();
+            let (now, later): (Vec<_>, Vec<_>) =
+                captured.drain(..).partition(|(time, _)| *time <= through);
+            *captured = later;
+            now
+        };
+        seen.sort_by_key(|(epoch, change)| (*epoch, change.user_id));
+        for (epoch, change) in seen {
+            let at = closed.partition_point(|c| c.epoch < epoch);
+            if closed.get(at).is_none_or(|c| c.epoch != epoch) {
+                closed.insert(
+                    at,
+                    ClosedEpoch {
+                        epoch,
+                        ..ClosedEpoch::default()
+                    },
+                );
+            }
+            closed[at].last_seen.push(change);
+        }
         if closed.last().is_none_or(|c| c.epoch != through) {
             closed.push(ClosedEpoch {
                 epoch: through,
                 ..ClosedEpoch::default()
             });
         }
-
-        if through != Epoch::MAX {
-            let frontier = [through];
-            self.trace
-                .set_logical_compaction(AntichainRef::new(&frontier));
-            self.trace
-                .set_physical_compaction(AntichainRef::new(&frontier));
-        }
         closed
-    }
-
-    /// Fills in the last-seen changes of a finished epoch's run.
-    fn finish_epoch(&mut self, closed: Option<&mut ClosedEpoch>, users: &mut Vec<UserId>) {
-        if let Some(closed) = closed {
-            closed.last_seen = self.last_seen(users, closed.epoch);
-        }
-        users.clear();
-    }
-
-    /// The newest live event time of each user (sorted, distinct), as of `through`.
-    fn last_seen(&mut self, users: &[UserId], through: Epoch) -> Vec<LastSeen> {
-        if users.is_empty() {
-            return Vec::new();
-        }
-        let Some(batches) = self.trace.batches_through(Antichain::new().borrow()) else {
-            return Vec::new();
-        };
-        let (mut cursor, storage) = cursor_list(batches);
-        users
-            .iter()
-            .map(|&user| {
-                // Seen keys hold negated times, so the first live one is the newest.
-                cursor.seek_key(&storage, &AggKey::Seen(user, i64::MIN));
-                let mut newest = None;
-                while let Some(key) = cursor.get_key(&storage) {
-                    let AggKey::Seen(u, neg_ms) = key else { break };
-                    if *u != user {
-                        break;
-                    }
-                    let mut count = 0;
-                    cursor.map_times(&storage, |time, diff| {
-                        if *time <= through {
-                            count += diff.0;
-                        }
-                    });
-                    if count > 0 {
-                        newest = Some(-neg_ms);
-                        break;
-                    }
-                    cursor.step_key(&storage);
-                }
-                LastSeen {
-                    user_id: user,
-                    event_ms: newest,
-                }
-            })
-            .collect()
     }
 }

@@ -126,9 +126,8 @@ impl Fact {
         month_of_day(self.day())
     }
 
-    /// The aggregate cells this fact contributes `(1, amount)` to, except [`AggKey::Seen`],
-    /// which it contributes `(1, 0)` to (see [`AggKey`]).
-    pub fn cells(&self) -> [AggKey; 6] {
+    /// The aggregate cells this fact contributes `(1, amount)` to.
+    pub fn cells(&self) -> [AggKey; 5] {
         let user = self.user_id;
         let day = self.day();
         [
@@ -137,7 +136,6 @@ impl Fact {
             AggKey::Merchant(user, self.merchant),
             AggKey::Day(user, day),
             AggKey::Month(user, month_of_day(day)),
-            AggKey::Seen(user, -self.event_ms),
         ]
     }
 }
@@ -149,9 +147,8 @@ impl Fact {
 /// of the users and every aggregate of a user lives on one worker. `Eq` and `Ord` still compare
 /// every field, which `Hash` allows (equal keys hash equally).
 ///
-/// `Seen(user, -event_ms)` is bookkeeping for "last event time": the multiset of event times of
-/// a user's live expenses, negated so that the newest sorts first and a cursor can find it with a
-/// single seek. Its cells carry `(count, 0)`.
+/// A user's last event time is not a cell: it is no sum, so it is kept apart (see
+/// `aggregate::LastSeenByUser`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum AggKey {
     /// The user's total and count.
@@ -164,8 +161,6 @@ pub enum AggKey {
     Day(UserId, i32),
     /// The user's total and count in one UTC month (`year * 12 + month - 1`).
     Month(UserId, i32),
-    /// Live expenses of the user at one event time, negated (see the type's docs).
-    Seen(UserId, i64),
 }
 
 impl AggKey {
@@ -176,8 +171,7 @@ impl AggKey {
             | AggKey::Category(u, _)
             | AggKey::Merchant(u, _)
             | AggKey::Day(u, _)
-            | AggKey::Month(u, _)
-            | AggKey::Seen(u, _) => *u,
+            | AggKey::Month(u, _) => *u,
         }
     }
 }

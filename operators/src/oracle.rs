@@ -13,7 +13,7 @@ use crate::model::{AggKey, CountSum, Fact, Record, UserId};
 /// per user. Cells with `count == 0 && sum == 0` are absent.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Aggregates {
-    /// Every non-`Seen` cell with its `(count, sum)`.
+    /// Every cell with its `(count, sum)`.
     pub cells: BTreeMap<AggKey, CountSum>,
     /// Newest event time of each user that has a live expense.
     pub last_seen: BTreeMap<UserId, i64>,
@@ -59,12 +59,9 @@ pub fn live_facts<'a>(records: impl IntoIterator<Item = &'a Record>) -> BTreeMap
 pub fn recompute<'a>(records: impl IntoIterator<Item = &'a Record>) -> Aggregates {
     let mut out = Aggregates::default();
     for fact in live_facts(records).values() {
+        let newest = out.last_seen.entry(fact.user_id).or_insert(fact.event_ms);
+        *newest = (*newest).max(fact.event_ms);
         for cell in fact.cells() {
-            if let AggKey::Seen(user, neg_ms) = cell {
-                let newest = out.last_seen.entry(user).or_insert(-neg_ms);
-                *newest = (*newest).max(-neg_ms);
-                continue;
-            }
             let value = out.cells.entry(cell).or_insert((0, 0));
             value.0 += 1;
             value.1 += fact.amount_minor;

@@ -90,7 +90,6 @@ impl UserAggregates {
             AggKey::Merchant(_, name) => get(self.merchants.get(name)),
             AggKey::Day(_, day) => get(self.days.get(day)),
             AggKey::Month(_, month) => get(self.months.get(month)),
-            AggKey::Seen(..) => (0, 0),
         }
     }
 
@@ -127,7 +126,6 @@ impl UserAggregates {
             AggKey::Merchant(_, name) => add(&mut self.merchants, name, count, sum),
             AggKey::Day(_, day) => add(&mut self.days, day, count, sum),
             AggKey::Month(_, month) => add(&mut self.months, month, count, sum),
-            AggKey::Seen(..) => (0, 0),
         }
     }
 

@@ -114,7 +114,6 @@ pub fn cell(value: &CellValue) -> pb::Cell {
         AggKey::Merchant(_, name) => (pb::CellKind::Merchant, name.text().to_string()),
         AggKey::Day(_, day) => (pb::CellKind::Day, format_day(*day)),
         AggKey::Month(_, month) => (pb::CellKind::Month, format_month(*month)),
-        AggKey::Seen(..) => (pb::CellKind::Unspecified, String::new()),
     };
     pb::Cell {
         user_id: value.key.user_id(),
