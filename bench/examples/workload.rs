@@ -51,15 +51,25 @@ fn main() {
     }
     let mut kinds: Vec<_> = kinds.into_iter().collect();
     kinds.sort_by_key(|k| std::cmp::Reverse(k.1));
+    let cells = spendflow_operators::Fact {
+        user_id: 1,
+        category: spendflow_operators::Name::intern("x").0,
+        merchant: spendflow_operators::Name::intern("y").0,
+        amount_minor: 0,
+        event_ms: 0,
+    }
+    .cells()
+    .len();
     println!("{n} records over {users} users:");
     for (kind, count) in kinds {
         println!("  {kind:>12}: {:5.2} %", count as f64 * 100.0 / n as f64);
     }
     println!(
         "live expenses at the end: {}; fact changes out of the upsert stage: {fact_changes} \
-         ({:.2} per record); cell updates into the arrangement (6 per fact change): {}",
+         ({:.2} per record); cell contributions before per-epoch pre-aggregation \
+         ({cells} per fact change): {}",
         live.len(),
         fact_changes as f64 / n as f64,
-        fact_changes * 6
+        fact_changes * cells
     );
 }
