@@ -259,11 +259,16 @@ fn pre_aggregate<'scope>(
         move |_capability, _info| {
             // Per open epoch: its capability and the summed changes of its cells.
             let mut open: BTreeMap<Epoch, (_, FxHashMap<CellKey, CountSum>)> = BTreeMap::new();
+            // Emptied maps of closed epochs, kept for their capacity.
+            let mut spare: Vec<FxHashMap<CellKey, CountSum>> = Vec::new();
             move |(input, frontier), output| {
                 input.for_each(|capability, data| {
                     for (fact, time, diff) in data.drain(..) {
                         let (_, sums) = open.entry(time).or_insert_with(|| {
-                            (capability.delayed(&time, 0), FxHashMap::default())
+                            (
+                                capability.delayed(&time, 0),
+                                spare.pop().unwrap_or_default(),
+                            )
                         });
                         let amount = fact.amount_minor * diff;
                         for cell in fact.cells() {
@@ -280,13 +285,14 @@ fn pre_aggregate<'scope>(
                     if frontier.less_equal(entry.key()) {
                         break;
                     }
-                    let (time, (capability, sums)) = entry.remove_entry();
+                    let (time, (capability, mut sums)) = entry.remove_entry();
                     let mut session = output.session(&capability);
-                    for (CellKey(cell), sum) in sums {
-                        if sum != (0, 0) {
-                            session.give((cell, time, sum));
-                        }
-                    }
+                    session.give_iterator(
+                        sums.drain()
+                            .filter(|(_, sum)| *sum != (0, 0))
+                            .map(|(CellKey(key), sum)| (key, time, sum)),
+                    );
+                    spare.push(sums);
                 }
             }
         },

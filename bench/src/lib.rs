@@ -11,8 +11,8 @@
 //!   publisher's cost per epoch and per changed cell.
 //!
 //! The examples (`examples/`) are for profiling: `dataflow_once` runs the dataflow bench's
-//! workload without criterion around it, and `workload` prints the sizes and update counts of
-//! the inputs.
+//! workload without criterion around it, `dataflow_stages` times growing prefixes and candidate
+//! variants of the graph, and `workload` prints the sizes and update counts of the inputs.
 //! `README.md` has the figures measured on the project's 2-core machine.
 //!
 //! Why the inputs come from the engine's own [`Simulator`] rather than from uniform random
