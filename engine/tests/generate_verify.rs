@@ -19,7 +19,6 @@ use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
 use spendflow_engine::generate::{self, GenerateConfig, Layout, Summary};
 use spendflow_engine::source::generator::Simulator;
 use spendflow_engine::source::kafka::KafkaSourceConfig;
@@ -27,7 +26,7 @@ use spendflow_engine::verify::grpc::GrpcServed;
 use spendflow_engine::verify::mysql::MySqlTruth;
 use spendflow_engine::verify::{self, Report, VerifyOptions};
 use spendflow_engine::{Engine, EngineConfig, SourceConfig, Status};
-use support::{create_topics, service_env, unique_name};
+use support::{create_topics, read_dead_letters, service_env, unique_name};
 
 /// The services, and names unique to one test.
 struct Setup {
@@ -189,39 +188,6 @@ fn malformed_payloads(config: &GenerateConfig, events: u64) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// Every dead letter on `topic` (payload, reason header), once `expected` have arrived and
-/// no more follow.
-fn dead_letters(brokers: &str, topic: &str, expected: usize) -> Vec<(Vec<u8>, String)> {
-    let consumer = consumer(brokers);
-    consumer.subscribe(&[topic]).unwrap();
-    let mut out = Vec::new();
-    let mut quiet = 0;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(message)) => {
-                quiet = 0;
-                let reason = message
-                    .headers()
-                    .and_then(|h| h.iter().find(|h| h.key == "spendflow.reason"))
-                    .and_then(|h| h.value)
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-                    .unwrap_or_default();
-                out.push((message.payload().unwrap_or_default().to_vec(), reason));
-            }
-            // Once all are there, give a stray extra letter half a second to show up.
-            None if out.len() >= expected => {
-                quiet += 1;
-                if quiet >= 5 {
-                    break;
-                }
-            }
-            _ => {}
-        }
-    }
-    out
-}
-
 /// Waits until the engine has read `expected` records and reports caught up.
 fn wait_for(engine: &Engine, expected: u64, what: &str) -> (Status, Duration) {
     let started = Instant::now();
@@ -260,7 +226,7 @@ fn run_generate(config: &GenerateConfig) -> Summary {
 
 /// The engine's dead letters are exactly the malformed records, each with a reason.
 fn assert_dead_letters(setup: &Setup, malformed: &[Vec<u8>]) {
-    let letters = dead_letters(&setup.brokers, &setup.dead_letter_topic, malformed.len());
+    let letters = read_dead_letters(&setup.brokers, &setup.dead_letter_topic, malformed.len());
     assert_eq!(
         letters.len(),
         malformed.len(),
@@ -571,7 +537,7 @@ fn generator_killed_mid_run_and_restarted_still_agrees() {
     // Every malformed record reached the dead letters (some possibly twice, with the batch
     // that was re-published).
     let malformed: BTreeSet<Vec<u8>> = malformed_payloads(&config, events).into_iter().collect();
-    let letters = dead_letters(
+    let letters = read_dead_letters(
         &setup.brokers,
         &setup.dead_letter_topic,
         status.records_rejected as usize,

@@ -8,15 +8,13 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use spendflow_engine::source::generator::{GeneratorConfig, Simulator};
 use spendflow_engine::source::kafka::KafkaSourceConfig;
 use spendflow_engine::{Engine, EngineConfig, SourceConfig};
 use spendflow_operators::Record;
 use spendflow_operators::oracle::recompute;
-use support::{create_topics, service_env, unique_name};
+use support::{create_topics, read_dead_letters, service_env, unique_name};
 
 fn producer(brokers: &str) -> BaseProducer {
     ClientConfig::new()
@@ -65,36 +63,6 @@ fn wait_for(engine: &Engine, expected: u64) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// Every dead letter on `topic`: (payload, reason header).
-fn dead_letters(brokers: &str, topic: &str, expected: usize) -> Vec<(Vec<u8>, String)> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", unique_name("dlq_reader"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
-    let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
-            let reason = message
-                .headers()
-                .and_then(|h| h.iter().find(|h| h.key == "spendflow.reason"))
-                .and_then(|h| h.value)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-                .unwrap_or_default();
-            out.push((message.payload().unwrap_or_default().to_vec(), reason));
-        } else if out.len() >= expected {
-            // Give a late duplicate a moment to show up before concluding.
-            if consumer.poll(Duration::from_millis(500)).is_none() {
-                break;
-            }
-        }
-    }
-    out
 }
 
 fn engine(source: KafkaSourceConfig, workers: usize, dead_letter_topic: &str) -> Engine {
@@ -208,7 +176,7 @@ fn per_user_topics_by_pattern_with_dead_letters_and_late_topics() {
     engine.shutdown().unwrap();
 
     // The dead-letter topic holds exactly the rejected records, bytes unchanged, with reasons.
-    let letters = dead_letters(&brokers, &dlq, malformed.len() + 1);
+    let letters = read_dead_letters(&brokers, &dlq, malformed.len() + 1);
     assert_eq!(
         letters.len(),
         malformed.len() + 1,

@@ -65,3 +65,47 @@ pub fn create_topics(brokers: &str, topics: &[(String, i32)]) {
         result.unwrap_or_else(|(name, e)| panic!("creating {name}: {e}"));
     }
 }
+
+/// Every dead letter on `topic` as `(payload, spendflow.reason header)`, once `expected` have
+/// arrived and no more follow for half a second (a duplicate would show up as one too many).
+pub fn read_dead_letters(brokers: &str, topic: &str, expected: usize) -> Vec<(Vec<u8>, String)> {
+    use std::time::Instant;
+
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique_name("sf_dead_letter_reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut out = Vec::new();
+    let mut quiet = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(message)) => {
+                quiet = 0;
+                let reason = message
+                    .headers()
+                    .and_then(|h| h.iter().find(|h| h.key == "spendflow.reason"))
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default();
+                out.push((message.payload().unwrap_or_default().to_vec(), reason));
+            }
+            None if out.len() >= expected => {
+                quiet += 1;
+                if quiet >= 5 {
+                    break;
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
