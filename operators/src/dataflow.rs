@@ -104,14 +104,10 @@ impl ExpenseDataflow {
         }
     }
 
-    /// Sends buffered records into the dataflow without closing the epoch.
+    /// Sends buffered records into the dataflow without closing the epoch. (Dropping the
+    /// handle closes the input for good: the dataflow then drains and completes.)
     pub fn flush(&mut self) {
         self.input.flush();
-    }
-
-    /// Stops input for good: the dataflow drains and completes.
-    pub fn close(self) {
-        drop(self);
     }
 
     /// True while some closed epoch has not made it through the whole dataflow.
