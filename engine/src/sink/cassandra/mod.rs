@@ -1,0 +1,82 @@
+//! The Cassandra sink: absolute values per closed epoch, idempotent, with a progress row per
+//! epoch (see [`schema`] for the tables and what the progress rows promise).
+
+pub mod schema;
+pub mod session;
+
+pub use session::{CqlSession, connect};
+
+/// What can go wrong talking to Cassandra.
+#[derive(Debug, thiserror::Error)]
+pub enum CassandraError {
+    /// A setting is wrong; retrying will not help.
+    #[error("Cassandra configuration: {0}")]
+    Config(String),
+    /// No node could be reached.
+    #[error(
+        "cannot connect to Cassandra at {contact_points}: {message} (is it running? `docker/native/services up` starts one on 127.0.0.1:9042)"
+    )]
+    Connect {
+        /// The addresses tried.
+        contact_points: String,
+        /// The driver's message.
+        message: String,
+    },
+    /// A request failed.
+    #[error("Cassandra {doing}: {message}")]
+    Request {
+        /// What was being done.
+        doing: String,
+        /// The driver's message.
+        message: String,
+        /// True if the same request may succeed later (timeouts, unavailable nodes).
+        retriable: bool,
+    },
+    /// Another engine claimed this keyspace's sink after us: we must stop writing.
+    #[error(
+        "another engine (generation {theirs}) took over the sink of keyspace {keyspace}; this one (generation {ours}) stops writing"
+    )]
+    Fenced {
+        /// The keyspace.
+        keyspace: String,
+        /// Our generation.
+        ours: i64,
+        /// The generation that holds the sink now.
+        theirs: i64,
+    },
+}
+
+impl CassandraError {
+    /// True if retrying the same operation later may succeed.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            CassandraError::Connect { .. } => true,
+            CassandraError::Request { retriable, .. } => *retriable,
+            CassandraError::Config(_) | CassandraError::Fenced { .. } => false,
+        }
+    }
+
+    /// Wraps a driver error; server-side syntax/schema/auth errors are fatal, the rest
+    /// (I/O, timeouts, overload, unavailable) retriable.
+    pub fn request(doing: impl Into<String>, error: cdrs_tokio::error::Error) -> Self {
+        use cdrs_tokio::frame::message_error::ErrorType;
+        let retriable = match &error {
+            cdrs_tokio::error::Error::Server { body, .. } => !matches!(
+                body.ty,
+                ErrorType::Syntax
+                    | ErrorType::Invalid
+                    | ErrorType::Unauthorized
+                    | ErrorType::Config
+                    | ErrorType::AlreadyExists(_)
+                    | ErrorType::Authentication
+                    | ErrorType::Protocol
+            ),
+            _ => true,
+        };
+        CassandraError::Request {
+            doing: doing.into(),
+            message: error.to_string(),
+            retriable,
+        }
+    }
+}
