@@ -185,7 +185,7 @@ fn build(stage: &str, worker: &mut Worker) -> Built {
             instructions.inner.probe_with(&probe);
             return input;
         }
-        let facts = instructions.upsert_by_expense();
+        let facts = instructions.upsert_by_expense(Default::default());
         if stage == "upsert" {
             facts.inner.probe_with(&probe);
             return input;

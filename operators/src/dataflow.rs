@@ -26,8 +26,9 @@ use crate::Epoch;
 use crate::aggregate::{
     AggregateCells, CapturedChanges, CapturedLastSeen, LastSeenByUser, capture_changes,
 };
+use crate::model::Fact;
 use crate::model::{CellChange, LastSeen, Record};
-use crate::upsert::{Instruction, UpsertByExpense};
+use crate::upsert::{Instruction, LiveSnapshot, UpsertByExpense, UpsertSnapshots};
 
 /// The changes of this worker's cells when one epoch closed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -53,6 +54,7 @@ pub struct ExpenseDataflow {
     probe: ProbeHandle<Epoch>,
     captured: CapturedChanges,
     last_seen: CapturedLastSeen,
+    snapshots: UpsertSnapshots,
     /// The epoch through which changes were last drained, if any.
     drained_through: Option<Epoch>,
 }
@@ -63,10 +65,11 @@ impl ExpenseDataflow {
     pub fn new(worker: &mut Worker) -> Self {
         let captured = CapturedChanges::default();
         let last_seen = CapturedLastSeen::default();
+        let snapshots = UpsertSnapshots::default();
         let probe = ProbeHandle::new();
         let input = worker.dataflow::<Epoch, _, _>(|scope| {
             let (input, instructions) = scope.new_collection::<Instruction, i64>();
-            let facts = instructions.upsert_by_expense();
+            let facts = instructions.upsert_by_expense(snapshots.clone());
             facts
                 .clone()
                 .last_seen_by_user(last_seen.clone())
@@ -81,8 +84,35 @@ impl ExpenseDataflow {
             probe,
             captured,
             last_seen,
+            snapshots,
             drained_through: None,
         }
+    }
+
+    /// Adds a live expense as it was at a checkpoint (restore), in the current epoch.
+    pub fn push_live(&mut self, expense_id: String, fact: Fact) {
+        self.input.update(
+            Instruction {
+                expense_id,
+                fact: Some(fact),
+            },
+            1,
+        );
+    }
+
+    /// Asks for a copy of this worker's live expenses as of the end of `epoch`, which must not
+    /// be closed yet (`epoch >= self.epoch()`); ignored otherwise. Every worker must ask for
+    /// the same epochs: a checkpoint needs every worker's copy. Copies arrive in
+    /// [`ExpenseDataflow::take_snapshots`] once the epoch has been applied everywhere.
+    pub fn request_snapshot(&mut self, epoch: Epoch) {
+        if epoch >= self.epoch() {
+            self.snapshots.borrow_mut().requested.insert(epoch);
+        }
+    }
+
+    /// The copies taken since the last call, oldest first.
+    pub fn take_snapshots(&mut self) -> Vec<LiveSnapshot> {
+        std::mem::take(&mut self.snapshots.borrow_mut().taken)
     }
 
     /// Adds a record to the current epoch.

@@ -17,17 +17,26 @@
 //! expense reaches the same worker. Timely delivers the messages between two workers in the
 //! order they were sent, so as long as all records of an expense come from one source worker
 //! (true for a file, a Kafka partition, the generator and the in-process input), arrival order is
-//! input order. An instruction never produces output at a time earlier than the fact it
-//! replaces: `-old` and `+new` are both stamped `max(time, time of old)`, so the collection
-//! never goes negative even if a source ever delivered out of order.
+//! input order.
+//!
+//! Epochs: instructions are held per epoch and applied, in arrival order, once the input
+//! frontier has passed their epoch, epoch after epoch. So at the moment epoch `E` is applied
+//! and the next one is not, the map holds exactly the live expenses of the input up to `E`:
+//! that is when a checkpoint takes its copy ([`UpsertSnapshots`]). Holding costs no latency
+//! downstream: the aggregates wait for the same frontier before they emit an epoch anyway.
 
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
 use std::hash::BuildHasher;
+use std::rc::Rc;
 
 use differential_dataflow::VecCollection;
 use differential_dataflow::collection::AsCollection;
 use rustc_hash::{FxBuildHasher, FxHashMap};
 use serde::{Deserialize, Serialize};
+use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::generic::operator::Operator;
 
 use crate::Epoch;
@@ -65,62 +74,139 @@ fn route(expense_id: &str) -> u64 {
     FxBuildHasher.hash_one(expense_id)
 }
 
+/// The live expenses of one worker's share at one epoch: what a checkpoint stores.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LiveSnapshot {
+    /// The epoch: the copy holds the effect of every instruction up to and including it.
+    pub epoch: Epoch,
+    /// `(expense_id, live fact)` of every live expense this worker owns, in no order.
+    pub live: Vec<(String, Fact)>,
+}
+
+/// Shared between the upsert operator and its driver: the epochs to copy the live set at, and
+/// the copies taken.
+#[derive(Debug, Default)]
+pub struct SnapshotState {
+    /// Epochs to take a copy at. A request must be made before this worker advances its input
+    /// past the epoch (then the operator cannot have applied it yet).
+    pub requested: BTreeSet<Epoch>,
+    /// Copies taken, oldest first.
+    pub taken: Vec<LiveSnapshot>,
+}
+
+/// A handle to the upsert operator's snapshot requests and results.
+pub type UpsertSnapshots = Rc<RefCell<SnapshotState>>;
+
 /// Turns a stream of upsert instructions into the collection of live facts.
 pub trait UpsertByExpense<'scope> {
-    /// Applies instructions in arrival order per `expense_id`; see the module docs.
+    /// Applies instructions per `expense_id`, epoch by epoch, in arrival order within an
+    /// epoch; see the module docs. Copies the live set at the epochs requested in `snapshots`.
     ///
     /// Input updates must have diff `1` (an instruction is an event, not a multiset member); an
     /// update with diff `n > 1` is applied `n` times, which for upserts is the same as once, and
     /// updates with diff `<= 0` are ignored.
-    fn upsert_by_expense(self) -> VecCollection<'scope, Epoch, Fact, i64>;
+    fn upsert_by_expense(
+        self,
+        snapshots: UpsertSnapshots,
+    ) -> VecCollection<'scope, Epoch, Fact, i64>;
 }
 
 impl<'scope> UpsertByExpense<'scope> for VecCollection<'scope, Epoch, Instruction, i64> {
-    fn upsert_by_expense(self) -> VecCollection<'scope, Epoch, Fact, i64> {
+    fn upsert_by_expense(
+        self,
+        snapshots: UpsertSnapshots,
+    ) -> VecCollection<'scope, Epoch, Fact, i64> {
         let exchange =
             Exchange::new(|update: &(Instruction, Epoch, i64)| route(&update.0.expense_id));
         self.inner
-            .unary(exchange, "UpsertByExpense", |_capability, _info| {
-                // expense_id -> (time the live fact was emitted at, the fact).
-                let mut live: FxHashMap<String, (Epoch, Fact)> = FxHashMap::default();
-                move |input, output| {
-                    input.for_each(|capability, data| {
-                        let Some(capability) = capability.retain_least(0) else {
-                            return;
-                        };
-                        let mut session = output.session(&capability);
-                        for (instruction, time, diff) in data.drain(..) {
-                            if diff <= 0 {
-                                continue;
+            .unary_frontier::<CapacityContainerBuilder<Vec<(Fact, Epoch, i64)>>, _, _, _>(
+                exchange,
+                "UpsertByExpense",
+                |_capability, _info| {
+                    // expense_id -> the live fact.
+                    let mut live: FxHashMap<String, Fact> = FxHashMap::default();
+                    // Instructions of epochs not yet applied, in arrival order.
+                    let mut held: BTreeMap<Epoch, (Capability<Epoch>, Vec<Instruction>)> =
+                        BTreeMap::new();
+                    move |(input, frontier), output| {
+                        input.for_each(|capability, data| {
+                            for (instruction, time, diff) in data.drain(..) {
+                                if diff <= 0 {
+                                    continue;
+                                }
+                                held.entry(time)
+                                    .or_insert_with(|| (capability.delayed(&time, 0), Vec::new()))
+                                    .1
+                                    .push(instruction);
                             }
-                            let Instruction { expense_id, fact } = instruction;
-                            match fact {
-                                Some(new) => match live.get_mut(&expense_id) {
-                                    Some((old_time, old)) => {
-                                        if *old == new {
-                                            continue; // a duplicate delivery changes nothing
-                                        }
-                                        let at = time.max(*old_time);
-                                        let old = std::mem::replace(old, new);
-                                        *old_time = at;
-                                        session.give((old, at, -1));
-                                        session.give((new, at, 1));
-                                    }
-                                    None => {
-                                        live.insert(expense_id, (time, new));
-                                        session.give((new, time, 1));
-                                    }
-                                },
-                                None => {
-                                    if let Some((old_time, old)) = live.remove(&expense_id) {
-                                        session.give((old, time.max(old_time), -1));
+                        });
+                        // Epochs the input can no longer reach, with copies due in between.
+                        loop {
+                            let next_held = held
+                                .first_key_value()
+                                .map(|(t, _)| *t)
+                                .filter(|t| !frontier.less_equal(t));
+                            let next_copy = snapshots
+                                .borrow()
+                                .requested
+                                .first()
+                                .copied()
+                                .filter(|t| !frontier.less_equal(t));
+                            match (next_held, next_copy) {
+                                (Some(t), copy) if copy.is_none_or(|c| t <= c) => {
+                                    let (_, (capability, instructions)) =
+                                        held.pop_first().expect("checked");
+                                    let mut session = output.session(&capability);
+                                    for instruction in instructions {
+                                        apply(&mut live, instruction, |fact, diff| {
+                                            session.give((fact, t, diff));
+                                        });
                                     }
                                 }
+                                (_, Some(epoch)) => {
+                                    let copy = LiveSnapshot {
+                                        epoch,
+                                        live: live.iter().map(|(id, f)| (id.clone(), *f)).collect(),
+                                    };
+                                    let mut state = snapshots.borrow_mut();
+                                    state.requested.remove(&epoch);
+                                    state.taken.push(copy);
+                                }
+                                (_, None) => break,
                             }
                         }
-                    });
-                }
-            })
+                    }
+                },
+            )
             .as_collection()
+    }
+}
+
+/// Applies one instruction to the live set, reporting the changes of live facts.
+fn apply(
+    live: &mut FxHashMap<String, Fact>,
+    instruction: Instruction,
+    mut emit: impl FnMut(Fact, i64),
+) {
+    let Instruction { expense_id, fact } = instruction;
+    match fact {
+        Some(new) => match live.get_mut(&expense_id) {
+            Some(old) => {
+                if *old != new {
+                    // (A duplicate delivery changes nothing.)
+                    emit(std::mem::replace(old, new), -1);
+                    emit(new, 1);
+                }
+            }
+            None => {
+                live.insert(expense_id, new);
+                emit(new, 1);
+            }
+        },
+        None => {
+            if let Some(old) = live.remove(&expense_id) {
+                emit(old, -1);
+            }
+        }
     }
 }
