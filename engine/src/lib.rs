@@ -27,6 +27,7 @@
 //! # Ok::<(), spendflow_engine::EngineError>(())
 //! ```
 
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod generate;

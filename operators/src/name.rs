@@ -88,6 +88,19 @@ impl Name {
         self.0
     }
 
+    /// The name with this id, as stored by [`Name::id`] (e.g. in a checkpoint). Its text is
+    /// known only once some text with this id was interned in this process.
+    pub fn from_id(id: u64) -> Name {
+        Name(id)
+    }
+
+    /// Every text interned in this process so far (for checkpoints: interning them again in
+    /// another process gives the same ids).
+    pub fn interned() -> Vec<Arc<str>> {
+        let registry = registry().read().unwrap_or_else(|p| p.into_inner());
+        registry.values().cloned().collect()
+    }
+
     /// How many times two different texts met under one id in this process.
     pub fn collisions() -> u64 {
         COLLISIONS.load(Ordering::Relaxed)

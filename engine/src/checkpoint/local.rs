@@ -1,0 +1,143 @@
+//! Checkpoints as files in a local directory.
+//!
+//! ```text
+//! <dir>/LOCK                               held (flock) by the engine using the directory
+//! <dir>/checkpoint-00000000000000001234    one file per checkpoint, named by epoch
+//! <dir>/.tmp-...                           a checkpoint being written
+//! ```
+//!
+//! A checkpoint is written to a temporary file, fsynced, renamed to its final name and the
+//! directory fsynced: a crash at any point leaves either the complete new file or none, and the
+//! previous checkpoint untouched. The two newest checkpoints are kept.
+//!
+//! Fencing: the engine holds an exclusive lock on `LOCK` for as long as it runs. The kernel
+//! releases it when the process dies (also on `kill -9`), so a restarted engine takes over at
+//! once, while a second engine started against the same directory — a zombie and its
+//! replacement — is refused.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use super::{Checkpoint, CheckpointError, CheckpointStore};
+
+/// Checkpoints kept: the newest, and one before it.
+const KEEP: usize = 2;
+
+const PREFIX: &str = "checkpoint-";
+
+/// A directory of checkpoint files, locked by this engine.
+#[derive(Debug)]
+pub struct LocalDirStore {
+    dir: PathBuf,
+    /// Held for the store's lifetime; the lock goes with the file handle.
+    _lock: File,
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+impl LocalDirStore {
+    /// Opens (creating if needed) `dir` and locks it.
+    ///
+    /// # Errors
+    ///
+    /// [`CheckpointError::Locked`] if another engine holds it, [`CheckpointError::Io`] if it
+    /// cannot be created or locked.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self, CheckpointError> {
+        let dir = dir.into();
+        fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        let lock_path = dir.join("LOCK");
+        let mut lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_error(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let holder = fs::read_to_string(&lock_path).unwrap_or_default();
+                return Err(CheckpointError::Locked {
+                    path: dir.display().to_string(),
+                    holder: holder.trim().to_string(),
+                });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(io_error(&lock_path)(e)),
+        }
+        lock.set_len(0).map_err(io_error(&lock_path))?;
+        writeln!(lock, "pid {}", std::process::id()).map_err(io_error(&lock_path))?;
+        Ok(LocalDirStore { dir, _lock: lock })
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Checkpoint files, newest first.
+    fn files(&self) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
+        let mut files = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(io_error(&self.dir))? {
+            let entry = entry.map_err(io_error(&self.dir))?;
+            let name = entry.file_name();
+            let Some(epoch) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(PREFIX))
+                .and_then(|e| e.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            files.push((epoch, entry.path()));
+        }
+        files.sort_by(|a, b| b.0.cmp(&a.0));
+        Ok(files)
+    }
+}
+
+impl CheckpointStore for LocalDirStore {
+    fn latest(&self) -> Result<Option<Checkpoint>, CheckpointError> {
+        for (_, path) in self.files()? {
+            let file = File::open(&path).map_err(io_error(&path))?;
+            match Checkpoint::decode(BufReader::with_capacity(1 << 20, file)) {
+                Ok(checkpoint) => return Ok(Some(checkpoint)),
+                Err(message) => tracing::warn!(
+                    path = %path.display(),
+                    %message,
+                    "Skipping a damaged checkpoint; trying an older one."
+                ),
+            }
+        }
+        Ok(None)
+    }
+
+    fn save(&mut self, checkpoint: &Checkpoint) -> Result<(), CheckpointError> {
+        let name = format!("{PREFIX}{:020}", checkpoint.epoch);
+        let tmp = self.dir.join(format!(".tmp-{name}"));
+        let path = self.dir.join(&name);
+        {
+            let file = File::create(&tmp).map_err(io_error(&tmp))?;
+            let mut out = BufWriter::with_capacity(1 << 20, file);
+            checkpoint.encode(&mut out).map_err(io_error(&tmp))?;
+            let file = out
+                .into_inner()
+                .map_err(|e| io_error(&tmp)(e.into_error()))?;
+            file.sync_all().map_err(io_error(&tmp))?;
+        }
+        fs::rename(&tmp, &path).map_err(io_error(&path))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_error(&self.dir))?;
+        for (_, old) in self.files()?.into_iter().skip(KEEP) {
+            if let Err(e) = fs::remove_file(&old) {
+                tracing::warn!(path = %old.display(), error = %e, "Could not remove an old checkpoint.");
+            }
+        }
+        Ok(())
+    }
+}
