@@ -1,0 +1,1 @@
+//! Unit tests of the image rules with the in-memory store.

@@ -1,0 +1,412 @@
+//! Personnel: who a user is (name, e-mail, country, currency, monthly budget, masked cards) and
+//! their picture. The gRPC `spendflow.v1.Personnel` service, the web report and
+//! `spendflow images` all go through [`Personnel`].
+//!
+//! Two things sit behind it, each behind a trait so the demo and unit tests need no services:
+//!
+//! * a [`UserDirectory`]: the MySQL `users` and `cards` tables ([`MySqlDirectory`]), or an
+//!   in-memory directory ([`MemoryDirectory`]), which for the demo derives users from the
+//!   seeded simulator and gives each a generated avatar;
+//! * an [`ImageStore`]: content-addressed blobs on HDFS, or in memory (see [`crate::images`]
+//!   for the upload rules: magic bytes, size limit, temporary file and rename).
+//!
+//! The user's image reference (SHA-256, type, size) lives with the user, in the
+//! `users.image_ref` column, so the directory is the single place that says which picture a
+//! user has. An upload checks that the user exists before it accepts a byte, stores the blob,
+//! then points the user at it. Replacing or deleting only moves the pointer; the old blob is
+//! removed by [`Personnel::collect_garbage`] once no user references it (see
+//! [`crate::images`] for why not at once).
+
+pub mod config;
+pub mod memory;
+pub mod mysql;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::Stream;
+
+pub use config::PersonnelConfig;
+pub use memory::MemoryDirectory;
+pub use mysql::MySqlDirectory;
+
+pub use crate::images::ImageRef;
+use crate::images::{
+    self, CHUNK_BYTES, GcOptions, GcReport, HdfsImageStore, ImageError, ImageStore,
+    MemoryImageStore,
+};
+
+/// A user as the Personnel service shows them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserDetails {
+    /// The user id.
+    pub user_id: u64,
+    /// Display name.
+    pub name: String,
+    /// E-mail address.
+    pub email: String,
+    /// ISO 3166-1 alpha-2 country code.
+    pub country: String,
+    /// ISO 4217 currency of the user's expenses and budget.
+    pub currency: String,
+    /// Monthly budget in minor units of `currency`.
+    pub monthly_budget_minor: i64,
+    /// The user's cards, by card id.
+    pub cards: Vec<MaskedCard>,
+    /// The user's picture, if one was uploaded (or, in the demo, generated).
+    pub image: Option<ImageRef>,
+}
+
+/// A card, never with its full number.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MaskedCard {
+    /// The card id the expenses carry, e.g. `c-42-1`.
+    pub card_id: String,
+    /// What to display: `•••• 4242`.
+    pub masked_number: String,
+}
+
+impl MaskedCard {
+    /// The masked form of a card id.
+    ///
+    /// spendflow stores card ids, never card numbers (the simulator has none). The four digits
+    /// shown are derived from the card id (a stable hash), standing in for the last four digits
+    /// of a real number so that cards can be told apart on screen.
+    pub fn from_card_id(card_id: &str) -> MaskedCard {
+        // FNV-1a: stable across runs and platforms.
+        let mut h: u64 = 0xCBF2_9CE4_8422_2325;
+        for b in card_id.bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3);
+        }
+        MaskedCard {
+            card_id: card_id.to_string(),
+            masked_number: format!("•••• {:04}", h % 10_000),
+        }
+    }
+}
+
+/// What can go wrong in [`Personnel`]. Maps onto gRPC status codes one to one (see
+/// `serve::grpc`).
+#[derive(Debug, thiserror::Error)]
+pub enum PersonnelError {
+    /// No such user, or the user has no image (`NOT_FOUND`).
+    #[error("{0}")]
+    NotFound(String),
+    /// A bad request or an unacceptable upload; the message says what to fix
+    /// (`INVALID_ARGUMENT`).
+    #[error("{message}")]
+    Invalid {
+        /// What is wrong.
+        message: String,
+    },
+    /// An upload over the size limit (`RESOURCE_EXHAUSTED`).
+    #[error(
+        "image too large: more than {limit} bytes received (the limit is {limit} bytes); scale \
+         it down or compress it"
+    )]
+    TooLarge {
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// The client's stream failed or ended before the upload was complete (`CANCELLED`).
+    #[error("upload aborted: {0}")]
+    Aborted(String),
+    /// Stored data does not match what it should be: a blob whose bytes do not hash to its
+    /// name, a referenced blob that is missing, an unreadable reference (`DATA_LOSS`).
+    #[error("stored image data is corrupt: {0}")]
+    Corrupt(String),
+    /// MySQL or HDFS failed (`UNAVAILABLE` if retriable, `INTERNAL` otherwise).
+    #[error("{service}: {message}")]
+    Unavailable {
+        /// `MySQL`, or the image store's location.
+        service: String,
+        /// What failed.
+        message: String,
+        /// Whether the same request may succeed later.
+        retriable: bool,
+    },
+}
+
+impl PersonnelError {
+    /// True if the same request may succeed later without a change.
+    pub fn is_retriable(&self) -> bool {
+        matches!(
+            self,
+            PersonnelError::Unavailable {
+                retriable: true,
+                ..
+            }
+        )
+    }
+}
+
+impl From<ImageError> for PersonnelError {
+    fn from(e: ImageError) -> Self {
+        match e {
+            ImageError::Invalid { message } => PersonnelError::Invalid { message },
+            ImageError::TooLarge { limit } => PersonnelError::TooLarge { limit },
+            ImageError::Aborted { message } => PersonnelError::Aborted(message),
+            ImageError::Corrupt { message } => PersonnelError::Corrupt(message),
+            ImageError::Storage {
+                store,
+                message,
+                retriable,
+            } => PersonnelError::Unavailable {
+                service: store,
+                message,
+                retriable,
+            },
+        }
+    }
+}
+
+/// Where users come from. Implementations: [`MySqlDirectory`], [`MemoryDirectory`].
+#[async_trait::async_trait]
+pub trait UserDirectory: Send + Sync + fmt::Debug {
+    /// The user, or `None` if there is no such user.
+    async fn user(&self, user_id: u64) -> Result<Option<UserDetails>, PersonnelError>;
+
+    /// Whether the user exists.
+    async fn exists(&self, user_id: u64) -> Result<bool, PersonnelError> {
+        Ok(self.user(user_id).await?.is_some())
+    }
+
+    /// Points the user at `image` (or at none) and returns the previous reference.
+    ///
+    /// # Errors
+    ///
+    /// [`PersonnelError::NotFound`] if the user does not exist.
+    async fn set_image(
+        &self,
+        user_id: u64,
+        image: Option<&ImageRef>,
+    ) -> Result<Option<ImageRef>, PersonnelError>;
+
+    /// The SHA-256 of every blob some user references.
+    async fn referenced_images(&self) -> Result<HashSet<String>, PersonnelError>;
+}
+
+/// User details and pictures, from a directory and an image store.
+#[derive(Clone)]
+pub struct Personnel {
+    directory: Arc<dyn UserDirectory>,
+    images: Arc<dyn ImageStore>,
+    max_image_bytes: u64,
+}
+
+impl fmt::Debug for Personnel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Personnel")
+            .field("directory", &self.directory)
+            .field("images", &self.images.location())
+            .field("max_image_bytes", &self.max_image_bytes)
+            .finish()
+    }
+}
+
+impl Personnel {
+    /// Personnel over any directory and image store, with an image size limit in bytes.
+    pub fn new(
+        directory: Arc<dyn UserDirectory>,
+        images: Arc<dyn ImageStore>,
+        max_image_bytes: u64,
+    ) -> Personnel {
+        Personnel {
+            directory,
+            images,
+            max_image_bytes,
+        }
+    }
+
+    /// Personnel over MySQL (`users`, `cards`) and HDFS. Blocking (it opens a MySQL
+    /// connection): call it outside an async runtime or in `spawn_blocking`.
+    ///
+    /// # Errors
+    ///
+    /// [`PersonnelError::Invalid`] for bad URLs; [`PersonnelError::Unavailable`] if MySQL
+    /// cannot be reached or has no `users` table.
+    pub fn connect(config: &PersonnelConfig) -> Result<Personnel, PersonnelError> {
+        config.validate()?;
+        let hdfs = images::HdfsImageConfig::from_url(&config.hdfs)?;
+        let images = HdfsImageStore::new(hdfs)?;
+        let directory = MySqlDirectory::connect(&config.mysql)?;
+        Ok(Personnel::new(
+            Arc::new(directory),
+            Arc::new(images),
+            config.max_image_bytes,
+        ))
+    }
+
+    /// In-memory personnel for the demo: users `1..=users` with the profiles the seeded
+    /// simulator gives them (the same as `spendflow generate` writes to MySQL for that seed),
+    /// each with a generated avatar, and an in-memory image store (uploads last as long as the
+    /// process). Needs no service.
+    pub fn demo(users: u64, seed: u64) -> Personnel {
+        let store = MemoryImageStore::new();
+        let directory = MemoryDirectory::from_simulator(users, seed, store.clone());
+        Personnel::new(
+            Arc::new(directory),
+            Arc::new(store),
+            images::DEFAULT_MAX_BYTES,
+        )
+    }
+
+    /// The largest image accepted, in bytes.
+    pub fn max_image_bytes(&self) -> u64 {
+        self.max_image_bytes
+    }
+
+    /// Where the images are stored, for messages.
+    pub fn image_location(&self) -> String {
+        self.images.location()
+    }
+
+    /// The user, or `None` if there is no such user.
+    ///
+    /// # Errors
+    ///
+    /// [`PersonnelError::Unavailable`] if the directory cannot be read.
+    pub async fn user(&self, user_id: u64) -> Result<Option<UserDetails>, PersonnelError> {
+        self.directory.user(user_id).await
+    }
+
+    /// The user's picture and its bytes; `None` if the user does not exist or has no picture.
+    /// The bytes are checked against the SHA-256 they are stored under.
+    ///
+    /// # Errors
+    ///
+    /// [`PersonnelError::Corrupt`] if the referenced blob is missing or its bytes do not match;
+    /// [`PersonnelError::Unavailable`] if a service fails.
+    pub async fn image(&self, user_id: u64) -> Result<Option<(ImageRef, Vec<u8>)>, PersonnelError> {
+        let Some(image) = self.user(user_id).await?.and_then(|u| u.image) else {
+            return Ok(None);
+        };
+        let Some(bytes) = self.images.read(&image.sha256).await? else {
+            tracing::error!(user_id, sha256 = %image.sha256, store = %self.images.location(), "A user's image blob is missing.");
+            return Err(PersonnelError::Corrupt(format!(
+                "user {user_id}'s image {} is missing from {}; upload it again",
+                image.sha256,
+                self.images.location()
+            )));
+        };
+        let actual = images::sha256_hex(&bytes);
+        if actual != image.sha256 {
+            tracing::error!(user_id, sha256 = %image.sha256, actual = %actual, "An image blob's bytes do not match its name.");
+            return Err(PersonnelError::Corrupt(format!(
+                "user {user_id}'s image {} reads back with SHA-256 {actual}; upload it again",
+                image.sha256
+            )));
+        }
+        Ok(Some((image, bytes)))
+    }
+
+    /// Checks that a user exists; the first step of an upload, before any byte is accepted.
+    ///
+    /// # Errors
+    ///
+    /// [`PersonnelError::NotFound`] naming the user.
+    pub async fn require_user(&self, user_id: u64) -> Result<(), PersonnelError> {
+        if user_id == 0 {
+            return Err(PersonnelError::Invalid {
+                message: "user_id must be 1 or more".into(),
+            });
+        }
+        if self.directory.exists(user_id).await? {
+            Ok(())
+        } else {
+            Err(PersonnelError::NotFound(format!(
+                "user {user_id} does not exist"
+            )))
+        }
+    }
+
+    /// Uploads a picture for a user from a stream of chunks and makes it the user's picture.
+    /// `content_type` may be empty (the bytes decide); otherwise it must match them.
+    ///
+    /// The user must exist (checked before the first chunk is read). The bytes go to a
+    /// temporary file; nothing is visible unless every check passed and every byte arrived.
+    ///
+    /// # Errors
+    ///
+    /// [`PersonnelError::NotFound`], [`PersonnelError::Invalid`] (not PNG/JPEG/WebP, or not
+    /// what was declared), [`PersonnelError::TooLarge`], [`PersonnelError::Aborted`] (the
+    /// stream failed), [`PersonnelError::Unavailable`].
+    pub async fn upload<S>(
+        &self,
+        user_id: u64,
+        content_type: &str,
+        chunks: S,
+    ) -> Result<ImageRef, PersonnelError>
+    where
+        S: Stream<Item = Result<Bytes, ImageError>> + Send,
+    {
+        self.require_user(user_id).await?;
+        let image = images::store_stream(
+            self.images.as_ref(),
+            content_type,
+            self.max_image_bytes,
+            chunks,
+        )
+        .await?;
+        let previous = self.directory.set_image(user_id, Some(&image)).await?;
+        tracing::info!(
+            user_id,
+            sha256 = %image.sha256,
+            content_type = %image.content_type,
+            size = image.size,
+            replaced = ?previous.as_ref().map(|p| &p.sha256),
+            "Stored a user's image."
+        );
+        Ok(image)
+    }
+
+    /// [`Personnel::upload`] from bytes in memory.
+    ///
+    /// # Errors
+    ///
+    /// As [`Personnel::upload`].
+    pub async fn put_image(
+        &self,
+        user_id: u64,
+        content_type: &str,
+        bytes: Vec<u8>,
+    ) -> Result<ImageRef, PersonnelError> {
+        let bytes = Bytes::from(bytes);
+        let chunks: Vec<Result<Bytes, ImageError>> = (0..bytes.len())
+            .step_by(CHUNK_BYTES)
+            .map(|i| Ok(bytes.slice(i..(i + CHUNK_BYTES).min(bytes.len()))))
+            .collect();
+        self.upload(user_id, content_type, futures::stream::iter(chunks))
+            .await
+    }
+
+    /// Removes the user's picture (the user then has none) and returns what it was; `None` if
+    /// the user had none. The blob itself goes at the next garbage collection if no other user
+    /// references it.
+    ///
+    /// # Errors
+    ///
+    /// [`PersonnelError::NotFound`] if the user does not exist.
+    pub async fn delete_image(&self, user_id: u64) -> Result<Option<ImageRef>, PersonnelError> {
+        self.require_user(user_id).await?;
+        let previous = self.directory.set_image(user_id, None).await?;
+        tracing::info!(user_id, removed = ?previous.as_ref().map(|p| &p.sha256), "Removed a user's image reference.");
+        Ok(previous)
+    }
+
+    /// Removes blobs no user references (older than the grace period) and stale temporary
+    /// files. The references are read first (see [`images::collect_garbage`]).
+    ///
+    /// # Errors
+    ///
+    /// [`PersonnelError::Unavailable`] if a service fails.
+    pub async fn collect_garbage(&self, options: GcOptions) -> Result<GcReport, PersonnelError> {
+        let referenced = self.directory.referenced_images().await?;
+        Ok(images::collect_garbage(self.images.as_ref(), &referenced, options).await?)
+    }
+}

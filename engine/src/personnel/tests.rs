@@ -1,0 +1,1 @@
+//! Unit tests of Personnel with the in-memory directory and store.
