@@ -31,6 +31,8 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod images;
+pub mod personnel;
 pub mod pipeline;
 pub mod serve;
 pub mod sink;
