@@ -60,6 +60,7 @@ use crate::source::Source;
 #[derive(Clone, Debug, Default)]
 pub struct EngineBuilder {
     config: EngineConfig,
+    personnel: Option<Arc<personnel::Personnel>>,
 }
 
 impl EngineBuilder {
@@ -93,6 +94,13 @@ impl EngineBuilder {
         self
     }
 
+    /// User details and pictures for the `Personnel` gRPC service; without it those calls
+    /// answer `FAILED_PRECONDITION`. See [`personnel::Personnel`].
+    pub fn personnel(mut self, personnel: Arc<personnel::Personnel>) -> Self {
+        self.personnel = Some(personnel);
+        self
+    }
+
     /// Validates the configuration, opens the sources and starts the workers, the publisher and
     /// (if configured) the gRPC server. Blocking; call it outside an async runtime.
     ///
@@ -101,7 +109,7 @@ impl EngineBuilder {
     /// [`EngineError::Config`] for invalid settings, [`EngineError::Source`] if a source cannot
     /// be opened, [`EngineError::Serve`] if the gRPC address cannot be bound.
     pub fn start(self) -> Result<Engine, EngineError> {
-        Engine::start(self.config)
+        Engine::start(self.config, self.personnel)
     }
 }
 
@@ -131,7 +139,10 @@ impl Engine {
         EngineBuilder::default()
     }
 
-    fn start(config: EngineConfig) -> Result<Engine, EngineError> {
+    fn start(
+        config: EngineConfig,
+        personnel: Option<Arc<personnel::Personnel>>,
+    ) -> Result<Engine, EngineError> {
         config.validate()?;
         let workers = config.workers;
 
@@ -241,6 +252,7 @@ impl Engine {
                 listener,
                 Arc::clone(&read_model),
                 status,
+                personnel.clone(),
             )?),
             None => None,
         };
@@ -353,6 +365,7 @@ impl GrpcServer {
         listener: std::net::TcpListener,
         read_model: Arc<ReadModel>,
         status: StatusProbe,
+        personnel: Option<Arc<personnel::Personnel>>,
     ) -> Result<GrpcServer, EngineError> {
         let addr = listener.local_addr().map_err(|e| EngineError::Serve {
             addr: "?".into(),
@@ -378,7 +391,7 @@ impl GrpcServer {
                     let shutdown = async {
                         let _ = shutdown_rx.await;
                     };
-                    serve::grpc::serve(listener, read_model, status, shutdown).await
+                    serve::grpc::serve(listener, read_model, status, personnel, shutdown).await
                 })
             })
             .map_err(|e| serve_error(e.to_string()))?;

@@ -8,6 +8,7 @@
 
 mod admin;
 mod convert;
+mod personnel;
 mod query;
 
 use std::net::SocketAddr;
@@ -19,9 +20,11 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
 pub use admin::AdminService;
+pub use personnel::PersonnelService;
 pub use query::QueryService;
 
 use crate::serve::read_model::ReadModel;
+use crate::personnel::Personnel;
 use crate::serve::status::StatusProbe;
 
 /// Largest request message accepted, in bytes. Requests are small; this bounds memory per call.
@@ -38,6 +41,7 @@ pub const MAX_SUBSCRIBERS: usize = 256;
 pub async fn router(
     read_model: Arc<ReadModel>,
     status: StatusProbe,
+    personnel: Option<Arc<Personnel>>,
 ) -> Result<tonic::transport::server::Router, String> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -46,6 +50,7 @@ pub async fn router(
     health_reporter
         .set_serving::<AdminServer<AdminService>>()
         .await;
+    personnel::report_health(&health_reporter, personnel.is_some()).await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(spendflow_proto::FILE_DESCRIPTOR_SET)
@@ -67,7 +72,8 @@ pub async fn router(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(query)
-        .add_service(admin))
+        .add_service(admin)
+        .add_service(PersonnelService::new(personnel).server()))
 }
 
 /// Serves every service on `listener` until `shutdown` completes.
@@ -79,10 +85,11 @@ pub async fn serve(
     listener: TcpListener,
     read_model: Arc<ReadModel>,
     status: StatusProbe,
+    personnel: Option<Arc<Personnel>>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), String> {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
-    let router = router(read_model, status).await?;
+    let router = router(read_model, status, personnel).await?;
     tracing::info!(addr = ?addr, "gRPC server listening.");
     // Small answers must not wait for Nagle's algorithm: without TCP_NODELAY a unary call can
     // take 40 ms on loopback.
