@@ -17,6 +17,7 @@
 //! removed by [`Personnel::collect_garbage`] once no user references it (see
 //! [`crate::images`] for why not at once).
 
+pub mod avatars;
 pub mod config;
 pub mod memory;
 pub mod mysql;
@@ -26,10 +27,12 @@ mod tests;
 
 use std::collections::HashSet;
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::Stream;
+use tokio::io::AsyncReadExt;
 
 pub use config::PersonnelConfig;
 pub use memory::MemoryDirectory;
@@ -383,6 +386,82 @@ impl Personnel {
             .collect();
         self.upload(user_id, content_type, futures::stream::iter(chunks))
             .await
+    }
+
+    /// [`Personnel::upload`] from a file, read in chunks (never whole into memory). The file
+    /// name does not matter; the bytes decide the type.
+    ///
+    /// # Errors
+    ///
+    /// As [`Personnel::upload`]; [`PersonnelError::Invalid`] if the file cannot be read.
+    pub async fn upload_file(
+        &self,
+        user_id: u64,
+        content_type: &str,
+        path: &Path,
+    ) -> Result<ImageRef, PersonnelError> {
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| PersonnelError::Invalid {
+                message: format!("cannot read {}: {e}", path.display()),
+            })?;
+        let display = path.display().to_string();
+        let chunks = futures::stream::unfold(Some(file), move |file| {
+            let display = display.clone();
+            async move {
+                let mut file = file?;
+                let mut buf = vec![0u8; CHUNK_BYTES];
+                match file.read(&mut buf).await {
+                    Ok(0) => None,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        Some((Ok(Bytes::from(buf)), Some(file)))
+                    }
+                    Err(e) => Some((
+                        Err(ImageError::Aborted {
+                            message: format!("reading {display}: {e}"),
+                        }),
+                        None,
+                    )),
+                }
+            }
+        });
+        self.upload(user_id, content_type, chunks).await
+    }
+
+    /// Writes the user's picture to `path` (through a temporary file beside it, renamed at the
+    /// end, so `path` never holds a partial image) and returns its reference.
+    ///
+    /// # Errors
+    ///
+    /// [`PersonnelError::NotFound`] if the user does not exist or has no picture;
+    /// [`PersonnelError::Invalid`] if `path` cannot be written; as [`Personnel::image`].
+    pub async fn download_to_file(
+        &self,
+        user_id: u64,
+        path: &Path,
+    ) -> Result<ImageRef, PersonnelError> {
+        let Some((image, bytes)) = self.image(user_id).await? else {
+            self.require_user(user_id).await?;
+            return Err(PersonnelError::NotFound(format!(
+                "user {user_id} has no image"
+            )));
+        };
+        let mut temp = path.as_os_str().to_owned();
+        temp.push(format!(".part-{:08x}", rand::random::<u32>()));
+        let temp = PathBuf::from(temp);
+        let write_error = |e: std::io::Error| PersonnelError::Invalid {
+            message: format!("cannot write {}: {e}", path.display()),
+        };
+        if let Err(e) = tokio::fs::write(&temp, &bytes).await {
+            let _ = tokio::fs::remove_file(&temp).await;
+            return Err(write_error(e));
+        }
+        if let Err(e) = tokio::fs::rename(&temp, path).await {
+            let _ = tokio::fs::remove_file(&temp).await;
+            return Err(write_error(e));
+        }
+        Ok(image)
     }
 
     /// Removes the user's picture (the user then has none) and returns what it was; `None` if
