@@ -14,6 +14,7 @@ use spendflow_engine::generate::config::{
     DEFAULT_BATCH, DEFAULT_PARTITIONS, DEFAULT_TOPIC, DEFAULT_TOPIC_PREFIX,
 };
 use spendflow_engine::generate::{GenerateConfig, Layout, TerminalProgress};
+use spendflow_engine::personnel::Personnel;
 use spendflow_engine::source::file::FileSourceConfig;
 use spendflow_engine::source::generator::{GeneratorConfig, GeneratorSourceConfig};
 use spendflow_engine::source::kafka::KafkaSourceConfig;
@@ -45,10 +46,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run everything in-process: a simulated card stream, the dataflow, and the gRPC service.
+    /// Run everything in-process: a simulated card stream, the dataflow, the gRPC service and
+    /// the live web report.
     ///
-    /// Needs no Kafka, database or other service. Prints grpcurl commands to try, then a live
-    /// progress line, until Ctrl-C.
+    /// Needs no Kafka, database or other service. Prints the web address and grpcurl commands
+    /// to try, then a live progress line, until Ctrl-C.
     Demo(DemoArgs),
     /// Run the engine over an input and serve the results until Ctrl-C.
     ///
@@ -123,6 +125,10 @@ struct DemoArgs {
     /// Share of malformed records, to see rejection at work (0 to 1).
     #[arg(long, default_value_t = 0.01)]
     bad_rate: f64,
+
+    /// Address of the live web report (overview and a page per user; port 0 picks one).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    web: SocketAddr,
 }
 
 #[derive(Debug, Args)]
@@ -133,6 +139,11 @@ struct RunArgs {
     /// Where records come from: `file:PATH` (JSON lines) or `kafka:HOST:PORT[,HOST:PORT]`.
     #[arg(long, value_name = "SOURCE")]
     input: String,
+
+    /// Serve the live web report on this address (overview and a page per user), e.g.
+    /// 127.0.0.1:8080. Off unless given.
+    #[arg(long, value_name = "ADDR")]
+    web: Option<SocketAddr>,
 
     /// With file input: keep reading the file as it grows (like `tail -f`).
     #[arg(long)]
@@ -295,12 +306,13 @@ fn init_logging(filter: &str) {
         .init();
 }
 
-fn engine_config(args: &EngineArgs, source: SourceConfig) -> EngineConfig {
+fn engine_config(args: &EngineArgs, source: SourceConfig, web: Option<SocketAddr>) -> EngineConfig {
     EngineConfig {
         workers: args.workers,
         epoch_interval_ms: args.epoch_interval_ms,
         source: Some(source),
         grpc: Some(args.grpc),
+        web,
         ..EngineConfig::default()
     }
 }
@@ -318,17 +330,20 @@ fn demo(args: DemoArgs) -> Result<()> {
         events: args.events,
     });
     let engine = Engine::builder()
-        .config(engine_config(&args.engine, source))
+        .config(engine_config(&args.engine, source, Some(args.web)))
+        // Names, e-mails, cards and generated avatars for the simulated users, in memory.
+        .personnel(Arc::new(Personnel::demo(args.users, args.seed)))
         .start()
         .context("could not start the demo")?;
     let addr = engine
         .grpc_addr()
         .context("the gRPC server did not start")?;
-    println!("{}", demo_banner(addr, &args));
+    let web = engine.web_addr().context("the web server did not start")?;
+    println!("{}", demo_banner(addr, web, &args));
     watch(engine)
 }
 
-fn demo_banner(addr: SocketAddr, args: &DemoArgs) -> String {
+fn demo_banner(addr: SocketAddr, web: SocketAddr, args: &DemoArgs) -> String {
     let rate = if args.rate == 0 {
         "as fast as possible".to_string()
     } else {
@@ -337,6 +352,8 @@ fn demo_banner(addr: SocketAddr, args: &DemoArgs) -> String {
     format!(
         "\
 spendflow demo: {users} simulated users, {rate}, seed {seed}; gRPC on {addr}
+
+Live web report: http://{web}/  (top spenders, categories, live feed; a page per user)
 
 Try (grpcurl: `make tools` installs it into target/tools/bin):
   grpcurl -plaintext {addr} list
@@ -375,7 +392,7 @@ fn run(args: RunArgs) -> Result<()> {
             args.input
         ),
     };
-    let mut config = engine_config(&args.engine, source);
+    let mut config = engine_config(&args.engine, source, args.web);
     config.dead_letter_topic = args.dead_letter_topic;
     let engine = Engine::builder()
         .config(config)
@@ -383,6 +400,9 @@ fn run(args: RunArgs) -> Result<()> {
         .context("could not start the engine")?;
     if let Some(addr) = engine.grpc_addr() {
         tracing::info!(%addr, "Serving gRPC; try `grpcurl -plaintext {addr} spendflow.v1.Admin/GetStatus`.");
+    }
+    if let Some(addr) = engine.web_addr() {
+        tracing::info!(%addr, "Serving the live web report at http://{addr}/.");
     }
     watch(engine)
 }

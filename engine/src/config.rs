@@ -37,6 +37,9 @@ pub struct EngineConfig {
     /// Serve gRPC on this address (port 0 picks a free port).
     #[serde(default)]
     pub grpc: Option<SocketAddr>,
+    /// Serve the live web report on this address (port 0 picks a free port).
+    #[serde(default)]
+    pub web: Option<SocketAddr>,
     /// With a Kafka source: the topic rejected records are copied to, with their original
     /// bytes and headers saying where they came from and why they were rejected.
     #[serde(default = "default_dead_letter_topic")]
@@ -84,6 +87,7 @@ impl Default for EngineConfig {
             dead_letter_capacity: default_dead_letter_capacity(),
             source: None,
             grpc: None,
+            web: None,
             dead_letter_topic: default_dead_letter_topic(),
         }
     }

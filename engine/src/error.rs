@@ -24,6 +24,14 @@ pub enum EngineError {
         /// What went wrong.
         message: String,
     },
+    /// The web report could not start.
+    #[error("web server on {addr}: {message}")]
+    Web {
+        /// The address it was to listen on.
+        addr: String,
+        /// What went wrong.
+        message: String,
+    },
     /// The dataflow workers failed (a worker thread panicked or could not start).
     #[error("dataflow workers failed: {0}")]
     Workers(String),
@@ -37,7 +45,7 @@ impl EngineError {
     pub fn is_retriable(&self) -> bool {
         match self {
             EngineError::Source(e) => e.is_retriable(),
-            EngineError::Serve { .. } => true,
+            EngineError::Serve { .. } | EngineError::Web { .. } => true,
             EngineError::Config(_) | EngineError::Workers(_) | EngineError::ShutDown => false,
         }
     }

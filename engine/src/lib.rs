@@ -94,6 +94,13 @@ impl EngineBuilder {
         self
     }
 
+    /// Serves the live web report on `addr` (port 0 picks a free port; see
+    /// [`Engine::web_addr`]).
+    pub fn web(mut self, addr: SocketAddr) -> Self {
+        self.config.web = Some(addr);
+        self
+    }
+
     /// User details and pictures for the `Personnel` gRPC service; without it those calls
     /// answer `FAILED_PRECONDITION`. See [`personnel::Personnel`].
     pub fn personnel(mut self, personnel: Arc<personnel::Personnel>) -> Self {
@@ -123,6 +130,7 @@ pub struct Engine {
     workers: Option<JoinHandle<Result<Vec<()>, String>>>,
     publisher: Option<JoinHandle<()>>,
     grpc: Option<GrpcServer>,
+    web: Option<serve::web::WebServer>,
 }
 
 #[derive(Debug)]
@@ -215,6 +223,8 @@ impl Engine {
             None => None,
         };
 
+        let web_listener = config.web.map(serve::web::WebServer::bind).transpose()?;
+
         let (reports_tx, reports_rx) = pipeline::report_channel();
         let publisher = std::thread::Builder::new()
             .name("spendflow-publisher".into())
@@ -257,6 +267,21 @@ impl Engine {
             None => None,
         };
 
+        let web = match web_listener {
+            Some(listener) => Some(serve::web::WebServer::start(
+                listener,
+                serve::web::WebContext {
+                    read_model: Arc::clone(&read_model),
+                    status: StatusProbe {
+                        shared: Arc::clone(&shared),
+                        read_model: Arc::clone(&read_model),
+                    },
+                    personnel: personnel.clone(),
+                },
+            )?),
+            None => None,
+        };
+
         Ok(Engine {
             config,
             input,
@@ -265,6 +290,7 @@ impl Engine {
             workers: Some(worker_thread),
             publisher: Some(publisher),
             grpc,
+            web,
         })
     }
 
@@ -293,6 +319,11 @@ impl Engine {
     /// The address the gRPC server listens on, if it runs.
     pub fn grpc_addr(&self) -> Option<SocketAddr> {
         self.grpc.as_ref().map(|g| g.addr)
+    }
+
+    /// The address the web report listens on, if it runs.
+    pub fn web_addr(&self) -> Option<SocketAddr> {
+        self.web.as_ref().map(|w| w.addr())
     }
 
     /// The configuration the engine runs with.
@@ -347,6 +378,9 @@ impl Engine {
         self.read_model.close();
         if let Some(mut grpc) = self.grpc.take() {
             grpc.stop();
+        }
+        if let Some(mut web) = self.web.take() {
+            web.stop();
         }
         result
     }

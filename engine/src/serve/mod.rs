@@ -3,7 +3,9 @@
 //! * [`read_model`]: the snapshot per closed epoch, readable without blocking the workers.
 //! * [`status`]: the engine's counters and progress, as `Admin/GetStatus` reports them.
 //! * [`grpc`]: `spendflow.v1.ExpenseQuery` and `spendflow.v1.Admin`, with health and reflection.
+//! * [`web`]: the live web report (overview and user pages, JSON API, server-sent events).
 
 pub mod grpc;
 pub mod read_model;
 pub mod status;
+pub mod web;

@@ -1,0 +1,594 @@
+//! The JSON API behind the pages. Every answer is read from one read-model snapshot and says
+//! which epoch it is (`as_of.epoch`), so a client can compare it with gRPC answers exactly.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use spendflow_operators::{CountSum, Epoch, Name, UserId};
+
+use super::App;
+use crate::personnel::{Personnel, UserDetails};
+use crate::serve::read_model::{Snapshot, UserAggregates, format_month};
+
+/// Most top spenders one overview may ask for.
+pub const MAX_TOP: usize = 100;
+/// Top spenders when the request does not say.
+const DEFAULT_TOP: usize = 10;
+/// Merchants listed on a user's page (the count of all is given too).
+const MAX_MERCHANTS: usize = 15;
+/// Months in a user's chart: the newest ones.
+const MAX_MONTHS: usize = 24;
+/// How long the totals by category over all users may be reused before they are recomputed
+/// from a newer snapshot. Summing over every user costs time proportional to the users, so
+/// a page polling it must not trigger that on every epoch.
+const CATEGORY_REUSE: Duration = Duration::from_secs(1);
+/// Users' details kept in memory, and for how long.
+const DETAILS_CACHE: usize = 10_000;
+const DETAILS_TTL: Duration = Duration::from_secs(60);
+
+/// An error answer: a status and a JSON body `{"error": "..."}` saying what to fix.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": self.message, "status": self.status.as_u16() });
+        (
+            self.status,
+            [(header::CACHE_CONTROL, "no-store")],
+            Json(body),
+        )
+            .into_response()
+    }
+}
+
+/// A JSON answer that is never cached: it is the live state.
+fn fresh<T: Serialize>(value: T) -> Response {
+    ([(header::CACHE_CONTROL, "no-store")], Json(value)).into_response()
+}
+
+/// Parses a user id from a path or query, or says what is allowed.
+pub fn parse_user_id(text: &str) -> Result<UserId, ApiError> {
+    match text.parse::<u64>() {
+        Ok(id) if (1..=i64::MAX as u64).contains(&id) => Ok(id),
+        _ => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "a user id is an integer from 1 to {}, got {text:?}",
+                i64::MAX
+            ),
+        )),
+    }
+}
+
+/// `404` for anything not routed: JSON under `/api/`, a small page with a way back elsewhere.
+pub async fn not_found(uri: Uri) -> Response {
+    if uri.path().starts_with("/api/") {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no such endpoint: {}; the API has /api/overview, /api/users/{{id}}, \
+                 /api/users/{{id}}/image and /api/events",
+                uri.path()
+            ),
+        )
+        .into_response();
+    }
+    (
+        StatusCode::NOT_FOUND,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        "<!doctype html><html lang=\"en\"><meta charset=\"utf-8\"><title>Not found · spendflow</title>\
+         <link rel=\"stylesheet\" href=\"/assets/style.css\"><main class=\"page\"><h1>Not found</h1>\
+         <p>There is no page here. <a href=\"/\">Back to the overview</a>.</p></main></html>",
+    )
+        .into_response()
+}
+
+/// `(count, sum)` of one key, as JSON.
+#[derive(Debug, Serialize)]
+pub struct Total {
+    /// Category, merchant or month (`2026-11`).
+    pub key: String,
+    /// Sum of the live expenses, minor units.
+    pub total_minor: i64,
+    /// Number of live expenses.
+    pub expense_count: i64,
+}
+
+/// Totals largest first, ties by key: the order gRPC answers use.
+fn totals(entries: impl Iterator<Item = (String, CountSum)>) -> Vec<Total> {
+    let mut out: Vec<Total> = entries
+        .map(|(key, (count, sum))| Total {
+            key,
+            total_minor: sum,
+            expense_count: count,
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        b.total_minor
+            .cmp(&a.total_minor)
+            .then_with(|| a.key.cmp(&b.key))
+    });
+    out
+}
+
+#[derive(Debug, Serialize)]
+struct AsOfJson {
+    epoch: Epoch,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Users' details
+// ---------------------------------------------------------------------------------------------
+
+/// A user's details as the page shows them.
+#[derive(Clone, Debug, Serialize)]
+pub struct DetailsJson {
+    name: String,
+    email: String,
+    country: String,
+    currency: String,
+    monthly_budget_minor: i64,
+    cards: Vec<CardJson>,
+    /// Where the photo is, if the user has one.
+    image_url: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct CardJson {
+    card_id: String,
+    masked_number: String,
+}
+
+impl DetailsJson {
+    /// The user's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The currency of all the user's expenses.
+    pub fn currency(&self) -> &str {
+        &self.currency
+    }
+
+    fn from(details: &UserDetails) -> Self {
+        DetailsJson {
+            name: details.name.clone(),
+            email: details.email.clone(),
+            country: details.country.clone(),
+            currency: details.currency.clone(),
+            monthly_budget_minor: details.monthly_budget_minor,
+            cards: details
+                .cards
+                .iter()
+                .map(|c| CardJson {
+                    card_id: c.card_id.clone(),
+                    masked_number: c.masked_number.clone(),
+                })
+                .collect(),
+            image_url: details
+                .image
+                .as_ref()
+                .map(|i| format!("/api/users/{}/image?v={}", details.user_id, i.sha256)),
+        }
+    }
+}
+
+/// What is known about a user's details.
+#[derive(Clone, Debug)]
+pub enum Lookup {
+    /// No personnel store is configured.
+    NotConfigured,
+    /// The store has no such user.
+    NotFound,
+    /// The store could not be read; the message says why.
+    Failed(String),
+    /// The details.
+    Found(Arc<DetailsJson>),
+}
+
+impl Lookup {
+    fn details(&self) -> Option<&DetailsJson> {
+        match self {
+            Lookup::Found(d) => Some(d),
+            _ => None,
+        }
+    }
+
+    fn state(&self) -> &'static str {
+        match self {
+            Lookup::NotConfigured => "not_configured",
+            Lookup::NotFound => "not_found",
+            Lookup::Failed(_) => "unavailable",
+            Lookup::Found(_) => "ok",
+        }
+    }
+}
+
+/// Users' details for the pages, from the personnel store, with a small cache so a page that
+/// refreshes every second does not ask the store for the same users again and again.
+#[derive(Clone, Debug)]
+pub struct Directory {
+    personnel: Option<Arc<Personnel>>,
+    cache: Arc<Mutex<HashMap<UserId, (Instant, Lookup)>>>,
+}
+
+impl Directory {
+    /// A directory over `personnel` (none: details are "not configured").
+    pub fn new(personnel: Option<Arc<Personnel>>) -> Self {
+        Directory {
+            personnel,
+            cache: Arc::default(),
+        }
+    }
+
+    /// True if a personnel store is configured.
+    pub fn configured(&self) -> bool {
+        self.personnel.is_some()
+    }
+
+    /// One user's details.
+    pub async fn lookup(&self, user: UserId) -> Lookup {
+        let Some(personnel) = &self.personnel else {
+            return Lookup::NotConfigured;
+        };
+        if let Some((at, lookup)) = self.lock().get(&user)
+            && at.elapsed() < DETAILS_TTL
+        {
+            return lookup.clone();
+        }
+        let lookup = match personnel.user(user).await {
+            Ok(Some(details)) => Lookup::Found(Arc::new(DetailsJson::from(&details))),
+            Ok(None) => Lookup::NotFound,
+            Err(e) => {
+                tracing::warn!(user, error = %e, "Could not read the user's details for the web page.");
+                // Not cached: the next request tries again.
+                return Lookup::Failed(e.to_string());
+            }
+        };
+        let mut cache = self.lock();
+        if cache.len() >= DETAILS_CACHE {
+            cache.retain(|_, (at, _)| at.elapsed() < DETAILS_TTL);
+            if cache.len() >= DETAILS_CACHE {
+                cache.clear();
+            }
+        }
+        cache.insert(user, (Instant::now(), lookup.clone()));
+        lookup
+    }
+
+    /// Several users' details, in the order given.
+    pub async fn lookup_all(&self, users: &[UserId]) -> Vec<Lookup> {
+        futures::future::join_all(users.iter().map(|u| self.lookup(*u))).await
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<UserId, (Instant, Lookup)>> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GET /api/overview
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+pub struct OverviewQuery {
+    /// Top spenders to list, 1 to [`MAX_TOP`].
+    limit: Option<usize>,
+}
+
+#[derive(Debug, Serialize)]
+struct Overview {
+    as_of: AsOfJson,
+    users: usize,
+    live_expenses: i64,
+    records_read: u64,
+    records_rejected: u64,
+    caught_up: bool,
+    /// `ok` or `not_configured`: whether names and photos can be shown.
+    details: &'static str,
+    top_spenders: Vec<Spender>,
+    /// Totals by category over all users, at `categories_as_of` (recomputed at most once a
+    /// second, so it may be a little older than `as_of`).
+    categories: Arc<Vec<CategoryTotal>>,
+    categories_as_of: AsOfJson,
+}
+
+#[derive(Debug, Serialize)]
+struct Spender {
+    rank: usize,
+    user_id: UserId,
+    name: Option<String>,
+    currency: Option<String>,
+    total_minor: i64,
+    expense_count: i64,
+}
+
+/// One category over all users.
+#[derive(Debug, Serialize)]
+pub struct CategoryTotal {
+    key: String,
+    /// Sum over all users of their minor units (users' currencies differ).
+    total_minor: i64,
+    expense_count: i64,
+    /// Users with a live expense in the category.
+    users: u64,
+}
+
+/// The last totals by category and the epoch they are of.
+#[derive(Debug, Default)]
+pub struct CategoryCache {
+    last: Mutex<Option<(Instant, Epoch, Arc<Vec<CategoryTotal>>)>>,
+}
+
+impl CategoryCache {
+    /// Totals by category at `snapshot`, or the last ones if they are recent enough.
+    async fn get(&self, snapshot: &Arc<Snapshot>) -> (Epoch, Arc<Vec<CategoryTotal>>) {
+        let epoch = snapshot.as_of().epoch;
+        if let Some((at, cached_epoch, totals)) =
+            &*self.last.lock().unwrap_or_else(|p| p.into_inner())
+            && (*cached_epoch == epoch || at.elapsed() < CATEGORY_REUSE)
+        {
+            return (*cached_epoch, Arc::clone(totals));
+        }
+        let owned = Arc::clone(snapshot);
+        let computed = tokio::task::spawn_blocking(move || category_totals(&owned))
+            .await
+            .unwrap_or_default();
+        let totals = Arc::new(computed);
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Instant::now(), epoch, Arc::clone(&totals)));
+        (epoch, totals)
+    }
+}
+
+/// Sums every user's categories. Costs time proportional to users × categories.
+pub fn category_totals(snapshot: &Snapshot) -> Vec<CategoryTotal> {
+    let mut by_name: BTreeMap<Name, (i64, i64, u64)> = BTreeMap::new();
+    for user in snapshot.users_after(None) {
+        for (name, (count, sum)) in &user.categories {
+            let entry = by_name.entry(*name).or_default();
+            entry.0 += count;
+            entry.1 += sum;
+            entry.2 += 1;
+        }
+    }
+    let mut out: Vec<CategoryTotal> = by_name
+        .into_iter()
+        .map(|(name, (count, sum, users))| CategoryTotal {
+            key: name.text().to_string(),
+            total_minor: sum,
+            expense_count: count,
+            users,
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        b.total_minor
+            .cmp(&a.total_minor)
+            .then_with(|| a.key.cmp(&b.key))
+    });
+    out
+}
+
+pub async fn overview(
+    State(app): State<App>,
+    query: Result<Query<OverviewQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("limit must be an integer from 1 to {MAX_TOP}: {e}"),
+        )
+    })?;
+    let limit = match query.limit {
+        None => DEFAULT_TOP,
+        Some(n) if (1..=MAX_TOP).contains(&n) => n,
+        Some(n) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("limit must be from 1 to {MAX_TOP}, got {n}"),
+            ));
+        }
+    };
+    let status = app.status.status();
+    let snapshot = app.read_model.snapshot();
+    let top: Vec<&Arc<UserAggregates>> = snapshot.top_spenders().take(limit).collect();
+    let ids: Vec<UserId> = top.iter().map(|u| u.user_id).collect();
+    let details = app.directory.lookup_all(&ids).await;
+    let top_spenders = top
+        .iter()
+        .zip(&details)
+        .enumerate()
+        .map(|(i, (u, lookup))| Spender {
+            rank: i + 1,
+            user_id: u.user_id,
+            name: lookup.details().map(|d| d.name.clone()),
+            currency: lookup.details().map(|d| d.currency.clone()),
+            total_minor: u.total_minor,
+            expense_count: u.expense_count,
+        })
+        .collect();
+    let (categories_epoch, categories) = app.categories.get(&snapshot).await;
+    Ok(fresh(Overview {
+        as_of: AsOfJson {
+            epoch: snapshot.as_of().epoch,
+        },
+        users: snapshot.user_count(),
+        live_expenses: snapshot.live_expenses(),
+        records_read: status.records_read,
+        records_rejected: status.records_rejected,
+        caught_up: status.caught_up,
+        details: if app.directory.configured() {
+            "ok"
+        } else {
+            "not_configured"
+        },
+        top_spenders,
+        categories,
+        categories_as_of: AsOfJson {
+            epoch: categories_epoch,
+        },
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// GET /api/users/{id}
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Serialize)]
+struct UserPage {
+    as_of: AsOfJson,
+    user_id: UserId,
+    /// `ok`, `not_configured`, `not_found` or `unavailable`.
+    details_state: &'static str,
+    details: Option<Arc<DetailsJson>>,
+    /// `None` if the user has no live expense.
+    aggregates: Option<AggregatesJson>,
+}
+
+#[derive(Debug, Serialize)]
+struct AggregatesJson {
+    total_minor: i64,
+    expense_count: i64,
+    last_event_ms: Option<i64>,
+    last_event_time: Option<String>,
+    categories: Vec<Total>,
+    /// The largest merchants (at most 15); `merchant_count` says how many there are.
+    merchants: Vec<Total>,
+    merchant_count: usize,
+    /// The newest months (at most 24), oldest first.
+    months: Vec<Total>,
+}
+
+fn aggregates_json(user: &UserAggregates) -> AggregatesJson {
+    let mut merchants = totals(
+        user.merchants
+            .iter()
+            .map(|(k, v)| (k.text().to_string(), *v)),
+    );
+    merchants.truncate(MAX_MERCHANTS);
+    let skip = user.months.len().saturating_sub(MAX_MONTHS);
+    AggregatesJson {
+        total_minor: user.total_minor,
+        expense_count: user.expense_count,
+        last_event_ms: user.last_event_ms,
+        last_event_time: user
+            .last_event_ms
+            .map(spendflow_operators::decode::format_event_time),
+        categories: totals(
+            user.categories
+                .iter()
+                .map(|(k, v)| (k.text().to_string(), *v)),
+        ),
+        merchants,
+        merchant_count: user.merchants.len(),
+        months: user
+            .months
+            .iter()
+            .skip(skip)
+            .map(|(month, (count, sum))| Total {
+                key: format_month(*month),
+                total_minor: *sum,
+                expense_count: *count,
+            })
+            .collect(),
+    }
+}
+
+pub async fn user(State(app): State<App>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let user = parse_user_id(&id)?;
+    let snapshot = app.read_model.snapshot();
+    let aggregates = snapshot.user(user).map(|u| aggregates_json(u));
+    let lookup = app.directory.lookup(user).await;
+    if aggregates.is_none() && !matches!(lookup, Lookup::Found(_)) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "user {user} has no live expenses as of epoch {}{}",
+                snapshot.as_of().epoch,
+                match lookup {
+                    Lookup::NotFound => " and is not in the personnel records",
+                    _ => "",
+                }
+            ),
+        ));
+    }
+    Ok(fresh(UserPage {
+        as_of: AsOfJson {
+            epoch: snapshot.as_of().epoch,
+        },
+        user_id: user,
+        details_state: lookup.state(),
+        details: match &lookup {
+            Lookup::Found(d) => Some(Arc::clone(d)),
+            _ => None,
+        },
+        aggregates,
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// GET /api/users/{id}/image
+// ---------------------------------------------------------------------------------------------
+
+pub async fn image(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    let user = parse_user_id(&id)?;
+    let Some(personnel) = &app.directory.personnel else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "user details and photos are not configured on this engine",
+        ));
+    };
+    let found = personnel.image(user).await.map_err(|e| {
+        tracing::warn!(user, error = %e, "Could not read the user's photo for the web page.");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the photo of user {user} could not be read: {e}"),
+        )
+    })?;
+    let Some((image, bytes)) = found else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("user {user} has no photo"),
+        ));
+    };
+    // The bytes are content-addressed: the hash is a perfect validator.
+    let etag = format!("\"{}\"", image.sha256);
+    let headers_out = [
+        (header::ETAG, etag.clone()),
+        (header::CACHE_CONTROL, "private, max-age=60".to_string()),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_string()),
+    ];
+    if super::assets::etag_matches(&headers, &etag) {
+        return Ok((StatusCode::NOT_MODIFIED, headers_out).into_response());
+    }
+    Ok((
+        [(header::CONTENT_TYPE, image.content_type.clone())],
+        headers_out,
+        bytes,
+    )
+        .into_response())
+}

@@ -1,0 +1,300 @@
+//! `GET /api/events`: what changed, as server-sent events, for the pages to update without a
+//! reload.
+//!
+//! Each client gets its own subscription to the read model. Epochs close every few
+//! milliseconds, far faster than anyone reads, so a client's stream collects the epochs
+//! published during [`WINDOW`] and sends them as one `changes` event with the newest value of
+//! every changed cell (values are absolute, so merging epochs loses nothing a page shows).
+//!
+//! A client that reads too slowly falls behind the read model's broadcast; it then gets a
+//! `reset` event (the page reloads its data over the JSON API) and continues from the present,
+//! so a slow browser costs the engine nothing and never holds up anyone else. At most
+//! [`super::MAX_EVENT_CLIENTS`] streams are open at once.
+//!
+//! Events:
+//! * `hello` (first): `{"epoch": N}`, the epoch published when the stream opened.
+//! * `changes`: `{"epoch", "from_epoch", "changed_users", "changes": [user cells, at most
+//!   10, with names], "user": {...}}` — `user` only with `?user=ID` and only if that user
+//!   changed: its new total, count, last event, and changed categories, merchants and months
+//!   (`removed: true` for cells that no longer exist). Sent for every window with a published
+//!   epoch, even if the selected user did not change, so the page's epoch indicator ticks.
+//! * `reset`: the stream skipped epochs; reload the state.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use spendflow_operators::{AggKey, Epoch, UserId};
+use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
+use tokio::time::Instant;
+
+use super::api::{ApiError, Directory, parse_user_id};
+use super::{App, MAX_EVENT_CLIENTS};
+use crate::serve::read_model::{CellValue, Published, ReadModel, format_month};
+
+/// Epochs published within this window go out as one event.
+pub const WINDOW: Duration = Duration::from_millis(250);
+/// Changed users listed per event (the count of all is given too).
+const MAX_LISTED: usize = 10;
+
+#[derive(Debug, Deserialize)]
+pub struct EventsQuery {
+    /// Also send this user's changed categories, merchants and months.
+    user: Option<String>,
+}
+
+pub async fn events(
+    State(app): State<App>,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the only parameter is user=ID: {e}"),
+        )
+    })?;
+    let user = query.user.as_deref().map(parse_user_id).transpose()?;
+    let guard = ClientGuard::acquire(&app.event_clients).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{MAX_EVENT_CLIENTS} live pages are open already; close one or retry later"),
+        )
+    })?;
+    // Changes published from here on; the page loads the state itself.
+    let (_, changes) = app.read_model.subscribe(None);
+    let feed = Feed {
+        changes,
+        user,
+        read_model: Arc::clone(&app.read_model),
+        directory: app.directory.clone(),
+        last_sent: Instant::now(),
+        hello: Some(app.read_model.published_epoch().unwrap_or(0)),
+        _guard: guard,
+    };
+    let stream = futures::stream::unfold(feed, |mut feed| async move {
+        let event = feed.next().await?;
+        Some((Ok::<Event, Infallible>(event), feed))
+    });
+    let sse = Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)));
+    // Proxies must not buffer the stream.
+    Ok(([(header::CACHE_CONTROL, "no-store")], sse).into_response())
+}
+
+/// Counts open streams; released when the stream is dropped (the client went away).
+#[derive(Debug)]
+struct ClientGuard(Arc<AtomicUsize>);
+
+impl ClientGuard {
+    fn acquire(count: &Arc<AtomicUsize>) -> Option<Self> {
+        if count.fetch_add(1, Ordering::AcqRel) >= MAX_EVENT_CLIENTS {
+            count.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(ClientGuard(Arc::clone(count)))
+    }
+}
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+struct Feed {
+    changes: broadcast::Receiver<Arc<Published>>,
+    user: Option<UserId>,
+    read_model: Arc<ReadModel>,
+    directory: Directory,
+    last_sent: Instant,
+    hello: Option<Epoch>,
+    _guard: ClientGuard,
+}
+
+/// What the stream got while waiting.
+enum Received {
+    Some(Vec<Arc<Published>>),
+    Lagged,
+    End,
+}
+
+impl Feed {
+    async fn next(&mut self) -> Option<Event> {
+        if let Some(epoch) = self.hello.take() {
+            return Some(json_event("hello", &serde_json::json!({ "epoch": epoch })));
+        }
+        let batch = match self.receive().await {
+            Received::Some(batch) => batch,
+            Received::Lagged => {
+                self.changes = self.changes.resubscribe();
+                self.last_sent = Instant::now();
+                let epoch = self.read_model.published_epoch().unwrap_or(0);
+                return Some(json_event("reset", &serde_json::json!({ "epoch": epoch })));
+            }
+            Received::End => return None,
+        };
+        self.last_sent = Instant::now();
+        let mut payload = merge(&batch, self.user);
+        let ids: Vec<UserId> = payload.changes.iter().map(|c| c.user_id).collect();
+        for (change, lookup) in payload
+            .changes
+            .iter_mut()
+            .zip(self.directory.lookup_all(&ids).await)
+        {
+            if let super::api::Lookup::Found(details) = lookup {
+                change.name = Some(details.name().to_string());
+                change.currency = Some(details.currency().to_string());
+            }
+        }
+        Some(json_event("changes", &payload))
+    }
+
+    /// Waits for a published epoch, then for the rest of the window, and takes everything
+    /// published by then.
+    async fn receive(&mut self) -> Received {
+        let first = tokio::select! {
+            received = self.changes.recv() => received,
+            () = self.read_model.closed() => return Received::End,
+        };
+        let mut batch = match first {
+            Ok(published) => vec![published],
+            Err(RecvError::Lagged(_)) => return Received::Lagged,
+            Err(RecvError::Closed) => return Received::End,
+        };
+        tokio::select! {
+            () = tokio::time::sleep_until(self.last_sent + WINDOW) => {}
+            () = self.read_model.closed() => return Received::End,
+        }
+        loop {
+            match self.changes.try_recv() {
+                Ok(published) => batch.push(published),
+                Err(TryRecvError::Empty) => return Received::Some(batch),
+                Err(TryRecvError::Lagged(_)) => return Received::Lagged,
+                Err(TryRecvError::Closed) => return Received::End,
+            }
+        }
+    }
+}
+
+fn json_event(name: &str, payload: &impl Serialize) -> Event {
+    let data = serde_json::to_string(payload).unwrap_or_else(|_| "{}".into());
+    Event::default().event(name).data(data)
+}
+
+/// The `changes` event.
+#[derive(Debug, Default, Serialize)]
+pub struct ChangesJson {
+    /// The newest epoch included.
+    pub epoch: Epoch,
+    /// The oldest epoch included.
+    pub from_epoch: Epoch,
+    /// Users whose totals changed.
+    pub changed_users: usize,
+    /// The users changed in the newest epochs, newest first (at most 10).
+    pub changes: Vec<UserChange>,
+    /// The selected user's changes, if they changed.
+    pub user: Option<UserCells>,
+}
+
+/// A user's new total.
+#[derive(Debug, Serialize)]
+pub struct UserChange {
+    pub user_id: UserId,
+    pub name: Option<String>,
+    pub currency: Option<String>,
+    pub epoch: Epoch,
+    pub total_minor: i64,
+    pub expense_count: i64,
+    pub last_event_ms: Option<i64>,
+}
+
+/// The new values of one user's changed cells.
+#[derive(Debug, Default, Serialize)]
+pub struct UserCells {
+    pub total_minor: Option<i64>,
+    pub expense_count: Option<i64>,
+    pub last_event_ms: Option<i64>,
+    pub categories: Vec<CellJson>,
+    pub merchants: Vec<CellJson>,
+    pub months: Vec<CellJson>,
+}
+
+/// A cell's new value; `removed` if it no longer exists.
+#[derive(Debug, Serialize)]
+pub struct CellJson {
+    pub key: String,
+    pub total_minor: i64,
+    pub expense_count: i64,
+    pub removed: bool,
+}
+
+/// Merges a window's epochs: the newest value of every changed cell.
+pub fn merge(batch: &[Arc<Published>], selected: Option<UserId>) -> ChangesJson {
+    let mut users: BTreeMap<UserId, (Epoch, &CellValue)> = BTreeMap::new();
+    let mut cells: BTreeMap<AggKey, &CellValue> = BTreeMap::new();
+    for published in batch {
+        let epoch = published.as_of.epoch;
+        for cell in &published.cells {
+            if let AggKey::User(user) = cell.key {
+                users.insert(user, (epoch, cell));
+            }
+            if Some(cell.key.user_id()) == selected {
+                cells.insert(cell.key, cell);
+            }
+        }
+    }
+    let mut changes: Vec<UserChange> = users
+        .iter()
+        .map(|(user, (epoch, cell))| UserChange {
+            user_id: *user,
+            name: None,
+            currency: None,
+            epoch: *epoch,
+            total_minor: cell.sum,
+            expense_count: cell.count,
+            last_event_ms: cell.last_event_ms,
+        })
+        .collect();
+    // Newest first; within an epoch the latest event first.
+    changes.sort_by(|a, b| {
+        (b.epoch, b.last_event_ms, a.user_id).cmp(&(a.epoch, a.last_event_ms, b.user_id))
+    });
+    changes.truncate(MAX_LISTED);
+    let user = (!cells.is_empty()).then(|| {
+        let mut out = UserCells::default();
+        for (key, cell) in cells {
+            let json = |key: String| CellJson {
+                key,
+                total_minor: cell.sum,
+                expense_count: cell.count,
+                removed: cell.removed(),
+            };
+            match key {
+                AggKey::User(_) => {
+                    out.total_minor = Some(cell.sum);
+                    out.expense_count = Some(cell.count);
+                    out.last_event_ms = cell.last_event_ms;
+                }
+                AggKey::Category(_, name) => out.categories.push(json(name.text().to_string())),
+                AggKey::Merchant(_, name) => out.merchants.push(json(name.text().to_string())),
+                AggKey::Month(_, month) => out.months.push(json(format_month(month))),
+                AggKey::Day(..) => {}
+            }
+        }
+        out
+    });
+    ChangesJson {
+        epoch: batch.last().map_or(0, |p| p.as_of.epoch),
+        from_epoch: batch.first().map_or(0, |p| p.as_of.epoch),
+        changed_users: users.len(),
+        changes,
+        user,
+    }
+}

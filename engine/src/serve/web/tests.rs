@@ -1,0 +1,147 @@
+use std::sync::Arc;
+
+use axum::http::{HeaderMap, HeaderValue, header};
+use spendflow_operators::{AggKey, Name};
+
+use super::api::{category_totals, parse_user_id};
+use super::assets::{all, etag_matches};
+use super::events::merge;
+use crate::serve::read_model::{AsOf, CellValue, EpochDelta, Published, ReadModel};
+
+fn cell(key: AggKey, count: i64, sum: i64) -> CellValue {
+    CellValue {
+        key,
+        count,
+        sum,
+        last_event_ms: None,
+    }
+}
+
+fn published(epoch: u64, cells: Vec<CellValue>) -> Arc<Published> {
+    Arc::new(Published {
+        as_of: AsOf {
+            epoch,
+            positions: Arc::default(),
+        },
+        cells,
+    })
+}
+
+#[test]
+fn user_ids_are_checked() {
+    assert_eq!(parse_user_id("42").unwrap(), 42);
+    for bad in ["0", "-1", "x", "", "9223372036854775808", "1.5"] {
+        assert!(parse_user_id(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn a_window_keeps_the_newest_value_of_every_cell() {
+    let groceries = Name::intern("groceries").0;
+    let travel = Name::intern("travel").0;
+    let batch = vec![
+        published(
+            7,
+            vec![
+                cell(AggKey::User(1), 1, 100),
+                cell(AggKey::Category(1, groceries), 1, 100),
+                cell(AggKey::User(2), 3, 900),
+            ],
+        ),
+        published(
+            8,
+            vec![
+                cell(AggKey::User(1), 2, 250),
+                cell(AggKey::Category(1, groceries), 0, 0),
+                cell(AggKey::Category(1, travel), 2, 250),
+            ],
+        ),
+    ];
+    let merged = merge(&batch, Some(1));
+    assert_eq!((merged.from_epoch, merged.epoch), (7, 8));
+    assert_eq!(merged.changed_users, 2);
+    // Newest first.
+    let order: Vec<_> = merged
+        .changes
+        .iter()
+        .map(|c| (c.user_id, c.epoch, c.total_minor))
+        .collect();
+    assert_eq!(order, vec![(1, 8, 250), (2, 7, 900)]);
+    let user = merged.user.expect("user 1 changed");
+    assert_eq!((user.total_minor, user.expense_count), (Some(250), Some(2)));
+    let categories: Vec<_> = user
+        .categories
+        .iter()
+        .map(|c| (c.key.as_str(), c.total_minor, c.removed))
+        .collect();
+    assert!(categories.contains(&("groceries", 0, true)));
+    assert!(categories.contains(&("travel", 250, false)));
+
+    // Another user's page gets the tick but no cells.
+    assert!(merge(&batch, Some(3)).user.is_none());
+    assert!(merge(&batch, None).user.is_none());
+}
+
+#[test]
+fn categories_are_summed_over_users() {
+    let (model, mut writer) = ReadModel::new();
+    let groceries = Name::intern("groceries").0;
+    let fuel = Name::intern("fuel").0;
+    let change = |key, count, sum| spendflow_operators::CellChange { key, count, sum };
+    writer.apply(EpochDelta {
+        as_of: AsOf {
+            epoch: 1,
+            positions: Arc::default(),
+        },
+        cells: vec![
+            change(AggKey::User(1), 2, 300),
+            change(AggKey::Category(1, groceries), 1, 100),
+            change(AggKey::Category(1, fuel), 1, 200),
+            change(AggKey::User(2), 1, 50),
+            change(AggKey::Category(2, groceries), 1, 50),
+        ],
+        last_seen: Vec::new(),
+        records_covered: 3,
+    });
+    let totals = category_totals(&model.snapshot());
+    let rows: Vec<_> = totals
+        .iter()
+        .map(|c| serde_json::to_value(c).unwrap())
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            serde_json::json!({"key": "fuel", "total_minor": 200, "expense_count": 1, "users": 1}),
+            serde_json::json!({"key": "groceries", "total_minor": 150, "expense_count": 2, "users": 2}),
+        ]
+    );
+}
+
+#[test]
+fn etags_validate() {
+    let mut headers = HeaderMap::new();
+    assert!(!etag_matches(&headers, "\"abc\""));
+    headers.insert(
+        header::IF_NONE_MATCH,
+        HeaderValue::from_static("\"x\", W/\"abc\""),
+    );
+    assert!(etag_matches(&headers, "\"abc\""));
+    assert!(!etag_matches(&headers, "\"abd\""));
+}
+
+#[test]
+fn the_page_loads_nothing_from_elsewhere() {
+    for (name, body) in all() {
+        for needle in ["http://", "https://", "//cdn", "@import", "url("] {
+            // The SVG namespace is a name, not a location: no request is made for it.
+            let allowed = body.matches("http://www.w3.org/2000/svg").count();
+            let found = body.matches(needle).count();
+            let found = if needle == "http://" {
+                found - allowed
+            } else {
+                found
+            };
+            assert_eq!(found, 0, "{name} contains {needle:?}");
+        }
+    }
+}
