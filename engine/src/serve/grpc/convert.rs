@@ -6,11 +6,12 @@
 use std::time::Duration;
 
 use spendflow_operators::model::days_from_civil;
-use spendflow_operators::{AggKey, Epoch, UserId};
+use spendflow_operators::{AggKey, CountSum, Epoch, UserId};
 use spendflow_proto::v1 as pb;
 use tonic::Status;
 
-use crate::serve::read_model::{AsOf, CellValue, UserAggregates, format_day, format_month};
+use super::backend::{SummaryData, Wait};
+use crate::serve::read_model::{AsOf, CellValue, format_day, format_month};
 
 /// Longest read-your-writes wait a request may ask for.
 pub const MAX_WAIT: Duration = Duration::from_secs(30);
@@ -72,15 +73,13 @@ pub fn limit(value: u32, default: u32, max: u32, field: &str) -> Result<usize, S
     }
 }
 
-fn totals<'a, K: 'a>(
-    entries: impl Iterator<Item = (&'a K, &'a (i64, i64))>,
-    key: impl Fn(&K) -> String,
-) -> Vec<pb::Total> {
+fn totals(entries: Vec<(String, CountSum)>) -> Vec<pb::Total> {
     let mut out: Vec<pb::Total> = entries
-        .map(|(k, (count, sum))| pb::Total {
-            key: key(k),
-            total_minor: *sum,
-            expense_count: *count,
+        .into_iter()
+        .map(|(key, (count, sum))| pb::Total {
+            key,
+            total_minor: sum,
+            expense_count: count,
         })
         .collect();
     // Largest total first; ties by name so answers are stable.
@@ -92,19 +91,31 @@ fn totals<'a, K: 'a>(
     out
 }
 
-pub fn summary(user: &UserAggregates) -> pb::UserSummary {
+/// The answer for one user's summary, whichever backend read it.
+pub fn summary(user: SummaryData) -> pb::UserSummary {
     pb::UserSummary {
         user_id: user.user_id,
         total_minor: user.total_minor,
         expense_count: user.expense_count,
-        by_category: totals(user.categories.iter(), |k| k.text().to_string()),
-        by_merchant: totals(user.merchants.iter(), |k| k.text().to_string()),
+        by_category: totals(user.by_category),
+        by_merchant: totals(user.by_merchant),
         last_event_time: user
             .last_event_ms
             .map(spendflow_operators::decode::format_event_time)
             .unwrap_or_default(),
         last_event_ms: user.last_event_ms.unwrap_or(0),
     }
+}
+
+/// `DEADLINE_EXCEEDED` for a read-your-writes wait that ran out: `latest` is the newest epoch
+/// the backend has (`what`: published, committed ...).
+pub fn epoch_not_reached(wait: Wait, latest: Option<Epoch>, what: &str) -> Status {
+    let latest = latest.map_or_else(|| "none yet".to_string(), |e| e.to_string());
+    Status::deadline_exceeded(format!(
+        "epoch {} was not {what} within {} ms (latest: {latest}); retry or raise consistency.timeout_ms",
+        wait.min_epoch,
+        wait.timeout.as_millis(),
+    ))
 }
 
 pub fn cell(value: &CellValue) -> pb::Cell {

@@ -2,29 +2,33 @@
 //! server reflection (v1 and v1alpha, so both current and older `grpcurl` can list and
 //! describe everything without the `.proto` files).
 //!
-//! Handlers read the current read-model snapshot and never wait on the dataflow, except where a
-//! request asks for read-your-writes (`consistency.min_epoch`), which waits, bounded, for the
-//! publisher.
+//! `ExpenseQuery` is written once over a [`backend::QueryBackend`]: the engine answers from its
+//! read model ([`ReadModelBackend`]: handlers read the current snapshot and never wait on the
+//! dataflow, except where a request asks for read-your-writes), and `spendflow serve --from
+//! cassandra` answers from the Cassandra sink's tables (`crate::serve::cassandra`).
 
 mod admin;
-mod convert;
+pub mod backend;
+pub(crate) mod convert;
+mod memory;
 mod personnel;
 mod query;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use spendflow_proto::v1::admin_server::AdminServer;
-use spendflow_proto::v1::expense_query_server::ExpenseQueryServer;
+use spendflow_proto::v1::admin_server::{Admin, AdminServer};
+use spendflow_proto::v1::expense_query_server::{ExpenseQuery, ExpenseQueryServer};
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
 pub use admin::AdminService;
+pub use memory::ReadModelBackend;
 pub use personnel::PersonnelService;
-pub use query::QueryService;
+pub use query::{QueryService, SubscriberGuard};
 
-use crate::serve::read_model::ReadModel;
 use crate::personnel::Personnel;
+use crate::serve::read_model::ReadModel;
 use crate::serve::status::StatusProbe;
 
 /// Largest request message accepted, in bytes. Requests are small; this bounds memory per call.
@@ -43,14 +47,36 @@ pub async fn router(
     status: StatusProbe,
     personnel: Option<Arc<Personnel>>,
 ) -> Result<tonic::transport::server::Router, String> {
+    let query = QueryService::over_read_model(read_model);
+    let (router, health) = router_with(query, AdminService::new(status)).await?;
+    personnel::report_health(&health, personnel.is_some()).await;
+    Ok(router.add_service(PersonnelService::new(personnel).server()))
+}
+
+/// Builds a router serving `query` and `admin`, with health (both reported serving) and
+/// reflection (v1 and v1alpha). The health reporter is returned so a server can report
+/// `NOT_SERVING` while its store is unreachable.
+///
+/// # Errors
+///
+/// A message if the reflection service could not be built from the descriptor sets.
+pub async fn router_with<Q, A>(
+    query: Q,
+    admin: A,
+) -> Result<
+    (
+        tonic::transport::server::Router,
+        tonic_health::server::HealthReporter,
+    ),
+    String,
+>
+where
+    Q: ExpenseQuery,
+    A: Admin,
+{
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<ExpenseQueryServer<QueryService>>()
-        .await;
-    health_reporter
-        .set_serving::<AdminServer<AdminService>>()
-        .await;
-    personnel::report_health(&health_reporter, personnel.is_some()).await;
+    health_reporter.set_serving::<ExpenseQueryServer<Q>>().await;
+    health_reporter.set_serving::<AdminServer<A>>().await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(spendflow_proto::FILE_DESCRIPTOR_SET)
@@ -63,17 +89,15 @@ pub async fn router(
         .build_v1alpha()
         .map_err(|e| e.to_string())?;
 
-    let query = ExpenseQueryServer::new(QueryService::new(Arc::clone(&read_model)))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let admin =
-        AdminServer::new(AdminService::new(status)).max_decoding_message_size(MAX_REQUEST_BYTES);
-    Ok(tonic::transport::Server::builder()
+    let query = ExpenseQueryServer::new(query).max_decoding_message_size(MAX_REQUEST_BYTES);
+    let admin = AdminServer::new(admin).max_decoding_message_size(MAX_REQUEST_BYTES);
+    let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(query)
-        .add_service(admin)
-        .add_service(PersonnelService::new(personnel).server()))
+        .add_service(admin);
+    Ok((router, health_reporter))
 }
 
 /// Serves every service on `listener` until `shutdown` completes.
@@ -88,8 +112,21 @@ pub async fn serve(
     personnel: Option<Arc<Personnel>>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), String> {
-    let addr: Option<SocketAddr> = listener.local_addr().ok();
     let router = router(read_model, status, personnel).await?;
+    serve_router(listener, router, shutdown).await
+}
+
+/// Serves `router` on `listener` until `shutdown` completes.
+///
+/// # Errors
+///
+/// A message if the server failed.
+pub async fn serve_router(
+    listener: TcpListener,
+    router: tonic::transport::server::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), String> {
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(addr = ?addr, "gRPC server listening.");
     // Small answers must not wait for Nagle's algorithm: without TCP_NODELAY a unary call can
     // take 40 ms on loopback.

@@ -1,23 +1,20 @@
-//! `spendflow.v1.ExpenseQuery`.
+//! `spendflow.v1.ExpenseQuery`: request checks, paging rules, error statuses and answers,
+//! written once over any [`QueryBackend`] (the engine's read model, Cassandra's tables).
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use spendflow_operators::{Epoch, UserId};
+use spendflow_operators::UserId;
 use spendflow_proto::v1 as pb;
 use spendflow_proto::v1::expense_query_server::ExpenseQuery;
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::MAX_SUBSCRIBERS;
+use super::backend::{Buckets, QueryBackend, SubscribeSpec, SubscribeStream, Wait};
 use super::convert;
-use crate::serve::read_model::{Published, ReadModel, Snapshot, SubscriptionStart};
+use super::memory::ReadModelBackend;
+use crate::serve::read_model::{AsOf, ReadModel, format_day, format_month};
 
-/// Cells per snapshot message of a subscription.
-const SNAPSHOT_CHUNK: usize = 1000;
 /// Users one subscription may select.
 const MAX_SUBSCRIBED_USERS: usize = 1000;
 /// Widest day range of `GetUserWindows`.
@@ -25,65 +22,56 @@ const MAX_DAYS: i32 = 3660;
 /// Widest month range of `GetUserWindows`.
 const MAX_MONTHS: i32 = 1200;
 
-/// Answers `ExpenseQuery` from the read model.
+/// Answers `ExpenseQuery` from a backend (by default the engine's read model).
 #[derive(Debug, Clone)]
-pub struct QueryService {
-    read_model: Arc<ReadModel>,
+pub struct QueryService<B = ReadModelBackend> {
+    backend: Arc<B>,
     subscribers: Arc<AtomicUsize>,
 }
 
-impl QueryService {
-    /// A service over `read_model`.
-    pub fn new(read_model: Arc<ReadModel>) -> Self {
+impl QueryService<ReadModelBackend> {
+    /// A service over the engine's read model.
+    pub fn over_read_model(read_model: Arc<ReadModel>) -> Self {
+        QueryService::new(ReadModelBackend::new(read_model))
+    }
+}
+
+impl<B: QueryBackend> QueryService<B> {
+    /// A service over `backend`.
+    pub fn new(backend: B) -> Self {
         QueryService {
-            read_model,
+            backend: Arc::new(backend),
             subscribers: Arc::default(),
         }
     }
-
-    /// The snapshot to answer from, after waiting for `consistency.min_epoch` if asked.
-    async fn snapshot(
-        &self,
-        consistency: Option<&pb::Consistency>,
-    ) -> Result<Arc<Snapshot>, Status> {
-        let (min_epoch, wait) = convert::consistency(consistency)?;
-        if min_epoch == 0 {
-            return Ok(self.read_model.snapshot());
-        }
-        self.read_model.snapshot_at_least(min_epoch, wait).await.ok_or_else(|| {
-            Status::deadline_exceeded(format!(
-                "epoch {min_epoch} was not published within {} ms (latest: {:?}); retry or raise consistency.timeout_ms",
-                wait.as_millis(),
-                self.read_model.published_epoch()
-            ))
-        })
-    }
 }
 
-fn not_found(user: UserId, snapshot: &Snapshot) -> Status {
+fn wait(consistency: Option<&pb::Consistency>) -> Result<Wait, Status> {
+    let (min_epoch, timeout) = convert::consistency(consistency)?;
+    Ok(Wait { min_epoch, timeout })
+}
+
+fn not_found(user: UserId, as_of: &AsOf) -> Status {
     Status::not_found(format!(
         "user {user} has no live expenses as of epoch {}",
-        snapshot.as_of().epoch
+        as_of.epoch
     ))
 }
 
-type SubscribeStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
-
 #[tonic::async_trait]
-impl ExpenseQuery for QueryService {
+impl<B: QueryBackend> ExpenseQuery for QueryService<B> {
     async fn get_user_summary(
         &self,
         request: Request<pb::GetUserSummaryRequest>,
     ) -> Result<Response<pb::GetUserSummaryResponse>, Status> {
         let request = request.into_inner();
         let user = convert::user_id(request.user_id)?;
-        let snapshot = self.snapshot(request.consistency.as_ref()).await?;
-        let aggregates = snapshot
-            .user(user)
-            .ok_or_else(|| not_found(user, &snapshot))?;
+        let wait = wait(request.consistency.as_ref())?;
+        let answer = self.backend.user_summary(wait, user).await?;
+        let summary = answer.value.ok_or_else(|| not_found(user, &answer.as_of))?;
         Ok(Response::new(pb::GetUserSummaryResponse {
-            summary: Some(convert::summary(aggregates)),
-            as_of: Some(convert::as_of(snapshot.as_of())),
+            summary: Some(convert::summary(summary)),
+            as_of: Some(convert::as_of(&answer.as_of)),
         }))
     }
 
@@ -101,21 +89,13 @@ impl ExpenseQuery for QueryService {
                 ))
             })?),
         };
-        let snapshot = self.snapshot(request.consistency.as_ref()).await?;
-        let mut users = snapshot.users_after(after);
-        let summaries: Vec<pb::UserSummary> = users
-            .by_ref()
-            .take(page_size)
-            .map(|u| convert::summary(u))
-            .collect();
-        let next_page_token = match (users.next(), summaries.last()) {
-            (Some(_), Some(last)) => last.user_id.to_string(),
-            _ => String::new(),
-        };
+        let wait = wait(request.consistency.as_ref())?;
+        let answer = self.backend.user_summaries(wait, after, page_size).await?;
+        let page = answer.value;
         Ok(Response::new(pb::ListUserSummariesResponse {
-            summaries,
-            next_page_token,
-            as_of: Some(convert::as_of(snapshot.as_of())),
+            summaries: page.summaries.into_iter().map(convert::summary).collect(),
+            next_page_token: page.resume_after.map(|u| u.to_string()).unwrap_or_default(),
+            as_of: Some(convert::as_of(&answer.as_of)),
         }))
     }
 
@@ -126,16 +106,34 @@ impl ExpenseQuery for QueryService {
         let request = request.into_inner();
         let user = convert::user_id(request.user_id)?;
         let granularity = pb::Granularity::try_from(request.granularity).unwrap_or_default();
-        let (parse, max, unit): (fn(&str, &str) -> Result<i32, Status>, i32, &str) =
-            match granularity {
-                pb::Granularity::Day => (convert::parse_day, MAX_DAYS, "days"),
-                pb::Granularity::Month => (convert::parse_month, MAX_MONTHS, "months"),
-                pb::Granularity::Unspecified => {
-                    return Err(Status::invalid_argument(
-                        "granularity must be GRANULARITY_DAY or GRANULARITY_MONTH",
-                    ));
-                }
-            };
+        #[allow(clippy::type_complexity)]
+        let (buckets, parse, format, max, unit): (
+            Buckets,
+            fn(&str, &str) -> Result<i32, Status>,
+            fn(i32) -> String,
+            i32,
+            &str,
+        ) = match granularity {
+            pb::Granularity::Day => (
+                Buckets::Day,
+                convert::parse_day,
+                format_day,
+                MAX_DAYS,
+                "days",
+            ),
+            pb::Granularity::Month => (
+                Buckets::Month,
+                convert::parse_month,
+                format_month,
+                MAX_MONTHS,
+                "months",
+            ),
+            pb::Granularity::Unspecified => {
+                return Err(Status::invalid_argument(
+                    "granularity must be GRANULARITY_DAY or GRANULARITY_MONTH",
+                ));
+            }
+        };
         let (from, to) = (parse(&request.from, "from")?, parse(&request.to, "to")?);
         if from > to {
             return Err(Status::invalid_argument(format!(
@@ -149,27 +147,26 @@ impl ExpenseQuery for QueryService {
                 to - from + 1
             )));
         }
-        let snapshot = self.snapshot(request.consistency.as_ref()).await?;
-        let aggregates = snapshot
-            .user(user)
-            .ok_or_else(|| not_found(user, &snapshot))?;
-        let (buckets, format): (_, fn(i32) -> String) = match granularity {
-            pb::Granularity::Day => (&aggregates.days, crate::serve::read_model::format_day),
-            _ => (&aggregates.months, crate::serve::read_model::format_month),
-        };
-        let windows = buckets
-            .range(from..=to)
+        let wait = wait(request.consistency.as_ref())?;
+        let answer = self
+            .backend
+            .user_windows(wait, user, buckets, from, to)
+            .await?;
+        let windows = answer
+            .value
+            .ok_or_else(|| not_found(user, &answer.as_of))?
+            .into_iter()
             .map(|(bucket, (count, sum))| pb::Total {
-                key: format(*bucket),
-                total_minor: *sum,
-                expense_count: *count,
+                key: format(bucket),
+                total_minor: sum,
+                expense_count: count,
             })
             .collect();
         Ok(Response::new(pb::GetUserWindowsResponse {
             user_id: user,
             granularity: granularity.into(),
             windows,
-            as_of: Some(convert::as_of(snapshot.as_of())),
+            as_of: Some(convert::as_of(&answer.as_of)),
         }))
     }
 
@@ -179,9 +176,11 @@ impl ExpenseQuery for QueryService {
     ) -> Result<Response<pb::TopSpendersResponse>, Status> {
         let request = request.into_inner();
         let limit = convert::limit(request.limit, 10, 1000, "limit")?;
-        let snapshot = self.snapshot(request.consistency.as_ref()).await?;
-        let spenders = snapshot
-            .top_spenders()
+        let wait = wait(request.consistency.as_ref())?;
+        let answer = self.backend.top_spenders(wait, limit).await?;
+        let spenders = answer
+            .value
+            .into_iter()
             .take(limit)
             .enumerate()
             .map(|(i, u)| pb::Spender {
@@ -193,7 +192,7 @@ impl ExpenseQuery for QueryService {
             .collect();
         Ok(Response::new(pb::TopSpendersResponse {
             spenders,
-            as_of: Some(convert::as_of(snapshot.as_of())),
+            as_of: Some(convert::as_of(&answer.as_of)),
         }))
     }
 
@@ -222,28 +221,22 @@ impl ExpenseQuery for QueryService {
                 "{MAX_SUBSCRIBERS} subscriptions are open already; retry later"
             ))
         })?;
-        let resume = (request.resume_after_epoch > 0).then_some(request.resume_after_epoch);
-        let (start, changes) = self.read_model.subscribe(resume);
-        let (tx, rx) = mpsc::channel(16);
-        let read_model = Arc::clone(&self.read_model);
-        tokio::spawn(async move {
-            let _guard = guard;
-            let feed = Feed {
-                tx,
+        let resume_after = (request.resume_after_epoch > 0).then_some(request.resume_after_epoch);
+        let stream = self
+            .backend
+            .subscribe(SubscribeSpec {
                 users,
-                resume_after: resume.unwrap_or(0),
-            };
-            if let Err(Closed) = feed.run(start, changes, &read_model).await {
-                tracing::debug!("Subscriber went away.");
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+                resume_after,
+                guard,
+            })
+            .await?;
+        Ok(Response::new(stream))
     }
 }
 
 /// Counts open subscriptions; released on drop.
 #[derive(Debug)]
-struct SubscriberGuard(Arc<AtomicUsize>);
+pub struct SubscriberGuard(Arc<AtomicUsize>);
 
 impl SubscriberGuard {
     fn acquire(count: &Arc<AtomicUsize>) -> Option<Self> {
@@ -259,117 +252,5 @@ impl SubscriberGuard {
 impl Drop for SubscriberGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// The client hung up.
-struct Closed;
-
-/// One subscription's sender.
-struct Feed {
-    tx: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
-    users: Vec<UserId>,
-    /// The epoch the client resumes after (0 for a fresh subscription).
-    resume_after: Epoch,
-}
-
-impl Feed {
-    async fn send(&self, event: pb::subscribe_response::Event) -> Result<(), Closed> {
-        self.tx
-            .send(Ok(pb::SubscribeResponse { event: Some(event) }))
-            .await
-            .map_err(|_| Closed)
-    }
-
-    async fn snapshot(&self, snapshot: &Snapshot) -> Result<Epoch, Closed> {
-        let as_of = convert::as_of(snapshot.as_of());
-        let cells: Vec<pb::Cell> = snapshot
-            .cells(&self.users)
-            .map(|c| convert::cell(&c))
-            .collect();
-        let mut chunks = cells.chunks(SNAPSHOT_CHUNK).peekable();
-        if chunks.peek().is_none() {
-            let last = pb::Snapshot {
-                cells: Vec::new(),
-                last: true,
-                as_of: Some(as_of.clone()),
-            };
-            self.send(pb::subscribe_response::Event::Snapshot(last))
-                .await?;
-        }
-        while let Some(chunk) = chunks.next() {
-            let message = pb::Snapshot {
-                cells: chunk.to_vec(),
-                last: chunks.peek().is_none(),
-                as_of: Some(as_of.clone()),
-            };
-            self.send(pb::subscribe_response::Event::Snapshot(message))
-                .await?;
-        }
-        Ok(snapshot.as_of().epoch)
-    }
-
-    async fn published(&self, published: &Published) -> Result<(), Closed> {
-        let as_of = convert::as_of(&published.as_of);
-        let cells: Vec<pb::Cell> = published
-            .cells
-            .iter()
-            .filter(|c| self.users.is_empty() || self.users.binary_search(&c.key.user_id()).is_ok())
-            .map(convert::cell)
-            .collect();
-        if !cells.is_empty() {
-            let changes = pb::Changes {
-                cells,
-                as_of: Some(as_of.clone()),
-            };
-            self.send(pb::subscribe_response::Event::Changes(changes))
-                .await?;
-        }
-        self.send(pb::subscribe_response::Event::Progress(pb::Progress {
-            as_of: Some(as_of),
-        }))
-        .await
-    }
-
-    async fn run(
-        &self,
-        start: SubscriptionStart,
-        mut changes: broadcast::Receiver<Arc<Published>>,
-        read_model: &ReadModel,
-    ) -> Result<(), Closed> {
-        let mut sent_through = match start {
-            SubscriptionStart::Snapshot(snapshot) => self.snapshot(&snapshot).await?,
-            SubscriptionStart::Replay(replay) => {
-                // Nothing at or before the epoch the client already has, even if the replay is
-                // empty.
-                let mut through = self.resume_after;
-                for published in &replay {
-                    self.published(published).await?;
-                    through = published.as_of.epoch;
-                }
-                through
-            }
-        };
-        loop {
-            tokio::select! {
-                received = changes.recv() => match received {
-                    Ok(published) if published.as_of.epoch <= sent_through => {}
-                    Ok(published) => {
-                        self.published(&published).await?;
-                        sent_through = published.as_of.epoch;
-                    }
-                    Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        // Too slow to follow every epoch: start over from a fresh snapshot,
-                        // which replaces everything the client holds.
-                        tracing::debug!(missed, "Subscriber lagged; sending a new snapshot.");
-                        changes = changes.resubscribe();
-                        sent_through = self.snapshot(&read_model.snapshot()).await?;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
-                },
-                () = self.tx.closed() => return Err(Closed),
-                () = read_model.closed() => return Ok(()),
-            }
-        }
     }
 }

@@ -1,0 +1,284 @@
+//! The engine's own backend: answers from read-model snapshots.
+//!
+//! Every answer comes from one immutable snapshot, so it is exactly its `as_of`: all of one
+//! closed epoch. Reads never wait on the dataflow, except where a request asks for
+//! read-your-writes, which waits, bounded, for the publisher.
+
+use std::sync::Arc;
+
+use spendflow_operators::{CountSum, Epoch, UserId};
+use spendflow_proto::v1 as pb;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+use super::backend::{
+    Answer, Buckets, QueryBackend, SpenderData, SubscribeSpec, SubscribeStream, SummaryData,
+    SummaryPage, Wait,
+};
+use super::convert;
+use crate::serve::read_model::{Published, ReadModel, Snapshot, SubscriptionStart, UserAggregates};
+
+/// Cells per snapshot message of a subscription.
+const SNAPSHOT_CHUNK: usize = 1000;
+
+/// Answers from the engine's read model.
+#[derive(Debug, Clone)]
+pub struct ReadModelBackend {
+    read_model: Arc<ReadModel>,
+}
+
+impl ReadModelBackend {
+    /// A backend over `read_model`.
+    pub fn new(read_model: Arc<ReadModel>) -> Self {
+        ReadModelBackend { read_model }
+    }
+
+    /// The snapshot to answer from, after waiting for `wait.min_epoch` if asked.
+    async fn snapshot(&self, wait: Wait) -> Result<Arc<Snapshot>, Status> {
+        if wait.min_epoch == 0 {
+            return Ok(self.read_model.snapshot());
+        }
+        self.read_model
+            .snapshot_at_least(wait.min_epoch, wait.timeout)
+            .await
+            .ok_or_else(|| {
+                convert::epoch_not_reached(wait, self.read_model.published_epoch(), "published")
+            })
+    }
+}
+
+fn answer<T>(snapshot: &Snapshot, value: T) -> Answer<T> {
+    Answer {
+        as_of: snapshot.as_of().clone(),
+        value,
+    }
+}
+
+/// A read-model user as backend-neutral summary data.
+pub fn summary_data(user: &UserAggregates) -> SummaryData {
+    let names = |map: &imbl::OrdMap<spendflow_operators::Name, CountSum>| {
+        map.iter()
+            .map(|(k, v)| (k.text().to_string(), *v))
+            .collect()
+    };
+    SummaryData {
+        user_id: user.user_id,
+        total_minor: user.total_minor,
+        expense_count: user.expense_count,
+        last_event_ms: user.last_event_ms,
+        by_category: names(&user.categories),
+        by_merchant: names(&user.merchants),
+    }
+}
+
+#[tonic::async_trait]
+impl QueryBackend for ReadModelBackend {
+    async fn user_summary(
+        &self,
+        wait: Wait,
+        user: UserId,
+    ) -> Result<Answer<Option<SummaryData>>, Status> {
+        let snapshot = self.snapshot(wait).await?;
+        let summary = snapshot.user(user).map(|u| summary_data(u));
+        Ok(answer(&snapshot, summary))
+    }
+
+    async fn user_summaries(
+        &self,
+        wait: Wait,
+        after: Option<UserId>,
+        limit: usize,
+    ) -> Result<Answer<SummaryPage>, Status> {
+        let snapshot = self.snapshot(wait).await?;
+        let mut users = snapshot.users_after(after);
+        let summaries: Vec<SummaryData> = users
+            .by_ref()
+            .take(limit)
+            .map(|u| summary_data(u))
+            .collect();
+        let resume_after = match (users.next(), summaries.last()) {
+            (Some(_), Some(last)) => Some(last.user_id),
+            _ => None,
+        };
+        Ok(answer(
+            &snapshot,
+            SummaryPage {
+                summaries,
+                resume_after,
+            },
+        ))
+    }
+
+    async fn user_windows(
+        &self,
+        wait: Wait,
+        user: UserId,
+        buckets: Buckets,
+        from: i32,
+        to: i32,
+    ) -> Result<Answer<Option<Vec<(i32, CountSum)>>>, Status> {
+        let snapshot = self.snapshot(wait).await?;
+        let windows = snapshot.user(user).map(|aggregates| {
+            let map = match buckets {
+                Buckets::Day => &aggregates.days,
+                Buckets::Month => &aggregates.months,
+            };
+            map.range(from..=to).map(|(b, v)| (*b, *v)).collect()
+        });
+        Ok(answer(&snapshot, windows))
+    }
+
+    async fn top_spenders(
+        &self,
+        wait: Wait,
+        limit: usize,
+    ) -> Result<Answer<Vec<SpenderData>>, Status> {
+        let snapshot = self.snapshot(wait).await?;
+        let spenders = snapshot
+            .top_spenders()
+            .take(limit)
+            .map(|u| SpenderData {
+                user_id: u.user_id,
+                total_minor: u.total_minor,
+                expense_count: u.expense_count,
+            })
+            .collect();
+        Ok(answer(&snapshot, spenders))
+    }
+
+    async fn subscribe(&self, spec: SubscribeSpec) -> Result<SubscribeStream, Status> {
+        let SubscribeSpec {
+            users,
+            resume_after,
+            guard,
+        } = spec;
+        let (start, changes) = self.read_model.subscribe(resume_after);
+        let (tx, rx) = mpsc::channel(16);
+        let read_model = Arc::clone(&self.read_model);
+        tokio::spawn(async move {
+            let _guard = guard;
+            let feed = Feed {
+                tx,
+                users,
+                resume_after: resume_after.unwrap_or(0),
+            };
+            if let Err(Closed) = feed.run(start, changes, &read_model).await {
+                tracing::debug!("Subscriber went away.");
+            }
+        });
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+}
+
+/// The client hung up.
+struct Closed;
+
+/// One subscription's sender.
+struct Feed {
+    tx: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
+    users: Vec<UserId>,
+    /// The epoch the client resumes after (0 for a fresh subscription).
+    resume_after: Epoch,
+}
+
+impl Feed {
+    async fn send(&self, event: pb::subscribe_response::Event) -> Result<(), Closed> {
+        self.tx
+            .send(Ok(pb::SubscribeResponse { event: Some(event) }))
+            .await
+            .map_err(|_| Closed)
+    }
+
+    async fn snapshot(&self, snapshot: &Snapshot) -> Result<Epoch, Closed> {
+        let as_of = convert::as_of(snapshot.as_of());
+        let cells: Vec<pb::Cell> = snapshot
+            .cells(&self.users)
+            .map(|c| convert::cell(&c))
+            .collect();
+        let mut chunks = cells.chunks(SNAPSHOT_CHUNK).peekable();
+        if chunks.peek().is_none() {
+            let last = pb::Snapshot {
+                cells: Vec::new(),
+                last: true,
+                as_of: Some(as_of.clone()),
+            };
+            self.send(pb::subscribe_response::Event::Snapshot(last))
+                .await?;
+        }
+        while let Some(chunk) = chunks.next() {
+            let message = pb::Snapshot {
+                cells: chunk.to_vec(),
+                last: chunks.peek().is_none(),
+                as_of: Some(as_of.clone()),
+            };
+            self.send(pb::subscribe_response::Event::Snapshot(message))
+                .await?;
+        }
+        Ok(snapshot.as_of().epoch)
+    }
+
+    async fn published(&self, published: &Published) -> Result<(), Closed> {
+        let as_of = convert::as_of(&published.as_of);
+        let cells: Vec<pb::Cell> = published
+            .cells
+            .iter()
+            .filter(|c| self.users.is_empty() || self.users.binary_search(&c.key.user_id()).is_ok())
+            .map(convert::cell)
+            .collect();
+        if !cells.is_empty() {
+            let changes = pb::Changes {
+                cells,
+                as_of: Some(as_of.clone()),
+            };
+            self.send(pb::subscribe_response::Event::Changes(changes))
+                .await?;
+        }
+        self.send(pb::subscribe_response::Event::Progress(pb::Progress {
+            as_of: Some(as_of),
+        }))
+        .await
+    }
+
+    async fn run(
+        &self,
+        start: SubscriptionStart,
+        mut changes: broadcast::Receiver<Arc<Published>>,
+        read_model: &ReadModel,
+    ) -> Result<(), Closed> {
+        let mut sent_through = match start {
+            SubscriptionStart::Snapshot(snapshot) => self.snapshot(&snapshot).await?,
+            SubscriptionStart::Replay(replay) => {
+                // Nothing at or before the epoch the client already has, even if the replay is
+                // empty.
+                let mut through = self.resume_after;
+                for published in &replay {
+                    self.published(published).await?;
+                    through = published.as_of.epoch;
+                }
+                through
+            }
+        };
+        loop {
+            tokio::select! {
+                received = changes.recv() => match received {
+                    Ok(published) if published.as_of.epoch <= sent_through => {}
+                    Ok(published) => {
+                        self.published(&published).await?;
+                        sent_through = published.as_of.epoch;
+                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        // Too slow to follow every epoch: start over from a fresh snapshot,
+                        // which replaces everything the client holds.
+                        tracing::debug!(missed, "Subscriber lagged; sending a new snapshot.");
+                        changes = changes.resubscribe();
+                        sent_through = self.snapshot(&read_model.snapshot()).await?;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                },
+                () = self.tx.closed() => return Err(Closed),
+                () = read_model.closed() => return Ok(()),
+            }
+        }
+    }
+}
