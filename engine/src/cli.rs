@@ -15,9 +15,11 @@ use spendflow_engine::generate::config::{
 };
 use spendflow_engine::generate::{GenerateConfig, Layout, TerminalProgress};
 use spendflow_engine::personnel::Personnel;
+use spendflow_engine::serve::cassandra::{CassandraServeConfig, CassandraServer};
 use spendflow_engine::source::file::FileSourceConfig;
 use spendflow_engine::source::generator::{GeneratorConfig, GeneratorSourceConfig};
 use spendflow_engine::source::kafka::KafkaSourceConfig;
+use spendflow_engine::verify::cassandra::CassandraServed;
 use spendflow_engine::verify::grpc::GrpcServed;
 use spendflow_engine::verify::mysql::MySqlTruth;
 use spendflow_engine::verify::{self, VerifyOptions};
@@ -72,17 +74,36 @@ enum Command {
     ///   spendflow generate --mysql ... --brokers ... --layout keyed --partitions 4 --rate 1000
     #[command(verbatim_doc_comment)]
     Generate(GenerateArgs),
-    /// Compare the engine's answers over gRPC with SQL over the live expenses in MySQL.
+    /// Compare the engine's answers over gRPC, or the Cassandra sink's tables, with SQL over
+    /// the live expenses in MySQL.
     ///
     /// Checks every user's total, count, per-category and per-month aggregates, and users
-    /// present on one side only. Waits for the engine to be caught up first. Prints the
-    /// mismatches (the first 20, with both values) and exits non-zero if there is any.
+    /// present on one side only. Waits for the served side to be caught up first (gRPC: the
+    /// engine reports caught_up; Cassandra: the sink has been quiet for --quiet-ms). Prints
+    /// the mismatches (the first 20, with both values) and exits non-zero if there is any.
     ///
-    /// Example:
+    /// Examples:
     ///   spendflow verify --mysql mysql://spendflow:spendflow@127.0.0.1:13306/spendflow \
     ///       --grpc 127.0.0.1:50051
+    ///   spendflow verify --mysql mysql://spendflow:spendflow@127.0.0.1:13306/spendflow \
+    ///       --cassandra 127.0.0.1:9042 --keyspace spendflow
     #[command(verbatim_doc_comment)]
     Verify(VerifyArgs),
+    /// Serve the gRPC query service alone, from the Cassandra sink's tables: no engine.
+    ///
+    /// Answers spendflow.v1.ExpenseQuery and Admin/GetStatus from what an engine run with
+    /// --sink cassandra wrote, with health and reflection, so readers scale apart from the
+    /// engine. An answer's as_of is the sink's newest committed epoch (sink_progress); rows
+    /// may be newer, so answers are *at least* as_of. Subscribe and Admin/ListRejected answer
+    /// UNIMPLEMENTED (use the engine's own gRPC address). Runs until Ctrl-C or SIGTERM.
+    ///
+    /// Examples:
+    ///   spendflow serve --from cassandra --cassandra 127.0.0.1:9042 --keyspace spendflow \
+    ///       --grpc 127.0.0.1:50052
+    ///   grpcurl -plaintext 127.0.0.1:50052 spendflow.v1.Admin/GetStatus
+    ///   grpcurl -plaintext -d '{"limit": 5}' 127.0.0.1:50052 spendflow.v1.ExpenseQuery/TopSpenders
+    #[command(verbatim_doc_comment)]
+    Serve(ServeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -256,14 +277,34 @@ struct GenerateArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("served").args(["grpc", "cassandra"]))]
 struct VerifyArgs {
     /// MySQL URL of the database `spendflow generate` wrote.
     #[arg(long, value_name = "URL", env = "SPENDFLOW_MYSQL")]
     mysql: String,
 
-    /// Address of the engine's gRPC service.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:50051")]
-    grpc: String,
+    /// Address of the engine's gRPC service (the default served side: 127.0.0.1:50051).
+    #[arg(long, value_name = "ADDR")]
+    grpc: Option<String>,
+
+    /// Read the Cassandra sink's tables instead of asking the engine: contact points,
+    /// HOST:PORT[,HOST:PORT].
+    #[arg(long, value_name = "HOST:PORT")]
+    cassandra: Option<String>,
+
+    /// With --cassandra: the keyspace the sink writes.
+    #[arg(long, default_value = "spendflow", requires = "cassandra")]
+    keyspace: String,
+
+    /// With --cassandra: how long the sink must have been quiet (no epoch in flight, nothing
+    /// new committed) before comparing, in milliseconds.
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 2000,
+        requires = "cassandra"
+    )]
+    quiet_ms: u64,
 
     /// Seconds to wait for the engine to report caught_up before comparing (0: do not wait).
     #[arg(long, value_name = "SECS", default_value_t = 60)]
@@ -278,6 +319,47 @@ struct VerifyArgs {
     show: usize,
 }
 
+/// Where `serve` answers from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ServeFrom {
+    /// The tables an engine with --sink cassandra writes.
+    Cassandra,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// The store to answer from.
+    #[arg(long, value_enum)]
+    from: ServeFrom,
+
+    /// Cassandra contact points, HOST:PORT[,HOST:PORT].
+    #[arg(long, value_name = "HOST:PORT", env = "SPENDFLOW_CASSANDRA")]
+    cassandra: String,
+
+    /// The keyspace the sink writes.
+    #[arg(long, default_value = "spendflow")]
+    keyspace: String,
+
+    /// Address of the gRPC service (reflection is on: `grpcurl -plaintext ADDR list`).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    grpc: SocketAddr,
+
+    /// How often sink_progress is read (the newest committed epoch), in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 100)]
+    poll_interval_ms: u64,
+
+    /// How old the user index behind ListUserSummaries and TopSpenders (a scan of
+    /// user_totals) may get before a request rebuilds it, once the sink has committed since,
+    /// in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    index_refresh_ms: u64,
+
+    /// How long the sink must have been quiet for Admin/GetStatus to report caught_up, in
+    /// milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    quiet_ms: u64,
+}
+
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -287,6 +369,7 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Generate(args) => generate(args),
         Command::Verify(args) => verify_command(args),
+        Command::Serve(args) => serve(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -461,13 +544,23 @@ fn generate(args: GenerateArgs) -> Result<()> {
 
 fn verify_command(args: VerifyArgs) -> Result<()> {
     let mut truth = MySqlTruth::connect(&args.mysql).context("could not read MySQL")?;
-    let mut served = GrpcServed::connect(&args.grpc).context("could not reach the engine")?;
+    let mut served: Box<dyn verify::Served> = match &args.cassandra {
+        Some(contact_points) => Box::new(
+            CassandraServed::connect(contact_points, &args.keyspace)
+                .context("could not read Cassandra")?
+                .with_quiet(Duration::from_millis(args.quiet_ms)),
+        ),
+        None => Box::new(
+            GrpcServed::connect(args.grpc.as_deref().unwrap_or("127.0.0.1:50051"))
+                .context("could not reach the engine")?,
+        ),
+    };
     let options = VerifyOptions {
         page_size: args.page_size,
         max_reported: args.show,
         wait_ready: Duration::from_secs(args.wait_caught_up),
     };
-    let report = verify::verify(&mut truth, &mut served, &options).context("verify failed")?;
+    let report = verify::verify(&mut truth, served.as_mut(), &options).context("verify failed")?;
     println!("{report}");
     if !report.is_ok() {
         bail!(
@@ -477,6 +570,31 @@ fn verify_command(args: VerifyArgs) -> Result<()> {
             report.users_checked
         );
     }
+    Ok(())
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let ServeFrom::Cassandra = args.from;
+    let config = CassandraServeConfig {
+        contact_points: args.cassandra,
+        keyspace: args.keyspace,
+        grpc: args.grpc,
+        poll_interval_ms: args.poll_interval_ms,
+        index_refresh_ms: args.index_refresh_ms,
+        quiet_ms: args.quiet_ms,
+    };
+    let server =
+        CassandraServer::start(config).context("could not start serving from Cassandra")?;
+    let addr = server.addr();
+    tracing::info!(%addr, "Serving; try `grpcurl -plaintext {addr} spendflow.v1.Admin/GetStatus`.");
+    let stop = stop_signal()?;
+    while !stop.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    tracing::info!("Shutting down.");
+    server
+        .shutdown()
+        .context("the server did not shut down cleanly")?;
     Ok(())
 }
 

@@ -3,8 +3,11 @@
 //! * [`read_model`]: the snapshot per closed epoch, readable without blocking the workers.
 //! * [`status`]: the engine's counters and progress, as `Admin/GetStatus` reports them.
 //! * [`grpc`]: `spendflow.v1.ExpenseQuery` and `spendflow.v1.Admin`, with health and reflection.
+//! * [`cassandra`]: the same query service without an engine, over the Cassandra sink's tables
+//!   (`spendflow serve --from cassandra`).
 //! * [`web`]: the live web report (overview and user pages, JSON API, server-sent events).
 
+pub mod cassandra;
 pub mod grpc;
 pub mod read_model;
 pub mod status;

@@ -1,5 +1,6 @@
-//! `spendflow verify`: checks what a served side says (the engine's gRPC answers today,
-//! Cassandra later) against SQL over the live `expenses` table that `spendflow generate` keeps.
+//! `spendflow verify`: checks what a served side says (the engine's gRPC answers, or the
+//! Cassandra sink's tables) against SQL over the live `expenses` table that `spendflow
+//! generate` keeps.
 //!
 //! # What is compared
 //!
@@ -16,14 +17,16 @@
 //! without holding either side whole in memory. The month range asked of the served side is the
 //! truth's overall month range, widened per user to its newest served event.
 //!
-//! The two sides are traits so another served side (Cassandra's tables) or another truth can
-//! be plugged in; [`grpc::GrpcServed`] and [`mysql::MySqlTruth`] are the ones the command line
-//! uses. The comparison itself ([`compare_users`]) is a pure function.
+//! The two sides are traits so another served side or another truth can be plugged in;
+//! [`grpc::GrpcServed`], [`cassandra::CassandraServed`] and [`mysql::MySqlTruth`] are the ones
+//! the command line uses. The comparison itself ([`compare_users`]) is a pure function.
 //!
 //! The check is meaningful once the engine has caught up with everything the generator wrote:
-//! [`Served::wait_ready`] waits for that (gRPC: `Admin/GetStatus` reports `caught_up`), and the
-//! report notes when the served epoch moved during the check.
+//! [`Served::wait_ready`] waits for that (gRPC: `Admin/GetStatus` reports `caught_up`;
+//! Cassandra: the sink has been quiet for a while), and the report notes when the served epoch
+//! moved during the check.
 
+pub mod cassandra;
 pub mod grpc;
 pub mod mysql;
 
@@ -95,7 +98,7 @@ pub trait Truth {
     ) -> Result<Vec<UserAggregates>, VerifyError>;
 }
 
-/// What is served (the engine over gRPC; Cassandra's tables later).
+/// What is served (the engine over gRPC; the Cassandra sink's tables).
 pub trait Served {
     /// A short name for reports (`grpc`).
     fn name(&self) -> &str;
@@ -150,6 +153,9 @@ pub enum VerifyError {
         /// Whether trying again may help.
         retriable: bool,
     },
+    /// Cassandra could not be read.
+    #[error(transparent)]
+    Cassandra(#[from] crate::sink::cassandra::CassandraError),
     /// The served side did not catch up in time.
     #[error("the served side is not caught up after {waited:?}: {detail}")]
     NotReady {
@@ -167,6 +173,7 @@ impl VerifyError {
             VerifyError::Config(_) => false,
             VerifyError::MySql { source, .. } => crate::generate::mysql::is_retriable(source),
             VerifyError::Grpc { retriable, .. } => *retriable,
+            VerifyError::Cassandra(e) => e.is_retriable(),
             VerifyError::NotReady { .. } => true,
         }
     }

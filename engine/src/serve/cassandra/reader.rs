@@ -1,0 +1,627 @@
+//! Reading the Cassandra sink's tables (see `sink::cassandra::schema` for the contract):
+//! prepared statements, row decoding, paging. Shared by `spendflow serve --from cassandra` and
+//! `spendflow verify --cassandra`.
+//!
+//! Reads use `LOCAL_QUORUM`: a row the sink acknowledged before committing an epoch is then
+//! seen by every read after that commit, provided the sink's writes and these reads together
+//! reach more than the replication factor (on a one-node cluster, always).
+
+use std::sync::Arc;
+
+use cdrs_tokio::consistency::Consistency;
+use cdrs_tokio::frame::message_result::RowsMetadataFlags;
+use cdrs_tokio::query::{PreparedQuery, QueryValues};
+use cdrs_tokio::query_values;
+use cdrs_tokio::statement::StatementParamsBuilder;
+use cdrs_tokio::types::rows::Row;
+use cdrs_tokio::types::{CBytes, IntoRustByName};
+use serde::Deserialize;
+use spendflow_operators::{CountSum, Epoch, UserId};
+
+use super::keys;
+use crate::sink::cassandra::schema::{SINK_NAME, validate_keyspace};
+use crate::sink::cassandra::{CassandraError, CqlSession};
+use crate::source::PartitionPosition;
+
+/// Consistency of every read.
+pub const READ_CONSISTENCY: Consistency = Consistency::LocalQuorum;
+
+/// Progress rows read per page while looking for the newest committed one.
+const PROGRESS_PAGE: i32 = 16;
+
+/// One `user_totals` row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UserRow {
+    /// The user.
+    pub user_id: UserId,
+    /// Sum of the live expenses, minor units.
+    pub total_minor: i64,
+    /// Number of live expenses.
+    pub expense_count: i64,
+    /// The newest event time, ms since the Unix epoch (null when unknown).
+    pub last_event_ms: Option<i64>,
+}
+
+/// One `sink_progress` row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgressRow {
+    /// The epoch.
+    pub epoch: Epoch,
+    /// Input positions the epoch covers.
+    pub positions: Vec<PartitionPosition>,
+    /// Records read that the epoch covers.
+    pub records_covered: u64,
+    /// All of the epoch's writes are acknowledged.
+    pub committed: bool,
+}
+
+/// What `sink_progress` says now.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProgressState {
+    /// The newest committed row: the tables show at least this epoch.
+    pub committed: Option<ProgressRow>,
+    /// The newest row's epoch, committed or not (an epoch in flight is newer than `committed`).
+    pub newest: Option<Epoch>,
+}
+
+impl ProgressState {
+    /// The committed epoch, if any.
+    pub fn committed_epoch(&self) -> Option<Epoch> {
+        self.committed.as_ref().map(|p| p.epoch)
+    }
+
+    /// True when no epoch is in flight: the newest row is committed (or there is none).
+    pub fn settled(&self) -> bool {
+        self.newest == self.committed_epoch()
+    }
+}
+
+#[derive(Deserialize)]
+struct PositionJson {
+    source: String,
+    partition: i32,
+    position: i64,
+}
+
+/// Parses `sink_progress.positions`: `[{"source": .., "partition": .., "position": ..}, ..]`.
+///
+/// # Errors
+///
+/// A message if the text is not that JSON.
+pub fn parse_positions(text: &str) -> Result<Vec<PartitionPosition>, String> {
+    let parsed: Vec<PositionJson> = serde_json::from_str(text)
+        .map_err(|e| format!("sink_progress.positions is not the expected JSON: {e}"))?;
+    Ok(parsed
+        .into_iter()
+        .map(|p| PartitionPosition {
+            source: p.source.into(),
+            partition: p.partition,
+            position: p.position,
+            high_watermark: None,
+        })
+        .collect())
+}
+
+struct Statements {
+    progress: PreparedQuery,
+    user_total: PreparedQuery,
+    categories: PreparedQuery,
+    merchants: PreparedQuery,
+    days_range: PreparedQuery,
+    months_range: PreparedQuery,
+    months_all: PreparedQuery,
+    scan_totals: PreparedQuery,
+    distinct_categories: PreparedQuery,
+    distinct_months: PreparedQuery,
+}
+
+/// Reads one keyspace's spendflow tables.
+pub struct TableReader {
+    session: Arc<CqlSession>,
+    keyspace: String,
+    statements: Statements,
+}
+
+impl std::fmt::Debug for TableReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TableReader")
+            .field("keyspace", &self.keyspace)
+            .finish_non_exhaustive()
+    }
+}
+
+fn decode_error(table: &str, e: impl std::fmt::Display) -> CassandraError {
+    CassandraError::Request {
+        doing: format!("read {table}"),
+        message: format!("a row does not have the expected columns: {e}"),
+        retriable: false,
+    }
+}
+
+fn bad_key(table: &str, key: &str, shape: &str) -> CassandraError {
+    CassandraError::Request {
+        doing: format!("read {table}"),
+        message: format!("a row's key {key:?} is not {shape}"),
+        retriable: false,
+    }
+}
+
+impl TableReader {
+    /// Prepares every statement against `keyspace`.
+    ///
+    /// # Errors
+    ///
+    /// [`CassandraError::Config`] for a bad keyspace name or a keyspace without spendflow's
+    /// tables; [`CassandraError::Request`] if Cassandra does not answer.
+    pub async fn new(session: Arc<CqlSession>, keyspace: &str) -> Result<Self, CassandraError> {
+        validate_keyspace(keyspace).map_err(CassandraError::Config)?;
+        let ks = keyspace;
+        let prepare = |cql: String| {
+            let session = Arc::clone(&session);
+            async move {
+                session.prepare(cql.clone()).await.map_err(|e| {
+                    let error = CassandraError::request(format!("prepare {cql:?}"), e);
+                    match error {
+                        CassandraError::Request {
+                            retriable: false,
+                            message,
+                            ..
+                        } => CassandraError::Config(format!(
+                            "keyspace {ks} does not hold spendflow's tables ({message}); has an \
+                             engine with the Cassandra sink written to it?"
+                        )),
+                        other => other,
+                    }
+                })
+            }
+        };
+        let cells = |table: &str, key: &str| {
+            format!("SELECT {key}, total_minor, expense_count FROM {ks}.{table} WHERE user_id = ?")
+        };
+        let range = |table: &str, key: &str| {
+            format!(
+                "SELECT {key}, total_minor, expense_count FROM {ks}.{table} \
+                 WHERE user_id = ? AND {key} >= ? AND {key} <= ?"
+            )
+        };
+        let statements = Statements {
+            progress: prepare(format!(
+                "SELECT epoch, positions, records_covered, committed FROM {ks}.sink_progress \
+                 WHERE sink = ?"
+            ))
+            .await?,
+            user_total: prepare(format!(
+                "SELECT user_id, total_minor, expense_count, last_event_ms FROM {ks}.user_totals \
+                 WHERE user_id = ?"
+            ))
+            .await?,
+            categories: prepare(cells("user_category_totals", "category")).await?,
+            merchants: prepare(cells("user_merchant_totals", "merchant")).await?,
+            days_range: prepare(range("user_daily_totals", "day")).await?,
+            months_range: prepare(range("user_monthly_totals", "month")).await?,
+            months_all: prepare(cells("user_monthly_totals", "month")).await?,
+            scan_totals: prepare(format!(
+                "SELECT user_id, total_minor, expense_count, last_event_ms FROM {ks}.user_totals"
+            ))
+            .await?,
+            distinct_categories: prepare(format!(
+                "SELECT DISTINCT user_id FROM {ks}.user_category_totals"
+            ))
+            .await?,
+            distinct_months: prepare(format!(
+                "SELECT DISTINCT user_id FROM {ks}.user_monthly_totals"
+            ))
+            .await?,
+        };
+        Ok(TableReader {
+            session,
+            keyspace: keyspace.to_string(),
+            statements,
+        })
+    }
+
+    /// The keyspace read.
+    pub fn keyspace(&self) -> &str {
+        &self.keyspace
+    }
+
+    /// One page of `prepared` (all rows if `page_size` is `None`) and the state to continue
+    /// from, if more rows follow.
+    async fn page(
+        &self,
+        prepared: &PreparedQuery,
+        values: Option<QueryValues>,
+        page_size: Option<i32>,
+        paging_state: Option<CBytes>,
+        doing: &str,
+    ) -> Result<(Vec<Row>, Option<CBytes>), CassandraError> {
+        let mut params = StatementParamsBuilder::new()
+            .with_consistency(READ_CONSISTENCY)
+            .idempotent(true);
+        if let Some(values) = values {
+            params = params.with_values(values);
+        }
+        if let Some(size) = page_size {
+            params = params.with_page_size(size);
+        }
+        if let Some(state) = paging_state {
+            params = params.with_paging_state(state);
+        }
+        let body = self
+            .session
+            .exec_with_params(prepared, &params.build())
+            .await
+            .and_then(|envelope| envelope.response_body())
+            .map_err(|e| CassandraError::request(doing, e))?;
+        let next = body.as_rows_metadata().and_then(|m| {
+            m.flags
+                .contains(RowsMetadataFlags::HAS_MORE_PAGES)
+                .then(|| m.paging_state.clone())
+                .flatten()
+        });
+        let rows = body.into_rows().ok_or_else(|| CassandraError::Request {
+            doing: doing.to_string(),
+            message: "the answer has no rows".into(),
+            retriable: false,
+        })?;
+        Ok((rows, next))
+    }
+
+    async fn rows(
+        &self,
+        prepared: &PreparedQuery,
+        values: QueryValues,
+        doing: &str,
+    ) -> Result<Vec<Row>, CassandraError> {
+        Ok(self
+            .page(prepared, Some(values), None, None, doing)
+            .await?
+            .0)
+    }
+
+    /// What `sink_progress` says: the newest committed row, and the newest row of all.
+    ///
+    /// # Errors
+    ///
+    /// The request failed, or a row is malformed.
+    pub async fn progress(&self) -> Result<ProgressState, CassandraError> {
+        let mut state = ProgressState::default();
+        let mut paging = None;
+        loop {
+            let (rows, next) = self
+                .page(
+                    &self.statements.progress,
+                    Some(query_values!(SINK_NAME.to_string())),
+                    Some(PROGRESS_PAGE),
+                    paging,
+                    "read sink_progress",
+                )
+                .await?;
+            for row in &rows {
+                let epoch: i64 = row
+                    .get_r_by_name("epoch")
+                    .map_err(|e| decode_error("sink_progress", e))?;
+                state.newest.get_or_insert(epoch as Epoch);
+                let committed: Option<bool> = row
+                    .get_by_name("committed")
+                    .map_err(|e| decode_error("sink_progress", e))?;
+                if committed != Some(true) {
+                    continue;
+                }
+                let positions: Option<String> = row
+                    .get_by_name("positions")
+                    .map_err(|e| decode_error("sink_progress", e))?;
+                let positions = parse_positions(positions.as_deref().unwrap_or("[]"))
+                    .map_err(|e| decode_error("sink_progress", e))?;
+                let records: Option<i64> = row
+                    .get_by_name("records_covered")
+                    .map_err(|e| decode_error("sink_progress", e))?;
+                state.committed = Some(ProgressRow {
+                    epoch: epoch as Epoch,
+                    positions,
+                    records_covered: records.unwrap_or(0).max(0) as u64,
+                    committed: true,
+                });
+                return Ok(state);
+            }
+            match next {
+                Some(next) if !rows.is_empty() => paging = Some(next),
+                _ => return Ok(state),
+            }
+        }
+    }
+
+    /// One user's `user_totals` row, if it exists.
+    ///
+    /// # Errors
+    ///
+    /// The request failed, or the row is malformed.
+    pub async fn user(&self, user: UserId) -> Result<Option<UserRow>, CassandraError> {
+        let rows = self
+            .rows(
+                &self.statements.user_total,
+                query_values!(user as i64),
+                "read user_totals",
+            )
+            .await?;
+        rows.first().map(user_row).transpose()
+    }
+
+    /// One user's `(category, (count, sum))` cells.
+    ///
+    /// # Errors
+    ///
+    /// The request failed, or a row is malformed.
+    pub async fn categories(
+        &self,
+        user: UserId,
+    ) -> Result<Vec<(String, CountSum)>, CassandraError> {
+        let rows = self
+            .rows(
+                &self.statements.categories,
+                query_values!(user as i64),
+                "read user_category_totals",
+            )
+            .await?;
+        rows.iter()
+            .map(|r| named_cell(r, "user_category_totals", "category"))
+            .collect()
+    }
+
+    /// One user's `(merchant, (count, sum))` cells.
+    ///
+    /// # Errors
+    ///
+    /// The request failed, or a row is malformed.
+    pub async fn merchants(&self, user: UserId) -> Result<Vec<(String, CountSum)>, CassandraError> {
+        let rows = self
+            .rows(
+                &self.statements.merchants,
+                query_values!(user as i64),
+                "read user_merchant_totals",
+            )
+            .await?;
+        rows.iter()
+            .map(|r| named_cell(r, "user_merchant_totals", "merchant"))
+            .collect()
+    }
+
+    /// One user's day cells in `from..=to` (day numbers), oldest first.
+    ///
+    /// # Errors
+    ///
+    /// The request failed, or a row is malformed.
+    pub async fn days(
+        &self,
+        user: UserId,
+        from: i32,
+        to: i32,
+    ) -> Result<Vec<(i32, CountSum)>, CassandraError> {
+        let Some((from, to)) = keys::clamp(from, to, keys::first_day(), keys::last_day()) else {
+            return Ok(Vec::new());
+        };
+        let rows = self
+            .rows(
+                &self.statements.days_range,
+                query_values!(user as i64, keys::day_key(from), keys::day_key(to)),
+                "read user_daily_totals",
+            )
+            .await?;
+        bucket_cells(
+            &rows,
+            "user_daily_totals",
+            "day",
+            keys::parse_day_key,
+            "YYYY-MM-DD",
+        )
+    }
+
+    /// One user's month cells in `from..=to` (month numbers), oldest first.
+    ///
+    /// # Errors
+    ///
+    /// The request failed, or a row is malformed.
+    pub async fn months(
+        &self,
+        user: UserId,
+        from: i32,
+        to: i32,
+    ) -> Result<Vec<(i32, CountSum)>, CassandraError> {
+        let Some((from, to)) = keys::clamp(from, to, keys::FIRST_MONTH, keys::LAST_MONTH) else {
+            return Ok(Vec::new());
+        };
+        let rows = self
+            .rows(
+                &self.statements.months_range,
+                query_values!(user as i64, keys::month_key(from), keys::month_key(to)),
+                "read user_monthly_totals",
+            )
+            .await?;
+        bucket_cells(
+            &rows,
+            "user_monthly_totals",
+            "month",
+            keys::parse_month_key,
+            "YYYY-MM",
+        )
+    }
+
+    /// Every month cell of one user, oldest first.
+    ///
+    /// # Errors
+    ///
+    /// The request failed, or a row is malformed.
+    pub async fn all_months(&self, user: UserId) -> Result<Vec<(i32, CountSum)>, CassandraError> {
+        let rows = self
+            .rows(
+                &self.statements.months_all,
+                query_values!(user as i64),
+                "read user_monthly_totals",
+            )
+            .await?;
+        bucket_cells(
+            &rows,
+            "user_monthly_totals",
+            "month",
+            keys::parse_month_key,
+            "YYYY-MM",
+        )
+    }
+
+    /// Every `user_totals` row, a page of `page_size` at a time (in token order, not by id).
+    ///
+    /// # Errors
+    ///
+    /// A request failed, or a row is malformed.
+    pub async fn scan_users(&self, page_size: i32) -> Result<Vec<UserRow>, CassandraError> {
+        let mut out = Vec::new();
+        let mut paging = None;
+        loop {
+            let (rows, next) = self
+                .page(
+                    &self.statements.scan_totals,
+                    None,
+                    Some(page_size),
+                    paging,
+                    "scan user_totals",
+                )
+                .await?;
+            for row in &rows {
+                out.push(user_row(row)?);
+            }
+            match next {
+                Some(next) => paging = Some(next),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// The ids of every user with a row in `user_category_totals` or `user_monthly_totals`
+    /// (partition keys only), unsorted.
+    ///
+    /// # Errors
+    ///
+    /// A request failed, or a row is malformed.
+    pub async fn users_with_cells(&self, page_size: i32) -> Result<Vec<UserId>, CassandraError> {
+        let mut out = Vec::new();
+        for (prepared, table) in [
+            (&self.statements.distinct_categories, "user_category_totals"),
+            (&self.statements.distinct_months, "user_monthly_totals"),
+        ] {
+            let doing = format!("scan {table}");
+            let mut paging = None;
+            loop {
+                let (rows, next) = self
+                    .page(prepared, None, Some(page_size), paging, &doing)
+                    .await?;
+                for row in &rows {
+                    let user: i64 = row
+                        .get_r_by_name("user_id")
+                        .map_err(|e| decode_error(table, e))?;
+                    out.push(user as UserId);
+                }
+                match next {
+                    Some(next) => paging = Some(next),
+                    None => break,
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn user_row(row: &Row) -> Result<UserRow, CassandraError> {
+    let get = |name: &str| -> Result<Option<i64>, CassandraError> {
+        row.get_by_name(name)
+            .map_err(|e| decode_error("user_totals", e))
+    };
+    let user_id = get("user_id")?.ok_or_else(|| decode_error("user_totals", "user_id is null"))?;
+    Ok(UserRow {
+        user_id: user_id as UserId,
+        total_minor: get("total_minor")?.unwrap_or(0),
+        expense_count: get("expense_count")?.unwrap_or(0),
+        last_event_ms: get("last_event_ms")?,
+    })
+}
+
+fn count_sum(row: &Row, table: &str) -> Result<CountSum, CassandraError> {
+    let get = |name: &str| -> Result<i64, CassandraError> {
+        let value: Option<i64> = row.get_by_name(name).map_err(|e| decode_error(table, e))?;
+        Ok(value.unwrap_or(0))
+    };
+    Ok((get("expense_count")?, get("total_minor")?))
+}
+
+fn named_cell(row: &Row, table: &str, key: &str) -> Result<(String, CountSum), CassandraError> {
+    let name: String = row.get_r_by_name(key).map_err(|e| decode_error(table, e))?;
+    Ok((name, count_sum(row, table)?))
+}
+
+fn bucket_cells(
+    rows: &[Row],
+    table: &str,
+    key: &str,
+    parse: fn(&str) -> Option<i32>,
+    shape: &str,
+) -> Result<Vec<(i32, CountSum)>, CassandraError> {
+    let mut out = rows
+        .iter()
+        .map(|row| {
+            let text: String = row.get_r_by_name(key).map_err(|e| decode_error(table, e))?;
+            let bucket = parse(&text).ok_or_else(|| bad_key(table, &text, shape))?;
+            Ok((bucket, count_sum(row, table)?))
+        })
+        .collect::<Result<Vec<_>, CassandraError>>()?;
+    out.sort_unstable_by_key(|(bucket, _)| *bucket);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_parse_from_the_sink_json() {
+        let positions = parse_positions(
+            r#"[{"source":"expenses.user.7","partition":0,"position":42},
+                {"source":"expenses","partition":3,"position":0,"extra":true}]"#,
+        )
+        .unwrap();
+        assert_eq!(positions.len(), 2);
+        assert_eq!(&*positions[0].source, "expenses.user.7");
+        assert_eq!((positions[0].partition, positions[0].position), (0, 42));
+        assert_eq!((positions[1].partition, positions[1].position), (3, 0));
+        assert_eq!(positions[1].high_watermark, None);
+        assert!(parse_positions("[]").unwrap().is_empty());
+        for bad in [
+            "",
+            "{}",
+            r#"[{"source":"x"}]"#,
+            r#"[{"source":"x","partition":"0","position":1}]"#,
+        ] {
+            assert!(parse_positions(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn settled_means_no_epoch_in_flight() {
+        let row = |epoch| ProgressRow {
+            epoch,
+            positions: Vec::new(),
+            records_covered: 0,
+            committed: true,
+        };
+        assert!(ProgressState::default().settled());
+        let in_flight = ProgressState {
+            committed: Some(row(4)),
+            newest: Some(5),
+        };
+        assert!(!in_flight.settled());
+        assert_eq!(in_flight.committed_epoch(), Some(4));
+        let settled = ProgressState {
+            committed: Some(row(5)),
+            newest: Some(5),
+        };
+        assert!(settled.settled());
+    }
+}
