@@ -10,12 +10,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
+use spendflow_engine::config::{CheckpointConfig, SinkConfig};
 use spendflow_engine::generate::config::{
     DEFAULT_BATCH, DEFAULT_PARTITIONS, DEFAULT_TOPIC, DEFAULT_TOPIC_PREFIX,
 };
 use spendflow_engine::generate::{GenerateConfig, Layout, TerminalProgress};
 use spendflow_engine::personnel::Personnel;
 use spendflow_engine::serve::cassandra::{CassandraServeConfig, CassandraServer};
+use spendflow_engine::sink::cassandra::CassandraSinkConfig;
 use spendflow_engine::source::file::FileSourceConfig;
 use spendflow_engine::source::generator::{GeneratorConfig, GeneratorSourceConfig};
 use spendflow_engine::source::kafka::KafkaSourceConfig;
@@ -161,6 +163,32 @@ struct RunArgs {
     #[arg(long, value_name = "SOURCE")]
     input: String,
 
+    /// Where results are stored besides the in-memory read model the gRPC service answers
+    /// from: `memory` (nothing durable) or `cassandra` (tables per user, category, merchant,
+    /// day, month; needs --cassandra).
+    #[arg(long, value_enum, default_value_t = SinkArg::Memory)]
+    sink: SinkArg,
+
+    /// With --sink cassandra: contact points, HOST:PORT[,HOST:PORT].
+    #[arg(long, value_name = "HOST:PORT", env = "SPENDFLOW_CASSANDRA")]
+    cassandra: Option<String>,
+
+    /// With --sink cassandra: the keyspace (created if missing, with one replica; see the
+    /// README to choose the replication of a real cluster).
+    #[arg(long, default_value = "spendflow")]
+    keyspace: String,
+
+    /// Write checkpoints of the state and input positions here; on start, the newest one is
+    /// restored and reading resumes where it stood, instead of from the beginning. The
+    /// directory is locked while the engine runs.
+    #[arg(long, value_name = "DIR")]
+    checkpoint_dir: Option<PathBuf>,
+
+    /// Time between checkpoints while input arrives, e.g. 10s, 500ms, 2m: at most this much
+    /// input is read again after a crash.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    checkpoint_interval: Duration,
+
     /// Serve the live web report on this address (overview and a page per user), e.g.
     /// 127.0.0.1:8080. Off unless given.
     #[arg(long, value_name = "ADDR")]
@@ -192,6 +220,32 @@ struct RunArgs {
     /// With Kafka input: how often to look for new matching topics, in milliseconds.
     #[arg(long, default_value_t = 2000)]
     discovery_interval_ms: u64,
+}
+
+/// Where `run` stores results.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum SinkArg {
+    /// Only the in-memory read model (lost on restart unless checkpoints are on).
+    Memory,
+    /// Cassandra tables, written per closed epoch, idempotently.
+    Cassandra,
+}
+
+/// `10s`, `500ms`, `2m`, or a number of seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, "s"), |i| text.split_at(i));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration: use e.g. 10s, 500ms or 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{text:?}: unknown unit {unit:?}; use ms, s or m")),
+    }
 }
 
 /// Where `generate` puts records in Kafka.
@@ -477,6 +531,26 @@ fn run(args: RunArgs) -> Result<()> {
     };
     let mut config = engine_config(&args.engine, source, args.web);
     config.dead_letter_topic = args.dead_letter_topic;
+    if args.sink == SinkArg::Cassandra {
+        let Some(contact_points) = args.cassandra else {
+            bail!("--sink cassandra needs --cassandra HOST:PORT (or SPENDFLOW_CASSANDRA)");
+        };
+        config.sink = Some(SinkConfig::Cassandra(CassandraSinkConfig {
+            keyspace: args.keyspace,
+            ..CassandraSinkConfig::new(contact_points)
+        }));
+        if args.checkpoint_dir.is_none() {
+            tracing::warn!(
+                "--sink cassandra without --checkpoint-dir: a restart reads all input again and re-writes every row it touches."
+            );
+        }
+    }
+    if let Some(dir) = args.checkpoint_dir {
+        config.checkpoint = Some(CheckpointConfig {
+            dir,
+            interval_ms: args.checkpoint_interval.as_millis() as u64,
+        });
+    }
     let engine = Engine::builder()
         .config(config)
         .start()
@@ -611,6 +685,11 @@ fn watch(engine: Engine) -> Result<()> {
     let mut last_line = Instant::now();
     while !stop.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(250));
+        if let Some(failure) = engine.failure() {
+            bar.finish_and_clear();
+            let _ = engine.shutdown();
+            bail!("the engine stopped: {failure}");
+        }
         let status = engine.status();
         let now = Instant::now();
         let rate = (status.records_read - last.1) as f64 / now.duration_since(last.0).as_secs_f64();

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use std::path::PathBuf;
+
 use crate::error::EngineError;
+use crate::sink::cassandra::CassandraSinkConfig;
 use crate::source::file::FileSourceConfig;
 use crate::source::generator::GeneratorSourceConfig;
 use crate::source::kafka::KafkaSourceConfig;
@@ -44,6 +47,48 @@ pub struct EngineConfig {
     /// bytes and headers saying where they came from and why they were rejected.
     #[serde(default = "default_dead_letter_topic")]
     pub dead_letter_topic: String,
+    /// A durable sink the results are written to, besides the in-memory read model every
+    /// engine serves from.
+    #[serde(default)]
+    pub sink: Option<SinkConfig>,
+    /// Checkpoints of the engine's state and input positions, so a restart resumes instead of
+    /// re-reading everything.
+    #[serde(default)]
+    pub checkpoint: Option<CheckpointConfig>,
+}
+
+/// A durable sink for results.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SinkConfig {
+    /// Cassandra tables (see `sink::cassandra::schema`).
+    Cassandra(CassandraSinkConfig),
+}
+
+/// Where and how often checkpoints are written.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// The directory; created if missing, and locked while the engine runs.
+    pub dir: PathBuf,
+    /// Milliseconds between checkpoints while input arrives: at most this much input is read
+    /// again after a crash.
+    #[serde(default = "default_checkpoint_interval_ms")]
+    pub interval_ms: u64,
+}
+
+const fn default_checkpoint_interval_ms() -> u64 {
+    10_000
+}
+
+impl CheckpointConfig {
+    /// Checkpoints in `dir` at the default interval.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        CheckpointConfig {
+            dir: dir.into(),
+            interval_ms: default_checkpoint_interval_ms(),
+        }
+    }
 }
 
 /// A source of records.
@@ -89,6 +134,8 @@ impl Default for EngineConfig {
             grpc: None,
             web: None,
             dead_letter_topic: default_dead_letter_topic(),
+            sink: None,
+            checkpoint: None,
         }
     }
 }
@@ -121,6 +168,22 @@ impl EngineConfig {
             return Err(EngineError::Config(
                 "epoch_budget must be at least 1".into(),
             ));
+        }
+        if let Some(SinkConfig::Cassandra(c)) = &self.sink {
+            c.validate().map_err(EngineError::Config)?;
+        }
+        if let Some(checkpoint) = &self.checkpoint {
+            if !(100..=3_600_000).contains(&checkpoint.interval_ms) {
+                return Err(EngineError::Config(format!(
+                    "checkpoint interval_ms must be 100 to 3600000, got {}",
+                    checkpoint.interval_ms
+                )));
+            }
+            if matches!(self.source, Some(SourceConfig::Generator(_))) {
+                return Err(EngineError::Config(
+                    "checkpoints need a source that can be read again from a position (kafka or file), not the generator".into(),
+                ));
+            }
         }
         if let Some(SourceConfig::Generator(g)) = &self.source {
             g.validate()

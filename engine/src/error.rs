@@ -32,6 +32,12 @@ pub enum EngineError {
         /// What went wrong.
         message: String,
     },
+    /// Checkpoints could not be read or written.
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    /// The durable sink could not start or failed for good.
+    #[error(transparent)]
+    Sink(#[from] crate::sink::cassandra::CassandraError),
     /// The dataflow workers failed (a worker thread panicked or could not start).
     #[error("dataflow workers failed: {0}")]
     Workers(String),
@@ -45,6 +51,8 @@ impl EngineError {
     pub fn is_retriable(&self) -> bool {
         match self {
             EngineError::Source(e) => e.is_retriable(),
+            EngineError::Checkpoint(e) => e.is_retriable(),
+            EngineError::Sink(e) => e.is_retriable(),
             EngineError::Serve { .. } | EngineError::Web { .. } => true,
             EngineError::Config(_) | EngineError::Workers(_) | EngineError::ShutDown => false,
         }

@@ -56,6 +56,12 @@ use crate::serve::status::StatusProbe;
 use crate::sink::dead_letter::DeadLetters;
 use crate::source::Source;
 
+/// How long shutdown waits for gRPC clients to hang up before closing their connections.
+const GRPC_SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// How long shutdown waits for the durable sink to write what is queued.
+const SINK_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
 /// Configures and starts an [`Engine`].
 #[derive(Clone, Debug, Default)]
 pub struct EngineBuilder {
@@ -129,6 +135,10 @@ pub struct Engine {
     shared: Arc<Shared>,
     workers: Option<JoinHandle<Result<Vec<()>, String>>>,
     publisher: Option<JoinHandle<()>>,
+    sink_thread: Option<JoinHandle<()>>,
+    /// Makes the sink's retries give up (at shutdown, after a grace period).
+    sink_stop: Arc<std::sync::atomic::AtomicBool>,
+    checkpointer: Option<JoinHandle<()>>,
     grpc: Option<GrpcServer>,
     web: Option<serve::web::WebServer>,
 }
@@ -154,6 +164,47 @@ impl Engine {
         config.validate()?;
         let workers = config.workers;
 
+        // Recovery first: lock the checkpoint directory (fencing) and read the newest
+        // checkpoint; claim the durable sink and learn what it committed. Epochs continue
+        // past both, so everything this run publishes is newer than anything before it.
+        let (store, restored) = match &config.checkpoint {
+            Some(c) => {
+                let store = checkpoint::LocalDirStore::open(&c.dir)?;
+                let latest = checkpoint::CheckpointStore::latest(&store)?;
+                if let Some(latest) = &latest {
+                    tracing::info!(
+                        epoch = latest.epoch,
+                        live = latest.live.len(),
+                        partitions = latest.positions.len(),
+                        records = latest.records_read,
+                        "Restoring a checkpoint."
+                    );
+                }
+                (Some(store), latest)
+            }
+            None => (None, None),
+        };
+        let sink_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sink = match &config.sink {
+            Some(config::SinkConfig::Cassandra(c)) => Some(sink::cassandra::CassandraSink::open(
+                c.clone(),
+                &format!("spendflow pid {}", std::process::id()),
+                Arc::clone(&sink_stop),
+            )?),
+            None => None,
+        };
+        let first_epoch = restored
+            .as_ref()
+            .map(|c| c.epoch)
+            .max(sink.as_ref().and_then(|(_, start)| start.committed_epoch))
+            .unwrap_or(0)
+            + 1;
+        let start_at: std::collections::BTreeMap<(String, i32), i64> = restored
+            .iter()
+            .flat_map(|c| &c.positions)
+            .map(|p| ((p.source.clone(), p.partition), p.position))
+            .collect();
+
         // Sources, per worker. Single-partition sources are read by worker 0.
         let (input, input_source) = source::input::channel();
         let mut first: Vec<Box<dyn Source>> = vec![Box::new(input_source)];
@@ -164,7 +215,9 @@ impl Engine {
                 )?));
             }
             Some(SourceConfig::File(f)) => {
-                first.push(Box::new(source::file::FileSource::open(f.clone(), 0)?));
+                let name = format!("file:{}", f.path.display());
+                let start = start_at.get(&(name, 0)).copied().unwrap_or(0);
+                first.push(Box::new(source::file::FileSource::open(f.clone(), start)?));
             }
             Some(SourceConfig::Kafka(_)) | None => {}
         }
@@ -173,12 +226,8 @@ impl Engine {
         if let Some(SourceConfig::Kafka(k)) = &config.source {
             // Every worker reads its own share of the partitions.
             for (worker, sources) in per_worker.iter_mut().enumerate() {
-                let kafka = source::kafka::KafkaSource::new(
-                    k.clone(),
-                    worker,
-                    workers,
-                    Default::default(),
-                )?;
+                let kafka =
+                    source::kafka::KafkaSource::new(k.clone(), worker, workers, start_at.clone())?;
                 sources.get_or_insert_with(Vec::new).push(Box::new(kafka));
             }
         }
@@ -188,7 +237,7 @@ impl Engine {
         let (read_model, writer) = ReadModel::new();
         let mut dead_letters = DeadLetters::with_capacity(config.dead_letter_capacity);
         if let Some(SourceConfig::Kafka(k)) = &config.source {
-            let output = sink::dead_letter::kafka::KafkaDeadLetters::new(
+            let mut output = sink::dead_letter::kafka::KafkaDeadLetters::new(
                 &k.brokers,
                 &config.dead_letter_topic,
             )
@@ -196,11 +245,32 @@ impl Engine {
                 message: format!("dead-letter producer: {e}"),
                 retriable: false,
             })?;
+            if config.checkpoint.is_some() {
+                // Input after the checkpoint is read again: its dead letters are already in
+                // the topic, and must not be sent twice.
+                output.skip_written(&k.brokers, &start_at)?;
+            }
             dead_letters = dead_letters.with_output(Box::new(output));
         }
+        if let Some(restored) = &restored {
+            dead_letters.restore_counts(&restored.rejected);
+        }
         let dead_letters = Arc::new(dead_letters);
-        let clock = EpochClock::new(config.epoch_interval(), config.epoch_budget);
-        let shared = Arc::new(Shared::new(workers, clock, dead_letters));
+        let clock = EpochClock::starting_at(
+            first_epoch,
+            config.epoch_interval(),
+            config.epoch_budget,
+            config
+                .checkpoint
+                .as_ref()
+                .map(|c| Duration::from_millis(c.interval_ms)),
+        );
+        let mut shared = Shared::new(workers, clock, dead_letters);
+        let restored_epoch = restored.as_ref().map(|c| c.epoch);
+        if let Some(restored) = restored {
+            shared = shared.restore_from(restored);
+        }
+        let shared = Arc::new(shared);
 
         // Bind before starting anything else, so a taken port fails fast.
         let grpc_listener = match config.grpc {
@@ -225,11 +295,58 @@ impl Engine {
 
         let web_listener = config.web.map(serve::web::WebServer::bind).transpose()?;
 
+        let spawn_error = |e: std::io::Error| EngineError::Workers(e.to_string());
+        let mut outputs = pipeline::Outputs {
+            restored: restored_epoch,
+            ..pipeline::Outputs::default()
+        };
+        let sink_thread = match sink {
+            Some((sink, _)) => {
+                let (tx, rx) = crossbeam_channel::bounded(pipeline::SINK_QUEUE);
+                outputs.sink = Some(tx);
+                let max_cells = match &config.sink {
+                    Some(config::SinkConfig::Cassandra(c)) => c.max_group_cells,
+                    None => usize::MAX,
+                };
+                let shared = Arc::clone(&shared);
+                Some(
+                    std::thread::Builder::new()
+                        .name("spendflow-sink".into())
+                        .spawn(move || pipeline::run_sink(rx, sink, &shared, max_cells))
+                        .map_err(spawn_error)?,
+                )
+            }
+            None => None,
+        };
+        let checkpointer = match store {
+            Some(store) => {
+                let (tx, rx) = crossbeam_channel::unbounded();
+                outputs.checkpoints = Some(tx);
+                let shared = Arc::clone(&shared);
+                let wait_for_sink = sink_thread.is_some();
+                Some(
+                    std::thread::Builder::new()
+                        .name("spendflow-checkpoint".into())
+                        .spawn(move || {
+                            pipeline::run_checkpointer(
+                                rx,
+                                workers,
+                                Box::new(store),
+                                &shared,
+                                wait_for_sink,
+                            )
+                        })
+                        .map_err(spawn_error)?,
+                )
+            }
+            None => None,
+        };
+
         let (reports_tx, reports_rx) = pipeline::report_channel();
         let publisher = std::thread::Builder::new()
             .name("spendflow-publisher".into())
-            .spawn(move || pipeline::run_publisher(reports_rx, workers, writer))
-            .map_err(|e| EngineError::Workers(e.to_string()))?;
+            .spawn(move || pipeline::run_publisher(reports_rx, workers, writer, outputs))
+            .map_err(spawn_error)?;
 
         let worker_shared = Arc::clone(&shared);
         let worker_thread = std::thread::Builder::new()
@@ -289,6 +406,9 @@ impl Engine {
             shared,
             workers: Some(worker_thread),
             publisher: Some(publisher),
+            sink_thread,
+            sink_stop,
+            checkpointer,
             grpc,
             web,
         })
@@ -307,6 +427,22 @@ impl Engine {
     /// Counters, positions and whether the engine has caught up.
     pub fn status(&self) -> Status {
         self.status_probe().status()
+    }
+
+    /// Why the engine stopped on its own, if it did (the durable sink was fenced by another
+    /// engine or failed for good). A running engine returns `None`.
+    pub fn failure(&self) -> Option<String> {
+        self.shared
+            .fatal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The newest epoch the durable sink has committed, if there is a durable sink and it has
+    /// committed anything in this run.
+    pub fn sink_committed(&self) -> Option<spendflow_operators::Epoch> {
+        Some(self.shared.sink_committed.load(Ordering::Acquire)).filter(|&e| e > 0)
     }
 
     fn status_probe(&self) -> StatusProbe {
@@ -373,6 +509,25 @@ impl Engine {
         {
             result = Err(EngineError::Workers("the publisher thread panicked".into()));
         }
+        if let Some(sink) = self.sink_thread.take() {
+            // Let the sink write what is queued; if Cassandra does not take it in time, stop
+            // retrying: the next start writes it again from the checkpoint.
+            let deadline = Instant::now() + SINK_SHUTDOWN_GRACE;
+            while !sink.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            self.sink_stop.store(true, Ordering::Release);
+            if sink.join().is_err() {
+                result = Err(EngineError::Workers("the sink thread panicked".into()));
+            }
+        }
+        if let Some(checkpointer) = self.checkpointer.take()
+            && checkpointer.join().is_err()
+        {
+            result = Err(EngineError::Workers(
+                "the checkpoint thread panicked".into(),
+            ));
+        }
         self.shared.dead_letters.flush();
         // Ends open subscriptions, so the gRPC server's graceful shutdown does not wait on them.
         self.read_model.close();
@@ -422,10 +577,28 @@ impl GrpcServer {
                 runtime.block_on(async move {
                     let listener =
                         tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
-                    let shutdown = async {
-                        let _ = shutdown_rx.await;
+                    let (stopping, mut stopped) = tokio::sync::watch::channel(false);
+                    let mut graceful = stopped.clone();
+                    let shutdown = async move {
+                        let _ = graceful.wait_for(|s| *s).await;
                     };
-                    serve::grpc::serve(listener, read_model, status, personnel, shutdown).await
+                    tokio::spawn(async move {
+                        let _ = shutdown_rx.await;
+                        let _ = stopping.send(true);
+                    });
+                    // Graceful shutdown waits for clients to hang up; one that never does (an
+                    // idle connection nobody polls) must not hold the engine forever.
+                    let forced = async move {
+                        let _ = stopped.wait_for(|s| *s).await;
+                        tokio::time::sleep(GRPC_SHUTDOWN_GRACE).await;
+                    };
+                    tokio::select! {
+                        served = serve::grpc::serve(listener, read_model, status, personnel, shutdown) => served,
+                        () = forced => {
+                            tracing::warn!("gRPC clients still connected at shutdown; closing their connections.");
+                            Ok(())
+                        }
+                    }
                 })
             })
             .map_err(|e| serve_error(e.to_string()))?;

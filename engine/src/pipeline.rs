@@ -31,7 +31,9 @@ use spendflow_operators::decode::decode;
 use spendflow_operators::runtime::WorkerContext;
 use spendflow_operators::{ClosedEpoch, Epoch, RejectReason, Rejection};
 
-use crate::serve::read_model::{AsOf, EpochDelta, ReadModelWriter};
+use crate::checkpoint::{Checkpoint, CheckpointStore, SavedPosition};
+use crate::serve::read_model::{AsOf, EpochDelta, Published, ReadModelWriter};
+use crate::sink::cassandra::{CassandraSink, EpochGroup};
 use crate::sink::dead_letter::{DeadLetters, RAW_PREFIX_BYTES, RejectedRecord};
 use crate::source::{PartitionPosition, Payload, Poll, Source, SourceRecord};
 
@@ -54,19 +56,39 @@ pub struct EpochClock {
     last_cut_ns: AtomicU64,
     /// Something was read since the last cut.
     dirty: AtomicBool,
+    /// Nanoseconds between checkpoints; 0 when checkpoints are off.
+    checkpoint_every_ns: u64,
+    last_checkpoint_ns: AtomicU64,
+    /// The epoch the running checkpoint copies the state at; 0 when none runs.
+    checkpoint_mark: AtomicU64,
 }
 
 impl EpochClock {
     /// A clock that cuts every `interval` while there is input, or after `budget` records.
     pub fn new(interval: Duration, budget: usize) -> Self {
+        // Epoch 0 stays empty: data starts at 1, so "epoch 0" can mean "nothing yet".
+        Self::starting_at(1, interval, budget, None)
+    }
+
+    /// A clock whose first epoch is `first` (after a restore, epochs continue past everything
+    /// an earlier run published), and that marks an epoch for a checkpoint every
+    /// `checkpoint_interval`, if given.
+    pub fn starting_at(
+        first: Epoch,
+        interval: Duration,
+        budget: usize,
+        checkpoint_interval: Option<Duration>,
+    ) -> Self {
         EpochClock {
             start: Instant::now(),
             interval,
             budget: budget.max(1),
-            // Epoch 0 stays empty: data starts at 1, so "epoch 0" can mean "nothing yet".
-            current: AtomicU64::new(1),
+            current: AtomicU64::new(first.max(1)),
             last_cut_ns: AtomicU64::new(0),
             dirty: AtomicBool::new(false),
+            checkpoint_every_ns: checkpoint_interval.map_or(0, |i| i.as_nanos().max(1) as u64),
+            last_checkpoint_ns: AtomicU64::new(0),
+            checkpoint_mark: AtomicU64::new(0),
         }
     }
 
@@ -89,9 +111,32 @@ impl EpochClock {
                 .is_ok()
         {
             self.dirty.store(false, Ordering::Release);
-            return self.current.fetch_add(1, Ordering::AcqRel) + 1;
+            // A checkpoint due: mark the epoch being closed, *before* the cut is visible, so
+            // every worker that advances past it sees the mark first.
+            if self.checkpoint_every_ns > 0
+                && self.checkpoint_mark.load(Ordering::SeqCst) == 0
+                && now.saturating_sub(self.last_checkpoint_ns.load(Ordering::SeqCst))
+                    >= self.checkpoint_every_ns
+            {
+                self.last_checkpoint_ns.store(now, Ordering::SeqCst);
+                self.checkpoint_mark
+                    .store(self.current.load(Ordering::SeqCst), Ordering::SeqCst);
+            }
+            return self.current.fetch_add(1, Ordering::SeqCst) + 1;
         }
-        self.current.load(Ordering::Acquire)
+        self.current.load(Ordering::SeqCst)
+    }
+
+    /// The epoch a checkpoint is being taken at, if any.
+    pub fn checkpoint_mark(&self) -> Option<Epoch> {
+        Some(self.checkpoint_mark.load(Ordering::SeqCst)).filter(|&e| e > 0)
+    }
+
+    /// The checkpoint at `epoch` is written (or given up): the next one may be marked.
+    pub fn checkpoint_finished(&self, epoch: Epoch) {
+        let _ = self
+            .checkpoint_mark
+            .compare_exchange(epoch, 0, Ordering::SeqCst, Ordering::SeqCst);
     }
 
     /// The epoch records are pushed at now.
@@ -131,6 +176,14 @@ pub struct Shared {
     pub workers: Vec<WorkerStatus>,
     /// When the engine started.
     pub started: Instant,
+    /// The newest epoch the durable sink has committed (0: none yet, or no durable sink).
+    pub sink_committed: AtomicU64,
+    /// Set when a part of the engine failed for good (the durable sink was fenced or hit a
+    /// fatal error): the engine stops, and says why.
+    pub fatal: std::sync::Mutex<Option<String>>,
+    /// The checkpoint to restore, until every worker has pushed its share of it.
+    restore: std::sync::Mutex<Option<Arc<Checkpoint>>>,
+    restore_pending: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -142,7 +195,28 @@ impl Shared {
             dead_letters,
             workers: (0..workers).map(|_| WorkerStatus::default()).collect(),
             started: Instant::now(),
+            sink_committed: AtomicU64::new(0),
+            fatal: std::sync::Mutex::new(None),
+            restore: std::sync::Mutex::new(None),
+            restore_pending: std::sync::atomic::AtomicUsize::new(workers),
         }
+    }
+
+    /// Restores `checkpoint` when the workers start: each pushes its share of the live
+    /// expenses at the checkpoint's epoch.
+    pub fn restore_from(self, checkpoint: Checkpoint) -> Self {
+        *self.restore.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(checkpoint));
+        self
+    }
+
+    /// Stops the engine because of `error`, which stays readable through [`Shared::fatal`].
+    pub fn fail(&self, error: String) {
+        tracing::error!(%error, "The engine stops.");
+        self.fatal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(error);
+        self.stop.store(true, Ordering::Release);
     }
 
     /// Records read by all sources.
@@ -191,6 +265,21 @@ pub struct WorkerEpoch {
     pub read: u64,
 }
 
+/// One worker's share of a checkpoint: its live expenses and where its sources stood.
+#[derive(Debug)]
+pub struct SnapshotPart {
+    /// The checkpoint's epoch.
+    pub epoch: Epoch,
+    /// The live expenses this worker owns.
+    pub live: Vec<(String, spendflow_operators::Fact)>,
+    /// The worker's partition positions at the end of the epoch.
+    pub positions: Arc<Vec<PartitionPosition>>,
+    /// Records the worker had read by then.
+    pub read: u64,
+    /// Records the worker had rejected by then, per reason (in `RejectReason::ALL_CODES` order).
+    pub rejected: Vec<u64>,
+}
+
 /// What a worker sends the publisher each time epochs close.
 #[derive(Debug)]
 pub struct WorkerReport {
@@ -198,6 +287,8 @@ pub struct WorkerReport {
     pub worker: usize,
     /// Closed epochs in order.
     pub epochs: Vec<WorkerEpoch>,
+    /// Shares of checkpoints taken since the last report.
+    pub snapshots: Vec<SnapshotPart>,
 }
 
 /// A bounded channel from the workers to the publisher.
@@ -215,13 +306,68 @@ pub fn run_worker(
     let index = ctx.index();
     let status = &shared.workers[index];
     let mut dataflow = ctx.build_dataflow();
-    dataflow.advance_to(shared.clock.current());
     let mut batch: Vec<SourceRecord> = Vec::with_capacity(POLL_BATCH);
     // (last epoch closed by an advance, positions then, records read then), oldest first.
     let mut closes: VecDeque<(Epoch, Arc<Vec<PartitionPosition>>, u64)> = VecDeque::new();
     let mut in_epoch = 0usize;
     let mut read = 0u64;
+    let mut rejected = vec![0u64; RejectReason::ALL_CODES.len()];
+    // Checkpoints requested: (epoch, positions, read, rejected) at the end of the epoch.
+    let mut checkpoints: Vec<(Epoch, Arc<Vec<PartitionPosition>>, u64, Vec<u64>)> = Vec::new();
     let mut stopping = false;
+
+    // 0. Restore a checkpoint: push this worker's share of its live expenses at its epoch, and
+    //    publish that epoch on its own before reading anything (the durable sink skips it: it
+    //    holds that state already).
+    let restore = shared
+        .restore
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    if let Some(checkpoint) = restore {
+        dataflow.advance_to(checkpoint.epoch);
+        let peers = ctx.peers();
+        for (id, fact) in checkpoint.live.iter().skip(index).step_by(peers) {
+            dataflow.push_live(id.clone(), *fact);
+        }
+        if index == 0 {
+            read = checkpoint.records_read;
+            for (code, n) in &checkpoint.rejected {
+                if let Some(i) = RejectReason::ALL_CODES.iter().position(|c| c == code) {
+                    rejected[i] = *n;
+                }
+            }
+            status.read.store(read, Ordering::Release);
+        }
+        drop(checkpoint);
+        if shared.restore_pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // The last worker to take its share frees the checkpoint's memory.
+            shared
+                .restore
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+        }
+        let target = shared.clock.current();
+        let positions: Vec<PartitionPosition> =
+            sources.iter().flat_map(|s| s.partitions()).collect();
+        closes.push_back((target - 1, Arc::new(positions), read));
+        dataflow.advance_to(target);
+        while dataflow.is_behind() {
+            ctx.step();
+        }
+        let epochs = with_positions(dataflow.drain_closed(), &mut closes);
+        let report = WorkerReport {
+            worker: index,
+            epochs,
+            snapshots: Vec::new(),
+        };
+        if reports.send(report).is_err() {
+            return;
+        }
+    } else {
+        dataflow.advance_to(shared.clock.current());
+    }
     let mut last_status = Instant::now();
     let mut last_busy = false;
 
@@ -264,6 +410,11 @@ pub fn run_worker(
                             status.accepted.fetch_add(1, Ordering::Relaxed);
                         }
                         Err((rejection, raw)) => {
+                            let code = rejection.reason.code();
+                            if let Some(i) = RejectReason::ALL_CODES.iter().position(|c| *c == code)
+                            {
+                                rejected[i] += 1;
+                            }
                             let partitions = partitions.get_or_insert_with(|| source.partitions());
                             let partition = partitions.get(record.partition);
                             shared.dead_letters.record(
@@ -316,9 +467,17 @@ pub fn run_worker(
             target
         };
         if target > dataflow.epoch() {
-            let positions: Vec<PartitionPosition> =
-                sources.iter().flat_map(|s| s.partitions()).collect();
-            closes.push_back((target - 1, Arc::new(positions), read));
+            let positions: Arc<Vec<PartitionPosition>> =
+                Arc::new(sources.iter().flat_map(|s| s.partitions()).collect());
+            // A checkpoint at an epoch this advance closes: ask for a copy of the live set at
+            // it, and note where the sources stood.
+            if let Some(mark) = shared.clock.checkpoint_mark()
+                && (dataflow.epoch()..target).contains(&mark)
+            {
+                dataflow.request_snapshot(mark);
+                checkpoints.push((mark, Arc::clone(&positions), read, rejected.clone()));
+            }
+            closes.push_back((target - 1, positions, read));
             dataflow.advance_to(target);
             in_epoch = 0;
         }
@@ -330,27 +489,29 @@ pub fn run_worker(
         } else {
             ctx.step_or_park(Duration::from_millis(1));
         }
-        let closed = dataflow.drain_closed();
-        if !closed.is_empty() {
-            let epochs = closed
-                .into_iter()
-                .map(|closed| {
-                    // The advance that closed this epoch is the first one at or after it.
-                    while closes.len() > 1 && closes[0].0 < closed.epoch {
-                        closes.pop_front();
-                    }
-                    let (_, positions, read) = closes.front().cloned().unwrap_or_default();
-                    WorkerEpoch {
-                        closed,
-                        positions,
-                        read,
-                    }
+        let snapshots: Vec<SnapshotPart> = dataflow
+            .take_snapshots()
+            .into_iter()
+            .filter_map(|copy| {
+                let at = checkpoints.iter().position(|c| c.0 == copy.epoch)?;
+                let (epoch, positions, read, rejected) = checkpoints.remove(at);
+                Some(SnapshotPart {
+                    epoch,
+                    live: copy.live,
+                    positions,
+                    read,
+                    rejected,
                 })
-                .collect();
+            })
+            .collect();
+        let closed = dataflow.drain_closed();
+        if !closed.is_empty() || !snapshots.is_empty() {
+            let epochs = with_positions(closed, &mut closes);
             if reports
                 .send(WorkerReport {
                     worker: index,
                     epochs,
+                    snapshots,
                 })
                 .is_err()
             {
@@ -363,6 +524,28 @@ pub fn run_worker(
         }
     }
     tracing::debug!(worker = index, records = read, "Worker finished.");
+}
+
+/// Pairs each closed epoch with the positions and read count of the advance that closed it
+/// (the first advance at or after it), forgetting older advances.
+fn with_positions(
+    closed: Vec<ClosedEpoch>,
+    closes: &mut VecDeque<(Epoch, Arc<Vec<PartitionPosition>>, u64)>,
+) -> Vec<WorkerEpoch> {
+    closed
+        .into_iter()
+        .map(|closed| {
+            while closes.len() > 1 && closes[0].0 < closed.epoch {
+                closes.pop_front();
+            }
+            let (_, positions, read) = closes.front().cloned().unwrap_or_default();
+            WorkerEpoch {
+                closed,
+                positions,
+                read,
+            }
+        })
+        .collect()
 }
 
 /// Decodes a payload and checks the user a source expects. On rejection, returns the reason
@@ -398,14 +581,51 @@ fn admit(
     }
 }
 
-/// Steps 5–6: merges worker reports into whole epochs and publishes them, until every worker
+/// Where the publisher sends what it publishes, besides the read model.
+#[derive(Debug, Default)]
+pub struct Outputs {
+    /// The durable sink's queue. Bounded: a slow sink holds the publisher, whose own bounded
+    /// queue then holds the workers, which stop reading their sources (back-pressure).
+    pub sink: Option<Sender<SinkItem>>,
+    /// The checkpoint writer's queue.
+    pub checkpoints: Option<Sender<SnapshotPart>>,
+    /// The restored checkpoint's epoch: published to the read model, never to the sink, which
+    /// holds that state already.
+    pub restored: Option<Epoch>,
+}
+
+/// One published epoch (or several merged), for the durable sink.
+#[derive(Debug)]
+pub struct SinkItem {
+    /// What changed, with absolute values.
+    pub published: Arc<Published>,
+    /// Records read that the state covers.
+    pub records_covered: u64,
+}
+
+/// Epochs the durable sink's queue holds before the publisher waits.
+pub const SINK_QUEUE: usize = 8;
+
+/// Steps 5–6: merges worker reports into whole epochs, publishes them to the read model and
+/// the durable sink, and hands checkpoint shares to the checkpoint writer, until every worker
 /// has hung up.
-pub fn run_publisher(reports: Receiver<WorkerReport>, workers: usize, mut writer: ReadModelWriter) {
+pub fn run_publisher(
+    reports: Receiver<WorkerReport>,
+    workers: usize,
+    mut writer: ReadModelWriter,
+    mut outputs: Outputs,
+) {
     let mut merger = Merger::new(workers);
-    for report in reports.iter() {
+    for mut report in reports.iter() {
+        if let Some(checkpoints) = &outputs.checkpoints {
+            for part in report.snapshots.drain(..) {
+                let _ = checkpoints.send(part);
+            }
+        }
         if let Some(delta) = merger.push(report) {
             let epoch = delta.as_of.epoch;
             let cells = delta.cells.len();
+            let records_covered = delta.records_covered;
             let published = writer.apply(delta);
             tracing::trace!(
                 epoch,
@@ -413,9 +633,187 @@ pub fn run_publisher(reports: Receiver<WorkerReport>, workers: usize, mut writer
                 changed = published.cells.len(),
                 "Published an epoch."
             );
+            if outputs.restored == Some(epoch) {
+                continue;
+            }
+            if let Some(sink) = &outputs.sink {
+                let item = SinkItem {
+                    published,
+                    records_covered,
+                };
+                if sink.send(item).is_err() {
+                    // The sink failed for good and said so; keep serving what is published.
+                    outputs.sink = None;
+                }
+            }
         }
     }
     tracing::debug!("Publisher finished.");
+}
+
+/// Step 7: writes published epochs to Cassandra, merging those that queued up while a write
+/// ran (catch-up writes each changed cell once per merge, not once per epoch), until the
+/// publisher hangs up. Marks each committed epoch in [`Shared::sink_committed`].
+pub fn run_sink(
+    items: Receiver<SinkItem>,
+    mut sink: CassandraSink,
+    shared: &Shared,
+    max_cells: usize,
+) {
+    while let Ok(first) = items.recv() {
+        let mut group = EpochGroup::default();
+        let add = |group: &mut EpochGroup, item: SinkItem| {
+            let as_of = &item.published.as_of;
+            group.merge(
+                as_of.epoch,
+                Arc::clone(&as_of.positions),
+                item.records_covered,
+                item.published.cells.iter().cloned(),
+            );
+        };
+        add(&mut group, first);
+        while group.cells.len() < max_cells {
+            match items.try_recv() {
+                Ok(item) => add(&mut group, item),
+                Err(_) => break,
+            }
+        }
+        match sink.write(&group) {
+            Ok(()) => {
+                shared.sink_committed.store(group.epoch, Ordering::Release);
+                tracing::trace!(
+                    epoch = group.epoch,
+                    cells = group.cells.len(),
+                    "Committed to Cassandra."
+                );
+            }
+            Err(e) if e.is_retriable() && shared.stop.load(Ordering::Acquire) => {
+                tracing::warn!(
+                    epoch = group.epoch,
+                    error = %e,
+                    "Stopping before Cassandra took the last epochs; the next start writes them again from the checkpoint."
+                );
+                break;
+            }
+            Err(e) => {
+                shared.fail(format!("Cassandra sink: {e}"));
+                break;
+            }
+        }
+    }
+    let counters = sink.counters();
+    tracing::info!(
+        groups = counters.groups,
+        rows = counters.rows,
+        retries = counters.retries,
+        "Cassandra sink finished."
+    );
+}
+
+/// How long a checkpoint may wait for a worker's share before it is given up (a worker that
+/// missed the mark; the next checkpoint is then marked).
+const CHECKPOINT_PATIENCE: Duration = Duration::from_secs(120);
+
+/// Step 8: joins the workers' shares of each checkpoint and stores it, once the durable sink
+/// (if any) has committed its epoch, until the publisher hangs up.
+pub fn run_checkpointer(
+    parts: Receiver<SnapshotPart>,
+    workers: usize,
+    mut store: Box<dyn CheckpointStore>,
+    shared: &Shared,
+    wait_for_sink: bool,
+) {
+    let mut pending: std::collections::BTreeMap<Epoch, (Instant, Vec<SnapshotPart>)> =
+        Default::default();
+    loop {
+        match parts.recv_timeout(Duration::from_millis(200)) {
+            Ok(part) => pending
+                .entry(part.epoch)
+                .or_insert_with(|| (Instant::now(), Vec::new()))
+                .1
+                .push(part),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+        }
+        pending.retain(|epoch, (since, _)| {
+            let keep = since.elapsed() < CHECKPOINT_PATIENCE;
+            if !keep {
+                tracing::warn!(
+                    epoch,
+                    "A checkpoint missed a worker's share; it is given up."
+                );
+                shared.clock.checkpoint_finished(*epoch);
+            }
+            keep
+        });
+        let Some((&epoch, _)) = pending.iter().find(|(_, (_, p))| p.len() == workers) else {
+            continue;
+        };
+        let (_, shares) = pending.remove(&epoch).expect("found");
+        // The sink must hold the checkpoint's state before the checkpoint may say so.
+        while wait_for_sink
+            && shared.sink_committed.load(Ordering::Acquire) < epoch
+            && !shared.stop.load(Ordering::Acquire)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if wait_for_sink && shared.sink_committed.load(Ordering::Acquire) < epoch {
+            break; // Stopping before the sink caught up: this checkpoint would claim too much.
+        }
+        let started = Instant::now();
+        let checkpoint = join_shares(epoch, shares);
+        match store.save(&checkpoint) {
+            Ok(()) => tracing::info!(
+                epoch,
+                live = checkpoint.live.len(),
+                ms = started.elapsed().as_millis() as u64,
+                "Checkpoint written."
+            ),
+            Err(e) => {
+                tracing::warn!(epoch, error = %e, "Checkpoint not written; the previous one stays valid.")
+            }
+        }
+        shared.clock.checkpoint_finished(epoch);
+    }
+}
+
+/// One checkpoint from every worker's share.
+fn join_shares(epoch: Epoch, shares: Vec<SnapshotPart>) -> Checkpoint {
+    let mut checkpoint = Checkpoint {
+        epoch,
+        names: spendflow_operators::Name::interned()
+            .iter()
+            .map(|n| n.to_string())
+            .collect(),
+        ..Checkpoint::default()
+    };
+    let mut rejected = vec![0u64; RejectReason::ALL_CODES.len()];
+    for share in shares {
+        checkpoint.records_read += share.read;
+        for (total, n) in rejected.iter_mut().zip(&share.rejected) {
+            *total += n;
+        }
+        checkpoint
+            .positions
+            .extend(share.positions.iter().map(|p| SavedPosition {
+                source: p.source.to_string(),
+                partition: p.partition,
+                position: p.position,
+            }));
+        if checkpoint.live.is_empty() {
+            checkpoint.live = share.live;
+        } else {
+            checkpoint.live.extend(share.live);
+        }
+    }
+    checkpoint.positions.sort();
+    checkpoint.rejected = RejectReason::ALL_CODES
+        .iter()
+        .zip(rejected)
+        .filter(|(_, n)| *n > 0)
+        .map(|(code, n)| (code.to_string(), n))
+        .collect();
+    checkpoint
 }
 
 /// Collects per-worker closed epochs and cuts them into deltas that cover whole epochs of every

@@ -1,10 +1,16 @@
 //! The Cassandra sink: absolute values per closed epoch, idempotent, with a progress row per
 //! epoch (see [`schema`] for the tables and what the progress rows promise).
 
+pub mod config;
 pub mod schema;
 pub mod session;
+pub mod sink;
+#[cfg(test)]
+mod tests;
 
+pub use config::CassandraSinkConfig;
 pub use session::{CqlSession, connect};
+pub use sink::{CassandraSink, EpochGroup, SinkStart, plan_batches, write_timestamp};
 
 /// What can go wrong talking to Cassandra.
 #[derive(Debug, thiserror::Error)]

@@ -119,6 +119,17 @@ impl DeadLetters {
         recent.push_back(rejected);
     }
 
+    /// Adds counts carried over from a checkpoint (`(reason code, count)`; unknown codes are
+    /// counted in the total only).
+    pub fn restore_counts(&self, counts: &[(String, u64)]) {
+        for (code, n) in counts {
+            if let Some(i) = RejectReason::ALL_CODES.iter().position(|c| c == code) {
+                self.by_reason[i].fetch_add(*n, Ordering::Relaxed);
+            }
+            self.total.fetch_add(*n, Ordering::Relaxed);
+        }
+    }
+
     /// Rejected records ever counted.
     pub fn total(&self) -> u64 {
         self.total.load(Ordering::Relaxed)

@@ -1,0 +1,638 @@
+//! Writing closed epochs to Cassandra.
+//!
+//! One [`EpochGroup`] (one or more consecutive closed epochs, merged) is written as:
+//!
+//! 1. every changed cell's **absolute** value (or a delete, for a cell that no longer exists),
+//!    batched per user (all tables are partitioned by user), at most
+//!    `concurrency` batches in flight, each retried with capped exponential backoff for as long
+//!    as it takes (a Cassandra outage stalls the sink, and through the bounded queue in front of
+//!    it, the sources; nothing is dropped);
+//! 2. then one `sink_progress` row for the group's last epoch, committed with a lightweight
+//!    transaction `IF generation = <ours>`, so an engine that another one has replaced can never
+//!    advance progress.
+//!
+//! Every write carries the timestamp `generation << 32 | epoch`. Within one engine run epochs
+//! grow, so a later value always wins, and a retried write is a no-op. A restarted engine
+//! claims the next generation, so its writes win over anything an earlier run (or a zombie)
+//! wrote, whatever the epoch numbers. After a restart from a checkpoint at epoch `C`, the
+//! engine re-reads the input after `C` and re-writes every cell that input touches, which
+//! includes every cell the previous run wrote after its checkpoint: Cassandra converges to
+//! exactly the state of the input, with each row at least as new as the progress row says.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use cdrs_tokio::frame::message_batch::BatchType;
+use cdrs_tokio::query::{BatchQueryBuilder, PreparedQuery, QueryValues};
+use cdrs_tokio::query_values;
+use cdrs_tokio::types::IntoRustByName;
+use cdrs_tokio::types::value::Value;
+use futures::StreamExt;
+use spendflow_operators::{AggKey, Epoch};
+
+use super::CassandraError;
+use super::config::CassandraSinkConfig;
+use super::schema::{self, SINK_NAME};
+use super::session::{CqlSession, connect};
+use crate::serve::read_model::{CellValue, format_day, format_month};
+use crate::source::PartitionPosition;
+
+/// First and largest pause between retries of a failed write.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+
+/// Progress rows kept: older ones are deleted now and then.
+const PROGRESS_ROWS_KEPT: u64 = 1000;
+
+/// One or more consecutive closed epochs, merged: what one sink write covers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EpochGroup {
+    /// The last epoch of the group.
+    pub epoch: Epoch,
+    /// Input positions the group's state covers.
+    pub positions: Arc<Vec<PartitionPosition>>,
+    /// Records read that the state covers.
+    pub records_covered: u64,
+    /// The new value of every cell that changed in any epoch of the group.
+    pub cells: BTreeMap<AggKey, CellValue>,
+}
+
+impl EpochGroup {
+    /// Adds a later epoch: its values replace earlier ones of the same cells.
+    pub fn merge(
+        &mut self,
+        epoch: Epoch,
+        positions: Arc<Vec<PartitionPosition>>,
+        records_covered: u64,
+        cells: impl IntoIterator<Item = CellValue>,
+    ) {
+        self.epoch = epoch;
+        self.positions = positions;
+        self.records_covered = records_covered;
+        for cell in cells {
+            self.cells.insert(cell.key, cell);
+        }
+    }
+}
+
+/// What the sink found when it started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SinkStart {
+    /// The generation this engine claimed.
+    pub generation: i64,
+    /// The newest epoch an earlier run committed, if any.
+    pub committed_epoch: Option<Epoch>,
+}
+
+/// The statements, prepared once.
+struct Prepared {
+    upsert_user: PreparedQuery,
+    delete_user: PreparedQuery,
+    upsert_category: PreparedQuery,
+    delete_category: PreparedQuery,
+    upsert_merchant: PreparedQuery,
+    delete_merchant: PreparedQuery,
+    upsert_day: PreparedQuery,
+    delete_day: PreparedQuery,
+    upsert_month: PreparedQuery,
+    delete_month: PreparedQuery,
+}
+
+/// Counters of what the sink did, for logs and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SinkCounters {
+    /// Groups committed.
+    pub groups: u64,
+    /// Rows written or deleted.
+    pub rows: u64,
+    /// Batches sent (retries not counted).
+    pub batches: u64,
+    /// Failed attempts that were retried.
+    pub retries: u64,
+}
+
+/// A connected Cassandra sink; see the module docs.
+pub struct CassandraSink {
+    runtime: tokio::runtime::Runtime,
+    session: Arc<CqlSession>,
+    prepared: Arc<Prepared>,
+    config: CassandraSinkConfig,
+    generation: i64,
+    stop: Arc<AtomicBool>,
+    counters: SinkCounters,
+}
+
+impl std::fmt::Debug for CassandraSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CassandraSink")
+            .field("keyspace", &self.config.keyspace)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CassandraSink {
+    /// Connects, creates the keyspace and tables if missing, prepares the statements and claims
+    /// the next generation. Blocking (the sink runs its own small runtime).
+    ///
+    /// `stop` makes retries give up (at shutdown).
+    ///
+    /// # Errors
+    ///
+    /// [`CassandraError`] if Cassandra cannot be reached or the schema cannot be created.
+    pub fn open(
+        config: CassandraSinkConfig,
+        owner: &str,
+        stop: Arc<AtomicBool>,
+    ) -> Result<(CassandraSink, SinkStart), CassandraError> {
+        config.validate().map_err(CassandraError::Config)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("spendflow-cassandra")
+            .enable_all()
+            .build()
+            .map_err(|e| CassandraError::Config(format!("sink runtime: {e}")))?;
+        let (session, prepared, start) = runtime.block_on(async {
+            let session = connect(&config.contact_points).await?;
+            let ks = &config.keyspace;
+            run(
+                &session,
+                &schema::create_keyspace(ks, &config.replication),
+                "create keyspace",
+            )
+            .await?;
+            for table in schema::create_tables(ks) {
+                run(&session, &table, "create table").await?;
+            }
+            let prepared = prepare(&session, ks).await?;
+            let start = claim(&session, ks, owner).await?;
+            Ok::<_, CassandraError>((session, prepared, start))
+        })?;
+        tracing::info!(
+            keyspace = %config.keyspace,
+            generation = start.generation,
+            committed_epoch = ?start.committed_epoch,
+            "Cassandra sink ready."
+        );
+        Ok((
+            CassandraSink {
+                runtime,
+                session,
+                prepared: Arc::new(prepared),
+                generation: start.generation,
+                config,
+                stop,
+                counters: SinkCounters::default(),
+            },
+            start,
+        ))
+    }
+
+    /// What the sink has done so far.
+    pub fn counters(&self) -> SinkCounters {
+        self.counters
+    }
+
+    /// The write timestamp of an epoch in this generation.
+    pub fn timestamp(&self, epoch: Epoch) -> i64 {
+        write_timestamp(self.generation, epoch)
+    }
+
+    /// Writes a group and commits its progress row. Retries retriable failures until they
+    /// succeed or the sink is stopped.
+    ///
+    /// # Errors
+    ///
+    /// A fatal [`CassandraError`], [`CassandraError::Fenced`] if another engine took over, or
+    /// the last retriable error if the sink was stopped while retrying.
+    pub fn write(&mut self, group: &EpochGroup) -> Result<(), CassandraError> {
+        let batches = plan_batches(group, self.config.batch_statements);
+        let rows: usize = batches.iter().map(|b| b.len()).sum();
+        let timestamp = self.timestamp(group.epoch);
+        let session = Arc::clone(&self.session);
+        let prepared = Arc::clone(&self.prepared);
+        let stop = Arc::clone(&self.stop);
+        let concurrency = self.config.concurrency;
+        let keyspace = self.config.keyspace.clone();
+        let generation = self.generation;
+        let (retries, result) = self.runtime.block_on(async move {
+            let retries = std::sync::atomic::AtomicU64::new(0);
+            let mut results = futures::stream::iter(batches.into_iter().map(|batch| {
+                let session = &session;
+                let prepared = &prepared;
+                let stop = &stop;
+                let retries = &retries;
+                async move {
+                    retry("write a batch", stop, retries, || {
+                        let query = build_batch(prepared, &batch, timestamp);
+                        async move {
+                            let query = query?;
+                            session
+                                .batch(query)
+                                .await
+                                .map_err(|e| CassandraError::request("write a batch", e))
+                        }
+                    })
+                    .await
+                }
+            }))
+            .buffer_unordered(concurrency);
+            let mut failed = None;
+            while let Some(result) = results.next().await {
+                if let Err(e) = result {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            drop(results);
+            if let Some(e) = failed {
+                return (retries.into_inner(), Err(e));
+            }
+            let committed = retry("commit progress", &stop, &retries, || {
+                commit(&session, &keyspace, generation, group)
+            })
+            .await;
+            (retries.into_inner(), committed)
+        });
+        self.counters.retries += retries;
+        result?;
+        self.counters.groups += 1;
+        self.counters.rows += rows as u64;
+        self.counters.batches += rows.div_ceil(self.config.batch_statements.max(1)) as u64;
+        if self.counters.groups.is_multiple_of(100) && group.epoch > PROGRESS_ROWS_KEPT {
+            let cql = format!(
+                "DELETE FROM {}.sink_progress WHERE sink = ? AND epoch < ?",
+                self.config.keyspace
+            );
+            let older = (group.epoch - PROGRESS_ROWS_KEPT) as i64;
+            if let Err(e) = self.runtime.block_on(
+                self.session
+                    .query_with_values(cql, query_values!(SINK_NAME.to_string(), older)),
+            ) {
+                tracing::debug!(error = %e, "Could not trim old progress rows; will retry later.");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `generation << 32 | epoch`: later generations always win; within one, later epochs.
+pub fn write_timestamp(generation: i64, epoch: Epoch) -> i64 {
+    (generation << 32) | (epoch & 0xFFFF_FFFF) as i64
+}
+
+/// One statement of a batch: which prepared query, and its values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Row {
+    kind: RowKind,
+    values: Vec<Value>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RowKind {
+    UpsertUser,
+    DeleteUser,
+    UpsertCategory,
+    DeleteCategory,
+    UpsertMerchant,
+    DeleteMerchant,
+    UpsertDay,
+    DeleteDay,
+    UpsertMonth,
+    DeleteMonth,
+}
+
+/// Turns a group's cells into batches: each batch holds rows of one user only (every table is
+/// partitioned by user) and at most `per_batch` rows.
+pub fn plan_batches(group: &EpochGroup, per_batch: usize) -> Vec<Vec<Row>> {
+    let mut by_user: BTreeMap<u64, Vec<Row>> = BTreeMap::new();
+    let epoch = group.epoch as i64;
+    for cell in group.cells.values() {
+        let user = cell.key.user_id();
+        let user_value = Value::from(user as i64);
+        let gone = cell.removed();
+        let row = match cell.key {
+            AggKey::User(_) if gone => Row {
+                kind: RowKind::DeleteUser,
+                values: vec![user_value],
+            },
+            AggKey::User(_) => Row {
+                kind: RowKind::UpsertUser,
+                values: vec![
+                    user_value,
+                    Value::from(cell.sum),
+                    Value::from(cell.count),
+                    Value::from(cell.last_event_ms),
+                    Value::from(epoch),
+                ],
+            },
+            AggKey::Category(_, name) | AggKey::Merchant(_, name) => {
+                let category = matches!(cell.key, AggKey::Category(..));
+                let text = Value::from(name.text().to_string());
+                let kind = match (category, gone) {
+                    (true, true) => RowKind::DeleteCategory,
+                    (true, false) => RowKind::UpsertCategory,
+                    (false, true) => RowKind::DeleteMerchant,
+                    (false, false) => RowKind::UpsertMerchant,
+                };
+                bucket_row(kind, gone, user_value, text, cell, epoch)
+            }
+            AggKey::Day(_, day) => {
+                let kind = if gone {
+                    RowKind::DeleteDay
+                } else {
+                    RowKind::UpsertDay
+                };
+                let text = Value::from(format_day(day));
+                bucket_row(kind, gone, user_value, text, cell, epoch)
+            }
+            AggKey::Month(_, month) => {
+                let kind = if gone {
+                    RowKind::DeleteMonth
+                } else {
+                    RowKind::UpsertMonth
+                };
+                let text = Value::from(format_month(month));
+                bucket_row(kind, gone, user_value, text, cell, epoch)
+            }
+        };
+        by_user.entry(user).or_default().push(row);
+    }
+    let per_batch = per_batch.max(1);
+    let mut batches = Vec::new();
+    for rows in by_user.into_values() {
+        let mut rows = rows.into_iter().peekable();
+        while rows.peek().is_some() {
+            batches.push(rows.by_ref().take(per_batch).collect());
+        }
+    }
+    batches
+}
+
+fn bucket_row(
+    kind: RowKind,
+    gone: bool,
+    user: Value,
+    bucket: Value,
+    cell: &CellValue,
+    epoch: i64,
+) -> Row {
+    let values = if gone {
+        vec![user, bucket]
+    } else {
+        vec![
+            user,
+            bucket,
+            Value::from(cell.sum),
+            Value::from(cell.count),
+            Value::from(epoch),
+        ]
+    };
+    Row { kind, values }
+}
+
+fn build_batch(
+    prepared: &Prepared,
+    rows: &[Row],
+    timestamp: i64,
+) -> Result<cdrs_tokio::query::QueryBatch, CassandraError> {
+    let mut builder = BatchQueryBuilder::new()
+        .with_batch_type(BatchType::Unlogged)
+        .with_timestamp(timestamp);
+    for row in rows {
+        let query = match row.kind {
+            RowKind::UpsertUser => &prepared.upsert_user,
+            RowKind::DeleteUser => &prepared.delete_user,
+            RowKind::UpsertCategory => &prepared.upsert_category,
+            RowKind::DeleteCategory => &prepared.delete_category,
+            RowKind::UpsertMerchant => &prepared.upsert_merchant,
+            RowKind::DeleteMerchant => &prepared.delete_merchant,
+            RowKind::UpsertDay => &prepared.upsert_day,
+            RowKind::DeleteDay => &prepared.delete_day,
+            RowKind::UpsertMonth => &prepared.upsert_month,
+            RowKind::DeleteMonth => &prepared.delete_month,
+        };
+        builder = builder.add_query_prepared(query, QueryValues::SimpleValues(row.values.clone()));
+    }
+    builder
+        .build()
+        .map_err(|e| CassandraError::request("build a batch", e))
+}
+
+/// Runs `attempt` until it succeeds, fails fatally, or `stop` is set; pauses between attempts
+/// grow from 100 ms to 5 s.
+async fn retry<T, F, Fut>(
+    doing: &str,
+    stop: &AtomicBool,
+    retries: &std::sync::atomic::AtomicU64,
+    mut attempt: F,
+) -> Result<T, CassandraError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, CassandraError>>,
+{
+    let mut pause = BACKOFF.0;
+    let started = Instant::now();
+    let mut warned = false;
+    loop {
+        match attempt().await {
+            Ok(value) => {
+                if warned {
+                    tracing::info!(
+                        doing,
+                        after_s = started.elapsed().as_secs(),
+                        "Cassandra writes succeed again."
+                    );
+                }
+                return Ok(value);
+            }
+            Err(e) if e.is_retriable() && !stop.load(Ordering::Acquire) => {
+                retries.fetch_add(1, Ordering::Relaxed);
+                if !warned && started.elapsed() >= Duration::from_secs(2) {
+                    warned = true;
+                    tracing::warn!(doing, error = %e, "Cassandra is failing; the sink retries (the input waits, nothing is lost).");
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(BACKOFF.1);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn run(session: &CqlSession, cql: &str, doing: &str) -> Result<(), CassandraError> {
+    session
+        .query(cql)
+        .await
+        .map(|_| ())
+        .map_err(|e| CassandraError::request(doing, e))
+}
+
+async fn prepare(session: &CqlSession, ks: &str) -> Result<Prepared, CassandraError> {
+    let p = |cql: String| async move {
+        session
+            .prepare(cql.clone())
+            .await
+            .map_err(|e| CassandraError::request(format!("prepare {cql}"), e))
+    };
+    let bucket = |table: &str, column: &str| {
+        (
+            format!(
+                "INSERT INTO {ks}.{table} (user_id, {column}, total_minor, expense_count, epoch) VALUES (?, ?, ?, ?, ?)"
+            ),
+            format!("DELETE FROM {ks}.{table} WHERE user_id = ? AND {column} = ?"),
+        )
+    };
+    let (uc, dc) = bucket("user_category_totals", "category");
+    let (um, dm) = bucket("user_merchant_totals", "merchant");
+    let (ud, dd) = bucket("user_daily_totals", "day");
+    let (umo, dmo) = bucket("user_monthly_totals", "month");
+    Ok(Prepared {
+        upsert_user: p(format!(
+            "INSERT INTO {ks}.user_totals (user_id, total_minor, expense_count, last_event_ms, epoch) VALUES (?, ?, ?, ?, ?)"
+        ))
+        .await?,
+        delete_user: p(format!("DELETE FROM {ks}.user_totals WHERE user_id = ?")).await?,
+        upsert_category: p(uc).await?,
+        delete_category: p(dc).await?,
+        upsert_merchant: p(um).await?,
+        delete_merchant: p(dm).await?,
+        upsert_day: p(ud).await?,
+        delete_day: p(dd).await?,
+        upsert_month: p(umo).await?,
+        delete_month: p(dmo).await?,
+    })
+}
+
+/// Whether a lightweight transaction applied, and the generation it saw.
+fn lwt_result(
+    envelope: cdrs_tokio::frame::Envelope,
+    doing: &str,
+) -> Result<(bool, Option<i64>), CassandraError> {
+    let rows = envelope
+        .response_body()
+        .map_err(|e| CassandraError::request(doing, e))?
+        .into_rows()
+        .unwrap_or_default();
+    let Some(row) = rows.first() else {
+        return Ok((false, None));
+    };
+    let applied: bool = row
+        .get_r_by_name("[applied]")
+        .map_err(|e| CassandraError::request(doing, e))?;
+    let generation: Option<i64> = row.get_by_name("generation").ok().flatten();
+    Ok((applied, generation))
+}
+
+/// Claims the next generation of the sink with a lightweight transaction, and reads the newest
+/// committed epoch.
+async fn claim(session: &CqlSession, ks: &str, owner: &str) -> Result<SinkStart, CassandraError> {
+    let owner = format!("{owner} at {}", now_ms());
+    loop {
+        let rows = session
+            .query_with_values(
+                format!("SELECT generation FROM {ks}.sink_progress WHERE sink = ? LIMIT 1"),
+                query_values!(SINK_NAME.to_string()),
+            )
+            .await
+            .map_err(|e| CassandraError::request("read the sink generation", e))?
+            .response_body()
+            .map_err(|e| CassandraError::request("read the sink generation", e))?
+            .into_rows()
+            .unwrap_or_default();
+        let current: Option<i64> = rows
+            .first()
+            .and_then(|r| r.get_by_name("generation").ok().flatten());
+        let next = current.unwrap_or(0) + 1;
+        let condition = match current {
+            Some(g) => format!("IF generation = {g}"),
+            None => "IF generation = null".to_string(),
+        };
+        let envelope = session
+            .query_with_values(
+                format!(
+                    "UPDATE {ks}.sink_progress SET generation = ?, owner = ? WHERE sink = ? {condition}"
+                ),
+                query_values!(next, owner.clone(), SINK_NAME.to_string()),
+            )
+            .await
+            .map_err(|e| CassandraError::request("claim the sink", e))?;
+        let (applied, _) = lwt_result(envelope, "claim the sink")?;
+        if !applied {
+            continue; // Someone else claimed in between: read again.
+        }
+        let committed = session
+            .query_with_values(
+                format!(
+                    "SELECT epoch, committed FROM {ks}.sink_progress WHERE sink = ? LIMIT {}",
+                    PROGRESS_ROWS_KEPT
+                ),
+                query_values!(SINK_NAME.to_string()),
+            )
+            .await
+            .map_err(|e| CassandraError::request("read sink progress", e))?
+            .response_body()
+            .map_err(|e| CassandraError::request("read sink progress", e))?
+            .into_rows()
+            .unwrap_or_default()
+            .iter()
+            .find_map(|row| {
+                let committed: Option<bool> = row.get_by_name("committed").ok().flatten();
+                let epoch: Option<i64> = row.get_by_name("epoch").ok().flatten();
+                epoch.filter(|_| committed == Some(true))
+            })
+            .map(|e| e as Epoch);
+        return Ok(SinkStart {
+            generation: next,
+            committed_epoch: committed,
+        });
+    }
+}
+
+/// Writes the group's progress row, only if this engine still holds the sink.
+async fn commit(
+    session: &CqlSession,
+    ks: &str,
+    generation: i64,
+    group: &EpochGroup,
+) -> Result<(), CassandraError> {
+    let positions: Vec<serde_json::Value> = group
+        .positions
+        .iter()
+        .map(|p| {
+            serde_json::json!({"source": &*p.source, "partition": p.partition, "position": p.position})
+        })
+        .collect();
+    let envelope = session
+        .query_with_values(
+            format!(
+                "UPDATE {ks}.sink_progress SET positions = ?, records_covered = ?, committed = true, committed_at = ? \
+                 WHERE sink = ? AND epoch = ? IF generation = ?"
+            ),
+            query_values!(
+                serde_json::Value::Array(positions).to_string(),
+                group.records_covered as i64,
+                now_ms(),
+                SINK_NAME.to_string(),
+                group.epoch as i64,
+                generation
+            ),
+        )
+        .await
+        .map_err(|e| CassandraError::request("commit progress", e))?;
+    match lwt_result(envelope, "commit progress")? {
+        (true, _) => Ok(()),
+        (false, theirs) => Err(CassandraError::Fenced {
+            keyspace: ks.to_string(),
+            ours: generation,
+            theirs: theirs.unwrap_or(-1),
+        }),
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

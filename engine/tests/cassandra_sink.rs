@@ -1,0 +1,176 @@
+//! The Cassandra sink against the real node: absolute values and deletes land in the tables,
+//! the progress row is committed, a replayed write is harmless, and a second engine fences
+//! the first one out. Needs `SPENDFLOW_CASSANDRA` (see `docker/native/services env`).
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use cdrs_tokio::types::IntoRustByName;
+use spendflow_engine::serve::read_model::CellValue;
+use spendflow_engine::sink::cassandra::{CassandraSink, CassandraSinkConfig, EpochGroup, connect};
+use spendflow_engine::source::PartitionPosition;
+use spendflow_operators::{AggKey, Name};
+
+use support::{service_env, unique_name};
+
+fn cell(key: AggKey, count: i64, sum: i64, last: Option<i64>) -> CellValue {
+    CellValue {
+        key,
+        count,
+        sum,
+        last_event_ms: last,
+    }
+}
+
+fn group(epoch: u64, cells: Vec<CellValue>) -> EpochGroup {
+    let mut g = EpochGroup::default();
+    g.merge(
+        epoch,
+        Arc::new(vec![PartitionPosition {
+            source: Arc::from("expenses.user.7"),
+            partition: 0,
+            position: 100 + epoch as i64,
+            high_watermark: None,
+        }]),
+        100 + epoch,
+        cells,
+    );
+    g
+}
+
+fn select(
+    runtime: &tokio::runtime::Runtime,
+    contact: &str,
+    cql: String,
+) -> Vec<cdrs_tokio::types::rows::Row> {
+    runtime.block_on(async {
+        let session = connect(contact).await.unwrap();
+        session
+            .query(cql)
+            .await
+            .unwrap()
+            .response_body()
+            .unwrap()
+            .into_rows()
+            .unwrap_or_default()
+    })
+}
+
+#[test]
+fn writes_absolute_values_deletes_commits_and_fences() {
+    let contact = service_env("SPENDFLOW_CASSANDRA");
+    let keyspace = unique_name("spendflow_sink");
+    let config = CassandraSinkConfig {
+        keyspace: keyspace.clone(),
+        ..CassandraSinkConfig::new(contact.clone())
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let (mut sink, start) = CassandraSink::open(config.clone(), "test-1", stop.clone()).unwrap();
+    assert_eq!(start.generation, 1);
+    assert_eq!(start.committed_epoch, None);
+
+    let (groceries, _) = Name::intern("groceries");
+    let (tesco, _) = Name::intern("Tesco");
+    let day = 20_416; // 2025-11-24
+    let first = group(
+        3,
+        vec![
+            cell(AggKey::User(7), 2, 1500, Some(1_764_000_000_000)),
+            cell(AggKey::Category(7, groceries), 2, 1500, None),
+            cell(AggKey::Merchant(7, tesco), 2, 1500, None),
+            cell(AggKey::Day(7, day), 2, 1500, None),
+            cell(AggKey::Month(7, 2025 * 12 + 10), 2, 1500, None),
+        ],
+    );
+    sink.write(&first).unwrap();
+    // Replaying the same group (a retry, a restart) changes nothing.
+    sink.write(&first).unwrap();
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let rows = select(
+        &runtime,
+        &contact,
+        format!(
+            "SELECT total_minor, expense_count, last_event_ms, epoch FROM {keyspace}.user_totals WHERE user_id = 7"
+        ),
+    );
+    assert_eq!(rows.len(), 1);
+    let total: i64 = rows[0].get_r_by_name("total_minor").unwrap();
+    let count: i64 = rows[0].get_r_by_name("expense_count").unwrap();
+    let last: i64 = rows[0].get_r_by_name("last_event_ms").unwrap();
+    assert_eq!((total, count, last), (1500, 2, 1_764_000_000_000));
+    let rows = select(
+        &runtime,
+        &contact,
+        format!("SELECT day FROM {keyspace}.user_daily_totals WHERE user_id = 7"),
+    )
+    .into_iter()
+    .map(|r| IntoRustByName::<String>::get_r_by_name(&r, "day").unwrap())
+    .collect::<Vec<_>>();
+    assert_eq!(rows, vec!["2025-11-24".to_string()]);
+
+    // The category empties: its row is deleted; the total changes.
+    sink.write(&group(
+        5,
+        vec![
+            cell(AggKey::User(7), 0, 0, None),
+            cell(AggKey::Category(7, groceries), 0, 0, None),
+        ],
+    ))
+    .unwrap();
+    let users = select(
+        &runtime,
+        &contact,
+        format!("SELECT user_id FROM {keyspace}.user_totals"),
+    );
+    assert!(users.is_empty(), "the user row is deleted");
+    let categories = select(
+        &runtime,
+        &contact,
+        format!("SELECT category FROM {keyspace}.user_category_totals WHERE user_id = 7"),
+    );
+    assert!(categories.is_empty());
+    let progress = select(
+        &runtime,
+        &contact,
+        format!(
+            "SELECT epoch, committed, records_covered, positions, generation FROM {keyspace}.sink_progress WHERE sink = 'main'"
+        ),
+    );
+    let newest = &progress[0];
+    assert_eq!(
+        IntoRustByName::<i64>::get_r_by_name(newest, "epoch").unwrap(),
+        5
+    );
+    assert!(IntoRustByName::<bool>::get_r_by_name(newest, "committed").unwrap());
+    assert_eq!(
+        IntoRustByName::<i64>::get_r_by_name(newest, "records_covered").unwrap(),
+        105
+    );
+    let positions: String = newest.get_r_by_name("positions").unwrap();
+    assert!(positions.contains("\"position\":105"), "{positions}");
+
+    // A second engine claims the sink: it sees the committed epoch, and the first is fenced.
+    let (mut second, start) = CassandraSink::open(config, "test-2", stop).unwrap();
+    assert_eq!(start.generation, 2);
+    assert_eq!(start.committed_epoch, Some(5));
+    let err = sink
+        .write(&group(6, vec![cell(AggKey::User(7), 1, 10, Some(1))]))
+        .unwrap_err();
+    assert!(err.to_string().contains("took over"), "{err}");
+    // The newer generation's write wins even at a lower epoch number.
+    second
+        .write(&group(4, vec![cell(AggKey::User(7), 1, 99, Some(1))]))
+        .unwrap();
+    let rows = select(
+        &runtime,
+        &contact,
+        format!("SELECT total_minor FROM {keyspace}.user_totals WHERE user_id = 7"),
+    );
+    let total: i64 = rows[0].get_r_by_name("total_minor").unwrap();
+    assert_eq!(total, 99);
+
+    select(&runtime, &contact, format!("DROP KEYSPACE {keyspace}"));
+}
