@@ -634,6 +634,77 @@ fn serves_the_tables_as_of_the_committed_epoch() {
     }
     assert_reflection_lists_services(&client);
 
+    // Without read-your-writes, the user index follows the sink in the background: a later
+    // epoch's newcomer shows up in TopSpenders within the refresh interval.
+    let newcomer = vec![expense(
+        "k1",
+        11,
+        "travel",
+        "KLM",
+        95_000,
+        ms(2026, 12, 2, 12),
+    )];
+    ks.write_users(&aggregate(&newcomer), 7);
+    ks.progress(7, "[]", 12, true);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let top = client.top(1, None).unwrap();
+        if top.spenders[0].user_id == 11 {
+            assert_eq!(top.as_of.unwrap().epoch, 7);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the index never caught up: {top:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // While sink_progress cannot be read, health says NOT_SERVING; then SERVING again.
+    let health_of = |health: &mut tonic_health::pb::health_client::HealthClient<Channel>| {
+        client
+            .runtime
+            .block_on(health.check(tonic_health::pb::HealthCheckRequest {
+                service: "spendflow.v1.ExpenseQuery".into(),
+            }))
+            .unwrap()
+            .into_inner()
+            .status()
+    };
+    let wait_health =
+        |health: &mut tonic_health::pb::health_client::HealthClient<Channel>,
+         want: tonic_health::pb::health_check_response::ServingStatus| {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while health_of(health) != want {
+                assert!(Instant::now() < deadline, "health never became {want:?}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        };
+    ks.cql(&format!("DROP TABLE {}.sink_progress", ks.name));
+    wait_health(
+        &mut health,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing,
+    );
+    // Answers still come, from the last committed epoch seen.
+    assert_eq!(
+        client.summary(1, None).unwrap().as_of.unwrap().epoch,
+        7,
+        "the last committed epoch seen"
+    );
+    for table in schema::create_tables(&ks.name) {
+        ks.cql(&table);
+    }
+    ks.progress(8, "[]", 12, true);
+    wait_health(
+        &mut health,
+        tonic_health::pb::health_check_response::ServingStatus::Serving,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.summary(1, None).unwrap().as_of.unwrap().epoch != 8 {
+        assert!(Instant::now() < deadline, "epoch 8 never showed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     server.shutdown().unwrap();
 }
 

@@ -4,8 +4,9 @@
 //!
 //! An index is tagged with the committed epoch seen before its scan started: every row it
 //! holds is at least that epoch. It is rebuilt when a request needs a newer epoch than it has
-//! (read-your-writes), or when it is older than the refresh interval and the sink has committed
-//! since; one scan runs at a time, and while it runs other requests keep the index they have.
+//! (read-your-writes; that request waits for the scan), or, in the background, when it is older
+//! than the refresh interval and the sink has committed since (requests keep answering from the
+//! index they have meanwhile). One scan runs at a time.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -89,7 +90,7 @@ impl UserIndex {
 #[derive(Debug)]
 pub struct IndexCache {
     current: Mutex<Option<Arc<UserIndex>>>,
-    scanning: tokio::sync::Mutex<()>,
+    scanning: Arc<tokio::sync::Mutex<()>>,
     refresh: Duration,
 }
 
@@ -98,7 +99,7 @@ impl IndexCache {
     pub fn new(refresh: Duration) -> Self {
         IndexCache {
             current: Mutex::new(None),
-            scanning: tokio::sync::Mutex::new(()),
+            scanning: Arc::new(tokio::sync::Mutex::new(())),
             refresh,
         }
     }
@@ -116,25 +117,30 @@ impl IndexCache {
     ///
     /// The scan failed.
     pub async fn get(
-        &self,
-        reader: &TableReader,
+        self: &Arc<Self>,
+        reader: &Arc<TableReader>,
         progress: &ProgressWatch,
         min_epoch: Epoch,
     ) -> Result<Arc<UserIndex>, CassandraError> {
         if let Some(index) = self.current()
             && index.serves(min_epoch)
         {
-            if index.fresh(progress.committed_epoch(), self.refresh) {
-                return Ok(index);
-            }
-            // Stale but good enough for this request: keep answering from it while another
-            // request rebuilds it.
-            if let Ok(guard) = self.scanning.try_lock() {
-                return self.rebuild(reader, progress, guard).await;
+            // Stale but good enough for this request: answer from it, and rebuild it in the
+            // background unless a scan already runs.
+            if !index.fresh(progress.committed_epoch(), self.refresh)
+                && let Ok(guard) = Arc::clone(&self.scanning).try_lock_owned()
+            {
+                let (cache, reader, progress) =
+                    (Arc::clone(self), Arc::clone(reader), progress.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = cache.rebuild(&reader, &progress, guard).await {
+                        tracing::warn!(error = %e, "Could not refresh the user index; answering from the previous one.");
+                    }
+                });
             }
             return Ok(index);
         }
-        let guard = self.scanning.lock().await;
+        let guard = Arc::clone(&self.scanning).lock_owned().await;
         if let Some(index) = self.current()
             && index.serves(min_epoch)
             && index.fresh(progress.committed_epoch(), self.refresh)
@@ -148,7 +154,7 @@ impl IndexCache {
         &self,
         reader: &TableReader,
         progress: &ProgressWatch,
-        _scanning: tokio::sync::MutexGuard<'_, ()>,
+        _scanning: tokio::sync::OwnedMutexGuard<()>,
     ) -> Result<Arc<UserIndex>, CassandraError> {
         let as_of = progress.current().as_of();
         let started = Instant::now();

@@ -15,6 +15,9 @@ use crate::serve::grpc::backend::Wait;
 use crate::serve::grpc::convert;
 use crate::serve::read_model::AsOf;
 
+/// Longest wait for one read of `sink_progress` before it counts as failed.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What the last successful read of `sink_progress` found.
 #[derive(Clone, Debug)]
 pub struct Observed {
@@ -136,7 +139,14 @@ pub async fn watch(
                 () = tokio::time::sleep(interval) => {}
                 () = tx.closed() => return,
             }
-            let result = reader.progress().await;
+            let result = match tokio::time::timeout(READ_TIMEOUT, reader.progress()).await {
+                Ok(result) => result,
+                Err(_) => Err(crate::sink::cassandra::CassandraError::Request {
+                    doing: "read sink_progress".into(),
+                    message: format!("no answer within {} s", READ_TIMEOUT.as_secs()),
+                    retriable: true,
+                }),
+            };
             let mut recovered = false;
             tx.send_modify(|observed| match result {
                 Ok(state) => {
