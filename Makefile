@@ -8,6 +8,8 @@
 #   make services-down   stop them
 #   make services-status healthy/down per service
 #   make tools           install grpcurl and ghz into target/tools/bin
+#   make bench-e2e       end-to-end benchmark with the Spark baseline (about 25 min): starts
+#                        Kafka and Cassandra (left running), writes bench/RESULTS.md; ARGS=--quick
 #
 # Everything the suite runs is listed once, in TEST_COMMANDS below.
 
@@ -24,10 +26,10 @@ $(CARGO) test --workspace --all-targets; \
 $(CARGO) test --workspace --doc
 endef
 
-.PHONY: help test services-up services-down services-status tools
+.PHONY: help test services-up services-down services-status tools bench-e2e
 
 help:
-	@sed -n '3,12p' Makefile | sed -e 's/^# \{0,1\}//' -e 's/\$$\$$/$$/g'
+	@sed -n '3,14p' Makefile | sed -e 's/^# \{0,1\}//' -e 's/\$$\$$/$$/g'
 
 # The EXIT trap stops the services whatever happens; INT/TERM turn Ctrl-C into a normal exit
 # (so the EXIT trap runs once cargo has stopped).
@@ -51,3 +53,11 @@ services-status:
 
 tools:
 	@$(SERVICES) tools
+
+# The harness (bench/src/bin/e2e) installs the Spark baseline itself on first use, into
+# target/bench/spark. The services stay up afterwards, as other work may be using them.
+bench-e2e:
+	@$(SERVICES) up kafka cassandra; \
+	eval "$$($(SERVICES) env)"; \
+	$(CARGO) build --release -p spendflow-engine --bin spendflow; \
+	$(CARGO) run --release -p spendflow-bench --bin e2e -- $(ARGS)

@@ -1,0 +1,923 @@
+//! `e2e`: spendflow's end-to-end benchmark against the services kit, with the Spark Structured
+//! Streaming baseline measured by the same harness, on the same topics, on the same machine.
+//!
+//! ```text
+//! make bench-e2e                                  # the full run; writes bench/RESULTS.md
+//! cargo run --release -p spendflow-bench --bin e2e -- --quick     # a small run (target/bench)
+//! cargo run --release -p spendflow-bench --bin e2e -- --help
+//! ```
+//!
+//! Why it is built this way:
+//!
+//! * **Black box.** The engine is the real `spendflow run` binary in its own process, fed by
+//!   the real Kafka of the services kit and observed only through its public gRPC API, as a
+//!   user would run it; its peak RSS (`VmHWM`) is its own. Spark is the same: a child process
+//!   reading the same topic, observed through what its sink prints.
+//! * **Same input for everyone.** The records are the engine's seeded simulator stream
+//!   (corrections, deletes, duplicates, refunds and late events in the default shares), loaded
+//!   once per layout into fresh topics; every measurement of that layout reads those topics:
+//!   the raw librdkafka ceiling, spendflow, Spark. The HashMap ceiling folds the same bytes.
+//! * **Catch-up** = N records already in Kafka, a fresh process, time until the served state
+//!   covers them (`GetStatus`: `caught_up` and `records_read >= N`), process start-up included.
+//!   For Spark, time from the query's start (after the JVM and the SparkSession are up) until a
+//!   micro-batch covering N records has reached the sink; its start-up is reported apart.
+//! * **Freshness** = at a steady background rate (20 K events/s by default), a marker expense
+//!   for a user of its own every 50 ms; for each marker, the time from handing it to the Kafka
+//!   producer until the system shows it: a `Subscribe` change for spendflow (the same snapshot
+//!   `GetUserSummary` reads), the `foreachBatch` sink for Spark. p50 and p99 per window.
+//! * **Each figure is min/median/max over `--runs` runs.** Catch-up runs each use a fresh
+//!   process; freshness windows run back to back on one caught-up process per system.
+//! * **Robust to re-runs and Ctrl-C.** Topic names carry a fresh run id, every child runs in a
+//!   process group of its own and is stopped with it, and the run's topics are deleted at the
+//!   end, also after an error or Ctrl-C.
+
+mod cassandra;
+mod engine;
+mod fold;
+mod kafka;
+mod report;
+mod spark;
+mod util;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use spendflow_engine::generate::Layout;
+use spendflow_engine::source::generator::{GeneratorConfig, Simulator};
+
+use crate::cassandra::Availability;
+use crate::engine::EngineProcess;
+use crate::kafka::{Marker, Markers, SteadyPlan};
+use crate::report::{LayoutResult, Profile, Report};
+use crate::spark::{SparkInstall, SparkProcess};
+use crate::util::{check_stop, percentile, wall_ms};
+
+/// spendflow's end-to-end benchmark: catch-up throughput, freshness and memory against the
+/// services kit's Kafka, with the Spark Structured Streaming baseline, the raw librdkafka
+/// consume ceiling and a single-threaded HashMap fold, written to bench/RESULTS.md.
+///
+/// Needs Kafka running (`docker/native/services up kafka cassandra`) and the release binary
+/// (`cargo build --release -p spendflow-engine`); `make bench-e2e` does both. The Spark
+/// baseline installs itself into target/bench/spark on first use (pyspark from PyPI, the Kafka
+/// connector from Maven Central: a few minutes, about 1 GB).
+#[derive(Debug, Parser)]
+#[command(name = "e2e", max_term_width = 100)]
+struct Args {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "SPENDFLOW_KAFKA", default_value = "127.0.0.1:9092")]
+    brokers: String,
+
+    /// Cassandra CQL address, for the Cassandra sink's figures (when the engine has the sink).
+    #[arg(long, env = "SPENDFLOW_CASSANDRA", default_value = "127.0.0.1:9042")]
+    cassandra: String,
+
+    /// Run the engine without the Cassandra sink even if it has one.
+    #[arg(long)]
+    no_cassandra: bool,
+
+    /// Records loaded into Kafka per layout (the catch-up input). Default 2,000,000 (--quick:
+    /// 50,000).
+    #[arg(long)]
+    events: Option<u64>,
+
+    /// Simulated users in the keyed layout. Default 10,000 (--quick: 1,000).
+    #[arg(long)]
+    users: Option<u64>,
+
+    /// Simulated users in the per-user layout, one topic each. Default 200 (--quick: 50).
+    #[arg(long)]
+    per_user_users: Option<u64>,
+
+    /// Partitions of the keyed topic.
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+
+    /// Layouts to measure, in this order; the first one gives the headline ratios.
+    #[arg(long, value_delimiter = ',', default_value = "keyed,per-user")]
+    layouts: Vec<LayoutName>,
+
+    /// Engine worker threads (`spendflow run -w`), and raw consumer threads.
+    #[arg(short = 'w', long, default_value_t = 2)]
+    workers: usize,
+
+    /// Runs per figure (min/median/max are over these). Default 3 (--quick: 1).
+    #[arg(long)]
+    runs: Option<usize>,
+
+    /// Background records per second during the freshness windows.
+    #[arg(long, default_value_t = 20_000)]
+    rate: u64,
+
+    /// Length of one freshness window, in seconds. Default 10 (--quick: 3).
+    #[arg(long)]
+    window_secs: Option<u64>,
+
+    /// Freshness markers per second.
+    #[arg(long, default_value_t = 20)]
+    markers_per_sec: u64,
+
+    /// Do not run the Spark baseline (its figures and ratio become n/a).
+    #[arg(long)]
+    skip_spark: bool,
+
+    /// One extra catch-up run of the engine under `perf record -g`; the top threads and
+    /// symbols go into the results.
+    #[arg(long)]
+    profile: bool,
+
+    /// Small and quick: 50,000 events, 1 run, 3 s windows; writes target/bench/RESULTS-quick.md
+    /// unless --output is given.
+    #[arg(long)]
+    quick: bool,
+
+    /// Seed of the simulated stream.
+    #[arg(long, default_value_t = spendflow_bench::SEED)]
+    seed: u64,
+
+    /// The spendflow binary. Default: `spendflow` next to this program (target/release).
+    #[arg(long)]
+    spendflow: Option<PathBuf>,
+
+    /// Extra argument for `spendflow run` (repeatable), e.g. --engine-arg=--epoch-interval-ms=20.
+    #[arg(long, allow_hyphen_values = true)]
+    engine_arg: Vec<String>,
+
+    /// Where to write the results. Default bench/RESULTS.md (--quick:
+    /// target/bench/RESULTS-quick.md).
+    #[arg(long)]
+    output: Option<PathBuf>,
+
+    /// Longest wait for one catch-up, in seconds.
+    #[arg(long, default_value_t = 900)]
+    timeout_secs: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LayoutName {
+    /// One topic, `--partitions` partitions, keyed by user id.
+    Keyed,
+    /// One single-partition topic per user.
+    PerUser,
+}
+
+/// The settings after `--quick` and the defaults are applied.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub brokers: String,
+    pub events: u64,
+    pub users: u64,
+    pub per_user_users: u64,
+    pub partitions: i32,
+    pub workers: usize,
+    pub runs: usize,
+    pub rate: u64,
+    pub window: Duration,
+    pub markers_per_sec: u64,
+    pub seed: u64,
+    pub quick: bool,
+    pub command_line: String,
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Err(e) = real_main(args) {
+        eprintln!("[e2e] error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn say(msg: impl AsRef<str>) {
+    eprintln!("[e2e] {}", msg.as_ref());
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("bench/ is inside the repository")
+        .to_path_buf()
+}
+
+fn real_main(args: Args) -> Result<()> {
+    util::install_stop_handler()?;
+    let repo = repo_root();
+    let quick = args.quick;
+    let settings = Settings {
+        brokers: args.brokers.clone(),
+        events: args
+            .events
+            .unwrap_or(if quick { 50_000 } else { 2_000_000 }),
+        users: args.users.unwrap_or(if quick { 1_000 } else { 10_000 }),
+        per_user_users: args.per_user_users.unwrap_or(if quick { 50 } else { 200 }),
+        partitions: args.partitions,
+        workers: args.workers.max(1),
+        runs: args.runs.unwrap_or(if quick { 1 } else { 3 }).max(1),
+        rate: args.rate,
+        window: Duration::from_secs(args.window_secs.unwrap_or(if quick { 3 } else { 10 })),
+        markers_per_sec: args.markers_per_sec.max(1),
+        seed: args.seed,
+        quick,
+        command_line: std::env::args().collect::<Vec<_>>().join(" "),
+    };
+    let output = args.output.clone().unwrap_or_else(|| {
+        if quick {
+            repo.join("target/bench/RESULTS-quick.md")
+        } else {
+            repo.join("bench/RESULTS.md")
+        }
+    });
+    let spendflow = match &args.spendflow {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("no directory for this program")?
+            .join("spendflow"),
+    };
+    if !spendflow.is_file() {
+        bail!(
+            "{} does not exist: build it with `cargo build --release -p spendflow-engine` (or \
+             use `make bench-e2e`), or pass --spendflow PATH",
+            spendflow.display()
+        );
+    }
+
+    let run_id = format!(
+        "{:08x}",
+        (wall_ms() as u64 ^ u64::from(std::process::id())) as u32
+    );
+    let prefix = format!("sfbench.{run_id}.");
+    let work = repo.join("target/bench/tmp").join(&run_id);
+    std::fs::create_dir_all(&work)?;
+    say(format!(
+        "run {run_id}: {} events per layout, {} run(s), workers {}, work dir {}",
+        settings.events,
+        settings.runs,
+        settings.workers,
+        work.display()
+    ));
+    // Whatever happens from here on, the run's topics are deleted at the end.
+    let _topics = TopicsGuard {
+        brokers: settings.brokers.clone(),
+        prefix: prefix.clone(),
+    };
+    kafka::topics_with_prefix(&settings.brokers, "sfbench.").with_context(|| {
+        format!(
+            "Kafka is not reachable at {}: start it with `docker/native/services up kafka`",
+            settings.brokers
+        )
+    })?;
+
+    let cassandra = cassandra::detect(
+        &spendflow,
+        (!args.no_cassandra).then_some(args.cassandra.as_str()),
+    );
+    let spark = if args.skip_spark {
+        None
+    } else {
+        Some(spark::install(&repo)?)
+    };
+
+    let mut report = Report::new(&settings, &spendflow, &repo, spark.as_ref(), &cassandra);
+    report.load_start = util::load_average();
+    for layout_name in &args.layouts {
+        check_stop()?;
+        let result = measure_layout(
+            *layout_name,
+            &settings,
+            &prefix,
+            &work,
+            &spendflow,
+            &args.engine_arg,
+            spark.as_ref(),
+            &cassandra,
+            args.profile,
+            &repo,
+            args.timeout_secs,
+        )?;
+        report.layouts.push(result);
+        // Write what we have after each layout, so a later failure keeps the earlier figures.
+        report.load_end = util::load_average();
+        report.write(&output)?;
+    }
+    report.load_end = util::load_average();
+    report.write(&output)?;
+    say(format!("wrote {}", output.display()));
+    print!("{}", report.summary());
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+/// Deletes the run's topics when dropped.
+struct TopicsGuard {
+    brokers: String,
+    prefix: String,
+}
+
+impl Drop for TopicsGuard {
+    fn drop(&mut self) {
+        match kafka::delete_topics_with_prefix(&self.brokers, &self.prefix) {
+            Ok(n) => say(format!("deleted {n} topics {}*", self.prefix)),
+            Err(e) => say(format!(
+                "could not delete the topics {}*: {e:#}",
+                self.prefix
+            )),
+        }
+    }
+}
+
+/// One layout's topics and how each system reads them.
+struct Plan {
+    name: &'static str,
+    layout: Layout,
+    users: u64,
+    marker_user: u64,
+    topics: Vec<(String, i32)>,
+    engine_args: Vec<String>,
+    spark_source: Vec<String>,
+}
+
+fn plan(name: LayoutName, s: &Settings, prefix: &str) -> Plan {
+    match name {
+        LayoutName::Keyed => {
+            let topic = format!("{prefix}keyed");
+            let layout = Layout::Keyed {
+                topic: topic.clone(),
+                partitions: s.partitions,
+            };
+            Plan {
+                name: "keyed",
+                users: s.users,
+                marker_user: s.users + 1,
+                topics: vec![(topic.clone(), s.partitions)],
+                engine_args: vec!["--topic".into(), topic.clone()],
+                spark_source: vec!["--topic".into(), topic],
+                layout,
+            }
+        }
+        LayoutName::PerUser => {
+            let user_prefix = format!("{prefix}user.");
+            let layout = Layout::PerUser {
+                prefix: user_prefix.clone(),
+            };
+            let pattern = layout.topic_pattern();
+            let marker_user = s.per_user_users + 1;
+            Plan {
+                name: "per-user",
+                users: s.per_user_users,
+                marker_user,
+                topics: (1..=marker_user)
+                    .map(|u| (layout.topic_for(u), 1))
+                    .collect(),
+                engine_args: vec![
+                    "--topic-pattern".into(),
+                    pattern.clone(),
+                    "--user-topic-prefix".into(),
+                    user_prefix,
+                ],
+                spark_source: vec!["--pattern".into(), pattern],
+                layout,
+            }
+        }
+    }
+}
+
+/// Freshness of each marker: the first time a system showed a count >= the marker's count,
+/// minus the time the marker was handed to the producer. Markers never seen are counted apart.
+fn latencies(markers: &[Marker], seen: &[(u64, i64)]) -> (Vec<f64>, usize) {
+    let mut out = Vec::new();
+    let mut missing = 0;
+    for m in markers {
+        match seen
+            .iter()
+            .filter(|(count, ms)| *count >= m.count && *ms >= m.sent_ms)
+            .map(|(_, ms)| *ms)
+            .min()
+        {
+            Some(ms) => out.push((ms - m.sent_ms) as f64),
+            None => missing += 1,
+        }
+    }
+    (out, missing)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn measure_layout(
+    name: LayoutName,
+    s: &Settings,
+    prefix: &str,
+    work: &Path,
+    spendflow: &Path,
+    extra_engine_args: &[String],
+    spark: Option<&SparkInstall>,
+    cassandra: &Availability,
+    profile: bool,
+    repo: &Path,
+    timeout_secs: u64,
+) -> Result<LayoutResult> {
+    let plan = plan(name, s, prefix);
+    let timeout = Duration::from_secs(timeout_secs);
+    let mut r = LayoutResult::new(plan.name, plan.users, plan.topics.len());
+    say(format!(
+        "[{}] creating {} topic(s), loading {} records",
+        plan.name,
+        plan.topics.len(),
+        s.events
+    ));
+    kafka::create_topics(&s.brokers, &plan.topics)?;
+    let config: GeneratorConfig = GeneratorConfig {
+        seed: s.seed,
+        ..spendflow_bench::config(plan.users, 0.0)
+    };
+    let mut sim = Simulator::new(config.clone())?;
+    let load = kafka::load(&s.brokers, &plan.layout, &mut sim, s.events)?;
+    say(format!(
+        "[{}] loaded {} records ({:.0} MB) in {:.1} s",
+        plan.name,
+        load.records,
+        load.bytes as f64 / 1e6,
+        load.elapsed.as_secs_f64()
+    ));
+    r.load = Some(load);
+    let topic_names: Vec<String> = plan.topics.iter().map(|t| t.0.clone()).collect();
+
+    // (e) The compute ceiling: the same bytes, decoded and folded on one thread.
+    let lines: Vec<Vec<u8>> = {
+        let mut again = Simulator::new(config.clone())?;
+        (0..s.events).map(|_| again.next_record().bytes).collect()
+    };
+    let mut reference = None;
+    for run in 0..s.runs {
+        check_stop()?;
+        let f = fold::fold(&lines);
+        say(format!(
+            "[{}] HashMap fold {}/{}: {:.0} records/s ({} cells, {} rejected)",
+            plan.name,
+            run + 1,
+            s.runs,
+            f.records as f64 / f.elapsed.as_secs_f64(),
+            f.cells,
+            f.rejected
+        ));
+        r.fold.push(f.records as f64 / f.elapsed.as_secs_f64());
+        reference = Some(f.users);
+    }
+    drop(lines);
+    let reference = reference.unwrap_or_default();
+
+    // (d) The Kafka ceiling.
+    for run in 0..s.runs {
+        check_stop()?;
+        let (read, took) = kafka::raw_consume(&s.brokers, &topic_names, s.workers)?;
+        say(format!(
+            "[{}] raw consume {}/{}: {read} records in {:.2} s",
+            plan.name,
+            run + 1,
+            s.runs,
+            took.as_secs_f64()
+        ));
+        r.raw.push(read as f64 / took.as_secs_f64());
+    }
+
+    // (a) spendflow catch-up, each run a fresh process (with its own keyspace when the
+    // Cassandra sink is on).
+    let mut base_args = vec![
+        "--input".to_string(),
+        format!("kafka:{}", s.brokers),
+        "-w".into(),
+        s.workers.to_string(),
+        "--dead-letter-topic".into(),
+        format!("{prefix}dead-letter"),
+    ];
+    base_args.extend(plan.engine_args.iter().cloned());
+    base_args.extend(extra_engine_args.iter().cloned());
+    let cql = match cassandra {
+        Availability::Available(addr) => Some((cassandra::Cql::connect(addr)?, addr.clone())),
+        Availability::Unavailable(_) => None,
+    };
+    let keyspace_prefix = format!(
+        "{}_{}",
+        prefix.trim_end_matches('.').replace('.', "_"),
+        plan.name.replace('-', "_")
+    );
+    // Arguments of one engine process writing to keyspace `name`.
+    let args_for = |name: &str| -> Vec<String> {
+        let mut args = base_args.clone();
+        if let Some((_, addr)) = &cql {
+            let checkpoints = work.join(format!("checkpoints-{name}"));
+            args.extend([
+                "--sink".into(),
+                "cassandra".into(),
+                "--cassandra".into(),
+                addr.clone(),
+                "--keyspace".into(),
+                name.to_string(),
+                "--checkpoint-dir".into(),
+                checkpoints.display().to_string(),
+            ]);
+        }
+        args
+    };
+    // The same, with the keyspace created (and dropped with the guard).
+    let engine_for = |tag: &str| -> Result<(Vec<String>, Option<Keyspace>)> {
+        let name = format!("{keyspace_prefix}_{tag}");
+        let keyspace = match &cql {
+            Some((cql, _)) => {
+                cql.create_schema(&name)?;
+                Some(Keyspace {
+                    cql: cql.clone(),
+                    name: name.clone(),
+                })
+            }
+            None => None,
+        };
+        Ok((args_for(&name), keyspace))
+    };
+    r.engine_command = format!(
+        "spendflow run {}",
+        args_for(&format!("{keyspace_prefix}_N")).join(" ")
+    );
+    let broker = util::broker_pid(repo);
+    for run in 0..s.runs {
+        check_stop()?;
+        let log = work.join(format!("engine-{}-{run}.log", plan.name));
+        let (args, keyspace) = engine_for(&run.to_string())?;
+        let broker_cpu = broker.and_then(util::cpu_secs);
+        let mut engine = EngineProcess::start(spendflow, &args, &log)?;
+        let caught = catch_up(&mut engine, keyspace.as_ref(), s.events, timeout)
+            .with_context(|| format!("engine log: {}", log.display()))?;
+        let secs = caught.served_secs;
+        let rate = caught.records as f64 / secs;
+        let cpu = util::cpu_secs(engine.pid()).unwrap_or(0.0);
+        let broker_used = match (broker_cpu, broker.and_then(util::cpu_secs)) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        };
+        let rss = engine.peak_rss_kib().unwrap_or(0);
+        say(format!(
+            "[{}] spendflow catch-up {}/{}: {} records in {secs:.2} s = {rate:.0}/s{}, {:.2} \
+             cores, peak RSS {} MiB",
+            plan.name,
+            run + 1,
+            s.runs,
+            caught.records,
+            caught
+                .cassandra_secs
+                .map(|c| format!(
+                    " (Cassandra: {c:.2} s = {:.0}/s)",
+                    caught.records as f64 / c
+                ))
+                .unwrap_or_default(),
+            cpu / secs,
+            rss / 1024
+        ));
+        r.sf_catchup.push(rate);
+        if let Some(c) = caught.cassandra_secs {
+            r.sf_cass_catchup.push(caught.records as f64 / c);
+        }
+        r.sf_cores.push(cpu / secs);
+        if let Some(b) = broker_used {
+            r.broker_cores.push(b / secs);
+        }
+        r.sf_rss_mib.push(rss as f64 / 1024.0);
+        if run == 0 {
+            let served = engine.user_totals()?;
+            r.check = Some(report::check(&served, &reference));
+            say(format!(
+                "[{}] served state vs HashMap fold: {}",
+                plan.name,
+                r.check.as_deref().unwrap_or("")
+            ));
+        }
+        engine.stop();
+        drop(keyspace);
+    }
+
+    if profile {
+        check_stop()?;
+        let (args, keyspace) = engine_for("perf")?;
+        r.profile = Some(profile_catchup(
+            spendflow, &args, s.events, work, plan.name, timeout,
+        )?);
+        drop(keyspace);
+    }
+
+    // (a) Spark catch-up, each run a fresh process on a fresh checkpoint.
+    if let Some(install) = spark {
+        for run in 0..s.runs {
+            check_stop()?;
+            let (p, start, done) =
+                start_spark_caught_up(install, repo, s, &plan, work, run, s.events, timeout)?;
+            let secs = (done - start).as_secs_f64();
+            let startup = (start - p.started).as_secs_f64();
+            let rss = p.peak_rss_kib();
+            r.spark_cores
+                .push(util::group_cpu_secs(p.pid()) / (done - p.started).as_secs_f64());
+            say(format!(
+                "[{}] Spark catch-up {}/{}: {} records in {secs:.2} s = {:.0}/s (start-up \
+                 {startup:.1} s), peak RSS {} MiB",
+                plan.name,
+                run + 1,
+                s.runs,
+                p.records,
+                p.records as f64 / secs,
+                rss / 1024
+            ));
+            r.spark_catchup.push(p.records as f64 / secs);
+            r.spark_startup.push(startup);
+            r.spark_rss_mib.push(rss as f64 / 1024.0);
+            p.stop();
+        }
+    }
+
+    // (b) Freshness at a steady rate: spendflow, then Spark, each on one caught-up process.
+    let plan_steady = SteadyPlan {
+        rate: s.rate,
+        duration: s.window,
+        marker_every: Duration::from_millis(1000 / s.markers_per_sec),
+    };
+    let warmup = SteadyPlan {
+        duration: Duration::from_secs(2),
+        ..plan_steady
+    };
+    let run_tag = format!("{}{}", prefix.trim_end_matches('.'), plan.name);
+    let mut markers = Markers::new(&s.brokers, &plan.layout, plan.marker_user, &run_tag)?;
+    {
+        check_stop()?;
+        let (in_topics, _) = kafka::partitions_of(&s.brokers, &topic_names)?;
+        let log = work.join(format!("engine-{}-fresh.log", plan.name));
+        let (args, keyspace) = engine_for("fresh")?;
+        let mut engine = EngineProcess::start(spendflow, &args, &log)?;
+        catch_up(&mut engine, keyspace.as_ref(), in_topics, timeout)
+            .with_context(|| format!("engine log: {}", log.display()))?;
+        let seen = engine.subscribe(plan.marker_user)?;
+        let stored = keyspace
+            .as_ref()
+            .map(|k| k.cql.watch_user(&k.name, plan.marker_user, CASSANDRA_POLL));
+        kafka::steady(&s.brokers, &plan.layout, &mut sim, &mut markers, warmup)?;
+        for run in 0..s.runs {
+            let (sent, produced) = kafka::steady(
+                &s.brokers,
+                &plan.layout,
+                &mut sim,
+                &mut markers,
+                plan_steady,
+            )?;
+            // Let the last markers arrive.
+            let target = markers.sent;
+            let mut observed: Vec<(u64, i64)> = Vec::new();
+            let mut stored_seen: Vec<(u64, i64)> = Vec::new();
+            let end = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < end {
+                check_stop()?;
+                observed.extend(seen.try_iter());
+                if let Some(rx) = &stored {
+                    stored_seen.extend(rx.try_iter());
+                }
+                let done = |o: &[(u64, i64)]| o.iter().any(|o| o.0 >= target);
+                if done(&observed) && (stored.is_none() || done(&stored_seen)) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            observed.extend(seen.try_iter());
+            let window = |name: &str, seen: &[(u64, i64)]| {
+                let (lat, missing) = latencies(&sent, seen);
+                let (p50, p99) = (percentile(&lat, 50.0), percentile(&lat, 99.0));
+                say(format!(
+                    "[{}] spendflow freshness to {name} {}/{}: {} markers over {produced} \
+                     records, p50 {:?} ms, p99 {:?} ms, {missing} not seen",
+                    plan.name,
+                    run + 1,
+                    s.runs,
+                    sent.len(),
+                    p50,
+                    p99
+                ));
+                report::Freshness {
+                    samples: lat.len(),
+                    missing,
+                    p50,
+                    p99,
+                    produced,
+                    secs: s.window.as_secs_f64(),
+                }
+            };
+            r.sf_fresh.push(window("gRPC", &observed));
+            if stored.is_some() {
+                r.sf_cass_fresh.push(window("Cassandra", &stored_seen));
+            }
+        }
+        let rss = engine.peak_rss_kib().unwrap_or(0);
+        r.sf_rss_mib.push(rss as f64 / 1024.0);
+        engine.stop();
+        drop(stored);
+        drop(keyspace);
+    }
+    if let Some(install) = spark {
+        check_stop()?;
+        let (in_topics, _) = kafka::partitions_of(&s.brokers, &topic_names)?;
+        let (mut p, _, _) =
+            start_spark_caught_up(install, repo, s, &plan, work, s.runs, in_topics, timeout)?;
+        let mut marks = Vec::new();
+        kafka::steady(&s.brokers, &plan.layout, &mut sim, &mut markers, warmup)?;
+        for run in 0..s.runs {
+            marks.clear();
+            let (sent, produced) = kafka::steady(
+                &s.brokers,
+                &plan.layout,
+                &mut sim,
+                &mut markers,
+                plan_steady,
+            )?;
+            let target = markers.sent;
+            let end = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < end && !marks.iter().any(|m: &(u64, i64)| m.0 >= target) {
+                p.collect_marks(Duration::from_millis(100), &mut marks)?;
+            }
+            let (lat, missing) = latencies(&sent, &marks);
+            let (p50, p99) = (percentile(&lat, 50.0), percentile(&lat, 99.0));
+            say(format!(
+                "[{}] Spark freshness {}/{}: {} markers over {produced} records, p50 {:?} ms, \
+                 p99 {:?} ms, {missing} not seen",
+                plan.name,
+                run + 1,
+                s.runs,
+                sent.len(),
+                p50,
+                p99
+            ));
+            r.spark_fresh.push(report::Freshness {
+                samples: lat.len(),
+                missing,
+                p50,
+                p99,
+                produced,
+                secs: s.window.as_secs_f64(),
+            });
+        }
+        r.spark_rss_mib.push(p.peak_rss_kib() as f64 / 1024.0);
+        p.stop();
+    }
+    Ok(r)
+}
+
+/// How often the marker user's Cassandra row is read during the freshness windows.
+const CASSANDRA_POLL: Duration = Duration::from_millis(5);
+
+/// A keyspace of the run, dropped when the guard is.
+struct Keyspace {
+    cql: cassandra::Cql,
+    name: String,
+}
+
+impl Drop for Keyspace {
+    fn drop(&mut self) {
+        if let Err(e) = self.cql.drop_keyspace(&self.name) {
+            say(format!("could not drop keyspace {}: {e:#}", self.name));
+        }
+    }
+}
+
+/// When a fresh engine had caught up, timed from its start.
+struct CaughtUp {
+    records: u64,
+    served_secs: f64,
+    cassandra_secs: Option<f64>,
+}
+
+/// Waits until the engine serves at least `records` records (and, with the Cassandra sink,
+/// until its newest committed progress row covers them), polling both every 10 ms.
+fn catch_up(
+    engine: &mut EngineProcess,
+    keyspace: Option<&Keyspace>,
+    records: u64,
+    timeout: Duration,
+) -> Result<CaughtUp> {
+    let deadline = Instant::now() + timeout;
+    let mut served: Option<(u64, f64)> = None;
+    let mut stored: Option<f64> = None;
+    let mut covered = 0;
+    loop {
+        check_stop()?;
+        if served.is_none() {
+            let (at, status) = engine.wait_caught_up(records, timeout)?;
+            served = Some((status.records_read, (at - engine.started).as_secs_f64()));
+        }
+        match keyspace {
+            None => break,
+            Some(k) if stored.is_none() => {
+                covered = k.cql.records_covered(&k.name).unwrap_or(covered);
+                if covered >= records {
+                    stored = Some(engine.started.elapsed().as_secs_f64());
+                    break;
+                }
+            }
+            Some(_) => break,
+        }
+        if Instant::now() > deadline {
+            bail!("the Cassandra sink covered {covered} of {records} records in {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (records, served_secs) = served.context("not caught up")?;
+    Ok(CaughtUp {
+        records,
+        served_secs,
+        cassandra_secs: stored,
+    })
+}
+
+/// Starts the Spark baseline on a fresh checkpoint and waits until its sink has seen `records`
+/// records; returns the process, when its query started, and when it had caught up.
+#[allow(clippy::too_many_arguments)]
+fn start_spark_caught_up(
+    install: &SparkInstall,
+    repo: &Path,
+    s: &Settings,
+    plan: &Plan,
+    work: &Path,
+    run: usize,
+    records: u64,
+    timeout: Duration,
+) -> Result<(SparkProcess, Instant, Instant)> {
+    let checkpoint = work.join(format!("spark-{}-{run}", plan.name));
+    let log = work.join(format!("spark-{}-{run}.log", plan.name));
+    let mut p = SparkProcess::start(
+        install,
+        repo,
+        &s.brokers,
+        &plan.spark_source,
+        plan.marker_user,
+        &checkpoint,
+        &log,
+    )?;
+    let start = p
+        .wait_ready(Duration::from_secs(180))
+        .with_context(|| format!("Spark log: {}", log.display()))?;
+    let mut marks = Vec::new();
+    let done = p
+        .wait_records(records, timeout, &mut marks)
+        .with_context(|| format!("Spark log: {}", log.display()))?;
+    Ok((p, start, done))
+}
+
+/// One catch-up of the engine under `perf record -g`; the top threads and symbols.
+fn profile_catchup(
+    spendflow: &Path,
+    engine_args: &[String],
+    records: u64,
+    work: &Path,
+    layout: &str,
+    timeout: Duration,
+) -> Result<Profile> {
+    let data = work.join(format!("perf-{layout}.data"));
+    let log = work.join(format!("engine-{layout}-perf.log"));
+    let mut engine = EngineProcess::start(spendflow, engine_args, &log)?;
+    let mut perf = Command::new("perf")
+        .args(["record", "-g", "-F", "499", "-o"])
+        .arg(&data)
+        .args(["-p", &engine.pid().to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start `perf record` (is perf installed?)")?;
+    let result = engine.wait_caught_up(records, timeout);
+    let _ = Command::new("kill")
+        .args(["-INT", &perf.id().to_string()])
+        .status();
+    let _ = perf.wait();
+    engine.stop();
+    result?;
+    let report = |sort: &str| -> Result<String> {
+        let out = Command::new("perf")
+            .args([
+                "report",
+                "--stdio",
+                "--no-children",
+                "--sort",
+                sort,
+                "-g",
+                "none",
+            ])
+            .args(["--percent-limit", "1", "-i"])
+            .arg(&data)
+            .output()
+            .context("perf report")?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .take(25)
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+            .join("\n"))
+    };
+    let profile = Profile {
+        by_thread: report("comm")?,
+        by_symbol: report("symbol")?,
+    };
+    let _ = std::fs::remove_file(&data);
+    say(format!("[{layout}] profile:\n{}", profile.by_thread));
+    Ok(profile)
+}
