@@ -296,8 +296,16 @@ impl Engine {
         let web_listener = config.web.map(serve::web::WebServer::bind).transpose()?;
 
         let spawn_error = |e: std::io::Error| EngineError::Workers(e.to_string());
+        // The restored state is published as one delta through `first_epoch - 1`. The sink
+        // skips it when it holds that state already (it committed the checkpoint's epoch);
+        // a sink that did not (a new keyspace) gets all of it.
+        let sink_has_checkpoint = restored_epoch.is_some_and(|c| {
+            sink.as_ref()
+                .and_then(|(_, start)| start.committed_epoch)
+                .is_some_and(|committed| committed >= c)
+        });
         let mut outputs = pipeline::Outputs {
-            restored: restored_epoch,
+            restored: sink_has_checkpoint.then(|| first_epoch - 1),
             ..pipeline::Outputs::default()
         };
         let sink_thread = match sink {

@@ -61,6 +61,8 @@ pub struct EpochClock {
     last_checkpoint_ns: AtomicU64,
     /// The epoch the running checkpoint copies the state at; 0 when none runs.
     checkpoint_mark: AtomicU64,
+    /// Something was read since the last checkpoint was marked.
+    unsaved: AtomicBool,
 }
 
 impl EpochClock {
@@ -89,12 +91,14 @@ impl EpochClock {
             checkpoint_every_ns: checkpoint_interval.map_or(0, |i| i.as_nanos().max(1) as u64),
             last_checkpoint_ns: AtomicU64::new(0),
             checkpoint_mark: AtomicU64::new(0),
+            unsaved: AtomicBool::new(false),
         }
     }
 
     /// Notes that records were read (so the timer should cut an epoch).
     pub fn note_input(&self) {
         self.dirty.store(true, Ordering::Release);
+        self.unsaved.store(true, Ordering::Release);
     }
 
     /// The epoch a worker should be pushing at, after `in_epoch` records in its current one.
@@ -104,7 +108,14 @@ impl EpochClock {
         let last = self.last_cut_ns.load(Ordering::Acquire);
         let due = now.saturating_sub(last) >= self.interval.as_nanos() as u64
             && self.dirty.load(Ordering::Acquire);
-        if (due || in_epoch >= self.budget)
+        // A checkpoint is due when input arrived since the last one, even if none arrives now
+        // (an engine that went idle still gets a checkpoint of everything it read).
+        let checkpoint_due = self.checkpoint_every_ns > 0
+            && self.checkpoint_mark.load(Ordering::SeqCst) == 0
+            && now.saturating_sub(self.last_checkpoint_ns.load(Ordering::SeqCst))
+                >= self.checkpoint_every_ns
+            && self.unsaved.load(Ordering::Acquire);
+        if (due || checkpoint_due || in_epoch >= self.budget)
             && self
                 .last_cut_ns
                 .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
@@ -113,11 +124,8 @@ impl EpochClock {
             self.dirty.store(false, Ordering::Release);
             // A checkpoint due: mark the epoch being closed, *before* the cut is visible, so
             // every worker that advances past it sees the mark first.
-            if self.checkpoint_every_ns > 0
-                && self.checkpoint_mark.load(Ordering::SeqCst) == 0
-                && now.saturating_sub(self.last_checkpoint_ns.load(Ordering::SeqCst))
-                    >= self.checkpoint_every_ns
-            {
+            if checkpoint_due {
+                self.unsaved.store(false, Ordering::Release);
                 self.last_checkpoint_ns.store(now, Ordering::SeqCst);
                 self.checkpoint_mark
                     .store(self.current.load(Ordering::SeqCst), Ordering::SeqCst);
@@ -589,8 +597,8 @@ pub struct Outputs {
     pub sink: Option<Sender<SinkItem>>,
     /// The checkpoint writer's queue.
     pub checkpoints: Option<Sender<SnapshotPart>>,
-    /// The restored checkpoint's epoch: published to the read model, never to the sink, which
-    /// holds that state already.
+    /// The epoch of the delta that carries a restored checkpoint's state: published to the
+    /// read model, not to the sink, which holds that state already.
     pub restored: Option<Epoch>,
 }
 

@@ -95,7 +95,7 @@ impl LocalDirStore {
             };
             files.push((epoch, entry.path()));
         }
-        files.sort_by(|a, b| b.0.cmp(&a.0));
+        files.sort_by_key(|f| std::cmp::Reverse(f.0));
         Ok(files)
     }
 }

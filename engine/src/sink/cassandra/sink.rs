@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use cdrs_tokio::consistency::Consistency;
 use cdrs_tokio::frame::message_batch::BatchType;
 use cdrs_tokio::query::{BatchQueryBuilder, PreparedQuery, QueryValues};
 use cdrs_tokio::query_values;
@@ -41,6 +42,9 @@ use crate::source::PartitionPosition;
 
 /// First and largest pause between retries of a failed write.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+
+/// How long one request may take before it is abandoned and retried.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Progress rows kept: older ones are deleted now and then.
 const PROGRESS_ROWS_KEPT: u64 = 1000;
@@ -397,7 +401,10 @@ fn build_batch(
     rows: &[Row],
     timestamp: i64,
 ) -> Result<cdrs_tokio::query::QueryBatch, CassandraError> {
+    // LOCAL_QUORUM, so that readers at LOCAL_QUORUM (`serve --from cassandra`) see every row
+    // of a committed epoch on a cluster with replicas.
     let mut builder = BatchQueryBuilder::new()
+        .with_consistency(Consistency::LocalQuorum)
         .with_batch_type(BatchType::Unlogged)
         .with_timestamp(timestamp);
     for row in rows {
@@ -436,7 +443,17 @@ where
     let started = Instant::now();
     let mut warned = false;
     loop {
-        match attempt().await {
+        // A request to a node that went away may never be answered: give up on it and retry.
+        let outcome = tokio::time::timeout(REQUEST_TIMEOUT, attempt())
+            .await
+            .unwrap_or_else(|_| {
+                Err(CassandraError::Request {
+                    doing: doing.to_string(),
+                    message: format!("no answer within {}s", REQUEST_TIMEOUT.as_secs()),
+                    retriable: true,
+                })
+            });
+        match outcome {
             Ok(value) => {
                 if warned {
                     tracing::info!(
