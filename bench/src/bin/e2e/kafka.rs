@@ -113,6 +113,9 @@ fn producer(brokers: &str, linger_ms: &str) -> Result<BaseProducer<Deliveries>> 
     ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("client.id", "spendflow-bench-e2e")
+        // Retries must not reorder a partition: the engine applies the last record per
+        // expense, so a correction overtaken by its original would change the answer.
+        .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", linger_ms)
         .set("batch.num.messages", "10000")

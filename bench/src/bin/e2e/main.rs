@@ -480,8 +480,10 @@ fn measure_layout(
         r.raw.push(read as f64 / took.as_secs_f64());
     }
 
-    // (a) spendflow catch-up, each run a fresh process (with its own keyspace when the
-    // Cassandra sink is on).
+    // (a) spendflow catch-up. Two configurations: without a durable sink (state in memory,
+    // served over gRPC: what Spark, which also keeps its state in memory, is compared with),
+    // and with the Cassandra sink and checkpoints, when the engine has it. Each run is a fresh
+    // process (with a keyspace of its own).
     let mut base_args = vec![
         "--input".to_string(),
         format!("kafka:{}", s.brokers),
@@ -496,111 +498,41 @@ fn measure_layout(
         Availability::Available(addr) => Some((cassandra::Cql::connect(addr)?, addr.clone())),
         Availability::Unavailable(_) => None,
     };
-    let keyspace_prefix = format!(
-        "{}_{}",
-        prefix.trim_end_matches('.').replace('.', "_"),
-        plan.name.replace('-', "_")
-    );
-    // Arguments of one engine process writing to keyspace `name`.
-    let args_for = |name: &str| -> Vec<String> {
-        let mut args = base_args.clone();
-        if let Some((_, addr)) = &cql {
-            let checkpoints = work.join(format!("checkpoints-{name}"));
-            args.extend([
-                "--sink".into(),
-                "cassandra".into(),
-                "--cassandra".into(),
-                addr.clone(),
-                "--keyspace".into(),
-                name.to_string(),
-                "--checkpoint-dir".into(),
-                checkpoints.display().to_string(),
-            ]);
-        }
-        args
+    let ctx = EngineCtx {
+        spendflow,
+        base_args,
+        cql: cql.as_ref(),
+        keyspace_prefix: format!(
+            "{}_{}",
+            prefix.trim_end_matches('.').replace('.', "_"),
+            plan.name.replace('-', "_")
+        ),
+        work,
+        layout: plan.name,
+        broker: util::service_pid(repo, "kafka"),
+        cassandra: util::service_pid(repo, "cassandra"),
+        timeout,
     };
-    // The same, with the keyspace created (and dropped with the guard).
-    let engine_for = |tag: &str| -> Result<(Vec<String>, Option<Keyspace>)> {
-        let name = format!("{keyspace_prefix}_{tag}");
-        let keyspace = match &cql {
-            Some((cql, _)) => {
-                cql.create_schema(&name)?;
-                Some(Keyspace {
-                    cql: cql.clone(),
-                    name: name.clone(),
-                })
-            }
-            None => None,
+    let sinks: Vec<bool> = std::iter::once(false)
+        .chain(cql.is_some().then_some(true))
+        .collect();
+    for &sink in &sinks {
+        let mut f = report::EngineFigures {
+            command: format!("spendflow run {}", ctx.args(sink, "<keyspace>").join(" ")),
+            ..Default::default()
         };
-        Ok((args_for(&name), keyspace))
-    };
-    r.engine_command = format!(
-        "spendflow run {}",
-        args_for(&format!("{keyspace_prefix}_N")).join(" ")
-    );
-    let broker = util::broker_pid(repo);
-    for run in 0..s.runs {
-        check_stop()?;
-        let log = work.join(format!("engine-{}-{run}.log", plan.name));
-        let (args, keyspace) = engine_for(&run.to_string())?;
-        let broker_cpu = broker.and_then(util::cpu_secs);
-        let mut engine = EngineProcess::start(spendflow, &args, &log)?;
-        let caught = catch_up(&mut engine, keyspace.as_ref(), s.events, timeout)
-            .with_context(|| format!("engine log: {}", log.display()))?;
-        let secs = caught.served_secs;
-        let rate = caught.records as f64 / secs;
-        let cpu = util::cpu_secs(engine.pid()).unwrap_or(0.0);
-        let broker_used = match (broker_cpu, broker.and_then(util::cpu_secs)) {
-            (Some(a), Some(b)) => Some(b - a),
-            _ => None,
-        };
-        let rss = engine.peak_rss_kib().unwrap_or(0);
-        say(format!(
-            "[{}] spendflow catch-up {}/{}: {} records in {secs:.2} s = {rate:.0}/s{}, {:.2} \
-             cores, peak RSS {} MiB",
-            plan.name,
-            run + 1,
-            s.runs,
-            caught.records,
-            caught
-                .cassandra_secs
-                .map(|c| format!(
-                    " (Cassandra: {c:.2} s = {:.0}/s)",
-                    caught.records as f64 / c
-                ))
-                .unwrap_or_default(),
-            cpu / secs,
-            rss / 1024
-        ));
-        r.sf_catchup.push(rate);
-        if let Some(c) = caught.cassandra_secs {
-            r.sf_cass_catchup.push(caught.records as f64 / c);
+        for run in 0..s.runs {
+            ctx.catch_up_run(sink, run, s, &reference, &mut f)?;
         }
-        r.sf_cores.push(cpu / secs);
-        if let Some(b) = broker_used {
-            r.broker_cores.push(b / secs);
+        if profile {
+            check_stop()?;
+            f.profile = Some(ctx.profile(sink, s.events)?);
         }
-        r.sf_rss_mib.push(rss as f64 / 1024.0);
-        if run == 0 {
-            let served = engine.user_totals()?;
-            r.check = Some(report::check(&served, &reference));
-            say(format!(
-                "[{}] served state vs HashMap fold: {}",
-                plan.name,
-                r.check.as_deref().unwrap_or("")
-            ));
+        if sink {
+            r.sfc = Some(f);
+        } else {
+            r.sf = f;
         }
-        engine.stop();
-        drop(keyspace);
-    }
-
-    if profile {
-        check_stop()?;
-        let (args, keyspace) = engine_for("perf")?;
-        r.profile = Some(profile_catchup(
-            spendflow, &args, s.events, work, plan.name, timeout,
-        )?);
-        drop(keyspace);
     }
 
     // (a) Spark catch-up, each run a fresh process on a fresh checkpoint.
@@ -631,7 +563,8 @@ fn measure_layout(
         }
     }
 
-    // (b) Freshness at a steady rate: spendflow, then Spark, each on one caught-up process.
+    // (b) Freshness at a steady rate: spendflow (each configuration), then Spark, each on one
+    // caught-up process.
     let plan_steady = SteadyPlan {
         rate: s.rate,
         duration: s.window,
@@ -643,11 +576,12 @@ fn measure_layout(
     };
     let run_tag = format!("{}{}", prefix.trim_end_matches('.'), plan.name);
     let mut markers = Markers::new(&s.brokers, &plan.layout, plan.marker_user, &run_tag)?;
-    {
+    for &sink in &sinks {
         check_stop()?;
         let (in_topics, _) = kafka::partitions_of(&s.brokers, &topic_names)?;
-        let log = work.join(format!("engine-{}-fresh.log", plan.name));
-        let (args, keyspace) = engine_for("fresh")?;
+        let tag = if sink { "fresh_c" } else { "fresh" };
+        let log = work.join(format!("engine-{}-{tag}.log", plan.name));
+        let (args, keyspace) = ctx.prepare(sink, tag)?;
         let mut engine = EngineProcess::start(spendflow, &args, &log)?;
         catch_up(&mut engine, keyspace.as_ref(), in_topics, timeout)
             .with_context(|| format!("engine log: {}", log.display()))?;
@@ -656,6 +590,16 @@ fn measure_layout(
             .as_ref()
             .map(|k| k.cql.watch_user(&k.name, plan.marker_user, CASSANDRA_POLL));
         kafka::steady(&s.brokers, &plan.layout, &mut sim, &mut markers, warmup)?;
+        let f = if sink {
+            r.sfc.as_mut().context("figures with the sink")?
+        } else {
+            &mut r.sf
+        };
+        let who = if sink {
+            "spendflow+Cassandra"
+        } else {
+            "spendflow"
+        };
         for run in 0..s.runs {
             let (sent, produced) = kafka::steady(
                 &s.brokers,
@@ -664,7 +608,7 @@ fn measure_layout(
                 &mut markers,
                 plan_steady,
             )?;
-            // Let the last markers arrive.
+            // Let the last markers arrive (a system that fell behind gets 10 s more).
             let target = markers.sent;
             let mut observed: Vec<(u64, i64)> = Vec::new();
             let mut stored_seen: Vec<(u64, i64)> = Vec::new();
@@ -686,7 +630,7 @@ fn measure_layout(
                 let (lat, missing) = latencies(&sent, seen);
                 let (p50, p99) = (percentile(&lat, 50.0), percentile(&lat, 99.0));
                 say(format!(
-                    "[{}] spendflow freshness to {name} {}/{}: {} markers over {produced} \
+                    "[{}] {who} freshness to {name} {}/{}: {} markers over {produced} \
                      records, p50 {:?} ms, p99 {:?} ms, {missing} not seen",
                     plan.name,
                     run + 1,
@@ -704,13 +648,13 @@ fn measure_layout(
                     secs: s.window.as_secs_f64(),
                 }
             };
-            r.sf_fresh.push(window("gRPC", &observed));
+            f.fresh.push(window("gRPC", &observed));
             if stored.is_some() {
-                r.sf_cass_fresh.push(window("Cassandra", &stored_seen));
+                f.cass_fresh.push(window("Cassandra", &stored_seen));
             }
         }
         let rss = engine.peak_rss_kib().unwrap_or(0);
-        r.sf_rss_mib.push(rss as f64 / 1024.0);
+        f.rss_mib.push(rss as f64 / 1024.0);
         engine.stop();
         drop(stored);
         drop(keyspace);
@@ -763,6 +707,145 @@ fn measure_layout(
     Ok(r)
 }
 
+/// What every engine process of a layout shares.
+struct EngineCtx<'a> {
+    spendflow: &'a Path,
+    base_args: Vec<String>,
+    cql: Option<&'a (cassandra::Cql, String)>,
+    keyspace_prefix: String,
+    work: &'a Path,
+    layout: &'static str,
+    broker: Option<u32>,
+    cassandra: Option<u32>,
+    timeout: Duration,
+}
+
+impl EngineCtx<'_> {
+    /// Arguments of one engine process; with `sink`, writing to keyspace `keyspace`.
+    fn args(&self, sink: bool, keyspace: &str) -> Vec<String> {
+        let mut args = self.base_args.clone();
+        if let (true, Some((_, addr))) = (sink, self.cql) {
+            let checkpoints = self.work.join(format!("checkpoints-{keyspace}"));
+            args.extend([
+                "--sink".into(),
+                "cassandra".into(),
+                "--cassandra".into(),
+                addr.clone(),
+                "--keyspace".into(),
+                keyspace.to_string(),
+                "--checkpoint-dir".into(),
+                checkpoints.display().to_string(),
+            ]);
+        }
+        args
+    }
+
+    /// The arguments, and with `sink` the keyspace, created (and dropped with the guard).
+    fn prepare(&self, sink: bool, tag: &str) -> Result<(Vec<String>, Option<Keyspace>)> {
+        let name = format!("{}_{tag}", self.keyspace_prefix);
+        let keyspace = match (sink, self.cql) {
+            (true, Some((cql, _))) => {
+                cql.create_schema(&name)?;
+                Some(Keyspace {
+                    cql: cql.clone(),
+                    name: name.clone(),
+                })
+            }
+            _ => None,
+        };
+        Ok((self.args(sink, &name), keyspace))
+    }
+
+    /// One catch-up of a fresh engine over the `s.events` records in Kafka.
+    fn catch_up_run(
+        &self,
+        sink: bool,
+        run: usize,
+        s: &Settings,
+        reference: &fold::UserTotals,
+        f: &mut report::EngineFigures,
+    ) -> Result<()> {
+        check_stop()?;
+        let tag = format!("{}{run}", if sink { "c" } else { "m" });
+        let log = self.work.join(format!("engine-{}-{tag}.log", self.layout));
+        let (args, keyspace) = self.prepare(sink, &tag)?;
+        let broker_cpu = self.broker.and_then(util::cpu_secs);
+        let cassandra_cpu = self.cassandra.and_then(util::cpu_secs);
+        let mut engine = EngineProcess::start(self.spendflow, &args, &log)?;
+        let caught = catch_up(&mut engine, keyspace.as_ref(), s.events, self.timeout)
+            .with_context(|| format!("engine log: {}", log.display()))?;
+        // CPU over the whole catch-up (to Cassandra when the sink is on).
+        let wall = caught.cassandra_secs.unwrap_or(caught.served_secs);
+        let cpu = util::cpu_secs(engine.pid()).unwrap_or(0.0);
+        let used =
+            |pid: Option<u32>, before: Option<f64>| match (before, pid.and_then(util::cpu_secs)) {
+                (Some(a), Some(b)) => Some((b - a) / wall),
+                _ => None,
+            };
+        let rss = engine.peak_rss_kib().unwrap_or(0);
+        let rate = caught.records as f64 / caught.served_secs;
+        say(format!(
+            "[{}] spendflow{} catch-up {}/{}: {} records in {:.2} s = {rate:.0}/s{}, {:.2} \
+             cores, peak RSS {} MiB; rejected {}",
+            self.layout,
+            if sink { "+Cassandra" } else { "" },
+            run + 1,
+            s.runs,
+            caught.records,
+            caught.served_secs,
+            caught
+                .cassandra_secs
+                .map(|c| format!(
+                    " (Cassandra: {c:.2} s = {:.0}/s)",
+                    caught.records as f64 / c
+                ))
+                .unwrap_or_default(),
+            cpu / wall,
+            rss / 1024,
+            caught.rejected
+        ));
+        f.catchup.push(rate);
+        if let Some(c) = caught.cassandra_secs {
+            f.cass_catchup.push(caught.records as f64 / c);
+        }
+        f.cores.push(cpu / wall);
+        f.broker_cores.extend(used(self.broker, broker_cpu));
+        if sink {
+            f.cassandra_cores
+                .extend(used(self.cassandra, cassandra_cpu));
+        }
+        f.rss_mib.push(rss as f64 / 1024.0);
+        if run == 0 {
+            let served = engine.user_totals()?;
+            let check = report::check(&served, reference);
+            say(format!(
+                "[{}] served state vs HashMap fold: {check}",
+                self.layout
+            ));
+            f.check = Some(check);
+        }
+        engine.stop();
+        drop(keyspace);
+        Ok(())
+    }
+
+    /// One extra catch-up under `perf record -g`.
+    fn profile(&self, sink: bool, records: u64) -> Result<Profile> {
+        let tag = if sink { "perf_c" } else { "perf" };
+        let (args, keyspace) = self.prepare(sink, tag)?;
+        let profile = profile_catchup(
+            self.spendflow,
+            &args,
+            records,
+            self.work,
+            &format!("{}-{tag}", self.layout),
+            self.timeout,
+        );
+        drop(keyspace);
+        profile
+    }
+}
+
 /// How often the marker user's Cassandra row is read during the freshness windows.
 const CASSANDRA_POLL: Duration = Duration::from_millis(5);
 
@@ -783,6 +866,7 @@ impl Drop for Keyspace {
 /// When a fresh engine had caught up, timed from its start.
 struct CaughtUp {
     records: u64,
+    rejected: u64,
     served_secs: f64,
     cassandra_secs: Option<f64>,
 }
@@ -796,14 +880,18 @@ fn catch_up(
     timeout: Duration,
 ) -> Result<CaughtUp> {
     let deadline = Instant::now() + timeout;
-    let mut served: Option<(u64, f64)> = None;
+    let mut served: Option<(u64, u64, f64)> = None;
     let mut stored: Option<f64> = None;
     let mut covered = 0;
     loop {
         check_stop()?;
         if served.is_none() {
             let (at, status) = engine.wait_caught_up(records, timeout)?;
-            served = Some((status.records_read, (at - engine.started).as_secs_f64()));
+            served = Some((
+                status.records_read,
+                status.records_rejected,
+                (at - engine.started).as_secs_f64(),
+            ));
         }
         match keyspace {
             None => break,
@@ -821,9 +909,10 @@ fn catch_up(
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let (records, served_secs) = served.context("not caught up")?;
+    let (records, rejected, served_secs) = served.context("not caught up")?;
     Ok(CaughtUp {
         records,
+        rejected,
         served_secs,
         cassandra_secs: stored,
     })
@@ -909,7 +998,7 @@ fn profile_catchup(
             .lines()
             .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
             .take(25)
-            .map(str::to_string)
+            .map(|l| l.trim_end().trim_end_matches(['-', ' ']).to_string())
             .collect::<Vec<_>>()
             .join("\n"))
     };

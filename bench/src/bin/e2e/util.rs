@@ -199,12 +199,12 @@ pub fn group_cpu_secs(pgid: u32) -> f64 {
     group_members(pgid).into_iter().filter_map(cpu_secs).sum()
 }
 
-/// The Kafka broker's pid, from the services kit's pid file.
-pub fn broker_pid(repo: &Path) -> Option<u32> {
+/// A service's pid (`kafka`, `cassandra`), from the services kit's pid file.
+pub fn service_pid(repo: &Path, service: &str) -> Option<u32> {
     let dir = std::env::var("SPENDFLOW_SERVICES_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| repo.join("target/services"));
-    std::fs::read_to_string(dir.join("kafka/pid"))
+    std::fs::read_to_string(dir.join(service).join("pid"))
         .ok()?
         .trim()
         .parse()
