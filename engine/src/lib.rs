@@ -310,17 +310,17 @@ impl Engine {
         };
         let sink_thread = match sink {
             Some((sink, _)) => {
-                let (tx, rx) = crossbeam_channel::bounded(pipeline::SINK_QUEUE);
-                outputs.sink = Some(tx);
                 let max_cells = match &config.sink {
                     Some(config::SinkConfig::Cassandra(c)) => c.max_group_cells,
                     None => usize::MAX,
                 };
+                let inbox = Arc::new(pipeline::SinkInbox::new(max_cells));
+                outputs.sink = Some(Arc::clone(&inbox));
                 let shared = Arc::clone(&shared);
                 Some(
                     std::thread::Builder::new()
                         .name("spendflow-sink".into())
-                        .spawn(move || pipeline::run_sink(rx, sink, &shared, max_cells))
+                        .spawn(move || pipeline::run_sink(inbox, sink, &shared))
                         .map_err(spawn_error)?,
                 )
             }

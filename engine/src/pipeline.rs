@@ -592,9 +592,8 @@ fn admit(
 /// Where the publisher sends what it publishes, besides the read model.
 #[derive(Debug, Default)]
 pub struct Outputs {
-    /// The durable sink's queue. Bounded: a slow sink holds the publisher, whose own bounded
-    /// queue then holds the workers, which stop reading their sources (back-pressure).
-    pub sink: Option<Sender<SinkItem>>,
+    /// The durable sink's inbox.
+    pub sink: Option<Arc<SinkInbox>>,
     /// The checkpoint writer's queue.
     pub checkpoints: Option<Sender<SnapshotPart>>,
     /// The epoch of the delta that carries a restored checkpoint's state: published to the
@@ -602,17 +601,82 @@ pub struct Outputs {
     pub restored: Option<Epoch>,
 }
 
-/// One published epoch (or several merged), for the durable sink.
+/// The hand-off between the publisher and the durable sink: one group of epochs that grows
+/// while the sink writes the previous one.
+///
+/// The publisher merges each published epoch into the waiting group (a cell that changes in
+/// many epochs is written once, with its last value), so the slower the sink, the fewer writes
+/// per input record. Bounded: once the waiting group holds `max_cells` cells the publisher
+/// waits, its own bounded queue then holds the workers, and they stop reading their sources
+/// (back-pressure); memory stays at about two groups.
 #[derive(Debug)]
-pub struct SinkItem {
-    /// What changed, with absolute values.
-    pub published: Arc<Published>,
-    /// Records read that the state covers.
-    pub records_covered: u64,
+pub struct SinkInbox {
+    waiting: std::sync::Mutex<(Option<EpochGroup>, bool)>,
+    changed: std::sync::Condvar,
+    max_cells: usize,
 }
 
-/// Epochs the durable sink's queue holds before the publisher waits.
-pub const SINK_QUEUE: usize = 8;
+impl SinkInbox {
+    /// An inbox whose waiting group holds up to `max_cells` cells.
+    pub fn new(max_cells: usize) -> Self {
+        SinkInbox {
+            waiting: std::sync::Mutex::new((None, false)),
+            changed: std::sync::Condvar::new(),
+            max_cells: max_cells.max(1),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Option<EpochGroup>, bool)> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Merges a published epoch into the waiting group, first waiting while the group is
+    /// full. Returns false once the sink has closed the inbox (it failed for good).
+    pub fn put(&self, published: &Published, records_covered: u64) -> bool {
+        let mut state = self.lock();
+        while !state.1
+            && state
+                .0
+                .as_ref()
+                .is_some_and(|g| g.cells.len() >= self.max_cells)
+        {
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        if state.1 {
+            return false;
+        }
+        state.0.get_or_insert_with(EpochGroup::default).merge(
+            published.as_of.epoch,
+            Arc::clone(&published.as_of.positions),
+            records_covered,
+            published.cells.iter().cloned(),
+        );
+        self.changed.notify_all();
+        true
+    }
+
+    /// The waiting group, once there is one; `None` once the inbox is closed and empty.
+    fn take(&self) -> Option<EpochGroup> {
+        let mut state = self.lock();
+        loop {
+            if let Some(group) = state.0.take() {
+                self.changed.notify_all();
+                return Some(group);
+            }
+            if state.1 {
+                return None;
+            }
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// No more groups: the publisher is done (the sink writes what waits), or the sink failed
+    /// (the publisher stops handing it epochs).
+    pub fn close(&self) {
+        self.lock().1 = true;
+        self.changed.notify_all();
+    }
+}
 
 /// Steps 5–6: merges worker reports into whole epochs, publishes them to the read model and
 /// the durable sink, and hands checkpoint shares to the checkpoint writer, until every worker
@@ -644,48 +708,29 @@ pub fn run_publisher(
             if outputs.restored == Some(epoch) {
                 continue;
             }
-            if let Some(sink) = &outputs.sink {
-                let item = SinkItem {
-                    published,
-                    records_covered,
-                };
-                if sink.send(item).is_err() {
-                    // The sink failed for good and said so; keep serving what is published.
-                    outputs.sink = None;
-                }
+            if let Some(sink) = &outputs.sink
+                && !sink.put(&published, records_covered)
+            {
+                // The sink failed for good and said so; keep serving what is published.
+                outputs.sink = None;
             }
         }
+    }
+    if let Some(sink) = &outputs.sink {
+        sink.close();
     }
     tracing::debug!("Publisher finished.");
 }
 
-/// Step 7: writes published epochs to Cassandra, merging those that queued up while a write
-/// ran (catch-up writes each changed cell once per merge, not once per epoch), until the
-/// publisher hangs up. Marks each committed epoch in [`Shared::sink_committed`].
-pub fn run_sink(
-    items: Receiver<SinkItem>,
-    mut sink: CassandraSink,
-    shared: &Shared,
-    max_cells: usize,
-) {
-    while let Ok(first) = items.recv() {
-        let mut group = EpochGroup::default();
-        let add = |group: &mut EpochGroup, item: SinkItem| {
-            let as_of = &item.published.as_of;
-            group.merge(
-                as_of.epoch,
-                Arc::clone(&as_of.positions),
-                item.records_covered,
-                item.published.cells.iter().cloned(),
-            );
-        };
-        add(&mut group, first);
-        while group.cells.len() < max_cells {
-            match items.try_recv() {
-                Ok(item) => add(&mut group, item),
-                Err(_) => break,
-            }
-        }
+/// How often the sink logs what it has written.
+const SINK_REPORT: Duration = Duration::from_secs(10);
+
+/// Step 7: writes the groups the publisher hands over to Cassandra, until the publisher is
+/// done. Marks each committed epoch in [`Shared::sink_committed`].
+pub fn run_sink(inbox: Arc<SinkInbox>, mut sink: CassandraSink, shared: &Shared) {
+    let started = Instant::now();
+    let mut last_report = Instant::now();
+    while let Some(group) = inbox.take() {
         match sink.write(&group) {
             Ok(()) => {
                 shared.sink_committed.store(group.epoch, Ordering::Release);
@@ -708,13 +753,24 @@ pub fn run_sink(
                 break;
             }
         }
+        if last_report.elapsed() >= SINK_REPORT {
+            last_report = Instant::now();
+            log_sink(&sink, started, "Cassandra sink progress.");
+        }
     }
+    inbox.close();
+    log_sink(&sink, started, "Cassandra sink finished.");
+}
+
+fn log_sink(sink: &CassandraSink, started: Instant, message: &str) {
     let counters = sink.counters();
+    let rows_per_s = counters.rows as f64 / started.elapsed().as_secs_f64().max(1e-3);
     tracing::info!(
         groups = counters.groups,
         rows = counters.rows,
+        rows_per_s = rows_per_s as u64,
         retries = counters.retries,
-        "Cassandra sink finished."
+        "{message}"
     );
 }
 
