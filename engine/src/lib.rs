@@ -536,7 +536,12 @@ impl Engine {
                 "the checkpoint thread panicked".into(),
             ));
         }
-        self.shared.dead_letters.flush();
+        if !self.shared.dead_letters.flush() {
+            // Not lost: no checkpoint covers their records (checkpoints wait for delivery).
+            tracing::warn!(
+                "Some dead letters were not delivered before shutdown; a restart from the last checkpoint sends them again."
+            );
+        }
         // Ends open subscriptions, so the gRPC server's graceful shutdown does not wait on them.
         self.read_model.close();
         if let Some(mut grpc) = self.grpc.take() {

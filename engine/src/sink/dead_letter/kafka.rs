@@ -230,9 +230,13 @@ impl DeadLetterOutput for KafkaDeadLetters {
         }
     }
 
-    fn flush(&self) {
-        if let Err(e) = self.producer.flush(Duration::from_secs(10)) {
-            tracing::error!(topic = %self.topic, error = %e, "Dead letters not delivered before shutdown.");
+    fn flush(&self) -> bool {
+        match self.producer.flush(Duration::from_secs(10)) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(topic = %self.topic, error = %e, "Dead letters not delivered in 10 s; they are still queued.");
+                false
+            }
         }
     }
 }

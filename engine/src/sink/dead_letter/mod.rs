@@ -19,8 +19,8 @@ pub mod kafka;
 pub trait DeadLetterOutput: Send + Sync + std::fmt::Debug {
     /// Sends one rejected record with its complete original bytes and key.
     fn send(&self, rejected: &RejectedRecord, raw: &[u8], key: Option<&[u8]>);
-    /// Waits until everything sent is delivered (at shutdown).
-    fn flush(&self);
+    /// Waits until everything sent is delivered; false if some could not be in time.
+    fn flush(&self) -> bool;
 }
 
 /// Bytes of a rejected record kept for inspection.
@@ -83,11 +83,10 @@ impl DeadLetters {
         self
     }
 
-    /// Delivers what the durable output still holds (at shutdown).
-    pub fn flush(&self) {
-        if let Some(output) = &self.output {
-            output.flush();
-        }
+    /// Delivers what the durable output still holds (before a checkpoint, at shutdown);
+    /// false if some of it could not be delivered in time.
+    pub fn flush(&self) -> bool {
+        self.output.as_ref().is_none_or(|output| output.flush())
     }
 
     /// Counts and keeps a rejected record; `raw` is the whole original record and `key` its
