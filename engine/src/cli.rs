@@ -27,6 +27,8 @@ use spendflow_engine::verify::mysql::MySqlTruth;
 use spendflow_engine::verify::{self, VerifyOptions};
 use spendflow_engine::{Engine, EngineConfig, SourceConfig, Status};
 
+use crate::cli_images::{ImagesArgs, PersonnelArgs, images_command, start_avatars};
+
 /// spendflow: real-time expense analytics on differential dataflow.
 ///
 /// Reads card expenses (JSON records), keeps per-user totals, counts, per-category,
@@ -106,6 +108,19 @@ enum Command {
     ///   grpcurl -plaintext -d '{"limit": 5}' 127.0.0.1:50052 spendflow.v1.ExpenseQuery/TopSpenders
     #[command(verbatim_doc_comment)]
     Serve(ServeArgs),
+    /// Personnel pictures: upload, download, delete, and clean up orphans.
+    ///
+    /// Pictures are content-addressed blobs on HDFS (`<root>/<sha[0..2]>/<sha256>`); the user's
+    /// reference is in the MySQL users table. PNG, JPEG and WebP only (by content), at most
+    /// 5 MiB by default.
+    ///
+    /// Examples:
+    ///   spendflow images put 42 face.png --mysql mysql://spendflow:spendflow@127.0.0.1:13306/spendflow \
+    ///       --hdfs hdfs://127.0.0.1:9000
+    ///   spendflow images get 42 out.png --mysql ... --hdfs ...
+    ///   spendflow images gc --mysql ... --hdfs ... --dry-run
+    #[command(verbatim_doc_comment)]
+    Images(ImagesArgs),
 }
 
 #[derive(Debug, Args)]
@@ -220,6 +235,9 @@ struct RunArgs {
     /// With Kafka input: how often to look for new matching topics, in milliseconds.
     #[arg(long, default_value_t = 2000)]
     discovery_interval_ms: u64,
+
+    #[command(flatten)]
+    personnel: PersonnelArgs,
 }
 
 /// Where `run` stores results.
@@ -328,6 +346,17 @@ struct GenerateArgs {
     /// Records per MySQL transaction and Kafka flush.
     #[arg(long, default_value_t = DEFAULT_BATCH)]
     batch: usize,
+
+    /// Also give every user a generated avatar (a PNG identicon, the same for a seed and user
+    /// as in the demo), uploaded to HDFS (--hdfs) with its reference in MySQL. Users who have
+    /// a picture keep it.
+    #[arg(long)]
+    avatars: bool,
+
+    /// With --avatars: HDFS URL for the pictures, hdfs://host:port[/root] (root default
+    /// /spendflow/images).
+    #[arg(long, value_name = "URL", env = "SPENDFLOW_HDFS")]
+    hdfs: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -424,6 +453,7 @@ pub fn main() -> ExitCode {
         Command::Generate(args) => generate(args),
         Command::Verify(args) => verify_command(args),
         Command::Serve(args) => serve(args),
+        Command::Images(args) => images_command(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -551,10 +581,11 @@ fn run(args: RunArgs) -> Result<()> {
             interval_ms: args.checkpoint_interval.as_millis() as u64,
         });
     }
-    let engine = Engine::builder()
-        .config(config)
-        .start()
-        .context("could not start the engine")?;
+    let mut builder = Engine::builder().config(config);
+    if let Some(personnel) = args.personnel.connect()? {
+        builder = builder.personnel(personnel);
+    }
+    let engine = builder.start().context("could not start the engine")?;
     if let Some(addr) = engine.grpc_addr() {
         tracing::info!(%addr, "Serving gRPC; try `grpcurl -plaintext {addr} spendflow.v1.Admin/GetStatus`.");
     }
@@ -588,8 +619,28 @@ fn generate(args: GenerateArgs) -> Result<()> {
     config.simulator.refund_rate = args.refund_rate;
     config.simulator.late_rate = args.late_rate;
     let stop = stop_signal()?;
+    let avatars = match args.avatars {
+        true => Some(start_avatars(
+            &config.mysql_url,
+            args.hdfs.as_deref(),
+            args.seed,
+            args.users,
+            Arc::clone(&stop),
+        )?),
+        false => None,
+    };
     let mut progress = TerminalProgress::new();
-    let summary = match spendflow_engine::generate::run(&config, &mut progress, &stop) {
+    let result = spendflow_engine::generate::run(&config, &mut progress, &stop);
+    if result.is_err() {
+        // The avatar thread waits for users the failed run may never write.
+        stop.store(true, Ordering::Relaxed);
+    }
+    let avatars = avatars.map(|thread| {
+        thread
+            .join()
+            .unwrap_or_else(|_| Err("the avatar thread panicked".into()))
+    });
+    let summary = match result {
         Ok(summary) => summary,
         Err(e) if e.is_retriable() => {
             return Err(anyhow::Error::new(e).context(
@@ -613,6 +664,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
         "  read it: spendflow run --input kafka:{} {input}",
         config.brokers
     );
+    if let Some(Err(e)) = avatars {
+        bail!("the records are written, but attaching avatars failed: {e}");
+    }
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! The `spendflow` binary: a thin command line over the `spendflow-engine` library.
 
 mod cli;
+mod cli_images;
 
 fn main() -> std::process::ExitCode {
     cli::main()

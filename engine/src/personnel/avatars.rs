@@ -41,27 +41,26 @@ pub async fn attach_generated_avatars(
     users: u64,
     stop: &AtomicBool,
 ) -> Result<AvatarSummary, PersonnelError> {
-    let results: Vec<Result<Option<Outcome>, PersonnelError>> =
-        futures::stream::iter(1..=users)
-            .map(|user_id| async move {
-                if stop.load(Ordering::Relaxed) {
-                    return Ok(None);
-                }
-                let Some(user) = personnel.user(user_id).await? else {
-                    return Ok(Some(Outcome::Missing));
-                };
-                if user.image.is_some() {
-                    return Ok(Some(Outcome::Skipped));
-                }
-                let png = avatar::avatar_png(seed, user_id);
-                personnel
-                    .put_image(user_id, ImageKind::Png.content_type(), png)
-                    .await?;
-                Ok(Some(Outcome::Uploaded))
-            })
-            .buffer_unordered(CONCURRENCY)
-            .collect()
-            .await;
+    let results: Vec<Result<Option<Outcome>, PersonnelError>> = futures::stream::iter(1..=users)
+        .map(|user_id| async move {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
+            let Some(user) = personnel.user(user_id).await? else {
+                return Ok(Some(Outcome::Missing));
+            };
+            if user.image.is_some() {
+                return Ok(Some(Outcome::Skipped));
+            }
+            let png = avatar::avatar_png(seed, user_id);
+            personnel
+                .put_image(user_id, ImageKind::Png.content_type(), png)
+                .await?;
+            Ok(Some(Outcome::Uploaded))
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
     let mut summary = AvatarSummary::default();
     for result in results {
         match result? {
@@ -105,4 +104,62 @@ pub async fn wait_for_user(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// The whole `--avatars` step, blocking (it runs beside `spendflow generate` on its own thread):
+/// connects to MySQL and HDFS (retrying while the generator creates the schema), waits until
+/// the generator has written user `users` (users are written before any record), then attaches
+/// the avatars. Gives up after `timeout` without users, or when `stop` is set.
+///
+/// # Errors
+///
+/// Bad settings, a service that fails for good, or no users within `timeout`.
+pub fn attach_when_ready(
+    config: &super::PersonnelConfig,
+    seed: u64,
+    users: u64,
+    timeout: Duration,
+    stop: &AtomicBool,
+) -> Result<AvatarSummary, PersonnelError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| PersonnelError::Unavailable {
+            service: "runtime".into(),
+            message: e.to_string(),
+            retriable: false,
+        })?;
+    let deadline = Instant::now() + timeout;
+    let personnel = loop {
+        match Personnel::connect(config) {
+            Ok(p) => break p,
+            // The database or its tables may not exist yet: the generator creates them.
+            Err(PersonnelError::Unavailable { .. }) if Instant::now() < deadline => {
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(AvatarSummary {
+                        stopped: true,
+                        ..AvatarSummary::default()
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    runtime.block_on(async {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if !wait_for_user(&personnel, users, left, stop).await? {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(AvatarSummary {
+                    stopped: true,
+                    ..AvatarSummary::default()
+                });
+            }
+            return Err(PersonnelError::NotFound(format!(
+                "user {users} did not appear in MySQL within {} s; avatars not attached",
+                timeout.as_secs()
+            )));
+        }
+        attach_generated_avatars(&personnel, seed, users, stop).await
+    })
 }
