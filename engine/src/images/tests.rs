@@ -1,1 +1,344 @@
 //! Unit tests of the image rules with the in-memory store.
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+
+use super::*;
+
+fn png_bytes(len: usize) -> Vec<u8> {
+    let mut v = avatar::PNG_SIGNATURE.to_vec();
+    v.extend((0..len.saturating_sub(8)).map(|i| (i % 251) as u8));
+    v
+}
+
+fn chunks_of(bytes: &[u8], size: usize) -> Vec<Result<Bytes, ImageError>> {
+    bytes
+        .chunks(size)
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect()
+}
+
+async fn store(
+    store: &MemoryImageStore,
+    declared: &str,
+    max: u64,
+    bytes: &[u8],
+) -> Result<ImageRef, ImageError> {
+    store_stream(
+        store,
+        declared,
+        max,
+        futures::stream::iter(chunks_of(bytes, 1000)),
+    )
+    .await
+}
+
+#[test]
+fn magic_bytes_decide_the_kind() {
+    assert_eq!(ImageKind::detect(&png_bytes(20)), Some(ImageKind::Png));
+    assert_eq!(
+        ImageKind::detect(&[0xFF, 0xD8, 0xFF, 0xE0, 0, 0x10]),
+        Some(ImageKind::Jpeg)
+    );
+    assert_eq!(
+        ImageKind::detect(b"RIFF\x24\0\0\0WEBPVP8 "),
+        Some(ImageKind::WebP)
+    );
+    assert_eq!(ImageKind::detect(b"RIFF\x24\0\0\0WAVEfmt "), None);
+    assert_eq!(ImageKind::detect(b"hello, this is text"), None);
+    assert_eq!(ImageKind::detect(b"GIF89a......"), None);
+    assert_eq!(ImageKind::detect(&[]), None);
+    assert_eq!(
+        ImageKind::from_content_type("IMAGE/PNG; q=1"),
+        Some(ImageKind::Png)
+    );
+    assert_eq!(ImageKind::from_content_type("image/gif"), None);
+}
+
+#[tokio::test]
+async fn text_named_png_is_refused_and_nothing_stays() {
+    let s = MemoryImageStore::new();
+    let err = store(
+        &s,
+        "image/png",
+        DEFAULT_MAX_BYTES,
+        b"just some text, not a picture\n",
+    )
+    .await
+    .unwrap_err();
+    match &err {
+        ImageError::Invalid { message } => {
+            assert!(message.contains("looks like text"), "{message}")
+        }
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+    assert!(s.list_blobs().await.unwrap().is_empty());
+    assert!(s.list_temp().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn declared_type_must_match_the_bytes() {
+    let s = MemoryImageStore::new();
+    let err = store(&s, "image/jpeg", DEFAULT_MAX_BYTES, &png_bytes(100))
+        .await
+        .unwrap_err();
+    let ImageError::Invalid { message } = err else {
+        panic!("expected Invalid");
+    };
+    assert!(message.contains("which is image/png"), "{message}");
+    let err = store(&s, "image/gif", DEFAULT_MAX_BYTES, &png_bytes(100))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ImageError::Invalid { .. }));
+    // Empty: the bytes decide.
+    let image = store(&s, "", DEFAULT_MAX_BYTES, &png_bytes(100))
+        .await
+        .unwrap();
+    assert_eq!(image.content_type, "image/png");
+    assert!(s.list_temp().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn size_limit_is_enforced_while_streaming() {
+    let s = MemoryImageStore::new();
+    let max = 10_000u64;
+    let pulled = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&pulled);
+    // An endless stream: only the limit can stop it.
+    let endless = futures::stream::iter(
+        std::iter::once(png_bytes(1000)).chain(std::iter::repeat(vec![7u8; 1000])),
+    )
+    .map(move |c| {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Ok(Bytes::from(c))
+    });
+    let err = store_stream(&s, "", max, endless).await.unwrap_err();
+    assert!(
+        matches!(err, ImageError::TooLarge { limit } if limit == max),
+        "{err:?}"
+    );
+    assert_eq!(pulled.load(Ordering::Relaxed), 11, "read past the limit");
+    assert!(s.list_temp().await.unwrap().is_empty());
+    assert!(s.list_blobs().await.unwrap().is_empty());
+    // Exactly at the limit is fine.
+    let image = store(&s, "", max, &png_bytes(max as usize)).await.unwrap();
+    assert_eq!(image.size, max);
+}
+
+#[tokio::test]
+async fn an_aborted_stream_leaves_nothing() {
+    let s = MemoryImageStore::new();
+    let items = vec![
+        Ok(Bytes::from(png_bytes(5000))),
+        Ok(Bytes::from(vec![1u8; 5000])),
+        Err(ImageError::Aborted {
+            message: "client went away".into(),
+        }),
+    ];
+    let err = store_stream(
+        &s,
+        "image/png",
+        DEFAULT_MAX_BYTES,
+        futures::stream::iter(items),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, ImageError::Aborted { .. }));
+    assert!(s.list_temp().await.unwrap().is_empty());
+    assert!(s.list_blobs().await.unwrap().is_empty());
+
+    // A pending upload dropped half-way (the request future cancelled) removes its file too.
+    let mut pending = s.begin().await.unwrap();
+    pending.write(Bytes::from(png_bytes(100))).await.unwrap();
+    assert_eq!(s.list_temp().await.unwrap().len(), 1);
+    drop(pending);
+    assert!(s.list_temp().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn content_addressed_and_deduplicated() {
+    let s = MemoryImageStore::new();
+    let bytes = png_bytes(3000);
+    let a = store(&s, "", DEFAULT_MAX_BYTES, &bytes).await.unwrap();
+    let b = store(&s, "image/png", DEFAULT_MAX_BYTES, &bytes)
+        .await
+        .unwrap();
+    assert_eq!(a, b);
+    assert_eq!(a.sha256, sha256_hex(&bytes));
+    assert!(is_sha256_hex(&a.sha256));
+    assert_eq!(
+        blob_path(&a.sha256),
+        format!("{}/{}", &a.sha256[..2], a.sha256)
+    );
+    assert_eq!(s.list_blobs().await.unwrap().len(), 1);
+    assert_eq!(s.read(&a.sha256).await.unwrap(), Some(bytes));
+    assert_eq!(
+        ImageRef::from_json(&a.to_json()).unwrap(),
+        a,
+        "the MySQL form round-trips"
+    );
+    assert!(
+        ImageRef::from_json("{\"sha256\":\"x\",\"content_type\":\"image/png\",\"size\":1}")
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn garbage_collection_keeps_referenced_and_young_blobs() {
+    let s = MemoryImageStore::new();
+    let kept = store(&s, "", DEFAULT_MAX_BYTES, &png_bytes(100))
+        .await
+        .unwrap();
+    let orphan = store(&s, "", DEFAULT_MAX_BYTES, &png_bytes(200))
+        .await
+        .unwrap();
+    let young = store(&s, "", DEFAULT_MAX_BYTES, &png_bytes(300))
+        .await
+        .unwrap();
+    let hour_ago = now_ms() - 3_600_000;
+    s.set_modified(&kept.sha256, hour_ago);
+    s.set_modified(&orphan.sha256, hour_ago);
+    let stale = s.begin().await.unwrap();
+    let stale_name = stale.temp_name().to_string();
+    std::mem::forget(stale); // a crashed upload: nobody removes it
+    s.set_temp_modified(&stale_name, hour_ago);
+    let _fresh = s.begin().await.unwrap();
+
+    let referenced: HashSet<String> = [kept.sha256.clone()].into();
+    let options = GcOptions {
+        blob_grace: Duration::from_secs(600),
+        temp_age: Duration::from_secs(600),
+        dry_run: true,
+    };
+    let dry = collect_garbage(&s, &referenced, options).await.unwrap();
+    assert_eq!(dry.removed_blobs, vec![orphan.sha256.clone()]);
+    assert_eq!(
+        s.list_blobs().await.unwrap().len(),
+        3,
+        "a dry run removes nothing"
+    );
+
+    let report = collect_garbage(
+        &s,
+        &referenced,
+        GcOptions {
+            dry_run: false,
+            ..options
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.blobs, 3);
+    assert_eq!(report.referenced, 1);
+    assert_eq!(report.removed_blobs, vec![orphan.sha256.clone()]);
+    assert_eq!(report.young_orphans, 1);
+    assert_eq!(report.removed_temp, vec![stale_name]);
+    assert_eq!(report.young_temp, 1);
+    let left: HashSet<String> = s
+        .list_blobs()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| b.sha256)
+        .collect();
+    assert_eq!(left, [kept.sha256, young.sha256].into());
+}
+
+#[tokio::test]
+async fn reusing_a_blob_refreshes_its_time() {
+    let s = MemoryImageStore::new();
+    let bytes = png_bytes(100);
+    let image = store(&s, "", DEFAULT_MAX_BYTES, &bytes).await.unwrap();
+    s.set_modified(&image.sha256, 1);
+    store(&s, "", DEFAULT_MAX_BYTES, &bytes).await.unwrap();
+    let info = s.stat(&image.sha256).await.unwrap().unwrap();
+    assert!(
+        info.modified_ms > 1,
+        "an upload of existing bytes must refresh the blob for gc"
+    );
+}
+
+/// Walks a PNG's chunks, checking each CRC; returns `(type, data)` in order.
+fn png_chunks(png: &[u8]) -> Vec<([u8; 4], Vec<u8>)> {
+    assert_eq!(&png[..8], &avatar::PNG_SIGNATURE);
+    let mut out = Vec::new();
+    let mut at = 8;
+    while at < png.len() {
+        let len = u32::from_be_bytes(png[at..at + 4].try_into().unwrap()) as usize;
+        let kind: [u8; 4] = png[at + 4..at + 8].try_into().unwrap();
+        let data = png[at + 8..at + 8 + len].to_vec();
+        let crc = u32::from_be_bytes(png[at + 8 + len..at + 12 + len].try_into().unwrap());
+        let mut h = crc32fast::Hasher::new();
+        h.update(&kind);
+        h.update(&data);
+        assert_eq!(
+            h.finalize(),
+            crc,
+            "bad CRC in {}",
+            String::from_utf8_lossy(&kind)
+        );
+        out.push((kind, data));
+        at += 12 + len;
+    }
+    assert_eq!(at, png.len());
+    out
+}
+
+#[test]
+fn avatars_are_valid_deterministic_symmetric_pngs() {
+    let png = avatar::avatar_png(42, 7);
+    assert_eq!(png, avatar::avatar_png(42, 7));
+    assert_ne!(png, avatar::avatar_png(42, 8));
+    assert_ne!(png, avatar::avatar_png(43, 7));
+    assert_eq!(ImageKind::detect(&png), Some(ImageKind::Png));
+
+    let chunks = png_chunks(&png);
+    let kinds: Vec<&[u8; 4]> = chunks.iter().map(|(k, _)| k).collect();
+    assert_eq!(kinds, [b"IHDR", b"PLTE", b"IDAT", b"IEND"]);
+    let ihdr = &chunks[0].1;
+    let w = u32::from_be_bytes(ihdr[0..4].try_into().unwrap());
+    let h = u32::from_be_bytes(ihdr[4..8].try_into().unwrap());
+    assert_eq!((w, h), (avatar::SIZE_PX, avatar::SIZE_PX));
+    assert_eq!(&ihdr[8..], &[8, 3, 0, 0, 0]);
+    assert_eq!(chunks[1].1.len(), 6, "two palette entries");
+
+    let mut raw = Vec::new();
+    flate2::read::ZlibDecoder::new(&chunks[2].1[..])
+        .read_to_end(&mut raw)
+        .unwrap();
+    assert_eq!(raw.len(), (h * (w + 1)) as usize);
+    let rows: Vec<&[u8]> = raw.chunks(w as usize + 1).collect();
+    let mut coloured = 0;
+    for row in &rows {
+        assert_eq!(row[0], 0, "filter type none");
+        let px = &row[1..];
+        assert!(px.iter().all(|&p| p <= 1), "index within the palette");
+        let mirrored: Vec<u8> = px.iter().rev().copied().collect();
+        assert_eq!(px, &mirrored[..], "left-right symmetric");
+        coloured += px.iter().filter(|&&p| p == 1).count();
+    }
+    assert!(coloured > 0, "never an empty pattern");
+}
+
+#[test]
+fn hdfs_urls_parse_with_a_root() {
+    let c = HdfsImageConfig::from_url("hdfs://127.0.0.1:9000").unwrap();
+    assert_eq!(
+        (c.url.as_str(), c.root.as_str()),
+        ("hdfs://127.0.0.1:9000", config::DEFAULT_ROOT)
+    );
+    let c = HdfsImageConfig::from_url("hdfs://nn:9000/a/b/").unwrap();
+    assert_eq!(
+        (c.url.as_str(), c.root.as_str()),
+        ("hdfs://nn:9000", "/a/b")
+    );
+    assert!(HdfsImageConfig::from_url("http://nn:9000").is_err());
+    assert!(HdfsImageConfig::from_url("hdfs://nn:9000/a/../b").is_err());
+    assert!(HdfsImageConfig::from_url("hdfs:///x").is_err());
+}
