@@ -6,9 +6,9 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use spendflow_proto::v1 as pb;
 use spendflow_proto::v1::personnel_server::{Personnel as PersonnelRpc, PersonnelServer};
 use spendflow_proto::v1::upload_image_request::Part;
@@ -20,6 +20,64 @@ use crate::personnel::{Personnel, PersonnelError, UserDetails};
 
 /// Largest message of an upload stream: a 1 MiB chunk and some framing.
 pub const MAX_UPLOAD_MESSAGE_BYTES: usize = 1024 * 1024 + 1024;
+
+/// Longest wait for the next message of an upload: a client that stalls longer is dropped and
+/// its temporary file removed (it may retry).
+pub const UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The chunks of an upload stream as the image store takes them: a second header, a failed
+/// stream, a stall longer than `idle` or (when `declared` is not 0) a total other than
+/// `declared` bytes is an error, so a truncated upload is never stored.
+fn upload_chunks(
+    stream: Streaming<pb::UploadImageRequest>,
+    declared: u64,
+    idle: Duration,
+) -> impl Stream<Item = Result<Bytes, ImageError>> + Send {
+    futures::stream::unfold(Some((stream, 0u64)), move |state| async move {
+        let (mut stream, received) = state?;
+        let message = match tokio::time::timeout(idle, stream.message()).await {
+            Err(_) => {
+                return Some((
+                    Err(ImageError::Aborted {
+                        message: format!("no data for {} s after {received} bytes", idle.as_secs()),
+                    }),
+                    None,
+                ));
+            }
+            Ok(message) => message,
+        };
+        let item = match message {
+            Ok(Some(pb::UploadImageRequest {
+                part: Some(Part::Chunk(chunk)),
+            })) => {
+                let received = received + chunk.len() as u64;
+                if declared != 0 && received > declared {
+                    Err(ImageError::Invalid {
+                        message: format!("the header declared {declared} bytes, but more arrived"),
+                    })
+                } else {
+                    return Some((Ok(Bytes::from(chunk)), Some((stream, received))));
+                }
+            }
+            Ok(Some(_)) => Err(ImageError::Invalid {
+                message: "only the first UploadImage message may be a header; every later one \
+                          must be a chunk"
+                    .into(),
+            }),
+            Ok(None) if declared != 0 && received != declared => Err(ImageError::Invalid {
+                message: format!(
+                    "the stream ended after {received} of the {declared} bytes the header \
+                     declared; nothing was stored"
+                ),
+            }),
+            Ok(None) => return None,
+            Err(e) => Err(ImageError::Aborted {
+                message: format!("the client's stream failed: {}", e.message()),
+            }),
+        };
+        Some((item, None))
+    })
+}
 
 /// Answers `Personnel`, or `FAILED_PRECONDITION` when none is configured.
 #[derive(Debug, Clone)]
@@ -145,19 +203,7 @@ impl PersonnelRpc for PersonnelService {
             .map_err(|e| status(PersonnelError::from(e)))?;
         personnel.require_user(id).await.map_err(status)?;
 
-        let chunks = stream.map(|message| match message {
-            Ok(pb::UploadImageRequest {
-                part: Some(Part::Chunk(chunk)),
-            }) => Ok(Bytes::from(chunk)),
-            Ok(_) => Err(ImageError::Invalid {
-                message: "only the first UploadImage message may be a header; every later \
-                          one must be a chunk"
-                    .into(),
-            }),
-            Err(e) => Err(ImageError::Aborted {
-                message: format!("the client's stream failed: {}", e.message()),
-            }),
-        });
+        let chunks = upload_chunks(stream, header.size, UPLOAD_IDLE_TIMEOUT);
         let image = personnel
             .upload(id, &header.content_type, chunks)
             .await
