@@ -36,8 +36,26 @@ pub struct EngineProcess {
 impl EngineProcess {
     /// Starts `bin run ARGS --grpc 127.0.0.1:<free port>`, stderr to `log`.
     pub fn start(bin: &Path, args: &[String], log: &Path) -> Result<Self> {
+        Self::start_under(&[], bin, args, log)
+    }
+
+    /// The same, run by `wrapper` (e.g. `perf record ... --`); then [`EngineProcess::pid`]
+    /// is the wrapper's.
+    pub fn start_under(
+        wrapper: &[String],
+        bin: &Path,
+        args: &[String],
+        log: &Path,
+    ) -> Result<Self> {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let mut command = Command::new(bin);
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
         command
             .arg("run")
             .args(args)

@@ -771,6 +771,7 @@ impl EngineCtx<'_> {
         let (args, keyspace) = self.prepare(sink, &tag)?;
         let broker_cpu = self.broker.and_then(util::cpu_secs);
         let cassandra_cpu = self.cassandra.and_then(util::cpu_secs);
+        let machine = util::machine_ticks();
         let mut engine = EngineProcess::start(self.spendflow, &args, &log)?;
         let caught = catch_up(&mut engine, keyspace.as_ref(), s.events, self.timeout)
             .with_context(|| format!("engine log: {}", log.display()))?;
@@ -810,10 +811,10 @@ impl EngineCtx<'_> {
         }
         f.cores.push(cpu / wall);
         f.broker_cores.extend(used(self.broker, broker_cpu));
-        if sink {
-            f.cassandra_cores
-                .extend(used(self.cassandra, cassandra_cpu));
-        }
+        f.cassandra_cores
+            .extend(used(self.cassandra, cassandra_cpu));
+        f.machine_busy
+            .extend(util::machine_busy(machine, util::machine_ticks()).map(|b| b * 100.0));
         f.rss_mib.push(rss as f64 / 1024.0);
         if run == 0 {
             let served = engine.user_totals()?;
@@ -963,20 +964,20 @@ fn profile_catchup(
 ) -> Result<Profile> {
     let data = work.join(format!("perf-{layout}.data"));
     let log = work.join(format!("engine-{layout}-perf.log"));
-    let mut engine = EngineProcess::start(spendflow, engine_args, &log)?;
-    let mut perf = Command::new("perf")
-        .args(["record", "-g", "-F", "499", "-o"])
-        .arg(&data)
-        .args(["-p", &engine.pid().to_string()])
+    Command::new("perf")
+        .arg("--version")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("start `perf record` (is perf installed?)")?;
+        .status()
+        .context("`perf` is needed for --profile (apt-get install linux-perf)")?;
+    // perf starts the engine, so every thread it ever has is sampled; SIGTERM to the process
+    // group stops the engine, and perf then writes its file.
+    let wrapper: Vec<String> = ["perf", "record", "-g", "-F", "499", "-o"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([data.display().to_string(), "--".into()])
+        .collect();
+    let mut engine = EngineProcess::start_under(&wrapper, spendflow, engine_args, &log)?;
     let result = engine.wait_caught_up(records, timeout);
-    let _ = Command::new("kill")
-        .args(["-INT", &perf.id().to_string()])
-        .status();
-    let _ = perf.wait();
     engine.stop();
     result?;
     let report = |sort: &str| -> Result<String> {
@@ -990,21 +991,22 @@ fn profile_catchup(
                 "-g",
                 "none",
             ])
-            .args(["--percent-limit", "1", "-i"])
+            .args(["--percent-limit", if sort == "comm" { "1" } else { "0.7" }])
+            .arg("-i")
             .arg(&data)
             .output()
             .context("perf report")?;
         Ok(String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-            .take(25)
+            .take(30)
             .map(|l| l.trim_end().trim_end_matches(['-', ' ']).to_string())
             .collect::<Vec<_>>()
             .join("\n"))
     };
     let profile = Profile {
         by_thread: report("comm")?,
-        by_symbol: report("symbol")?,
+        by_symbol: report("comm,symbol")?,
     };
     let _ = std::fs::remove_file(&data);
     say(format!("[{layout}] profile:\n{}", profile.by_thread));

@@ -43,6 +43,7 @@ pub struct EngineFigures {
     pub cores: Vec<f64>,
     pub broker_cores: Vec<f64>,
     pub cassandra_cores: Vec<f64>,
+    pub machine_busy: Vec<f64>,
     pub rss_mib: Vec<f64>,
     pub fresh: Vec<Freshness>,
     pub cass_fresh: Vec<Freshness>,
@@ -500,14 +501,18 @@ impl Report {
             &f.broker_cores,
             2,
         );
-        if sink {
-            row(
-                w,
-                &format!("{who}: Cassandra CPU during catch-up (cores)"),
-                &f.cassandra_cores,
-                2,
-            );
-        }
+        row(
+            w,
+            &format!("{who}: Cassandra CPU during catch-up (cores)"),
+            &f.cassandra_cores,
+            2,
+        );
+        row(
+            w,
+            &format!("{who}: whole machine CPU busy during catch-up (%)"),
+            &f.machine_busy,
+            0,
+        );
         row(
             w,
             &format!("{who}: freshness p50, produce → gRPC Subscribe (ms)"),
@@ -762,7 +767,7 @@ impl Report {
                 let _ = writeln!(w, "Samples by thread:\n\n```\n{}\n```\n", p.by_thread);
                 let _ = writeln!(
                     w,
-                    "Top symbols (self time, ≥ 1 %):\n\n```\n{}\n```",
+                    "Top symbols by thread (self time, ≥ 0.7 %):\n\n```\n{}\n```",
                     p.by_symbol
                 );
             }
