@@ -78,7 +78,8 @@ fn quick_run_writes_every_figure_and_ratio() {
         results.lines().any(|l| l == "spendflow/Spark: n/a"),
         "the skipped baseline must show as n/a:\n{results}"
     );
-    // Both layouts ran, and the engine's answer matched the fold in each.
+    // Both layouts ran, and the engine's answer matched the fold in each, without and with the
+    // Cassandra sink.
     for layout in ["keyed", "per-user"] {
         assert!(
             results.contains(&format!("## Results: {layout} layout")),
@@ -87,8 +88,9 @@ fn quick_run_writes_every_figure_and_ratio() {
     }
     assert_eq!(
         results.matches("equal for all").count(),
-        2,
-        "the served state must equal the HashMap fold in both layouts:\n{results}"
+        4,
+        "the served state must equal the HashMap fold in both layouts and both engine \
+         configurations:\n{results}"
     );
     assert!(
         !results.contains("MISMATCH"),

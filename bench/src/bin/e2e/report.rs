@@ -749,6 +749,11 @@ impl Report {
             Self::ratio_text(ratios[1].1),
             verdict(ratios[1].1.map(|v| v >= 0.5))
         );
+        let _ = writeln!(
+            w,
+            "\nWhere a target is missed, `bench/README.md` (\"End-to-end results and where the time \
+             goes\") has the analysis: profiles, off-CPU time, experiments and fixes."
+        );
     }
 
     fn render_profile(&self, w: &mut String) {
