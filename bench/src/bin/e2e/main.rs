@@ -749,6 +749,7 @@ impl EngineCtx<'_> {
                 Some(Keyspace {
                     cql: cql.clone(),
                     name: name.clone(),
+                    checkpoints: self.work.join(format!("checkpoints-{name}")),
                 })
             }
             _ => None,
@@ -850,14 +851,17 @@ impl EngineCtx<'_> {
 /// How often the marker user's Cassandra row is read during the freshness windows.
 const CASSANDRA_POLL: Duration = Duration::from_millis(5);
 
-/// A keyspace of the run, dropped when the guard is.
+/// A keyspace of the run and the engine's checkpoint directory beside it, both removed when
+/// the guard is dropped (checkpoints are hundreds of MB; the logs stay for a failed run).
 struct Keyspace {
     cql: cassandra::Cql,
     name: String,
+    checkpoints: PathBuf,
 }
 
 impl Drop for Keyspace {
     fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.checkpoints);
         if let Err(e) = self.cql.drop_keyspace(&self.name) {
             say(format!("could not drop keyspace {}: {e:#}", self.name));
         }
