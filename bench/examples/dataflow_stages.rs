@@ -13,7 +13,7 @@
 //! Stages, each including the ones before it:
 //!
 //! * `input`: the input session and progress tracking only.
-//! * `upsert`: plus `upsert_by_expense` (exchange by `expense_id`, the last-value hash map).
+//! * `upsert`: plus `upsert_by_expense` (exchange by `(user_id, expense_id)`, the last-value hash map).
 //! * `last_seen`: plus `last_seen_by_user` (exchange by user, per-user multiset of event times).
 //! * `preagg`: plus each epoch's cell contributions summed in a hash map per worker (a copy of
 //!   what `aggregate_cells` does before its arrangement), not arranged.

@@ -266,6 +266,11 @@ impl Engine {
                 .map(|c| Duration::from_millis(c.interval_ms)),
         );
         let mut shared = Shared::new(workers, clock, dead_letters);
+        if config.sink.is_some() {
+            // What an earlier run wrote may be ahead of its checkpoint (and of its committed
+            // progress): re-read input must rewrite every cell it touches.
+            shared = shared.with_replay();
+        }
         let restored_epoch = restored.as_ref().map(|c| c.epoch);
         if let Some(restored) = restored {
             shared = shared.restore_from(restored);

@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
+use spendflow_operators::aggregate::ReplayTouch;
 use spendflow_operators::decode::decode;
 use spendflow_operators::runtime::WorkerContext;
 use spendflow_operators::{ClosedEpoch, Epoch, RejectReason, Rejection};
@@ -169,6 +170,9 @@ pub struct WorkerStatus {
     pub idle: AtomicBool,
     /// Partition positions after the last poll.
     pub partitions: std::sync::Mutex<Vec<PartitionPosition>>,
+    /// Set the first time every source of this worker had nothing more (see
+    /// [`Shared::replay`]).
+    pub was_idle: AtomicBool,
 }
 
 /// State shared by the workers, the publisher and the services.
@@ -192,6 +196,13 @@ pub struct Shared {
     /// The checkpoint to restore, until every worker has pushed its share of it.
     restore: std::sync::Mutex<Option<Arc<Checkpoint>>>,
     restore_pending: std::sync::atomic::AtomicUsize,
+    /// The replay epochs, in which the dataflow reports every cell the input touched so the
+    /// durable sink rewrites it (see `spendflow_operators::aggregate`). With a durable sink,
+    /// a start is a replay until every worker has once read all its sources had: the previous
+    /// run cannot have read (and written) anything beyond that. Without one, there is none.
+    pub replay: ReplayTouch,
+    /// Workers that have been idle at least once.
+    workers_were_idle: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -207,6 +218,33 @@ impl Shared {
             fatal: std::sync::Mutex::new(None),
             restore: std::sync::Mutex::new(None),
             restore_pending: std::sync::atomic::AtomicUsize::new(workers),
+            replay: ReplayTouch::default(),
+            workers_were_idle: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// Treats the start as a replay (for a durable sink; see [`Shared::replay`]), from the
+    /// clock's first epoch on.
+    pub fn with_replay(mut self) -> Self {
+        self.replay = ReplayTouch::until_told(self.clock.current());
+        self
+    }
+
+    /// Notes that `worker`'s sources had nothing more; the last worker to get there for the
+    /// first time ends the replay at the epoch being read now. Every record any worker read
+    /// before is in that epoch or an earlier one.
+    fn note_idle(&self, worker: usize) {
+        if !self.workers[worker].was_idle.swap(true, Ordering::AcqRel)
+            && self.workers_were_idle.fetch_add(1, Ordering::AcqRel) + 1 == self.workers.len()
+        {
+            let last = self.clock.current();
+            if self.replay.until() == Epoch::MAX {
+                tracing::info!(
+                    epoch = last,
+                    "Replay done: every source has been read to where it stood at start."
+                );
+            }
+            self.replay.end_at(last);
         }
     }
 
@@ -313,7 +351,7 @@ pub fn run_worker(
 ) {
     let index = ctx.index();
     let status = &shared.workers[index];
-    let mut dataflow = ctx.build_dataflow();
+    let mut dataflow = ctx.build_dataflow_with_replay(shared.replay.clone());
     let mut batch: Vec<SourceRecord> = Vec::with_capacity(POLL_BATCH);
     // (last epoch closed by an advance, positions then, records read then), oldest first.
     let mut closes: VecDeque<(Epoch, Arc<Vec<PartitionPosition>>, u64)> = VecDeque::new();
@@ -460,6 +498,9 @@ pub fn run_worker(
             }
             last_busy = busy;
             status.idle.store(!busy, Ordering::Release);
+            if !busy {
+                shared.note_idle(index);
+            }
         }
 
         // 3. Cut epochs.

@@ -45,8 +45,16 @@ impl Fixture {
             r#"{"expense_id":"d1","user_id":4,"op":"delete"}"#.to_string(),
             record("a4", 1, "travel", "KLM", -5_000, "2026-11-05T08:00:00Z"),
             // Malformed: a float amount and broken JSON.
-            record("x1", 1, "groceries", "Tesco", 0, "2026-11-01T10:00:00Z")
-                .replace(":0,", ":12.5,"),
+            // (Its names appear nowhere else: a rejected record must not intern them.)
+            record(
+                "x1",
+                1,
+                "rejected only",
+                "Rejected Only",
+                0,
+                "2026-11-01T10:00:00Z",
+            )
+            .replace(":0,", ":12.5,"),
             "{not json".to_string(),
         ];
         for r in records {
@@ -293,6 +301,15 @@ fn admin_reports_counts_and_rejections() {
     assert_eq!(status.workers, 2);
     assert_eq!(status.users, 4);
     assert_eq!(status.live_expenses, 7);
+    // groceries, travel, fuel, Tesco, Aldi, KLM, Shell (other tests in this process add more),
+    // and never the names of the rejected record.
+    assert!(status.interned_names >= 7, "{}", status.interned_names);
+    assert!(
+        !spendflow_operators::Name::interned()
+            .iter()
+            .any(|n| n.starts_with("Rejected Only") || n.starts_with("rejected only")),
+        "a rejected record's names were interned"
+    );
     let input = status
         .partitions
         .iter()

@@ -258,3 +258,64 @@ fn regex_escape(text: &str) -> String {
         .flat_map(|c| if c == '.' { vec!['\\', '.'] } else { vec![c] })
         .collect()
 }
+
+/// An expense is `(user_id, expense_id)`: a record in user 99's topic that reuses user 5's
+/// `expense_id` (a delete, then an upsert) is about user 99's own expense, and leaves user 5's
+/// totals alone.
+#[test]
+fn one_users_records_never_change_another_users_expense() {
+    let brokers = service_env("SPENDFLOW_KAFKA");
+    let prefix = format!("{}.user.", unique_name("sf_it_owner"));
+    let dlq = unique_name("sf_it_owner_dlq");
+    let (victim, intruder) = (5u64, 99u64);
+    create_topics(
+        &brokers,
+        &[
+            (format!("{prefix}{victim}"), 1),
+            (format!("{prefix}{intruder}"), 1),
+        ],
+    );
+    let record = |user: u64, op: &str, amount: i64| {
+        format!(
+            r#"{{"expense_id":"shared-id","user_id":{user},"merchant":"Tesco","category":"groceries","amount_minor":{amount},"currency":"EUR","event_time":"2026-11-24T10:15:00Z","op":"{op}"}}"#
+        )
+    };
+    let producer = producer(&brokers);
+    send(
+        &producer,
+        &format!("{prefix}{victim}"),
+        None,
+        record(victim, "upsert", 4_200).as_bytes(),
+    );
+    producer.flush(Duration::from_secs(10)).unwrap();
+    let mut source = KafkaSourceConfig::pattern(&brokers, format!("{}.*", regex_escape(&prefix)));
+    source.user_topic_prefix = prefix.clone();
+    let engine = engine(source, 2, &dlq);
+    wait_for(&engine, 1);
+    for (op, amount) in [("delete", 0), ("upsert", 7)] {
+        send(
+            &producer,
+            &format!("{prefix}{intruder}"),
+            None,
+            record(intruder, op, amount).as_bytes(),
+        );
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+    wait_for(&engine, 3);
+
+    let snapshot = engine.read_model().snapshot();
+    let victim_now = snapshot.user(victim).expect("user 5 keeps their expense");
+    assert_eq!(
+        (victim_now.total_minor, victim_now.expense_count),
+        (4_200, 1)
+    );
+    let intruder_now = snapshot
+        .user(intruder)
+        .expect("user 99 has their own expense");
+    assert_eq!(
+        (intruder_now.total_minor, intruder_now.expense_count),
+        (7, 1)
+    );
+    assert_eq!(engine.status().records_rejected, 0);
+    engine.shutdown().unwrap();
+}

@@ -16,6 +16,17 @@
 //! All cells live in one arrangement keyed by [`AggKey`], whose hash is the user id, so the
 //! arrangement exchanges by user and one sort serves every aggregate.
 //!
+//! **Replays touch every cell they pass.** Within an epoch, changes of a cell can cancel out
+//! (an insert and a delete of the same expense, or two expenses whose amounts offset): nothing
+//! then leaves the pre-aggregation, which is right for an engine that has published every
+//! earlier epoch. After a crash it is not: the durable sink may hold the cell as an earlier run
+//! wrote it *between* those changes (the insert written, the delete not yet), and a replay that
+//! reads both into one epoch would never correct it. So during replay epochs (before
+//! [`ReplayTouch::until`], set by the engine until its sources have passed everything the
+//! previous run can have read) the pre-aggregation also reports every cell it touched
+//! ([`CapturedTouches`]), and the worker turns each into a zero change: "write this cell's
+//! current value", or delete it if it has no live expense.
+//!
 //! A user's last event time is no sum (a delete of the newest expense must reveal the one
 //! before), so it is not a cell: [`LastSeenByUser`] keeps each user's multiset of live event
 //! times in an ordered map, on the worker that owns the user, and reports the newest time of
@@ -24,16 +35,19 @@
 //! throughput in measurements, and made the pre-aggregation above a net loss.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use ahash::RandomState;
 
 use differential_dataflow::VecCollection;
 use differential_dataflow::collection::AsCollection;
 use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
 use differential_dataflow::trace::cursor::{Cursor, Navigable};
 use differential_dataflow::trace::implementations::KeySpine;
-use rustc_hash::FxHashMap;
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::Stream;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
@@ -49,15 +63,89 @@ pub type CellTrace = TraceAgent<KeySpine<AggKey, Epoch, CountSum>>;
 /// Changes of cells captured from the arrangement's output, with their epochs.
 pub type CapturedChanges = Rc<RefCell<Vec<(AggKey, Epoch, CountSum)>>>;
 
+/// Cells touched in replay epochs, with their epochs, captured by the pre-aggregation.
+pub type CapturedTouches = Rc<RefCell<Vec<(AggKey, Epoch)>>>;
+
+/// Maps keyed by input-chosen keys (users, cells) hash with a per-process random seed, so an
+/// input cannot aim many keys at one bucket (see the criterion bench `hashers`).
+type SeededMap<K, V> = HashMap<K, V, RandomState>;
+
+/// The replay epochs: every epoch from [`ReplayTouch::from`] and before [`ReplayTouch::until`]
+/// reports the cells it touched, even where their changes cancel (see the module docs). Shared
+/// by all workers of a process; none by default, all from an epoch on until further notice with
+/// [`ReplayTouch::until_told`].
+///
+/// The upper bound only ever moves from "every epoch" down to one fixed epoch, and the engine
+/// sets it only once every worker has read past the replayed input, so no epoch holding
+/// replayed records can close without touching.
+#[derive(Clone, Debug)]
+pub struct ReplayTouch {
+    from: Epoch,
+    until: Arc<AtomicU64>,
+}
+
+impl Default for ReplayTouch {
+    fn default() -> Self {
+        ReplayTouch {
+            from: 0,
+            until: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+impl ReplayTouch {
+    /// Every epoch from `from` on is a replay epoch until [`ReplayTouch::end_at`] says
+    /// otherwise. (A restored checkpoint's own epoch comes before `from`: it changes every
+    /// cell it holds anyway.)
+    pub fn until_told(from: Epoch) -> Self {
+        ReplayTouch {
+            from,
+            until: Arc::new(AtomicU64::new(Epoch::MAX)),
+        }
+    }
+
+    /// The first replay epoch.
+    pub fn from(&self) -> Epoch {
+        self.from
+    }
+
+    /// The first epoch after the replay (`Epoch::MAX` while not known yet; at most `from`
+    /// when there is none).
+    pub fn until(&self) -> Epoch {
+        self.until.load(Ordering::Acquire)
+    }
+
+    /// True if `epoch` is a replay epoch.
+    pub fn covers(&self, epoch: Epoch) -> bool {
+        epoch >= self.from && epoch < self.until()
+    }
+
+    /// The replay ends with `last`: later epochs report only real changes. Only ever lowers
+    /// the bound (a later call with a larger epoch changes nothing).
+    pub fn end_at(&self, last: Epoch) {
+        self.until
+            .fetch_min(last.saturating_add(1), Ordering::AcqRel);
+    }
+}
+
 /// Arranges live facts into aggregate cells.
 pub trait AggregateCells<'scope> {
-    /// Explodes each fact into its cells, sums them per epoch, and arranges them by cell; see
-    /// the module docs.
-    fn aggregate_cells(self) -> Arranged<'scope, CellTrace>;
+    /// Explodes each fact into its cells, sums them per epoch, and arranges them by cell; in
+    /// the replay epochs of `replay`, also appends every touched cell to `touched`. See the
+    /// module docs.
+    fn aggregate_cells(
+        self,
+        replay: ReplayTouch,
+        touched: CapturedTouches,
+    ) -> Arranged<'scope, CellTrace>;
 }
 
 impl<'scope> AggregateCells<'scope> for VecCollection<'scope, Epoch, Fact, i64> {
-    fn aggregate_cells(self) -> Arranged<'scope, CellTrace> {
+    fn aggregate_cells(
+        self,
+        replay: ReplayTouch,
+        touched: CapturedTouches,
+    ) -> Arranged<'scope, CellTrace> {
         self.inner
             .unary_frontier::<CapacityContainerBuilder<Vec<(AggKey, Epoch, CountSum)>>, _, _, _>(
                 Pipeline,
@@ -66,10 +154,10 @@ impl<'scope> AggregateCells<'scope> for VecCollection<'scope, Epoch, Fact, i64> 
                     // Per open epoch: a capability to send at it, and the running sums.
                     let mut open: BTreeMap<
                         Epoch,
-                        (Capability<Epoch>, FxHashMap<FullKey, CountSum>),
+                        (Capability<Epoch>, SeededMap<FullKey, CountSum>),
                     > = BTreeMap::new();
                     // Emptied maps of closed epochs, kept for their capacity.
-                    let mut spare: Vec<FxHashMap<FullKey, CountSum>> = Vec::new();
+                    let mut spare: Vec<SeededMap<FullKey, CountSum>> = Vec::new();
                     move |(input, frontier), output| {
                         input.for_each(|capability, data| {
                             for (fact, time, diff) in data.drain(..) {
@@ -93,6 +181,11 @@ impl<'scope> AggregateCells<'scope> for VecCollection<'scope, Epoch, Fact, i64> 
                                 break;
                             }
                             let (time, (capability, mut sums)) = entry.remove_entry();
+                            if replay.covers(time) {
+                                touched
+                                    .borrow_mut()
+                                    .extend(sums.keys().map(|FullKey(key)| (*key, time)));
+                            }
                             let mut session = output.session(&capability);
                             session.give_iterator(
                                 sums.drain()
@@ -145,7 +238,7 @@ impl<'scope> LastSeenByUser<'scope> for VecCollection<'scope, Epoch, Fact, i64> 
                 "LastSeenByUser",
                 |_capability, _info| {
                     // user -> (event_ms -> live expenses at that time).
-                    let mut times: FxHashMap<UserId, BTreeMap<i64, i64>> = FxHashMap::default();
+                    let mut times: SeededMap<UserId, BTreeMap<i64, i64>> = SeededMap::default();
                     // Changes of epochs not yet closed, applied in epoch order once they are.
                     let mut open: BTreeMap<Epoch, (Capability<Epoch>, Vec<(UserId, i64, i64)>)> =
                         BTreeMap::new();

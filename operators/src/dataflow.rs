@@ -1,7 +1,7 @@
 //! The whole expense dataflow on one worker, and how it is driven.
 //!
 //! ```text
-//! push(Record) ──> Instruction ──(exchange by expense_id)──> UpsertByExpense ──> live facts
+//! push(Record) ──> Instruction ──(exchange by user_id, expense_id)──> UpsertByExpense ──> live facts
 //!     ├──> AggregateCells ──(exchange by user_id)──> arrangement of AggKey -> (count, sum)
 //!     │        ──> CaptureChanges ──> probe
 //!     └──(exchange by user_id)──> LastSeenByUser ──> probe
@@ -24,7 +24,8 @@ use timely::worker::Worker;
 
 use crate::Epoch;
 use crate::aggregate::{
-    AggregateCells, CapturedChanges, CapturedLastSeen, LastSeenByUser, capture_changes,
+    AggregateCells, CapturedChanges, CapturedLastSeen, CapturedTouches, LastSeenByUser,
+    ReplayTouch, capture_changes,
 };
 use crate::model::Fact;
 use crate::model::{CellChange, LastSeen, Record};
@@ -35,7 +36,9 @@ use crate::upsert::{Instruction, LiveSnapshot, UpsertByExpense, UpsertSnapshots}
 pub struct ClosedEpoch {
     /// The epoch. Every earlier epoch is closed too.
     pub epoch: Epoch,
-    /// Consolidated, non-zero changes of aggregate cells (never `Seen` cells), sorted by key.
+    /// Consolidated changes of aggregate cells, sorted by key: non-zero, except in replay
+    /// epochs, where a cell the epoch touched but did not change has a zero change ("write its
+    /// current value"; see `aggregate`'s module docs).
     pub cells: Vec<CellChange>,
     /// Users whose last event time changed in this epoch, with the new value; sorted by user.
     pub last_seen: Vec<LastSeen>,
@@ -53,6 +56,7 @@ pub struct ExpenseDataflow {
     input: InputSession<Epoch, Instruction, i64>,
     probe: ProbeHandle<Epoch>,
     captured: CapturedChanges,
+    touched: CapturedTouches,
     last_seen: CapturedLastSeen,
     snapshots: UpsertSnapshots,
     /// The epoch through which changes were last drained, if any.
@@ -63,7 +67,14 @@ impl ExpenseDataflow {
     /// Builds the dataflow on `worker`. Every worker of a computation must build it, in the
     /// same order relative to other dataflows.
     pub fn new(worker: &mut Worker) -> Self {
+        Self::with_replay(worker, ReplayTouch::default())
+    }
+
+    /// Like [`ExpenseDataflow::new`], reporting the cells touched in the replay epochs of
+    /// `replay` as zero changes (an engine with a durable sink, after a restart).
+    pub fn with_replay(worker: &mut Worker, replay: ReplayTouch) -> Self {
         let captured = CapturedChanges::default();
+        let touched = CapturedTouches::default();
         let last_seen = CapturedLastSeen::default();
         let snapshots = UpsertSnapshots::default();
         let probe = ProbeHandle::new();
@@ -74,7 +85,7 @@ impl ExpenseDataflow {
                 .clone()
                 .last_seen_by_user(last_seen.clone())
                 .probe_with(&probe);
-            let cells = facts.aggregate_cells();
+            let cells = facts.aggregate_cells(replay, touched.clone());
             capture_changes(&cells, captured.clone()).probe_with(&probe);
             // The trace handle is dropped here: nobody reads the arrangement but the capture.
             input
@@ -83,6 +94,7 @@ impl ExpenseDataflow {
             input,
             probe,
             captured,
+            touched,
             last_seen,
             snapshots,
             drained_through: None,
@@ -93,6 +105,7 @@ impl ExpenseDataflow {
     pub fn push_live(&mut self, expense_id: String, fact: Fact) {
         self.input.update(
             Instruction {
+                user_id: fact.user_id,
                 expense_id,
                 fact: Some(fact),
             },
@@ -173,18 +186,32 @@ impl ExpenseDataflow {
             *captured = later;
             now
         };
+        // Cells touched in replay epochs join as zero changes: consolidated with the real
+        // changes below, they are dropped where a real change exists and kept where none does.
+        {
+            let mut touched = self.touched.borrow_mut();
+            let (now, later): (Vec<_>, Vec<_>) =
+                touched.drain(..).partition(|(_, time)| *time <= through);
+            *touched = later;
+            updates.extend(now.into_iter().map(|(key, time)| (key, time, (0, 0))));
+        }
         // By epoch, then by key, so each epoch's run consolidates in one pass.
         updates.sort_unstable_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
         let mut closed: Vec<ClosedEpoch> = Vec::new();
         let mut updates = updates.into_iter().peekable();
         while let Some((key, epoch, (mut count, mut sum))) = updates.next() {
+            // A zero change survives only if it is all there is for the cell in the epoch: a
+            // touched cell (real changes of one epoch never sum to zero here, the arrangement
+            // consolidated them).
+            let mut only_touches = (count, sum) == (0, 0);
             while let Some((_, _, (c, s))) =
                 updates.next_if(|(next, time, _)| *time == epoch && *next == key)
             {
                 count += c;
                 sum += s;
+                only_touches &= (c, s) == (0, 0);
             }
-            if (count, sum) == (0, 0) {
+            if (count, sum) == (0, 0) && !only_touches {
                 continue;
             }
             if closed.last().is_none_or(|c| c.epoch != epoch) {

@@ -12,26 +12,31 @@
 //! first text and counts collisions ([`Name::collisions`]) so the engine can report them.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
-use rustc_hash::FxHashMap;
+use ahash::RandomState;
 use serde::{Deserialize, Serialize};
+
+/// Name ids are chosen by input (they are hashes of input text), so the maps keyed by them are
+/// seeded per process.
+type IdMap = HashMap<u64, Arc<str>, RandomState>;
 
 /// An interned category or merchant name.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Name(u64);
 
-static REGISTRY: OnceLock<RwLock<FxHashMap<u64, Arc<str>>>> = OnceLock::new();
+static REGISTRY: OnceLock<RwLock<IdMap>> = OnceLock::new();
 static COLLISIONS: AtomicU64 = AtomicU64::new(0);
 
 thread_local! {
     /// Names this thread has seen: the registry's lock is taken once per name and thread.
-    static SEEN: RefCell<FxHashMap<u64, Arc<str>>> = RefCell::new(FxHashMap::default());
+    static SEEN: RefCell<IdMap> = RefCell::new(IdMap::default());
 }
 
-fn registry() -> &'static RwLock<FxHashMap<u64, Arc<str>>> {
+fn registry() -> &'static RwLock<IdMap> {
     REGISTRY.get_or_init(Default::default)
 }
 
@@ -92,6 +97,31 @@ impl Name {
     /// known only once some text with this id was interned in this process.
     pub fn from_id(id: u64) -> Name {
         Name(id)
+    }
+
+    /// A shared copy of `text` without interning it: the interned copy when the name is known
+    /// already (no allocation), a new one otherwise. Decoding uses this, so a record that is
+    /// rejected later (bad amount, wrong user, ...) never grows the registry, which is kept for
+    /// the process's life and written into every checkpoint; only records that enter the
+    /// dataflow are interned ([`crate::model::Expense::fact`]).
+    pub fn shared(text: &str) -> Arc<str> {
+        let id = fnv1a(text);
+        let known = SEEN
+            .with(|seen| seen.borrow().get(&id).cloned())
+            .or_else(|| {
+                let registry = registry().read().unwrap_or_else(|p| p.into_inner());
+                registry.get(&id).cloned()
+            });
+        match known {
+            Some(shared) if &*shared == text => shared,
+            _ => Arc::from(text),
+        }
+    }
+
+    /// How many names are interned in this process (reported by the status service: the
+    /// registry never shrinks).
+    pub fn count() -> usize {
+        registry().read().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Every text interned in this process so far (for checkpoints: interning them again in

@@ -39,16 +39,22 @@ impl Aggregates {
     }
 }
 
-/// The live fact of every expense after replaying `records` in order.
-pub fn live_facts<'a>(records: impl IntoIterator<Item = &'a Record>) -> BTreeMap<String, Fact> {
+/// The live fact of every expense, keyed by its identity `(user_id, expense_id)`, after replaying
+/// `records` in order.
+pub fn live_facts<'a>(
+    records: impl IntoIterator<Item = &'a Record>,
+) -> BTreeMap<(UserId, String), Fact> {
     let mut live = BTreeMap::new();
     for record in records {
         match record {
             Record::Upsert(e) => {
-                live.insert(e.expense_id.clone(), e.fact());
+                live.insert((e.user_id, e.expense_id.clone()), e.fact());
             }
-            Record::Delete { expense_id, .. } => {
-                live.remove(expense_id);
+            Record::Delete {
+                expense_id,
+                user_id,
+            } => {
+                live.remove(&(*user_id, expense_id.clone()));
             }
         }
     }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use timely::worker::Worker;
 
+use crate::aggregate::ReplayTouch;
 use crate::dataflow::ExpenseDataflow;
 
 /// One worker thread's view of the computation.
@@ -30,6 +31,13 @@ impl WorkerContext<'_> {
     /// Builds the expense dataflow on this worker. Every worker must call it once.
     pub fn build_dataflow(&mut self) -> ExpenseDataflow {
         ExpenseDataflow::new(self.worker)
+    }
+
+    /// Builds the expense dataflow on this worker, reporting the cells touched in `replay`'s
+    /// epochs (see [`crate::aggregate::ReplayTouch`]). Every worker must call it once, with
+    /// clones of the same `replay`.
+    pub fn build_dataflow_with_replay(&mut self, replay: ReplayTouch) -> ExpenseDataflow {
+        ExpenseDataflow::with_replay(self.worker, replay)
     }
 
     /// Does one round of dataflow work without blocking. Returns false when no dataflow is

@@ -69,6 +69,21 @@ fn random_stream(seed: u64, records: usize, users: u64) -> Vec<Vec<Record>> {
                 expense_id: format!("ghost-{i}"),
                 user_id: 1,
             }
+        } else if roll < 51 && !sent.is_empty() {
+            // Another user's record that reuses an earlier expense_id: a different expense
+            // (identity is `(user_id, expense_id)`), which must neither replace nor delete the
+            // earlier user's one.
+            let earlier = &sent[rng.random_range(0..sent.len())];
+            let id = earlier.expense_id().to_string();
+            let other = earlier.user_id() % users + 1;
+            if rng.random_bool(0.5) {
+                Record::Delete {
+                    expense_id: id,
+                    user_id: other,
+                }
+            } else {
+                fresh(&mut rng, id, other).into_upsert()
+            }
         } else {
             let user = rng.random_range(1..=users);
             fresh(&mut rng, format!("e-{i}"), user).into_upsert()
@@ -295,9 +310,12 @@ fn snapshot_then_restore_at_other_parallelism_matches_recomputation() {
         }
         live.sort();
         let upto: Vec<&Record> = epochs[..=at as usize].iter().flatten().collect();
-        let expected_live: Vec<_> = spendflow_operators::oracle::live_facts(upto.iter().copied())
-            .into_iter()
-            .collect();
+        let mut expected_live: Vec<_> =
+            spendflow_operators::oracle::live_facts(upto.iter().copied())
+                .into_iter()
+                .map(|((_, id), fact)| (id, fact))
+                .collect();
+        expected_live.sort();
         assert_eq!(
             live, expected_live,
             "seed {seed}: the copy is the live set at {at}"

@@ -33,6 +33,8 @@ pub struct Status {
     pub live_expenses: i64,
     /// Time since the engine started.
     pub uptime: Duration,
+    /// Category and merchant names interned by this process.
+    pub interned_names: usize,
 }
 
 /// Computes [`Status`] from the shared pipeline state and the read model.
@@ -62,6 +64,7 @@ impl StatusProbe {
             users: snapshot.user_count(),
             live_expenses: snapshot.live_expenses(),
             uptime: self.shared.started.elapsed(),
+            interned_names: spendflow_operators::Name::count(),
         }
     }
 }

@@ -445,7 +445,8 @@ fn name(
             format!("{field} must be 1 to {MAX_NAME_CHARS} characters, got {chars}"),
         ));
     }
-    Ok(Name::intern(&text).1)
+    // Not interned here: the record may still be rejected (see `Name::shared`).
+    Ok(Name::shared(&text))
 }
 
 fn event_time(raw: Option<&RawValue>) -> Result<i64, Rejection> {

@@ -219,3 +219,34 @@ proptest! {
         let _ = decode(&bytes);
     }
 }
+
+#[test]
+fn rejected_records_do_not_grow_the_name_table() {
+    // Names unique to this test, so other tests interning at the same time cannot matter.
+    let merchant = "Merchant only in rejected_records_do_not_grow_the_name_table";
+    let category = "category only in rejected_records_do_not_grow_the_name_table";
+    let record = |amount: &str| {
+        format!(
+            r#"{{"expense_id":"e-1","user_id":4,"merchant":"{merchant}","category":"{category}",
+                "amount_minor":{amount},"currency":"EUR","event_time":"2026-11-24T10:15:00Z"}}"#
+        )
+    };
+    let interned = || {
+        crate::Name::interned()
+            .iter()
+            .filter(|n| &***n == merchant || &***n == category)
+            .count()
+    };
+    // Valid names, but the record fails a later check: nothing is interned.
+    let bad = decode(record("12.5").as_bytes()).unwrap_err();
+    assert_eq!(bad.reason, RejectReason::AmountNotInteger);
+    assert_eq!(interned(), 0);
+    // A record that decodes is interned only once it enters the dataflow (its fact is taken).
+    let Record::Upsert(ok) = decode(record("1299").as_bytes()).unwrap() else {
+        panic!("an upsert")
+    };
+    assert_eq!(interned(), 0);
+    let fact = ok.fact();
+    assert_eq!(interned(), 2);
+    assert_eq!(&*fact.merchant.text(), merchant);
+}

@@ -48,14 +48,15 @@ fn apply(cells: &mut FxHashMap<(u64, u8, u64), (i64, i64)>, fact: &Fact, sign: i
 /// Decodes and folds `lines` (one record each), timing both.
 pub fn fold(lines: &[Vec<u8>]) -> FoldRun {
     let start = Instant::now();
-    let mut live: FxHashMap<String, Fact> = FxHashMap::default();
+    // Keyed like the engine: an expense is `(user_id, expense_id)`.
+    let mut live: FxHashMap<(u64, String), Fact> = FxHashMap::default();
     let mut cells: FxHashMap<(u64, u8, u64), (i64, i64)> = FxHashMap::default();
     let mut rejected = 0;
     for line in lines {
         match spendflow_operators::decode(line) {
             Ok(Record::Upsert(expense)) => {
                 let fact = expense.fact();
-                match live.insert(expense.expense_id, fact) {
+                match live.insert((expense.user_id, expense.expense_id), fact) {
                     Some(old) if old == fact => {}
                     Some(old) => {
                         apply(&mut cells, &old, -1);
@@ -64,8 +65,11 @@ pub fn fold(lines: &[Vec<u8>]) -> FoldRun {
                     None => apply(&mut cells, &fact, 1),
                 }
             }
-            Ok(Record::Delete { expense_id, .. }) => {
-                if let Some(old) = live.remove(&expense_id) {
+            Ok(Record::Delete {
+                expense_id,
+                user_id,
+            }) => {
+                if let Some(old) = live.remove(&(user_id, expense_id)) {
                     apply(&mut cells, &old, -1);
                 }
             }

@@ -54,6 +54,7 @@ impl Admin for AdminService {
             live_expenses: s.live_expenses,
             uptime_ms: s.uptime.as_millis() as u64,
             version: env!("CARGO_PKG_VERSION").to_string(),
+            interned_names: s.interned_names as u64,
         }))
     }
 
