@@ -378,6 +378,9 @@ pub fn run_worker(
     }
     let mut last_status = Instant::now();
     let mut last_busy = false;
+    // A source that failed for good is no longer read: what it had left is never read, so this
+    // worker is never caught up again.
+    let mut lost_source = false;
 
     loop {
         // 1. Poll every source once.
@@ -387,6 +390,8 @@ pub fn run_worker(
             // never look caught up.
             status.idle.store(false, Ordering::Release);
             let mut idle = true;
+            // A source that is not caught up although it has nothing to return now.
+            let mut behind = lost_source;
             let mut failed = Vec::new();
             for (i, source) in sources.iter_mut().enumerate() {
                 // Never take more than the epoch budget has room for, so epochs stay bounded.
@@ -397,8 +402,11 @@ pub fn run_worker(
                     .clamp(1, POLL_BATCH);
                 match source.poll(&mut batch, room) {
                     Ok(Poll::Ready) => busy = true,
+                    Ok(Poll::Behind) => behind = true,
                     Ok(Poll::Idle) | Ok(Poll::Finished) => {}
                     Err(e) if e.is_retriable() => {
+                        // Not caught up while a source cannot be read.
+                        behind = true;
                         tracing::warn!(worker = index, error = %e, "Source read failed; retrying.");
                     }
                     Err(e) => {
@@ -444,6 +452,8 @@ pub fn run_worker(
             }
             for i in failed.into_iter().rev() {
                 sources.remove(i);
+                lost_source = true;
+                behind = true;
             }
             if !idle {
                 shared.clock.note_input();
@@ -453,13 +463,14 @@ pub fn run_worker(
             // ends move without reads (Kafka watermarks). Not on every idle loop.
             // Also when the worker turns idle: the caught-up claim and the positions (lag) it
             // shows must agree.
-            if !idle || busy != last_busy || last_status.elapsed() >= STATUS_REFRESH {
+            let not_idle = busy || behind;
+            if !idle || not_idle != last_busy || last_status.elapsed() >= STATUS_REFRESH {
                 last_status = Instant::now();
                 *status.partitions.lock().unwrap_or_else(|p| p.into_inner()) =
                     sources.iter().flat_map(|s| s.partitions()).collect();
             }
-            last_busy = busy;
-            status.idle.store(!busy, Ordering::Release);
+            last_busy = not_idle;
+            status.idle.store(!not_idle, Ordering::Release);
         }
 
         // 3. Cut epochs.
