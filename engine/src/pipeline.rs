@@ -374,7 +374,17 @@ pub fn run_worker(
             return;
         }
     } else {
-        dataflow.advance_to(shared.clock.current());
+        // Record this first advance like every other: the epochs it closes (0, or everything
+        // before the sink's next epoch) cover nothing read yet. Without the entry, an epoch it
+        // closes that drains only after later reads (a busy machine: the first records are
+        // read and the epoch cut before epoch 0 has passed the probe) was paired with the
+        // read count and positions of that later advance, and published as covering records
+        // whose changes it does not hold: `caught_up` was true with nothing served.
+        let first = shared.clock.current();
+        let positions: Vec<PartitionPosition> =
+            sources.iter().flat_map(|s| s.partitions()).collect();
+        closes.push_back((first - 1, Arc::new(positions), read));
+        dataflow.advance_to(first);
     }
     let mut last_status = Instant::now();
     let mut last_busy = false;

@@ -210,8 +210,17 @@ impl KafkaSource {
                 self.topic_deleted(&topic);
             }
         }
-        if !new.is_empty() {
-            self.assign_new(new)?;
+        if !new.is_empty()
+            && let Err(e) = self.assign_new(new)
+        {
+            // E.g. a topic so new that its partitions have no leader yet. Left for the next
+            // discovery; until then this source has not found what it reads.
+            tracing::warn!(
+                worker = self.worker,
+                error = %e,
+                "New Kafka partitions not assigned yet; trying again at the next discovery."
+            );
+            return Ok(());
         }
         self.found |= found;
         Ok(())
@@ -411,10 +420,25 @@ impl KafkaSource {
             }
             let (topic, partition, position) =
                 (Arc::clone(&status.source), status.partition, status.position);
-            let (low, _) = self
+            let (low, high) = self
                 .consumer
                 .fetch_watermarks(&topic, partition, REQUEST_TIMEOUT)
                 .map_err(|e| kafka_error("fetching watermarks", e))?;
+            if position > high {
+                // Past the end: the partition was truncated or its topic recreated. What was
+                // read cannot be matched with what is there now: stop, whatever the policy.
+                let message = format!(
+                    "position {position} of {topic} [{partition}] is past the partition's end {high} (topic recreated or truncated?); the partition is stopped"
+                );
+                tracing::error!(worker = self.worker, topic = %topic, partition, position, high, "{message}");
+                let mut list = TopicPartitionList::new();
+                let _ = list.add_partition(&topic, partition);
+                let _ = self.consumer.incremental_unassign(&list);
+                let status = &mut self.assigned[i].status;
+                status.state = PartitionState::StoppedDataLoss;
+                status.error = Some(Arc::from(message));
+                continue;
+            }
             if position >= low {
                 continue;
             }
