@@ -112,7 +112,11 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Runtime::new().unwrap()
 }
 
-fn engine(source: KafkaSourceConfig, workers: usize, checkpoints: Option<&std::path::Path>) -> Engine {
+fn engine(
+    source: KafkaSourceConfig,
+    workers: usize,
+    checkpoints: Option<&std::path::Path>,
+) -> Engine {
     let config = EngineConfig {
         workers,
         epoch_interval_ms: 20,
@@ -236,9 +240,9 @@ fn records_deleted_after_the_checkpoint_stop_the_partition_or_are_skipped_on_req
         s.caught_up && s.records_read == 200
     });
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !newest_checkpoint(checkpoints.path()).is_some_and(|c| {
-        position_in(&c, &a) == Some(100) && position_in(&c, &b) == Some(100)
-    }) {
+    while !newest_checkpoint(checkpoints.path())
+        .is_some_and(|c| position_in(&c, &a) == Some(100) && position_in(&c, &b) == Some(100))
+    {
         assert!(Instant::now() < deadline, "no checkpoint at 100/100");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -269,7 +273,9 @@ fn records_deleted_after_the_checkpoint_stop_the_partition_or_are_skipped_on_req
     assert_eq!(pa.lost, vec![OffsetRange { from: 100, to: 110 }]);
     assert_eq!(pa.position, 100, "a stopped where the checkpoint left it");
     assert!(
-        pa.error.as_deref().is_some_and(|e| e.contains("[100, 110)")),
+        pa.error
+            .as_deref()
+            .is_some_and(|e| e.contains("[100, 110)")),
         "{pa:?}"
     );
     assert_eq!(partition(&status, &b).state, PartitionState::Reading);
@@ -286,7 +292,10 @@ fn records_deleted_after_the_checkpoint_stop_the_partition_or_are_skipped_on_req
     });
     assert!(!status.caught_up, "caught up with a stopped partition");
     for _ in 0..20 {
-        assert!(!second.status().caught_up, "caught up with a stopped partition");
+        assert!(
+            !second.status().caught_up,
+            "caught up with a stopped partition"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(

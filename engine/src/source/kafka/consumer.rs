@@ -342,7 +342,12 @@ impl KafkaSource {
                 ..PartitionPosition::default()
             };
             if let Some(position) = restored.filter(|p| *p < low) {
-                self.data_lost(&mut status, position, low, "assigned at a checkpoint's position");
+                self.data_lost(
+                    &mut status,
+                    position,
+                    low,
+                    "assigned at a checkpoint's position",
+                );
             }
             if status.state == PartitionState::Reading {
                 list.add_partition_offset(name, id, Offset::Offset(status.position))
@@ -418,8 +423,11 @@ impl KafkaSource {
             if status.state != PartitionState::Reading {
                 continue;
             }
-            let (topic, partition, position) =
-                (Arc::clone(&status.source), status.partition, status.position);
+            let (topic, partition, position) = (
+                Arc::clone(&status.source),
+                status.partition,
+                status.position,
+            );
             let (low, high) = self
                 .consumer
                 .fetch_watermarks(&topic, partition, REQUEST_TIMEOUT)
