@@ -1,7 +1,9 @@
 # spendflow: the test command and the native services.
 #
-#   make test            start Kafka, Cassandra, MariaDB and HDFS (docker/native/services), run
-#                        the whole test suite against them, stop them again (also on failure
+#   make test            install the suite's missing Debian packages (headless Chromium for the
+#                        browser test), start Kafka, Cassandra, MariaDB and HDFS
+#                        (docker/native/services), run the whole test suite against them (every
+#                        test binary, also after a failure), stop them again (also on failure
 #                        or Ctrl-C). CI runs this through .ci/run.
 #   make services-up     start the services and leave them running (then:
 #                        eval "$$(docker/native/services env)"; cargo test ...)
@@ -21,19 +23,24 @@ SERVICES := docker/native/services
 CARGO ?= cargo
 
 # The whole suite, in one place. Add new steps here (one shell command per line, `;`-joined).
+# --no-fail-fast: a failing test binary does not hide the ones after it. Both steps run even if
+# the first fails; the target fails if either did.
 define TEST_COMMANDS
-$(CARGO) test --workspace --all-targets; \
-$(CARGO) test --workspace --doc
+status=0; \
+$(CARGO) test --workspace --all-targets --no-fail-fast || status=$$?; \
+$(CARGO) test --workspace --doc --no-fail-fast || status=$$?; \
+exit $$status
 endef
 
 .PHONY: help test services-up services-down services-status tools bench-e2e
 
 help:
-	@sed -n '3,14p' Makefile | sed -e 's/^# \{0,1\}//' -e 's/\$$\$$/$$/g'
+	@sed -n '3,16p' Makefile | sed -e 's/^# \{0,1\}//' -e 's/\$$\$$/$$/g'
 
 # The EXIT trap stops the services whatever happens; INT/TERM turn Ctrl-C into a normal exit
 # (so the EXIT trap runs once cargo has stopped).
 test:
+	@$(SERVICES) packages
 	@trap '$(SERVICES) down' EXIT; \
 	trap 'exit 130' INT TERM; \
 	$(SERVICES) up; \

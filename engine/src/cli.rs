@@ -20,7 +20,7 @@ use spendflow_engine::serve::cassandra::{CassandraServeConfig, CassandraServer};
 use spendflow_engine::sink::cassandra::CassandraSinkConfig;
 use spendflow_engine::source::file::FileSourceConfig;
 use spendflow_engine::source::generator::{GeneratorConfig, GeneratorSourceConfig};
-use spendflow_engine::source::kafka::KafkaSourceConfig;
+use spendflow_engine::source::kafka::{KafkaSourceConfig, OnDataLoss};
 use spendflow_engine::verify::cassandra::CassandraServed;
 use spendflow_engine::verify::grpc::GrpcServed;
 use spendflow_engine::verify::mysql::MySqlTruth;
@@ -236,8 +236,28 @@ struct RunArgs {
     #[arg(long, default_value_t = 2000)]
     discovery_interval_ms: u64,
 
+    /// With Kafka input: what to do when records a partition had to read next were deleted
+    /// from Kafka before they were read (retention, kafka-delete-records), e.g. a checkpoint's
+    /// position that is older than the topic's oldest record.
+    #[arg(long, value_enum, default_value = "fail")]
+    on_data_loss: OnDataLossArg,
+
     #[command(flatten)]
     personnel: PersonnelArgs,
+}
+
+/// `--on-data-loss`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum OnDataLossArg {
+    /// Stop reading that partition: an ERROR names topic, partition and the lost offset range,
+    /// Admin/GetStatus shows it (state stopped_data_loss), the partition keeps its lag and the
+    /// engine is never caught up; other partitions keep being read and served. Restart with
+    /// `skip` to accept the loss.
+    Fail,
+    /// Accept the loss: continue from the oldest record still in the partition. The lost
+    /// range is still logged and shown in Admin/GetStatus; the served totals lack those
+    /// records.
+    Skip,
 }
 
 /// Where `run` stores results.
@@ -552,6 +572,10 @@ fn run(args: RunArgs) -> Result<()> {
             };
             kafka.discovery_interval_ms = args.discovery_interval_ms;
             kafka.user_topic_prefix = args.user_topic_prefix.clone();
+            kafka.on_data_loss = match args.on_data_loss {
+                OnDataLossArg::Fail => OnDataLoss::Fail,
+                OnDataLossArg::Skip => OnDataLoss::Skip,
+            };
             SourceConfig::Kafka(kafka)
         }
         _ => bail!(

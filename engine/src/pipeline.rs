@@ -412,10 +412,23 @@ pub fn run_worker(
             return;
         }
     } else {
-        dataflow.advance_to(shared.clock.current());
+        // Record this first advance like every other: the epochs it closes (0, or everything
+        // before the sink's next epoch) cover nothing read yet. Without the entry, an epoch it
+        // closes that drains only after later reads (a busy machine: the first records are
+        // read and the epoch cut before epoch 0 has passed the probe) was paired with the
+        // read count and positions of that later advance, and published as covering records
+        // whose changes it does not hold: `caught_up` was true with nothing served.
+        let first = shared.clock.current();
+        let positions: Vec<PartitionPosition> =
+            sources.iter().flat_map(|s| s.partitions()).collect();
+        closes.push_back((first - 1, Arc::new(positions), read));
+        dataflow.advance_to(first);
     }
     let mut last_status = Instant::now();
     let mut last_busy = false;
+    // A source that failed for good is no longer read: what it had left is never read, so this
+    // worker is never caught up again.
+    let mut lost_source = false;
 
     loop {
         // 1. Poll every source once.
@@ -425,6 +438,8 @@ pub fn run_worker(
             // never look caught up.
             status.idle.store(false, Ordering::Release);
             let mut idle = true;
+            // A source that is not caught up although it has nothing to return now.
+            let mut behind = lost_source;
             let mut failed = Vec::new();
             for (i, source) in sources.iter_mut().enumerate() {
                 // Never take more than the epoch budget has room for, so epochs stay bounded.
@@ -435,8 +450,11 @@ pub fn run_worker(
                     .clamp(1, POLL_BATCH);
                 match source.poll(&mut batch, room) {
                     Ok(Poll::Ready) => busy = true,
+                    Ok(Poll::Behind) => behind = true,
                     Ok(Poll::Idle) | Ok(Poll::Finished) => {}
                     Err(e) if e.is_retriable() => {
+                        // Not caught up while a source cannot be read.
+                        behind = true;
                         tracing::warn!(worker = index, error = %e, "Source read failed; retrying.");
                     }
                     Err(e) => {
@@ -482,6 +500,8 @@ pub fn run_worker(
             }
             for i in failed.into_iter().rev() {
                 sources.remove(i);
+                lost_source = true;
+                behind = true;
             }
             if !idle {
                 shared.clock.note_input();
@@ -491,14 +511,15 @@ pub fn run_worker(
             // ends move without reads (Kafka watermarks). Not on every idle loop.
             // Also when the worker turns idle: the caught-up claim and the positions (lag) it
             // shows must agree.
-            if !idle || busy != last_busy || last_status.elapsed() >= STATUS_REFRESH {
+            let not_idle = busy || behind;
+            if !idle || not_idle != last_busy || last_status.elapsed() >= STATUS_REFRESH {
                 last_status = Instant::now();
                 *status.partitions.lock().unwrap_or_else(|p| p.into_inner()) =
                     sources.iter().flat_map(|s| s.partitions()).collect();
             }
-            last_busy = busy;
-            status.idle.store(!busy, Ordering::Release);
-            if !busy {
+            last_busy = not_idle;
+            status.idle.store(!not_idle, Ordering::Release);
+            if !not_idle {
                 shared.note_idle(index);
             }
         }

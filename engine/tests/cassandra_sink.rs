@@ -33,6 +33,7 @@ fn group(epoch: u64, cells: Vec<CellValue>) -> EpochGroup {
             partition: 0,
             position: 100 + epoch as i64,
             high_watermark: None,
+            ..PartitionPosition::default()
         }]),
         100 + epoch,
         cells,

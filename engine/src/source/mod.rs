@@ -49,8 +49,42 @@ pub struct SourceRecord {
     pub key: Option<Vec<u8>>,
 }
 
+/// Whether a partition is being read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PartitionState {
+    /// Read as records arrive.
+    #[default]
+    Reading,
+    /// No longer read: records it had to read next were deleted from the source (retention,
+    /// `kafka-delete-records`) before they were read. It keeps its lag, so the engine is never
+    /// caught up again until an operator decides (`--on-data-loss skip` on a restart).
+    StoppedDataLoss,
+    /// No longer read: its topic was deleted while it was being read.
+    Deleted,
+}
+
+impl PartitionState {
+    /// The name `Admin/GetStatus` shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PartitionState::Reading => "reading",
+            PartitionState::StoppedDataLoss => "stopped_data_loss",
+            PartitionState::Deleted => "deleted",
+        }
+    }
+}
+
+/// Offsets `[from, to)` of a partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OffsetRange {
+    /// The first offset of the range.
+    pub from: i64,
+    /// The offset after the range.
+    pub to: i64,
+}
+
 /// The read position of one partition.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PartitionPosition {
     /// The source's name (`file:/path`, `generator`, `input`, a topic).
     pub source: Arc<str>,
@@ -60,6 +94,12 @@ pub struct PartitionPosition {
     pub position: i64,
     /// The end of the partition when last checked, if known.
     pub high_watermark: Option<i64>,
+    /// Whether the partition is read.
+    pub state: PartitionState,
+    /// Why the partition is not read, or what went wrong with it.
+    pub error: Option<Arc<str>>,
+    /// Offset ranges that were deleted from the source before they were read (lost input).
+    pub lost: Vec<OffsetRange>,
 }
 
 /// What a poll found.
@@ -69,6 +109,10 @@ pub enum Poll {
     Ready,
     /// Nothing is available now; poll again later.
     Idle,
+    /// Nothing is available now, but the source is not caught up either: it has not yet found
+    /// everything it will read (partitions not yet discovered, ends not yet checked), or a
+    /// partition is stopped and keeps its lag. Poll again later.
+    Behind,
     /// The source has ended for good (a file without `--follow` at its end).
     Finished,
 }

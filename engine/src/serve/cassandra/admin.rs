@@ -80,6 +80,7 @@ impl Admin for CassandraAdmin {
                     position: p.position,
                     high_watermark: -1,
                     lag: -1,
+                    ..Default::default()
                 })
                 .collect(),
             workers: 0,

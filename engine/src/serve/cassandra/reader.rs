@@ -98,6 +98,7 @@ pub fn parse_positions(text: &str) -> Result<Vec<PartitionPosition>, String> {
             partition: p.partition,
             position: p.position,
             high_watermark: None,
+            ..PartitionPosition::default()
         })
         .collect())
 }

@@ -47,6 +47,16 @@ impl Admin for AdminService {
                     position: p.position,
                     high_watermark: p.high_watermark.unwrap_or(-1),
                     lag: p.high_watermark.map_or(-1, |h| (h - p.position).max(0)),
+                    state: p.state.as_str().to_string(),
+                    error: p.error.as_deref().unwrap_or_default().to_string(),
+                    lost: p
+                        .lost
+                        .iter()
+                        .map(|r| pb::OffsetRange {
+                            from: r.from,
+                            to: r.to,
+                        })
+                        .collect(),
                 })
                 .collect(),
             workers: s.workers as u32,

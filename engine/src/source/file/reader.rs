@@ -140,6 +140,7 @@ impl Source for FileSource {
             partition: 0,
             position: self.position,
             high_watermark: None,
+            ..PartitionPosition::default()
         }]
     }
 }

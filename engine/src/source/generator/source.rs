@@ -108,6 +108,7 @@ impl Source for GeneratorSource {
             partition: 0,
             position: self.produced as i64,
             high_watermark: None,
+            ..PartitionPosition::default()
         }]
     }
 }

@@ -112,6 +112,7 @@ impl Source for InputSource {
             partition: 0,
             position: self.position,
             high_watermark: Some(self.position + self.rx.len() as i64),
+            ..PartitionPosition::default()
         }]
     }
 }

@@ -26,6 +26,23 @@ pub struct KafkaSourceConfig {
     /// Extra librdkafka consumer settings, passed through as they are.
     #[serde(default)]
     pub librdkafka_options: BTreeMap<String, String>,
+    /// What to do when records a partition had to read next were deleted from Kafka before
+    /// they were read (retention, `kafka-delete-records`).
+    #[serde(default)]
+    pub on_data_loss: OnDataLoss,
+}
+
+/// What the Kafka source does when input it had to read next is gone from the topic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDataLoss {
+    /// Stop reading the partition (ERROR log, `stopped_data_loss` in `Admin/GetStatus`, the
+    /// partition keeps its lag so the engine never claims to be caught up).
+    #[default]
+    Fail,
+    /// Continue from the oldest record still in the partition; the lost offset range is
+    /// still logged and shown in `Admin/GetStatus`.
+    Skip,
 }
 
 fn default_user_topic_prefix() -> String {
@@ -51,6 +68,7 @@ impl KafkaSourceConfig {
             group_id: default_group_id(),
             discovery_interval_ms: default_discovery_interval_ms(),
             librdkafka_options: BTreeMap::new(),
+            on_data_loss: OnDataLoss::default(),
         }
     }
 

@@ -1,18 +1,20 @@
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use regex::Regex;
 use spendflow_operators::UserId;
 
-use super::KafkaSourceConfig;
+use super::{KafkaSourceConfig, OnDataLoss};
 use crate::error::SourceError;
-use crate::source::{PartitionPosition, Payload, Poll, Source, SourceRecord};
+use crate::source::{
+    OffsetRange, PartitionPosition, PartitionState, Payload, Poll, Source, SourceRecord,
+};
 
 /// How long metadata and watermark requests may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -66,8 +68,17 @@ pub struct KafkaSource {
     index: BTreeMap<(Arc<str>, i32), usize>,
     /// Where to start partitions not seen before (a checkpoint's positions, or the beginning).
     start_at: BTreeMap<(String, i32), i64>,
+    /// A listing has shown what this source reads (see the module docs); until then it is
+    /// never caught up.
+    found: bool,
+    /// Topics found deleted (warned about once each).
+    deleted: BTreeSet<Arc<str>>,
     last_discovery: Option<Instant>,
+    /// When the partitions' ends were last fetched; `None`: fetch before claiming to be idle.
     last_watermarks: Option<Instant>,
+    /// Records were read since the ends were fetched: a position at or past an end fetched
+    /// before the read is no evidence that nothing follows, so fetch again before going idle.
+    read_since_watermarks: bool,
     last_commit: Instant,
 }
 
@@ -104,7 +115,9 @@ impl KafkaSource {
             .set("client.id", format!("spendflow-worker-{worker}"))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
+            // Never skip to another offset silently: a position that is gone is reported
+            // ("offset out of range") and handled as lost input.
+            .set("auto.offset.reset", "error")
             .set("isolation.level", "read_committed")
             .set("enable.partition.eof", "false")
             // Bounded prefetch: the memory bound of the source.
@@ -125,8 +138,11 @@ impl KafkaSource {
             assigned: Vec::new(),
             index: BTreeMap::new(),
             start_at,
+            found: false,
+            deleted: BTreeSet::new(),
             last_discovery: None,
             last_watermarks: None,
+            read_since_watermarks: false,
             last_commit: Instant::now(),
         };
         source.discover()?;
@@ -141,7 +157,7 @@ impl KafkaSource {
         }
     }
 
-    /// Lists topics and assigns the new partitions this worker owns.
+    /// Lists topics, assigns the new partitions this worker owns, and notices deleted topics.
     fn discover(&mut self) -> Result<(), SourceError> {
         self.last_discovery = Some(Instant::now());
         let topic = self
@@ -153,70 +169,336 @@ impl KafkaSource {
             .consumer
             .fetch_metadata(topic, REQUEST_TIMEOUT)
             .map_err(|e| kafka_error("listing topics", e))?;
-        let mut new = TopicPartitionList::new();
+        // (topic, partition, expected user) of new partitions this worker owns.
+        let mut new: Vec<(Arc<str>, i32)> = Vec::new();
+        let mut listed: BTreeSet<&str> = BTreeSet::new();
+        let mut found = self.pattern.is_some();
         for topic in metadata.topics() {
             let name = topic.name();
             if name.starts_with("__") || !self.matches(name) || topic.error().is_some() {
                 continue;
             }
+            if topic.partitions().is_empty() {
+                continue;
+            }
+            listed.insert(name);
+            // With `--topic`: the topic and its partitions are known from here on.
+            found = true;
             for partition in topic.partitions() {
                 let id = partition.id();
                 let key = (Arc::<str>::from(name), id);
                 if owner_of(name, id, self.peers) != self.worker || self.index.contains_key(&key) {
                     continue;
                 }
-                let start = self
-                    .start_at
-                    .get(&(name.to_string(), id))
-                    .copied()
-                    .unwrap_or(0);
-                new.add_partition_offset(name, id, Offset::Offset(start))
-                    .map_err(|e| kafka_error("assigning", e))?;
-                self.index.insert(key.clone(), self.assigned.len());
-                self.assigned.push(Assigned {
-                    status: PartitionPosition {
-                        source: key.0,
-                        partition: id,
-                        position: start,
-                        high_watermark: None,
-                    },
-                    expected_user: user_of_topic(name, &self.config.user_topic_prefix),
-                });
+                new.push(key);
             }
         }
-        if new.count() > 0 {
-            tracing::info!(
+        // Topics this source reads that the listing no longer shows.
+        let gone: Vec<Arc<str>> = self
+            .assigned
+            .iter()
+            .filter(|a| a.status.state != PartitionState::Deleted)
+            .map(|a| &a.status.source)
+            .filter(|t| !listed.contains(&***t))
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        drop(metadata);
+        for topic in gone {
+            if self.confirm_deleted(&topic) {
+                self.topic_deleted(&topic);
+            }
+        }
+        if !new.is_empty()
+            && let Err(e) = self.assign_new(new)
+        {
+            // E.g. a topic so new that its partitions have no leader yet. Left for the next
+            // discovery; until then this source has not found what it reads.
+            tracing::warn!(
                 worker = self.worker,
-                partitions = new.count(),
-                total = self.assigned.len(),
-                "Assigned new Kafka partitions."
+                error = %e,
+                "New Kafka partitions not assigned yet; trying again at the next discovery."
             );
+            return Ok(());
+        }
+        self.found |= found;
+        Ok(())
+    }
+
+    /// Asks for `topic` by name: true only if the cluster answers that it does not exist.
+    fn confirm_deleted(&self, topic: &str) -> bool {
+        match self.consumer.fetch_metadata(Some(topic), REQUEST_TIMEOUT) {
+            Ok(metadata) => metadata.topics().iter().any(|t| {
+                t.name() == topic
+                    && t.error().is_some_and(|e| {
+                        matches!(
+                            RDKafkaErrorCode::from(e),
+                            RDKafkaErrorCode::UnknownTopicOrPartition
+                                | RDKafkaErrorCode::UnknownTopic
+                        )
+                    })
+            }),
+            Err(_) => false,
+        }
+    }
+
+    /// Stops reading every partition of a deleted topic; they stay in the status with their
+    /// lag. Warns once per topic.
+    fn topic_deleted(&mut self, topic: &Arc<str>) {
+        let mut stop = TopicPartitionList::new();
+        let mut partitions = 0;
+        for a in &mut self.assigned {
+            if a.status.source == *topic && a.status.state != PartitionState::Deleted {
+                if a.status.state == PartitionState::Reading {
+                    let _ = stop.add_partition(topic, a.status.partition);
+                }
+                a.status.state = PartitionState::Deleted;
+                a.status.error = Some(Arc::from(
+                    "the topic was deleted while it was being read; the partition is no longer read",
+                ));
+                partitions += 1;
+            }
+        }
+        if stop.count() > 0
+            && let Err(e) = self.consumer.incremental_unassign(&stop)
+        {
+            tracing::debug!(topic = %topic, error = %e, "Unassigning a deleted topic failed.");
+        }
+        if self.deleted.insert(Arc::clone(topic)) {
+            tracing::warn!(
+                worker = self.worker,
+                topic = %topic,
+                partitions,
+                "A topic being read was deleted; its partitions are no longer read and keep their lag, so the engine is no longer caught up."
+            );
+        }
+    }
+
+    /// Fetches the low watermarks of `partitions` in one request per broker.
+    fn low_watermarks(
+        &self,
+        partitions: &[(Arc<str>, i32)],
+    ) -> Result<BTreeMap<(Arc<str>, i32), i64>, SourceError> {
+        // A timestamp of -2 (`Offset::Beginning` as raw) asks for the earliest offset.
+        let mut request = TopicPartitionList::new();
+        for (topic, partition) in partitions {
+            request
+                .add_partition_offset(topic, *partition, Offset::Beginning)
+                .map_err(|e| kafka_error("fetching partition starts", e))?;
+        }
+        let starts = self
+            .consumer
+            .offsets_for_times(request, REQUEST_TIMEOUT)
+            .map_err(|e| kafka_error("fetching partition starts", e))?;
+        let mut out = BTreeMap::new();
+        for element in starts.elements() {
+            match (element.offset(), element.error()) {
+                (Offset::Offset(low), Ok(())) => {
+                    out.insert((Arc::from(element.topic()), element.partition()), low);
+                }
+                (_, Err(e)) => {
+                    return Err(kafka_error(
+                        &format!(
+                            "fetching the start of {} [{}]",
+                            element.topic(),
+                            element.partition()
+                        ),
+                        e,
+                    ));
+                }
+                (offset, Ok(())) => {
+                    return Err(SourceError::Kafka {
+                        message: format!(
+                            "fetching the start of {} [{}]: got {offset:?}",
+                            element.topic(),
+                            element.partition()
+                        ),
+                        retriable: true,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Assigns new partitions: at a checkpoint's position if there is one (checked against the
+    /// partition's low watermark: records below it are gone), else at the oldest record.
+    fn assign_new(&mut self, new: Vec<(Arc<str>, i32)>) -> Result<(), SourceError> {
+        let lows = self.low_watermarks(&new)?;
+        let mut list = TopicPartitionList::new();
+        for key in new {
+            let (name, id) = (&key.0, key.1);
+            let Some(&low) = lows.get(&key) else {
+                // Not answered: left for the next discovery.
+                continue;
+            };
+            let restored = self.start_at.get(&(name.to_string(), id)).copied();
+            let mut status = PartitionPosition {
+                source: Arc::clone(name),
+                partition: id,
+                position: restored.unwrap_or(low),
+                high_watermark: None,
+                ..PartitionPosition::default()
+            };
+            if let Some(position) = restored.filter(|p| *p < low) {
+                self.data_lost(
+                    &mut status,
+                    position,
+                    low,
+                    "assigned at a checkpoint's position",
+                );
+            }
+            if status.state == PartitionState::Reading {
+                list.add_partition_offset(name, id, Offset::Offset(status.position))
+                    .map_err(|e| kafka_error("assigning", e))?;
+            }
+            self.index.insert(key.clone(), self.assigned.len());
+            self.assigned.push(Assigned {
+                expected_user: user_of_topic(name, &self.config.user_topic_prefix),
+                status,
+            });
+        }
+        tracing::info!(
+            worker = self.worker,
+            partitions = list.count(),
+            total = self.assigned.len(),
+            "Assigned new Kafka partitions."
+        );
+        if list.count() > 0 {
             self.consumer
-                .incremental_assign(&new)
+                .incremental_assign(&list)
                 .map_err(|e| kafka_error("assigning", e))?;
-            // New partitions have unknown ends: check them before claiming to be idle.
-            self.last_watermarks = None;
+        }
+        // New partitions have unknown ends: check them before claiming to be idle.
+        self.last_watermarks = None;
+        Ok(())
+    }
+
+    /// Records `[from, to)` of a partition are gone: stops it (`fail`) or moves it to `to`
+    /// (`skip`). The caller (un)assigns the partition in the consumer.
+    fn data_lost(&self, status: &mut PartitionPosition, from: i64, to: i64, when: &str) {
+        status.lost.push(OffsetRange { from, to });
+        let message = format!(
+            "records [{from}, {to}) of {} [{}] were deleted from Kafka before they were read ({when})",
+            status.source, status.partition
+        );
+        match self.config.on_data_loss {
+            OnDataLoss::Fail => {
+                tracing::error!(
+                    worker = self.worker,
+                    topic = %status.source,
+                    partition = status.partition,
+                    from,
+                    to,
+                    "Input lost: {message}. The partition is no longer read (restart with --on-data-loss skip to continue from offset {to})."
+                );
+                status.state = PartitionState::StoppedDataLoss;
+                status.error = Some(Arc::from(format!(
+                    "{message}; the partition is stopped (--on-data-loss skip continues from {to})"
+                )));
+            }
+            OnDataLoss::Skip => {
+                tracing::warn!(
+                    worker = self.worker,
+                    topic = %status.source,
+                    partition = status.partition,
+                    from,
+                    to,
+                    "Input lost: {message}. Continuing from offset {to} (--on-data-loss skip)."
+                );
+                status.position = to;
+                status.error = Some(Arc::from(format!(
+                    "{message}; skipped (--on-data-loss skip)"
+                )));
+            }
+        }
+    }
+
+    /// After "offset out of range": finds the partitions whose position is below their low
+    /// watermark and handles their lost records.
+    fn check_positions(&mut self) -> Result<(), SourceError> {
+        for i in 0..self.assigned.len() {
+            let status = &self.assigned[i].status;
+            if status.state != PartitionState::Reading {
+                continue;
+            }
+            let (topic, partition, position) = (
+                Arc::clone(&status.source),
+                status.partition,
+                status.position,
+            );
+            let (low, high) = self
+                .consumer
+                .fetch_watermarks(&topic, partition, REQUEST_TIMEOUT)
+                .map_err(|e| kafka_error("fetching watermarks", e))?;
+            if position > high {
+                // Past the end: the partition was truncated or its topic recreated. What was
+                // read cannot be matched with what is there now: stop, whatever the policy.
+                let message = format!(
+                    "position {position} of {topic} [{partition}] is past the partition's end {high} (topic recreated or truncated?); the partition is stopped"
+                );
+                tracing::error!(worker = self.worker, topic = %topic, partition, position, high, "{message}");
+                let mut list = TopicPartitionList::new();
+                let _ = list.add_partition(&topic, partition);
+                let _ = self.consumer.incremental_unassign(&list);
+                let status = &mut self.assigned[i].status;
+                status.state = PartitionState::StoppedDataLoss;
+                status.error = Some(Arc::from(message));
+                continue;
+            }
+            if position >= low {
+                continue;
+            }
+            let mut status = self.assigned[i].status.clone();
+            self.data_lost(&mut status, position, low, "while reading");
+            let mut list = TopicPartitionList::new();
+            let _ = list.add_partition(&topic, partition);
+            let _ = self.consumer.incremental_unassign(&list);
+            if status.state == PartitionState::Reading {
+                let mut list = TopicPartitionList::new();
+                list.add_partition_offset(&topic, partition, Offset::Offset(status.position))
+                    .map_err(|e| kafka_error("assigning", e))?;
+                self.consumer
+                    .incremental_assign(&list)
+                    .map_err(|e| kafka_error("assigning", e))?;
+            }
+            self.assigned[i].status = status;
         }
         Ok(())
     }
 
-    /// Fetches the end offset of every assigned partition in one request per broker.
+    /// Fetches the end offset of every partition that is not deleted, in one request per
+    /// broker.
     fn refresh_watermarks(&mut self) -> Result<(), SourceError> {
         self.last_watermarks = Some(Instant::now());
-        if self.assigned.is_empty() {
-            return Ok(());
-        }
+        self.read_since_watermarks = false;
         // A timestamp of -1 (`Offset::End` as raw) asks for the latest offset of each partition.
         let mut request = TopicPartitionList::new();
         for a in &self.assigned {
+            if a.status.state == PartitionState::Deleted {
+                continue;
+            }
             request
                 .add_partition_offset(&a.status.source, a.status.partition, Offset::End)
                 .map_err(|e| kafka_error("fetching partition ends", e))?;
         }
-        let ends = self
-            .consumer
-            .offsets_for_times(request, REQUEST_TIMEOUT)
-            .map_err(|e| kafka_error("fetching partition ends", e))?;
+        if request.count() == 0 {
+            return Ok(());
+        }
+        let ends = match self.consumer.offsets_for_times(request, REQUEST_TIMEOUT) {
+            Ok(ends) => ends,
+            Err(e) => {
+                // A deleted topic fails the request: look for one before calling it an error.
+                let deleted = self.deleted.len();
+                self.discover()?;
+                if self.deleted.len() > deleted {
+                    self.last_watermarks = None;
+                    return Ok(());
+                }
+                return Err(kafka_error("fetching partition ends", e));
+            }
+        };
         for element in ends.elements() {
             if let (Offset::Offset(end), Some(&i)) = (
                 element.offset(),
@@ -229,18 +511,36 @@ impl KafkaSource {
         Ok(())
     }
 
+    /// Every partition being read has reached its end as of the last check.
     fn all_read(&self) -> bool {
-        self.assigned.iter().all(|a| {
-            a.status
-                .high_watermark
-                .is_some_and(|h| a.status.position >= h)
-        })
+        self.assigned
+            .iter()
+            .filter(|a| a.status.state == PartitionState::Reading)
+            .all(|a| {
+                a.status
+                    .high_watermark
+                    .is_some_and(|h| a.status.position >= h)
+            })
+    }
+
+    /// Everything this source reads is found and read (see the module docs).
+    fn caught_up(&self) -> bool {
+        self.found
+            && self
+                .assigned
+                .iter()
+                .all(|a| a.status.state == PartitionState::Reading)
+            && self.all_read()
     }
 
     fn commit_for_monitoring(&mut self) {
         self.last_commit = Instant::now();
         let mut offsets = TopicPartitionList::new();
-        for a in self.assigned.iter().filter(|a| a.status.position > 0) {
+        for a in self
+            .assigned
+            .iter()
+            .filter(|a| a.status.position > 0 && a.status.state == PartitionState::Reading)
+        {
             let _ = offsets.add_partition_offset(
                 &a.status.source,
                 a.status.partition,
@@ -282,7 +582,22 @@ impl Source for KafkaSource {
                 break;
             };
             wait = Duration::ZERO;
-            let message = result.map_err(|e| kafka_error("reading", e))?;
+            let message = match result {
+                Ok(message) => message,
+                Err(KafkaError::MessageConsumption(RDKafkaErrorCode::OffsetOutOfRange)) => {
+                    // Which partition is not said: compare every position with its start.
+                    self.check_positions()?;
+                    continue;
+                }
+                Err(KafkaError::MessageConsumption(
+                    RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic,
+                )) => {
+                    // Probably a deleted topic: look now rather than warn on every poll.
+                    self.discover()?;
+                    break;
+                }
+                Err(e) => return Err(kafka_error("reading", e)),
+            };
             let Some(&i) = self
                 .index
                 .get(&(Arc::from(message.topic()), message.partition()))
@@ -290,6 +605,9 @@ impl Source for KafkaSource {
                 continue;
             };
             let assigned = &mut self.assigned[i];
+            if assigned.status.state != PartitionState::Reading {
+                continue;
+            }
             let expected_user = assigned.expected_user.or_else(|| {
                 let key = std::str::from_utf8(message.key()?).ok()?;
                 key.parse::<UserId>().ok()
@@ -304,19 +622,26 @@ impl Source for KafkaSource {
             assigned.status.position = message.offset() + 1;
         }
         if out.len() > start {
+            self.read_since_watermarks = true;
             return Ok(Poll::Ready);
         }
         if self
             .last_watermarks
             .is_none_or(|t| now - t >= WATERMARK_INTERVAL)
+            || (self.read_since_watermarks && self.all_read())
         {
             self.refresh_watermarks()?;
         }
-        // Behind a known end: records are on their way (or the consumer is still connecting).
-        Ok(if self.all_read() {
+        Ok(if !self.all_read() {
+            // Behind a known end: records are on their way (or the consumer is still
+            // connecting).
+            Poll::Ready
+        } else if self.caught_up() {
             Poll::Idle
         } else {
-            Poll::Ready
+            // Nothing to read now, but not caught up: the topic is not found yet, or a
+            // partition is stopped (lost input, deleted topic) and keeps its lag.
+            Poll::Behind
         })
     }
 

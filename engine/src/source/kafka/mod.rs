@@ -17,9 +17,22 @@
 //!   lag, never read back. `isolation.level=read_committed`.
 //! * **Back-pressure.** librdkafka's prefetch queue is bounded
 //!   (`queued.max.messages.kbytes`); the worker polls only as much as the epoch budget allows.
-//! * **Caught up.** A poll reports idle only when every assigned partition's position has
-//!   reached the partition's end as of the last check (refreshed every few hundred milliseconds
-//!   while the source looks idle).
+//! * **Caught up.** A poll reports idle only when the source has found what it reads (with
+//!   `--topic`: a listing that showed the topic and its partitions; with a pattern: one
+//!   successful listing, which may match no topic at all: then there is nothing to read) and
+//!   every assigned partition's position has reached the partition's end as of the last check
+//!   (made after assignment, refreshed every few hundred milliseconds while the source looks
+//!   idle). Until then it reports [`Poll::Behind`](crate::source::Poll::Behind).
+//! * **Lost input.** `auto.offset.reset=error`: librdkafka never skips silently. A partition
+//!   assigned at a position below its low watermark (a checkpoint's position whose records
+//!   were deleted since), or that hits "offset out of range" while read, has lost the records
+//!   `[position, low watermark)`. With [`OnDataLoss::Fail`] (the default) it stops: an ERROR
+//!   names topic, partition and range, `Admin/GetStatus` shows `stopped_data_loss` and the
+//!   range, and it keeps its lag. With [`OnDataLoss::Skip`] it continues at the low watermark
+//!   and still logs and reports the range.
+//! * **Deleted topics.** A topic deleted while read (confirmed by asking for it by name) leaves
+//!   its partitions in the status as `deleted` with their lag, no longer read; one WARN names
+//!   the topic. Everything else keeps being read.
 
 mod config;
 mod consumer;
@@ -27,5 +40,5 @@ mod consumer;
 #[cfg(test)]
 mod tests;
 
-pub use config::KafkaSourceConfig;
+pub use config::{KafkaSourceConfig, OnDataLoss};
 pub use consumer::{KafkaSource, owner_of, user_of_topic};
