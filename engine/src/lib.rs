@@ -169,8 +169,25 @@ impl Engine {
         // past both, so everything this run publishes is newer than anything before it.
         let (store, restored) = match &config.checkpoint {
             Some(c) => {
-                let store = checkpoint::LocalDirStore::open(&c.dir)?;
-                let latest = checkpoint::CheckpointStore::latest(&store)?;
+                let mut store = checkpoint::LocalDirStore::open(&c.dir)?;
+                let latest = match checkpoint::CheckpointStore::latest(&store) {
+                    Err(checkpoint::CheckpointError::Unreadable { refused, .. })
+                        if c.discard_unreadable =>
+                    {
+                        for (path, why) in &refused {
+                            tracing::warn!(path = %path, reason = %why, "--discard-checkpoints: discarding an unreadable checkpoint.");
+                        }
+                        for (from, to) in store.discard_all()? {
+                            tracing::warn!(
+                                from = %from.display(),
+                                to = %to.display(),
+                                "Moved an unreadable checkpoint aside; all input is read again from the beginning."
+                            );
+                        }
+                        None
+                    }
+                    other => other?,
+                };
                 if let Some(latest) = &latest {
                     tracing::info!(
                         epoch = latest.epoch,
