@@ -265,7 +265,11 @@ impl Engine {
             if config.checkpoint.is_some() {
                 // Input after the checkpoint is read again: its dead letters are already in
                 // the topic, and must not be sent twice.
-                output.skip_written(&k.brokers, &start_at)?;
+                output.skip_written(
+                    &k.brokers,
+                    &start_at,
+                    restored.as_ref().and_then(|c| c.dead_letter_scan.as_ref()),
+                )?;
             }
             dead_letters = dead_letters.with_output(Box::new(output));
         }
@@ -283,6 +287,7 @@ impl Engine {
                 .map(|c| Duration::from_millis(c.interval_ms)),
         );
         let mut shared = Shared::new(workers, clock, dead_letters);
+        shared.checkpoints_enabled = config.checkpoint.is_some();
         let restored_epoch = restored.as_ref().map(|c| c.epoch);
         if let Some(restored) = restored {
             shared = shared.restore_from(restored);
@@ -521,6 +526,9 @@ impl Engine {
 
     fn stop(&mut self) -> Result<(), EngineError> {
         self.shared.stop.store(true, Ordering::Release);
+        // A worker waiting for room in an undeliverable dead-letter output must not hold the
+        // shutdown: what is undelivered is covered by no checkpoint.
+        self.shared.dead_letters.close();
         let mut result = Ok(());
         if let Some(workers) = self.workers.take() {
             match workers.join() {

@@ -33,6 +33,8 @@ pub struct Status {
     pub live_expenses: i64,
     /// Time since the engine started.
     pub uptime: Duration,
+    /// Checkpoints, when the engine writes them.
+    pub checkpoint: Option<crate::pipeline::CheckpointProgress>,
 }
 
 /// Computes [`Status`] from the shared pipeline state and the read model.
@@ -62,6 +64,13 @@ impl StatusProbe {
             users: snapshot.user_count(),
             live_expenses: snapshot.live_expenses(),
             uptime: self.shared.started.elapsed(),
+            checkpoint: self.shared.checkpoints_enabled.then(|| {
+                self.shared
+                    .checkpoints
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+            }),
         }
     }
 }

@@ -54,6 +54,12 @@ impl Admin for AdminService {
             live_expenses: s.live_expenses,
             uptime_ms: s.uptime.as_millis() as u64,
             version: env!("CARGO_PKG_VERSION").to_string(),
+            checkpoint: s.checkpoint.map(|c| pb::CheckpointStatus {
+                last_epoch: c.last_epoch,
+                last_age_ms: c.last_at.map_or(0, |at| at.elapsed().as_millis() as u64),
+                last_error: c.last_error.unwrap_or_default(),
+                failures: c.failures,
+            }),
         }))
     }
 
