@@ -1129,7 +1129,10 @@ mod checkpointer_tests {
         thread.join().unwrap();
         assert_eq!(*saved.lock().unwrap(), vec![4]);
         let p = progress();
-        assert_eq!((p.last_epoch, p.failures, p.consecutive_failures), (4, 3, 0));
+        assert_eq!(
+            (p.last_epoch, p.failures, p.consecutive_failures),
+            (4, 3, 0)
+        );
         assert!(p.last_at.is_some());
     }
 }

@@ -128,7 +128,7 @@ fn an_unwritable_checkpoint_directory_is_reported_and_recovered_from() {
     // More input: checkpoints are due, and cannot be written.
     append(&mut input, 100, 100);
     let broken = admin.until("a failed checkpoint in the status", |s| {
-        s.checkpoint.as_ref().is_some_and(|c| c.failures >= 2)
+        s.checkpoint.as_ref().is_some_and(|c| c.failures >= 1)
     });
     let broken_checkpoint = broken.checkpoint.clone().unwrap();
     assert!(
@@ -157,10 +157,13 @@ fn an_unwritable_checkpoint_directory_is_reported_and_recovered_from() {
     std::fs::rename(&aside, &dir).unwrap();
     append(&mut input, 200, 50);
     let recovered = admin.until("a checkpoint after the directory came back", |s| {
-        s.records_read == 250 && s.checkpoint.as_ref().is_some_and(|c| c.last_epoch > last_good)
+        s.records_read == 250
+            && s.checkpoint
+                .as_ref()
+                .is_some_and(|c| c.last_epoch > last_good)
     });
     let recovered = recovered.checkpoint.unwrap();
-    assert!(recovered.failures >= 2, "{recovered:?}");
+    assert!(recovered.failures >= 1, "{recovered:?}");
     assert!(
         temporary_files(&dir).is_empty(),
         "no temporary file left: {:?}",

@@ -79,7 +79,8 @@ fn a_refused_dead_letter_is_retried_and_holds_back_flush_until_delivered() {
     );
 
     // The broker accepts it now: the kept dead letter is sent again and delivered.
-    let alter = AlterConfig::new(ResourceSpecifier::Topic(&topic)).set("max.message.bytes", "1048588");
+    let alter =
+        AlterConfig::new(ResourceSpecifier::Topic(&topic)).set("max.message.bytes", "1048588");
     for r in runtime
         .block_on(admin.alter_configs([&alter], &options))
         .unwrap()
