@@ -204,6 +204,14 @@ struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     checkpoint_interval: Duration,
 
+    /// With --checkpoint-dir: when the directory holds checkpoint files and none of them can
+    /// be read (damaged, or written by a version this binary does not know), move them into
+    /// DIR/discarded-<unix seconds>/ (nothing is deleted) and start without a checkpoint,
+    /// reading all input again from the beginning. Without this flag such a start is refused.
+    /// Readable checkpoints are never discarded: the newest readable one is used.
+    #[arg(long, requires = "checkpoint_dir")]
+    discard_checkpoints: bool,
+
     /// Serve the live web report on this address (overview and a page per user), e.g.
     /// 127.0.0.1:8080. Off unless given.
     #[arg(long, value_name = "ADDR")]
@@ -603,6 +611,7 @@ fn run(args: RunArgs) -> Result<()> {
         config.checkpoint = Some(CheckpointConfig {
             dir,
             interval_ms: args.checkpoint_interval.as_millis() as u64,
+            discard_unreadable: args.discard_checkpoints,
         });
     }
     let mut builder = Engine::builder().config(config);

@@ -75,6 +75,11 @@ pub struct CheckpointConfig {
     /// again after a crash.
     #[serde(default = "default_checkpoint_interval_ms")]
     pub interval_ms: u64,
+    /// When the directory holds checkpoints and none can be read: move them into
+    /// `<dir>/discarded-<unix seconds>/` and start from the beginning of the input. Without
+    /// it such a start is refused. Readable checkpoints are never discarded.
+    #[serde(default)]
+    pub discard_unreadable: bool,
 }
 
 const fn default_checkpoint_interval_ms() -> u64 {
@@ -87,6 +92,7 @@ impl CheckpointConfig {
         CheckpointConfig {
             dir: dir.into(),
             interval_ms: default_checkpoint_interval_ms(),
+            discard_unreadable: false,
         }
     }
 }

@@ -169,8 +169,25 @@ impl Engine {
         // past both, so everything this run publishes is newer than anything before it.
         let (store, restored) = match &config.checkpoint {
             Some(c) => {
-                let store = checkpoint::LocalDirStore::open(&c.dir)?;
-                let latest = checkpoint::CheckpointStore::latest(&store)?;
+                let mut store = checkpoint::LocalDirStore::open(&c.dir)?;
+                let latest = match checkpoint::CheckpointStore::latest(&store) {
+                    Err(checkpoint::CheckpointError::Unreadable { refused, .. })
+                        if c.discard_unreadable =>
+                    {
+                        for (path, why) in &refused {
+                            tracing::warn!(path = %path, reason = %why, "--discard-checkpoints: discarding an unreadable checkpoint.");
+                        }
+                        for (from, to) in store.discard_all()? {
+                            tracing::warn!(
+                                from = %from.display(),
+                                to = %to.display(),
+                                "Moved an unreadable checkpoint aside; all input is read again from the beginning."
+                            );
+                        }
+                        None
+                    }
+                    other => other?,
+                };
                 if let Some(latest) = &latest {
                     tracing::info!(
                         epoch = latest.epoch,
@@ -248,7 +265,11 @@ impl Engine {
             if config.checkpoint.is_some() {
                 // Input after the checkpoint is read again: its dead letters are already in
                 // the topic, and must not be sent twice.
-                output.skip_written(&k.brokers, &start_at)?;
+                output.skip_written(
+                    &k.brokers,
+                    &start_at,
+                    restored.as_ref().and_then(|c| c.dead_letter_scan.as_ref()),
+                )?;
             }
             dead_letters = dead_letters.with_output(Box::new(output));
         }
@@ -271,6 +292,7 @@ impl Engine {
             // progress): re-read input must rewrite every cell it touches.
             shared = shared.with_replay();
         }
+        shared.checkpoints_enabled = config.checkpoint.is_some();
         let restored_epoch = restored.as_ref().map(|c| c.epoch);
         if let Some(restored) = restored {
             shared = shared.restore_from(restored);
@@ -509,6 +531,9 @@ impl Engine {
 
     fn stop(&mut self) -> Result<(), EngineError> {
         self.shared.stop.store(true, Ordering::Release);
+        // A worker waiting for room in an undeliverable dead-letter output must not hold the
+        // shutdown: what is undelivered is covered by no checkpoint.
+        self.shared.dead_letters.close();
         let mut result = Ok(());
         if let Some(workers) = self.workers.take() {
             match workers.join() {

@@ -195,6 +195,10 @@ pub struct Shared {
     pub fatal: std::sync::Mutex<Option<String>>,
     /// The checkpoint to restore, until every worker has pushed its share of it.
     restore: std::sync::Mutex<Option<Arc<Checkpoint>>>,
+    /// How checkpoints go, for the status service.
+    pub checkpoints: std::sync::Mutex<CheckpointProgress>,
+    /// True when the engine writes checkpoints.
+    pub checkpoints_enabled: bool,
     restore_pending: std::sync::atomic::AtomicUsize,
     /// The replay epochs, in which the dataflow reports every cell the input touched so the
     /// durable sink rewrites it (see `spendflow_operators::aggregate`). With a durable sink,
@@ -217,6 +221,8 @@ impl Shared {
             sink_committed: AtomicU64::new(0),
             fatal: std::sync::Mutex::new(None),
             restore: std::sync::Mutex::new(None),
+            checkpoints: std::sync::Mutex::new(CheckpointProgress::default()),
+            checkpoints_enabled: false,
             restore_pending: std::sync::atomic::AtomicUsize::new(workers),
             replay: ReplayTouch::default(),
             workers_were_idle: std::sync::atomic::AtomicUsize::new(0),
@@ -251,6 +257,11 @@ impl Shared {
     /// Restores `checkpoint` when the workers start: each pushes its share of the live
     /// expenses at the checkpoint's epoch.
     pub fn restore_from(self, checkpoint: Checkpoint) -> Self {
+        {
+            let mut progress = self.checkpoints.lock().unwrap_or_else(|p| p.into_inner());
+            progress.last_epoch = checkpoint.epoch;
+            progress.last_at = Some(Instant::now());
+        }
         *self.restore.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(checkpoint));
         self
     }
@@ -297,6 +308,35 @@ impl Shared {
                     .clone()
             })
             .collect()
+    }
+}
+
+/// How checkpoints go: the newest one, and the failures.
+#[derive(Clone, Debug, Default)]
+pub struct CheckpointProgress {
+    /// The newest checkpoint written in this run or restored at start (0: none).
+    pub last_epoch: Epoch,
+    /// When it was written or restored.
+    pub last_at: Option<Instant>,
+    /// The newest failure, if any in this run.
+    pub last_error: Option<String>,
+    /// Checkpoints given up because of a failure.
+    pub failures: u64,
+    /// Failures since the last checkpoint written.
+    pub consecutive_failures: u64,
+}
+
+impl CheckpointProgress {
+    fn failed(&mut self, error: String) {
+        self.last_error = Some(error);
+        self.failures += 1;
+        self.consecutive_failures += 1;
+    }
+
+    fn written(&mut self, epoch: Epoch) {
+        self.last_epoch = epoch;
+        self.last_at = Some(Instant::now());
+        self.consecutive_failures = 0;
     }
 }
 
@@ -887,26 +927,56 @@ pub fn run_checkpointer(
             break; // Stopping before the sink caught up: this checkpoint would claim too much.
         }
         let started = Instant::now();
+        let progress = || shared.checkpoints.lock().unwrap_or_else(|p| p.into_inner());
         // Dead letters of records before the checkpoint must be in their topic before the
         // checkpoint says those records are done: a restart will not read them again.
         if !shared.dead_letters.flush() {
-            tracing::warn!(
-                epoch,
-                "Checkpoint skipped: dead letters before it are not delivered yet."
-            );
+            let mut progress = progress();
+            progress.failed(format!(
+                "checkpoint at epoch {epoch} held back: dead letters before it are not delivered yet"
+            ));
+            let consecutive = progress.consecutive_failures;
+            drop(progress);
+            if consecutive > 1 {
+                tracing::error!(
+                    epoch,
+                    consecutive,
+                    "Checkpoint skipped again: dead letters before it are still not delivered; a restart reads more input again each time."
+                );
+            } else {
+                tracing::warn!(
+                    epoch,
+                    "Checkpoint skipped: dead letters before it are not delivered yet."
+                );
+            }
             shared.clock.checkpoint_finished(epoch);
             continue;
         }
-        let checkpoint = join_shares(epoch, shares);
+        let mut checkpoint = join_shares(epoch, shares);
+        checkpoint.dead_letter_scan = shared.dead_letters.scan_start(&checkpoint.positions);
         match store.save(&checkpoint) {
-            Ok(()) => tracing::info!(
-                epoch,
-                live = checkpoint.live.len(),
-                ms = started.elapsed().as_millis() as u64,
-                "Checkpoint written."
-            ),
+            Ok(()) => {
+                progress().written(epoch);
+                shared.dead_letters.checkpointed(&checkpoint.positions);
+                tracing::info!(
+                    epoch,
+                    live = checkpoint.live.len(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "Checkpoint written."
+                )
+            }
             Err(e) => {
-                tracing::warn!(epoch, error = %e, "Checkpoint not written; the previous one stays valid.")
+                let mut progress = progress();
+                progress.failed(e.to_string());
+                let (failures, last_epoch) = (progress.consecutive_failures, progress.last_epoch);
+                drop(progress);
+                tracing::error!(
+                    epoch,
+                    error = %e,
+                    consecutive_failures = failures,
+                    last_written = last_epoch,
+                    "Checkpoint not written; the previous one stays valid, and a restart reads more input again (with Kafka retention, input may expire before it is)."
+                )
             }
         }
         shared.clock.checkpoint_finished(epoch);
@@ -1013,5 +1083,118 @@ impl Merger {
         };
         delta.records_covered = self.read.iter().sum();
         Some(delta)
+    }
+}
+
+#[cfg(test)]
+mod checkpointer_tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+    use crate::checkpoint::CheckpointError;
+    use crate::sink::dead_letter::DeadLetterOutput;
+
+    /// A dead-letter output whose deliveries succeed only when told to.
+    #[derive(Debug, Default)]
+    struct Output {
+        deliverable: Arc<AtomicBool>,
+    }
+
+    impl DeadLetterOutput for Output {
+        fn send(&self, _: &RejectedRecord, _: &[u8], _: Option<&[u8]>) {}
+        fn flush(&self) -> bool {
+            self.deliverable.load(Ordering::SeqCst)
+        }
+    }
+
+    /// A store in memory that fails while told to.
+    #[derive(Debug, Default)]
+    struct Store {
+        saved: Arc<std::sync::Mutex<Vec<Epoch>>>,
+        failing: Arc<AtomicBool>,
+    }
+
+    impl CheckpointStore for Store {
+        fn latest(&self) -> Result<Option<Checkpoint>, CheckpointError> {
+            Ok(None)
+        }
+        fn save(&mut self, checkpoint: &Checkpoint) -> Result<(), CheckpointError> {
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(CheckpointError::Io {
+                    path: "/nowhere".into(),
+                    source: std::io::Error::other("disk on fire"),
+                });
+            }
+            self.saved.lock().unwrap().push(checkpoint.epoch);
+            Ok(())
+        }
+    }
+
+    fn part(epoch: Epoch) -> SnapshotPart {
+        SnapshotPart {
+            epoch,
+            live: Vec::new(),
+            positions: Arc::new(Vec::new()),
+            read: epoch,
+            rejected: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn undelivered_dead_letters_and_failed_writes_hold_back_checkpoints_and_show_in_status() {
+        let output = Output::default();
+        let deliverable = Arc::clone(&output.deliverable);
+        let store = Store::default();
+        let (saved, failing) = (Arc::clone(&store.saved), Arc::clone(&store.failing));
+        let dead_letters = Arc::new(DeadLetters::default().with_output(Box::new(output)));
+        let shared = Arc::new(Shared::new(
+            1,
+            EpochClock::new(Duration::from_millis(10), 1000),
+            dead_letters,
+        ));
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let thread = {
+            let shared = Arc::clone(&shared);
+            std::thread::spawn(move || run_checkpointer(rx, 1, Box::new(store), &shared, false))
+        };
+        let progress = || shared.checkpoints.lock().unwrap().clone();
+        let wait_failures = |n: u64| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while progress().failures < n {
+                assert!(Instant::now() < deadline, "{:?}", progress());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+
+        // Dead letters not delivered: no checkpoint, twice.
+        tx.send(part(1)).unwrap();
+        wait_failures(1);
+        tx.send(part(2)).unwrap();
+        wait_failures(2);
+        assert!(saved.lock().unwrap().is_empty());
+        let p = progress();
+        assert_eq!((p.last_epoch, p.consecutive_failures), (0, 2));
+        assert!(p.last_error.unwrap().contains("dead letters"));
+
+        // Delivered, but the store fails.
+        deliverable.store(true, Ordering::SeqCst);
+        failing.store(true, Ordering::SeqCst);
+        tx.send(part(3)).unwrap();
+        wait_failures(3);
+        assert!(saved.lock().unwrap().is_empty());
+        assert!(progress().last_error.unwrap().contains("disk on fire"));
+
+        // Both well again: written.
+        failing.store(false, Ordering::SeqCst);
+        tx.send(part(4)).unwrap();
+        drop(tx);
+        thread.join().unwrap();
+        assert_eq!(*saved.lock().unwrap(), vec![4]);
+        let p = progress();
+        assert_eq!(
+            (p.last_epoch, p.failures, p.consecutive_failures),
+            (4, 3, 0)
+        );
+        assert!(p.last_at.is_some());
     }
 }

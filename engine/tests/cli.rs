@@ -137,3 +137,73 @@ fn bad_arguments_say_what_to_do() {
         assert!(help.contains(flag), "demo --help lacks {flag}");
     }
 }
+
+#[test]
+fn run_refuses_unreadable_checkpoints_unless_told_to_discard_them() {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    writeln!(
+        file,
+        r#"{{"expense_id":"e-1","user_id":1,"merchant":"Tesco","category":"groceries","amount_minor":5,"currency":"EUR","event_time":"2026-11-24T10:15:00Z"}}"#
+    )
+    .unwrap();
+    file.flush().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let damaged = dir.path().join(format!("checkpoint-{:020}", 12));
+    std::fs::write(&damaged, b"SPFCKP02 cut short").unwrap();
+    let future = dir.path().join(format!("checkpoint-{:020}", 13));
+    std::fs::write(&future, b"SPFCKP99 from a later spendflow").unwrap();
+
+    let run = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_spendflow"))
+            .args(["run", "--input"])
+            .arg(format!("file:{}", file.path().display()))
+            .arg("--checkpoint-dir")
+            .arg(dir.path())
+            .args(["--grpc", "127.0.0.1:0", "--log", "warn"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let refused = run(&[]).wait_with_output().unwrap();
+    assert!(!refused.status.success(), "must not start");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("none can be read"), "{stderr}");
+    assert!(
+        stderr.contains(&damaged.display().to_string()) && stderr.contains("implausible"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&future.display().to_string()) && stderr.contains("version 99"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--discard-checkpoints"), "{stderr}");
+    assert!(damaged.exists() && future.exists(), "nothing touched");
+
+    // With the opt-in it starts, and the files are moved aside, not deleted.
+    let mut started = run(&["--discard-checkpoints"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while damaged.exists() || future.exists() {
+        assert!(Instant::now() < deadline, "not moved aside in 30 s");
+        assert!(started.try_wait().unwrap().is_none(), "the engine exited");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let aside = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("discarded-"))
+        .flat_map(|e| std::fs::read_dir(e.path()).unwrap())
+        .count();
+    assert_eq!(aside, 2);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(started.try_wait().unwrap().is_none(), "the engine runs");
+    started.kill().unwrap();
+    let output = started.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("discarding an unreadable checkpoint"),
+        "{stderr}"
+    );
+}

@@ -125,6 +125,7 @@ fn engine(
         checkpoint: checkpoints.map(|dir| CheckpointConfig {
             dir: dir.to_path_buf(),
             interval_ms: 100,
+            discard_unreadable: false,
         }),
         ..EngineConfig::default()
     };

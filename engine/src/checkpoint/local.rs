@@ -100,36 +100,90 @@ impl LocalDirStore {
     }
 }
 
+impl LocalDirStore {
+    /// Moves every checkpoint file into `<dir>/discarded-<unix seconds>/` (nothing is
+    /// deleted), for a start that gives them up explicitly (`--discard-checkpoints`). Returns
+    /// where each went.
+    ///
+    /// # Errors
+    ///
+    /// [`CheckpointError::Io`] if they cannot be listed or moved.
+    pub fn discard_all(&mut self) -> Result<Vec<(PathBuf, PathBuf)>, CheckpointError> {
+        let files = self.files()?;
+        if files.is_empty() {
+            return Ok(Vec::new());
+        }
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let aside = self.dir.join(format!("discarded-{secs}"));
+        fs::create_dir_all(&aside).map_err(io_error(&aside))?;
+        let mut moved = Vec::new();
+        for (_, path) in files {
+            let to = aside.join(path.file_name().expect("a file name"));
+            fs::rename(&path, &to).map_err(io_error(&path))?;
+            moved.push((path, to));
+        }
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_error(&self.dir))?;
+        Ok(moved)
+    }
+}
+
 impl CheckpointStore for LocalDirStore {
     fn latest(&self) -> Result<Option<Checkpoint>, CheckpointError> {
+        let mut refused = Vec::new();
         for (_, path) in self.files()? {
-            let file = File::open(&path).map_err(io_error(&path))?;
-            match Checkpoint::decode(BufReader::with_capacity(1 << 20, file)) {
-                Ok(checkpoint) => return Ok(Some(checkpoint)),
-                Err(message) => tracing::warn!(
-                    path = %path.display(),
-                    %message,
-                    "Skipping a damaged checkpoint; trying an older one."
-                ),
+            let decoded = File::open(&path)
+                .map_err(|e| format!("cannot be opened: {e}"))
+                .and_then(|file| Checkpoint::decode(BufReader::with_capacity(1 << 20, file)));
+            match decoded {
+                Ok(checkpoint) => {
+                    for (newer, why) in &refused {
+                        tracing::warn!(
+                            path = %newer,
+                            reason = %why,
+                            used = %path.display(),
+                            epoch = checkpoint.epoch,
+                            "A newer checkpoint cannot be read; restoring an older one (more input is read again)."
+                        );
+                    }
+                    return Ok(Some(checkpoint));
+                }
+                Err(message) => refused.push((path.display().to_string(), message)),
             }
         }
-        Ok(None)
+        if refused.is_empty() {
+            Ok(None)
+        } else {
+            Err(CheckpointError::Unreadable {
+                dir: self.dir.display().to_string(),
+                refused,
+            })
+        }
     }
 
     fn save(&mut self, checkpoint: &Checkpoint) -> Result<(), CheckpointError> {
         let name = format!("{PREFIX}{:020}", checkpoint.epoch);
         let tmp = self.dir.join(format!(".tmp-{name}"));
         let path = self.dir.join(&name);
-        {
-            let file = File::create(&tmp).map_err(io_error(&tmp))?;
-            let mut out = BufWriter::with_capacity(1 << 20, file);
-            checkpoint.encode(&mut out).map_err(io_error(&tmp))?;
-            let file = out
-                .into_inner()
-                .map_err(|e| io_error(&tmp)(e.into_error()))?;
-            file.sync_all().map_err(io_error(&tmp))?;
+        let written = write_file(&tmp, checkpoint)
+            .and_then(|()| fs::rename(&tmp, &path).map_err(io_error(&path)));
+        if let Err(e) = written {
+            // Whatever failed, no temporary file stays behind (a full disk stays full of
+            // half-written checkpoints otherwise).
+            match fs::remove_file(&tmp) {
+                Ok(()) => {}
+                Err(r) if r.kind() == std::io::ErrorKind::NotFound => {}
+                Err(r) => tracing::error!(
+                    path = %tmp.display(),
+                    error = %r,
+                    "Could not remove a partly written checkpoint."
+                ),
+            }
+            return Err(e);
         }
-        fs::rename(&tmp, &path).map_err(io_error(&path))?;
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(io_error(&self.dir))?;
@@ -140,4 +194,15 @@ impl CheckpointStore for LocalDirStore {
         }
         Ok(())
     }
+}
+
+/// Writes `checkpoint` to `tmp` and syncs it.
+fn write_file(tmp: &Path, checkpoint: &Checkpoint) -> Result<(), CheckpointError> {
+    let file = File::create(tmp).map_err(io_error(tmp))?;
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    checkpoint.encode(&mut out).map_err(io_error(tmp))?;
+    let file = out
+        .into_inner()
+        .map_err(|e| io_error(tmp)(e.into_error()))?;
+    file.sync_all().map_err(io_error(tmp))
 }

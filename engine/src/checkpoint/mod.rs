@@ -44,6 +44,23 @@ pub struct Checkpoint {
     pub names: Vec<String>,
     /// Every live expense: `(expense_id, fact)`.
     pub live: Vec<(String, Fact)>,
+    /// Where a restart starts reading the dead-letter topic to learn which re-read records
+    /// have their dead letter there already; `None`: the whole topic (no durable dead-letter
+    /// output, or a version 1 checkpoint).
+    pub dead_letter_scan: Option<DeadLetterScan>,
+}
+
+/// Where in the dead-letter topic the dead letters of records after a checkpoint's positions
+/// start: every dead letter of a record at or after the checkpoint's positions is at or after
+/// `from` in its partition, so a restart reads only those (O(dead letters since the checkpoint),
+/// not the whole topic).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetterScan {
+    /// The dead-letter topic these offsets are in (another topic is read whole).
+    pub topic: String,
+    /// `(partition, offset)` for every partition of the topic; partitions not listed (created
+    /// later) are read from their start.
+    pub from: Vec<(i32, i64)>,
 }
 
 /// The position of one source partition in a checkpoint.
@@ -67,6 +84,9 @@ struct Header {
     rejected: Vec<(String, u64)>,
     names: Vec<String>,
     live: u64,
+    /// Version 2 on.
+    #[serde(default)]
+    dead_letter_scan: Option<DeadLetterScan>,
 }
 
 /// What can go wrong reading or writing checkpoints.
@@ -87,6 +107,18 @@ pub enum CheckpointError {
         path: String,
         /// What is wrong.
         message: String,
+    },
+    /// The store holds checkpoints and none of them can be read: starting without them would
+    /// silently read all input again from the beginning (or from the retention limit).
+    #[error(
+        "checkpoint directory {dir} holds checkpoints, but none can be read:{}\nThe engine does not start, so that it does not silently read all input again from the beginning. Put a readable checkpoint back (a backup, or the files from the binary that wrote them), or start with --discard-checkpoints to move these files aside and read all input again.",
+        refused.iter().map(|(path, why)| format!("\n  {path}: {why}")).collect::<String>()
+    )]
+    Unreadable {
+        /// The directory.
+        dir: String,
+        /// Every checkpoint file and why it was refused, newest first.
+        refused: Vec<(String, String)>,
     },
     /// Another engine holds the store.
     #[error(
@@ -109,11 +141,13 @@ impl CheckpointError {
 
 /// Where checkpoints are kept.
 pub trait CheckpointStore: Send + std::fmt::Debug {
-    /// The newest complete checkpoint, if any. Damaged newer ones are skipped with a warning.
+    /// The newest readable checkpoint, if any. Unreadable newer ones are skipped with a
+    /// warning naming each.
     ///
     /// # Errors
     ///
-    /// [`CheckpointError`] if the store cannot be read.
+    /// [`CheckpointError::Unreadable`] if the store holds checkpoints and none can be read;
+    /// [`CheckpointError::Io`] if the store cannot be listed.
     fn latest(&self) -> Result<Option<Checkpoint>, CheckpointError>;
 
     /// Stores a checkpoint atomically: after a crash, either the whole checkpoint is there or
@@ -125,8 +159,15 @@ pub trait CheckpointStore: Send + std::fmt::Debug {
     fn save(&mut self, checkpoint: &Checkpoint) -> Result<(), CheckpointError>;
 }
 
-/// File format magic and version.
-const MAGIC: &[u8; 8] = b"SPFCKP01";
+/// File format magic: these six bytes and a two-digit version.
+const MAGIC_PREFIX: &[u8; 6] = b"SPFCKP";
+
+/// The version written: 2 added [`Checkpoint::dead_letter_scan`]. Version 1 is still read
+/// (its restart reads the whole dead-letter topic, as version 1 engines did).
+const VERSION: &[u8; 2] = b"02";
+
+/// Versions this binary reads.
+const READABLE_VERSIONS: [&[u8; 2]; 2] = [b"01", b"02"];
 
 /// Bytes per live entry besides the id: user, category, merchant, amount, event time.
 const ENTRY_FIXED: usize = 8 * 5;
@@ -147,9 +188,11 @@ impl Checkpoint {
             rejected: self.rejected.clone(),
             names: self.names.clone(),
             live: self.live.len() as u64,
+            dead_letter_scan: self.dead_letter_scan.clone(),
         };
         let header = serde_json::to_vec(&header).map_err(io::Error::other)?;
-        out.write_all(MAGIC)?;
+        out.write_all(MAGIC_PREFIX)?;
+        out.write_all(VERSION)?;
         out.write_all(&(header.len() as u64).to_le_bytes())?;
         out.write_all(&header)?;
         let mut entry = Vec::with_capacity(64);
@@ -179,8 +222,15 @@ impl Checkpoint {
         let mut input = Checksummed::new(input);
         let mut magic = [0u8; 8];
         read_exact(&mut input, &mut magic, "magic")?;
-        if &magic != MAGIC {
-            return Err("not a spendflow checkpoint (or a different format version)".into());
+        if &magic[..6] != MAGIC_PREFIX {
+            return Err("not a spendflow checkpoint (wrong magic bytes)".into());
+        }
+        let version = &magic[6..];
+        if !READABLE_VERSIONS.iter().any(|v| &v[..] == version) {
+            return Err(format!(
+                "checkpoint format version {} is unknown to this binary (it reads versions 01 and 02); it was written by another spendflow version",
+                String::from_utf8_lossy(version)
+            ));
         }
         let header_len = read_u64(&mut input, "header length")? as usize;
         if header_len > 1 << 30 {
@@ -232,6 +282,7 @@ impl Checkpoint {
             rejected: header.rejected,
             names: header.names,
             live,
+            dead_letter_scan: header.dead_letter_scan,
         })
     }
 }

@@ -29,7 +29,31 @@ fn sample(epoch: u64, live: usize) -> Checkpoint {
                 )
             })
             .collect(),
+        dead_letter_scan: Some(DeadLetterScan {
+            topic: "expenses.dead-letter".into(),
+            from: vec![(0, 17), (1, 4)],
+        }),
     }
+}
+
+fn checkpoint_files(dir: &std::path::Path) -> Vec<String> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n != "LOCK")
+        .collect();
+    files.sort();
+    files
+}
+
+/// `bytes` (an encoded checkpoint) with its version replaced and the checksum recomputed.
+fn with_version(bytes: &[u8], version: &[u8; 2]) -> Vec<u8> {
+    let mut out = bytes[..bytes.len() - 8].to_vec();
+    out[6..8].copy_from_slice(version);
+    let mut sum = Checksummed::new(());
+    sum.add(&out);
+    out.extend_from_slice(&sum.sum.to_le_bytes());
+    out
 }
 
 #[test]
@@ -69,8 +93,11 @@ fn local_store_keeps_the_newest_and_skips_damaged_files() {
     assert_eq!(files.len(), 2, "{files:?}");
     // A damaged newest file: the one before it is used.
     let newest = dir.path().join(format!("checkpoint-{:020}", 9));
-    std::fs::write(&newest, b"SPFCKP01 truncated").unwrap();
+    std::fs::write(&newest, b"SPFCKP02 truncated").unwrap();
     assert_eq!(store.latest().unwrap().unwrap().epoch, 5);
+    // Saving again keeps the two newest files, the damaged one among them.
+    store.save(&sample(10, 5)).unwrap();
+    assert_eq!(store.latest().unwrap().unwrap().epoch, 10);
 }
 
 #[test]
@@ -85,4 +112,98 @@ fn a_second_engine_is_fenced_out() {
     );
     drop(first);
     LocalDirStore::open(dir.path()).expect("free again once the first is gone");
+}
+
+#[test]
+fn version_1_is_read_and_unknown_versions_are_refused_by_name() {
+    let mut v1 = sample(4, 3);
+    v1.dead_letter_scan = None;
+    let mut bytes = Vec::new();
+    v1.encode(&mut bytes).unwrap();
+    assert_eq!(&bytes[..8], b"SPFCKP02");
+    let old = with_version(&bytes, b"01");
+    assert_eq!(Checkpoint::decode(&old[..]).unwrap(), v1);
+    let future = with_version(&bytes, b"07");
+    let err = Checkpoint::decode(&future[..]).unwrap_err();
+    assert!(err.contains("version 07 is unknown"), "{err}");
+}
+
+#[test]
+fn unreadable_checkpoints_refuse_the_start_naming_each_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = LocalDirStore::open(dir.path()).unwrap();
+    for epoch in [3, 5] {
+        store.save(&sample(epoch, 5)).unwrap();
+    }
+    let path = |epoch: u64| dir.path().join(format!("checkpoint-{epoch:020}"));
+    // Newest: a future format version; older: truncated.
+    let mut bytes = std::fs::read(path(5)).unwrap();
+    bytes = with_version(&bytes, b"09");
+    std::fs::write(path(5), &bytes).unwrap();
+    let truncated = std::fs::read(path(3)).unwrap();
+    std::fs::write(path(3), &truncated[..truncated.len() / 2]).unwrap();
+
+    let err = store.latest().unwrap_err();
+    assert!(!err.is_retriable());
+    let CheckpointError::Unreadable { refused, .. } = &err else {
+        panic!("{err}");
+    };
+    assert_eq!(refused.len(), 2, "{err}");
+    let text = err.to_string();
+    for (file, why) in [(path(5), "version 09 is unknown"), (path(3), "truncated")] {
+        let line = text
+            .lines()
+            .find(|l| l.contains(&file.display().to_string()))
+            .unwrap_or_else(|| panic!("{} not named in: {text}", file.display()));
+        assert!(line.contains(why), "{line}");
+    }
+    assert!(text.contains("--discard-checkpoints"), "{text}");
+
+    // The explicit opt-in moves them aside; nothing is deleted, and the store is empty.
+    let moved = store.discard_all().unwrap();
+    assert_eq!(moved.len(), 2);
+    for (_, to) in &moved {
+        assert!(to.exists(), "{}", to.display());
+    }
+    assert_eq!(store.latest().unwrap(), None);
+    store.save(&sample(6, 1)).unwrap();
+    assert_eq!(store.latest().unwrap().unwrap().epoch, 6);
+}
+
+#[test]
+fn a_file_that_cannot_be_opened_is_refused_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalDirStore::open(dir.path()).unwrap();
+    // A directory with a checkpoint's name: opening it for reading fails even for root.
+    std::fs::create_dir(dir.path().join(format!("checkpoint-{:020}", 8))).unwrap();
+    let err = store.latest().unwrap_err();
+    assert!(
+        matches!(&err, CheckpointError::Unreadable { refused, .. } if refused.len() == 1),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_failed_write_leaves_no_temporary_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = LocalDirStore::open(dir.path()).unwrap();
+    store.save(&sample(1, 2)).unwrap();
+    // The final name is taken by a non-empty directory: the temporary file is written, the
+    // rename fails (for root too).
+    let blocked = dir.path().join(format!("checkpoint-{:020}", 2));
+    std::fs::create_dir(&blocked).unwrap();
+    std::fs::write(blocked.join("x"), b"x").unwrap();
+    let err = store.save(&sample(2, 2)).unwrap_err();
+    assert!(err.is_retriable(), "{err}");
+    assert_eq!(
+        checkpoint_files(dir.path()),
+        vec![
+            format!("checkpoint-{:020}", 1),
+            format!("checkpoint-{:020}", 2)
+        ],
+        "no .tmp- file stays behind"
+    );
+    std::fs::remove_dir_all(&blocked).unwrap();
+    store.save(&sample(2, 2)).unwrap();
+    assert_eq!(store.latest().unwrap().unwrap().epoch, 2);
 }

@@ -35,6 +35,8 @@ pub struct Status {
     pub uptime: Duration,
     /// Category and merchant names interned by this process.
     pub interned_names: usize,
+    /// Checkpoints, when the engine writes them.
+    pub checkpoint: Option<crate::pipeline::CheckpointProgress>,
 }
 
 /// Computes [`Status`] from the shared pipeline state and the read model.
@@ -65,6 +67,13 @@ impl StatusProbe {
             live_expenses: snapshot.live_expenses(),
             uptime: self.shared.started.elapsed(),
             interned_names: spendflow_operators::Name::count(),
+            checkpoint: self.shared.checkpoints_enabled.then(|| {
+                self.shared
+                    .checkpoints
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+            }),
         }
     }
 }

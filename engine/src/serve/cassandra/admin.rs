@@ -89,6 +89,8 @@ impl Admin for CassandraAdmin {
             uptime_ms: self.started.elapsed().as_millis() as u64,
             version: env!("CARGO_PKG_VERSION").to_string(),
             interned_names: 0,
+            // Only the engine that writes checkpoints knows them.
+            checkpoint: None,
         }))
     }
 

@@ -65,6 +65,12 @@ impl Admin for AdminService {
             uptime_ms: s.uptime.as_millis() as u64,
             version: env!("CARGO_PKG_VERSION").to_string(),
             interned_names: s.interned_names as u64,
+            checkpoint: s.checkpoint.map(|c| pb::CheckpointStatus {
+                last_epoch: c.last_epoch,
+                last_age_ms: c.last_at.map_or(0, |at| at.elapsed().as_millis() as u64),
+                last_error: c.last_error.unwrap_or_default(),
+                failures: c.failures,
+            }),
         }))
     }
 

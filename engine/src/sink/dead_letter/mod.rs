@@ -13,14 +13,30 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use spendflow_operators::RejectReason;
 
+use crate::checkpoint::{DeadLetterScan, SavedPosition};
+
 pub mod kafka;
 
 /// Where dead letters go besides the in-memory ring: a durable output such as a Kafka topic.
 pub trait DeadLetterOutput: Send + Sync + std::fmt::Debug {
-    /// Sends one rejected record with its complete original bytes and key.
+    /// Sends one rejected record with its complete original bytes and key. The output keeps
+    /// it until it is delivered (retrying failed deliveries), and may block while too much is
+    /// undelivered (back-pressure) rather than drop it.
     fn send(&self, rejected: &RejectedRecord, raw: &[u8], key: Option<&[u8]>);
-    /// Waits until everything sent is delivered; false if some could not be in time.
+    /// Waits until everything sent before the call is delivered; false if some of it is not
+    /// delivered in time (it stays kept and retried).
     fn flush(&self) -> bool;
+    /// Where a restart from a checkpoint at `positions` must start reading the durable output
+    /// to find the dead letters of records it reads again; `None`: from the start.
+    fn scan_start(&self, _positions: &[SavedPosition]) -> Option<DeadLetterScan> {
+        None
+    }
+    /// A checkpoint at `positions` is written: what only a restart from an older one needed
+    /// may be forgotten.
+    fn checkpointed(&self, _positions: &[SavedPosition]) {}
+    /// The engine stops: stop waiting for room in [`DeadLetterOutput::send`] (what is not
+    /// delivered is covered by no checkpoint, so a restart sends it again).
+    fn close(&self) {}
 }
 
 /// Bytes of a rejected record kept for inspection.
@@ -87,6 +103,25 @@ impl DeadLetters {
     /// false if some of it could not be delivered in time.
     pub fn flush(&self) -> bool {
         self.output.as_ref().is_none_or(|output| output.flush())
+    }
+
+    /// See [`DeadLetterOutput::scan_start`].
+    pub fn scan_start(&self, positions: &[SavedPosition]) -> Option<DeadLetterScan> {
+        self.output.as_ref()?.scan_start(positions)
+    }
+
+    /// See [`DeadLetterOutput::checkpointed`].
+    pub fn checkpointed(&self, positions: &[SavedPosition]) {
+        if let Some(output) = &self.output {
+            output.checkpointed(positions);
+        }
+    }
+
+    /// See [`DeadLetterOutput::close`].
+    pub fn close(&self) {
+        if let Some(output) = &self.output {
+            output.close();
+        }
     }
 
     /// Counts and keeps a rejected record; `raw` is the whole original record and `key` its
