@@ -106,6 +106,9 @@ impl UserAggregates {
                     *value = (value.0 + count, value.1 + sum);
                     *value
                 }
+                // A zero change ("touched" during a replay) of an absent cell leaves it absent:
+                // it is published as removed, and no `(0, 0)` entry is kept.
+                None if (count, sum) == (0, 0) => return (0, 0),
                 None => {
                     map.insert(key.clone(), (count, sum));
                     return (count, sum);
