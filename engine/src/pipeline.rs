@@ -192,6 +192,9 @@ pub struct Shared {
     /// The checkpoint to restore, until every worker has pushed its share of it.
     restore: std::sync::Mutex<Option<Arc<Checkpoint>>>,
     restore_pending: std::sync::atomic::AtomicUsize,
+    /// The read model's incarnation, written into every checkpoint (a restart that restores
+    /// the checkpoint continues its epochs, and so its incarnation).
+    pub incarnation: Arc<str>,
 }
 
 impl Shared {
@@ -207,6 +210,7 @@ impl Shared {
             fatal: std::sync::Mutex::new(None),
             restore: std::sync::Mutex::new(None),
             restore_pending: std::sync::atomic::AtomicUsize::new(workers),
+            incarnation: Arc::default(),
         }
     }
 
@@ -835,7 +839,8 @@ pub fn run_checkpointer(
             shared.clock.checkpoint_finished(epoch);
             continue;
         }
-        let checkpoint = join_shares(epoch, shares);
+        let mut checkpoint = join_shares(epoch, shares);
+        checkpoint.incarnation = shared.incarnation.to_string();
         match store.save(&checkpoint) {
             Ok(()) => tracing::info!(
                 epoch,
@@ -948,6 +953,8 @@ impl Merger {
                     .flat_map(|p| p.iter().cloned())
                     .collect(),
             ),
+            // The read model's writer stamps its incarnation.
+            ..AsOf::default()
         };
         delta.records_covered = self.read.iter().sum();
         Some(delta)

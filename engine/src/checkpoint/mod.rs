@@ -44,6 +44,9 @@ pub struct Checkpoint {
     pub names: Vec<String>,
     /// Every live expense: `(expense_id, fact)`.
     pub live: Vec<(String, Fact)>,
+    /// The incarnation (timeline of epoch numbers) the checkpoint's epoch belongs to; empty in
+    /// checkpoints written before incarnations existed. Kept by the serving layer (issue 11, 5b).
+    pub incarnation: String,
 }
 
 /// The position of one source partition in a checkpoint.
@@ -67,6 +70,9 @@ struct Header {
     rejected: Vec<(String, u64)>,
     names: Vec<String>,
     live: u64,
+    /// See [`Checkpoint::incarnation`]; absent in older checkpoints.
+    #[serde(default)]
+    incarnation: String,
 }
 
 /// What can go wrong reading or writing checkpoints.
@@ -147,6 +153,7 @@ impl Checkpoint {
             rejected: self.rejected.clone(),
             names: self.names.clone(),
             live: self.live.len() as u64,
+            incarnation: self.incarnation.clone(),
         };
         let header = serde_json::to_vec(&header).map_err(io::Error::other)?;
         out.write_all(MAGIC)?;
@@ -232,6 +239,7 @@ impl Checkpoint {
             rejected: header.rejected,
             names: header.names,
             live,
+            incarnation: header.incarnation,
         })
     }
 }

@@ -13,6 +13,7 @@ fn delta(epoch: Epoch, cells: Vec<CellChange>, last_seen: Vec<LastSeen>) -> Epoc
         as_of: AsOf {
             epoch,
             positions: Arc::default(),
+            ..AsOf::default()
         },
         cells,
         last_seen,
@@ -216,7 +217,10 @@ fn touching_an_absent_cell_publishes_it_removed_and_keeps_nothing() {
 #[test]
 fn touching_an_existing_cell_publishes_its_value_unchanged() {
     let (model, mut writer) = ReadModel::new();
-    let cells = every_kind(5).into_iter().map(|k| change(k, 2, 70)).collect();
+    let cells = every_kind(5)
+        .into_iter()
+        .map(|k| change(k, 2, 70))
+        .collect();
     writer.apply(delta(1, cells, vec![]));
     let cells = every_kind(5).into_iter().map(|k| change(k, 0, 0)).collect();
     let published = writer.apply(delta(2, cells, vec![]));
@@ -227,5 +231,59 @@ fn touching_an_existing_cell_publishes_its_value_unchanged() {
     let snapshot = model.snapshot();
     for key in every_kind(5) {
         assert_eq!(snapshot.user(5).unwrap().cell(&key), (2, 70), "{key:?}");
+    }
+}
+
+#[test]
+fn totals_beyond_i64_are_exact_over_many_changes_and_come_back_into_range() {
+    let (model, mut writer) = ReadModel::new();
+    let keys = every_kind(8);
+    // 10 epochs of i64::MAX each: far beyond i64, never wrapped.
+    for epoch in 1..=10 {
+        let cells = keys.iter().map(|k| change(*k, 1, i64::MAX)).collect();
+        let published = writer.apply(delta(epoch, cells, vec![]));
+        for cell in &published.cells {
+            assert_eq!(cell.sum, i128::from(i64::MAX) * i128::from(epoch as i64));
+            assert_eq!(cell.count, epoch as i64);
+        }
+    }
+    let expected = i128::from(i64::MAX) * 10;
+    let snapshot = model.snapshot();
+    let user = snapshot.user(8).unwrap();
+    assert_eq!(user.total_minor, expected);
+    for key in &keys {
+        assert_eq!(user.cell(key), (10, expected), "{key:?}");
+    }
+    assert_eq!(
+        snapshot.top_spenders().next().map(|u| u.total_minor),
+        Some(expected)
+    );
+    // Refunds (large negative amounts) bring every cell back into the i64 range, exactly.
+    for epoch in 11..=19 {
+        let cells = keys.iter().map(|k| change(*k, -1, -i64::MAX)).collect();
+        writer.apply(delta(epoch, cells, vec![]));
+    }
+    let cells = keys.iter().map(|k| change(*k, 0, 5)).collect();
+    let published = writer.apply(delta(20, cells, vec![]));
+    for cell in &published.cells {
+        assert_eq!((cell.count, cell.sum), (1, i128::from(i64::MAX) + 5));
+    }
+    let cells = keys.iter().map(|k| change(*k, 0, -10)).collect();
+    let published = writer.apply(delta(21, cells, vec![]));
+    for cell in &published.cells {
+        assert_eq!((cell.count, cell.sum), (1, i128::from(i64::MAX) - 5));
+        assert!(i64::try_from(cell.sum).is_ok());
+    }
+    // And below i64::MIN too.
+    let cells = keys
+        .iter()
+        .flat_map(|k| [change(*k, 1, i64::MIN), change(*k, 1, i64::MIN)])
+        .collect();
+    let published = writer.apply(delta(22, cells, vec![]));
+    for cell in &published.cells {
+        assert_eq!(
+            cell.sum,
+            i128::from(i64::MAX) - 5 + 2 * i128::from(i64::MIN)
+        );
     }
 }

@@ -12,7 +12,7 @@ fn cell(key: AggKey, count: i64, sum: i64) -> CellValue {
     CellValue {
         key,
         count,
-        sum,
+        sum: sum.into(),
         last_event_ms: None,
     }
 }
@@ -22,6 +22,7 @@ fn published(epoch: u64, cells: Vec<CellValue>) -> Arc<Published> {
         as_of: AsOf {
             epoch,
             positions: Arc::default(),
+            ..AsOf::default()
         },
         cells,
     })
@@ -92,6 +93,7 @@ fn categories_are_summed_over_users() {
         as_of: AsOf {
             epoch: 1,
             positions: Arc::default(),
+            ..AsOf::default()
         },
         cells: vec![
             change(AggKey::User(1), 2, 300),
