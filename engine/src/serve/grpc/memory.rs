@@ -344,3 +344,53 @@ impl Feed {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use spendflow_operators::{AggKey, CellChange};
+
+    use super::*;
+    use crate::serve::read_model::EpochDelta;
+
+    #[test]
+    fn a_total_outside_int64_is_out_of_range_naming_user_and_cell() {
+        let (model, mut writer) = ReadModel::new();
+        let cells = (0..2)
+            .map(|_| CellChange {
+                key: AggKey::User(7),
+                count: 1,
+                sum: i64::MAX,
+            })
+            .chain([CellChange {
+                key: AggKey::User(8),
+                count: 1,
+                sum: 5,
+            }])
+            .collect();
+        writer.apply(EpochDelta {
+            cells,
+            ..EpochDelta::default()
+        });
+        let backend = ReadModelBackend::new(model);
+        let now = Wait {
+            min_epoch: 0,
+            timeout: Duration::ZERO,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let status = runtime.block_on(backend.user_summary(now, 7)).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::OutOfRange);
+        let exact = (i128::from(i64::MAX) * 2).to_string();
+        for part in ["user 7", "user total", exact.as_str()] {
+            assert!(status.message().contains(part), "{part}: {status:?}");
+        }
+        let status = runtime.block_on(backend.top_spenders(now, 10)).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::OutOfRange);
+        // Other users are answered as usual.
+        let answer = runtime.block_on(backend.user_summary(now, 8)).unwrap();
+        assert_eq!(answer.value.unwrap().total_minor, 5);
+    }
+}

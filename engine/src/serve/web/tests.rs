@@ -147,3 +147,33 @@ fn the_page_loads_nothing_from_elsewhere() {
         }
     }
 }
+
+#[test]
+fn totals_beyond_i64_are_shown_exactly() {
+    let (model, mut writer) = ReadModel::new();
+    let (fuel, _) = Name::intern("fuel");
+    let cells = (1..=3)
+        .flat_map(|user| {
+            [
+                spendflow_operators::CellChange {
+                    key: AggKey::User(user),
+                    count: 1,
+                    sum: i64::MAX,
+                },
+                spendflow_operators::CellChange {
+                    key: AggKey::Category(user, fuel),
+                    count: 1,
+                    sum: i64::MAX,
+                },
+            ]
+        })
+        .collect();
+    writer.apply(EpochDelta {
+        cells,
+        ..EpochDelta::default()
+    });
+    let totals = category_totals(&model.snapshot());
+    let json = serde_json::to_string(&totals).unwrap();
+    let exact = (i128::from(i64::MAX) * 3).to_string();
+    assert!(json.contains(&format!("\"total_minor\":{exact}")), "{json}");
+}
