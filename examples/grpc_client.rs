@@ -87,6 +87,7 @@ async fn main() -> anyhow::Result<()> {
 
     let mut stream = query
         .subscribe(pb::SubscribeRequest {
+            incarnation: String::new(),
             user_ids: vec![first.user_id],
             resume_after_epoch: 0,
         })

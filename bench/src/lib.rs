@@ -234,6 +234,7 @@ pub fn deltas(closed: &[Vec<ClosedEpoch>]) -> Vec<EpochDelta> {
                     delta.as_of = AsOf {
                         epoch: c.epoch,
                         positions: Arc::default(),
+                        ..AsOf::default()
                     };
                     delta.cells.extend(c.cells.iter().cloned());
                     delta.last_seen.extend(c.last_seen.iter().cloned());

@@ -251,7 +251,16 @@ impl Engine {
         per_worker[0].get_or_insert_with(Vec::new).extend(first);
         let per_worker = Arc::new(Mutex::new(per_worker));
 
-        let (read_model, writer) = ReadModel::new();
+        // Epochs continue a previous timeline only when a checkpoint is restored: then they keep
+        // its incarnation; otherwise (or for a checkpoint from before incarnations) a new one.
+        let incarnation: Arc<str> = restored
+            .as_ref()
+            .map(|c| c.incarnation.clone())
+            .filter(|i| !i.is_empty())
+            .unwrap_or_else(serve::read_model::new_incarnation)
+            .into();
+        tracing::info!(%incarnation, "Incarnation of this run's epochs.");
+        let (read_model, writer) = ReadModel::with_incarnation(Arc::clone(&incarnation));
         let mut dead_letters = DeadLetters::with_capacity(config.dead_letter_capacity);
         if let Some(SourceConfig::Kafka(k)) = &config.source {
             let mut output = sink::dead_letter::kafka::KafkaDeadLetters::new(
@@ -293,6 +302,7 @@ impl Engine {
             shared = shared.with_replay();
         }
         shared.checkpoints_enabled = config.checkpoint.is_some();
+        shared.incarnation = incarnation;
         let restored_epoch = restored.as_ref().map(|c| c.epoch);
         if let Some(restored) = restored {
             shared = shared.restore_from(restored);

@@ -207,6 +207,9 @@ pub struct Shared {
     pub replay: ReplayTouch,
     /// Workers that have been idle at least once.
     workers_were_idle: std::sync::atomic::AtomicUsize,
+    /// The read model's incarnation, written into every checkpoint (a restart that restores
+    /// the checkpoint continues its epochs, and so its incarnation).
+    pub incarnation: Arc<str>,
 }
 
 impl Shared {
@@ -224,6 +227,7 @@ impl Shared {
             checkpoints: std::sync::Mutex::new(CheckpointProgress::default()),
             checkpoints_enabled: false,
             restore_pending: std::sync::atomic::AtomicUsize::new(workers),
+            incarnation: Arc::default(),
             replay: ReplayTouch::default(),
             workers_were_idle: std::sync::atomic::AtomicUsize::new(0),
         }
@@ -954,6 +958,7 @@ pub fn run_checkpointer(
         }
         let mut checkpoint = join_shares(epoch, shares);
         checkpoint.dead_letter_scan = shared.dead_letters.scan_start(&checkpoint.positions);
+        checkpoint.incarnation = shared.incarnation.to_string();
         match store.save(&checkpoint) {
             Ok(()) => {
                 progress().written(epoch);
@@ -1080,6 +1085,8 @@ impl Merger {
                     .flat_map(|p| p.iter().cloned())
                     .collect(),
             ),
+            // The read model's writer stamps its incarnation.
+            ..AsOf::default()
         };
         delta.records_covered = self.read.iter().sum();
         Some(delta)

@@ -477,6 +477,7 @@ fn serves_the_tables_as_of_the_committed_epoch() {
     // Read-your-writes: epoch 6 is not committed, so waiting for it runs out...
     let wait = |timeout_ms| {
         Some(pb::Consistency {
+            incarnation: String::new(),
             min_epoch: 6,
             timeout_ms,
         })
@@ -493,6 +494,7 @@ fn serves_the_tables_as_of_the_committed_epoch() {
             .summary(
                 1,
                 Some(pb::Consistency {
+                    incarnation: String::new(),
                     min_epoch: 6,
                     timeout_ms: 60_000
                 })
@@ -526,6 +528,7 @@ fn serves_the_tables_as_of_the_committed_epoch() {
                 .top_spenders(pb::TopSpendersRequest {
                     limit: 2,
                     consistency: Some(pb::Consistency {
+                        incarnation: String::new(),
                         min_epoch: 6,
                         timeout_ms: 10_000,
                     }),
@@ -587,6 +590,7 @@ fn serves_the_tables_as_of_the_committed_epoch() {
     let status = client
         .runtime
         .block_on(client.query().subscribe(pb::SubscribeRequest {
+            incarnation: String::new(),
             user_ids: vec![1],
             resume_after_epoch: 0,
         }))
@@ -597,6 +601,7 @@ fn serves_the_tables_as_of_the_committed_epoch() {
     let status = client
         .runtime
         .block_on(client.query().subscribe(pb::SubscribeRequest {
+            incarnation: String::new(),
             user_ids: (1..=1001).collect(),
             resume_after_epoch: 0,
         }))

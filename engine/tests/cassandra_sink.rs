@@ -19,7 +19,7 @@ fn cell(key: AggKey, count: i64, sum: i64, last: Option<i64>) -> CellValue {
     CellValue {
         key,
         count,
-        sum,
+        sum: sum.into(),
         last_event_ms: last,
     }
 }
@@ -172,6 +172,112 @@ fn writes_absolute_values_deletes_commits_and_fences() {
     );
     let total: i64 = rows[0].get_r_by_name("total_minor").unwrap();
     assert_eq!(total, 99);
+
+    select(&runtime, &contact, format!("DROP KEYSPACE {keyspace}"));
+}
+
+/// `(total_minor, WRITETIME(total_minor))` of user 7.
+fn total_and_timestamp(
+    runtime: &tokio::runtime::Runtime,
+    contact: &str,
+    keyspace: &str,
+) -> (i64, i64) {
+    let rows = select(
+        runtime,
+        contact,
+        format!(
+            "SELECT total_minor, WRITETIME(total_minor) AS ts FROM {keyspace}.user_totals WHERE user_id = 7"
+        ),
+    );
+    (
+        rows[0].get_r_by_name("total_minor").unwrap(),
+        rows[0].get_r_by_name("ts").unwrap(),
+    )
+}
+
+/// Issue 11, point 7: write timestamps are ordinary (µs since the Unix epoch, at or above the
+/// wall clock), so another writer's row does not hide spendflow's forever; they grow across a
+/// restart (new generation); and a replaced engine's late writes still lose to the new one's.
+#[test]
+fn write_timestamps_follow_the_clock_grow_across_generations_and_fence_zombies() {
+    let contact = service_env("SPENDFLOW_CASSANDRA");
+    let keyspace = unique_name("spendflow_sink_ts");
+    let config = CassandraSinkConfig {
+        keyspace: keyspace.clone(),
+        ..CassandraSinkConfig::new(contact.clone())
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let now_us = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as i64
+    };
+
+    let before = now_us();
+    let (mut first, start) = CassandraSink::open(config.clone(), "ts-1", stop.clone()).unwrap();
+    assert!(
+        start.timestamp_floor >= before,
+        "floor at or above the clock"
+    );
+    first
+        .write(&group(1, vec![cell(AggKey::User(7), 1, 100, Some(1))]))
+        .unwrap();
+    let (total, ts) = total_and_timestamp(&runtime, &contact, &keyspace);
+    assert_eq!(total, 100);
+    assert!(
+        ts >= before,
+        "a wall-clock timestamp, not one near 1970: {ts}"
+    );
+    assert_eq!(ts, first.last_timestamp());
+
+    // Another writer (an operator's fix-up) with an ordinary, current timestamp.
+    select(
+        &runtime,
+        &contact,
+        format!(
+            "INSERT INTO {keyspace}.user_totals (user_id, total_minor, expense_count, epoch) \
+             VALUES (7, 555, 1, 0) USING TIMESTAMP {}",
+            now_us().max(ts + 1)
+        ),
+    );
+    let (total, other) = total_and_timestamp(&runtime, &contact, &keyspace);
+    assert_eq!(total, 555, "the fix-up is visible");
+    // spendflow's next write of that cell overwrites it.
+    first
+        .write(&group(2, vec![cell(AggKey::User(7), 1, 200, Some(1))]))
+        .unwrap();
+    let (total, second_ts) = total_and_timestamp(&runtime, &contact, &keyspace);
+    assert_eq!(total, 200, "spendflow's next write wins over the fix-up");
+    assert!(second_ts > other && second_ts > ts);
+
+    // A restart claims the next generation: its timestamps start above everything the first
+    // one could use (its whole lease), and its writes win.
+    let (mut second, start) = CassandraSink::open(config, "ts-2", stop).unwrap();
+    assert_eq!(start.generation, 2);
+    assert!(start.timestamp_floor > first.last_timestamp());
+    second
+        .write(&group(3, vec![cell(AggKey::User(7), 1, 300, Some(1))]))
+        .unwrap();
+    let (total, third_ts) = total_and_timestamp(&runtime, &contact, &keyspace);
+    assert_eq!(total, 300);
+    assert!(third_ts > second_ts, "timestamps grow across the restart");
+
+    // The replaced engine, not knowing yet, writes the same cell after the new one did: its
+    // cells carry timestamps within its old lease, below the new generation's, and it is
+    // fenced at its commit. The new generation's value stays.
+    let err = first
+        .write(&group(4, vec![cell(AggKey::User(7), 1, 999, Some(1))]))
+        .unwrap_err();
+    assert!(err.to_string().contains("took over"), "{err}");
+    assert!(first.last_timestamp() < start.timestamp_floor);
+    let (total, ts) = total_and_timestamp(&runtime, &contact, &keyspace);
+    assert_eq!(
+        (total, ts),
+        (300, third_ts),
+        "the zombie's late write loses"
+    );
 
     select(&runtime, &contact, format!("DROP KEYSPACE {keyspace}"));
 }

@@ -217,7 +217,13 @@ fn apply(state: &mut Aggregates, cells: impl IntoIterator<Item = CellValue>) {
         if cell.removed() {
             state.cells.remove(&cell.key);
         } else {
-            state.cells.insert(cell.key, (cell.count, cell.sum));
+            state.cells.insert(
+                cell.key,
+                (
+                    cell.count,
+                    i64::try_from(cell.sum).expect("test totals fit i64"),
+                ),
+            );
         }
     }
 }

@@ -261,6 +261,7 @@ fn bad_requests_get_precise_statuses() {
 
     // Read-your-writes with an epoch that will not come in time.
     let far = pb::Consistency {
+        incarnation: String::new(),
         min_epoch: u64::MAX,
         timeout_ms: 50,
     };
@@ -273,6 +274,7 @@ fn bad_requests_get_precise_statuses() {
     assert_eq!(status.code(), Code::DeadlineExceeded);
 
     let too_many = pb::SubscribeRequest {
+        incarnation: String::new(),
         user_ids: (1..=1001).collect(),
         resume_after_epoch: 0,
     };
@@ -353,6 +355,7 @@ fn subscriptions_stream_snapshot_changes_and_progress() {
     let mut query = f.query();
     let mut stream = rt
         .block_on(query.subscribe(pb::SubscribeRequest {
+            incarnation: String::new(),
             user_ids: vec![2],
             resume_after_epoch: 0,
         }))
@@ -422,6 +425,7 @@ fn subscriptions_stream_snapshot_changes_and_progress() {
     // Resuming after the snapshot's epoch replays those changes without a snapshot.
     let mut resumed = rt
         .block_on(query.subscribe(pb::SubscribeRequest {
+            incarnation: String::new(),
             user_ids: vec![2],
             resume_after_epoch: snapshot_epoch,
         }))
@@ -435,6 +439,114 @@ fn subscriptions_stream_snapshot_changes_and_progress() {
         }
     };
     assert_eq!(replayed.as_of.unwrap().epoch, changes_epoch);
+}
+
+/// Issue 11, 5a and 5b: a client is never left waiting for an epoch that will not come, and
+/// epochs of another incarnation (an engine that started over) are never taken for this one's.
+#[test]
+fn epochs_beyond_the_newest_or_of_another_incarnation_do_not_mislead() {
+    let f = Fixture::start();
+    let rt = &f.runtime;
+    let mut query = f.query();
+    let summary = rt
+        .block_on(query.get_user_summary(pb::GetUserSummaryRequest {
+            user_id: 1,
+            consistency: None,
+        }))
+        .unwrap()
+        .into_inner();
+    let as_of = summary.as_of.unwrap();
+    assert_eq!(as_of.incarnation.len(), 16, "{:?}", as_of.incarnation);
+    let newest = f.engine.read_model().published_epoch().unwrap();
+    assert!(newest >= as_of.epoch);
+
+    // Resuming after an epoch far beyond the newest: OUT_OF_RANGE naming the newest, not a
+    // stream that sends nothing.
+    let beyond = newest + 1_000_000;
+    let status = rt
+        .block_on(query.subscribe(pb::SubscribeRequest {
+            user_ids: vec![],
+            resume_after_epoch: beyond,
+            incarnation: as_of.incarnation.clone(),
+        }))
+        .unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(status.message().contains(&beyond.to_string()), "{status:?}");
+    assert!(
+        status.message().contains("newest published epoch ("),
+        "{status:?}"
+    );
+    // ... also when the client does not say which incarnation it holds.
+    let status = rt
+        .block_on(query.subscribe(pb::SubscribeRequest {
+            user_ids: vec![],
+            resume_after_epoch: beyond,
+            incarnation: String::new(),
+        }))
+        .unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+
+    // The same large epoch from another incarnation: a fresh snapshot, never deltas.
+    let next = |stream: &mut tonic::Streaming<pb::SubscribeResponse>| {
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), stream.message()).await })
+            .expect("a message in time")
+            .unwrap()
+            .unwrap()
+            .event
+            .unwrap()
+    };
+    let mut stream = rt
+        .block_on(query.subscribe(pb::SubscribeRequest {
+            user_ids: vec![1],
+            resume_after_epoch: beyond,
+            incarnation: "0123456789abcdef".into(),
+        }))
+        .unwrap()
+        .into_inner();
+    let pb::subscribe_response::Event::Snapshot(snapshot) = next(&mut stream) else {
+        panic!("another incarnation's epoch gets a snapshot")
+    };
+    assert_eq!(snapshot.as_of.unwrap().incarnation, as_of.incarnation);
+    // A small epoch from another incarnation (which this run has passed): a snapshot too.
+    let mut stream = rt
+        .block_on(query.subscribe(pb::SubscribeRequest {
+            user_ids: vec![1],
+            resume_after_epoch: 1,
+            incarnation: "0123456789abcdef".into(),
+        }))
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        next(&mut stream),
+        pb::subscribe_response::Event::Snapshot(_)
+    ));
+
+    // Read-your-writes with another incarnation's epoch: FAILED_PRECONDITION at once (not a
+    // wait, not an answer from an unrelated state), naming the current incarnation.
+    for min_epoch in [1, beyond] {
+        let status = rt
+            .block_on(query.get_user_summary(pb::GetUserSummaryRequest {
+                user_id: 1,
+                consistency: Some(pb::Consistency {
+                    min_epoch,
+                    timeout_ms: 30_000,
+                    incarnation: "0123456789abcdef".into(),
+                }),
+            }))
+            .unwrap_err();
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(status.message().contains(&as_of.incarnation), "{status:?}");
+    }
+    // The same incarnation's epoch is answered.
+    rt.block_on(query.get_user_summary(pb::GetUserSummaryRequest {
+        user_id: 1,
+        consistency: Some(pb::Consistency {
+            min_epoch: as_of.epoch,
+            timeout_ms: 0,
+            incarnation: as_of.incarnation.clone(),
+        }),
+    }))
+    .unwrap();
 }
 
 #[test]

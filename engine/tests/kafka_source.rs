@@ -87,7 +87,7 @@ fn assert_matches_recomputation(engine: &Engine, truth: &[Record]) {
         .cells
         .iter()
         .filter_map(|(k, v)| match k {
-            spendflow_operators::AggKey::User(u) => Some((*u, *v)),
+            spendflow_operators::AggKey::User(u) => Some((*u, (v.0, i128::from(v.1)))),
             _ => None,
         })
         .collect();

@@ -50,6 +50,7 @@ impl Grpc {
 
     fn consistency(epoch: u64) -> Option<pb::Consistency> {
         Some(pb::Consistency {
+            incarnation: String::new(),
             min_epoch: epoch,
             timeout_ms: 10_000,
         })

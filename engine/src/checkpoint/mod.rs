@@ -44,6 +44,9 @@ pub struct Checkpoint {
     pub names: Vec<String>,
     /// Every live expense: `(expense_id, fact)`.
     pub live: Vec<(String, Fact)>,
+    /// The incarnation (timeline of epoch numbers) the checkpoint's epoch belongs to; empty in
+    /// checkpoints written before incarnations existed. Kept by the serving layer (issue 11, 5b).
+    pub incarnation: String,
     /// Where a restart starts reading the dead-letter topic to learn which re-read records
     /// have their dead letter there already; `None`: the whole topic (no durable dead-letter
     /// output, or a version 1 checkpoint).
@@ -87,6 +90,9 @@ struct Header {
     /// Version 2 on.
     #[serde(default)]
     dead_letter_scan: Option<DeadLetterScan>,
+    /// See [`Checkpoint::incarnation`]; absent in older checkpoints.
+    #[serde(default)]
+    incarnation: String,
 }
 
 /// What can go wrong reading or writing checkpoints.
@@ -189,6 +195,7 @@ impl Checkpoint {
             names: self.names.clone(),
             live: self.live.len() as u64,
             dead_letter_scan: self.dead_letter_scan.clone(),
+            incarnation: self.incarnation.clone(),
         };
         let header = serde_json::to_vec(&header).map_err(io::Error::other)?;
         out.write_all(MAGIC_PREFIX)?;
@@ -283,6 +290,7 @@ impl Checkpoint {
             names: header.names,
             live,
             dead_letter_scan: header.dead_letter_scan,
+            incarnation: header.incarnation,
         })
     }
 }

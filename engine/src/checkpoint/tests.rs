@@ -15,6 +15,7 @@ fn sample(epoch: u64, live: usize) -> Checkpoint {
         records_read: 1300,
         rejected: vec![("bad_json".into(), 12)],
         names: vec!["groceries".into(), "Tesco".into()],
+        incarnation: "0123456789abcdef".into(),
         live: (0..live)
             .map(|i| {
                 (

@@ -22,10 +22,18 @@ use arc_swap::ArcSwap;
 use imbl::{OrdMap, OrdSet};
 use rustc_hash::FxHashMap;
 use spendflow_operators::model::civil_from_days;
-use spendflow_operators::{AggKey, CellChange, CountSum, Epoch, LastSeen, Name, UserId};
+use spendflow_operators::{AggKey, CellChange, Epoch, LastSeen, Name, UserId};
 use tokio::sync::{broadcast, watch};
 
 use crate::source::PartitionPosition;
+
+/// `(count, sum)` of a cell as the read model keeps it: the sum in 128 bits, so that no total
+/// ever wraps, however many changes accumulate over time (every change is an `i64`, so a sum
+/// of 2^64 changes still fits). Where a value leaves the engine through a 64-bit type (gRPC
+/// `int64`, Cassandra `bigint`), a sum outside `i64` is refused there with an error naming the
+/// user and cell, never truncated. Cost: a cell's value takes 32 bytes instead of 16 (the
+/// `i128` is 16-byte aligned), on top of its key and the map's node overhead.
+pub type Amount = (i64, i128);
 
 /// Closed epochs of changes kept for resuming subscribers.
 pub const HISTORY_EPOCHS: usize = 512;
@@ -37,6 +45,15 @@ pub struct AsOf {
     pub epoch: Epoch,
     /// For every input partition, the position before which all records are included.
     pub positions: Arc<Vec<PartitionPosition>>,
+    /// The timeline the epoch belongs to: epoch numbers compare only within one incarnation.
+    /// A new one is drawn whenever the engine starts without restoring a checkpoint (its epochs
+    /// start over); a restart that restores a checkpoint keeps the checkpoint's incarnation.
+    pub incarnation: Arc<str>,
+}
+
+/// A fresh incarnation id: 64 random bits in hex.
+pub fn new_incarnation() -> String {
+    format!("{:016x}", rand::random::<u64>())
 }
 
 /// The changes of one or more closed epochs, merged over all workers, ready to apply.
@@ -57,20 +74,20 @@ pub struct EpochDelta {
 pub struct UserAggregates {
     /// The user.
     pub user_id: UserId,
-    /// Sum of the live expenses, minor units.
-    pub total_minor: i64,
+    /// Sum of the live expenses, minor units (128 bits: see [`Amount`]).
+    pub total_minor: i128,
     /// Number of live expenses.
     pub expense_count: i64,
     /// The newest event time among the live expenses, ms since the Unix epoch.
     pub last_event_ms: Option<i64>,
     /// `(count, sum)` per category.
-    pub categories: OrdMap<Name, CountSum>,
+    pub categories: OrdMap<Name, Amount>,
     /// `(count, sum)` per merchant.
-    pub merchants: OrdMap<Name, CountSum>,
+    pub merchants: OrdMap<Name, Amount>,
     /// `(count, sum)` per UTC day (days since 1970-01-01).
-    pub days: OrdMap<i32, CountSum>,
+    pub days: OrdMap<i32, Amount>,
     /// `(count, sum)` per UTC month (`year * 12 + month - 1`).
-    pub months: OrdMap<i32, CountSum>,
+    pub months: OrdMap<i32, Amount>,
 }
 
 impl UserAggregates {
@@ -82,8 +99,8 @@ impl UserAggregates {
     }
 
     /// The current `(count, sum)` of one of this user's cells; `(0, 0)` if it does not exist.
-    pub fn cell(&self, key: &AggKey) -> CountSum {
-        let get = |v: Option<&CountSum>| v.copied().unwrap_or((0, 0));
+    pub fn cell(&self, key: &AggKey) -> Amount {
+        let get = |v: Option<&Amount>| v.copied().unwrap_or((0, 0));
         match key {
             AggKey::User(_) => (self.expense_count, self.total_minor),
             AggKey::Category(_, name) => get(self.categories.get(name)),
@@ -94,18 +111,22 @@ impl UserAggregates {
     }
 
     /// Adds a change to one cell and returns the cell's new `(count, sum)`.
-    fn apply(&mut self, key: &AggKey, count: i64, sum: i64) -> CountSum {
+    fn apply(&mut self, key: &AggKey, count: i64, sum: i64) -> Amount {
+        let sum = i128::from(sum);
         fn add<K: Ord + Clone>(
-            map: &mut OrdMap<K, CountSum>,
+            map: &mut OrdMap<K, Amount>,
             key: &K,
             count: i64,
-            sum: i64,
-        ) -> CountSum {
+            sum: i128,
+        ) -> Amount {
             let value = match map.get_mut(key) {
                 Some(value) => {
                     *value = (value.0 + count, value.1 + sum);
                     *value
                 }
+                // A zero change ("touched" during a replay) of an absent cell leaves it absent:
+                // it is published as removed, and no `(0, 0)` entry is kept.
+                None if (count, sum) == (0, 0) => return (0, 0),
                 None => {
                     map.insert(key.clone(), (count, sum));
                     return (count, sum);
@@ -146,8 +167,8 @@ pub struct CellValue {
     pub key: AggKey,
     /// Live expenses in it; `0` together with `sum == 0` means the cell is gone.
     pub count: i64,
-    /// Their total, minor units.
-    pub sum: i64,
+    /// Their total, minor units (128 bits: see [`Amount`]).
+    pub sum: i128,
     /// For a user cell: the user's newest event time.
     pub last_event_ms: Option<i64>,
 }
@@ -173,7 +194,7 @@ pub struct Published {
 pub struct Snapshot {
     as_of: AsOf,
     users: OrdMap<UserId, Arc<UserAggregates>>,
-    by_total: OrdSet<(Reverse<i64>, UserId)>,
+    by_total: OrdSet<(Reverse<i128>, UserId)>,
     live_expenses: i64,
     records_covered: u64,
 }
@@ -228,7 +249,7 @@ impl Snapshot {
         };
         selected.flat_map(|u| {
             let id = u.user_id;
-            let value = |key: AggKey, (count, sum): CountSum| CellValue {
+            let value = |key: AggKey, (count, sum): Amount| CellValue {
                 key,
                 count,
                 sum,
@@ -272,6 +293,7 @@ pub struct ReadModel {
     changes: broadcast::Sender<Arc<Published>>,
     history: Mutex<VecDeque<Arc<Published>>>,
     closed: watch::Sender<bool>,
+    incarnation: Arc<str>,
 }
 
 /// What a new subscriber starts from.
@@ -285,20 +307,39 @@ pub enum SubscriptionStart {
 }
 
 impl ReadModel {
-    /// An empty read model and the writer that will publish into it.
+    /// An empty read model of a new incarnation and the writer that will publish into it.
     pub fn new() -> (Arc<ReadModel>, ReadModelWriter) {
+        ReadModel::with_incarnation(new_incarnation().into())
+    }
+
+    /// An empty read model whose epochs belong to `incarnation` (kept from a restored
+    /// checkpoint), and the writer that will publish into it.
+    pub fn with_incarnation(incarnation: Arc<str>) -> (Arc<ReadModel>, ReadModelWriter) {
+        let empty = Snapshot {
+            as_of: AsOf {
+                incarnation: Arc::clone(&incarnation),
+                ..AsOf::default()
+            },
+            ..Snapshot::default()
+        };
         let model = Arc::new(ReadModel {
-            current: ArcSwap::from_pointee(Snapshot::default()),
+            current: ArcSwap::from_pointee(empty.clone()),
             epoch: watch::Sender::new(None),
             changes: broadcast::Sender::new(1024),
             history: Mutex::new(VecDeque::with_capacity(HISTORY_EPOCHS)),
             closed: watch::Sender::new(false),
+            incarnation,
         });
         let writer = ReadModelWriter {
-            state: Snapshot::default(),
+            state: empty,
             model: Arc::clone(&model),
         };
         (model, writer)
+    }
+
+    /// The incarnation every published epoch belongs to.
+    pub fn incarnation(&self) -> &Arc<str> {
+        &self.incarnation
     }
 
     /// The current snapshot. Never blocks.
@@ -389,12 +430,13 @@ pub struct ReadModelWriter {
 
 impl ReadModelWriter {
     /// Applies a delta, publishes the new snapshot, and returns what changed.
-    pub fn apply(&mut self, delta: EpochDelta) -> Arc<Published> {
+    pub fn apply(&mut self, mut delta: EpochDelta) -> Arc<Published> {
+        delta.as_of.incarnation = Arc::clone(&self.model.incarnation);
         let state = &mut self.state;
         let mut touched: FxHashMap<UserId, UserAggregates> = FxHashMap::default();
         // New values of the changed cells, in the order applied (a key may repeat when the
         // delta spans several epochs; the last value wins below).
-        let mut values: Vec<(AggKey, CountSum)> = Vec::with_capacity(delta.cells.len());
+        let mut values: Vec<(AggKey, Amount)> = Vec::with_capacity(delta.cells.len());
         for change in &delta.cells {
             let user = change.key.user_id();
             let aggregates = touched

@@ -138,6 +138,7 @@ impl GrpcServed {
 
     fn consistency(&self) -> Option<pb::Consistency> {
         self.first_epoch.map(|epoch| pb::Consistency {
+            incarnation: String::new(),
             min_epoch: epoch,
             timeout_ms: 30_000,
         })
@@ -240,7 +241,7 @@ impl Served for GrpcServed {
                         granularity: pb::Granularity::Month.into(),
                         from: format_month(from),
                         to: format_month(to),
-                        consistency,
+                        consistency: consistency.clone(),
                     },
                 ));
             }

@@ -160,6 +160,7 @@ impl EngineProcess {
         let mut stream = self
             .runtime
             .block_on(query.subscribe(pb::SubscribeRequest {
+                incarnation: String::new(),
                 user_ids: vec![user],
                 resume_after_epoch: 0,
             }))

@@ -167,6 +167,14 @@ impl QueryBackend for CassandraBackend {
         })
     }
 
+    fn timeline(&self) -> (Arc<str>, Option<spendflow_operators::Epoch>) {
+        let observed = self.progress.current();
+        (
+            observed.as_of().incarnation,
+            observed.state.committed_epoch(),
+        )
+    }
+
     async fn subscribe(&self, _spec: SubscribeSpec) -> Result<SubscribeStream, Status> {
         Err(Status::unimplemented(SUBSCRIBE_UNIMPLEMENTED))
     }

@@ -213,6 +213,7 @@ mod tests {
             AsOf {
                 epoch: 7,
                 positions: Arc::default(),
+                ..AsOf::default()
             },
             Vec::new(),
         );

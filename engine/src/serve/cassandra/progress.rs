@@ -37,8 +37,12 @@ impl Observed {
             Some(p) => AsOf {
                 epoch: p.epoch,
                 positions: Arc::new(p.positions.clone()),
+                incarnation: self.state.incarnation(),
             },
-            None => AsOf::default(),
+            None => AsOf {
+                incarnation: self.state.incarnation(),
+                ..AsOf::default()
+            },
         }
     }
 

@@ -62,12 +62,23 @@ pub struct ProgressState {
     pub committed: Option<ProgressRow>,
     /// The newest row's epoch, committed or not (an epoch in flight is newer than `committed`).
     pub newest: Option<Epoch>,
+    /// The static `generation` column: the sink generation of the engine writing the tables.
+    pub generation: Option<i64>,
 }
 
 impl ProgressState {
     /// The committed epoch, if any.
     pub fn committed_epoch(&self) -> Option<Epoch> {
         self.committed.as_ref().map(|p| p.epoch)
+    }
+
+    /// The incarnation answers carry: `cassandra-generation-<g>`. Every engine start claims a
+    /// new generation, so epochs of two engine runs are never taken for one timeline.
+    pub fn incarnation(&self) -> Arc<str> {
+        match self.generation {
+            Some(g) => format!("cassandra-generation-{g}").into(),
+            None => Arc::from("cassandra-generation-none"),
+        }
     }
 
     /// True when no epoch is in flight: the newest row is committed (or there is none).
@@ -187,7 +198,7 @@ impl TableReader {
         };
         let statements = Statements {
             progress: prepare(format!(
-                "SELECT epoch, positions, records_covered, committed FROM {ks}.sink_progress \
+                "SELECT epoch, positions, records_covered, committed, generation FROM {ks}.sink_progress \
                  WHERE sink = ?"
             ))
             .await?,
@@ -303,6 +314,11 @@ impl TableReader {
                     .get_r_by_name("epoch")
                     .map_err(|e| decode_error("sink_progress", e))?;
                 state.newest.get_or_insert(epoch as Epoch);
+                if state.generation.is_none() {
+                    state.generation = row
+                        .get_by_name("generation")
+                        .map_err(|e| decode_error("sink_progress", e))?;
+                }
                 let committed: Option<bool> = row
                     .get_by_name("committed")
                     .map_err(|e| decode_error("sink_progress", e))?;
@@ -616,12 +632,14 @@ mod tests {
         let in_flight = ProgressState {
             committed: Some(row(4)),
             newest: Some(5),
+            ..ProgressState::default()
         };
         assert!(!in_flight.settled());
         assert_eq!(in_flight.committed_epoch(), Some(4));
         let settled = ProgressState {
             committed: Some(row(5)),
             newest: Some(5),
+            ..ProgressState::default()
         };
         assert!(settled.settled());
     }

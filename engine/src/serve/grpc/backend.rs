@@ -100,6 +100,8 @@ pub struct SubscribeSpec {
     pub users: Vec<UserId>,
     /// Replay the changes after this epoch instead of sending a snapshot.
     pub resume_after: Option<Epoch>,
+    /// The incarnation `resume_after` was read from; empty if the client did not say.
+    pub incarnation: String,
     /// Holds one of the server's subscription slots for as long as the stream lives.
     pub guard: SubscriberGuard,
 }
@@ -141,6 +143,10 @@ pub trait QueryBackend: Send + Sync + 'static {
         wait: Wait,
         limit: usize,
     ) -> Result<Answer<Vec<SpenderData>>, Status>;
+
+    /// The backend's current incarnation and newest epoch (`None`: none yet), to check
+    /// epochs a client sends against.
+    fn timeline(&self) -> (std::sync::Arc<str>, Option<Epoch>);
 
     /// A subscription stream (snapshot, changes, progress marks).
     async fn subscribe(&self, spec: SubscribeSpec) -> Result<SubscribeStream, Status>;

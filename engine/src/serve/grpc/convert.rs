@@ -30,6 +30,7 @@ pub fn as_of(as_of: &AsOf) -> pb::AsOf {
                 offset: p.position,
             })
             .collect(),
+        incarnation: as_of.incarnation.to_string(),
     }
 }
 
@@ -43,8 +44,13 @@ pub fn user_id(user_id: u64) -> Result<UserId, Status> {
     Ok(user_id)
 }
 
-/// `(min_epoch, wait)` of a request's consistency setting.
-pub fn consistency(c: Option<&pb::Consistency>) -> Result<(Epoch, Duration), Status> {
+/// `(min_epoch, wait)` of a request's consistency setting. `incarnation` is the server's: a
+/// `min_epoch` of another incarnation fails with `FAILED_PRECONDITION`.
+pub fn consistency(
+    c: Option<&pb::Consistency>,
+    incarnation: &str,
+    latest: Option<Epoch>,
+) -> Result<(Epoch, Duration), Status> {
     let Some(c) = c else {
         return Ok((0, Duration::ZERO));
     };
@@ -57,6 +63,13 @@ pub fn consistency(c: Option<&pb::Consistency>) -> Result<(Epoch, Duration), Sta
             "consistency.timeout_ms must be at most {}, got {}",
             MAX_WAIT.as_millis(),
             c.timeout_ms
+        )));
+    }
+    if c.min_epoch > 0 && !c.incarnation.is_empty() && c.incarnation != incarnation {
+        let latest = latest.map_or_else(|| "none yet".to_string(), |e| e.to_string());
+        return Err(Status::failed_precondition(format!(
+            "consistency.min_epoch {} is of incarnation {:?}, but the server now runs              incarnation {incarnation:?} (its epochs started over; latest epoch: {latest});              read again without min_epoch and use the new as_of",
+            c.min_epoch, c.incarnation
         )));
     }
     Ok((c.min_epoch, wait))
@@ -118,7 +131,31 @@ pub fn epoch_not_reached(wait: Wait, latest: Option<Epoch>, what: &str) -> Statu
     ))
 }
 
-pub fn cell(value: &CellValue) -> pb::Cell {
+/// A 128-bit sum of the read model as the wire's `int64`: `OUT_OF_RANGE` naming the user and
+/// cell if it does not fit (never a truncated value).
+pub fn fit(sum: i128, user: UserId, cell: &str) -> Result<i64, Status> {
+    i64::try_from(sum).map_err(|_| {
+        Status::out_of_range(format!(
+            "the total of user {user}'s {cell} is {sum} minor units, outside the 64-bit range \
+             of total_minor; it cannot be sent exactly (the web API shows it)"
+        ))
+    })
+}
+
+/// What a cell is, for messages: `user total`, `category "fuel"`, `day 2026-11-24` ...
+pub fn describe(key: &AggKey) -> String {
+    match key {
+        AggKey::User(_) => "user total".to_string(),
+        AggKey::Category(_, name) => format!("category {:?}", name.text()),
+        AggKey::Merchant(_, name) => format!("merchant {:?}", name.text()),
+        AggKey::Day(_, day) => format!("day {}", format_day(*day)),
+        AggKey::Month(_, month) => format!("month {}", format_month(*month)),
+    }
+}
+
+/// A cell as sent to subscribers; `OUT_OF_RANGE` if its sum does not fit `int64`.
+pub fn cell(value: &CellValue) -> Result<pb::Cell, Status> {
+    let total_minor = fit(value.sum, value.key.user_id(), &describe(&value.key))?;
     let (kind, key) = match &value.key {
         AggKey::User(_) => (pb::CellKind::User, String::new()),
         AggKey::Category(_, name) => (pb::CellKind::Category, name.text().to_string()),
@@ -126,18 +163,18 @@ pub fn cell(value: &CellValue) -> pb::Cell {
         AggKey::Day(_, day) => (pb::CellKind::Day, format_day(*day)),
         AggKey::Month(_, month) => (pb::CellKind::Month, format_month(*month)),
     };
-    pb::Cell {
+    Ok(pb::Cell {
         user_id: value.key.user_id(),
         kind: kind.into(),
         key,
-        total_minor: value.sum,
+        total_minor,
         expense_count: value.count,
         removed: value.removed(),
         last_event_time: value
             .last_event_ms
             .map(spendflow_operators::decode::format_event_time)
             .unwrap_or_default(),
-    }
+    })
 }
 
 /// Parses `YYYY-MM-DD` into a day number.
@@ -212,7 +249,21 @@ mod tests {
         let wait = pb::Consistency {
             min_epoch: 3,
             timeout_ms: 60_000,
+            incarnation: String::new(),
         };
-        assert!(consistency(Some(&wait)).is_err());
+        assert!(consistency(Some(&wait), "a", None).is_err());
+        let other = pb::Consistency {
+            min_epoch: 3,
+            timeout_ms: 0,
+            incarnation: "old".into(),
+        };
+        let status = consistency(Some(&other), "new", Some(9)).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert!(status.message().contains("\"new\"") && status.message().contains("9"));
+        let same = pb::Consistency {
+            incarnation: "new".into(),
+            ..other
+        };
+        assert!(consistency(Some(&same), "new", None).is_ok());
     }
 }

@@ -17,7 +17,10 @@ use super::backend::{
     SummaryPage, Wait,
 };
 use super::convert;
-use crate::serve::read_model::{Published, ReadModel, Snapshot, SubscriptionStart, UserAggregates};
+use crate::serve::read_model::{
+    Amount, Published, ReadModel, Snapshot, SubscriptionStart, UserAggregates, format_day,
+    format_month,
+};
 
 /// Cells per snapshot message of a subscription.
 const SNAPSHOT_CHUNK: usize = 1000;
@@ -55,21 +58,26 @@ fn answer<T>(snapshot: &Snapshot, value: T) -> Answer<T> {
     }
 }
 
-/// A read-model user as backend-neutral summary data.
-pub fn summary_data(user: &UserAggregates) -> SummaryData {
-    let names = |map: &imbl::OrdMap<spendflow_operators::Name, CountSum>| {
+/// A read-model user as backend-neutral summary data; `OUT_OF_RANGE` naming the user and cell
+/// if a sum does not fit the wire's `int64`.
+pub fn summary_data(user: &UserAggregates) -> Result<SummaryData, Status> {
+    let id = user.user_id;
+    let names = |map: &imbl::OrdMap<spendflow_operators::Name, Amount>, what: &str| {
         map.iter()
-            .map(|(k, v)| (k.text().to_string(), *v))
-            .collect()
+            .map(|(k, (count, sum))| {
+                let sum = convert::fit(*sum, id, &format!("{what} {:?}", k.text()))?;
+                Ok((k.text().to_string(), (*count, sum)))
+            })
+            .collect::<Result<Vec<_>, Status>>()
     };
-    SummaryData {
-        user_id: user.user_id,
-        total_minor: user.total_minor,
+    Ok(SummaryData {
+        user_id: id,
+        total_minor: convert::fit(user.total_minor, id, "user total")?,
         expense_count: user.expense_count,
         last_event_ms: user.last_event_ms,
-        by_category: names(&user.categories),
-        by_merchant: names(&user.merchants),
-    }
+        by_category: names(&user.categories, "category")?,
+        by_merchant: names(&user.merchants, "merchant")?,
+    })
 }
 
 #[tonic::async_trait]
@@ -80,7 +88,7 @@ impl QueryBackend for ReadModelBackend {
         user: UserId,
     ) -> Result<Answer<Option<SummaryData>>, Status> {
         let snapshot = self.snapshot(wait).await?;
-        let summary = snapshot.user(user).map(|u| summary_data(u));
+        let summary = snapshot.user(user).map(|u| summary_data(u)).transpose()?;
         Ok(answer(&snapshot, summary))
     }
 
@@ -96,7 +104,7 @@ impl QueryBackend for ReadModelBackend {
             .by_ref()
             .take(limit)
             .map(|u| summary_data(u))
-            .collect();
+            .collect::<Result<_, _>>()?;
         let resume_after = match (users.next(), summaries.last()) {
             (Some(_), Some(last)) => Some(last.user_id),
             _ => None,
@@ -119,13 +127,21 @@ impl QueryBackend for ReadModelBackend {
         to: i32,
     ) -> Result<Answer<Option<Vec<(i32, CountSum)>>>, Status> {
         let snapshot = self.snapshot(wait).await?;
-        let windows = snapshot.user(user).map(|aggregates| {
-            let map = match buckets {
-                Buckets::Day => &aggregates.days,
-                Buckets::Month => &aggregates.months,
-            };
-            map.range(from..=to).map(|(b, v)| (*b, *v)).collect()
-        });
+        let windows = snapshot
+            .user(user)
+            .map(|aggregates| {
+                let (map, what): (_, fn(i32) -> String) = match buckets {
+                    Buckets::Day => (&aggregates.days, format_day),
+                    Buckets::Month => (&aggregates.months, format_month),
+                };
+                map.range(from..=to)
+                    .map(|(b, (count, sum))| {
+                        let sum = convert::fit(*sum, user, &format!("bucket {}", what(*b)))?;
+                        Ok((*b, (*count, sum)))
+                    })
+                    .collect::<Result<Vec<_>, Status>>()
+            })
+            .transpose()?;
         Ok(answer(&snapshot, windows))
     }
 
@@ -138,21 +154,53 @@ impl QueryBackend for ReadModelBackend {
         let spenders = snapshot
             .top_spenders()
             .take(limit)
-            .map(|u| SpenderData {
-                user_id: u.user_id,
-                total_minor: u.total_minor,
-                expense_count: u.expense_count,
+            .map(|u| {
+                Ok(SpenderData {
+                    user_id: u.user_id,
+                    total_minor: convert::fit(u.total_minor, u.user_id, "user total")?,
+                    expense_count: u.expense_count,
+                })
             })
-            .collect();
+            .collect::<Result<_, Status>>()?;
         Ok(answer(&snapshot, spenders))
+    }
+
+    fn timeline(&self) -> (Arc<str>, Option<Epoch>) {
+        (
+            Arc::clone(self.read_model.incarnation()),
+            self.read_model.published_epoch(),
+        )
     }
 
     async fn subscribe(&self, spec: SubscribeSpec) -> Result<SubscribeStream, Status> {
         let SubscribeSpec {
             users,
             resume_after,
+            incarnation,
             guard,
         } = spec;
+        let ours = self.read_model.incarnation();
+        let resume_after = if !incarnation.is_empty() && incarnation != **ours {
+            // Another timeline's epoch: nothing to resume from; a fresh snapshot replaces
+            // everything the client holds.
+            tracing::debug!(theirs = %incarnation, ours = %ours, "Resume from another incarnation; sending a snapshot.");
+            None
+        } else {
+            resume_after
+        };
+        if let Some(after) = resume_after {
+            // Epochs only grow: an epoch beyond the newest now cannot be the client's, and
+            // waiting for it would send nothing for as long as it takes.
+            let newest = self.read_model.published_epoch();
+            if newest.is_none_or(|newest| after > newest) {
+                let newest = newest.map_or_else(|| "none yet".to_string(), |e| e.to_string());
+                return Err(Status::out_of_range(format!(
+                    "resume_after_epoch {after} is beyond the newest published epoch ({newest}) \
+                     of incarnation {ours:?}; resume after an epoch this server sent you, or send \
+                     0 for a fresh snapshot"
+                )));
+            }
+        }
         let (start, changes) = self.read_model.subscribe(resume_after);
         let (tx, rx) = mpsc::channel(16);
         let read_model = Arc::clone(&self.read_model);
@@ -190,12 +238,22 @@ impl Feed {
             .map_err(|_| Closed)
     }
 
+    /// Ends the stream with `status` (a value the wire cannot carry).
+    async fn fail(&self, status: Status) -> Closed {
+        let _ = self.tx.send(Err(status)).await;
+        Closed
+    }
+
     async fn snapshot(&self, snapshot: &Snapshot) -> Result<Epoch, Closed> {
         let as_of = convert::as_of(snapshot.as_of());
-        let cells: Vec<pb::Cell> = snapshot
+        let cells: Vec<pb::Cell> = match snapshot
             .cells(&self.users)
             .map(|c| convert::cell(&c))
-            .collect();
+            .collect()
+        {
+            Ok(cells) => cells,
+            Err(status) => return Err(self.fail(status).await),
+        };
         let mut chunks = cells.chunks(SNAPSHOT_CHUNK).peekable();
         if chunks.peek().is_none() {
             let last = pb::Snapshot {
@@ -220,12 +278,16 @@ impl Feed {
 
     async fn published(&self, published: &Published) -> Result<(), Closed> {
         let as_of = convert::as_of(&published.as_of);
-        let cells: Vec<pb::Cell> = published
+        let cells: Vec<pb::Cell> = match published
             .cells
             .iter()
             .filter(|c| self.users.is_empty() || self.users.binary_search(&c.key.user_id()).is_ok())
             .map(convert::cell)
-            .collect();
+            .collect()
+        {
+            Ok(cells) => cells,
+            Err(status) => return Err(self.fail(status).await),
+        };
         if !cells.is_empty() {
             let changes = pb::Changes {
                 cells,
@@ -280,5 +342,55 @@ impl Feed {
                 () = read_model.closed() => return Ok(()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use spendflow_operators::{AggKey, CellChange};
+
+    use super::*;
+    use crate::serve::read_model::EpochDelta;
+
+    #[test]
+    fn a_total_outside_int64_is_out_of_range_naming_user_and_cell() {
+        let (model, mut writer) = ReadModel::new();
+        let cells = (0..2)
+            .map(|_| CellChange {
+                key: AggKey::User(7),
+                count: 1,
+                sum: i64::MAX,
+            })
+            .chain([CellChange {
+                key: AggKey::User(8),
+                count: 1,
+                sum: 5,
+            }])
+            .collect();
+        writer.apply(EpochDelta {
+            cells,
+            ..EpochDelta::default()
+        });
+        let backend = ReadModelBackend::new(model);
+        let now = Wait {
+            min_epoch: 0,
+            timeout: Duration::ZERO,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let status = runtime.block_on(backend.user_summary(now, 7)).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::OutOfRange);
+        let exact = (i128::from(i64::MAX) * 2).to_string();
+        for part in ["user 7", "user total", exact.as_str()] {
+            assert!(status.message().contains(part), "{part}: {status:?}");
+        }
+        let status = runtime.block_on(backend.top_spenders(now, 10)).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::OutOfRange);
+        // Other users are answered as usual.
+        let answer = runtime.block_on(backend.user_summary(now, 8)).unwrap();
+        assert_eq!(answer.value.unwrap().total_minor, 5);
     }
 }

@@ -46,9 +46,12 @@ impl<B: QueryBackend> QueryService<B> {
     }
 }
 
-fn wait(consistency: Option<&pb::Consistency>) -> Result<Wait, Status> {
-    let (min_epoch, timeout) = convert::consistency(consistency)?;
-    Ok(Wait { min_epoch, timeout })
+impl<B: QueryBackend> QueryService<B> {
+    fn wait(&self, consistency: Option<&pb::Consistency>) -> Result<Wait, Status> {
+        let (incarnation, latest) = self.backend.timeline();
+        let (min_epoch, timeout) = convert::consistency(consistency, &incarnation, latest)?;
+        Ok(Wait { min_epoch, timeout })
+    }
 }
 
 fn not_found(user: UserId, as_of: &AsOf) -> Status {
@@ -66,7 +69,7 @@ impl<B: QueryBackend> ExpenseQuery for QueryService<B> {
     ) -> Result<Response<pb::GetUserSummaryResponse>, Status> {
         let request = request.into_inner();
         let user = convert::user_id(request.user_id)?;
-        let wait = wait(request.consistency.as_ref())?;
+        let wait = self.wait(request.consistency.as_ref())?;
         let answer = self.backend.user_summary(wait, user).await?;
         let summary = answer.value.ok_or_else(|| not_found(user, &answer.as_of))?;
         Ok(Response::new(pb::GetUserSummaryResponse {
@@ -89,7 +92,7 @@ impl<B: QueryBackend> ExpenseQuery for QueryService<B> {
                 ))
             })?),
         };
-        let wait = wait(request.consistency.as_ref())?;
+        let wait = self.wait(request.consistency.as_ref())?;
         let answer = self.backend.user_summaries(wait, after, page_size).await?;
         let page = answer.value;
         Ok(Response::new(pb::ListUserSummariesResponse {
@@ -147,7 +150,7 @@ impl<B: QueryBackend> ExpenseQuery for QueryService<B> {
                 to - from + 1
             )));
         }
-        let wait = wait(request.consistency.as_ref())?;
+        let wait = self.wait(request.consistency.as_ref())?;
         let answer = self
             .backend
             .user_windows(wait, user, buckets, from, to)
@@ -176,7 +179,7 @@ impl<B: QueryBackend> ExpenseQuery for QueryService<B> {
     ) -> Result<Response<pb::TopSpendersResponse>, Status> {
         let request = request.into_inner();
         let limit = convert::limit(request.limit, 10, 1000, "limit")?;
-        let wait = wait(request.consistency.as_ref())?;
+        let wait = self.wait(request.consistency.as_ref())?;
         let answer = self.backend.top_spenders(wait, limit).await?;
         let spenders = answer
             .value
@@ -227,6 +230,7 @@ impl<B: QueryBackend> ExpenseQuery for QueryService<B> {
             .subscribe(SubscribeSpec {
                 users,
                 resume_after,
+                incarnation: request.incarnation,
                 guard,
             })
             .await?;

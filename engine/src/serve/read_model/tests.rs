@@ -13,6 +13,7 @@ fn delta(epoch: Epoch, cells: Vec<CellChange>, last_seen: Vec<LastSeen>) -> Epoc
         as_of: AsOf {
             epoch,
             positions: Arc::default(),
+            ..AsOf::default()
         },
         cells,
         last_seen,
@@ -167,4 +168,122 @@ fn formats_dates() {
         "2026-11-24"
     );
     assert_eq!(format_month(2026 * 12 + 10), "2026-11");
+}
+
+/// One cell of every kind for `user`.
+fn every_kind(user: UserId) -> Vec<AggKey> {
+    vec![
+        AggKey::User(user),
+        AggKey::Category(user, groceries()),
+        AggKey::Merchant(user, spendflow_operators::Name::intern("corner shop").0),
+        AggKey::Day(user, 20_000),
+        AggKey::Month(user, 2026 * 12 + 10),
+    ]
+}
+
+#[test]
+fn touching_an_absent_cell_publishes_it_removed_and_keeps_nothing() {
+    let (model, mut writer) = ReadModel::new();
+    // User 3 has no live expense at all; every kind of its cells is touched with a zero change.
+    let cells = every_kind(3).into_iter().map(|k| change(k, 0, 0)).collect();
+    let published = writer.apply(delta(1, cells, vec![]));
+    assert_eq!(published.cells.len(), 5, "every touched cell is published");
+    assert!(
+        published.cells.iter().all(CellValue::removed),
+        "{:?}",
+        published.cells
+    );
+    let snapshot = model.snapshot();
+    assert!(snapshot.user(3).is_none(), "no empty user is kept");
+    assert_eq!(snapshot.user_count(), 0);
+    assert_eq!(snapshot.top_spenders().count(), 0);
+    assert_eq!(snapshot.cells(&[]).count(), 0);
+
+    // A user with live expenses whose other cells are touched: no zero entries appear.
+    writer.apply(delta(2, vec![change(AggKey::User(4), 1, 10)], vec![]));
+    let cells = every_kind(4)
+        .into_iter()
+        .skip(1)
+        .map(|k| change(k, 0, 0))
+        .collect();
+    let published = writer.apply(delta(3, cells, vec![]));
+    assert!(published.cells.iter().all(CellValue::removed));
+    let user = model.snapshot().user(4).cloned().unwrap();
+    assert!(user.categories.is_empty() && user.merchants.is_empty());
+    assert!(user.days.is_empty() && user.months.is_empty());
+    assert_eq!((user.expense_count, user.total_minor), (1, 10));
+}
+
+#[test]
+fn touching_an_existing_cell_publishes_its_value_unchanged() {
+    let (model, mut writer) = ReadModel::new();
+    let cells = every_kind(5)
+        .into_iter()
+        .map(|k| change(k, 2, 70))
+        .collect();
+    writer.apply(delta(1, cells, vec![]));
+    let cells = every_kind(5).into_iter().map(|k| change(k, 0, 0)).collect();
+    let published = writer.apply(delta(2, cells, vec![]));
+    assert_eq!(published.cells.len(), 5);
+    for cell in &published.cells {
+        assert_eq!((cell.count, cell.sum), (2, 70), "{:?}", cell.key);
+    }
+    let snapshot = model.snapshot();
+    for key in every_kind(5) {
+        assert_eq!(snapshot.user(5).unwrap().cell(&key), (2, 70), "{key:?}");
+    }
+}
+
+#[test]
+fn totals_beyond_i64_are_exact_over_many_changes_and_come_back_into_range() {
+    let (model, mut writer) = ReadModel::new();
+    let keys = every_kind(8);
+    // 10 epochs of i64::MAX each: far beyond i64, never wrapped.
+    for epoch in 1..=10 {
+        let cells = keys.iter().map(|k| change(*k, 1, i64::MAX)).collect();
+        let published = writer.apply(delta(epoch, cells, vec![]));
+        for cell in &published.cells {
+            assert_eq!(cell.sum, i128::from(i64::MAX) * i128::from(epoch as i64));
+            assert_eq!(cell.count, epoch as i64);
+        }
+    }
+    let expected = i128::from(i64::MAX) * 10;
+    let snapshot = model.snapshot();
+    let user = snapshot.user(8).unwrap();
+    assert_eq!(user.total_minor, expected);
+    for key in &keys {
+        assert_eq!(user.cell(key), (10, expected), "{key:?}");
+    }
+    assert_eq!(
+        snapshot.top_spenders().next().map(|u| u.total_minor),
+        Some(expected)
+    );
+    // Refunds (large negative amounts) bring every cell back into the i64 range, exactly.
+    for epoch in 11..=19 {
+        let cells = keys.iter().map(|k| change(*k, -1, -i64::MAX)).collect();
+        writer.apply(delta(epoch, cells, vec![]));
+    }
+    let cells = keys.iter().map(|k| change(*k, 0, 5)).collect();
+    let published = writer.apply(delta(20, cells, vec![]));
+    for cell in &published.cells {
+        assert_eq!((cell.count, cell.sum), (1, i128::from(i64::MAX) + 5));
+    }
+    let cells = keys.iter().map(|k| change(*k, 0, -10)).collect();
+    let published = writer.apply(delta(21, cells, vec![]));
+    for cell in &published.cells {
+        assert_eq!((cell.count, cell.sum), (1, i128::from(i64::MAX) - 5));
+        assert!(i64::try_from(cell.sum).is_ok());
+    }
+    // And below i64::MIN too.
+    let cells = keys
+        .iter()
+        .flat_map(|k| [change(*k, 1, i64::MIN), change(*k, 1, i64::MIN)])
+        .collect();
+    let published = writer.apply(delta(22, cells, vec![]));
+    for cell in &published.cells {
+        assert_eq!(
+            cell.sum,
+            i128::from(i64::MAX) - 5 + 2 * i128::from(i64::MIN)
+        );
+    }
 }

@@ -11,11 +11,11 @@ use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use spendflow_operators::{CountSum, Epoch, Name, UserId};
+use spendflow_operators::{Epoch, Name, UserId};
 
 use super::App;
 use crate::personnel::{Personnel, UserDetails};
-use crate::serve::read_model::{Snapshot, UserAggregates, format_month};
+use crate::serve::read_model::{Amount, Snapshot, UserAggregates, format_month};
 
 /// Most top spenders one overview may ask for.
 pub const MAX_TOP: usize = 100;
@@ -109,13 +109,13 @@ pub struct Total {
     /// Category, merchant or month (`2026-11`).
     pub key: String,
     /// Sum of the live expenses, minor units.
-    pub total_minor: i64,
+    pub total_minor: i128,
     /// Number of live expenses.
     pub expense_count: i64,
 }
 
 /// Totals largest first, ties by key: the order gRPC answers use.
-fn totals(entries: impl Iterator<Item = (String, CountSum)>) -> Vec<Total> {
+fn totals(entries: impl Iterator<Item = (String, Amount)>) -> Vec<Total> {
     let mut out: Vec<Total> = entries
         .map(|(key, (count, sum))| Total {
             key,
@@ -319,7 +319,7 @@ struct Spender {
     user_id: UserId,
     name: Option<String>,
     currency: Option<String>,
-    total_minor: i64,
+    total_minor: i128,
     expense_count: i64,
 }
 
@@ -328,7 +328,7 @@ struct Spender {
 pub struct CategoryTotal {
     key: String,
     /// Sum over all users of their minor units (users' currencies differ).
-    total_minor: i64,
+    total_minor: i128,
     expense_count: i64,
     /// Users with a live expense in the category.
     users: u64,
@@ -363,7 +363,8 @@ impl CategoryCache {
 
 /// Sums every user's categories. Costs time proportional to users × categories.
 pub fn category_totals(snapshot: &Snapshot) -> Vec<CategoryTotal> {
-    let mut by_name: BTreeMap<Name, (i64, i64, u64)> = BTreeMap::new();
+    // 128-bit sums (like the read model's): a total over all users never wraps.
+    let mut by_name: BTreeMap<Name, (i64, i128, u64)> = BTreeMap::new();
     for user in snapshot.users_after(None) {
         for (name, (count, sum)) in &user.categories {
             let entry = by_name.entry(*name).or_default();
@@ -467,7 +468,7 @@ struct UserPage {
 
 #[derive(Debug, Serialize)]
 struct AggregatesJson {
-    total_minor: i64,
+    total_minor: i128,
     expense_count: i64,
     last_event_ms: Option<i64>,
     last_event_time: Option<String>,

@@ -210,7 +210,7 @@ pub struct UserChange {
     pub name: Option<String>,
     pub currency: Option<String>,
     pub epoch: Epoch,
-    pub total_minor: i64,
+    pub total_minor: i128,
     pub expense_count: i64,
     pub last_event_ms: Option<i64>,
 }
@@ -218,7 +218,7 @@ pub struct UserChange {
 /// The new values of one user's changed cells.
 #[derive(Debug, Default, Serialize)]
 pub struct UserCells {
-    pub total_minor: Option<i64>,
+    pub total_minor: Option<i128>,
     pub expense_count: Option<i64>,
     pub last_event_ms: Option<i64>,
     pub categories: Vec<CellJson>,
@@ -230,7 +230,7 @@ pub struct UserCells {
 #[derive(Debug, Serialize)]
 pub struct CellJson {
     pub key: String,
-    pub total_minor: i64,
+    pub total_minor: i128,
     pub expense_count: i64,
     pub removed: bool,
 }

@@ -12,7 +12,7 @@ fn cell(key: AggKey, count: i64, sum: i64) -> CellValue {
     CellValue {
         key,
         count,
-        sum,
+        sum: sum.into(),
         last_event_ms: None,
     }
 }
@@ -22,6 +22,7 @@ fn published(epoch: u64, cells: Vec<CellValue>) -> Arc<Published> {
         as_of: AsOf {
             epoch,
             positions: Arc::default(),
+            ..AsOf::default()
         },
         cells,
     })
@@ -92,6 +93,7 @@ fn categories_are_summed_over_users() {
         as_of: AsOf {
             epoch: 1,
             positions: Arc::default(),
+            ..AsOf::default()
         },
         cells: vec![
             change(AggKey::User(1), 2, 300),
@@ -144,4 +146,34 @@ fn the_page_loads_nothing_from_elsewhere() {
             assert_eq!(found, 0, "{name} contains {needle:?}");
         }
     }
+}
+
+#[test]
+fn totals_beyond_i64_are_shown_exactly() {
+    let (model, mut writer) = ReadModel::new();
+    let (fuel, _) = Name::intern("fuel");
+    let cells = (1..=3)
+        .flat_map(|user| {
+            [
+                spendflow_operators::CellChange {
+                    key: AggKey::User(user),
+                    count: 1,
+                    sum: i64::MAX,
+                },
+                spendflow_operators::CellChange {
+                    key: AggKey::Category(user, fuel),
+                    count: 1,
+                    sum: i64::MAX,
+                },
+            ]
+        })
+        .collect();
+    writer.apply(EpochDelta {
+        cells,
+        ..EpochDelta::default()
+    });
+    let totals = category_totals(&model.snapshot());
+    let json = serde_json::to_string(&totals).unwrap();
+    let exact = (i128::from(i64::MAX) * 3).to_string();
+    assert!(json.contains(&format!("\"total_minor\":{exact}")), "{json}");
 }

@@ -38,6 +38,21 @@ pub enum CassandraError {
         /// True if the same request may succeed later (timeouts, unavailable nodes).
         retriable: bool,
     },
+    /// A total does not fit the tables' `bigint` columns: writing it would need a truncated
+    /// value, so the sink stops instead (the engine's own gRPC and web answers keep serving).
+    #[error(
+        "user {user}'s {cell} totals {sum} minor units, outside the bigint range of the Cassandra tables (keyspace {keyspace}); the sink stops rather than write a wrong value"
+    )]
+    ValueOutOfRange {
+        /// The keyspace.
+        keyspace: String,
+        /// The user.
+        user: u64,
+        /// Which cell: `user total`, `category "fuel"`, ...
+        cell: String,
+        /// The exact total.
+        sum: i128,
+    },
     /// Another engine claimed this keyspace's sink after us: we must stop writing.
     #[error(
         "another engine (generation {theirs}) took over the sink of keyspace {keyspace}; this one (generation {ours}) stops writing"
@@ -53,12 +68,29 @@ pub enum CassandraError {
 }
 
 impl CassandraError {
+    /// Names the keyspace in an error that did not know it.
+    pub fn in_keyspace(self, ks: &str) -> Self {
+        match self {
+            CassandraError::ValueOutOfRange {
+                user, cell, sum, ..
+            } => CassandraError::ValueOutOfRange {
+                keyspace: ks.to_string(),
+                user,
+                cell,
+                sum,
+            },
+            other => other,
+        }
+    }
+
     /// True if retrying the same operation later may succeed.
     pub fn is_retriable(&self) -> bool {
         match self {
             CassandraError::Connect { .. } => true,
             CassandraError::Request { retriable, .. } => *retriable,
-            CassandraError::Config(_) | CassandraError::Fenced { .. } => false,
+            CassandraError::Config(_)
+            | CassandraError::Fenced { .. }
+            | CassandraError::ValueOutOfRange { .. } => false,
         }
     }
 

@@ -23,6 +23,10 @@
 //! tables show. The static `generation` column fences engines: each start claims the next
 //! generation with a lightweight transaction, and progress is only ever committed `IF
 //! generation = <ours>`.
+//!
+//! The static `ts_lease` bounds the write timestamps (µs since the Unix epoch) the holding
+//! generation may use; see `sink.rs` for how it keeps a replaced engine's writes below the
+//! next one's.
 
 /// Day and month keys are text: `YYYY-MM-DD` and `YYYY-MM` sort like the dates they name.
 pub const TABLES: &[&str] = &[
@@ -65,6 +69,7 @@ pub const TABLES: &[&str] = &[
         epoch bigint,
         generation bigint static,
         owner text static,
+        ts_lease bigint static,
         positions text,
         records_covered bigint,
         committed boolean,
@@ -80,6 +85,14 @@ pub const SINK_NAME: &str = "main";
 /// `{'class': 'SimpleStrategy', 'replication_factor': 1}`.
 pub fn create_keyspace(keyspace: &str, replication: &str) -> String {
     format!("CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = {replication}")
+}
+
+/// Columns added after a table's first version: `ALTER TABLE` statements for keyspaces
+/// created before them (an error saying the column exists is expected and ignored).
+pub fn add_columns(keyspace: &str) -> Vec<String> {
+    vec![format!(
+        "ALTER TABLE {keyspace}.sink_progress ADD ts_lease bigint static"
+    )]
 }
 
 /// The `CREATE TABLE` statements for `keyspace`.

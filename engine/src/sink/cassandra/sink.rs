@@ -11,10 +11,28 @@
 //!    transaction `IF generation = <ours>`, so an engine that another one has replaced can never
 //!    advance progress.
 //!
-//! Every write carries the timestamp `generation << 32 | epoch`. Within one engine run epochs
-//! grow, so a later value always wins, and a retried write is a no-op. A restarted engine
-//! claims the next generation, so its writes win over anything an earlier run (or a zombie)
-//! wrote, whatever the epoch numbers. After a restart from a checkpoint at epoch `C`, the
+//! **Write timestamps** are microseconds since the Unix epoch, like any other writer's, so an
+//! operator's fix-up with an ordinary timestamp neither hides spendflow's rows forever nor
+//! always wins: every group is written at `max(now, previous + 1)`, at or above the wall clock
+//! of the write and strictly increasing within a run (a retried batch reuses its group's
+//! timestamp, so a retry is a no-op). Across runs, the static `ts_lease` column of
+//! `sink_progress` carries a *time lease*:
+//!
+//! * a generation may only write with timestamps up to the lease it holds; before it would
+//!   pass it, it extends the lease (to its timestamp + [`TS_LEASE`]) with a lightweight
+//!   transaction `IF generation = <ours>`, which fails once another engine has claimed the
+//!   sink (the sink stops, fenced);
+//! * claiming the sink is one lightweight transaction `IF generation = <g> AND ts_lease = <L>`
+//!   on what it read, which sets the new generation's floor to `max(now, L + 1)`.
+//!
+//! Lightweight transactions on the one `sink_progress` partition are linearizable, so every
+//! lease the replaced generation ever obtained is at most `L`, and all its writes, including
+//! those of a zombie that has not noticed yet, carry timestamps below the new generation's
+//! floor: a newer generation's cells always win, whatever the machines' clocks say. The cost
+//! is one lightweight transaction per [`TS_LEASE`] of writing, and after a takeover the new
+//! generation's timestamps may run up to [`TS_LEASE`] ahead of the wall clock. Timestamps of
+//! keyspaces written before (`generation << 32 | epoch`, near 1970) are far below any of
+//! these. After a restart from a checkpoint at epoch `C`, the
 //! engine re-reads the input after `C` and re-writes every cell that input touches, which
 //! includes every cell the previous run wrote after its checkpoint: Cassandra converges to
 //! exactly the state of the input, with each row at least as new as the progress row says.
@@ -45,6 +63,9 @@ const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::fro
 
 /// How long one request may take before it is abandoned and retried.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How far ahead of its newest write timestamp a generation leases timestamps (µs).
+pub const TS_LEASE: i64 = 5_000_000;
 
 /// Progress rows kept: older ones are deleted now and then.
 const PROGRESS_ROWS_KEPT: u64 = 1000;
@@ -87,6 +108,9 @@ pub struct SinkStart {
     pub generation: i64,
     /// The newest epoch an earlier run committed, if any.
     pub committed_epoch: Option<Epoch>,
+    /// The smallest write timestamp this generation uses: above every timestamp an earlier
+    /// generation could use (µs since the Unix epoch).
+    pub timestamp_floor: i64,
 }
 
 /// The statements, prepared once.
@@ -123,6 +147,10 @@ pub struct CassandraSink {
     prepared: Arc<Prepared>,
     config: CassandraSinkConfig,
     generation: i64,
+    /// The newest write timestamp used (µs).
+    last_timestamp: i64,
+    /// The largest write timestamp this generation holds a lease for (µs).
+    lease: i64,
     stop: Arc<AtomicBool>,
     counters: SinkCounters,
 }
@@ -169,6 +197,12 @@ impl CassandraSink {
             for table in schema::create_tables(ks) {
                 run(&session, &table, "create table").await?;
             }
+            for alter in schema::add_columns(ks) {
+                // Fails when the column exists (created with the table): expected.
+                if let Err(e) = run(&session, &alter, "add a column").await {
+                    tracing::debug!(error = %e, "Column not added (it exists).");
+                }
+            }
             let prepared = prepare(&session, ks).await?;
             let start = claim(&session, ks, owner).await?;
             Ok::<_, CassandraError>((session, prepared, start))
@@ -185,6 +219,8 @@ impl CassandraSink {
                 session,
                 prepared: Arc::new(prepared),
                 generation: start.generation,
+                last_timestamp: start.timestamp_floor - 1,
+                lease: start.timestamp_floor,
                 config,
                 stop,
                 counters: SinkCounters::default(),
@@ -198,9 +234,10 @@ impl CassandraSink {
         self.counters
     }
 
-    /// The write timestamp of an epoch in this generation.
-    pub fn timestamp(&self, epoch: Epoch) -> i64 {
-        write_timestamp(self.generation, epoch)
+    /// The newest write timestamp used (µs since the Unix epoch; before the first write, one
+    /// below the generation's floor).
+    pub fn last_timestamp(&self) -> i64 {
+        self.last_timestamp
     }
 
     /// Writes a group and commits its progress row. Retries retriable failures until they
@@ -211,9 +248,14 @@ impl CassandraSink {
     /// A fatal [`CassandraError`], [`CassandraError::Fenced`] if another engine took over, or
     /// the last retriable error if the sink was stopped while retrying.
     pub fn write(&mut self, group: &EpochGroup) -> Result<(), CassandraError> {
-        let batches = plan_batches(group, self.config.batch_statements);
+        let batches = plan_batches(group, self.config.batch_statements)
+            .map_err(|e| e.in_keyspace(&self.config.keyspace))?;
         let rows: usize = batches.iter().map(|b| b.len()).sum();
-        let timestamp = self.timestamp(group.epoch);
+        let timestamp = write_timestamp(now_us(), self.last_timestamp);
+        if timestamp > self.lease {
+            self.extend_lease(timestamp + TS_LEASE)?;
+        }
+        self.last_timestamp = timestamp;
         let session = Arc::clone(&self.session);
         let prepared = Arc::clone(&self.prepared);
         let stop = Arc::clone(&self.stop);
@@ -281,9 +323,48 @@ impl CassandraSink {
     }
 }
 
-/// `generation << 32 | epoch`: later generations always win; within one, later epochs.
-pub fn write_timestamp(generation: i64, epoch: Epoch) -> i64 {
-    (generation << 32) | (epoch & 0xFFFF_FFFF) as i64
+impl CassandraSink {
+    /// Extends this generation's timestamp lease to `until`, only while it holds the sink.
+    fn extend_lease(&mut self, until: i64) -> Result<(), CassandraError> {
+        let session = Arc::clone(&self.session);
+        let stop = Arc::clone(&self.stop);
+        let keyspace = self.config.keyspace.clone();
+        let generation = self.generation;
+        let retries = std::sync::atomic::AtomicU64::new(0);
+        let result = self.runtime.block_on(retry("extend the timestamp lease", &stop, &retries, || {
+            let session = &session;
+            let keyspace = &keyspace;
+            async move {
+                let envelope = session
+                    .query_with_values(
+                        format!(
+                            "UPDATE {keyspace}.sink_progress SET ts_lease = ? WHERE sink = ? IF generation = ?"
+                        ),
+                        query_values!(until, SINK_NAME.to_string(), generation),
+                    )
+                    .await
+                    .map_err(|e| CassandraError::request("extend the timestamp lease", e))?;
+                match lwt_result(envelope, "extend the timestamp lease")? {
+                    (true, _) => Ok(()),
+                    (false, theirs) => Err(CassandraError::Fenced {
+                        keyspace: keyspace.clone(),
+                        ours: generation,
+                        theirs: theirs.unwrap_or(-1),
+                    }),
+                }
+            }
+        }));
+        self.counters.retries += retries.into_inner();
+        result?;
+        self.lease = until;
+        Ok(())
+    }
+}
+
+/// The timestamp of the next write: at or above the wall clock `now_us`, and above the
+/// previous one.
+pub fn write_timestamp(now_us: i64, last: i64) -> i64 {
+    now_us.max(last.saturating_add(1))
 }
 
 /// One statement of a batch: which prepared query, and its values.
@@ -309,13 +390,26 @@ enum RowKind {
 
 /// Turns a group's cells into batches: each batch holds rows of one user only (every table is
 /// partitioned by user) and at most `per_batch` rows.
-pub fn plan_batches(group: &EpochGroup, per_batch: usize) -> Vec<Vec<Row>> {
+///
+/// # Errors
+///
+/// [`CassandraError::ValueOutOfRange`] (fatal; keyspace left empty, the caller names it) if a
+/// cell's total does not fit `bigint`: never a truncated value.
+pub fn plan_batches(group: &EpochGroup, per_batch: usize) -> Result<Vec<Vec<Row>>, CassandraError> {
     let mut by_user: BTreeMap<u64, Vec<Row>> = BTreeMap::new();
     let epoch = group.epoch as i64;
     for cell in group.cells.values() {
         let user = cell.key.user_id();
         let user_value = Value::from(user as i64);
         let gone = cell.removed();
+        let Ok(sum) = i64::try_from(cell.sum) else {
+            return Err(CassandraError::ValueOutOfRange {
+                keyspace: String::new(),
+                user,
+                cell: crate::serve::grpc::convert::describe(&cell.key),
+                sum: cell.sum,
+            });
+        };
         let row = match cell.key {
             AggKey::User(_) if gone => Row {
                 kind: RowKind::DeleteUser,
@@ -325,7 +419,7 @@ pub fn plan_batches(group: &EpochGroup, per_batch: usize) -> Vec<Vec<Row>> {
                 kind: RowKind::UpsertUser,
                 values: vec![
                     user_value,
-                    Value::from(cell.sum),
+                    Value::from(sum),
                     Value::from(cell.count),
                     Value::from(cell.last_event_ms),
                     Value::from(epoch),
@@ -340,7 +434,7 @@ pub fn plan_batches(group: &EpochGroup, per_batch: usize) -> Vec<Vec<Row>> {
                     (false, true) => RowKind::DeleteMerchant,
                     (false, false) => RowKind::UpsertMerchant,
                 };
-                bucket_row(kind, gone, user_value, text, cell, epoch)
+                bucket_row(kind, gone, user_value, text, cell, sum, epoch)
             }
             AggKey::Day(_, day) => {
                 let kind = if gone {
@@ -349,7 +443,7 @@ pub fn plan_batches(group: &EpochGroup, per_batch: usize) -> Vec<Vec<Row>> {
                     RowKind::UpsertDay
                 };
                 let text = Value::from(format_day(day));
-                bucket_row(kind, gone, user_value, text, cell, epoch)
+                bucket_row(kind, gone, user_value, text, cell, sum, epoch)
             }
             AggKey::Month(_, month) => {
                 let kind = if gone {
@@ -358,7 +452,7 @@ pub fn plan_batches(group: &EpochGroup, per_batch: usize) -> Vec<Vec<Row>> {
                     RowKind::UpsertMonth
                 };
                 let text = Value::from(format_month(month));
-                bucket_row(kind, gone, user_value, text, cell, epoch)
+                bucket_row(kind, gone, user_value, text, cell, sum, epoch)
             }
         };
         by_user.entry(user).or_default().push(row);
@@ -371,7 +465,7 @@ pub fn plan_batches(group: &EpochGroup, per_batch: usize) -> Vec<Vec<Row>> {
             batches.push(rows.by_ref().take(per_batch).collect());
         }
     }
-    batches
+    Ok(batches)
 }
 
 fn bucket_row(
@@ -380,6 +474,7 @@ fn bucket_row(
     user: Value,
     bucket: Value,
     cell: &CellValue,
+    sum: i64,
     epoch: i64,
 ) -> Row {
     let values = if gone {
@@ -388,7 +483,7 @@ fn bucket_row(
         vec![
             user,
             bucket,
-            Value::from(cell.sum),
+            Value::from(sum),
             Value::from(cell.count),
             Value::from(epoch),
         ]
@@ -549,7 +644,9 @@ async fn claim(session: &CqlSession, ks: &str, owner: &str) -> Result<SinkStart,
     loop {
         let rows = session
             .query_with_values(
-                format!("SELECT generation FROM {ks}.sink_progress WHERE sink = ? LIMIT 1"),
+                format!(
+                    "SELECT generation, ts_lease FROM {ks}.sink_progress WHERE sink = ? LIMIT 1"
+                ),
                 query_values!(SINK_NAME.to_string()),
             )
             .await
@@ -561,17 +658,27 @@ async fn claim(session: &CqlSession, ks: &str, owner: &str) -> Result<SinkStart,
         let current: Option<i64> = rows
             .first()
             .and_then(|r| r.get_by_name("generation").ok().flatten());
+        let lease: Option<i64> = rows
+            .first()
+            .and_then(|r| r.get_by_name("ts_lease").ok().flatten());
         let next = current.unwrap_or(0) + 1;
-        let condition = match current {
-            Some(g) => format!("IF generation = {g}"),
-            None => "IF generation = null".to_string(),
-        };
+        let value = |v: Option<i64>| v.map_or_else(|| "null".to_string(), |v| v.to_string());
+        // Conditional on the lease read too: an extension by the old generation in between
+        // makes this fail and read again.
+        let condition = format!(
+            "IF generation = {} AND ts_lease = {}",
+            value(current),
+            value(lease)
+        );
+        let floor = now_us().max(lease.unwrap_or(0).saturating_add(1));
         let envelope = session
             .query_with_values(
                 format!(
-                    "UPDATE {ks}.sink_progress SET generation = ?, owner = ? WHERE sink = ? {condition}"
+                    "UPDATE {ks}.sink_progress SET generation = ?, owner = ?, ts_lease = ? WHERE sink = ? {condition}"
                 ),
-                query_values!(next, owner.clone(), SINK_NAME.to_string()),
+                // The lease starts at the floor and is extended at the first write, so engines
+                // that restart without writing do not push timestamps ahead of the clock.
+                query_values!(next, owner.clone(), floor, SINK_NAME.to_string()),
             )
             .await
             .map_err(|e| CassandraError::request("claim the sink", e))?;
@@ -603,6 +710,7 @@ async fn claim(session: &CqlSession, ks: &str, owner: &str) -> Result<SinkStart,
         return Ok(SinkStart {
             generation: next,
             committed_epoch: committed,
+            timestamp_floor: floor,
         });
     }
 }
@@ -646,6 +754,12 @@ async fn commit(
             theirs: theirs.unwrap_or(-1),
         }),
     }
+}
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
 }
 
 fn now_ms() -> i64 {
