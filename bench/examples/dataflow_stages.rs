@@ -41,7 +41,8 @@ use differential_dataflow::operators::arrange::Arranged;
 use rustc_hash::FxHashMap;
 use spendflow_bench::{config, count, epochs, records, split_by_worker};
 use spendflow_operators::aggregate::{
-    AggregateCells, CapturedChanges, CapturedLastSeen, CellTrace, LastSeenByUser, capture_changes,
+    AggregateCells, CapturedChanges, CapturedLastSeen, CellTrace, LastSeenByUser, ReplayTouch,
+    capture_changes,
 };
 use spendflow_operators::model::{AggKey, CountSum, Fact, Record};
 use spendflow_operators::upsert::{Instruction, UpsertByExpense};
@@ -201,7 +202,9 @@ fn build(stage: &str, worker: &mut Worker) -> Built {
                 pre_aggregate(facts.inner, false).probe_with(&probe);
                 return input;
             }
-            "arrange" | "capture" => facts.aggregate_cells(),
+            "arrange" | "capture" => {
+                facts.aggregate_cells(ReplayTouch::default(), Default::default())
+            }
             "arrange_no_preagg" => facts
                 .explode(|fact: Fact| {
                     let amount = fact.amount_minor;
