@@ -35,8 +35,8 @@ use support::stream::{
 };
 
 const USERS: u64 = 100;
-const EVENTS: u64 = 10_000;
-/// Records per second: the stream lasts about 5 s without the outage (on an idle machine; a
+const EVENTS: u64 = 4_000;
+/// Records per second: the stream lasts about 2 s without the outage (on an idle machine; a
 /// busy one is much slower, hence the generous bounds on the waits below).
 const RATE: u64 = 2_000;
 /// How often the generator may be started again after it gave up.
@@ -242,8 +242,16 @@ fn broker_killed_mid_stream_then_exact_in_grpc_cassandra_and_dead_letters() {
         // (A generator that gives up now is started again once the broker is back.)
         std::thread::sleep(Duration::from_millis(100));
     }
-    let up = services_kit(&["up", "kafka"]);
-    assert!(up.success(), "the kit could not start Kafka again");
+    // On a busy machine the broker's recovery can outlast the kit's readiness timeout (the kit
+    // then stops it again): try a few times.
+    let mut attempt = 1;
+    while !services_kit(&["up", "kafka"]).success() {
+        assert!(
+            attempt < 3,
+            "the kit could not start Kafka again ({attempt} tries)"
+        );
+        attempt += 1;
+    }
     let read_during = status(&runtime, &run.grpc).map_or(0, |s| s.records_read);
     eprintln!(
         "Kafka back {:?} after the kill (new pid {}); the engine had read {read_during}",
