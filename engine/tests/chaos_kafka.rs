@@ -14,7 +14,8 @@
 //! runs test binaries one after another). It finds the broker through the kit's pid file under
 //! `$SPENDFLOW_SERVICES_DIR` (default `target/services`, where `make test` starts it) and always
 //! starts it again, also when it fails. The test prints its seed; `SPENDFLOW_CHAOS_SEED=<seed>`
-//! repeats the same kill point and outage. Needs SPENDFLOW_KAFKA, SPENDFLOW_CASSANDRA and
+//! repeats the same kill point and outage; `SPENDFLOW_CHAOS_EVENTS=<n>` streams n events instead
+//! of 4,000 (on a slow machine). Needs SPENDFLOW_KAFKA, SPENDFLOW_CASSANDRA and
 //! SPENDFLOW_MYSQL (`docker/native/services env`).
 
 mod support;
@@ -35,6 +36,7 @@ use support::stream::{
 };
 
 const USERS: u64 = 100;
+/// Events streamed, unless `SPENDFLOW_CHAOS_EVENTS` says otherwise (fewer on a slow machine).
 const EVENTS: u64 = 4_000;
 /// Records per second: the stream lasts about 2 s without the outage (on an idle machine; a
 /// busy one is much slower, hence the generous bounds on the waits below).
@@ -161,11 +163,15 @@ fn broker_killed_mid_stream_then_exact_in_grpc_cassandra_and_dead_letters() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(rand::random);
-    eprintln!("chaos_kafka seed {seed} (SPENDFLOW_CHAOS_SEED={seed} repeats it)");
+    let events: u64 = std::env::var("SPENDFLOW_CHAOS_EVENTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(EVENTS);
+    eprintln!("chaos_kafka seed {seed} (SPENDFLOW_CHAOS_SEED={seed} repeats it), {events} events");
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     // The kill lands after a fifth to a third of the stream is in Kafka, plus up to a second
     // (anywhere in an epoch, a checkpoint or a sink write); the broker stays down 10-15 s.
-    let kill_point = rng.random_range(EVENTS / 5..EVENTS / 3);
+    let kill_point = rng.random_range(events / 5..events / 3);
     let kill_delay = Duration::from_millis(rng.random_range(0..1_000));
     let outage = Duration::from_millis(rng.random_range(10_000..15_000));
 
@@ -175,7 +181,7 @@ fn broker_killed_mid_stream_then_exact_in_grpc_cassandra_and_dead_letters() {
     run.engine_args = ["--checkpoint-interval", "1s", "--epoch-interval-ms", "20"]
         .map(String::from)
         .to_vec();
-    let generation = Generation::messy(USERS, EVENTS, seed % 1000, RATE);
+    let generation = Generation::messy(USERS, events, seed % 1000, RATE);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let started = Instant::now();
 
@@ -275,10 +281,10 @@ fn broker_killed_mid_stream_then_exact_in_grpc_cassandra_and_dead_letters() {
     // outbox: duplicates in Kafka are allowed (the engine applies the last record per expense),
     // loss is not.
     let in_kafka = messages_in(&run.brokers, &run.prefix());
-    assert!(in_kafka >= EVENTS, "{in_kafka} of {EVENTS} events in Kafka");
+    assert!(in_kafka >= events, "{in_kafka} of {events} events in Kafka");
     eprintln!(
-        "{in_kafka} records in Kafka for {EVENTS} events ({} sent again)",
-        in_kafka - EVENTS
+        "{in_kafka} records in Kafka for {events} events ({} sent again)",
+        in_kafka - events
     );
     let deadline = Instant::now() + Duration::from_secs(120);
     let generated = Instant::now();
