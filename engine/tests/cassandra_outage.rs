@@ -10,35 +10,19 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use spendflow_engine::verify::grpc::GrpcServed;
 use spendflow_engine::verify::mysql::MySqlTruth;
 use spendflow_engine::verify::{self, VerifyOptions};
-use spendflow_proto::v1::GetStatusRequest;
-use spendflow_proto::v1::admin_client::AdminClient;
 
+use support::stream::{RestartService, service_pid, services_kit, status};
 use support::{create_topics, service_env, unique_name};
 
 const USERS: u64 = 100;
 const EVENTS: u64 = 100_000;
 const OUTAGE: Duration = Duration::from_secs(30);
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The pid of the kit's Cassandra.
-fn cassandra_pid() -> u32 {
-    let dir = std::env::var("SPENDFLOW_SERVICES_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| repo().join("target/services"));
-    let pid = std::fs::read_to_string(dir.join("cassandra/pid"))
-        .expect("the kit's Cassandra pid file (is it started by docker/native/services?)");
-    pid.trim().parse().expect("a pid")
-}
 
 fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -46,33 +30,6 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
-}
-
-fn status(
-    runtime: &tokio::runtime::Runtime,
-    addr: &str,
-) -> Option<spendflow_proto::v1::GetStatusResponse> {
-    runtime.block_on(async {
-        let mut client = AdminClient::connect(format!("http://{addr}")).await.ok()?;
-        Some(
-            client
-                .get_status(GetStatusRequest {})
-                .await
-                .ok()?
-                .into_inner(),
-        )
-    })
-}
-
-/// Restarts the kit's Cassandra even if the test fails half-way.
-struct RestartCassandra;
-
-impl Drop for RestartCassandra {
-    fn drop(&mut self) {
-        let _ = Command::new(repo().join("docker/native/services"))
-            .args(["up", "cassandra"])
-            .status();
-    }
 }
 
 #[test]
@@ -150,8 +107,8 @@ fn thirty_seconds_without_cassandra_then_exact_again() {
     assert!(read_before > 0, "the engine reads nothing:\n{}", log_tail());
 
     // Cassandra down for 30 s while the generator keeps producing.
-    let _restart = RestartCassandra;
-    let pid = cassandra_pid();
+    let _restart = RestartService("cassandra");
+    let pid = service_pid("cassandra");
     assert!(
         Command::new("kill")
             .args(["-KILL", &pid.to_string()])
@@ -172,10 +129,7 @@ fn thirty_seconds_without_cassandra_then_exact_again() {
         std::thread::sleep(Duration::from_millis(250));
     }
     let read_during = status(&runtime, &grpc).map_or(0, |s| s.records_read);
-    let up = Command::new(repo().join("docker/native/services"))
-        .args(["up", "cassandra"])
-        .status()
-        .unwrap();
+    let up = services_kit(&["up", "cassandra"]);
     assert!(up.success(), "Cassandra did not come back");
     eprintln!(
         "Cassandra back after {:?}; the engine read {read_during} records meanwhile",
