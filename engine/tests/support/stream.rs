@@ -20,15 +20,22 @@ use super::{service_env, unique_name};
 
 /// The repository's root.
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    // The parent, not `engine/..`: paths built from it are compared with the command lines of
+    // the kit's processes, which name `<repo>/target/services/...` as the kit resolved it.
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the engine crate lives in the repository")
+        .to_path_buf()
 }
 
 /// Where the services kit keeps its services: `$SPENDFLOW_SERVICES_DIR`, or the kit's default
 /// `<repo>/target/services` (where `make test` starts them).
 pub fn services_dir() -> PathBuf {
-    std::env::var("SPENDFLOW_SERVICES_DIR")
+    let dir = std::env::var("SPENDFLOW_SERVICES_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| repo().join("target/services"))
+        .unwrap_or_else(|_| repo().join("target/services"));
+    // Resolved like the kit resolves it, so it matches the services' command lines.
+    std::fs::canonicalize(&dir).unwrap_or(dir)
 }
 
 /// `docker/native/services <args>` (with the same `SPENDFLOW_SERVICES_DIR` as [`services_dir`]).
