@@ -173,12 +173,17 @@ impl KafkaSource {
         let mut new: Vec<(Arc<str>, i32)> = Vec::new();
         let mut listed: BTreeSet<&str> = BTreeSet::new();
         let mut found = self.pattern.is_some();
+        // A matching topic listed with an error or without partitions (e.g. leaders still
+        // being elected after a broker restart) is not readable yet: until a listing shows
+        // every matching topic whole, this source has not found everything it reads.
+        let mut incomplete = false;
         for topic in metadata.topics() {
             let name = topic.name();
-            if name.starts_with("__") || !self.matches(name) || topic.error().is_some() {
+            if name.starts_with("__") || !self.matches(name) {
                 continue;
             }
-            if topic.partitions().is_empty() {
+            if topic.error().is_some() || topic.partitions().is_empty() {
+                incomplete = true;
                 continue;
             }
             listed.insert(name);
@@ -222,7 +227,7 @@ impl KafkaSource {
             );
             return Ok(());
         }
-        self.found |= found;
+        self.found |= found && !incomplete;
         Ok(())
     }
 
