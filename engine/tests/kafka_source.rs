@@ -7,23 +7,13 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use spendflow_engine::source::generator::{GeneratorConfig, Simulator};
 use spendflow_engine::source::kafka::KafkaSourceConfig;
 use spendflow_engine::{Engine, EngineConfig, SourceConfig};
 use spendflow_operators::Record;
 use spendflow_operators::oracle::recompute;
-use support::{create_topics, read_dead_letters, service_env, unique_name};
-
-fn producer(brokers: &str) -> BaseProducer {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .create()
-        .unwrap()
-}
+use support::{create_topics, producer, read_dead_letters, service_env, unique_name};
 
 fn send(producer: &BaseProducer, topic: &str, key: Option<&str>, payload: &[u8]) {
     let mut record = BaseRecord::to(topic).payload(payload);

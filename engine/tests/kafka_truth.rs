@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use spendflow_engine::checkpoint::Checkpoint;
 use spendflow_engine::config::CheckpointConfig;
@@ -25,7 +25,7 @@ use spendflow_engine::source::generator::{GeneratorConfig, Simulator};
 use spendflow_engine::source::kafka::{KafkaSourceConfig, OnDataLoss};
 use spendflow_engine::source::{OffsetRange, PartitionPosition, PartitionState};
 use spendflow_engine::{Engine, EngineConfig, SourceConfig, Status};
-use support::{create_topics, service_env, unique_name};
+use support::{create_topics, producer, service_env, unique_name};
 
 /// Everything the engines of this test binary log (to count warnings).
 fn logs() -> &'static Arc<Mutex<Vec<u8>>> {
@@ -62,15 +62,6 @@ fn log_lines_with(all: &[&str]) -> Vec<String> {
         .filter(|l| all.iter().all(|s| l.contains(s)))
         .map(str::to_string)
         .collect()
-}
-
-fn producer(brokers: &str) -> BaseProducer {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .create()
-        .unwrap()
 }
 
 /// Sends `n` valid simulated records to `topic` (partitions chosen by the client) and waits

@@ -112,3 +112,13 @@ pub fn read_dead_letters(brokers: &str, topic: &str, expected: usize) -> Vec<(Ve
     }
     out
 }
+
+/// An idempotent Kafka producer on `brokers` for tests that write input records.
+pub fn producer(brokers: &str) -> rdkafka::producer::BaseProducer {
+    rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap()
+}
