@@ -86,6 +86,31 @@ impl Drop for RestartService {
     }
 }
 
+/// A child process that is killed and reaped when dropped, so a failing test leaves no engine
+/// or generator running into the tests after it.
+pub struct KillOnDrop(pub Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // Both fail harmlessly once the child has been waited for.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The engine's status over gRPC, if it answers.
 pub fn status(
     runtime: &tokio::runtime::Runtime,

@@ -64,6 +64,13 @@ const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::fro
 /// How long one request may take before it is abandoned and retried.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a write keeps failing on one session before the sink drops that session and
+/// connects a new one. cdrs-tokio can keep a single-node cluster's only node marked down after
+/// the node came back ("No nodes available in query plan!" forever; seen in the
+/// `cassandra_outage` test after a 30 s outage), so retrying on the old session alone may
+/// never succeed.
+const RECONNECT_AFTER: Duration = Duration::from_secs(15);
+
 /// How far ahead of its newest write timestamp a generation leases timestamps (µs).
 pub const TS_LEASE: i64 = 5_000_000;
 
@@ -252,6 +259,59 @@ impl CassandraSink {
             .map_err(|e| e.in_keyspace(&self.config.keyspace))?;
         let rows: usize = batches.iter().map(|b| b.len()).sum();
         let timestamp = write_timestamp(now_us(), self.last_timestamp);
+        let mut reconnected = false;
+        loop {
+            // Every step is idempotent (the same timestamp, absolute values, a conditional
+            // progress row), so the whole group is simply written again on a new session.
+            match self.write_on_session(group, &batches, timestamp) {
+                Err(e) if e.is_retriable() && !self.stop.load(Ordering::Acquire) => {
+                    tracing::warn!(
+                        error = %e,
+                        failing_s = RECONNECT_AFTER.as_secs(),
+                        "Cassandra writes keep failing on this session; connecting a new one."
+                    );
+                    self.reconnect()?;
+                    reconnected = true;
+                }
+                Err(e) => return Err(e),
+                Ok(()) => break,
+            }
+        }
+        if reconnected {
+            tracing::info!(
+                epoch = group.epoch,
+                "Cassandra writes succeed again (on a new session)."
+            );
+        }
+        self.counters.groups += 1;
+        self.counters.rows += rows as u64;
+        self.counters.batches += rows.div_ceil(self.config.batch_statements.max(1)) as u64;
+        if self.counters.groups.is_multiple_of(100) && group.epoch > PROGRESS_ROWS_KEPT {
+            let cql = format!(
+                "DELETE FROM {}.sink_progress WHERE sink = ? AND epoch < ?",
+                self.config.keyspace
+            );
+            let older = (group.epoch - PROGRESS_ROWS_KEPT) as i64;
+            if let Err(e) = self.runtime.block_on(
+                self.session
+                    .query_with_values(cql, query_values!(SINK_NAME.to_string(), older)),
+            ) {
+                tracing::debug!(error = %e, "Could not trim old progress rows; will retry later.");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl CassandraSink {
+    /// One attempt at a group on the current session: extends the lease if needed, writes the
+    /// batches and commits the progress row, retrying failures for up to [`RECONNECT_AFTER`].
+    fn write_on_session(
+        &mut self,
+        group: &EpochGroup,
+        batches: &[Vec<Row>],
+        timestamp: i64,
+    ) -> Result<(), CassandraError> {
         if timestamp > self.lease {
             self.extend_lease(timestamp + TS_LEASE)?;
         }
@@ -264,14 +324,14 @@ impl CassandraSink {
         let generation = self.generation;
         let (retries, result) = self.runtime.block_on(async move {
             let retries = std::sync::atomic::AtomicU64::new(0);
-            let mut results = futures::stream::iter(batches.into_iter().map(|batch| {
+            let mut results = futures::stream::iter(batches.iter().map(|batch| {
                 let session = &session;
                 let prepared = &prepared;
                 let stop = &stop;
                 let retries = &retries;
                 async move {
                     retry("write a batch", stop, retries, || {
-                        let query = build_batch(prepared, &batch, timestamp);
+                        let query = build_batch(prepared, batch, timestamp);
                         async move {
                             let query = query?;
                             session
@@ -302,28 +362,39 @@ impl CassandraSink {
             (retries.into_inner(), committed)
         });
         self.counters.retries += retries;
-        result?;
-        self.counters.groups += 1;
-        self.counters.rows += rows as u64;
-        self.counters.batches += rows.div_ceil(self.config.batch_statements.max(1)) as u64;
-        if self.counters.groups.is_multiple_of(100) && group.epoch > PROGRESS_ROWS_KEPT {
-            let cql = format!(
-                "DELETE FROM {}.sink_progress WHERE sink = ? AND epoch < ?",
-                self.config.keyspace
-            );
-            let older = (group.epoch - PROGRESS_ROWS_KEPT) as i64;
-            if let Err(e) = self.runtime.block_on(
-                self.session
-                    .query_with_values(cql, query_values!(SINK_NAME.to_string(), older)),
-            ) {
-                tracing::debug!(error = %e, "Could not trim old progress rows; will retry later.");
+        result
+    }
+
+    /// Drops the session and connects a new one (with freshly prepared statements), retrying
+    /// until it succeeds or the sink is stopped.
+    fn reconnect(&mut self) -> Result<(), CassandraError> {
+        let mut pause = BACKOFF.0;
+        loop {
+            let contact_points = &self.config.contact_points;
+            let keyspace = &self.config.keyspace;
+            let attempt = self.runtime.block_on(async {
+                let session = connect(contact_points).await?;
+                let prepared = prepare(&session, keyspace).await?;
+                Ok::<_, CassandraError>((session, prepared))
+            });
+            match attempt {
+                Ok((session, prepared)) => {
+                    self.session = session;
+                    self.prepared = Arc::new(prepared);
+                    tracing::info!("Connected a new Cassandra session.");
+                    return Ok(());
+                }
+                Err(e) if e.is_retriable() && !self.stop.load(Ordering::Acquire) => {
+                    self.counters.retries += 1;
+                    tracing::debug!(error = %e, "Cassandra not reachable yet; retrying.");
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(BACKOFF.1);
+                }
+                Err(e) => return Err(e),
             }
         }
-        Ok(())
     }
-}
 
-impl CassandraSink {
     /// Extends this generation's timestamp lease to `until`, only while it holds the sink.
     fn extend_lease(&mut self, until: i64) -> Result<(), CassandraError> {
         let session = Arc::clone(&self.session);
@@ -522,8 +593,9 @@ fn build_batch(
         .map_err(|e| CassandraError::request("build a batch", e))
 }
 
-/// Runs `attempt` until it succeeds, fails fatally, or `stop` is set; pauses between attempts
-/// grow from 100 ms to 5 s.
+/// Runs `attempt` until it succeeds, fails fatally, `stop` is set, or it has failed for
+/// [`RECONNECT_AFTER`] (the caller then tries a new session); pauses between attempts grow
+/// from 100 ms to 5 s.
 async fn retry<T, F, Fut>(
     doing: &str,
     stop: &AtomicBool,
@@ -559,7 +631,11 @@ where
                 }
                 return Ok(value);
             }
-            Err(e) if e.is_retriable() && !stop.load(Ordering::Acquire) => {
+            Err(e)
+                if e.is_retriable()
+                    && !stop.load(Ordering::Acquire)
+                    && started.elapsed() < RECONNECT_AFTER =>
+            {
                 retries.fetch_add(1, Ordering::Relaxed);
                 if !warned && started.elapsed() >= Duration::from_secs(2) {
                     warned = true;
