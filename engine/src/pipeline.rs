@@ -469,7 +469,9 @@ pub fn run_worker(
         dataflow.advance_to(first);
     }
     let mut last_status = Instant::now();
-    let mut last_busy = false;
+    // `None` until the first poll, so the first poll always publishes the partitions: a worker
+    // idle from its first poll on is caught up at once, and must show what it reads then.
+    let mut last_busy: Option<bool> = None;
     // A source that failed for good is no longer read: what it had left is never read, so this
     // worker is never caught up again.
     let mut lost_source = false;
@@ -556,12 +558,12 @@ pub fn run_worker(
             // Also when the worker turns idle: the caught-up claim and the positions (lag) it
             // shows must agree.
             let not_idle = busy || behind;
-            if !idle || not_idle != last_busy || last_status.elapsed() >= STATUS_REFRESH {
+            if !idle || last_busy != Some(not_idle) || last_status.elapsed() >= STATUS_REFRESH {
                 last_status = Instant::now();
                 *status.partitions.lock().unwrap_or_else(|p| p.into_inner()) =
                     sources.iter().flat_map(|s| s.partitions()).collect();
             }
-            last_busy = not_idle;
+            last_busy = Some(not_idle);
             status.idle.store(!not_idle, Ordering::Release);
             if !not_idle {
                 shared.note_idle(index);

@@ -344,3 +344,33 @@ fn the_first_published_epoch_claims_only_the_input_it_holds() {
         engine.shutdown().unwrap();
     }
 }
+
+/// A worker whose sources have nothing to read from its very first poll (here: an empty file;
+/// in CI: a Kafka partition restored at its end) must show its partitions as soon as the
+/// engine says it is caught up. They were published only after a refresh interval (250 ms)
+/// then, so a status read in between was caught up without them.
+#[test]
+fn caught_up_from_the_first_poll_still_shows_every_partition() {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    for round in 0..10 {
+        let engine = engine_over(file.path(), 1, 1_000, false);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            let status = engine.status();
+            if status.caught_up {
+                break status;
+            }
+            assert!(std::time::Instant::now() < deadline, "never caught up");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert!(
+            status
+                .partitions
+                .iter()
+                .any(|p| p.source.starts_with("file:")),
+            "round {round}: caught up, but the file is not among the partitions: {:?}",
+            status.partitions
+        );
+        engine.shutdown().unwrap();
+    }
+}
