@@ -19,7 +19,8 @@ use spendflow_bench::{
     config, deltas, epochs, label, records, run_dataflow, size, split_by_worker,
 };
 use spendflow_engine::ReadModel;
-use spendflow_engine::sink::cassandra::{EpochGroup, plan_batches};
+use spendflow_engine::sink::EpochGroup;
+use spendflow_engine::sink::cassandra::plan_batches;
 
 /// Users in the stream.
 const USERS: u64 = 10_000;

@@ -11,10 +11,8 @@ use serde::Deserialize;
 use std::path::PathBuf;
 
 use crate::error::EngineError;
-use crate::sink::cassandra::CassandraSinkConfig;
-use crate::source::file::FileSourceConfig;
-use crate::source::generator::GeneratorSourceConfig;
-use crate::source::kafka::KafkaSourceConfig;
+pub use crate::sink::SinkConfig;
+pub use crate::source::SourceConfig;
 
 /// How the engine runs.
 #[derive(Clone, Debug, Deserialize)]
@@ -57,14 +55,6 @@ pub struct EngineConfig {
     pub checkpoint: Option<CheckpointConfig>,
 }
 
-/// A durable sink for results.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum SinkConfig {
-    /// Cassandra tables (see `sink::cassandra::schema`).
-    Cassandra(CassandraSinkConfig),
-}
-
 /// Where and how often checkpoints are written.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -95,18 +85,6 @@ impl CheckpointConfig {
             discard_unreadable: false,
         }
     }
-}
-
-/// A source of records.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum SourceConfig {
-    /// The seeded in-process simulator.
-    Generator(GeneratorSourceConfig),
-    /// A file of JSON lines.
-    File(FileSourceConfig),
-    /// Kafka topics, by name or pattern.
-    Kafka(KafkaSourceConfig),
 }
 
 const fn default_workers() -> usize {
@@ -175,8 +153,8 @@ impl EngineConfig {
                 "epoch_budget must be at least 1".into(),
             ));
         }
-        if let Some(SinkConfig::Cassandra(c)) = &self.sink {
-            c.validate().map_err(EngineError::Config)?;
+        if let Some(sink) = &self.sink {
+            sink.validate().map_err(EngineError::Config)?;
         }
         if let Some(checkpoint) = &self.checkpoint {
             if !(100..=3_600_000).contains(&checkpoint.interval_ms) {

@@ -37,7 +37,7 @@ pub enum EngineError {
     Checkpoint(#[from] crate::checkpoint::CheckpointError),
     /// The durable sink could not start or failed for good.
     #[error(transparent)]
-    Sink(#[from] crate::sink::cassandra::CassandraError),
+    Sink(#[from] crate::sink::SinkError),
     /// The dataflow workers failed (a worker thread panicked or could not start).
     #[error("dataflow workers failed: {0}")]
     Workers(String),

@@ -29,19 +29,21 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod core;
 pub mod error;
 pub mod generate;
 pub mod images;
 pub mod personnel;
-pub mod pipeline;
+pub(crate) mod pipeline;
 pub mod serve;
 pub mod sink;
 pub mod source;
+mod start;
 pub mod verify;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -51,10 +53,8 @@ pub use serve::read_model::{ReadModel, Snapshot};
 pub use serve::status::Status;
 pub use source::input::InputHandle;
 
-use crate::pipeline::{EpochClock, Shared};
+use crate::pipeline::Shared;
 use crate::serve::status::StatusProbe;
-use crate::sink::dead_letter::DeadLetters;
-use crate::source::Source;
 
 /// How long shutdown waits for gRPC clients to hang up before closing their connections.
 const GRPC_SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -63,10 +63,11 @@ const GRPC_SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 const SINK_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// Configures and starts an [`Engine`].
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct EngineBuilder {
     config: EngineConfig,
     personnel: Option<Arc<personnel::Personnel>>,
+    sink: Option<Box<dyn sink::Sink>>,
 }
 
 impl EngineBuilder {
@@ -107,6 +108,13 @@ impl EngineBuilder {
         self
     }
 
+    /// A durable sink of the embedding program's own (see [`sink::Sink`] for the contract),
+    /// instead of one named in the configuration.
+    pub fn sink(mut self, sink: impl sink::Sink + 'static) -> Self {
+        self.sink = Some(Box::new(sink));
+        self
+    }
+
     /// User details and pictures for the `Personnel` gRPC service; without it those calls
     /// answer `FAILED_PRECONDITION`. See [`personnel::Personnel`].
     pub fn personnel(mut self, personnel: Arc<personnel::Personnel>) -> Self {
@@ -122,7 +130,7 @@ impl EngineBuilder {
     /// [`EngineError::Config`] for invalid settings, [`EngineError::Source`] if a source cannot
     /// be opened, [`EngineError::Serve`] if the gRPC address cannot be bound.
     pub fn start(self) -> Result<Engine, EngineError> {
-        Engine::start(self.config, self.personnel)
+        Engine::start(self.config, self.personnel, self.sink)
     }
 }
 
@@ -160,300 +168,41 @@ impl Engine {
     fn start(
         config: EngineConfig,
         personnel: Option<Arc<personnel::Personnel>>,
+        sink: Option<Box<dyn sink::Sink>>,
     ) -> Result<Engine, EngineError> {
         config.validate()?;
-        let workers = config.workers;
-
-        // Recovery first: lock the checkpoint directory (fencing) and read the newest
-        // checkpoint; claim the durable sink and learn what it committed. Epochs continue
-        // past both, so everything this run publishes is newer than anything before it.
-        let (store, restored) = match &config.checkpoint {
-            Some(c) => {
-                let mut store = checkpoint::LocalDirStore::open(&c.dir)?;
-                let latest = match checkpoint::CheckpointStore::latest(&store) {
-                    Err(checkpoint::CheckpointError::Unreadable { refused, .. })
-                        if c.discard_unreadable =>
-                    {
-                        for (path, why) in &refused {
-                            tracing::warn!(path = %path, reason = %why, "--discard-checkpoints: discarding an unreadable checkpoint.");
-                        }
-                        for (from, to) in store.discard_all()? {
-                            tracing::warn!(
-                                from = %from.display(),
-                                to = %to.display(),
-                                "Moved an unreadable checkpoint aside; all input is read again from the beginning."
-                            );
-                        }
-                        None
-                    }
-                    other => other?,
-                };
-                if let Some(latest) = &latest {
-                    tracing::info!(
-                        epoch = latest.epoch,
-                        live = latest.live.len(),
-                        partitions = latest.positions.len(),
-                        records = latest.records_read,
-                        "Restoring a checkpoint."
-                    );
-                }
-                (Some(store), latest)
-            }
-            None => (None, None),
-        };
-        let sink_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let sink = match &config.sink {
-            Some(config::SinkConfig::Cassandra(c)) => Some(sink::cassandra::CassandraSink::open(
-                c.clone(),
-                &format!("spendflow pid {}", std::process::id()),
-                Arc::clone(&sink_stop),
-            )?),
-            None => None,
-        };
-        let first_epoch = restored
-            .as_ref()
-            .map(|c| c.epoch)
-            .max(sink.as_ref().and_then(|(_, start)| start.committed_epoch))
-            .unwrap_or(0)
-            + 1;
-        let start_at: std::collections::BTreeMap<(String, i32), i64> = restored
-            .iter()
-            .flat_map(|c| &c.positions)
-            .map(|p| ((p.source.clone(), p.partition), p.position))
-            .collect();
-
-        // Sources, per worker. Single-partition sources are read by worker 0.
-        let (input, input_source) = source::input::channel();
-        let mut first: Vec<Box<dyn Source>> = vec![Box::new(input_source)];
-        match &config.source {
-            Some(SourceConfig::Generator(g)) => {
-                first.push(Box::new(source::generator::GeneratorSource::new(
-                    g.clone(),
-                )?));
-            }
-            Some(SourceConfig::File(f)) => {
-                let name = format!("file:{}", f.path.display());
-                let start = start_at.get(&(name, 0)).copied().unwrap_or(0);
-                first.push(Box::new(source::file::FileSource::open(f.clone(), start)?));
-            }
-            Some(SourceConfig::Kafka(_)) | None => {}
-        }
-        let mut per_worker: Vec<Option<Vec<Box<dyn Source>>>> =
-            (0..workers).map(|_| Some(Vec::new())).collect();
-        if let Some(SourceConfig::Kafka(k)) = &config.source {
-            // Every worker reads its own share of the partitions.
-            for (worker, sources) in per_worker.iter_mut().enumerate() {
-                let kafka =
-                    source::kafka::KafkaSource::new(k.clone(), worker, workers, start_at.clone())?;
-                sources.get_or_insert_with(Vec::new).push(Box::new(kafka));
-            }
-        }
-        per_worker[0].get_or_insert_with(Vec::new).extend(first);
-        let per_worker = Arc::new(Mutex::new(per_worker));
-
-        // Epochs continue a previous timeline only when a checkpoint is restored: then they keep
-        // its incarnation; otherwise (or for a checkpoint from before incarnations) a new one.
-        let incarnation: Arc<str> = restored
-            .as_ref()
-            .map(|c| c.incarnation.clone())
-            .filter(|i| !i.is_empty())
-            .unwrap_or_else(serve::read_model::new_incarnation)
-            .into();
-        tracing::info!(%incarnation, "Incarnation of this run's epochs.");
-        let (read_model, writer) = ReadModel::with_incarnation(Arc::clone(&incarnation));
-        let mut dead_letters = DeadLetters::with_capacity(config.dead_letter_capacity);
-        if let Some(SourceConfig::Kafka(k)) = &config.source {
-            let mut output = sink::dead_letter::kafka::KafkaDeadLetters::new(
-                &k.brokers,
-                &config.dead_letter_topic,
-            )
-            .map_err(|e| SourceError::Kafka {
-                message: format!("dead-letter producer: {e}"),
-                retriable: false,
-            })?;
-            if config.checkpoint.is_some() {
-                // Input after the checkpoint is read again: its dead letters are already in
-                // the topic, and must not be sent twice.
-                output.skip_written(
-                    &k.brokers,
-                    &start_at,
-                    restored.as_ref().and_then(|c| c.dead_letter_scan.as_ref()),
-                )?;
-            }
-            dead_letters = dead_letters.with_output(Box::new(output));
-        }
-        if let Some(restored) = &restored {
-            dead_letters.restore_counts(&restored.rejected);
-        }
-        let dead_letters = Arc::new(dead_letters);
-        let clock = EpochClock::starting_at(
-            first_epoch,
-            config.epoch_interval(),
-            config.epoch_budget,
-            config
-                .checkpoint
-                .as_ref()
-                .map(|c| Duration::from_millis(c.interval_ms)),
-        );
-        let mut shared = Shared::new(workers, clock, dead_letters);
-        if config.sink.is_some() {
-            // What an earlier run wrote may be ahead of its checkpoint (and of its committed
-            // progress): re-read input must rewrite every cell it touches.
-            shared = shared.with_replay();
-        }
-        shared.checkpoints_enabled = config.checkpoint.is_some();
-        shared.incarnation = incarnation;
-        let restored_epoch = restored.as_ref().map(|c| c.epoch);
-        if let Some(restored) = restored {
-            shared = shared.restore_from(restored);
-        }
-        let shared = Arc::new(shared);
-
-        // Bind before starting anything else, so a taken port fails fast.
-        let grpc_listener = match config.grpc {
-            Some(addr) => {
-                let listener =
-                    std::net::TcpListener::bind(addr).map_err(|e| EngineError::Serve {
-                        addr: addr.to_string(),
-                        message: format!(
-                            "{e} (is another spendflow running? choose another address with --grpc)"
-                        ),
-                    })?;
-                listener
-                    .set_nonblocking(true)
-                    .map_err(|e| EngineError::Serve {
-                        addr: addr.to_string(),
-                        message: e.to_string(),
-                    })?;
-                Some(listener)
-            }
-            None => None,
-        };
-
-        let web_listener = config.web.map(serve::web::WebServer::bind).transpose()?;
-
-        let spawn_error = |e: std::io::Error| EngineError::Workers(e.to_string());
-        // The restored state is published as one delta through `first_epoch - 1`. The sink
-        // skips it when it holds that state already (it committed the checkpoint's epoch);
-        // a sink that did not (a new keyspace) gets all of it.
-        let sink_has_checkpoint = restored_epoch.is_some_and(|c| {
-            sink.as_ref()
-                .and_then(|(_, start)| start.committed_epoch)
-                .is_some_and(|committed| committed >= c)
-        });
-        let mut outputs = pipeline::Outputs {
-            restored: sink_has_checkpoint.then(|| first_epoch - 1),
-            ..pipeline::Outputs::default()
-        };
-        let sink_thread = match sink {
-            Some((sink, _)) => {
-                let max_cells = match &config.sink {
-                    Some(config::SinkConfig::Cassandra(c)) => c.max_group_cells,
-                    None => usize::MAX,
-                };
-                let inbox = Arc::new(pipeline::SinkInbox::new(max_cells));
-                outputs.sink = Some(Arc::clone(&inbox));
-                let shared = Arc::clone(&shared);
-                Some(
-                    std::thread::Builder::new()
-                        .name("spendflow-sink".into())
-                        .spawn(move || pipeline::run_sink(inbox, sink, &shared))
-                        .map_err(spawn_error)?,
-                )
-            }
-            None => None,
-        };
-        let checkpointer = match store {
-            Some(store) => {
-                let (tx, rx) = crossbeam_channel::unbounded();
-                outputs.checkpoints = Some(tx);
-                let shared = Arc::clone(&shared);
-                let wait_for_sink = sink_thread.is_some();
-                Some(
-                    std::thread::Builder::new()
-                        .name("spendflow-checkpoint".into())
-                        .spawn(move || {
-                            pipeline::run_checkpointer(
-                                rx,
-                                workers,
-                                Box::new(store),
-                                &shared,
-                                wait_for_sink,
-                            )
-                        })
-                        .map_err(spawn_error)?,
-                )
-            }
-            None => None,
-        };
-
-        let (reports_tx, reports_rx) = pipeline::report_channel();
-        let publisher = std::thread::Builder::new()
-            .name("spendflow-publisher".into())
-            .spawn(move || pipeline::run_publisher(reports_rx, workers, writer, outputs))
-            .map_err(spawn_error)?;
-
-        let worker_shared = Arc::clone(&shared);
-        let worker_thread = std::thread::Builder::new()
-            .name("spendflow-workers".into())
-            .spawn(move || {
-                let reports_tx = Mutex::new(reports_tx);
-                let result = spendflow_operators::runtime::execute(workers, move |ctx| {
-                    let sources = per_worker
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get_mut(ctx.index())
-                        .and_then(Option::take)
-                        .unwrap_or_default();
-                    let reports = reports_tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                    pipeline::run_worker(ctx, &worker_shared, sources, reports);
-                });
-                if let Err(e) = &result {
-                    tracing::error!(error = %e, "Dataflow workers failed; the served state no longer advances.");
-                }
-                result
-            })
-            .map_err(|e| EngineError::Workers(e.to_string()))?;
-
-        let status = StatusProbe {
-            shared: Arc::clone(&shared),
-            read_model: Arc::clone(&read_model),
-        };
-        let grpc = match grpc_listener {
-            Some(listener) => Some(GrpcServer::start(
-                listener,
-                Arc::clone(&read_model),
-                status,
-                personnel.clone(),
-            )?),
-            None => None,
-        };
-
-        let web = match web_listener {
-            Some(listener) => Some(serve::web::WebServer::start(
-                listener,
-                serve::web::WebContext {
-                    read_model: Arc::clone(&read_model),
-                    status: StatusProbe {
-                        shared: Arc::clone(&shared),
-                        read_model: Arc::clone(&read_model),
-                    },
-                    personnel: personnel.clone(),
-                },
-            )?),
-            None => None,
-        };
-
+        let mut recovered = start::recover(&config, sink)?;
+        let restored = recovered.positions();
+        let (input, sources) = start::open_sources(&config, &restored)?;
+        let (shared, read_model, writer) = start::shared_state(&config, &mut recovered, &restored)?;
+        let listeners = start::bind(&config)?;
+        let start::Recovered {
+            store,
+            sink,
+            sink_stop,
+            ..
+        } = recovered;
+        let (sink, sink_committed) = sink.unzip();
+        let threads = start::spawn(
+            config.workers,
+            &shared,
+            sink,
+            store,
+            sink_committed.flatten(),
+            writer,
+            sources,
+        )?;
+        let (grpc, web) = start::serve(listeners, &shared, &read_model, personnel)?;
         Ok(Engine {
             config,
             input,
             read_model,
             shared,
-            workers: Some(worker_thread),
-            publisher: Some(publisher),
-            sink_thread,
+            workers: Some(threads.workers),
+            publisher: Some(threads.publisher),
+            sink_thread: threads.sink,
             sink_stop,
-            checkpointer,
+            checkpointer: threads.checkpointer,
             grpc,
             web,
         })

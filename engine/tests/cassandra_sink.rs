@@ -5,11 +5,11 @@
 mod support;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use cdrs_tokio::types::IntoRustByName;
 use spendflow_engine::serve::read_model::CellValue;
-use spendflow_engine::sink::cassandra::{CassandraSink, CassandraSinkConfig, EpochGroup, connect};
+use spendflow_engine::sink::cassandra::{CassandraSink, CassandraSinkConfig, SinkStart, connect};
+use spendflow_engine::sink::{EpochGroup, Sink, SinkContext, SinkError};
 use spendflow_engine::source::PartitionPosition;
 use spendflow_operators::{AggKey, Name};
 
@@ -21,6 +21,26 @@ fn cell(key: AggKey, count: i64, sum: i64, last: Option<i64>) -> CellValue {
         count,
         sum: sum.into(),
         last_event_ms: last,
+    }
+}
+
+/// Opens a sink as the engine does, owned by `owner`.
+fn open(config: &CassandraSinkConfig, owner: &str) -> (CassandraSink, SinkStart) {
+    let mut sink = CassandraSink::new(config.clone());
+    sink.open(&SinkContext::new(owner)).unwrap();
+    let start = sink.start().unwrap();
+    (sink, start)
+}
+
+/// Writes a group and commits it, as the sink driver does.
+trait Put {
+    fn put(&mut self, group: &EpochGroup) -> Result<(), SinkError>;
+}
+
+impl Put for CassandraSink {
+    fn put(&mut self, group: &EpochGroup) -> Result<(), SinkError> {
+        self.write(group)?;
+        self.commit(group)
     }
 }
 
@@ -67,8 +87,7 @@ fn writes_absolute_values_deletes_commits_and_fences() {
         keyspace: keyspace.clone(),
         ..CassandraSinkConfig::new(contact.clone())
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    let (mut sink, start) = CassandraSink::open(config.clone(), "test-1", stop.clone()).unwrap();
+    let (mut sink, start) = open(&config, "test-1");
     assert_eq!(start.generation, 1);
     assert_eq!(start.committed_epoch, None);
 
@@ -85,9 +104,9 @@ fn writes_absolute_values_deletes_commits_and_fences() {
             cell(AggKey::Month(7, 2025 * 12 + 10), 2, 1500, None),
         ],
     );
-    sink.write(&first).unwrap();
+    sink.put(&first).unwrap();
     // Replaying the same group (a retry, a restart) changes nothing.
-    sink.write(&first).unwrap();
+    sink.put(&first).unwrap();
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let rows = select(
@@ -113,7 +132,7 @@ fn writes_absolute_values_deletes_commits_and_fences() {
     assert_eq!(rows, vec!["2025-11-24".to_string()]);
 
     // The category empties: its row is deleted; the total changes.
-    sink.write(&group(
+    sink.put(&group(
         5,
         vec![
             cell(AggKey::User(7), 0, 0, None),
@@ -154,16 +173,17 @@ fn writes_absolute_values_deletes_commits_and_fences() {
     assert!(positions.contains("\"position\":105"), "{positions}");
 
     // A second engine claims the sink: it sees the committed epoch, and the first is fenced.
-    let (mut second, start) = CassandraSink::open(config, "test-2", stop).unwrap();
+    let (mut second, start) = open(&config, "test-2");
     assert_eq!(start.generation, 2);
     assert_eq!(start.committed_epoch, Some(5));
     let err = sink
-        .write(&group(6, vec![cell(AggKey::User(7), 1, 10, Some(1))]))
+        .put(&group(6, vec![cell(AggKey::User(7), 1, 10, Some(1))]))
         .unwrap_err();
+    assert!(err.is_fenced(), "{err}");
     assert!(err.to_string().contains("took over"), "{err}");
     // The newer generation's write wins even at a lower epoch number.
     second
-        .write(&group(4, vec![cell(AggKey::User(7), 1, 99, Some(1))]))
+        .put(&group(4, vec![cell(AggKey::User(7), 1, 99, Some(1))]))
         .unwrap();
     let rows = select(
         &runtime,
@@ -206,7 +226,6 @@ fn write_timestamps_follow_the_clock_grow_across_generations_and_fence_zombies()
         keyspace: keyspace.clone(),
         ..CassandraSinkConfig::new(contact.clone())
     };
-    let stop = Arc::new(AtomicBool::new(false));
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let now_us = || {
         std::time::SystemTime::now()
@@ -216,13 +235,13 @@ fn write_timestamps_follow_the_clock_grow_across_generations_and_fence_zombies()
     };
 
     let before = now_us();
-    let (mut first, start) = CassandraSink::open(config.clone(), "ts-1", stop.clone()).unwrap();
+    let (mut first, start) = open(&config, "ts-1");
     assert!(
         start.timestamp_floor >= before,
         "floor at or above the clock"
     );
     first
-        .write(&group(1, vec![cell(AggKey::User(7), 1, 100, Some(1))]))
+        .put(&group(1, vec![cell(AggKey::User(7), 1, 100, Some(1))]))
         .unwrap();
     let (total, ts) = total_and_timestamp(&runtime, &contact, &keyspace);
     assert_eq!(total, 100);
@@ -230,7 +249,7 @@ fn write_timestamps_follow_the_clock_grow_across_generations_and_fence_zombies()
         ts >= before,
         "a wall-clock timestamp, not one near 1970: {ts}"
     );
-    assert_eq!(ts, first.last_timestamp());
+    assert_eq!(ts, first.last_timestamp().unwrap());
 
     // Another writer (an operator's fix-up) with an ordinary, current timestamp.
     select(
@@ -246,7 +265,7 @@ fn write_timestamps_follow_the_clock_grow_across_generations_and_fence_zombies()
     assert_eq!(total, 555, "the fix-up is visible");
     // spendflow's next write of that cell overwrites it.
     first
-        .write(&group(2, vec![cell(AggKey::User(7), 1, 200, Some(1))]))
+        .put(&group(2, vec![cell(AggKey::User(7), 1, 200, Some(1))]))
         .unwrap();
     let (total, second_ts) = total_and_timestamp(&runtime, &contact, &keyspace);
     assert_eq!(total, 200, "spendflow's next write wins over the fix-up");
@@ -254,11 +273,11 @@ fn write_timestamps_follow_the_clock_grow_across_generations_and_fence_zombies()
 
     // A restart claims the next generation: its timestamps start above everything the first
     // one could use (its whole lease), and its writes win.
-    let (mut second, start) = CassandraSink::open(config, "ts-2", stop).unwrap();
+    let (mut second, start) = open(&config, "ts-2");
     assert_eq!(start.generation, 2);
-    assert!(start.timestamp_floor > first.last_timestamp());
+    assert!(start.timestamp_floor > first.last_timestamp().unwrap());
     second
-        .write(&group(3, vec![cell(AggKey::User(7), 1, 300, Some(1))]))
+        .put(&group(3, vec![cell(AggKey::User(7), 1, 300, Some(1))]))
         .unwrap();
     let (total, third_ts) = total_and_timestamp(&runtime, &contact, &keyspace);
     assert_eq!(total, 300);
@@ -268,10 +287,11 @@ fn write_timestamps_follow_the_clock_grow_across_generations_and_fence_zombies()
     // cells carry timestamps within its old lease, below the new generation's, and it is
     // fenced at its commit. The new generation's value stays.
     let err = first
-        .write(&group(4, vec![cell(AggKey::User(7), 1, 999, Some(1))]))
+        .put(&group(4, vec![cell(AggKey::User(7), 1, 999, Some(1))]))
         .unwrap_err();
+    assert!(err.is_fenced(), "{err}");
     assert!(err.to_string().contains("took over"), "{err}");
-    assert!(first.last_timestamp() < start.timestamp_floor);
+    assert!(first.last_timestamp().unwrap() < start.timestamp_floor);
     let (total, ts) = total_and_timestamp(&runtime, &contact, &keyspace);
     assert_eq!(
         (total, ts),

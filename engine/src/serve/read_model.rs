@@ -21,40 +21,13 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use imbl::{OrdMap, OrdSet};
 use rustc_hash::FxHashMap;
-use spendflow_operators::model::civil_from_days;
 use spendflow_operators::{AggKey, CellChange, Epoch, LastSeen, Name, UserId};
 use tokio::sync::{broadcast, watch};
 
-use crate::source::PartitionPosition;
-
-/// `(count, sum)` of a cell as the read model keeps it: the sum in 128 bits, so that no total
-/// ever wraps, however many changes accumulate over time (every change is an `i64`, so a sum
-/// of 2^64 changes still fits). Where a value leaves the engine through a 64-bit type (gRPC
-/// `int64`, Cassandra `bigint`), a sum outside `i64` is refused there with an error naming the
-/// user and cell, never truncated. Cost: a cell's value takes 32 bytes instead of 16 (the
-/// `i128` is 16-byte aligned), on top of its key and the map's node overhead.
-pub type Amount = (i64, i128);
+pub use crate::core::{Amount, AsOf, CellValue, format_day, format_month, new_incarnation};
 
 /// Closed epochs of changes kept for resuming subscribers.
 pub const HISTORY_EPOCHS: usize = 512;
-
-/// Where a snapshot or answer stands in the input.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct AsOf {
-    /// The last closed epoch included.
-    pub epoch: Epoch,
-    /// For every input partition, the position before which all records are included.
-    pub positions: Arc<Vec<PartitionPosition>>,
-    /// The timeline the epoch belongs to: epoch numbers compare only within one incarnation.
-    /// A new one is drawn whenever the engine starts without restoring a checkpoint (its epochs
-    /// start over); a restart that restores a checkpoint keeps the checkpoint's incarnation.
-    pub incarnation: Arc<str>,
-}
-
-/// A fresh incarnation id: 64 random bits in hex.
-pub fn new_incarnation() -> String {
-    format!("{:016x}", rand::random::<u64>())
-}
 
 /// The changes of one or more closed epochs, merged over all workers, ready to apply.
 #[derive(Clone, Debug, Default)]
@@ -157,26 +130,6 @@ impl UserAggregates {
             && self.merchants.is_empty()
             && self.days.is_empty()
             && self.months.is_empty()
-    }
-}
-
-/// The value of one cell after an epoch, as published to subscribers.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CellValue {
-    /// The cell.
-    pub key: AggKey,
-    /// Live expenses in it; `0` together with `sum == 0` means the cell is gone.
-    pub count: i64,
-    /// Their total, minor units (128 bits: see [`Amount`]).
-    pub sum: i128,
-    /// For a user cell: the user's newest event time.
-    pub last_event_ms: Option<i64>,
-}
-
-impl CellValue {
-    /// True if the cell no longer exists.
-    pub fn removed(&self) -> bool {
-        self.count == 0 && self.sum == 0
     }
 }
 
@@ -520,18 +473,6 @@ fn current(users: &OrdMap<UserId, Arc<UserAggregates>>, user: UserId) -> UserAgg
     users
         .get(&user)
         .map_or_else(|| UserAggregates::new(user), |u| (**u).clone())
-}
-
-/// `2026-11-24` for a day number.
-pub fn format_day(day: i32) -> String {
-    let (y, m, d) = civil_from_days(day);
-    format!("{y:04}-{m:02}-{d:02}")
-}
-
-/// `2026-11` for a month bucket.
-pub fn format_month(month: i32) -> String {
-    let (y, m) = spendflow_operators::model::split_month(month);
-    format!("{y:04}-{m:02}")
 }
 
 #[cfg(test)]

@@ -13,15 +13,26 @@
 //! | [`input`] | one, offset = records pushed | worker 0 |
 //! | [`kafka`] | every matching topic's partitions, offset = Kafka offset | divided by a stable hash |
 
+//!
+//! # Adding a source
+//!
+//! One folder here (`config.rs` with a serde config, the reader implementing [`Source`],
+//! `tests.rs`) and one [`SourceConfig`] variant whose arm in [`SourceConfig::open_readers`]
+//! builds the readers of one worker from the restored positions. The engine places every
+//! source with that one call per worker; it never needs to know the kind.
+
 pub mod file;
 pub mod generator;
 pub mod input;
 pub mod kafka;
 
-use std::sync::Arc;
-
 use spendflow_operators::{Record, UserId};
 
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+pub use crate::core::{OffsetRange, PartitionPosition, PartitionState};
 use crate::error::SourceError;
 
 /// The payload of a source record: bytes to decode, or a record decoded already (in-process
@@ -47,59 +58,6 @@ pub struct SourceRecord {
     pub expected_user: Option<UserId>,
     /// The record's key, where the source has keys (Kafka); kept for dead letters.
     pub key: Option<Vec<u8>>,
-}
-
-/// Whether a partition is being read.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum PartitionState {
-    /// Read as records arrive.
-    #[default]
-    Reading,
-    /// No longer read: records it had to read next were deleted from the source (retention,
-    /// `kafka-delete-records`) before they were read. It keeps its lag, so the engine is never
-    /// caught up again until an operator decides (`--on-data-loss skip` on a restart).
-    StoppedDataLoss,
-    /// No longer read: its topic was deleted while it was being read.
-    Deleted,
-}
-
-impl PartitionState {
-    /// The name `Admin/GetStatus` shows.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PartitionState::Reading => "reading",
-            PartitionState::StoppedDataLoss => "stopped_data_loss",
-            PartitionState::Deleted => "deleted",
-        }
-    }
-}
-
-/// Offsets `[from, to)` of a partition.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct OffsetRange {
-    /// The first offset of the range.
-    pub from: i64,
-    /// The offset after the range.
-    pub to: i64,
-}
-
-/// The read position of one partition.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PartitionPosition {
-    /// The source's name (`file:/path`, `generator`, `input`, a topic).
-    pub source: Arc<str>,
-    /// The partition number.
-    pub partition: i32,
-    /// The next offset to read.
-    pub position: i64,
-    /// The end of the partition when last checked, if known.
-    pub high_watermark: Option<i64>,
-    /// Whether the partition is read.
-    pub state: PartitionState,
-    /// Why the partition is not read, or what went wrong with it.
-    pub error: Option<Arc<str>>,
-    /// Offset ranges that were deleted from the source before they were read (lost input).
-    pub lost: Vec<OffsetRange>,
 }
 
 /// What a poll found.
@@ -128,4 +86,62 @@ pub trait Source: Send {
 
     /// The position of every partition after the records returned so far.
     fn partitions(&self) -> Vec<PartitionPosition>;
+}
+
+/// A source of records, as configured (the command line, a config file, an embedding program).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// The seeded in-process simulator.
+    Generator(generator::GeneratorSourceConfig),
+    /// A file of JSON lines.
+    File(file::FileSourceConfig),
+    /// Kafka topics, by name or pattern.
+    Kafka(kafka::KafkaSourceConfig),
+}
+
+/// Where a source resumes: the position of every `(source name, partition)` a restored
+/// checkpoint recorded. A partition not listed starts at its beginning.
+pub type RestoredPositions = BTreeMap<(String, i32), i64>;
+
+/// Which worker the readers are for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkerPlace {
+    /// This worker's index, `0..count`.
+    pub index: usize,
+    /// How many workers there are.
+    pub count: usize,
+}
+
+impl SourceConfig {
+    /// The readers worker `place` runs for this source, resuming at `restored`.
+    ///
+    /// Single-partition sources (generator, file) are read by worker 0 only; Kafka gives every
+    /// worker a reader of its own share of the partitions.
+    ///
+    /// # Errors
+    ///
+    /// A [`SourceError`] if the source cannot be opened.
+    pub fn open_readers(
+        &self,
+        place: WorkerPlace,
+        restored: &RestoredPositions,
+    ) -> Result<Vec<Box<dyn Source>>, SourceError> {
+        match self {
+            SourceConfig::Generator(g) if place.index == 0 => {
+                Ok(vec![Box::new(generator::GeneratorSource::new(g.clone())?)])
+            }
+            SourceConfig::File(f) if place.index == 0 => {
+                let start = restored.get(&(f.name(), 0)).copied().unwrap_or(0);
+                Ok(vec![Box::new(file::FileSource::open(f.clone(), start)?)])
+            }
+            SourceConfig::Kafka(k) => Ok(vec![Box::new(kafka::KafkaSource::new(
+                k.clone(),
+                place.index,
+                place.count,
+                restored.clone(),
+            )?)]),
+            SourceConfig::Generator(_) | SourceConfig::File(_) => Ok(Vec::new()),
+        }
+    }
 }

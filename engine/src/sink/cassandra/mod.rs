@@ -10,7 +10,7 @@ mod tests;
 
 pub use config::CassandraSinkConfig;
 pub use session::{CqlSession, connect};
-pub use sink::{CassandraSink, EpochGroup, SinkStart, plan_batches, write_timestamp};
+pub use sink::{CassandraSink, SinkStart, plan_batches, write_timestamp};
 
 /// What can go wrong talking to Cassandra.
 #[derive(Debug, thiserror::Error)]

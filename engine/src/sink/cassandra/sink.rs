@@ -55,8 +55,8 @@ use super::CassandraError;
 use super::config::CassandraSinkConfig;
 use super::schema::{self, SINK_NAME};
 use super::session::{CqlSession, connect};
-use crate::serve::read_model::{CellValue, format_day, format_month};
-use crate::source::PartitionPosition;
+use crate::core::{CellValue, format_day, format_month};
+use crate::sink::{EpochGroup, Sink, SinkContext, SinkCounters, SinkError};
 
 /// First and largest pause between retries of a failed write.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
@@ -76,37 +76,6 @@ pub const TS_LEASE: i64 = 5_000_000;
 
 /// Progress rows kept: older ones are deleted now and then.
 const PROGRESS_ROWS_KEPT: u64 = 1000;
-
-/// One or more consecutive closed epochs, merged: what one sink write covers.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct EpochGroup {
-    /// The last epoch of the group.
-    pub epoch: Epoch,
-    /// Input positions the group's state covers.
-    pub positions: Arc<Vec<PartitionPosition>>,
-    /// Records read that the state covers.
-    pub records_covered: u64,
-    /// The new value of every cell that changed in any epoch of the group.
-    pub cells: BTreeMap<AggKey, CellValue>,
-}
-
-impl EpochGroup {
-    /// Adds a later epoch: its values replace earlier ones of the same cells.
-    pub fn merge(
-        &mut self,
-        epoch: Epoch,
-        positions: Arc<Vec<PartitionPosition>>,
-        records_covered: u64,
-        cells: impl IntoIterator<Item = CellValue>,
-    ) {
-        self.epoch = epoch;
-        self.positions = positions;
-        self.records_covered = records_covered;
-        for cell in cells {
-            self.cells.insert(cell.key, cell);
-        }
-    }
-}
 
 /// What the sink found when it started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,25 +103,21 @@ struct Prepared {
     delete_month: PreparedQuery,
 }
 
-/// Counters of what the sink did, for logs and benchmarks.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SinkCounters {
-    /// Groups committed.
-    pub groups: u64,
-    /// Rows written or deleted.
-    pub rows: u64,
-    /// Batches sent (retries not counted).
-    pub batches: u64,
-    /// Failed attempts that were retried.
-    pub retries: u64,
+/// The Cassandra sink; see the module docs. Built by [`CassandraSink::new`], connected by
+/// [`Sink::open`].
+pub struct CassandraSink {
+    config: CassandraSinkConfig,
+    conn: Option<Connection>,
 }
 
-/// A connected Cassandra sink; see the module docs.
-pub struct CassandraSink {
+/// A sink's connection, from `open` on: its own small runtime (the sink driver thread is not
+/// async), the session and what this generation holds.
+struct Connection {
     runtime: tokio::runtime::Runtime,
     session: Arc<CqlSession>,
     prepared: Arc<Prepared>,
     config: CassandraSinkConfig,
+    start: SinkStart,
     generation: i64,
     /// The newest write timestamp used (µs).
     last_timestamp: i64,
@@ -166,25 +131,101 @@ impl std::fmt::Debug for CassandraSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CassandraSink")
             .field("keyspace", &self.config.keyspace)
-            .field("generation", &self.generation)
+            .field("generation", &self.conn.as_ref().map(|c| c.generation))
             .finish_non_exhaustive()
     }
 }
 
 impl CassandraSink {
+    /// A sink for `config`, not connected yet.
+    pub fn new(config: CassandraSinkConfig) -> Self {
+        CassandraSink { config, conn: None }
+    }
+
+    /// What the sink found when it opened (its generation, the committed epoch, its first
+    /// write timestamp); `None` before [`Sink::open`].
+    pub fn start(&self) -> Option<SinkStart> {
+        self.conn.as_ref().map(|c| c.start)
+    }
+
+    /// The newest write timestamp used (µs since the Unix epoch; before the first write, one
+    /// below the generation's floor); `None` before [`Sink::open`].
+    pub fn last_timestamp(&self) -> Option<i64> {
+        self.conn.as_ref().map(|c| c.last_timestamp)
+    }
+
+    fn connection(&mut self) -> Result<&mut Connection, SinkError> {
+        self.conn.as_mut().ok_or_else(|| {
+            SinkError::fatal(
+                "cassandra",
+                "the sink was not opened (call Sink::open first)",
+            )
+        })
+    }
+}
+
+impl Sink for CassandraSink {
+    fn name(&self) -> &str {
+        "cassandra"
+    }
+
+    fn open(&mut self, ctx: &SinkContext) -> Result<Option<Epoch>, SinkError> {
+        let conn = Connection::open(self.config.clone(), &ctx.owner, Arc::clone(&ctx.stop))?;
+        let committed = conn.start.committed_epoch;
+        self.conn = Some(conn);
+        Ok(committed)
+    }
+
+    fn write(&mut self, group: &EpochGroup) -> Result<(), SinkError> {
+        Ok(self.connection()?.write(group)?)
+    }
+
+    fn commit(&mut self, group: &EpochGroup) -> Result<(), SinkError> {
+        Ok(self.connection()?.commit(group)?)
+    }
+
+    fn counters(&self) -> SinkCounters {
+        self.conn
+            .as_ref()
+            .map_or_else(SinkCounters::default, |c| c.counters)
+    }
+
+    fn max_group_cells(&self) -> usize {
+        self.config.max_group_cells
+    }
+}
+
+impl From<CassandraError> for SinkError {
+    fn from(e: CassandraError) -> Self {
+        let sink = "cassandra".to_string();
+        if e.is_retriable() {
+            SinkError::Retriable {
+                sink,
+                source: Box::new(e),
+            }
+        } else if matches!(e, CassandraError::Fenced { .. }) {
+            SinkError::Fenced {
+                sink,
+                source: Box::new(e),
+            }
+        } else {
+            SinkError::Fatal {
+                sink,
+                source: Box::new(e),
+            }
+        }
+    }
+}
+
+impl Connection {
     /// Connects, creates the keyspace and tables if missing, prepares the statements and claims
-    /// the next generation. Blocking (the sink runs its own small runtime).
-    ///
-    /// `stop` makes retries give up (at shutdown).
-    ///
-    /// # Errors
-    ///
-    /// [`CassandraError`] if Cassandra cannot be reached or the schema cannot be created.
-    pub fn open(
+    /// the next generation. Blocking (the sink runs its own small runtime). `stop` makes
+    /// retries give up (at shutdown).
+    fn open(
         config: CassandraSinkConfig,
         owner: &str,
         stop: Arc<AtomicBool>,
-    ) -> Result<(CassandraSink, SinkStart), CassandraError> {
+    ) -> Result<Connection, CassandraError> {
         config.validate().map_err(CassandraError::Config)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -220,72 +261,61 @@ impl CassandraSink {
             committed_epoch = ?start.committed_epoch,
             "Cassandra sink ready."
         );
-        Ok((
-            CassandraSink {
-                runtime,
-                session,
-                prepared: Arc::new(prepared),
-                generation: start.generation,
-                last_timestamp: start.timestamp_floor - 1,
-                lease: start.timestamp_floor,
-                config,
-                stop,
-                counters: SinkCounters::default(),
-            },
+        Ok(Connection {
+            runtime,
+            session,
+            prepared: Arc::new(prepared),
+            generation: start.generation,
+            last_timestamp: start.timestamp_floor - 1,
+            lease: start.timestamp_floor,
             start,
-        ))
+            config,
+            stop,
+            counters: SinkCounters::default(),
+        })
     }
 
-    /// What the sink has done so far.
-    pub fn counters(&self) -> SinkCounters {
-        self.counters
-    }
-
-    /// The newest write timestamp used (µs since the Unix epoch; before the first write, one
-    /// below the generation's floor).
-    pub fn last_timestamp(&self) -> i64 {
-        self.last_timestamp
-    }
-
-    /// Writes a group and commits its progress row. Retries retriable failures until they
-    /// succeed or the sink is stopped.
+    /// Writes a group's rows (extending the timestamp lease first when needed). Retries
+    /// retriable failures until they succeed or the sink is stopped; after
+    /// [`RECONNECT_AFTER`] of failures on one session, on a new session.
     ///
     /// # Errors
     ///
     /// A fatal [`CassandraError`], [`CassandraError::Fenced`] if another engine took over, or
     /// the last retriable error if the sink was stopped while retrying.
-    pub fn write(&mut self, group: &EpochGroup) -> Result<(), CassandraError> {
+    fn write(&mut self, group: &EpochGroup) -> Result<(), CassandraError> {
         let batches = plan_batches(group, self.config.batch_statements)
             .map_err(|e| e.in_keyspace(&self.config.keyspace))?;
         let rows: usize = batches.iter().map(|b| b.len()).sum();
         let timestamp = write_timestamp(now_us(), self.last_timestamp);
-        let mut reconnected = false;
-        loop {
-            // Every step is idempotent (the same timestamp, absolute values, a conditional
-            // progress row), so the whole group is simply written again on a new session.
-            match self.write_on_session(group, &batches, timestamp) {
-                Err(e) if e.is_retriable() && !self.stop.load(Ordering::Acquire) => {
-                    tracing::warn!(
-                        error = %e,
-                        failing_s = RECONNECT_AFTER.as_secs(),
-                        "Cassandra writes keep failing on this session; connecting a new one."
-                    );
-                    self.reconnect()?;
-                    reconnected = true;
-                }
-                Err(e) => return Err(e),
-                Ok(()) => break,
-            }
-        }
-        if reconnected {
-            tracing::info!(
-                epoch = group.epoch,
-                "Cassandra writes succeed again (on a new session)."
-            );
-        }
-        self.counters.groups += 1;
+        // Every step is idempotent (the same timestamp, absolute values), so the whole group
+        // is simply written again on a new session.
+        self.with_reconnects(group.epoch, |conn| {
+            conn.write_on_session(&batches, timestamp)
+        })?;
         self.counters.rows += rows as u64;
         self.counters.batches += rows.div_ceil(self.config.batch_statements.max(1)) as u64;
+        Ok(())
+    }
+
+    /// Commits the group's progress row, `IF generation = <ours>`; retried like
+    /// [`Connection::write`].
+    fn commit(&mut self, group: &EpochGroup) -> Result<(), CassandraError> {
+        self.with_reconnects(group.epoch, |conn| {
+            let session = Arc::clone(&conn.session);
+            let stop = Arc::clone(&conn.stop);
+            let keyspace = conn.config.keyspace.clone();
+            let generation = conn.generation;
+            let retries = std::sync::atomic::AtomicU64::new(0);
+            let result = conn
+                .runtime
+                .block_on(retry("commit progress", &stop, &retries, || {
+                    commit(&session, &keyspace, generation, group)
+                }));
+            conn.counters.retries += retries.into_inner();
+            result
+        })?;
+        self.counters.groups += 1;
         if self.counters.groups.is_multiple_of(100) && group.epoch > PROGRESS_ROWS_KEPT {
             let cql = format!(
                 "DELETE FROM {}.sink_progress WHERE sink = ? AND epoch < ?",
@@ -301,14 +331,40 @@ impl CassandraSink {
         }
         Ok(())
     }
-}
 
-impl CassandraSink {
-    /// One attempt at a group on the current session: extends the lease if needed, writes the
-    /// batches and commits the progress row, retrying failures for up to [`RECONNECT_AFTER`].
+    /// Runs `step` until it succeeds or fails for good, replacing the session each time it
+    /// has kept failing retriably for [`RECONNECT_AFTER`].
+    fn with_reconnects(
+        &mut self,
+        epoch: Epoch,
+        mut step: impl FnMut(&mut Connection) -> Result<(), CassandraError>,
+    ) -> Result<(), CassandraError> {
+        let mut reconnected = false;
+        loop {
+            match step(self) {
+                Err(e) if e.is_retriable() && !self.stop.load(Ordering::Acquire) => {
+                    tracing::warn!(
+                        error = %e,
+                        failing_s = RECONNECT_AFTER.as_secs(),
+                        "Cassandra writes keep failing on this session; connecting a new one."
+                    );
+                    self.reconnect()?;
+                    reconnected = true;
+                }
+                Err(e) => return Err(e),
+                Ok(()) => break,
+            }
+        }
+        if reconnected {
+            tracing::info!(epoch, "Cassandra writes succeed again (on a new session).");
+        }
+        Ok(())
+    }
+
+    /// One attempt at a group's rows on the current session: extends the lease if needed and
+    /// writes the batches, retrying failures for up to [`RECONNECT_AFTER`].
     fn write_on_session(
         &mut self,
-        group: &EpochGroup,
         batches: &[Vec<Row>],
         timestamp: i64,
     ) -> Result<(), CassandraError> {
@@ -320,8 +376,6 @@ impl CassandraSink {
         let prepared = Arc::clone(&self.prepared);
         let stop = Arc::clone(&self.stop);
         let concurrency = self.config.concurrency;
-        let keyspace = self.config.keyspace.clone();
-        let generation = self.generation;
         let (retries, result) = self.runtime.block_on(async move {
             let retries = std::sync::atomic::AtomicU64::new(0);
             let mut results = futures::stream::iter(batches.iter().map(|batch| {
@@ -352,14 +406,7 @@ impl CassandraSink {
                 }
             }
             drop(results);
-            if let Some(e) = failed {
-                return (retries.into_inner(), Err(e));
-            }
-            let committed = retry("commit progress", &stop, &retries, || {
-                commit(&session, &keyspace, generation, group)
-            })
-            .await;
-            (retries.into_inner(), committed)
+            (retries.into_inner(), failed.map_or(Ok(()), Err))
         });
         self.counters.retries += retries;
         result

@@ -12,3 +12,10 @@ pub struct FileSourceConfig {
     #[serde(default)]
     pub follow: bool,
 }
+
+impl FileSourceConfig {
+    /// The source name its positions are recorded under: `file:<path>`.
+    pub fn name(&self) -> String {
+        format!("file:{}", self.path.display())
+    }
+}

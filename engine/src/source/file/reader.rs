@@ -37,7 +37,7 @@ impl FileSource {
         file.seek(SeekFrom::Start(start.max(0) as u64))
             .map_err(err)?;
         Ok(FileSource {
-            name: Arc::from(format!("file:{}", config.path.display())),
+            name: Arc::from(config.name()),
             config,
             reader: BufReader::with_capacity(256 * 1024, file),
             position: start.max(0),

@@ -1,0 +1,92 @@
+//! A durable sink that keeps what it is given in memory: the smallest complete implementation
+//! of the [`Sink`] contract, for tests and for embedding programs that want the committed
+//! stream without an external store.
+//!
+//! Clones share one store, so a test can hand one clone to an engine and read the other; a
+//! store handed to a second engine after the first stopped behaves like a database that
+//! survived the restart (`open` returns the last committed epoch).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use spendflow_operators::AggKey;
+
+use super::{EpochGroup, Sink, SinkContext, SinkCounters, SinkError};
+use crate::core::{CellValue, Epoch};
+
+/// What a [`MemorySink`] holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemoryState {
+    /// Every live cell, as written (cells written as removed are dropped).
+    pub cells: BTreeMap<AggKey, CellValue>,
+    /// The newest committed epoch.
+    pub committed: Option<Epoch>,
+    /// The epochs committed, in order.
+    pub commits: Vec<Epoch>,
+    /// Times the sink was opened.
+    pub opens: u64,
+}
+
+/// See the module docs.
+#[derive(Clone, Debug, Default)]
+pub struct MemorySink {
+    state: Arc<Mutex<MemoryState>>,
+    counters: SinkCounters,
+}
+
+impl MemorySink {
+    /// An empty store.
+    pub fn new() -> Self {
+        MemorySink::default()
+    }
+
+    /// A copy of what the store holds now.
+    pub fn state(&self) -> MemoryState {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, MemoryState> {
+        // A panic elsewhere cannot leave the maps half-updated: every update is one insert.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Sink for MemorySink {
+    fn name(&self) -> &str {
+        "memory"
+    }
+
+    fn open(&mut self, _ctx: &SinkContext) -> Result<Option<Epoch>, SinkError> {
+        let mut state = self.lock();
+        state.opens += 1;
+        Ok(state.committed)
+    }
+
+    fn write(&mut self, group: &EpochGroup) -> Result<(), SinkError> {
+        let mut state = self.lock();
+        for (key, cell) in &group.cells {
+            if cell.removed() {
+                state.cells.remove(key);
+            } else {
+                state.cells.insert(*key, cell.clone());
+            }
+        }
+        drop(state);
+        self.counters.rows += group.cells.len() as u64;
+        self.counters.batches += 1;
+        Ok(())
+    }
+
+    fn commit(&mut self, group: &EpochGroup) -> Result<(), SinkError> {
+        let mut state = self.lock();
+        state.committed = Some(group.epoch);
+        state.commits.push(group.epoch);
+        drop(state);
+        self.counters.groups += 1;
+        Ok(())
+    }
+
+    fn counters(&self) -> SinkCounters {
+        self.counters
+    }
+}

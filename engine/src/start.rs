@@ -1,0 +1,375 @@
+//! How an engine starts, in the order it happens:
+//!
+//! 1. [`recover`]: lock the checkpoint directory and read the newest checkpoint; open the
+//!    durable sink and learn what it committed. Epochs continue past both.
+//! 2. [`open_sources`]: every worker's readers, resuming at the checkpoint's positions.
+//! 3. [`shared_state`]: the read model, dead letters, the epoch clock and what the threads
+//!    share.
+//! 4. [`spawn`]: the sink driver, the checkpointer, the publisher and the workers (in the
+//!    reverse of data-path order, so each thread's consumer runs before it produces).
+//! 5. [`serve`]: gRPC and the web report.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use spendflow_operators::Epoch;
+
+use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointStore, LocalDirStore};
+use crate::pipeline::{self, EpochClock, Shared};
+use crate::serve::read_model::{self, ReadModel, ReadModelWriter};
+use crate::serve::status::StatusProbe;
+use crate::sink::dead_letter::DeadLetters;
+use crate::sink::{Sink, SinkContext, SinkInbox};
+use crate::source::{self, RestoredPositions, Source, SourceConfig, WorkerPlace};
+use crate::{EngineConfig, EngineError, GrpcServer, InputHandle, SourceError, personnel, serve};
+
+/// What step 1 found.
+pub(crate) struct Recovered {
+    /// The checkpoint store, when checkpoints are on.
+    pub store: Option<LocalDirStore>,
+    /// The newest readable checkpoint.
+    pub restored: Option<Checkpoint>,
+    /// The durable sink, opened, and the newest epoch it had committed.
+    pub sink: Option<(Box<dyn Sink>, Option<Epoch>)>,
+    /// Makes the sink's retries give up (at shutdown, after a grace period).
+    pub sink_stop: Arc<AtomicBool>,
+}
+
+impl Recovered {
+    /// The first epoch of this run: after everything the checkpoint and the sink hold.
+    pub fn first_epoch(&self) -> Epoch {
+        self.restored
+            .as_ref()
+            .map(|c| c.epoch)
+            .max(self.sink.as_ref().and_then(|(_, committed)| *committed))
+            .unwrap_or(0)
+            + 1
+    }
+
+    /// Where each partition resumes.
+    pub fn positions(&self) -> RestoredPositions {
+        self.restored
+            .iter()
+            .flat_map(|c| &c.positions)
+            .map(|p| ((p.source.clone(), p.partition), p.position))
+            .collect()
+    }
+}
+
+/// Step 1: the newest checkpoint (refusing to start over an unreadable one unless told to
+/// discard it) and the durable sink, opened.
+pub(crate) fn recover(
+    config: &EngineConfig,
+    sink: Option<Box<dyn Sink>>,
+) -> Result<Recovered, EngineError> {
+    let (store, restored) = match &config.checkpoint {
+        Some(c) => {
+            let mut store = LocalDirStore::open(&c.dir)?;
+            let latest = match CheckpointStore::latest(&store) {
+                Err(CheckpointError::Unreadable { refused, .. }) if c.discard_unreadable => {
+                    for (path, why) in &refused {
+                        tracing::warn!(path = %path, reason = %why, "--discard-checkpoints: discarding an unreadable checkpoint.");
+                    }
+                    for (from, to) in store.discard_all()? {
+                        tracing::warn!(
+                            from = %from.display(),
+                            to = %to.display(),
+                            "Moved an unreadable checkpoint aside; all input is read again from the beginning."
+                        );
+                    }
+                    None
+                }
+                other => other?,
+            };
+            if let Some(latest) = &latest {
+                tracing::info!(
+                    epoch = latest.epoch,
+                    live = latest.live.len(),
+                    partitions = latest.positions.len(),
+                    records = latest.records_read,
+                    "Restoring a checkpoint."
+                );
+            }
+            (Some(store), latest)
+        }
+        None => (None, None),
+    };
+    let sink_stop = Arc::new(AtomicBool::new(false));
+    let sink = match sink.or_else(|| config.sink.as_ref().map(|s| s.build())) {
+        Some(mut sink) => {
+            let ctx = SinkContext {
+                owner: format!("spendflow pid {}", std::process::id()),
+                stop: Arc::clone(&sink_stop),
+            };
+            let committed = sink.open(&ctx)?;
+            tracing::info!(sink = sink.name(), committed_epoch = ?committed, "Durable sink open.");
+            Some((sink, committed))
+        }
+        None => None,
+    };
+    Ok(Recovered {
+        store,
+        restored,
+        sink,
+        sink_stop,
+    })
+}
+
+/// Step 2: the in-process input, and every worker's readers (the input is read by worker 0).
+pub(crate) fn open_sources(
+    config: &EngineConfig,
+    restored: &RestoredPositions,
+) -> Result<(InputHandle, Vec<Vec<Box<dyn Source>>>), EngineError> {
+    let (input, input_source) = source::input::channel();
+    let mut input_source = Some(input_source);
+    let mut per_worker = Vec::with_capacity(config.workers);
+    for index in 0..config.workers {
+        let place = WorkerPlace {
+            index,
+            count: config.workers,
+        };
+        let mut readers = match &config.source {
+            Some(source) => source.open_readers(place, restored)?,
+            None => Vec::new(),
+        };
+        if let Some(input) = input_source.take() {
+            readers.push(Box::new(input));
+        }
+        per_worker.push(readers);
+    }
+    Ok((input, per_worker))
+}
+
+/// Step 3: the read model (and its writer, for the publisher) and the state the threads share.
+pub(crate) fn shared_state(
+    config: &EngineConfig,
+    recovered: &mut Recovered,
+    restored: &RestoredPositions,
+) -> Result<(Arc<Shared>, Arc<ReadModel>, ReadModelWriter), EngineError> {
+    // Epochs continue a previous timeline only when a checkpoint is restored: then they keep
+    // its incarnation; otherwise (or for a checkpoint from before incarnations) a new one.
+    let incarnation: Arc<str> = recovered
+        .restored
+        .as_ref()
+        .map(|c| c.incarnation.clone())
+        .filter(|i| !i.is_empty())
+        .unwrap_or_else(read_model::new_incarnation)
+        .into();
+    tracing::info!(%incarnation, "Incarnation of this run's epochs.");
+    let (read_model, writer) = ReadModel::with_incarnation(Arc::clone(&incarnation));
+
+    let mut dead_letters = DeadLetters::with_capacity(config.dead_letter_capacity);
+    if let Some(SourceConfig::Kafka(k)) = &config.source {
+        let mut output = crate::sink::dead_letter::kafka::KafkaDeadLetters::new(
+            &k.brokers,
+            &config.dead_letter_topic,
+        )
+        .map_err(|e| SourceError::Kafka {
+            message: format!("dead-letter producer: {e}"),
+            retriable: false,
+        })?;
+        if config.checkpoint.is_some() {
+            // Input after the checkpoint is read again: its dead letters are already in the
+            // topic, and must not be sent twice.
+            output.skip_written(
+                &k.brokers,
+                restored,
+                recovered
+                    .restored
+                    .as_ref()
+                    .and_then(|c| c.dead_letter_scan.as_ref()),
+            )?;
+        }
+        dead_letters = dead_letters.with_output(Box::new(output));
+    }
+    if let Some(restored) = &recovered.restored {
+        dead_letters.restore_counts(&restored.rejected);
+    }
+
+    let clock = EpochClock::starting_at(
+        recovered.first_epoch(),
+        config.epoch_interval(),
+        config.epoch_budget,
+        config
+            .checkpoint
+            .as_ref()
+            .map(|c| Duration::from_millis(c.interval_ms)),
+    );
+    let mut shared = Shared::new(config.workers, clock, Arc::new(dead_letters));
+    if recovered.sink.is_some() {
+        // What an earlier run wrote may be ahead of its checkpoint (and of its committed
+        // progress): re-read input must rewrite every cell it touches.
+        shared = shared.with_replay();
+    }
+    shared.checkpoints_enabled = config.checkpoint.is_some();
+    shared.incarnation = incarnation;
+    if let Some(restored) = recovered.restored.take() {
+        shared = shared.restore_from(restored);
+    }
+    Ok((Arc::new(shared), read_model, writer))
+}
+
+/// The threads step 4 starts.
+pub(crate) struct Threads {
+    pub workers: JoinHandle<Result<Vec<()>, String>>,
+    pub publisher: JoinHandle<()>,
+    pub sink: Option<JoinHandle<()>>,
+    pub checkpointer: Option<JoinHandle<()>>,
+}
+
+/// Step 4: the sink driver, the checkpointer, the publisher and the workers.
+pub(crate) fn spawn(
+    workers: usize,
+    shared: &Arc<Shared>,
+    sink: Option<Box<dyn Sink>>,
+    store: Option<LocalDirStore>,
+    sink_committed: Option<Epoch>,
+    writer: ReadModelWriter,
+    sources: Vec<Vec<Box<dyn Source>>>,
+) -> Result<Threads, EngineError> {
+    let spawn_error = |e: std::io::Error| EngineError::Workers(e.to_string());
+    let mut outputs = pipeline::Outputs {
+        sink_committed,
+        ..pipeline::Outputs::default()
+    };
+    let sink = match sink {
+        Some(sink) => {
+            let inbox = Arc::new(SinkInbox::new(sink.max_group_cells()));
+            outputs.sink = Some(Arc::clone(&inbox));
+            let shared = Arc::clone(shared);
+            Some(
+                std::thread::Builder::new()
+                    .name("spendflow-sink".into())
+                    .spawn(move || pipeline::run_sink(inbox, sink, &shared))
+                    .map_err(spawn_error)?,
+            )
+        }
+        None => None,
+    };
+    let checkpointer = match store {
+        Some(store) => {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            outputs.checkpoints = Some(tx);
+            let shared = Arc::clone(shared);
+            let wait_for_sink = sink.is_some();
+            Some(
+                std::thread::Builder::new()
+                    .name("spendflow-checkpoint".into())
+                    .spawn(move || {
+                        pipeline::run_checkpointer(
+                            rx,
+                            workers,
+                            Box::new(store),
+                            &shared,
+                            wait_for_sink,
+                        )
+                    })
+                    .map_err(spawn_error)?,
+            )
+        }
+        None => None,
+    };
+
+    let (reports_tx, reports_rx) = pipeline::report_channel();
+    let publisher = std::thread::Builder::new()
+        .name("spendflow-publisher".into())
+        .spawn(move || pipeline::run_publisher(reports_rx, workers, writer, outputs))
+        .map_err(spawn_error)?;
+
+    // Each worker takes its own readers when the dataflow runtime starts it.
+    let per_worker: Mutex<Vec<Option<Vec<Box<dyn Source>>>>> =
+        Mutex::new(sources.into_iter().map(Some).collect());
+    let shared = Arc::clone(shared);
+    let workers = std::thread::Builder::new()
+        .name("spendflow-workers".into())
+        .spawn(move || {
+            let reports_tx = Mutex::new(reports_tx);
+            let result = spendflow_operators::runtime::execute(workers, move |ctx| {
+                let sources = per_worker
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_mut(ctx.index())
+                    .and_then(Option::take)
+                    .unwrap_or_default();
+                let reports = reports_tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                pipeline::run_worker(ctx, &shared, sources, reports);
+            });
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "Dataflow workers failed; the served state no longer advances.");
+            }
+            result
+        })
+        .map_err(spawn_error)?;
+    Ok(Threads {
+        workers,
+        publisher,
+        sink,
+        checkpointer,
+    })
+}
+
+/// Listeners bound before anything starts, so a taken port fails fast.
+pub(crate) struct Listeners {
+    grpc: Option<std::net::TcpListener>,
+    web: Option<std::net::TcpListener>,
+}
+
+/// Binds the configured addresses.
+pub(crate) fn bind(config: &EngineConfig) -> Result<Listeners, EngineError> {
+    let grpc = match config.grpc {
+        Some(addr) => {
+            let serve_error = |message: String| EngineError::Serve {
+                addr: addr.to_string(),
+                message,
+            };
+            let listener = std::net::TcpListener::bind(addr).map_err(|e| {
+                serve_error(format!(
+                    "{e} (is another spendflow running? choose another address with --grpc)"
+                ))
+            })?;
+            listener
+                .set_nonblocking(true)
+                .map_err(|e| serve_error(e.to_string()))?;
+            Some(listener)
+        }
+        None => None,
+    };
+    let web = config.web.map(serve::web::WebServer::bind).transpose()?;
+    Ok(Listeners { grpc, web })
+}
+
+/// Step 5: gRPC and the web report, on the listeners bound before.
+pub(crate) fn serve(
+    listeners: Listeners,
+    shared: &Arc<Shared>,
+    read_model: &Arc<ReadModel>,
+    personnel: Option<Arc<personnel::Personnel>>,
+) -> Result<(Option<GrpcServer>, Option<serve::web::WebServer>), EngineError> {
+    let status = || StatusProbe {
+        shared: Arc::clone(shared),
+        read_model: Arc::clone(read_model),
+    };
+    let grpc = match listeners.grpc {
+        Some(listener) => Some(GrpcServer::start(
+            listener,
+            Arc::clone(read_model),
+            status(),
+            personnel.clone(),
+        )?),
+        None => None,
+    };
+    let web = match listeners.web {
+        Some(listener) => Some(serve::web::WebServer::start(
+            listener,
+            serve::web::WebContext {
+                read_model: Arc::clone(read_model),
+                status: status(),
+                personnel,
+            },
+        )?),
+        None => None,
+    };
+    Ok((grpc, web))
+}
