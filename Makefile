@@ -29,6 +29,8 @@ define TEST_COMMANDS
 status=0; \
 $(CARGO) test --workspace --all-targets --no-fail-fast || status=$$?; \
 $(CARGO) test --workspace --doc --no-fail-fast || status=$$?; \
+$(CARGO) run -q -p spendflow-examples --example embed || status=$$?; \
+$(CARGO) run -q -p spendflow-examples --example custom_sink || status=$$?; \
 exit $$status
 endef
 
