@@ -407,12 +407,18 @@ fn a_sink_of_ones_own_receives_exactly_the_input_through_the_contract() {
         let state = sink.state();
         let mut held = Aggregates::default();
         apply(&mut held, state.cells.values().cloned());
-        assert_eq!(held.cells, expected.cells, "the sink holds the recomputation");
+        assert_eq!(
+            held.cells, expected.cells,
+            "the sink holds the recomputation"
+        );
         state
     };
     let first = run(&sink);
     assert_eq!(first.opens, 1);
-    assert!(first.commits.windows(2).all(|w| w[0] < w[1]), "commits in epoch order");
+    assert!(
+        first.commits.windows(2).all(|w| w[0] < w[1]),
+        "commits in epoch order"
+    );
     let second = run(&sink);
     assert_eq!(second.opens, 2);
     let first_committed = first.committed.expect("the first run committed");

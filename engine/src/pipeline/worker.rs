@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
+use spendflow_operators::dataflow::ExpenseDataflow;
 use spendflow_operators::decode::decode;
 use spendflow_operators::runtime::WorkerContext;
 use spendflow_operators::{ClosedEpoch, Epoch, RejectReason, Rejection};
@@ -26,222 +27,298 @@ const STATUS_REFRESH: Duration = Duration::from_millis(250);
 pub fn run_worker(
     ctx: &mut WorkerContext<'_>,
     shared: &Shared,
-    mut sources: Vec<Box<dyn Source>>,
+    sources: Vec<Box<dyn Source>>,
     reports: Sender<WorkerReport>,
 ) {
-    let index = ctx.index();
-    let status = &shared.workers[index];
-    let mut dataflow = ctx.build_dataflow_with_replay(shared.replay.clone());
-    let mut batch: Vec<SourceRecord> = Vec::with_capacity(POLL_BATCH);
-    // (last epoch closed by an advance, positions then, records read then), oldest first.
-    let mut closes: VecDeque<(Epoch, Arc<Vec<PartitionPosition>>, u64)> = VecDeque::new();
-    let mut in_epoch = 0usize;
-    let mut read = 0u64;
-    let mut rejected = vec![0u64; RejectReason::ALL_CODES.len()];
-    // Checkpoints requested: (epoch, positions, read, rejected) at the end of the epoch.
-    let mut checkpoints: Vec<(Epoch, Arc<Vec<PartitionPosition>>, u64, Vec<u64>)> = Vec::new();
-    let mut stopping = false;
-
-    // 0. Restore a checkpoint: push this worker's share of its live expenses at its epoch, and
-    //    publish that epoch on its own before reading anything (the durable sink skips it: it
-    //    holds that state already).
-    let restore = shared
-        .restore
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    if let Some(checkpoint) = restore {
-        dataflow.advance_to(checkpoint.epoch);
-        let peers = ctx.peers();
-        for (id, fact) in checkpoint.live.iter().skip(index).step_by(peers) {
-            dataflow.push_live(id.clone(), *fact);
+    let mut worker = Worker::new(ctx, shared, sources, reports);
+    // 0. Restore this worker's share of a checkpoint, or start a new timeline.
+    if !worker.begin(ctx) {
+        return;
+    }
+    loop {
+        // 1.–3. Poll every source once; decode and push (or reject) what it returned.
+        let busy = !worker.stopping && worker.poll_sources();
+        // 3. Cut epochs.
+        worker.cut_epochs();
+        // 4. Step the dataflow and report what closed.
+        if !worker.step_and_report(ctx, busy) {
+            break;
         }
-        if index == 0 {
-            read = checkpoint.records_read;
+    }
+    tracing::debug!(
+        worker = worker.index,
+        records = worker.read,
+        "Worker finished."
+    );
+}
+
+/// (last epoch closed by an advance, positions then, records read then).
+type Close = (Epoch, Arc<Vec<PartitionPosition>>, u64);
+
+/// One worker's state between the steps.
+struct Worker<'a> {
+    index: usize,
+    shared: &'a Shared,
+    status: &'a WorkerStatus,
+    dataflow: ExpenseDataflow,
+    sources: Vec<Box<dyn Source>>,
+    reports: Sender<WorkerReport>,
+    batch: Vec<SourceRecord>,
+    /// Advances not yet matched with the epochs they closed, oldest first.
+    closes: VecDeque<Close>,
+    in_epoch: usize,
+    read: u64,
+    rejected: Vec<u64>,
+    /// Checkpoints requested: (epoch, positions, read, rejected) at the end of the epoch.
+    checkpoints: Vec<(Epoch, Arc<Vec<PartitionPosition>>, u64, Vec<u64>)>,
+    stopping: bool,
+    last_status: Instant,
+    /// `None` until the first poll, so the first poll always publishes the partitions: a
+    /// worker idle from its first poll on is caught up at once, and must show what it reads
+    /// then.
+    last_busy: Option<bool>,
+    /// A source that failed for good is no longer read: what it had left is never read, so
+    /// this worker is never caught up again.
+    lost_source: bool,
+}
+
+impl<'a> Worker<'a> {
+    fn new(
+        ctx: &mut WorkerContext<'_>,
+        shared: &'a Shared,
+        sources: Vec<Box<dyn Source>>,
+        reports: Sender<WorkerReport>,
+    ) -> Self {
+        let index = ctx.index();
+        Worker {
+            index,
+            shared,
+            status: &shared.workers[index],
+            dataflow: ctx.build_dataflow_with_replay(shared.replay.clone()),
+            sources,
+            reports,
+            batch: Vec::with_capacity(POLL_BATCH),
+            closes: VecDeque::new(),
+            in_epoch: 0,
+            read: 0,
+            rejected: vec![0u64; RejectReason::ALL_CODES.len()],
+            checkpoints: Vec::new(),
+            stopping: false,
+            last_status: Instant::now(),
+            last_busy: None,
+            lost_source: false,
+        }
+    }
+
+    fn positions(&self) -> Arc<Vec<PartitionPosition>> {
+        Arc::new(self.sources.iter().flat_map(|s| s.partitions()).collect())
+    }
+
+    /// Step 0. With a checkpoint: push this worker's share of its live expenses at its epoch,
+    /// and publish that epoch on its own before reading anything (a durable sink that holds
+    /// it already skips it). Without: the first advance. False if the publisher is gone.
+    fn begin(&mut self, ctx: &mut WorkerContext<'_>) -> bool {
+        let restore = self
+            .shared
+            .restore
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(checkpoint) = restore else {
+            // Record this first advance like every other: the epochs it closes (0, or
+            // everything before the sink's next epoch) cover nothing read yet. Without the
+            // entry, an epoch it closes that drains only after later reads (a busy machine:
+            // the first records are read and the epoch cut before epoch 0 has passed the
+            // probe) was paired with the read count and positions of that later advance, and
+            // published as covering records whose changes it does not hold: `caught_up` was
+            // true with nothing served.
+            let first = self.shared.clock.current();
+            self.closes
+                .push_back((first - 1, self.positions(), self.read));
+            self.dataflow.advance_to(first);
+            return true;
+        };
+        self.dataflow.advance_to(checkpoint.epoch);
+        let peers = ctx.peers();
+        for (id, fact) in checkpoint.live.iter().skip(self.index).step_by(peers) {
+            self.dataflow.push_live(id.clone(), *fact);
+        }
+        if self.index == 0 {
+            self.read = checkpoint.records_read;
             for (code, n) in &checkpoint.rejected {
                 if let Some(i) = RejectReason::ALL_CODES.iter().position(|c| c == code) {
-                    rejected[i] = *n;
+                    self.rejected[i] = *n;
                 }
             }
-            status.read.store(read, Ordering::Release);
+            self.status.read.store(self.read, Ordering::Release);
         }
         drop(checkpoint);
-        if shared.restore_pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if self.shared.restore_pending.fetch_sub(1, Ordering::AcqRel) == 1 {
             // The last worker to take its share frees the checkpoint's memory.
-            shared
+            self.shared
                 .restore
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .take();
         }
-        let target = shared.clock.current();
-        let positions: Vec<PartitionPosition> =
-            sources.iter().flat_map(|s| s.partitions()).collect();
-        closes.push_back((target - 1, Arc::new(positions), read));
-        dataflow.advance_to(target);
-        while dataflow.is_behind() {
+        let target = self.shared.clock.current();
+        self.closes
+            .push_back((target - 1, self.positions(), self.read));
+        self.dataflow.advance_to(target);
+        while self.dataflow.is_behind() {
             ctx.step();
         }
-        let epochs = with_positions(dataflow.drain_closed(), &mut closes);
+        let epochs = with_positions(self.dataflow.drain_closed(), &mut self.closes);
         let report = WorkerReport {
-            worker: index,
+            worker: self.index,
             epochs,
             snapshots: Vec::new(),
         };
-        if reports.send(report).is_err() {
-            return;
-        }
-    } else {
-        // Record this first advance like every other: the epochs it closes (0, or everything
-        // before the sink's next epoch) cover nothing read yet. Without the entry, an epoch it
-        // closes that drains only after later reads (a busy machine: the first records are
-        // read and the epoch cut before epoch 0 has passed the probe) was paired with the
-        // read count and positions of that later advance, and published as covering records
-        // whose changes it does not hold: `caught_up` was true with nothing served.
-        let first = shared.clock.current();
-        let positions: Vec<PartitionPosition> =
-            sources.iter().flat_map(|s| s.partitions()).collect();
-        closes.push_back((first - 1, Arc::new(positions), read));
-        dataflow.advance_to(first);
+        self.reports.send(report).is_ok()
     }
-    let mut last_status = Instant::now();
-    // `None` until the first poll, so the first poll always publishes the partitions: a worker
-    // idle from its first poll on is caught up at once, and must show what it reads then.
-    let mut last_busy: Option<bool> = None;
-    // A source that failed for good is no longer read: what it had left is never read, so this
-    // worker is never caught up again.
-    let mut lost_source = false;
 
-    loop {
-        // 1. Poll every source once.
+    /// Steps 1–3: polls every source once, decodes and pushes (or rejects) what it returned,
+    /// and tells the status service where this worker stands. True if a source had more.
+    fn poll_sources(&mut self) -> bool {
+        let (index, shared, status) = (self.index, self.shared, self.status);
         let mut busy = false;
-        if !stopping {
-            // Not idle while polling: records taken from a source but not yet counted must
-            // never look caught up.
-            status.idle.store(false, Ordering::Release);
-            let mut idle = true;
-            // A source that is not caught up although it has nothing to return now.
-            let mut behind = lost_source;
-            let mut failed = Vec::new();
-            for (i, source) in sources.iter_mut().enumerate() {
-                // Never take more than the epoch budget has room for, so epochs stay bounded.
-                let room = shared
-                    .clock
-                    .budget
-                    .saturating_sub(in_epoch)
-                    .clamp(1, POLL_BATCH);
-                match source.poll(&mut batch, room) {
-                    Ok(Poll::Ready) => busy = true,
-                    Ok(Poll::Behind) => behind = true,
-                    Ok(Poll::Idle) | Ok(Poll::Finished) => {}
-                    Err(e) if e.is_retriable() => {
-                        // Not caught up while a source cannot be read.
-                        behind = true;
-                        tracing::warn!(worker = index, error = %e, "Source read failed; retrying.");
-                    }
-                    Err(e) => {
-                        tracing::error!(worker = index, error = %e, "Source failed; it is no longer read.");
-                        failed.push(i);
-                    }
+        // Not idle while polling: records taken from a source but not yet counted must never
+        // look caught up.
+        status.idle.store(false, Ordering::Release);
+        let mut idle = true;
+        // A source that is not caught up although it has nothing to return now.
+        let mut behind = self.lost_source;
+        let mut failed = Vec::new();
+        for (i, source) in self.sources.iter_mut().enumerate() {
+            // Never take more than the epoch budget has room for, so epochs stay bounded.
+            let room = shared
+                .clock
+                .budget
+                .saturating_sub(self.in_epoch)
+                .clamp(1, POLL_BATCH);
+            match source.poll(&mut self.batch, room) {
+                Ok(Poll::Ready) => busy = true,
+                Ok(Poll::Behind) => behind = true,
+                Ok(Poll::Idle) | Ok(Poll::Finished) => {}
+                Err(e) if e.is_retriable() => {
+                    // Not caught up while a source cannot be read.
+                    behind = true;
+                    tracing::warn!(worker = index, error = %e, "Source read failed; retrying.");
                 }
-                // 2.–3. Decode and push (or reject) everything the poll returned.
-                let mut partitions = None;
-                for record in batch.drain(..) {
-                    idle = false;
-                    read += 1;
-                    in_epoch += 1;
-                    match admit(record.payload, record.expected_user) {
-                        Ok(decoded) => {
-                            dataflow.push(decoded);
-                            status.accepted.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err((rejection, raw)) => {
-                            let code = rejection.reason.code();
-                            if let Some(i) = RejectReason::ALL_CODES.iter().position(|c| *c == code)
-                            {
-                                rejected[i] += 1;
-                            }
-                            let partitions = partitions.get_or_insert_with(|| source.partitions());
-                            let partition = partitions.get(record.partition);
-                            shared.dead_letters.record(
-                                RejectedRecord {
-                                    reason: rejection.reason,
-                                    detail: rejection.detail,
-                                    source: partition
-                                        .map_or_else(|| Arc::from("?"), |p| Arc::clone(&p.source)),
-                                    partition: partition.map_or(0, |p| p.partition),
-                                    offset: record.offset,
-                                    raw_prefix: raw[..raw.len().min(RAW_PREFIX_BYTES)].to_vec(),
-                                },
-                                &raw,
-                                record.key.as_deref(),
-                            );
-                        }
-                    }
+                Err(e) => {
+                    tracing::error!(worker = index, error = %e, "Source failed; it is no longer read.");
+                    failed.push(i);
                 }
             }
-            for i in failed.into_iter().rev() {
-                sources.remove(i);
-                lost_source = true;
-                behind = true;
-            }
-            if !idle {
-                shared.clock.note_input();
-            }
-            status.read.store(read, Ordering::Release);
-            // Positions for the status service: after reads, and now and then for sources whose
-            // ends move without reads (Kafka watermarks). Not on every idle loop.
-            // Also when the worker turns idle: the caught-up claim and the positions (lag) it
-            // shows must agree.
-            let not_idle = busy || behind;
-            if !idle || last_busy != Some(not_idle) || last_status.elapsed() >= STATUS_REFRESH {
-                last_status = Instant::now();
-                *status.partitions.lock().unwrap_or_else(|p| p.into_inner()) =
-                    sources.iter().flat_map(|s| s.partitions()).collect();
-            }
-            last_busy = Some(not_idle);
-            status.idle.store(!not_idle, Ordering::Release);
-            if !not_idle {
-                shared.note_idle(index);
+            let mut partitions = None;
+            for record in self.batch.drain(..) {
+                idle = false;
+                self.read += 1;
+                self.in_epoch += 1;
+                match admit(record.payload, record.expected_user) {
+                    Ok(decoded) => {
+                        self.dataflow.push(decoded);
+                        status.accepted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err((rejection, raw)) => {
+                        let code = rejection.reason.code();
+                        if let Some(i) = RejectReason::ALL_CODES.iter().position(|c| *c == code) {
+                            self.rejected[i] += 1;
+                        }
+                        let partitions = partitions.get_or_insert_with(|| source.partitions());
+                        let partition = partitions.get(record.partition);
+                        shared.dead_letters.record(
+                            RejectedRecord {
+                                reason: rejection.reason,
+                                detail: rejection.detail,
+                                source: partition
+                                    .map_or_else(|| Arc::from("?"), |p| Arc::clone(&p.source)),
+                                partition: partition.map_or(0, |p| p.partition),
+                                offset: record.offset,
+                                raw_prefix: raw[..raw.len().min(RAW_PREFIX_BYTES)].to_vec(),
+                            },
+                            &raw,
+                            record.key.as_deref(),
+                        );
+                    }
+                }
             }
         }
+        for i in failed.into_iter().rev() {
+            self.sources.remove(i);
+            self.lost_source = true;
+            behind = true;
+        }
+        if !idle {
+            shared.clock.note_input();
+        }
+        status.read.store(self.read, Ordering::Release);
+        // Positions for the status service: after reads, and now and then for sources whose
+        // ends move without reads (Kafka watermarks). Not on every idle loop. Also when the
+        // worker turns idle: the caught-up claim and the positions (lag) it shows must agree.
+        let not_idle = busy || behind;
+        if !idle || self.last_busy != Some(not_idle) || self.last_status.elapsed() >= STATUS_REFRESH
+        {
+            self.last_status = Instant::now();
+            *status.partitions.lock().unwrap_or_else(|p| p.into_inner()) =
+                self.sources.iter().flat_map(|s| s.partitions()).collect();
+        }
+        self.last_busy = Some(not_idle);
+        status.idle.store(!not_idle, Ordering::Release);
+        if !not_idle {
+            shared.note_idle(index);
+        }
+        busy
+    }
 
-        // 3. Cut epochs.
-        let target = if stopping {
-            dataflow.epoch()
+    /// Step 3: advances the dataflow to the epoch the clock says (all of it when stopping),
+    /// asking for a checkpoint copy when a checkpoint mark falls in the epochs it closes.
+    fn cut_epochs(&mut self) {
+        let target = if self.stopping {
+            self.dataflow.epoch()
         } else {
-            shared.clock.target(in_epoch)
+            self.shared.clock.target(self.in_epoch)
         };
-        let stop_now = !stopping && shared.stop.load(Ordering::Acquire);
+        let stop_now = !self.stopping && self.shared.stop.load(Ordering::Acquire);
         let target = if stop_now {
-            target.max(shared.clock.cut())
+            target.max(self.shared.clock.cut())
         } else {
             target
         };
-        if target > dataflow.epoch() {
-            let positions: Arc<Vec<PartitionPosition>> =
-                Arc::new(sources.iter().flat_map(|s| s.partitions()).collect());
+        if target > self.dataflow.epoch() {
+            let positions = self.positions();
             // A checkpoint at an epoch this advance closes: ask for a copy of the live set at
             // it, and note where the sources stood.
-            if let Some(mark) = shared.clock.checkpoint_mark()
-                && (dataflow.epoch()..target).contains(&mark)
+            if let Some(mark) = self.shared.clock.checkpoint_mark()
+                && (self.dataflow.epoch()..target).contains(&mark)
             {
-                dataflow.request_snapshot(mark);
-                checkpoints.push((mark, Arc::clone(&positions), read, rejected.clone()));
+                self.dataflow.request_snapshot(mark);
+                self.checkpoints.push((
+                    mark,
+                    Arc::clone(&positions),
+                    self.read,
+                    self.rejected.clone(),
+                ));
             }
-            closes.push_back((target - 1, positions, read));
-            dataflow.advance_to(target);
-            in_epoch = 0;
+            self.closes.push_back((target - 1, positions, self.read));
+            self.dataflow.advance_to(target);
+            self.in_epoch = 0;
         }
-        stopping |= stop_now;
+        self.stopping |= stop_now;
+    }
 
-        // 4. Step the dataflow and report what closed.
+    /// Step 4: steps the dataflow (parking briefly when no source had more) and reports the
+    /// epochs that closed and the checkpoint copies that are ready. False once the worker is
+    /// done (stopped and drained, or the publisher is gone).
+    fn step_and_report(&mut self, ctx: &mut WorkerContext<'_>, busy: bool) -> bool {
         if busy {
             ctx.step();
         } else {
             ctx.step_or_park(Duration::from_millis(1));
         }
-        let snapshots: Vec<SnapshotPart> = dataflow
+        let checkpoints = &mut self.checkpoints;
+        let snapshots: Vec<SnapshotPart> = self
+            .dataflow
             .take_snapshots()
             .into_iter()
             .filter_map(|copy| {
@@ -256,34 +333,26 @@ pub fn run_worker(
                 })
             })
             .collect();
-        let closed = dataflow.drain_closed();
+        let closed = self.dataflow.drain_closed();
         if !closed.is_empty() || !snapshots.is_empty() {
-            let epochs = with_positions(closed, &mut closes);
-            if reports
-                .send(WorkerReport {
-                    worker: index,
-                    epochs,
-                    snapshots,
-                })
-                .is_err()
-            {
-                tracing::debug!(worker = index, "Publisher gone; worker stops.");
-                break;
+            let epochs = with_positions(closed, &mut self.closes);
+            let report = WorkerReport {
+                worker: self.index,
+                epochs,
+                snapshots,
+            };
+            if self.reports.send(report).is_err() {
+                tracing::debug!(worker = self.index, "Publisher gone; worker stops.");
+                return false;
             }
         }
-        if stopping && !dataflow.is_behind() {
-            break;
-        }
+        !(self.stopping && !self.dataflow.is_behind())
     }
-    tracing::debug!(worker = index, records = read, "Worker finished.");
 }
 
 /// Pairs each closed epoch with the positions and read count of the advance that closed it
 /// (the first advance at or after it), forgetting older advances.
-fn with_positions(
-    closed: Vec<ClosedEpoch>,
-    closes: &mut VecDeque<(Epoch, Arc<Vec<PartitionPosition>>, u64)>,
-) -> Vec<WorkerEpoch> {
+fn with_positions(closed: Vec<ClosedEpoch>, closes: &mut VecDeque<Close>) -> Vec<WorkerEpoch> {
     closed
         .into_iter()
         .map(|closed| {
