@@ -104,7 +104,7 @@ const fn default_dead_letter_capacity() -> usize {
 }
 
 fn default_dead_letter_topic() -> String {
-    crate::sink::dead_letter::kafka::DEFAULT_DEAD_LETTER_TOPIC.to_string()
+    crate::sink::dead_letter::DEFAULT_DEAD_LETTER_TOPIC.to_string()
 }
 
 impl Default for EngineConfig {

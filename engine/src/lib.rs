@@ -31,14 +31,18 @@ pub mod checkpoint;
 pub mod config;
 pub mod core;
 pub mod error;
+#[cfg(feature = "workload")]
 pub mod generate;
+#[cfg(feature = "personnel")]
 pub mod images;
+#[cfg(feature = "personnel")]
 pub mod personnel;
 pub(crate) mod pipeline;
 pub mod serve;
 pub mod sink;
 pub mod source;
 mod start;
+#[cfg(feature = "workload")]
 pub mod verify;
 
 use std::net::SocketAddr;
@@ -66,8 +70,10 @@ const SINK_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 #[derive(Debug, Default)]
 pub struct EngineBuilder {
     config: EngineConfig,
+    #[cfg(feature = "personnel")]
     personnel: Option<Arc<personnel::Personnel>>,
     sink: Option<Box<dyn sink::Sink>>,
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl EngineBuilder {
@@ -115,8 +121,17 @@ impl EngineBuilder {
         self
     }
 
+    /// Runs the engine's servers and its sink on the embedding program's tokio runtime
+    /// instead of one of its own. The engine's blocking calls (`start`, `shutdown`, dropping
+    /// it) must then still be made outside that runtime's threads.
+    pub fn runtime(mut self, handle: tokio::runtime::Handle) -> Self {
+        self.runtime = Some(handle);
+        self
+    }
+
     /// User details and pictures for the `Personnel` gRPC service; without it those calls
     /// answer `FAILED_PRECONDITION`. See [`personnel::Personnel`].
+    #[cfg(feature = "personnel")]
     pub fn personnel(mut self, personnel: Arc<personnel::Personnel>) -> Self {
         self.personnel = Some(personnel);
         self
@@ -130,7 +145,7 @@ impl EngineBuilder {
     /// [`EngineError::Config`] for invalid settings, [`EngineError::Source`] if a source cannot
     /// be opened, [`EngineError::Serve`] if the gRPC address cannot be bound.
     pub fn start(self) -> Result<Engine, EngineError> {
-        Engine::start(self.config, self.personnel, self.sink)
+        Engine::start(self)
     }
 }
 
@@ -147,15 +162,9 @@ pub struct Engine {
     /// Makes the sink's retries give up (at shutdown, after a grace period).
     sink_stop: Arc<std::sync::atomic::AtomicBool>,
     checkpointer: Option<JoinHandle<()>>,
-    grpc: Option<GrpcServer>,
-    web: Option<serve::web::WebServer>,
-}
-
-#[derive(Debug)]
-struct GrpcServer {
-    addr: SocketAddr,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<Result<(), String>>>,
+    servers: start::Servers,
+    /// Last, so it is dropped after everything that runs on it.
+    runtime: start::EngineRuntime,
 }
 
 impl Engine {
@@ -165,13 +174,17 @@ impl Engine {
         EngineBuilder::default()
     }
 
-    fn start(
-        config: EngineConfig,
-        personnel: Option<Arc<personnel::Personnel>>,
-        sink: Option<Box<dyn sink::Sink>>,
-    ) -> Result<Engine, EngineError> {
+    fn start(builder: EngineBuilder) -> Result<Engine, EngineError> {
+        let EngineBuilder {
+            config,
+            #[cfg(feature = "personnel")]
+            personnel,
+            sink,
+            runtime,
+        } = builder;
         config.validate()?;
-        let mut recovered = start::recover(&config, sink)?;
+        let runtime = start::EngineRuntime::new(runtime)?;
+        let mut recovered = start::recover(&config, sink, &runtime.handle())?;
         let restored = recovered.positions();
         let (input, sources) = start::open_sources(&config, &restored)?;
         let (shared, read_model, writer) = start::shared_state(&config, &mut recovered, &restored)?;
@@ -192,7 +205,14 @@ impl Engine {
             writer,
             sources,
         )?;
-        let (grpc, web) = start::serve(listeners, &shared, &read_model, personnel)?;
+        let servers = start::serve(
+            listeners,
+            &runtime.handle(),
+            &shared,
+            &read_model,
+            #[cfg(feature = "personnel")]
+            personnel,
+        )?;
         Ok(Engine {
             config,
             input,
@@ -203,8 +223,8 @@ impl Engine {
             sink_thread: threads.sink,
             sink_stop,
             checkpointer: threads.checkpointer,
-            grpc,
-            web,
+            servers,
+            runtime,
         })
     }
 
@@ -248,12 +268,15 @@ impl Engine {
 
     /// The address the gRPC server listens on, if it runs.
     pub fn grpc_addr(&self) -> Option<SocketAddr> {
-        self.grpc.as_ref().map(|g| g.addr)
+        self.servers.grpc_addr
     }
 
     /// The address the web report listens on, if it runs.
     pub fn web_addr(&self) -> Option<SocketAddr> {
-        self.web.as_ref().map(|w| w.addr())
+        #[cfg(feature = "web")]
+        return self.servers.web.as_ref().map(|w| w.addr());
+        #[cfg(not(feature = "web"))]
+        None
     }
 
     /// The configuration the engine runs with.
@@ -333,12 +356,8 @@ impl Engine {
         }
         // Ends open subscriptions, so the gRPC server's graceful shutdown does not wait on them.
         self.read_model.close();
-        if let Some(mut grpc) = self.grpc.take() {
-            grpc.stop();
-        }
-        if let Some(mut web) = self.web.take() {
-            web.stop();
-        }
+        self.servers
+            .stop(&self.runtime.handle(), GRPC_SHUTDOWN_GRACE);
         result
     }
 }
@@ -347,80 +366,6 @@ impl Drop for Engine {
     fn drop(&mut self) {
         if self.workers.is_some() {
             let _ = self.stop();
-        }
-    }
-}
-
-impl GrpcServer {
-    fn start(
-        listener: std::net::TcpListener,
-        read_model: Arc<ReadModel>,
-        status: StatusProbe,
-        personnel: Option<Arc<personnel::Personnel>>,
-    ) -> Result<GrpcServer, EngineError> {
-        let addr = listener.local_addr().map_err(|e| EngineError::Serve {
-            addr: "?".into(),
-            message: e.to_string(),
-        })?;
-        let serve_error = |message: String| EngineError::Serve {
-            addr: addr.to_string(),
-            message,
-        };
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("spendflow-grpc")
-            .enable_all()
-            .build()
-            .map_err(|e| serve_error(e.to_string()))?;
-        let (shutdown, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("spendflow-grpc-main".into())
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let listener =
-                        tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
-                    let (stopping, mut stopped) = tokio::sync::watch::channel(false);
-                    let mut graceful = stopped.clone();
-                    let shutdown = async move {
-                        let _ = graceful.wait_for(|s| *s).await;
-                    };
-                    tokio::spawn(async move {
-                        let _ = shutdown_rx.await;
-                        let _ = stopping.send(true);
-                    });
-                    // Graceful shutdown waits for clients to hang up; one that never does (an
-                    // idle connection nobody polls) must not hold the engine forever.
-                    let forced = async move {
-                        let _ = stopped.wait_for(|s| *s).await;
-                        tokio::time::sleep(GRPC_SHUTDOWN_GRACE).await;
-                    };
-                    tokio::select! {
-                        served = serve::grpc::serve(listener, read_model, status, personnel, shutdown) => served,
-                        () = forced => {
-                            tracing::warn!("gRPC clients still connected at shutdown; closing their connections.");
-                            Ok(())
-                        }
-                    }
-                })
-            })
-            .map_err(|e| serve_error(e.to_string()))?;
-        Ok(GrpcServer {
-            addr,
-            shutdown: Some(shutdown),
-            thread: Some(thread),
-        })
-    }
-
-    fn stop(&mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            match thread.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server ended with an error."),
-                Err(_) => tracing::warn!("gRPC server thread panicked."),
-            }
         }
     }
 }

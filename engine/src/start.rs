@@ -9,6 +9,7 @@
 //!    reverse of data-path order, so each thread's consumer runs before it produces).
 //! 5. [`serve`]: gRPC and the web report.
 
+use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -18,12 +19,14 @@ use spendflow_operators::Epoch;
 
 use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointStore, LocalDirStore};
 use crate::pipeline::{self, EpochClock, Shared};
+#[cfg(feature = "grpc")]
+use crate::serve;
 use crate::serve::read_model::{self, ReadModel, ReadModelWriter};
 use crate::serve::status::StatusProbe;
 use crate::sink::dead_letter::DeadLetters;
 use crate::sink::{Sink, SinkContext, SinkInbox};
-use crate::source::{self, RestoredPositions, Source, SourceConfig, WorkerPlace};
-use crate::{EngineConfig, EngineError, GrpcServer, InputHandle, SourceError, personnel, serve};
+use crate::source::{self, RestoredPositions, Source, WorkerPlace};
+use crate::{EngineConfig, EngineError, InputHandle};
 
 /// What step 1 found.
 pub(crate) struct Recovered {
@@ -63,6 +66,7 @@ impl Recovered {
 pub(crate) fn recover(
     config: &EngineConfig,
     sink: Option<Box<dyn Sink>>,
+    runtime: &tokio::runtime::Handle,
 ) -> Result<Recovered, EngineError> {
     let (store, restored) = match &config.checkpoint {
         Some(c) => {
@@ -102,6 +106,7 @@ pub(crate) fn recover(
             let ctx = SinkContext {
                 owner: format!("spendflow pid {}", std::process::id()),
                 stop: Arc::clone(&sink_stop),
+                runtime: runtime.clone(),
             };
             let committed = sink.open(&ctx)?;
             tracing::info!(sink = sink.name(), committed_epoch = ?committed, "Durable sink open.");
@@ -146,7 +151,7 @@ pub(crate) fn open_sources(
 pub(crate) fn shared_state(
     config: &EngineConfig,
     recovered: &mut Recovered,
-    restored: &RestoredPositions,
+    #[cfg_attr(not(feature = "kafka"), allow(unused_variables))] restored: &RestoredPositions,
 ) -> Result<(Arc<Shared>, Arc<ReadModel>, ReadModelWriter), EngineError> {
     // Epochs continue a previous timeline only when a checkpoint is restored: then they keep
     // its incarnation; otherwise (or for a checkpoint from before incarnations) a new one.
@@ -160,13 +165,15 @@ pub(crate) fn shared_state(
     tracing::info!(%incarnation, "Incarnation of this run's epochs.");
     let (read_model, writer) = ReadModel::with_incarnation(Arc::clone(&incarnation));
 
+    #[cfg_attr(not(feature = "kafka"), allow(unused_mut))]
     let mut dead_letters = DeadLetters::with_capacity(config.dead_letter_capacity);
-    if let Some(SourceConfig::Kafka(k)) = &config.source {
+    #[cfg(feature = "kafka")]
+    if let Some(source::SourceConfig::Kafka(k)) = &config.source {
         let mut output = crate::sink::dead_letter::kafka::KafkaDeadLetters::new(
             &k.brokers,
             &config.dead_letter_topic,
         )
-        .map_err(|e| SourceError::Kafka {
+        .map_err(|e| crate::SourceError::Kafka {
             message: format!("dead-letter producer: {e}"),
             retriable: false,
         })?;
@@ -310,14 +317,79 @@ pub(crate) fn spawn(
     })
 }
 
+/// The async runtime the engine's services and its sink run on: its own, or the one an
+/// embedding program handed over (`EngineBuilder::runtime`).
+#[derive(Debug)]
+pub(crate) enum EngineRuntime {
+    /// Built by the engine and shut down with it (`None` once shut down).
+    Owned(Option<tokio::runtime::Runtime>),
+    /// The embedding program's; it outlives the engine.
+    Borrowed(tokio::runtime::Handle),
+}
+
+impl EngineRuntime {
+    /// The embedder's runtime, or a new one with two worker threads (gRPC, the web report and
+    /// the sink's requests are I/O bound; the dataflow runs on its own threads).
+    pub fn new(handle: Option<tokio::runtime::Handle>) -> Result<Self, EngineError> {
+        match handle {
+            Some(handle) => Ok(EngineRuntime::Borrowed(handle)),
+            None => tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("spendflow-io")
+                .enable_all()
+                .build()
+                .map(|runtime| EngineRuntime::Owned(Some(runtime)))
+                .map_err(|e| EngineError::Workers(format!("the async runtime: {e}"))),
+        }
+    }
+
+    /// A handle to spawn on or block on (from threads outside the runtime).
+    pub fn handle(&self) -> tokio::runtime::Handle {
+        match self {
+            EngineRuntime::Owned(Some(runtime)) => runtime.handle().clone(),
+            EngineRuntime::Owned(None) => unreachable!("the runtime is shut down only on drop"),
+            EngineRuntime::Borrowed(handle) => handle.clone(),
+        }
+    }
+}
+
+impl Drop for EngineRuntime {
+    fn drop(&mut self) {
+        // Without blocking: a runtime dropped on an async thread would panic otherwise. The
+        // servers and the sink are stopped before this.
+        if let EngineRuntime::Owned(runtime) = self
+            && let Some(runtime) = runtime.take()
+        {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Listeners bound before anything starts, so a taken port fails fast.
 /// Listeners bound before anything starts, so a taken port fails fast.
 pub(crate) struct Listeners {
+    #[cfg(feature = "grpc")]
     grpc: Option<std::net::TcpListener>,
+    #[cfg(feature = "web")]
     web: Option<std::net::TcpListener>,
 }
 
 /// Binds the configured addresses.
 pub(crate) fn bind(config: &EngineConfig) -> Result<Listeners, EngineError> {
+    #[cfg(not(feature = "grpc"))]
+    if config.grpc.is_some() {
+        return Err(EngineError::Config(
+            "gRPC is configured, but this build of spendflow-engine has no `grpc` feature".into(),
+        ));
+    }
+    #[cfg(not(feature = "web"))]
+    if config.web.is_some() {
+        return Err(EngineError::Config(
+            "the web report is configured, but this build of spendflow-engine has no `web` feature"
+                .into(),
+        ));
+    }
+    #[cfg(feature = "grpc")]
     let grpc = match config.grpc {
         Some(addr) => {
             let serve_error = |message: String| EngineError::Serve {
@@ -336,40 +408,113 @@ pub(crate) fn bind(config: &EngineConfig) -> Result<Listeners, EngineError> {
         }
         None => None,
     };
+    #[cfg(feature = "web")]
     let web = config.web.map(serve::web::WebServer::bind).transpose()?;
-    Ok(Listeners { grpc, web })
+    Ok(Listeners {
+        #[cfg(feature = "grpc")]
+        grpc,
+        #[cfg(feature = "web")]
+        web,
+    })
 }
 
-/// Step 5: gRPC and the web report, on the listeners bound before.
+/// The running servers, and one signal that stops them all.
+#[derive(Debug)]
+pub(crate) struct Servers {
+    pub grpc_addr: Option<SocketAddr>,
+    #[cfg(feature = "web")]
+    pub web: Option<serve::web::WebServer>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<(&'static str, tokio::task::JoinHandle<Result<(), String>>)>,
+}
+
+impl Servers {
+    /// Stops accepting, lets clients finish for `grace`, then closes what is still open.
+    /// Blocking: call it outside the runtime.
+    pub fn stop(&mut self, runtime: &tokio::runtime::Handle, grace: Duration) {
+        let _ = self.shutdown.send(true);
+        for (name, task) in self.tasks.drain(..) {
+            let abort = task.abort_handle();
+            match runtime.block_on(async { tokio::time::timeout(grace, task).await }) {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => {
+                    tracing::warn!(server = name, error = %e, "Server ended with an error.")
+                }
+                Ok(Err(e)) if e.is_cancelled() => {}
+                Ok(Err(e)) => tracing::warn!(server = name, error = %e, "Server task failed."),
+                Err(_) => {
+                    tracing::warn!(
+                        server = name,
+                        "Clients still connected at shutdown; closing their connections."
+                    );
+                    abort.abort();
+                }
+            }
+        }
+        #[cfg(feature = "web")]
+        if let Some(mut web) = self.web.take() {
+            web.stop();
+        }
+    }
+}
+
+/// Step 5: gRPC and the web report, on the listeners bound before, as tasks of the engine's
+/// runtime.
 pub(crate) fn serve(
     listeners: Listeners,
+    runtime: &tokio::runtime::Handle,
     shared: &Arc<Shared>,
     read_model: &Arc<ReadModel>,
-    personnel: Option<Arc<personnel::Personnel>>,
-) -> Result<(Option<GrpcServer>, Option<serve::web::WebServer>), EngineError> {
+    #[cfg(feature = "personnel")] personnel: Option<Arc<crate::personnel::Personnel>>,
+) -> Result<Servers, EngineError> {
+    let (shutdown, stopped) = tokio::sync::watch::channel(false);
+    #[cfg_attr(not(feature = "grpc"), allow(unused_mut))]
+    let mut servers = Servers {
+        grpc_addr: None,
+        #[cfg(feature = "web")]
+        web: None,
+        shutdown,
+        tasks: Vec::new(),
+    };
     let status = || StatusProbe {
         shared: Arc::clone(shared),
         read_model: Arc::clone(read_model),
     };
-    let grpc = match listeners.grpc {
-        Some(listener) => Some(GrpcServer::start(
+    let _ = (&status, &stopped, runtime, &listeners);
+    #[cfg(feature = "grpc")]
+    if let Some(listener) = listeners.grpc {
+        let addr = listener.local_addr().ok();
+        let _guard = runtime.enter();
+        let listener =
+            tokio::net::TcpListener::from_std(listener).map_err(|e| EngineError::Serve {
+                addr: format!("{addr:?}"),
+                message: e.to_string(),
+            })?;
+        let mut stopped = stopped.clone();
+        let stop = async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        };
+        let task = runtime.spawn(serve::grpc::serve(
             listener,
             Arc::clone(read_model),
             status(),
+            #[cfg(feature = "personnel")]
             personnel.clone(),
-        )?),
-        None => None,
-    };
-    let web = match listeners.web {
-        Some(listener) => Some(serve::web::WebServer::start(
+            stop,
+        ));
+        servers.grpc_addr = addr;
+        servers.tasks.push(("grpc", task));
+    }
+    #[cfg(feature = "web")]
+    if let Some(listener) = listeners.web {
+        servers.web = Some(serve::web::WebServer::start(
             listener,
             serve::web::WebContext {
                 read_model: Arc::clone(read_model),
                 status: status(),
                 personnel,
             },
-        )?),
-        None => None,
-    };
-    Ok((grpc, web))
+        )?);
+    }
+    Ok(servers)
 }

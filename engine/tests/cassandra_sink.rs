@@ -25,9 +25,14 @@ fn cell(key: AggKey, count: i64, sum: i64, last: Option<i64>) -> CellValue {
 }
 
 /// Opens a sink as the engine does, owned by `owner`.
-fn open(config: &CassandraSinkConfig, owner: &str) -> (CassandraSink, SinkStart) {
+fn open(
+    config: &CassandraSinkConfig,
+    owner: &str,
+    runtime: &tokio::runtime::Runtime,
+) -> (CassandraSink, SinkStart) {
     let mut sink = CassandraSink::new(config.clone());
-    sink.open(&SinkContext::new(owner)).unwrap();
+    sink.open(&SinkContext::new(owner, runtime.handle().clone()))
+        .unwrap();
     let start = sink.start().unwrap();
     (sink, start)
 }
@@ -87,7 +92,8 @@ fn writes_absolute_values_deletes_commits_and_fences() {
         keyspace: keyspace.clone(),
         ..CassandraSinkConfig::new(contact.clone())
     };
-    let (mut sink, start) = open(&config, "test-1");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (mut sink, start) = open(&config, "test-1", &runtime);
     assert_eq!(start.generation, 1);
     assert_eq!(start.committed_epoch, None);
 
@@ -108,7 +114,6 @@ fn writes_absolute_values_deletes_commits_and_fences() {
     // Replaying the same group (a retry, a restart) changes nothing.
     sink.put(&first).unwrap();
 
-    let runtime = tokio::runtime::Runtime::new().unwrap();
     let rows = select(
         &runtime,
         &contact,
@@ -173,7 +178,7 @@ fn writes_absolute_values_deletes_commits_and_fences() {
     assert!(positions.contains("\"position\":105"), "{positions}");
 
     // A second engine claims the sink: it sees the committed epoch, and the first is fenced.
-    let (mut second, start) = open(&config, "test-2");
+    let (mut second, start) = open(&config, "test-2", &runtime);
     assert_eq!(start.generation, 2);
     assert_eq!(start.committed_epoch, Some(5));
     let err = sink
@@ -235,7 +240,7 @@ fn write_timestamps_follow_the_clock_grow_across_generations_and_fence_zombies()
     };
 
     let before = now_us();
-    let (mut first, start) = open(&config, "ts-1");
+    let (mut first, start) = open(&config, "ts-1", &runtime);
     assert!(
         start.timestamp_floor >= before,
         "floor at or above the clock"
@@ -273,7 +278,7 @@ fn write_timestamps_follow_the_clock_grow_across_generations_and_fence_zombies()
 
     // A restart claims the next generation: its timestamps start above everything the first
     // one could use (its whole lease), and its writes win.
-    let (mut second, start) = open(&config, "ts-2");
+    let (mut second, start) = open(&config, "ts-2", &runtime);
     assert_eq!(start.generation, 2);
     assert!(start.timestamp_floor > first.last_timestamp().unwrap());
     second

@@ -346,7 +346,7 @@ impl<'a> Worker<'a> {
                 return false;
             }
         }
-        !(self.stopping && !self.dataflow.is_behind())
+        !self.stopping || self.dataflow.is_behind()
     }
 }
 

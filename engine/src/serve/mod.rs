@@ -7,8 +7,11 @@
 //!   (`spendflow serve --from cassandra`).
 //! * [`web`]: the live web report (overview and user pages, JSON API, server-sent events).
 
+#[cfg(all(feature = "cassandra", feature = "grpc"))]
 pub mod cassandra;
+#[cfg(feature = "grpc")]
 pub mod grpc;
 pub mod read_model;
 pub mod status;
+#[cfg(feature = "web")]
 pub mod web;

@@ -31,6 +31,7 @@
 //! A new sink is one folder here (config, the `Sink` impl, tests) and one [`SinkConfig`]
 //! variant.
 
+#[cfg(feature = "cassandra")]
 pub mod cassandra;
 pub mod dead_letter;
 mod inbox;
@@ -99,14 +100,18 @@ pub struct SinkContext {
     /// Set at shutdown (after a grace period): a sink that is retrying gives up and returns
     /// its last retriable error.
     pub stop: Arc<AtomicBool>,
+    /// The engine's async runtime, for sinks with async clients: the sink driver thread is
+    /// not one of its threads, so a sink may `block_on` it.
+    pub runtime: tokio::runtime::Handle,
 }
 
 impl SinkContext {
-    /// A context owned by `owner` that is never told to stop.
-    pub fn new(owner: impl Into<String>) -> Self {
+    /// A context owned by `owner`, never told to stop, on `runtime`.
+    pub fn new(owner: impl Into<String>, runtime: tokio::runtime::Handle) -> Self {
         SinkContext {
             owner: owner.into(),
             stop: Arc::default(),
+            runtime,
         }
     }
 
@@ -225,6 +230,7 @@ impl SinkError {
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum SinkConfig {
     /// Cassandra tables (see `sink::cassandra::schema`).
+    #[cfg(feature = "cassandra")]
     Cassandra(cassandra::CassandraSinkConfig),
 }
 
@@ -232,7 +238,10 @@ impl SinkConfig {
     /// The sink, not opened yet.
     pub fn build(&self) -> Box<dyn Sink> {
         match self {
+            #[cfg(feature = "cassandra")]
             SinkConfig::Cassandra(c) => Box::new(cassandra::CassandraSink::new(c.clone())),
+            #[cfg(not(feature = "cassandra"))]
+            _ => unreachable!("no sink kind is compiled in"),
         }
     }
 
@@ -243,7 +252,10 @@ impl SinkConfig {
     /// A message naming the setting and what is allowed.
     pub fn validate(&self) -> Result<(), String> {
         match self {
+            #[cfg(feature = "cassandra")]
             SinkConfig::Cassandra(c) => c.validate(),
+            #[cfg(not(feature = "cassandra"))]
+            _ => Ok(()),
         }
     }
 }

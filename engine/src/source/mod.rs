@@ -24,6 +24,7 @@
 pub mod file;
 pub mod generator;
 pub mod input;
+#[cfg(feature = "kafka")]
 pub mod kafka;
 
 use spendflow_operators::{Record, UserId};
@@ -97,6 +98,7 @@ pub enum SourceConfig {
     /// A file of JSON lines.
     File(file::FileSourceConfig),
     /// Kafka topics, by name or pattern.
+    #[cfg(feature = "kafka")]
     Kafka(kafka::KafkaSourceConfig),
 }
 
@@ -135,6 +137,7 @@ impl SourceConfig {
                 let start = restored.get(&(f.name(), 0)).copied().unwrap_or(0);
                 Ok(vec![Box::new(file::FileSource::open(f.clone(), start)?)])
             }
+            #[cfg(feature = "kafka")]
             SourceConfig::Kafka(k) => Ok(vec![Box::new(kafka::KafkaSource::new(
                 k.clone(),
                 place.index,

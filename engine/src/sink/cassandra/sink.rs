@@ -110,10 +110,10 @@ pub struct CassandraSink {
     conn: Option<Connection>,
 }
 
-/// A sink's connection, from `open` on: its own small runtime (the sink driver thread is not
-/// async), the session and what this generation holds.
+/// A sink's connection, from `open` on: the engine's runtime (the sink driver thread is not
+/// one of its threads, so it blocks on it), the session and what this generation holds.
 struct Connection {
-    runtime: tokio::runtime::Runtime,
+    runtime: tokio::runtime::Handle,
     session: Arc<CqlSession>,
     prepared: Arc<Prepared>,
     config: CassandraSinkConfig,
@@ -170,7 +170,12 @@ impl Sink for CassandraSink {
     }
 
     fn open(&mut self, ctx: &SinkContext) -> Result<Option<Epoch>, SinkError> {
-        let conn = Connection::open(self.config.clone(), &ctx.owner, Arc::clone(&ctx.stop))?;
+        let conn = Connection::open(
+            self.config.clone(),
+            &ctx.owner,
+            Arc::clone(&ctx.stop),
+            ctx.runtime.clone(),
+        )?;
         let committed = conn.start.committed_epoch;
         self.conn = Some(conn);
         Ok(committed)
@@ -219,20 +224,15 @@ impl From<CassandraError> for SinkError {
 
 impl Connection {
     /// Connects, creates the keyspace and tables if missing, prepares the statements and claims
-    /// the next generation. Blocking (the sink runs its own small runtime). `stop` makes
+    /// the next generation. Blocking (outside the runtime's threads). `stop` makes
     /// retries give up (at shutdown).
     fn open(
         config: CassandraSinkConfig,
         owner: &str,
         stop: Arc<AtomicBool>,
+        runtime: tokio::runtime::Handle,
     ) -> Result<Connection, CassandraError> {
         config.validate().map_err(CassandraError::Config)?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("spendflow-cassandra")
-            .enable_all()
-            .build()
-            .map_err(|e| CassandraError::Config(format!("sink runtime: {e}")))?;
         let (session, prepared, start) = runtime.block_on(async {
             let session = connect(&config.contact_points).await?;
             let ks = &config.keyspace;

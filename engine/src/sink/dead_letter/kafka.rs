@@ -52,9 +52,6 @@ pub const RETRY_EVERY: Duration = Duration::from_millis(500);
 /// Undelivered dead letters kept in memory before `send` blocks (back-pressure).
 pub const MAX_UNDELIVERED_BYTES: usize = 64 << 20;
 
-/// The default dead-letter topic.
-pub const DEFAULT_DEAD_LETTER_TOPIC: &str = "expenses.dead-letter";
-
 /// One dead letter, kept until the broker acknowledged it.
 #[derive(Clone, Debug)]
 struct Letter {

@@ -15,7 +15,11 @@ use spendflow_operators::RejectReason;
 
 use crate::checkpoint::{DeadLetterScan, SavedPosition};
 
+#[cfg(feature = "kafka")]
 pub mod kafka;
+
+/// The default dead-letter topic.
+pub const DEFAULT_DEAD_LETTER_TOPIC: &str = "expenses.dead-letter";
 
 /// Where dead letters go besides the in-memory ring: a durable output such as a Kafka topic.
 pub trait DeadLetterOutput: Send + Sync + std::fmt::Debug {
