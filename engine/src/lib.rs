@@ -1,13 +1,21 @@
 //! spendflow's engine: where expense records come from, how they flow through the dataflow, and
 //! where results go. `spendflow-operators` says *what* is computed; this crate says *where*.
 //!
-//! Modules in data-path order:
+//! Modules in data-path order (`ARCHITECTURE.md` at the repository root has the map):
 //!
-//! 1. [`source`]: the generator, files and the in-process input.
-//! 2. [`pipeline`]: the whole path of a record in one place — read, decode, push, cut epochs,
-//!    step, publish.
-//! 3. [`sink`]: dead letters (and, later, durable sinks).
-//! 4. [`serve`]: the read model and the gRPC services.
+//! 1. [`source`]: where records come from: the in-process input, files, the simulator, Kafka
+//!    (feature `kafka`). Each kind builds one worker's readers from restored positions.
+//! 2. `pipeline`: the threads a record passes through: workers (poll, decode, push, cut
+//!    epochs, step), the publisher, the sink driver, the checkpointer.
+//! 3. [`sink`]: durable sinks behind the [`sink::Sink`] contract (Cassandra with feature
+//!    `cassandra`, memory, or the embedder's own) and dead letters.
+//! 4. [`serve`]: the read model every engine has, status, and (features `grpc`, `web`) the
+//!    query services and the live web report.
+//! 5. [`checkpoint`]: the state and positions a restart resumes from.
+//!
+//! [`core`] holds the types all of them share; `start` starts them in this order. The
+//! workload tools ([`generate`], [`verify`]) and [`personnel`] are behind features of their own
+//! (`workload`, `personnel`); `default-features = false` builds the embedded engine alone.
 //!
 //! # Embedding
 //!
