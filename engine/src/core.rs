@@ -119,3 +119,14 @@ pub fn format_month(month: i32) -> String {
     let (y, m) = spendflow_operators::model::split_month(month);
     format!("{y:04}-{m:02}")
 }
+
+/// What a cell is, for messages: `user total`, `category "fuel"`, `day 2026-11-24` ...
+pub fn describe_cell(key: &AggKey) -> String {
+    match key {
+        AggKey::User(_) => "user total".to_string(),
+        AggKey::Category(_, name) => format!("category {:?}", name.text()),
+        AggKey::Merchant(_, name) => format!("merchant {:?}", name.text()),
+        AggKey::Day(_, day) => format!("day {}", format_day(*day)),
+        AggKey::Month(_, month) => format!("month {}", format_month(*month)),
+    }
+}

@@ -35,6 +35,8 @@
 //! # Ok::<(), spendflow_engine::EngineError>(())
 //! ```
 
+#[cfg(feature = "cassandra")]
+pub mod cassandra;
 pub mod checkpoint;
 pub mod config;
 pub mod core;

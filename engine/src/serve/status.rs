@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::pipeline::Shared;
 use crate::serve::read_model::{AsOf, ReadModel};
-use crate::source::PartitionPosition;
+use crate::core::PartitionPosition;
 
 /// A point-in-time view of the engine.
 #[derive(Clone, Debug)]

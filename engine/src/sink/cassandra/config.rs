@@ -2,7 +2,7 @@
 
 use serde::Deserialize;
 
-use super::schema::validate_keyspace;
+use crate::cassandra::schema::validate_keyspace;
 
 /// Where and how results are written to Cassandra.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]

@@ -51,10 +51,9 @@ use cdrs_tokio::types::value::Value;
 use futures::StreamExt;
 use spendflow_operators::{AggKey, Epoch};
 
-use super::CassandraError;
 use super::config::CassandraSinkConfig;
-use super::schema::{self, SINK_NAME};
-use super::session::{CqlSession, connect};
+use crate::cassandra::schema::{self, SINK_NAME};
+use crate::cassandra::{CassandraError, CqlSession, connect};
 use crate::core::{CellValue, format_day, format_month};
 use crate::sink::{EpochGroup, Sink, SinkContext, SinkCounters, SinkError};
 
@@ -524,7 +523,7 @@ pub fn plan_batches(group: &EpochGroup, per_batch: usize) -> Result<Vec<Vec<Row>
             return Err(CassandraError::ValueOutOfRange {
                 keyspace: String::new(),
                 user,
-                cell: crate::serve::grpc::convert::describe(&cell.key),
+                cell: crate::core::describe_cell(&cell.key),
                 sum: cell.sum,
             });
         };

@@ -3,7 +3,7 @@ use std::sync::Arc;
 use spendflow_operators::{AggKey, Name};
 
 use super::sink::{plan_batches, write_timestamp};
-use crate::serve::read_model::CellValue;
+use crate::core::CellValue;
 use crate::sink::EpochGroup;
 
 fn cell(key: AggKey, count: i64, sum: i64) -> CellValue {
