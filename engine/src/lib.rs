@@ -256,11 +256,7 @@ impl Engine {
     /// Why the engine stopped on its own, if it did (the durable sink was fenced by another
     /// engine or failed for good). A running engine returns `None`.
     pub fn failure(&self) -> Option<String> {
-        self.shared
-            .fatal
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.shared.fatal.lock().clone()
     }
 
     /// The newest epoch the durable sink has committed, if there is a durable sink and it has

@@ -10,8 +10,10 @@
 //! 5. [`serve`]: gRPC and the web report.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -296,11 +298,10 @@ pub(crate) fn spawn(
             let result = spendflow_operators::runtime::execute(workers, move |ctx| {
                 let sources = per_worker
                     .lock()
-                    .unwrap_or_else(|p| p.into_inner())
                     .get_mut(ctx.index())
                     .and_then(Option::take)
                     .unwrap_or_default();
-                let reports = reports_tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let reports = reports_tx.lock().clone();
                 pipeline::run_worker(ctx, &shared, sources, reports);
             });
             if let Err(e) = &result {

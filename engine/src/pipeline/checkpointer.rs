@@ -61,7 +61,7 @@ pub fn run_checkpointer(
             break; // Stopping before the sink caught up: this checkpoint would claim too much.
         }
         let started = Instant::now();
-        let progress = || shared.checkpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let progress = || shared.checkpoints.lock();
         // Dead letters of records before the checkpoint must be in their topic before the
         // checkpoint says those records are done: a restart will not read them again.
         if !shared.dead_letters.flush() {
@@ -181,7 +181,7 @@ mod checkpointer_tests {
     /// A store in memory that fails while told to.
     #[derive(Debug, Default)]
     struct Store {
-        saved: Arc<std::sync::Mutex<Vec<Epoch>>>,
+        saved: Arc<parking_lot::Mutex<Vec<Epoch>>>,
         failing: Arc<AtomicBool>,
     }
 
@@ -196,7 +196,7 @@ mod checkpointer_tests {
                     source: std::io::Error::other("disk on fire"),
                 });
             }
-            self.saved.lock().unwrap().push(checkpoint.epoch);
+            self.saved.lock().push(checkpoint.epoch);
             Ok(())
         }
     }
@@ -228,7 +228,7 @@ mod checkpointer_tests {
             let shared = Arc::clone(&shared);
             std::thread::spawn(move || run_checkpointer(rx, 1, Box::new(store), &shared, false))
         };
-        let progress = || shared.checkpoints.lock().unwrap().clone();
+        let progress = || shared.checkpoints.lock().clone();
         let wait_failures = |n: u64| {
             let deadline = Instant::now() + Duration::from_secs(10);
             while progress().failures < n {
@@ -242,7 +242,7 @@ mod checkpointer_tests {
         wait_failures(1);
         tx.send(part(2)).unwrap();
         wait_failures(2);
-        assert!(saved.lock().unwrap().is_empty());
+        assert!(saved.lock().is_empty());
         let p = progress();
         assert_eq!((p.last_epoch, p.consecutive_failures), (0, 2));
         assert!(p.last_error.unwrap().contains("dead letters"));
@@ -252,7 +252,7 @@ mod checkpointer_tests {
         failing.store(true, Ordering::SeqCst);
         tx.send(part(3)).unwrap();
         wait_failures(3);
-        assert!(saved.lock().unwrap().is_empty());
+        assert!(saved.lock().is_empty());
         assert!(progress().last_error.unwrap().contains("disk on fire"));
 
         // Both well again: written.
@@ -260,7 +260,7 @@ mod checkpointer_tests {
         tx.send(part(4)).unwrap();
         drop(tx);
         thread.join().unwrap();
-        assert_eq!(*saved.lock().unwrap(), vec![4]);
+        assert_eq!(*saved.lock(), vec![4]);
         let p = progress();
         assert_eq!(
             (p.last_epoch, p.failures, p.consecutive_failures),

@@ -71,7 +71,7 @@ pub struct WorkerStatus {
     /// True when every source of this worker had nothing more at the last poll.
     pub idle: AtomicBool,
     /// Partition positions after the last poll.
-    pub partitions: std::sync::Mutex<Vec<PartitionPosition>>,
+    pub partitions: parking_lot::Mutex<Vec<PartitionPosition>>,
     /// Set the first time every source of this worker had nothing more (see
     /// [`Shared::replay`]).
     pub was_idle: AtomicBool,
@@ -94,11 +94,11 @@ pub struct Shared {
     pub sink_committed: AtomicU64,
     /// Set when a part of the engine failed for good (the durable sink was fenced or hit a
     /// fatal error): the engine stops, and says why.
-    pub fatal: std::sync::Mutex<Option<String>>,
+    pub fatal: parking_lot::Mutex<Option<String>>,
     /// The checkpoint to restore, until every worker has pushed its share of it.
-    restore: std::sync::Mutex<Option<Arc<Checkpoint>>>,
+    restore: parking_lot::Mutex<Option<Arc<Checkpoint>>>,
     /// How checkpoints go, for the status service.
-    pub checkpoints: std::sync::Mutex<CheckpointProgress>,
+    pub checkpoints: parking_lot::Mutex<CheckpointProgress>,
     /// True when the engine writes checkpoints.
     pub checkpoints_enabled: bool,
     restore_pending: std::sync::atomic::AtomicUsize,
@@ -124,9 +124,9 @@ impl Shared {
             workers: (0..workers).map(|_| WorkerStatus::default()).collect(),
             started: Instant::now(),
             sink_committed: AtomicU64::new(0),
-            fatal: std::sync::Mutex::new(None),
-            restore: std::sync::Mutex::new(None),
-            checkpoints: std::sync::Mutex::new(CheckpointProgress::default()),
+            fatal: parking_lot::Mutex::new(None),
+            restore: parking_lot::Mutex::new(None),
+            checkpoints: parking_lot::Mutex::new(CheckpointProgress::default()),
             checkpoints_enabled: false,
             restore_pending: std::sync::atomic::AtomicUsize::new(workers),
             incarnation: Arc::default(),
@@ -164,21 +164,18 @@ impl Shared {
     /// expenses at the checkpoint's epoch.
     pub fn restore_from(self, checkpoint: Checkpoint) -> Self {
         {
-            let mut progress = self.checkpoints.lock().unwrap_or_else(|p| p.into_inner());
+            let mut progress = self.checkpoints.lock();
             progress.last_epoch = checkpoint.epoch;
             progress.last_at = Some(Instant::now());
         }
-        *self.restore.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(checkpoint));
+        *self.restore.lock() = Some(Arc::new(checkpoint));
         self
     }
 
     /// Stops the engine because of `error`, which stays readable through [`Shared::fatal`].
     pub fn fail(&self, error: String) {
         tracing::error!(%error, "The engine stops.");
-        self.fatal
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_or_insert(error);
+        self.fatal.lock().get_or_insert(error);
         self.stop.store(true, Ordering::Release);
     }
 
@@ -207,12 +204,7 @@ impl Shared {
     pub fn partitions(&self) -> Vec<PartitionPosition> {
         self.workers
             .iter()
-            .flat_map(|w| {
-                w.partitions
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone()
-            })
+            .flat_map(|w| w.partitions.lock().clone())
             .collect()
     }
 }

@@ -118,12 +118,7 @@ impl<'a> Worker<'a> {
     /// and publish that epoch on its own before reading anything (a durable sink that holds
     /// it already skips it). Without: the first advance. False if the publisher is gone.
     fn begin(&mut self, ctx: &mut WorkerContext<'_>) -> bool {
-        let restore = self
-            .shared
-            .restore
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let restore = self.shared.restore.lock().clone();
         let Some(checkpoint) = restore else {
             // Record this first advance like every other: the epochs it closes (0, or
             // everything before the sink's next epoch) cover nothing read yet. Without the
@@ -155,11 +150,7 @@ impl<'a> Worker<'a> {
         drop(checkpoint);
         if self.shared.restore_pending.fetch_sub(1, Ordering::AcqRel) == 1 {
             // The last worker to take its share frees the checkpoint's memory.
-            self.shared
-                .restore
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take();
+            self.shared.restore.lock().take();
         }
         let target = self.shared.clock.current();
         self.closes
@@ -260,8 +251,7 @@ impl<'a> Worker<'a> {
         if !idle || self.last_busy != Some(not_idle) || self.last_status.elapsed() >= STATUS_REFRESH
         {
             self.last_status = Instant::now();
-            *status.partitions.lock().unwrap_or_else(|p| p.into_inner()) =
-                self.sources.iter().flat_map(|s| s.partitions()).collect();
+            *status.partitions.lock() = self.sources.iter().flat_map(|s| s.partitions()).collect();
         }
         self.last_busy = Some(not_idle);
         status.idle.store(!not_idle, Ordering::Release);

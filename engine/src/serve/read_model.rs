@@ -15,7 +15,9 @@
 
 use std::cmp::Reverse;
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -356,7 +358,7 @@ impl ReadModel {
     ) -> (SubscriptionStart, broadcast::Receiver<Arc<Published>>) {
         // The writer appends to the history and broadcasts under this lock, so the receiver
         // taken here misses nothing after what the history or the snapshot covers.
-        let history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        let history = self.history.lock();
         let receiver = self.changes.subscribe();
         if let Some(after) = resume_after {
             let covered = history.front().is_some_and(|p| p.as_of.epoch <= after + 1)
@@ -455,7 +457,7 @@ impl ReadModelWriter {
         });
         self.model.current.store(Arc::new(state.clone()));
         {
-            let mut history = self.model.history.lock().unwrap_or_else(|p| p.into_inner());
+            let mut history = self.model.history.lock();
             if history.len() == HISTORY_EPOCHS {
                 history.pop_front();
             }

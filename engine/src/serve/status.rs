@@ -4,9 +4,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::core::PartitionPosition;
 use crate::pipeline::Shared;
 use crate::serve::read_model::{AsOf, ReadModel};
-use crate::core::PartitionPosition;
 
 /// A point-in-time view of the engine.
 #[derive(Clone, Debug)]
@@ -67,13 +67,10 @@ impl StatusProbe {
             live_expenses: snapshot.live_expenses(),
             uptime: self.shared.started.elapsed(),
             interned_names: spendflow_operators::Name::count(),
-            checkpoint: self.shared.checkpoints_enabled.then(|| {
-                self.shared
-                    .checkpoints
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone()
-            }),
+            checkpoint: self
+                .shared
+                .checkpoints_enabled
+                .then(|| self.shared.checkpoints.lock().clone()),
         }
     }
 }

@@ -1,6 +1,8 @@
 //! The hand-off between the publisher and the sink driver.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use super::EpochGroup;
 use crate::core::{AsOf, CellValue};
@@ -24,14 +26,14 @@ impl SinkInbox {
     /// An inbox whose waiting group holds up to `max_cells` cells.
     pub fn new(max_cells: usize) -> Self {
         SinkInbox {
-            waiting: std::sync::Mutex::new((None, false)),
+            waiting: parking_lot::Mutex::new((None, false)),
             changed: Condvar::new(),
             max_cells: max_cells.max(1),
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, (Option<EpochGroup>, bool)> {
-        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+        self.waiting.lock()
     }
 
     /// Merges a published epoch into the waiting group, first waiting while the group is
@@ -44,7 +46,7 @@ impl SinkInbox {
                 .as_ref()
                 .is_some_and(|g| g.cells.len() >= self.max_cells)
         {
-            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+            self.changed.wait(&mut state);
         }
         if state.1 {
             return false;
@@ -70,7 +72,7 @@ impl SinkInbox {
             if state.1 {
                 return None;
             }
-            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+            self.changed.wait(&mut state);
         }
     }
 

@@ -7,7 +7,9 @@
 //! survived the restart (`open` returns the last committed epoch).
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 
 use spendflow_operators::AggKey;
 
@@ -47,7 +49,7 @@ impl MemorySink {
 
     fn lock(&self) -> MutexGuard<'_, MemoryState> {
         // A panic elsewhere cannot leave the maps half-updated: every update is one insert.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock()
     }
 }
 

@@ -24,8 +24,10 @@
 //! written since about the checkpoint, not the whole topic.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+
+use parking_lot::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rdkafka::Message;
@@ -97,7 +99,7 @@ struct DeliveryContext {
 }
 
 fn lock(deliveries: &Mutex<Deliveries>) -> MutexGuard<'_, Deliveries> {
-    deliveries.lock().unwrap_or_else(|p| p.into_inner())
+    deliveries.lock()
 }
 
 impl ClientContext for DeliveryContext {}
@@ -407,7 +409,7 @@ impl KafkaDeadLetters {
     /// Sends failed dead letters again, at most every [`RETRY_EVERY`] (or now, if `force`).
     fn retry_failed(&self, force: bool) {
         {
-            let mut last = self.last_retry.lock().unwrap_or_else(|p| p.into_inner());
+            let mut last = self.last_retry.lock();
             if !force && last.is_some_and(|at| at.elapsed() < RETRY_EVERY) {
                 return;
             }

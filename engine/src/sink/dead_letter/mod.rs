@@ -6,9 +6,9 @@
 //! the counts and `Admin/ListRejected` the ring. Durable dead-letter outputs (a Kafka topic)
 //! receive the same records.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use spendflow_operators::RejectReason;
@@ -150,7 +150,7 @@ impl DeadLetters {
         if self.capacity == 0 {
             return;
         }
-        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let mut recent = self.recent.lock();
         if recent.len() == self.capacity {
             recent.pop_front();
         }
@@ -185,7 +185,7 @@ impl DeadLetters {
 
     /// The `limit` most recent rejected records, newest first.
     pub fn recent(&self, limit: usize) -> Vec<RejectedRecord> {
-        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let recent = self.recent.lock();
         recent.iter().rev().take(limit).cloned().collect()
     }
 }
