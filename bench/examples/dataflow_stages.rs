@@ -15,8 +15,9 @@
 //! * `input`: the input session and progress tracking only.
 //! * `upsert`: plus `upsert_by_expense` (exchange by `(user_id, expense_id)`, the last-value hash map).
 //! * `last_seen`: plus `last_seen_by_user` (exchange by user, per-user multiset of event times).
-//! * `preagg`: plus each epoch's cell contributions summed in a hash map per worker (a copy of
-//!   what `aggregate_cells` does before its arrangement), not arranged.
+//! * `preagg`: plus each epoch's cell contributions summed in a hash map per worker (the
+//!   engine's `PreAggregateCells` step, which `aggregate_cells` runs before its arrangement),
+//!   not arranged.
 //! * `arrange`: `last_seen` plus the engine's `aggregate_cells` (pre-aggregation, exchange by
 //!   user, merge batcher, spine).
 //! * `capture`: plus `capture_changes` (copying every batch's updates out).
@@ -30,27 +31,21 @@
 //! * `arrange_3cells`: only the category, merchant and day cells: what deriving the user total
 //!   (the sum of its categories) and the months (sums of their days) when publishing would save.
 
-use std::collections::BTreeMap;
-use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use differential_dataflow::AsCollection;
 use differential_dataflow::input::{Input, InputSession};
 use differential_dataflow::operators::arrange::Arranged;
-use rustc_hash::FxHashMap;
 use spendflow_bench::{config, count, epochs, records, split_by_worker};
 use spendflow_operators::aggregate::{
-    AggregateCells, CapturedChanges, CapturedLastSeen, CellTrace, LastSeenByUser, ReplayTouch,
-    capture_changes,
+    AggregateCells, CapturedChanges, CapturedLastSeen, CellTrace, LastSeenByUser,
+    PreAggregateCells, ReplayTouch, capture_changes,
 };
 use spendflow_operators::model::{AggKey, CountSum, Fact, Record};
 use spendflow_operators::upsert::{Instruction, UpsertByExpense};
 use spendflow_operators::{Epoch, ExpenseDataflow};
-use timely::container::CapacityContainerBuilder;
-use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::Probe;
-use timely::dataflow::operators::generic::operator::Operator;
 use timely::dataflow::{ProbeHandle, Stream};
 use timely::worker::Worker;
 
@@ -233,71 +228,15 @@ fn build(stage: &str, worker: &mut Worker) -> Built {
     }
 }
 
-/// A key for hash maps of cells: `AggKey`'s own `Hash` looks only at the user (so that the
-/// arrangement exchanges by user), which would put all of a user's cells in one bucket chain.
-#[derive(PartialEq, Eq)]
-struct CellKey(AggKey);
-
-impl Hash for CellKey {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        std::mem::discriminant(&self.0).hash(state);
-        match &self.0 {
-            AggKey::User(u) => u.hash(state),
-            AggKey::Category(u, n) | AggKey::Merchant(u, n) => (u, n).hash(state),
-            AggKey::Day(u, d) | AggKey::Month(u, d) => (u, d).hash(state),
-        }
-    }
-}
-
-/// Sums each epoch's cell contributions in a hash map and sends one update per changed cell when
-/// the epoch closes, as `aggregate_cells` does before its arrangement. With `three_cells`, only
-/// the category, merchant and day cells.
+/// The engine's pre-aggregation step (`PreAggregateCells`), not arranged; with `three_cells`,
+/// only the category, merchant and day cells.
 fn pre_aggregate<'scope>(
     facts: Stream<'scope, Epoch, Vec<(Fact, Epoch, i64)>>,
     three_cells: bool,
 ) -> Stream<'scope, Epoch, Vec<(AggKey, Epoch, CountSum)>> {
-    facts.unary_frontier::<CapacityContainerBuilder<Vec<(AggKey, Epoch, CountSum)>>, _, _, _>(
-        Pipeline,
-        "PreAggregate",
-        move |_capability, _info| {
-            // Per open epoch: its capability and the summed changes of its cells.
-            let mut open: BTreeMap<Epoch, (_, FxHashMap<CellKey, CountSum>)> = BTreeMap::new();
-            // Emptied maps of closed epochs, kept for their capacity.
-            let mut spare: Vec<FxHashMap<CellKey, CountSum>> = Vec::new();
-            move |(input, frontier), output| {
-                input.for_each(|capability, data| {
-                    for (fact, time, diff) in data.drain(..) {
-                        let (_, sums) = open.entry(time).or_insert_with(|| {
-                            (
-                                capability.delayed(&time, 0),
-                                spare.pop().unwrap_or_default(),
-                            )
-                        });
-                        let amount = fact.amount_minor * diff;
-                        for cell in fact.cells() {
-                            if three_cells && matches!(cell, AggKey::User(_) | AggKey::Month(..)) {
-                                continue;
-                            }
-                            let sum = sums.entry(CellKey(cell)).or_insert((0, 0));
-                            sum.0 += diff;
-                            sum.1 += amount;
-                        }
-                    }
-                });
-                while let Some(entry) = open.first_entry() {
-                    if frontier.less_equal(entry.key()) {
-                        break;
-                    }
-                    let (time, (capability, mut sums)) = entry.remove_entry();
-                    let mut session = output.session(&capability);
-                    session.give_iterator(
-                        sums.drain()
-                            .filter(|(_, sum)| *sum != (0, 0))
-                            .map(|(CellKey(key), sum)| (key, time, sum)),
-                    );
-                    spare.push(sums);
-                }
-            }
-        },
+    facts.pre_aggregate_cells(
+        move |cell| !(three_cells && matches!(cell, AggKey::User(_) | AggKey::Month(..))),
+        ReplayTouch::default(),
+        Default::default(),
     )
 }

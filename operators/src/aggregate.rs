@@ -147,58 +147,89 @@ impl<'scope> AggregateCells<'scope> for VecCollection<'scope, Epoch, Fact, i64> 
         touched: CapturedTouches,
     ) -> Arranged<'scope, CellTrace> {
         self.inner
-            .unary_frontier::<CapacityContainerBuilder<Vec<(AggKey, Epoch, CountSum)>>, _, _, _>(
-                Pipeline,
-                "PreAggregateCells",
-                |_capability, _info| {
-                    // Per open epoch: a capability to send at it, and the running sums.
-                    let mut open: BTreeMap<
-                        Epoch,
-                        (Capability<Epoch>, SeededMap<FullKey, CountSum>),
-                    > = BTreeMap::new();
-                    // Emptied maps of closed epochs, kept for their capacity.
-                    let mut spare: Vec<SeededMap<FullKey, CountSum>> = Vec::new();
-                    move |(input, frontier), output| {
-                        input.for_each(|capability, data| {
-                            for (fact, time, diff) in data.drain(..) {
-                                let (_, sums) = open.entry(time).or_insert_with(|| {
-                                    (
-                                        capability.delayed(&time, 0),
-                                        spare.pop().unwrap_or_default(),
-                                    )
-                                });
-                                let amount = fact.amount_minor * diff;
-                                for cell in fact.cells() {
-                                    let sum = sums.entry(FullKey(cell)).or_insert((0, 0));
-                                    sum.0 += diff;
-                                    sum.1 += amount;
-                                }
-                            }
-                        });
-                        // Epochs the input can no longer reach are complete: send their sums.
-                        while let Some(entry) = open.first_entry() {
-                            if frontier.less_equal(entry.key()) {
-                                break;
-                            }
-                            let (time, (capability, mut sums)) = entry.remove_entry();
-                            if replay.covers(time) {
-                                touched
-                                    .borrow_mut()
-                                    .extend(sums.keys().map(|FullKey(key)| (*key, time)));
-                            }
-                            let mut session = output.session(&capability);
-                            session.give_iterator(
-                                sums.drain()
-                                    .filter(|(_, sum)| *sum != (0, 0))
-                                    .map(|(FullKey(key), sum)| (key, time, sum)),
-                            );
-                            spare.push(sums);
-                        }
-                    }
-                },
-            )
+            .pre_aggregate_cells(|_| true, replay, touched)
             .as_collection()
             .arrange_by_self_named("AggregateCells")
+    }
+}
+
+/// The first step of [`AggregateCells`], on its own (benchmarks measure it, and variants of
+/// the graph reuse it): each epoch's cell contributions summed in a hash map per worker, sent
+/// as one update per changed cell when the epoch closes.
+pub trait PreAggregateCells<'scope> {
+    /// Explodes each fact into the cells `keep` accepts and sums them per epoch; in the replay
+    /// epochs of `replay`, also appends every touched cell to `touched`.
+    fn pre_aggregate_cells<F>(
+        self,
+        keep: F,
+        replay: ReplayTouch,
+        touched: CapturedTouches,
+    ) -> Stream<'scope, Epoch, Vec<(AggKey, Epoch, CountSum)>>
+    where
+        F: Fn(&AggKey) -> bool + 'static;
+}
+
+impl<'scope> PreAggregateCells<'scope> for Stream<'scope, Epoch, Vec<(Fact, Epoch, i64)>> {
+    fn pre_aggregate_cells<F>(
+        self,
+        keep: F,
+        replay: ReplayTouch,
+        touched: CapturedTouches,
+    ) -> Stream<'scope, Epoch, Vec<(AggKey, Epoch, CountSum)>>
+    where
+        F: Fn(&AggKey) -> bool + 'static,
+    {
+        self.unary_frontier::<CapacityContainerBuilder<Vec<(AggKey, Epoch, CountSum)>>, _, _, _>(
+            Pipeline,
+            "PreAggregateCells",
+            |_capability, _info| {
+                // Per open epoch: a capability to send at it, and the running sums.
+                let mut open: BTreeMap<Epoch, (Capability<Epoch>, SeededMap<FullKey, CountSum>)> =
+                    BTreeMap::new();
+                // Emptied maps of closed epochs, kept for their capacity.
+                let mut spare: Vec<SeededMap<FullKey, CountSum>> = Vec::new();
+                move |(input, frontier), output| {
+                    input.for_each(|capability, data| {
+                        for (fact, time, diff) in data.drain(..) {
+                            let (_, sums) = open.entry(time).or_insert_with(|| {
+                                (
+                                    capability.delayed(&time, 0),
+                                    spare.pop().unwrap_or_default(),
+                                )
+                            });
+                            let amount = fact.amount_minor * diff;
+                            for cell in fact.cells() {
+                                if !keep(&cell) {
+                                    continue;
+                                }
+                                let sum = sums.entry(FullKey(cell)).or_insert((0, 0));
+                                sum.0 += diff;
+                                sum.1 += amount;
+                            }
+                        }
+                    });
+                    // Epochs the input can no longer reach are complete: send their sums.
+                    while let Some(entry) = open.first_entry() {
+                        if frontier.less_equal(entry.key()) {
+                            break;
+                        }
+                        let (time, (capability, mut sums)) = entry.remove_entry();
+                        if replay.covers(time) {
+                            touched
+                                .borrow_mut()
+                                .extend(sums.keys().map(|FullKey(key)| (*key, time)));
+                        }
+                        let mut session = output.session(&capability);
+                        session.give_iterator(
+                            sums.drain()
+                                .filter(|(_, sum)| *sum != (0, 0))
+                                .map(|(FullKey(key), sum)| (key, time, sum)),
+                        );
+                        spare.push(sums);
+                    }
+                }
+            },
+        )
     }
 }
 
