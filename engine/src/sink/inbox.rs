@@ -16,7 +16,7 @@ use crate::core::{AsOf, CellValue};
 /// waits, its own bounded queue then holds the workers, and they stop reading their sources
 /// (back-pressure); memory stays at about two groups.
 #[derive(Debug)]
-pub struct SinkInbox {
+pub(crate) struct SinkInbox {
     waiting: Mutex<(Option<EpochGroup>, bool)>,
     changed: Condvar,
     max_cells: usize,

@@ -46,7 +46,7 @@ use spendflow_operators::AggKey;
 
 use crate::core::{CellValue, Epoch, PartitionPosition};
 
-pub use inbox::SinkInbox;
+pub(crate) use inbox::SinkInbox;
 
 /// One or more consecutive closed epochs, merged: what one sink write covers.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

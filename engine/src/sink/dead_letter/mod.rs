@@ -68,7 +68,7 @@ pub struct RejectedRecord {
 
 /// The in-memory dead-letter collection; shared by all workers.
 #[derive(Debug)]
-pub struct DeadLetters {
+pub(crate) struct DeadLetters {
     recent: Mutex<VecDeque<RejectedRecord>>,
     capacity: usize,
     by_reason: Vec<AtomicU64>,
@@ -98,6 +98,7 @@ impl DeadLetters {
     }
 
     /// Also sends every dead letter to `output`.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
     pub fn with_output(mut self, output: Box<dyn DeadLetterOutput>) -> Self {
         self.output = Some(output);
         self
@@ -184,6 +185,7 @@ impl DeadLetters {
     }
 
     /// The `limit` most recent rejected records, newest first.
+    #[cfg_attr(not(feature = "grpc"), allow(dead_code))]
     pub fn recent(&self, limit: usize) -> Vec<RejectedRecord> {
         let recent = self.recent.lock();
         recent.iter().rev().take(limit).cloned().collect()

@@ -14,4 +14,4 @@ mod reader;
 mod tests;
 
 pub use config::FileSourceConfig;
-pub use reader::FileSource;
+pub(crate) use reader::FileSource;

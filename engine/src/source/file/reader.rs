@@ -9,7 +9,7 @@ use crate::error::SourceError;
 use crate::source::{PartitionPosition, Payload, Poll, Source, SourceRecord};
 
 /// Reads JSON lines from a file; see the module docs.
-pub struct FileSource {
+pub(crate) struct FileSource {
     config: FileSourceConfig,
     name: Arc<str>,
     reader: BufReader<File>,

@@ -67,14 +67,14 @@ impl InputHandle {
 }
 
 /// The worker side of the in-process input.
-pub struct InputSource {
+pub(crate) struct InputSource {
     rx: Receiver<Payload>,
     name: Arc<str>,
     position: i64,
 }
 
 /// Creates a connected handle and source.
-pub fn channel() -> (InputHandle, InputSource) {
+pub(crate) fn channel() -> (InputHandle, InputSource) {
     let (tx, rx) = crossbeam_channel::bounded(INPUT_CAPACITY);
     (
         InputHandle { tx },

@@ -25,7 +25,7 @@ const COMMIT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The worker (of `peers`) that reads a partition: a stable hash (FNV-1a, then fmix64) of
 /// topic and partition, the same in every process and build.
-pub fn owner_of(topic: &str, partition: i32, peers: usize) -> usize {
+pub(crate) fn owner_of(topic: &str, partition: i32, peers: usize) -> usize {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in topic.bytes().chain(partition.to_le_bytes()) {
         hash ^= u64::from(byte);

@@ -41,4 +41,4 @@ mod consumer;
 mod tests;
 
 pub use config::{KafkaSourceConfig, OnDataLoss};
-pub use consumer::{KafkaSource, owner_of, user_of_topic};
+pub use consumer::{KafkaSource, user_of_topic};

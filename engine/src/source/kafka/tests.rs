@@ -1,3 +1,4 @@
+use super::consumer::owner_of;
 use super::*;
 
 #[test]
