@@ -4,6 +4,7 @@
 //! imports another to get these.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use spendflow_operators::model::civil_from_days;
 
@@ -128,5 +129,34 @@ pub fn describe_cell(key: &AggKey) -> String {
         AggKey::Merchant(_, name) => format!("merchant {:?}", name.text()),
         AggKey::Day(_, day) => format!("day {}", format_day(*day)),
         AggKey::Month(_, month) => format!("month {}", format_month(*month)),
+    }
+}
+
+/// How checkpoints go: the newest one, and the failures.
+#[derive(Clone, Debug, Default)]
+pub struct CheckpointProgress {
+    /// The newest checkpoint written in this run or restored at start (0: none).
+    pub last_epoch: Epoch,
+    /// When it was written or restored.
+    pub last_at: Option<Instant>,
+    /// The newest failure, if any in this run.
+    pub last_error: Option<String>,
+    /// Checkpoints given up because of a failure.
+    pub failures: u64,
+    /// Failures since the last checkpoint written.
+    pub consecutive_failures: u64,
+}
+
+impl CheckpointProgress {
+    pub(crate) fn failed(&mut self, error: String) {
+        self.last_error = Some(error);
+        self.failures += 1;
+        self.consecutive_failures += 1;
+    }
+
+    pub(crate) fn written(&mut self, epoch: Epoch) {
+        self.last_epoch = epoch;
+        self.last_at = Some(Instant::now());
+        self.consecutive_failures = 0;
     }
 }

@@ -55,7 +55,7 @@ use spendflow_operators::aggregate::ReplayTouch;
 use spendflow_operators::{ClosedEpoch, Epoch};
 
 use crate::checkpoint::Checkpoint;
-use crate::core::PartitionPosition;
+use crate::core::{CheckpointProgress, PartitionPosition};
 use crate::sink::dead_letter::DeadLetters;
 
 /// Reports the publisher may have queued before workers wait for it (back-pressure).
@@ -206,35 +206,6 @@ impl Shared {
             .iter()
             .flat_map(|w| w.partitions.lock().clone())
             .collect()
-    }
-}
-
-/// How checkpoints go: the newest one, and the failures.
-#[derive(Clone, Debug, Default)]
-pub struct CheckpointProgress {
-    /// The newest checkpoint written in this run or restored at start (0: none).
-    pub last_epoch: Epoch,
-    /// When it was written or restored.
-    pub last_at: Option<Instant>,
-    /// The newest failure, if any in this run.
-    pub last_error: Option<String>,
-    /// Checkpoints given up because of a failure.
-    pub failures: u64,
-    /// Failures since the last checkpoint written.
-    pub consecutive_failures: u64,
-}
-
-impl CheckpointProgress {
-    fn failed(&mut self, error: String) {
-        self.last_error = Some(error);
-        self.failures += 1;
-        self.consecutive_failures += 1;
-    }
-
-    fn written(&mut self, epoch: Epoch) {
-        self.last_epoch = epoch;
-        self.last_at = Some(Instant::now());
-        self.consecutive_failures = 0;
     }
 }
 

@@ -36,7 +36,7 @@ pub struct Status {
     /// Category and merchant names interned by this process.
     pub interned_names: usize,
     /// Checkpoints, when the engine writes them.
-    pub checkpoint: Option<crate::pipeline::CheckpointProgress>,
+    pub checkpoint: Option<crate::core::CheckpointProgress>,
 }
 
 /// Computes [`Status`] from the shared pipeline state and the read model.
