@@ -964,14 +964,14 @@ const RATE_ONE: u64 = 1 << 32;
 /// The seeded, deterministic expense simulator. See the module docs for the design.
 ///
 /// ```
-/// use spendflow_engine::source::generator::{GeneratorConfig, Simulator};
+/// use spendflow_simulator::{GeneratorConfig, Simulator};
 ///
 /// let mut sim = Simulator::new(GeneratorConfig { seed: 7, ..GeneratorConfig::default() })?;
 /// for generated in sim.by_ref().take(3) {
 ///     let decoded = spendflow_operators::decode::decode(&generated.bytes).ok();
 ///     assert_eq!(decoded, generated.record);
 /// }
-/// # Ok::<(), spendflow_engine::source::generator::ConfigError>(())
+/// # Ok::<(), spendflow_simulator::ConfigError>(())
 /// ```
 #[derive(Clone)]
 pub struct Simulator {
