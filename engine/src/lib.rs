@@ -134,6 +134,15 @@ impl EngineBuilder {
     /// Runs the engine's servers and its sink on the embedding program's tokio runtime
     /// instead of one of its own. The engine's blocking calls (`start`, `shutdown`, dropping
     /// it) must then still be made outside that runtime's threads.
+    ///
+    /// ```
+    /// let runtime = tokio::runtime::Runtime::new()?;
+    /// let engine = spendflow_engine::Engine::builder()
+    ///     .runtime(runtime.handle().clone())
+    ///     .start()?;
+    /// engine.shutdown()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn runtime(mut self, handle: tokio::runtime::Handle) -> Self {
         self.runtime = Some(handle);
         self

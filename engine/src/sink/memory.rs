@@ -30,6 +30,26 @@ pub struct MemoryState {
 }
 
 /// See the module docs.
+///
+/// ```
+/// use std::time::Duration;
+/// use spendflow_engine::Engine;
+/// use spendflow_engine::core::AggKey;
+/// use spendflow_engine::sink::memory::MemorySink;
+///
+/// let sink = MemorySink::new();
+/// let engine = Engine::builder().sink(sink.clone()).start()?;
+/// engine.input().push_json(
+///     r#"{"expense_id":"e-1","user_id":42,"merchant":"Tesco","category":"groceries",
+///         "amount_minor":1299,"currency":"EUR","event_time":"2026-11-24T10:15:00Z"}"#,
+/// )?;
+/// engine.wait_caught_up(Duration::from_secs(5));
+/// engine.shutdown()?; // The sink writes and commits what is queued.
+/// let held = sink.state();
+/// assert_eq!(held.cells[&AggKey::User(42)].sum, 1299);
+/// assert!(held.committed.is_some());
+/// # Ok::<(), spendflow_engine::EngineError>(())
+/// ```
 #[derive(Clone, Debug, Default)]
 pub struct MemorySink {
     state: Arc<Mutex<MemoryState>>,
