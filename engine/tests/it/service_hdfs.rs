@@ -1,11 +1,10 @@
 //! HDFS (hdfs-native) against the real NameNode/DataNode: write, read, rename, delete.
 //! Needs `SPENDFLOW_HDFS` (see `docker/native/services env`).
 
-mod support;
 
 use hdfs_native::{ClientBuilder, WriteOptions};
 
-use support::{service_env, unique_name, within};
+use crate::support::{service_env, unique_name, within};
 
 #[tokio::test]
 async fn hdfs_write_read_rename_delete() {

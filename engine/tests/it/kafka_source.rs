@@ -2,7 +2,6 @@
 //! a topic created while the engine runs, user checks, dead letters with their headers, and a
 //! keyed topic split across two workers. Results are compared with recomputation.
 
-mod support;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -13,7 +12,7 @@ use spendflow_engine::source::kafka::KafkaSourceConfig;
 use spendflow_engine::{Engine, EngineConfig, SourceConfig};
 use spendflow_operators::Record;
 use spendflow_operators::oracle::recompute;
-use support::{create_topics, producer, read_dead_letters, service_env, unique_name};
+use crate::support::{create_topics, producer, read_dead_letters, service_env, unique_name};
 
 fn send(producer: &BaseProducer, topic: &str, key: Option<&str>, payload: &[u8]) {
     let mut record = BaseRecord::to(topic).payload(payload);

@@ -1,12 +1,11 @@
 //! MySQL/MariaDB (mysql crate) against the real server: create a table, insert, select, drop.
 //! Needs `SPENDFLOW_MYSQL` (see `docker/native/services env`).
 
-mod support;
 
 use mysql::prelude::Queryable;
 use mysql::{Conn, Opts, params};
 
-use support::{service_env, unique_name};
+use crate::support::{service_env, unique_name};
 
 #[test]
 fn mysql_create_insert_select() {

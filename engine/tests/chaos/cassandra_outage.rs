@@ -8,7 +8,6 @@
 //! (cargo runs test binaries one after another). Needs SPENDFLOW_KAFKA, SPENDFLOW_CASSANDRA and
 //! SPENDFLOW_MYSQL (`docker/native/services env`).
 
-mod support;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -17,8 +16,8 @@ use spendflow_engine::verify::grpc::GrpcServed;
 use spendflow_engine::verify::mysql::MySqlTruth;
 use spendflow_engine::verify::{self, VerifyOptions};
 
-use support::stream::{KillOnDrop, RestartService, service_pid, services_kit, status};
-use support::{create_topics, service_env, unique_name};
+use crate::support::stream::{KillOnDrop, RestartService, service_pid, services_kit, status};
+use crate::support::{create_topics, service_env, unique_name};
 
 const USERS: u64 = 100;
 const EVENTS: u64 = 100_000;
@@ -34,6 +33,7 @@ fn rss_kib(pid: u32) -> Option<u64> {
 
 #[test]
 fn thirty_seconds_without_cassandra_then_exact_again() {
+    let _serial = crate::serial();
     let brokers = service_env("SPENDFLOW_KAFKA");
     let cassandra = service_env("SPENDFLOW_CASSANDRA");
     let base = service_env("SPENDFLOW_MYSQL");

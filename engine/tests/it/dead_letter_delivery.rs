@@ -9,7 +9,6 @@
 //!
 //! Needs SPENDFLOW_KAFKA (`docker/native/services env`).
 
-mod support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -25,7 +24,7 @@ use spendflow_engine::sink::dead_letter::kafka::KafkaDeadLetters;
 use spendflow_engine::sink::dead_letter::{DeadLetterOutput, RejectedRecord};
 use spendflow_operators::RejectReason;
 
-use support::{create_topics, read_dead_letters, service_env, unique_name};
+use crate::support::{create_topics, read_dead_letters, service_env, unique_name};
 
 fn admin(brokers: &str) -> AdminClient<DefaultClientContext> {
     ClientConfig::new()

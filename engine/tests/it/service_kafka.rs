@@ -1,7 +1,6 @@
 //! Kafka (rdkafka) against the real broker: create a topic, produce, consume, delete the topic.
 //! Needs `SPENDFLOW_KAFKA` (see `docker/native/services env`).
 
-mod support;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -13,7 +12,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use support::{service_env, unique_name, within};
+use crate::support::{service_env, unique_name, within};
 
 const RECORDS: usize = 20;
 

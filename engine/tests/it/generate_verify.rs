@@ -7,7 +7,6 @@
 //! (`spendflow_it_*`), so the tests run in parallel and again; the MySQL user needs privileges on
 //! databases matching `spendflow\_%` (the services kit grants them).
 
-mod support;
 
 use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
@@ -26,7 +25,7 @@ use spendflow_engine::verify::grpc::GrpcServed;
 use spendflow_engine::verify::mysql::MySqlTruth;
 use spendflow_engine::verify::{self, Report, VerifyOptions};
 use spendflow_engine::{Engine, EngineConfig, SourceConfig, Status};
-use support::{create_topics, read_dead_letters, service_env, unique_name};
+use crate::support::{create_topics, read_dead_letters, service_env, unique_name};
 
 /// The services, and names unique to one test.
 struct Setup {

@@ -2,7 +2,6 @@
 //! the progress row is committed, a replayed write is harmless, and a second engine fences
 //! the first one out. Needs `SPENDFLOW_CASSANDRA` (see `docker/native/services env`).
 
-mod support;
 
 use std::sync::Arc;
 
@@ -13,7 +12,7 @@ use spendflow_engine::sink::{EpochGroup, Sink, SinkContext, SinkError};
 use spendflow_engine::source::PartitionPosition;
 use spendflow_operators::{AggKey, Name};
 
-use support::{service_env, unique_name};
+use crate::support::{service_env, unique_name};
 
 fn cell(key: AggKey, count: i64, sum: i64, last: Option<i64>) -> CellValue {
     CellValue {

@@ -8,7 +8,6 @@
 //! The test prints its seed; `SPENDFLOW_CRASH_SEED=<seed>` repeats the same kill schedule.
 //! Needs SPENDFLOW_KAFKA, SPENDFLOW_CASSANDRA and SPENDFLOW_MYSQL (`docker/native/services env`).
 
-mod support;
 
 use std::time::{Duration, Instant};
 
@@ -18,8 +17,8 @@ use spendflow_engine::verify::grpc::GrpcServed;
 use spendflow_engine::verify::mysql::MySqlTruth;
 use spendflow_engine::verify::{self, VerifyOptions};
 
-use support::read_dead_letters;
-use support::stream::{Generation, StreamRun, messages_in, status};
+use crate::support::read_dead_letters;
+use crate::support::stream::{Generation, StreamRun, messages_in, status};
 
 const USERS: u64 = 100;
 const EVENTS: u64 = 100_000;

@@ -2,7 +2,6 @@
 //! cache headers, the JSON API's shapes and error statuses, server-sent events after a push,
 //! and that nothing served refers to another origin.
 
-mod web;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +9,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use spendflow_engine::Engine;
 use spendflow_engine::personnel::Personnel;
-use web::{EventStream, get, request};
+use crate::web::{EventStream, get, request};
 
 fn record(id: &str, user: u64, category: &str, merchant: &str, amount: i64, time: &str) -> String {
     format!(

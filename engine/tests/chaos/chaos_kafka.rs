@@ -18,7 +18,6 @@
 //! of 4,000 (on a slow machine). Needs SPENDFLOW_KAFKA, SPENDFLOW_CASSANDRA and
 //! SPENDFLOW_MYSQL (`docker/native/services env`).
 
-mod support;
 
 use std::collections::HashSet;
 use std::process::{Child, Command};
@@ -30,8 +29,8 @@ use spendflow_engine::verify::grpc::GrpcServed;
 use spendflow_engine::verify::mysql::MySqlTruth;
 use spendflow_engine::verify::{self, VerifyOptions};
 
-use support::read_dead_letters;
-use support::stream::{
+use crate::support::read_dead_letters;
+use crate::support::stream::{
     Generation, RestartService, StreamRun, messages_in, service_pid, services_kit, status, tail,
 };
 
@@ -54,7 +53,7 @@ fn input_records(brokers: &str, prefix: &str) -> Vec<Vec<u8>> {
 
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .set("group.id", support::unique_name("sf_chaos_input_reader"))
+        .set("group.id", crate::support::unique_name("sf_chaos_input_reader"))
         .set("enable.auto.commit", "false")
         .create()
         .unwrap();
@@ -159,6 +158,7 @@ impl Generator<'_> {
 
 #[test]
 fn broker_killed_mid_stream_then_exact_in_grpc_cassandra_and_dead_letters() {
+    let _serial = crate::serial();
     let seed: u64 = std::env::var("SPENDFLOW_CHAOS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())

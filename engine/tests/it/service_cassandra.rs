@@ -1,7 +1,6 @@
 //! Cassandra (cdrs-tokio) against the real node: create a keyspace and a table, insert, select,
 //! drop the keyspace. Needs `SPENDFLOW_CASSANDRA` (see `docker/native/services env`).
 
-mod support;
 
 use cdrs_tokio::cluster::session::{Session, SessionBuilder, TcpSessionBuilder};
 use cdrs_tokio::cluster::{NodeTcpConfigBuilder, TcpConnectionManager};
@@ -10,7 +9,7 @@ use cdrs_tokio::query_values;
 use cdrs_tokio::transport::TransportTcp;
 use cdrs_tokio::types::IntoRustByName;
 
-use support::{service_env, unique_name, within};
+use crate::support::{service_env, unique_name, within};
 
 type CqlSession = Session<
     TransportTcp,

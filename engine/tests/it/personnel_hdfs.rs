@@ -6,7 +6,6 @@
 //! `docker/native/services env`. Every test uses its own database (`spendflow_...`, which the
 //! kit grants) and its own HDFS root.
 
-mod support;
 
 use std::process::Command;
 use std::sync::Arc;
@@ -26,7 +25,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use support::{service_env, unique_name, within};
+use crate::support::{service_env, unique_name, within};
 
 /// A database with users 1..=3 (and cards), and an HDFS root, both unique to the test.
 struct Setup {

@@ -8,7 +8,6 @@
 //! `SPENDFLOW_CASSANDRA` and, for verify, `SPENDFLOW_MYSQL` (`docker/native/services up`,
 //! `eval "$(docker/native/services env)"`).
 
-mod support;
 
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
@@ -27,7 +26,7 @@ use spendflow_operators::model::{day_of, days_from_civil, month_of_day};
 use spendflow_proto::v1 as pb;
 use spendflow_proto::v1::admin_client::AdminClient;
 use spendflow_proto::v1::expense_query_client::ExpenseQueryClient;
-use support::{service_env, unique_name};
+use crate::support::{service_env, unique_name};
 use tonic::Code;
 use tonic::transport::Channel;
 

@@ -8,7 +8,6 @@
 //! * a topic deleted while it is read stays in the status as `deleted` with its lag, is warned
 //!   about once, and everything else keeps being read.
 
-mod support;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -25,7 +24,7 @@ use spendflow_engine::source::generator::{GeneratorConfig, Simulator};
 use spendflow_engine::source::kafka::{KafkaSourceConfig, OnDataLoss};
 use spendflow_engine::source::{OffsetRange, PartitionPosition, PartitionState};
 use spendflow_engine::{Engine, EngineConfig, SourceConfig, Status};
-use support::{create_topics, producer, service_env, unique_name};
+use crate::support::{create_topics, producer, service_env, unique_name};
 
 /// Everything the engines of this test binary log (to count warnings).
 fn logs() -> &'static Arc<Mutex<Vec<u8>>> {
@@ -257,8 +256,12 @@ fn records_deleted_after_the_checkpoint_stop_the_partition_or_are_skipped_on_req
 
     // 3. Restart (default: fail): `a` stops with the range, `b` keeps being read and served.
     let second = engine(pattern(), 2, Some(checkpoints.path()));
-    let status = wait_until(&second, "b read to its end", |s| {
-        find(s, &b).is_some_and(|p| p.position == 150) && s.records_read == 250
+    // (Each worker refreshes the partitions it shows every 250 ms while nothing changes, so
+    // `a`'s stop may show a little after `b`'s reads.)
+    let status = wait_until(&second, "b read to its end and a stopped", |s| {
+        find(s, &b).is_some_and(|p| p.position == 150)
+            && s.records_read == 250
+            && find(s, &a).is_some_and(|p| p.state == PartitionState::StoppedDataLoss)
     });
     let pa = partition(&status, &a);
     assert_eq!(pa.state, PartitionState::StoppedDataLoss, "{pa:?}");

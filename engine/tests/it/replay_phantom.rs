@@ -13,7 +13,6 @@
 //! back to Y's values) and the user's total back to Y's. Before the fix, X's rows stayed forever.
 //! Needs SPENDFLOW_CASSANDRA (`docker/native/services env`).
 
-mod support;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -23,7 +22,7 @@ use std::time::{Duration, Instant};
 use cdrs_tokio::types::IntoRustByName;
 use spendflow_engine::sink::cassandra::connect;
 
-use support::{service_env, unique_name};
+use crate::support::{service_env, unique_name};
 
 const USER: u64 = 7;
 

@@ -10,7 +10,6 @@
 //! expenses for that user and waits for the page to show the new gRPC total without a reload.
 //! Screenshots go to `target/test-output/web_browser/`.
 
-mod web;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,7 +21,7 @@ use spendflow_engine::{Engine, SourceConfig};
 use spendflow_proto::v1 as pb;
 use spendflow_proto::v1::expense_query_client::ExpenseQueryClient;
 use tonic::transport::Channel;
-use web::{Browser, output_dir};
+use crate::web::{Browser, output_dir};
 
 const USERS: u64 = 60;
 const SEED: u64 = 2026;

@@ -1,0 +1,5 @@
+//! spendflow-operators' integration tests in one test binary: the oracle (every aggregate at
+//! every closed epoch equals a from-scratch recomputation) and the replay rewrites.
+
+mod oracle;
+mod replay_touch;
