@@ -2,32 +2,29 @@
 //! Everything it does goes through the library's public API, like any embedding program.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand};
-use spendflow_engine::config::{CheckpointConfig, SinkConfig};
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use spendflow_engine::config::SinkConfig;
 use spendflow_engine::generate::config::{
     DEFAULT_BATCH, DEFAULT_PARTITIONS, DEFAULT_TOPIC, DEFAULT_TOPIC_PREFIX,
 };
 use spendflow_engine::generate::{GenerateConfig, Layout, TerminalProgress};
 use spendflow_engine::personnel::Personnel;
 use spendflow_engine::serve::cassandra::{CassandraServeConfig, CassandraServer};
-use spendflow_engine::sink::cassandra::CassandraSinkConfig;
-use spendflow_engine::source::file::FileSourceConfig;
 use spendflow_engine::source::generator::{GeneratorConfig, GeneratorSourceConfig};
-use spendflow_engine::source::kafka::{KafkaSourceConfig, OnDataLoss};
 use spendflow_engine::verify::cassandra::CassandraServed;
 use spendflow_engine::verify::grpc::GrpcServed;
 use spendflow_engine::verify::mysql::MySqlTruth;
 use spendflow_engine::verify::{self, VerifyOptions};
 use spendflow_engine::{Engine, EngineConfig, SourceConfig, Status};
 
-use crate::cli_images::{ImagesArgs, PersonnelArgs, images_command, start_avatars};
+use crate::cli_images::{ImagesArgs, connect_personnel, images_command, start_avatars};
+use crate::cli_run::{CONFIG_HELP, RunArgs, RunFile, RunSettings, given};
 
 /// spendflow: real-time expense analytics on differential dataflow.
 ///
@@ -64,7 +61,8 @@ enum Command {
     ///   spendflow run --input file:expenses.jsonl --follow -w 2
     ///   spendflow run --input kafka:127.0.0.1:9092 --topic-pattern 'expenses\.user\..*' -w 2
     ///   spendflow run --input kafka:127.0.0.1:9092 --topic expenses
-    #[command(verbatim_doc_comment)]
+    ///   spendflow run --config spendflow.toml
+    #[command(verbatim_doc_comment, after_long_help = CONFIG_HELP)]
     Run(RunArgs),
     /// Simulate card expenses into MySQL (the ground truth) and stream them to Kafka.
     ///
@@ -123,30 +121,85 @@ enum Command {
     Images(ImagesArgs),
 }
 
+/// The engine flags of `demo` and `run`.
 #[derive(Debug, Args)]
-struct EngineArgs {
+pub(crate) struct EngineArgs {
     /// Dataflow worker threads; users are divided among them.
     #[arg(short = 'w', long, default_value_t = 1)]
-    workers: usize,
+    pub(crate) workers: usize,
 
     /// Address of the gRPC query service (reflection is on: `grpcurl -plaintext ADDR list`).
     #[arg(long, default_value = "127.0.0.1:50051")]
-    grpc: SocketAddr,
+    pub(crate) grpc: SocketAddr,
 
     /// Longest time between epochs while records arrive, in milliseconds: how stale the
     /// served results can be.
     #[arg(long, default_value_t = 50)]
-    epoch_interval_ms: u64,
+    pub(crate) epoch_interval_ms: u64,
 }
 
+/// The simulator flags of `demo` and `generate`: what the simulated stream holds.
 #[derive(Debug, Args)]
+struct SimulatorArgs {
+    /// Simulated users (ids 1..=N).
+    #[arg(long, default_value_t = 1000)]
+    users: u64,
+
+    /// Seed of the simulation: the same seed and settings give the same records.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+
+    /// Share of malformed records, 0 to 1 (`generate` writes them to Kafka only, never to
+    /// MySQL).
+    #[arg(long, default_value_t = 0.0)]
+    bad_rate: f64,
+
+    /// Share of records correcting an earlier live expense, 0 to 1.
+    #[arg(long, default_value_t = 0.05)]
+    correction_rate: f64,
+
+    /// Share of records deleting a live expense (chargebacks, voids), 0 to 1.
+    #[arg(long, default_value_t = 0.02)]
+    delete_rate: f64,
+
+    /// Share of records re-sending an earlier record byte for byte, 0 to 1.
+    #[arg(long, default_value_t = 0.02)]
+    duplicate_rate: f64,
+
+    /// Share of refunds (new expenses with a negative amount), 0 to 1.
+    #[arg(long, default_value_t = 0.03)]
+    refund_rate: f64,
+
+    /// Share of new expenses with an event time up to ten days in the past, 0 to 1.
+    #[arg(long, default_value_t = 0.05)]
+    late_rate: f64,
+}
+
+impl From<&SimulatorArgs> for GeneratorConfig {
+    fn from(args: &SimulatorArgs) -> Self {
+        GeneratorConfig {
+            seed: args.seed,
+            users: args.users,
+            bad_rate: args.bad_rate,
+            correction_rate: args.correction_rate,
+            delete_rate: args.delete_rate,
+            duplicate_rate: args.duplicate_rate,
+            refund_rate: args.refund_rate,
+            late_rate: args.late_rate,
+            ..GeneratorConfig::default()
+        }
+    }
+}
+
+// The demo shows rejection at work: 1% malformed records unless told otherwise.
+#[derive(Debug, Args)]
+#[command(mut_arg("bad_rate", |arg| arg.default_value("0.01")))]
 struct DemoArgs {
     #[command(flatten)]
     engine: EngineArgs,
 
-    /// Simulated users.
-    #[arg(long, default_value_t = 1000)]
-    users: u64,
+    #[command(flatten)]
+    simulator: SimulatorArgs,
 
     /// Records per second (0: as fast as possible).
     #[arg(long, default_value_t = 2000)]
@@ -156,142 +209,9 @@ struct DemoArgs {
     #[arg(long)]
     events: Option<u64>,
 
-    /// Seed of the simulation: the same seed gives the same records.
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
-
-    /// Share of malformed records, to see rejection at work (0 to 1).
-    #[arg(long, default_value_t = 0.01)]
-    bad_rate: f64,
-
     /// Address of the live web report (overview and a page per user; port 0 picks one).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
     web: SocketAddr,
-}
-
-#[derive(Debug, Args)]
-struct RunArgs {
-    #[command(flatten)]
-    engine: EngineArgs,
-
-    /// Where records come from: `file:PATH` (JSON lines) or `kafka:HOST:PORT[,HOST:PORT]`.
-    #[arg(long, value_name = "SOURCE")]
-    input: String,
-
-    /// Where results are stored besides the in-memory read model the gRPC service answers
-    /// from: `memory` (nothing durable) or `cassandra` (tables per user, category, merchant,
-    /// day, month; needs --cassandra).
-    #[arg(long, value_enum, default_value_t = SinkArg::Memory)]
-    sink: SinkArg,
-
-    /// With --sink cassandra: contact points, HOST:PORT[,HOST:PORT].
-    #[arg(long, value_name = "HOST:PORT", env = "SPENDFLOW_CASSANDRA")]
-    cassandra: Option<String>,
-
-    /// With --sink cassandra: the keyspace (created if missing, with one replica; see the
-    /// README to choose the replication of a real cluster).
-    #[arg(long, default_value = "spendflow")]
-    keyspace: String,
-
-    /// Write checkpoints of the state and input positions here; on start, the newest one is
-    /// restored and reading resumes where it stood, instead of from the beginning. The
-    /// directory is locked while the engine runs.
-    #[arg(long, value_name = "DIR")]
-    checkpoint_dir: Option<PathBuf>,
-
-    /// Time between checkpoints while input arrives, e.g. 10s, 500ms, 2m: at most this much
-    /// input is read again after a crash.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
-    checkpoint_interval: Duration,
-
-    /// With --checkpoint-dir: when the directory holds checkpoint files and none of them can
-    /// be read (damaged, or written by a version this binary does not know), move them into
-    /// DIR/discarded-<unix seconds>/ (nothing is deleted) and start without a checkpoint,
-    /// reading all input again from the beginning. Without this flag such a start is refused.
-    /// Readable checkpoints are never discarded: the newest readable one is used.
-    #[arg(long, requires = "checkpoint_dir")]
-    discard_checkpoints: bool,
-
-    /// Serve the live web report on this address (overview and a page per user), e.g.
-    /// 127.0.0.1:8080. Off unless given.
-    #[arg(long, value_name = "ADDR")]
-    web: Option<SocketAddr>,
-
-    /// With file input: keep reading the file as it grows (like `tail -f`).
-    #[arg(long)]
-    follow: bool,
-
-    /// With Kafka input: read every topic whose whole name matches this regex; topics created
-    /// later are picked up within --discovery-interval-ms.
-    #[arg(long, value_name = "REGEX", conflicts_with = "topic")]
-    topic_pattern: Option<String>,
-
-    /// With Kafka input: read this one topic (e.g. a topic keyed by user id).
-    #[arg(long, value_name = "NAME")]
-    topic: Option<String>,
-
-    /// With Kafka input: the topic rejected records are copied to, with headers saying where
-    /// they came from and why.
-    #[arg(long, default_value = "expenses.dead-letter")]
-    dead_letter_topic: String,
-
-    /// With Kafka input: topics named this prefix and a user id hold only that user's records;
-    /// a record there that names another user is rejected.
-    #[arg(long, default_value = "expenses.user.")]
-    user_topic_prefix: String,
-
-    /// With Kafka input: how often to look for new matching topics, in milliseconds.
-    #[arg(long, default_value_t = 2000)]
-    discovery_interval_ms: u64,
-
-    /// With Kafka input: what to do when records a partition had to read next were deleted
-    /// from Kafka before they were read (retention, kafka-delete-records), e.g. a checkpoint's
-    /// position that is older than the topic's oldest record.
-    #[arg(long, value_enum, default_value = "fail")]
-    on_data_loss: OnDataLossArg,
-
-    #[command(flatten)]
-    personnel: PersonnelArgs,
-}
-
-/// `--on-data-loss`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum OnDataLossArg {
-    /// Stop reading that partition: an ERROR names topic, partition and the lost offset range,
-    /// Admin/GetStatus shows it (state stopped_data_loss), the partition keeps its lag and the
-    /// engine is never caught up; other partitions keep being read and served. Restart with
-    /// `skip` to accept the loss.
-    Fail,
-    /// Accept the loss: continue from the oldest record still in the partition. The lost
-    /// range is still logged and shown in Admin/GetStatus; the served totals lack those
-    /// records.
-    Skip,
-}
-
-/// Where `run` stores results.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum SinkArg {
-    /// Only the in-memory read model (lost on restart unless checkpoints are on).
-    Memory,
-    /// Cassandra tables, written per closed epoch, idempotently.
-    Cassandra,
-}
-
-/// `10s`, `500ms`, `2m`, or a number of seconds.
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let (number, unit) = text
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((text, "s"), |i| text.split_at(i));
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration: use e.g. 10s, 500ms or 2m"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{text:?}: unknown unit {unit:?}; use ms, s or m")),
-    }
 }
 
 /// Where `generate` puts records in Kafka.
@@ -330,9 +250,8 @@ struct GenerateArgs {
     #[arg(long, default_value_t = DEFAULT_PARTITIONS)]
     partitions: i32,
 
-    /// Simulated users (ids 1..=N).
-    #[arg(long, default_value_t = 1000)]
-    users: u64,
+    #[command(flatten)]
+    simulator: SimulatorArgs,
 
     /// Stop when this many records exist in total (a restart continues towards it); without
     /// it, run until Ctrl-C.
@@ -342,34 +261,6 @@ struct GenerateArgs {
     /// Records per second (0: as fast as MySQL and Kafka take them).
     #[arg(long, default_value_t = 0)]
     rate: u64,
-
-    /// Seed of the simulation: the same seed and settings give the same records.
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
-
-    /// Share of malformed records (Kafka only, never in MySQL), 0 to 1.
-    #[arg(long, default_value_t = 0.0)]
-    bad_rate: f64,
-
-    /// Share of records correcting an earlier live expense, 0 to 1.
-    #[arg(long, default_value_t = 0.05)]
-    correction_rate: f64,
-
-    /// Share of records deleting a live expense (chargebacks, voids), 0 to 1.
-    #[arg(long, default_value_t = 0.02)]
-    delete_rate: f64,
-
-    /// Share of records re-sending an earlier record byte for byte, 0 to 1.
-    #[arg(long, default_value_t = 0.02)]
-    duplicate_rate: f64,
-
-    /// Share of refunds (new expenses with a negative amount), 0 to 1.
-    #[arg(long, default_value_t = 0.03)]
-    refund_rate: f64,
-
-    /// Share of new expenses with an event time up to ten days in the past, 0 to 1.
-    #[arg(long, default_value_t = 0.05)]
-    late_rate: f64,
 
     /// Records per MySQL transaction and Kafka flush.
     #[arg(long, default_value_t = DEFAULT_BATCH)]
@@ -473,15 +364,19 @@ struct ServeArgs {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging(&cli.log);
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
-        Command::Demo(args) => demo(args),
-        Command::Run(args) => run(args),
-        Command::Generate(args) => generate(args),
-        Command::Verify(args) => verify_command(args),
-        Command::Serve(args) => serve(args),
-        Command::Images(args) => images_command(args),
+        // `run` reads its config file first: the file may set the log filter.
+        Command::Run(args) => run_settings(args, &matches, &cli.log).and_then(|settings| {
+            init_logging(&settings.log);
+            run(settings)
+        }),
+        Command::Demo(args) => logged(&cli.log, || demo(args)),
+        Command::Generate(args) => logged(&cli.log, || generate(args)),
+        Command::Verify(args) => logged(&cli.log, || verify_command(args)),
+        Command::Serve(args) => logged(&cli.log, || serve(args)),
+        Command::Images(args) => logged(&cli.log, || images_command(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -490,6 +385,12 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs `command` with logging set up.
+fn logged(filter: &str, command: impl FnOnce() -> Result<()>) -> Result<()> {
+    init_logging(filter);
+    command()
 }
 
 fn init_logging(filter: &str) {
@@ -513,12 +414,7 @@ fn engine_config(args: &EngineArgs, source: SourceConfig, web: Option<SocketAddr
 }
 
 fn demo(args: DemoArgs) -> Result<()> {
-    let simulator = GeneratorConfig {
-        seed: args.seed,
-        users: args.users,
-        bad_rate: args.bad_rate,
-        ..GeneratorConfig::default()
-    };
+    let simulator = GeneratorConfig::from(&args.simulator);
     let source = SourceConfig::Generator(GeneratorSourceConfig {
         simulator,
         rate: (args.rate > 0).then_some(args.rate),
@@ -527,7 +423,10 @@ fn demo(args: DemoArgs) -> Result<()> {
     let engine = Engine::builder()
         .config(engine_config(&args.engine, source, Some(args.web)))
         // Names, e-mails, cards and generated avatars for the simulated users, in memory.
-        .personnel(Arc::new(Personnel::demo(args.users, args.seed)))
+        .personnel(Arc::new(Personnel::demo(
+            args.simulator.users,
+            args.simulator.seed,
+        )))
         .start()
         .context("could not start the demo")?;
     let addr = engine
@@ -561,62 +460,36 @@ Try (grpcurl: `make tools` installs it into target/tools/bin):
   grpcurl -plaintext -d '{{\"limit\": 3}}' {addr} spendflow.v1.Admin/ListRejected
 
 Ctrl-C stops.",
-        users = args.users,
-        seed = args.seed,
+        users = args.simulator.users,
+        seed = args.simulator.seed,
     )
 }
 
-fn run(args: RunArgs) -> Result<()> {
-    let source = match args.input.split_once(':') {
-        Some(("file", path)) if !path.is_empty() => SourceConfig::File(FileSourceConfig {
-            path: PathBuf::from(path),
-            follow: args.follow,
-        }),
-        Some(("kafka", brokers)) if !brokers.is_empty() => {
-            let mut kafka = match (&args.topic_pattern, &args.topic) {
-                (Some(pattern), None) => KafkaSourceConfig::pattern(brokers, pattern),
-                (None, Some(topic)) => KafkaSourceConfig::topic(brokers, topic),
-                _ => bail!("with --input kafka:..., give --topic-pattern REGEX or --topic NAME"),
-            };
-            kafka.discovery_interval_ms = args.discovery_interval_ms;
-            kafka.user_topic_prefix = args.user_topic_prefix.clone();
-            kafka.on_data_loss = match args.on_data_loss {
-                OnDataLossArg::Fail => OnDataLoss::Fail,
-                OnDataLossArg::Skip => OnDataLoss::Skip,
-            };
-            SourceConfig::Kafka(kafka)
-        }
-        _ => bail!(
-            "--input must be file:PATH (a file of JSON lines) or kafka:HOST:PORT, got {:?}",
-            args.input
-        ),
-    };
-    let mut config = engine_config(&args.engine, source, args.web);
-    config.dead_letter_topic = args.dead_letter_topic;
-    if args.sink == SinkArg::Cassandra {
-        let Some(contact_points) = args.cassandra else {
-            bail!("--sink cassandra needs --cassandra HOST:PORT (or SPENDFLOW_CASSANDRA)");
-        };
-        config.sink = Some(SinkConfig::Cassandra(CassandraSinkConfig {
-            keyspace: args.keyspace,
-            ..CassandraSinkConfig::new(contact_points)
-        }));
-        if args.checkpoint_dir.is_none() {
-            tracing::warn!(
-                "--sink cassandra without --checkpoint-dir: a restart reads all input again and re-writes every row it touches."
-            );
-        }
+/// The settings of `run`: its config file, if any, with the flags given over it.
+fn run_settings(args: RunArgs, matches: &clap::ArgMatches, log: &str) -> Result<RunSettings> {
+    let file = args.config_file().map(RunFile::read).transpose()?;
+    let run_matches = matches
+        .subcommand_matches("run")
+        .context("the run subcommand's arguments")?;
+    args.settings(run_matches, file, log, given(matches, "log"))
+}
+
+fn run(settings: RunSettings) -> Result<()> {
+    if !settings.ignored_flags.is_empty() {
+        tracing::warn!(
+            flags = %settings.ignored_flags.join(" "),
+            "These flags do not apply to this input and are ignored."
+        );
     }
-    if let Some(dir) = args.checkpoint_dir {
-        config.checkpoint = Some(CheckpointConfig {
-            dir,
-            interval_ms: args.checkpoint_interval.as_millis() as u64,
-            discard_unreadable: args.discard_checkpoints,
-        });
+    let config = settings.engine;
+    if matches!(config.sink, Some(SinkConfig::Cassandra(_))) && config.checkpoint.is_none() {
+        tracing::warn!(
+            "--sink cassandra without --checkpoint-dir: a restart reads all input again and re-writes every row it touches."
+        );
     }
     let mut builder = Engine::builder().config(config);
-    if let Some(personnel) = args.personnel.connect()? {
-        builder = builder.personnel(personnel);
+    if let Some(personnel) = &settings.personnel {
+        builder = builder.personnel(connect_personnel(personnel)?);
     }
     let engine = builder.start().context("could not start the engine")?;
     if let Some(addr) = engine.grpc_addr() {
@@ -643,21 +516,14 @@ fn generate(args: GenerateArgs) -> Result<()> {
     config.events = args.events;
     config.rate = (args.rate > 0).then_some(args.rate);
     config.batch = args.batch;
-    config.simulator.seed = args.seed;
-    config.simulator.users = args.users;
-    config.simulator.bad_rate = args.bad_rate;
-    config.simulator.correction_rate = args.correction_rate;
-    config.simulator.delete_rate = args.delete_rate;
-    config.simulator.duplicate_rate = args.duplicate_rate;
-    config.simulator.refund_rate = args.refund_rate;
-    config.simulator.late_rate = args.late_rate;
+    config.simulator = GeneratorConfig::from(&args.simulator);
     let stop = stop_signal()?;
     let avatars = match args.avatars {
         true => Some(start_avatars(
             &config.mysql_url,
             args.hdfs.as_deref(),
-            args.seed,
-            args.users,
+            args.simulator.seed,
+            args.simulator.users,
             Arc::clone(&stop),
         )?),
         false => None,
@@ -671,7 +537,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let avatars = avatars.map(|thread| {
         thread
             .join()
-            .unwrap_or_else(|_| Err("the avatar thread panicked".into()))
+            .unwrap_or_else(|_| Err(anyhow!("the avatar thread panicked")))
     });
     let summary = match result {
         Ok(summary) => summary,
@@ -698,7 +564,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         config.brokers
     );
     if let Some(Err(e)) = avatars {
-        bail!("the records are written, but attaching avatars failed: {e}");
+        bail!("the records are written, but attaching avatars failed: {e:#}");
     }
     Ok(())
 }
@@ -854,4 +720,86 @@ fn stop_signal() -> Result<Arc<AtomicBool>> {
             flag.store(true, Ordering::Release);
         })?;
     Ok(stop)
+}
+
+/// `spendflow run ARGS` parsed as [`main`] parses it: the arguments, the subcommand's matches,
+/// `--log` and whether it was given.
+#[cfg(test)]
+pub(crate) fn parse_run(
+    args: &[&str],
+) -> Result<(RunArgs, clap::ArgMatches, String, bool), clap::Error> {
+    let matches = Cli::command().try_get_matches_from(["spendflow", "run"].iter().chain(args))?;
+    let Command::Run(run) = Cli::from_arg_matches(&matches)?.command else {
+        unreachable!("parsed as run")
+    };
+    let run_matches = matches.subcommand_matches("run").cloned();
+    let log = matches
+        .get_one::<String>("log")
+        .cloned()
+        .unwrap_or_default();
+    Ok((
+        run,
+        run_matches.unwrap_or_default(),
+        log,
+        given(&matches, "log"),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Command {
+        Cli::try_parse_from(["spendflow"].iter().chain(args))
+            .unwrap()
+            .command
+    }
+
+    #[test]
+    fn demo_and_generate_share_the_simulator_flags() {
+        let Command::Generate(generate) = parse(&["generate", "--mysql", "m", "--brokers", "b"])
+        else {
+            unreachable!()
+        };
+        let Command::Demo(demo) = parse(&["demo"]) else {
+            unreachable!()
+        };
+        // The defaults are the simulator's, but the seed (42) and the demo's malformed records.
+        let expected = GeneratorConfig {
+            seed: 42,
+            ..GeneratorConfig::default()
+        };
+        assert_eq!(GeneratorConfig::from(&generate.simulator), expected);
+        assert_eq!(
+            GeneratorConfig::from(&demo.simulator),
+            GeneratorConfig {
+                bad_rate: 0.01,
+                ..expected
+            }
+        );
+
+        let Command::Demo(demo) = parse(&[
+            "demo",
+            "--users",
+            "7",
+            "--seed",
+            "9",
+            "--bad-rate",
+            "0",
+            "--refund-rate",
+            "0.5",
+        ]) else {
+            unreachable!()
+        };
+        let simulator = GeneratorConfig::from(&demo.simulator);
+        assert_eq!(
+            (
+                simulator.users,
+                simulator.seed,
+                simulator.bad_rate,
+                simulator.refund_rate
+            ),
+            (7, 9, 0.0, 0.5)
+        );
+    }
 }

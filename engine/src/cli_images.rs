@@ -113,17 +113,17 @@ impl ServiceArgs {
     }
 }
 
-/// The Personnel flags of `spendflow run`.
+/// The Personnel flags of `spendflow run` (the `[personnel]` table of its config file).
 #[derive(Debug, Args)]
 pub struct PersonnelArgs {
     /// With --hdfs: serve user details and pictures (`spendflow.v1.Personnel`) from this MySQL
     /// database (the one `spendflow generate` wrote).
-    #[arg(long, value_name = "URL", requires = "hdfs")]
+    #[arg(long, value_name = "URL")]
     mysql: Option<String>,
 
     /// With --mysql: HDFS URL for the pictures, hdfs://host:port[/root] (root default
     /// /spendflow/images).
-    #[arg(long, value_name = "URL", requires = "mysql")]
+    #[arg(long, value_name = "URL")]
     hdfs: Option<String>,
 
     /// Largest picture accepted by UploadImage, in bytes.
@@ -132,20 +132,38 @@ pub struct PersonnelArgs {
 }
 
 impl PersonnelArgs {
-    /// Personnel if --mysql and --hdfs were given.
-    pub fn connect(&self) -> Result<Option<Arc<Personnel>>> {
-        let (Some(mysql), Some(hdfs)) = (&self.mysql, &self.hdfs) else {
-            return Ok(None);
+    /// The Personnel settings: `from_file`'s with the flags given (`given` says which) over
+    /// them, or the flags' alone; `None` without --mysql and --hdfs.
+    pub fn settings(
+        &self,
+        from_file: Option<PersonnelConfig>,
+        given: impl Fn(&str) -> bool,
+    ) -> Result<Option<PersonnelConfig>> {
+        let mut config = match (from_file, &self.mysql, &self.hdfs) {
+            (Some(config), _, _) => config,
+            (None, Some(mysql), Some(hdfs)) => PersonnelConfig::new(mysql, hdfs),
+            (None, None, None) => return Ok(None),
+            (None, Some(_), None) => bail!("--mysql needs --hdfs URL (Personnel needs both)"),
+            (None, None, Some(_)) => bail!("--hdfs needs --mysql URL (Personnel needs both)"),
         };
-        let config = PersonnelConfig {
-            mysql: mysql.clone(),
-            hdfs: hdfs.clone(),
-            max_image_bytes: self.max_image_bytes,
-        };
-        let personnel = Personnel::connect(&config)
-            .context("could not open the user directory and image store (--mysql, --hdfs)")?;
-        Ok(Some(Arc::new(personnel)))
+        if let Some(mysql) = &self.mysql {
+            config.mysql.clone_from(mysql);
+        }
+        if let Some(hdfs) = &self.hdfs {
+            config.hdfs.clone_from(hdfs);
+        }
+        if given("max_image_bytes") {
+            config.max_image_bytes = self.max_image_bytes;
+        }
+        Ok(Some(config))
     }
+}
+
+/// Connects Personnel for `spendflow run`.
+pub fn connect_personnel(config: &PersonnelConfig) -> Result<Arc<Personnel>> {
+    let personnel = Personnel::connect(config)
+        .context("could not open the user directory and image store (--mysql, --hdfs)")?;
+    Ok(Arc::new(personnel))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -263,7 +281,7 @@ pub fn start_avatars(
     seed: u64,
     users: u64,
     stop: Arc<std::sync::atomic::AtomicBool>,
-) -> Result<std::thread::JoinHandle<Result<(), String>>> {
+) -> Result<std::thread::JoinHandle<Result<()>>> {
     let Some(hdfs) = hdfs else {
         bail!("--avatars needs --hdfs URL (or SPENDFLOW_HDFS)");
     };
@@ -278,8 +296,7 @@ pub fn start_avatars(
                 users,
                 Duration::from_secs(120),
                 &stop,
-            )
-            .map_err(|e| e.to_string())?;
+            )?;
             tracing::info!(
                 uploaded = summary.uploaded,
                 skipped = summary.skipped,

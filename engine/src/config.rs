@@ -4,11 +4,10 @@
 //! a silently ignored line.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
-
-use std::path::PathBuf;
 
 use crate::error::EngineError;
 pub use crate::sink::SinkConfig;
@@ -62,8 +61,13 @@ pub struct CheckpointConfig {
     /// The directory; created if missing, and locked while the engine runs.
     pub dir: PathBuf,
     /// Milliseconds between checkpoints while input arrives: at most this much input is read
-    /// again after a crash.
-    #[serde(default = "default_checkpoint_interval_ms")]
+    /// again after a crash. In a config file the key is `interval`, a duration such as
+    /// `"10s"`, `"500ms"` or `"1h"` (`humantime`'s format, like `--checkpoint-interval`).
+    #[serde(
+        rename = "interval",
+        default = "default_checkpoint_interval_ms",
+        deserialize_with = "duration_as_ms"
+    )]
     pub interval_ms: u64,
     /// When the directory holds checkpoints and none can be read: move them into
     /// `<dir>/discarded-<unix seconds>/` and start from the beginning of the input. Without
@@ -74,6 +78,17 @@ pub struct CheckpointConfig {
 
 const fn default_checkpoint_interval_ms() -> u64 {
     10_000
+}
+
+/// A duration written for people (`"10s"`, `"2m"`, `"1h"`: `humantime`'s format), as whole
+/// milliseconds. A mistake keeps `humantime`'s reason (`unknown time unit "parsecs"`).
+fn duration_as_ms<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    use serde::de::Error;
+    let text = String::deserialize(deserializer)?;
+    let duration = humantime::parse_duration(&text)
+        .map_err(|e| D::Error::custom(format!("{text:?} is not a duration (e.g. 10s, 1h): {e}")))?;
+    u64::try_from(duration.as_millis())
+        .map_err(|_| D::Error::custom(format!("{text:?} is too long")))
 }
 
 impl CheckpointConfig {
@@ -191,6 +206,35 @@ mod tests {
         .unwrap();
         assert_eq!(ok.workers, 2);
         assert!(matches!(ok.source, Some(SourceConfig::File(_))));
+    }
+
+    #[test]
+    fn checkpoint_intervals_are_durations_people_write() {
+        let parse = |interval: &str| {
+            toml::from_str::<CheckpointConfig>(&format!("dir = \"d\"\ninterval = \"{interval}\""))
+                .map(|c| c.interval_ms)
+        };
+        assert_eq!(parse("1h").unwrap(), 3_600_000);
+        assert_eq!(parse("2s").unwrap(), 2_000);
+        assert_eq!(parse("500ms").unwrap(), 500);
+        assert_eq!(parse("1m 30s").unwrap(), 90_000);
+        let err = parse("10 parsecs").unwrap_err().to_string();
+        assert!(err.contains("unknown time unit"), "{err}");
+        let default: CheckpointConfig = toml::from_str("dir = \"d\"").unwrap();
+        assert_eq!(default.interval_ms, 10_000);
+        let err = toml::from_str::<CheckpointConfig>("dir = \"d\"\ninterval_ms = 5")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `interval_ms`"), "{err}");
+        // The longest interval validation accepts is 1h.
+        let config = EngineConfig {
+            checkpoint: Some(CheckpointConfig {
+                interval_ms: parse("1h").unwrap(),
+                ..CheckpointConfig::new("d")
+            }),
+            ..EngineConfig::default()
+        };
+        assert!(config.validate().is_ok());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 mod cli;
 mod cli_images;
+mod cli_run;
 
 fn main() -> std::process::ExitCode {
     cli::main()

@@ -7,10 +7,10 @@
 //! messages in enqueue order across librdkafka's internal retries.
 
 use std::collections::HashSet;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use rdkafka::ClientContext;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -49,7 +49,7 @@ impl ProducerContext for Deliveries {
             }
             Err((error, _)) => {
                 self.failed.fetch_add(1, Ordering::AcqRel);
-                let mut first = self.first_error.lock().unwrap_or_else(|p| p.into_inner());
+                let mut first = self.first_error.lock();
                 first.get_or_insert_with(|| error.clone());
             }
         }
@@ -221,10 +221,7 @@ impl Publish for KafkaPublisher {
             self.generation = context.generation.fetch_add(1, Ordering::AcqRel) + 1;
             context.delivered.store(0, Ordering::Release);
             context.failed.store(0, Ordering::Release);
-            *context
-                .first_error
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = None;
+            *context.first_error.lock() = None;
             self.deadline = Instant::now() + self.timeout;
         }
         for (i, row) in rows.iter().enumerate() {
@@ -286,11 +283,7 @@ impl Publish for KafkaPublisher {
         }
         let failed = context.failed.load(Ordering::Acquire);
         if failed > 0 {
-            let first = context
-                .first_error
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
+            let first = context.first_error.lock().clone();
             return Err(GenerateError::Kafka {
                 context: format!("deliver a batch ({failed} of {expected} messages failed)"),
                 retriable: first.as_ref().is_none_or(is_retriable),

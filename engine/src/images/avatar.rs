@@ -4,14 +4,9 @@
 //! files. An identicon (a symmetric 5×5 pattern in one colour on a light background, both
 //! derived from a hash of the seed and the user id) is recognisable and costs microseconds.
 //!
-//! The encoder is ours and minimal: an 8-bit indexed-colour image (two palette entries), one
-//! zlib stream in one `IDAT` chunk, CRC-32 per chunk. That is all a PNG needs, and it keeps an
-//! image crate out of the build.
-
-use std::io::Write;
-
-use flate2::Compression;
-use flate2::write::ZlibEncoder;
+//! The image is an 8-bit indexed-colour PNG (two palette entries) written by the `png` crate
+//! (the encoder of the `image` crates, without their decoders): chunks, CRCs and zlib are its
+//! business, not ours.
 
 /// Cells per side of the pattern.
 pub const CELLS: u32 = 5;
@@ -66,49 +61,29 @@ pub fn avatar_png(seed: u64, user_id: u64) -> Vec<u8> {
 }
 
 /// Encodes an 8-bit indexed-colour PNG: `pixels` holds one palette index per pixel, row by row.
+/// Rows are stored unfiltered (filter type 0): a two-colour image of flat areas compresses well
+/// without filters, and the bytes do not depend on the encoder's filter heuristics.
 ///
 /// # Panics
 ///
-/// If `pixels.len() != width * height` or the palette has more than 256 entries.
+/// If `pixels.len() != width * height`, the palette is empty or has more than 256 entries, or
+/// a dimension is 0 (the only ways encoding into memory can fail).
 pub fn encode_indexed_png(width: u32, height: u32, palette: &[[u8; 3]], pixels: &[u8]) -> Vec<u8> {
     assert_eq!(pixels.len(), (width as usize) * (height as usize));
     assert!(!palette.is_empty() && palette.len() <= 256);
     let mut out = Vec::with_capacity(256 + pixels.len() / 8);
-    out.extend_from_slice(&PNG_SIGNATURE);
-
-    let mut ihdr = Vec::with_capacity(13);
-    ihdr.extend_from_slice(&width.to_be_bytes());
-    ihdr.extend_from_slice(&height.to_be_bytes());
-    // Bit depth 8, colour type 3 (indexed), compression 0, filter 0, no interlace.
-    ihdr.extend_from_slice(&[8, 3, 0, 0, 0]);
-    chunk(&mut out, b"IHDR", &ihdr);
-
-    let plte: Vec<u8> = palette.iter().flatten().copied().collect();
-    chunk(&mut out, b"PLTE", &plte);
-
-    // Each row: filter type 0 (none), then the row's indices.
-    let mut raw = Vec::with_capacity(pixels.len() + height as usize);
-    for row in pixels.chunks(width as usize) {
-        raw.push(0);
-        raw.extend_from_slice(row);
-    }
-    let mut z = ZlibEncoder::new(Vec::new(), Compression::default());
-    // Writing to a Vec cannot fail.
-    let _ = z.write_all(&raw);
-    let idat = z.finish().unwrap_or_default();
-    chunk(&mut out, b"IDAT", &idat);
-    chunk(&mut out, b"IEND", &[]);
+    let mut encoder = png::Encoder::new(&mut out, width, height);
+    encoder.set_color(png::ColorType::Indexed);
+    encoder.set_depth(png::BitDepth::Eight);
+    encoder.set_palette(palette.iter().flatten().copied().collect::<Vec<u8>>());
+    encoder.set_filter(png::Filter::NoFilter);
+    let written = encoder.write_header().and_then(|mut writer| {
+        writer.write_image_data(pixels)?;
+        writer.finish()
+    });
+    // The parameters are checked above and a Vec takes every write.
+    written.expect("an indexed image of valid size encodes into memory");
     out
-}
-
-fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
-    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    out.extend_from_slice(kind);
-    out.extend_from_slice(data);
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(kind);
-    crc.update(data);
-    out.extend_from_slice(&crc.finalize().to_be_bytes());
 }
 
 /// SplitMix64's finaliser: a well-mixed 64-bit hash of `x`.

@@ -3,9 +3,10 @@
 //! so tests of the upload rules (no partial blob after an abort) hold for both.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use bytes::Bytes;
+use parking_lot::{Mutex, MutexGuard};
 
 use super::{BlobInfo, ImageError, ImageStore, PendingBlob, TempInfo, now_ms};
 
@@ -30,7 +31,7 @@ impl MemoryImageStore {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.lock()
     }
 
     /// Stores `bytes` as a final blob under `sha256` directly (the caller vouches for the hash),

@@ -2,9 +2,9 @@
 //! the seeded simulator with a generated avatar each (the demo).
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::{Mutex, MutexGuard};
 
 use bytes::Bytes;
+use parking_lot::{Mutex, MutexGuard};
 
 use super::{MaskedCard, PersonnelError, UserDetails, UserDirectory};
 use crate::images::{self, ImageKind, ImageRef, MemoryImageStore, avatar};
@@ -52,7 +52,7 @@ impl MemoryDirectory {
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, UserDetails>> {
-        self.users.lock().unwrap_or_else(|p| p.into_inner())
+        self.users.lock()
     }
 
     /// The user from the map, or from the simulator (then remembered).

@@ -207,3 +207,204 @@ fn run_refuses_unreadable_checkpoints_unless_told_to_discard_them() {
         "{stderr}"
     );
 }
+
+/// A file of `n` valid records over 17 users.
+fn records_file(n: usize) -> tempfile::NamedTempFile {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    for i in 0..n {
+        let user = i % 17 + 1;
+        writeln!(
+            file,
+            r#"{{"expense_id":"e-{i}","user_id":{user},"merchant":"Tesco","category":"groceries","amount_minor":{i},"currency":"EUR","event_time":"2026-11-24T10:15:00Z"}}"#
+        )
+        .unwrap();
+    }
+    file.flush().unwrap();
+    file
+}
+
+/// Polls `Admin/GetStatus` on `addr` until `done` holds for the answer (30 s at most).
+fn wait_for_status(
+    child: &mut std::process::Child,
+    addr: &str,
+    what: &str,
+    done: impl Fn(&pb::GetStatusResponse) -> bool,
+) -> pb::GetStatusResponse {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            assert!(Instant::now() < deadline, "not {what} within 30 s");
+            if let Some(exit) = child.try_wait().unwrap() {
+                panic!("the engine exited ({exit:?}) before it was {what}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let Ok(mut admin) = AdminClient::connect(format!("http://{addr}")).await else {
+                continue;
+            };
+            let Ok(status) = admin.get_status(pb::GetStatusRequest {}).await else {
+                continue;
+            };
+            let status = status.into_inner();
+            if done(&status) {
+                break status;
+            }
+        }
+    })
+}
+
+/// SIGTERM, then a clean exit within 20 s.
+fn stop(mut child: std::process::Child) {
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running 20 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "clean exit, got {exit:?}");
+}
+
+fn spendflow_run(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_spendflow"));
+    command
+        .arg("run")
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("SPENDFLOW_CASSANDRA")
+        .stdin(Stdio::null());
+    command
+}
+
+#[test]
+fn run_takes_its_settings_from_a_config_file_and_flags_override_it() {
+    let records = records_file(500);
+    let dir = tempfile::tempdir().unwrap();
+    let (first_checkpoints, second_checkpoints) = (dir.path().join("a"), dir.path().join("b"));
+    let addr = format!("127.0.0.1:{}", free_port());
+    let config = dir.path().join("spendflow.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+workers = 2
+grpc = "{addr}"
+log = "warn"
+
+[source]
+kind = "file"
+path = '{}'
+
+[checkpoint]
+dir = '{}'
+interval = "200ms"
+"#,
+            records.path().display(),
+            first_checkpoints.display()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+
+    // All from the file: its workers, address, source, and checkpoints every 200 ms.
+    let mut child = spendflow_run(&["--config", config]).spawn().unwrap();
+    let status = wait_for_status(&mut child, &addr, "caught up", |s| s.caught_up);
+    assert_eq!(
+        (status.records_read, status.records_accepted, status.workers),
+        (500, 500, 2)
+    );
+    let status = wait_for_status(&mut child, &addr, "checkpointed", |s| {
+        s.checkpoint.as_ref().is_some_and(|c| c.last_epoch > 0)
+    });
+    assert_eq!(status.checkpoint.unwrap().failures, 0);
+    stop(child);
+    assert!(
+        std::fs::read_dir(&first_checkpoints)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .any(|e| e.file_name().to_string_lossy().starts_with("checkpoint-")),
+        "a checkpoint in the file's directory"
+    );
+
+    // Flags given override their keys, the rest still comes from the file. A checkpoint
+    // interval of an hour (refused before humantime: "unknown unit") means no checkpoint yet.
+    let other = format!("127.0.0.1:{}", free_port());
+    let mut child = spendflow_run(&["--config", config, "-w", "3", "--grpc", &other])
+        .arg("--checkpoint-dir")
+        .arg(&second_checkpoints)
+        .args(["--checkpoint-interval", "1h"])
+        .spawn()
+        .unwrap();
+    let status = wait_for_status(&mut child, &other, "caught up", |s| s.caught_up);
+    assert_eq!(
+        (status.records_read, status.records_accepted, status.workers),
+        (500, 500, 3),
+        "read from the start: the second directory has no checkpoint to resume from"
+    );
+    assert_eq!(status.checkpoint.map(|c| c.last_epoch), Some(0));
+    stop(child);
+    assert!(second_checkpoints.is_dir(), "the flag's directory was used");
+}
+
+#[test]
+fn a_config_file_with_an_unknown_key_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    for (text, key) in [
+        (
+            "wrokers = 2\n[source]\nkind = \"file\"\npath = \"x.jsonl\"\n",
+            "wrokers",
+        ),
+        (
+            "[source]\nkind = \"file\"\npath = \"x.jsonl\"\n[checkpoint]\ndir = \"d\"\nintervall = \"1h\"\n",
+            "intervall",
+        ),
+    ] {
+        let config = dir.path().join(format!("{key}.toml"));
+        std::fs::write(&config, text).unwrap();
+        let output = spendflow_run(&["--config", config.to_str().unwrap()])
+            .args(["--grpc", "127.0.0.1:0"])
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{key} was accepted");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains(&format!("unknown field `{key}`"))
+                && stderr.contains(&config.display().to_string()),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn run_help_documents_the_config_file() {
+    let help = Command::new(env!("CARGO_BIN_EXE_spendflow"))
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    assert!(help.status.success());
+    let help = String::from_utf8_lossy(&help.stdout);
+    for needle in [
+        "--config <FILE>",
+        "[source]",
+        "[checkpoint]",
+        "interval = \"1m\"",
+        "override the file",
+    ] {
+        assert!(
+            help.contains(needle),
+            "run --help lacks {needle:?}:\n{help}"
+        );
+    }
+}
