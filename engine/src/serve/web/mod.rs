@@ -163,10 +163,14 @@ impl App {
 pub fn router(backend: impl Into<WebBackend>) -> Router {
     // Nobody stops this router's streams but the read model closing or the client leaving.
     let (_, never) = tokio::sync::watch::channel(false);
-    router_stopping(backend.into(), never)
+    router_stopping(backend.into(), never, REQUEST_TIMEOUT)
 }
 
-fn router_stopping(backend: WebBackend, stopping: tokio::sync::watch::Receiver<bool>) -> Router {
+fn router_stopping(
+    backend: WebBackend,
+    stopping: tokio::sync::watch::Receiver<bool>,
+    timeout: Duration,
+) -> Router {
     let app = App {
         directory: Directory::new(backend.personnel.clone()),
         backend,
@@ -187,7 +191,7 @@ fn router_stopping(backend: WebBackend, stopping: tokio::sync::watch::Receiver<b
         .with_state(app)
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
-            REQUEST_TIMEOUT,
+            timeout,
         ))
         .layer(TraceLayer::new_for_http())
 }
@@ -377,7 +381,7 @@ pub async fn serve(
     });
     tracing::info!(addr = ?addr, "Web report listening.");
     let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
-    let app = router_stopping(backend.into(), stopping_rx.clone());
+    let app = router_stopping(backend.into(), stopping_rx.clone(), REQUEST_TIMEOUT);
     let graceful = async move {
         shutdown.await;
         // Ends the event streams, so their connections can close.

@@ -6,6 +6,10 @@ use spendflow_operators::{AggKey, Name};
 use super::api::{CategoryTotal, parse_user_id};
 use super::assets::{all, etag_matches};
 use super::events::merge;
+use crate::serve::grpc::backend::{
+    Amount, Answer, Buckets, CategoryData, OverviewData, SpenderData, SubscribeSpec,
+    SubscribeStream, SummaryData, SummaryPage, Wait,
+};
 use crate::serve::read_model::{AsOf, CellValue, EpochDelta, Published, ReadModel, Snapshot};
 
 /// The overview's totals by category, as the web API sends them.
@@ -216,13 +220,16 @@ impl spendflow_proto::v1::admin_server::Admin for FixedAdmin {
 fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
     write!(
         stream,
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
+    let _ = stream.read_to_string(&mut answer);
     answer
 }
 
@@ -283,4 +290,81 @@ fn a_user_total_beyond_i64_is_shown_exactly_through_the_backend() {
 
     stop.send(()).unwrap();
     runtime.block_on(server).unwrap().unwrap();
+}
+
+/// A backend whose reads never finish (a store that hangs).
+struct Hanging;
+
+#[tonic::async_trait]
+impl crate::serve::grpc::backend::QueryBackend for Hanging {
+    async fn user_summary(
+        &self,
+        _: Wait,
+        _: spendflow_operators::UserId,
+    ) -> Result<Answer<Option<SummaryData>>, tonic::Status> {
+        std::future::pending().await
+    }
+
+    async fn user_summaries(
+        &self,
+        _: Wait,
+        _: Option<spendflow_operators::UserId>,
+        _: usize,
+    ) -> Result<Answer<SummaryPage>, tonic::Status> {
+        std::future::pending().await
+    }
+
+    async fn user_windows(
+        &self,
+        _: Wait,
+        _: spendflow_operators::UserId,
+        _: Buckets,
+        _: i32,
+        _: i32,
+    ) -> Result<Answer<Option<Vec<(i32, Amount)>>>, tonic::Status> {
+        std::future::pending().await
+    }
+
+    async fn top_spenders(
+        &self,
+        _: Wait,
+        _: usize,
+    ) -> Result<Answer<Vec<SpenderData>>, tonic::Status> {
+        std::future::pending().await
+    }
+
+    async fn overview(&self, _: Wait, _: usize) -> Result<Answer<OverviewData>, tonic::Status> {
+        std::future::pending().await
+    }
+
+    async fn category_totals(&self, _: Wait) -> Result<Answer<Vec<CategoryData>>, tonic::Status> {
+        std::future::pending().await
+    }
+
+    fn timeline(&self) -> (Arc<str>, Option<spendflow_operators::Epoch>) {
+        (Arc::from("hanging"), None)
+    }
+
+    async fn subscribe(&self, _: SubscribeSpec) -> Result<SubscribeStream, tonic::Status> {
+        std::future::pending().await
+    }
+}
+
+#[test]
+fn an_answer_that_takes_too_long_is_503() {
+    let backend = super::WebBackend::new(Hanging, FixedAdmin);
+    let (_, never) = tokio::sync::watch::channel(false);
+    let app = super::router_stopping(backend, never, std::time::Duration::from_millis(50));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    runtime.spawn(async move { axum::serve(listener, app).await });
+    for path in ["/api/overview", "/api/users/1"] {
+        let answer = http_get(addr, path);
+        assert!(answer.starts_with("HTTP/1.1 503"), "{path}: {answer}");
+    }
+    // What does not read the backend is answered as usual.
+    assert!(http_get(addr, "/").starts_with("HTTP/1.1 200"));
 }
