@@ -245,3 +245,71 @@ pub trait QueryBackend: Send + Sync + 'static {
     /// A subscription stream (snapshot, changes, progress marks).
     async fn subscribe(&self, spec: SubscribeSpec) -> Result<SubscribeStream, Status>;
 }
+
+/// Backends for tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::Arc;
+
+    use tonic::Status;
+
+    use super::*;
+
+    /// A backend whose reads never finish (a store that hangs).
+    pub struct Hanging;
+
+    #[tonic::async_trait]
+    impl QueryBackend for Hanging {
+        async fn user_summary(
+            &self,
+            _: Wait,
+            _: spendflow_operators::UserId,
+        ) -> Result<Answer<Option<SummaryData>>, Status> {
+            std::future::pending().await
+        }
+
+        async fn user_summaries(
+            &self,
+            _: Wait,
+            _: Option<spendflow_operators::UserId>,
+            _: usize,
+        ) -> Result<Answer<SummaryPage>, Status> {
+            std::future::pending().await
+        }
+
+        async fn user_windows(
+            &self,
+            _: Wait,
+            _: spendflow_operators::UserId,
+            _: Buckets,
+            _: i32,
+            _: i32,
+        ) -> Result<Answer<Option<Vec<(i32, Amount)>>>, Status> {
+            std::future::pending().await
+        }
+
+        async fn top_spenders(
+            &self,
+            _: Wait,
+            _: usize,
+        ) -> Result<Answer<Vec<SpenderData>>, Status> {
+            std::future::pending().await
+        }
+
+        async fn overview(&self, _: Wait, _: usize) -> Result<Answer<OverviewData>, Status> {
+            std::future::pending().await
+        }
+
+        async fn category_totals(&self, _: Wait) -> Result<Answer<Vec<CategoryData>>, Status> {
+            std::future::pending().await
+        }
+
+        fn timeline(&self) -> (Arc<str>, Option<spendflow_operators::Epoch>) {
+            (Arc::from("hanging"), None)
+        }
+
+        async fn subscribe(&self, _: SubscribeSpec) -> Result<SubscribeStream, Status> {
+            std::future::pending().await
+        }
+    }
+}

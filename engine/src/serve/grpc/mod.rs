@@ -136,16 +136,63 @@ pub async fn serve_router(
     routes: Routes,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), String> {
+    serve_routes(listener, routes, shutdown, REQUEST_TIMEOUT).await
+}
+
+async fn serve_routes(
+    listener: TcpListener,
+    routes: Routes,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+    timeout: Duration,
+) -> Result<(), String> {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(addr = ?addr, "gRPC server listening.");
     // Small answers must not wait for Nagle's algorithm: without TCP_NODELAY a unary call can
     // take 40 ms on loopback.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
-        .timeout(REQUEST_TIMEOUT)
+        .timeout(timeout)
         .layer(TraceLayer::new_for_grpc())
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use spendflow_proto::v1 as pb;
+    use spendflow_proto::v1::expense_query_client::ExpenseQueryClient;
+
+    use super::*;
+    use crate::serve::grpc::backend::testing::Hanging;
+
+    #[test]
+    fn a_call_that_takes_too_long_is_cancelled_by_the_server() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let routes = Routes::new(ExpenseQueryServer::new(QueryService::new(Hanging)));
+        runtime.spawn(serve_routes(
+            listener,
+            routes,
+            std::future::pending(),
+            Duration::from_millis(50),
+        ));
+        let status = runtime
+            .block_on(async {
+                let mut client = ExpenseQueryClient::connect(format!("http://{addr}")).await?;
+                let call = client.top_spenders(pb::TopSpendersRequest {
+                    limit: 1,
+                    consistency: None,
+                });
+                // Bounded, so a missing server timeout fails instead of hanging.
+                match tokio::time::timeout(Duration::from_secs(10), call).await {
+                    Ok(answer) => Ok::<_, Box<dyn std::error::Error>>(answer.unwrap_err()),
+                    Err(_) => panic!("the server never ended the call"),
+                }
+            })
+            .unwrap();
+        assert_eq!(status.code(), tonic::Code::Cancelled, "{status:?}");
+    }
 }

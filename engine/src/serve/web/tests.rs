@@ -6,10 +6,7 @@ use spendflow_operators::{AggKey, Name};
 use super::api::{CategoryTotal, parse_user_id};
 use super::assets::{all, etag_matches};
 use super::events::merge;
-use crate::serve::grpc::backend::{
-    Amount, Answer, Buckets, CategoryData, OverviewData, SpenderData, SubscribeSpec,
-    SubscribeStream, SummaryData, SummaryPage, Wait,
-};
+use crate::serve::grpc::backend::testing::Hanging;
 use crate::serve::read_model::{AsOf, CellValue, EpochDelta, Published, ReadModel, Snapshot};
 
 /// The overview's totals by category, as the web API sends them.
@@ -290,64 +287,6 @@ fn a_user_total_beyond_i64_is_shown_exactly_through_the_backend() {
 
     stop.send(()).unwrap();
     runtime.block_on(server).unwrap().unwrap();
-}
-
-/// A backend whose reads never finish (a store that hangs).
-struct Hanging;
-
-#[tonic::async_trait]
-impl crate::serve::grpc::backend::QueryBackend for Hanging {
-    async fn user_summary(
-        &self,
-        _: Wait,
-        _: spendflow_operators::UserId,
-    ) -> Result<Answer<Option<SummaryData>>, tonic::Status> {
-        std::future::pending().await
-    }
-
-    async fn user_summaries(
-        &self,
-        _: Wait,
-        _: Option<spendflow_operators::UserId>,
-        _: usize,
-    ) -> Result<Answer<SummaryPage>, tonic::Status> {
-        std::future::pending().await
-    }
-
-    async fn user_windows(
-        &self,
-        _: Wait,
-        _: spendflow_operators::UserId,
-        _: Buckets,
-        _: i32,
-        _: i32,
-    ) -> Result<Answer<Option<Vec<(i32, Amount)>>>, tonic::Status> {
-        std::future::pending().await
-    }
-
-    async fn top_spenders(
-        &self,
-        _: Wait,
-        _: usize,
-    ) -> Result<Answer<Vec<SpenderData>>, tonic::Status> {
-        std::future::pending().await
-    }
-
-    async fn overview(&self, _: Wait, _: usize) -> Result<Answer<OverviewData>, tonic::Status> {
-        std::future::pending().await
-    }
-
-    async fn category_totals(&self, _: Wait) -> Result<Answer<Vec<CategoryData>>, tonic::Status> {
-        std::future::pending().await
-    }
-
-    fn timeline(&self) -> (Arc<str>, Option<spendflow_operators::Epoch>) {
-        (Arc::from("hanging"), None)
-    }
-
-    async fn subscribe(&self, _: SubscribeSpec) -> Result<SubscribeStream, tonic::Status> {
-        std::future::pending().await
-    }
 }
 
 #[test]
