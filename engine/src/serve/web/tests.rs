@@ -307,3 +307,23 @@ fn an_answer_that_takes_too_long_is_503() {
     // What does not read the backend is answered as usual.
     assert!(http_get(addr, "/").starts_with("HTTP/1.1 200"));
 }
+
+#[test]
+fn a_server_started_on_a_given_runtime_answers_and_stops() {
+    let (model, _writer) = ReadModel::new();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let listener = super::WebServer::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let backend = super::WebBackend::new(
+        crate::serve::grpc::ReadModelBackend::new(Arc::clone(&model)),
+        FixedAdmin,
+    );
+    let mut server = super::WebServer::start_on(runtime.handle(), listener, backend).unwrap();
+    let overview = http_get(server.addr(), "/api/overview");
+    assert!(overview.starts_with("HTTP/1.1 200"), "{overview}");
+    assert!(overview.contains("\"users\":0"), "{overview}");
+    server.stop();
+    assert!(
+        std::net::TcpStream::connect(server.addr()).is_err(),
+        "the listener is closed once stopped"
+    );
+}
