@@ -97,11 +97,13 @@ enum Command {
     /// --sink cassandra wrote, with health and reflection, so readers scale apart from the
     /// engine. An answer's as_of is the sink's newest committed epoch (sink_progress); rows
     /// may be newer, so answers are *at least* as_of. Subscribe and Admin/ListRejected answer
-    /// UNIMPLEMENTED (use the engine's own gRPC address). Runs until Ctrl-C or SIGTERM.
+    /// UNIMPLEMENTED (use the engine's own gRPC address). With --web, also serves the web
+    /// report from the same tables (it reloads when a newer epoch is committed). Runs until
+    /// Ctrl-C or SIGTERM.
     ///
     /// Examples:
     ///   spendflow serve --from cassandra --cassandra 127.0.0.1:9042 --keyspace spendflow \
-    ///       --grpc 127.0.0.1:50052
+    ///       --grpc 127.0.0.1:50052 --web 127.0.0.1:8080
     ///   grpcurl -plaintext 127.0.0.1:50052 spendflow.v1.Admin/GetStatus
     ///   grpcurl -plaintext -d '{"limit": 5}' 127.0.0.1:50052 spendflow.v1.ExpenseQuery/TopSpenders
     #[command(verbatim_doc_comment)]
@@ -345,6 +347,11 @@ struct ServeArgs {
     /// Address of the gRPC service (reflection is on: `grpcurl -plaintext ADDR list`).
     #[arg(long, default_value = "127.0.0.1:50051")]
     grpc: SocketAddr,
+
+    /// Also serve the web report on this address (the engine's overview and user pages,
+    /// answered from the same tables as gRPC), e.g. 127.0.0.1:8080.
+    #[arg(long, value_name = "HOST:PORT")]
+    web: Option<SocketAddr>,
 
     /// How often sink_progress is read (the newest committed epoch), in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 100)]
@@ -606,6 +613,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         contact_points: args.cassandra,
         keyspace: args.keyspace,
         grpc: args.grpc,
+        web: args.web,
         poll_interval_ms: args.poll_interval_ms,
         index_refresh_ms: args.index_refresh_ms,
         quiet_ms: args.quiet_ms,
@@ -614,6 +622,9 @@ fn serve(args: ServeArgs) -> Result<()> {
         CassandraServer::start(config).context("could not start serving from Cassandra")?;
     let addr = server.addr();
     tracing::info!(%addr, "Serving; try `grpcurl -plaintext {addr} spendflow.v1.Admin/GetStatus`.");
+    if let Some(web) = server.web_addr() {
+        println!("Web report: http://{web}/");
+    }
     let stop = stop_signal()?;
     while !stop.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(100));

@@ -288,10 +288,7 @@ impl Engine {
 
     /// The address the web report listens on, if it runs.
     pub fn web_addr(&self) -> Option<SocketAddr> {
-        #[cfg(feature = "web")]
-        return self.servers.web.as_ref().map(|w| w.addr());
-        #[cfg(not(feature = "web"))]
-        None
+        self.servers.web_addr
     }
 
     /// The configuration the engine runs with.

@@ -423,8 +423,7 @@ pub(crate) fn bind(config: &EngineConfig) -> Result<Listeners, EngineError> {
 #[derive(Debug)]
 pub(crate) struct Servers {
     pub grpc_addr: Option<SocketAddr>,
-    #[cfg(feature = "web")]
-    pub web: Option<serve::web::WebServer>,
+    pub web_addr: Option<SocketAddr>,
     shutdown: tokio::sync::watch::Sender<bool>,
     tasks: Vec<(&'static str, tokio::task::JoinHandle<Result<(), String>>)>,
 }
@@ -452,10 +451,6 @@ impl Servers {
                 }
             }
         }
-        #[cfg(feature = "web")]
-        if let Some(mut web) = self.web.take() {
-            web.stop();
-        }
     }
 }
 
@@ -472,8 +467,7 @@ pub(crate) fn serve(
     #[cfg_attr(not(feature = "grpc"), allow(unused_mut))]
     let mut servers = Servers {
         grpc_addr: None,
-        #[cfg(feature = "web")]
-        web: None,
+        web_addr: None,
         shutdown,
         tasks: Vec::new(),
     };
@@ -508,14 +502,29 @@ pub(crate) fn serve(
     }
     #[cfg(feature = "web")]
     if let Some(listener) = listeners.web {
-        servers.web = Some(serve::web::WebServer::start(
-            listener,
-            serve::web::WebContext {
-                read_model: Arc::clone(read_model),
-                status: status(),
-                personnel,
-            },
-        )?);
+        let addr = listener.local_addr().ok();
+        let _guard = runtime.enter();
+        let listener =
+            tokio::net::TcpListener::from_std(listener).map_err(|e| EngineError::Web {
+                addr: format!("{addr:?}"),
+                message: e.to_string(),
+            })?;
+        let mut stopped = stopped.clone();
+        let stop = async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        };
+        let context = serve::web::WebContext {
+            read_model: Arc::clone(read_model),
+            status: status(),
+            personnel,
+        };
+        let task = runtime.spawn(async move {
+            serve::web::serve(listener, context, stop)
+                .await
+                .map_err(|e| e.to_string())
+        });
+        servers.web_addr = addr;
+        servers.tasks.push(("web", task));
     }
     Ok(servers)
 }

@@ -8,7 +8,6 @@
 //! (cargo runs test binaries one after another). Needs SPENDFLOW_KAFKA, SPENDFLOW_CASSANDRA and
 //! SPENDFLOW_MYSQL (`docker/native/services env`).
 
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 

@@ -18,7 +18,6 @@
 //! of 4,000 (on a slow machine). Needs SPENDFLOW_KAFKA, SPENDFLOW_CASSANDRA and
 //! SPENDFLOW_MYSQL (`docker/native/services env`).
 
-
 use std::collections::HashSet;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -53,7 +52,10 @@ fn input_records(brokers: &str, prefix: &str) -> Vec<Vec<u8>> {
 
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .set("group.id", crate::support::unique_name("sf_chaos_input_reader"))
+        .set(
+            "group.id",
+            crate::support::unique_name("sf_chaos_input_reader"),
+        )
         .set("enable.auto.commit", "false")
         .create()
         .unwrap();

@@ -8,14 +8,15 @@
 //! `SPENDFLOW_CASSANDRA` and, for verify, `SPENDFLOW_MYSQL` (`docker/native/services up`,
 //! `eval "$(docker/native/services env)"`).
 
-
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::support::{service_env, unique_name};
 use cdrs_tokio::query_values;
 use mysql::prelude::Queryable;
+use serde_json::{Value, json};
 use spendflow_engine::serve::cassandra::{CassandraServeConfig, CassandraServer, ServeError};
 use spendflow_engine::serve::read_model::{format_day, format_month};
 use spendflow_engine::sink::cassandra::{CassandraError, CqlSession, connect, schema};
@@ -26,7 +27,6 @@ use spendflow_operators::model::{day_of, days_from_civil, month_of_day};
 use spendflow_proto::v1 as pb;
 use spendflow_proto::v1::admin_client::AdminClient;
 use spendflow_proto::v1::expense_query_client::ExpenseQueryClient;
-use crate::support::{service_env, unique_name};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -187,13 +187,17 @@ impl Keyspace {
     }
 
     fn serve(&self) -> CassandraServer {
+        CassandraServer::start(self.serve_config()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn serve_config(&self) -> CassandraServeConfig {
         let mut config = CassandraServeConfig::new(&self.contact);
         config.keyspace = self.name.clone();
         config.grpc = "127.0.0.1:0".parse().unwrap();
         config.poll_interval_ms = 20;
         config.index_refresh_ms = 200;
         config.quiet_ms = 300;
-        CassandraServer::start(config).unwrap_or_else(|e| panic!("{e}"))
+        config
     }
 }
 
@@ -773,6 +777,181 @@ fn assert_reflection_lists_services(client: &Client) {
     ));
 }
 
+/// The web report served from Cassandra (`serve --from cassandra --web`): the page's JSON API
+/// answers with the keyspace's values, the same as gRPC on the same server, and its event
+/// stream says when a newer epoch is committed.
+#[test]
+fn serves_the_web_report_from_the_tables() {
+    let ks = Keyspace::create("read_web");
+    let expected = aggregate(&serve_expenses());
+    ks.write_users(&expected, 5);
+    ks.progress(5, POSITIONS_5, 9, true);
+    let mut config = ks.serve_config();
+    config.web = Some("127.0.0.1:0".parse().unwrap());
+    let server = CassandraServer::start(config).unwrap_or_else(|e| panic!("{e}"));
+    let addr = server.web_addr().expect("the web report is served");
+    let client = Client::connect(server.addr());
+
+    // The page is the engine's page.
+    let page = crate::web::get(addr, "/users/1");
+    assert_eq!(page.status, 200);
+    assert!(page.text().contains("/assets/app.js"));
+
+    // The overview: the index's users, the committed epoch's records, gRPC's ranking.
+    let overview = crate::web::get(addr, "/api/overview");
+    assert_eq!(overview.status, 200);
+    assert_eq!(overview.header("cache-control"), Some("no-store"));
+    let overview = overview.json();
+    assert_eq!(overview["as_of"]["epoch"], json!(5));
+    assert_eq!(overview["users"], json!(expected.len()));
+    let live: i64 = expected.values().map(|u| u.count).sum();
+    assert_eq!(overview["live_expenses"], json!(live));
+    assert_eq!(overview["records_read"], json!(9));
+    assert_eq!(overview["details"], json!("not_configured"));
+    let shown: Vec<(u64, u64, i64)> = overview["top_spenders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["rank"].as_u64().unwrap(),
+                s["user_id"].as_u64().unwrap(),
+                s["total_minor"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let top = client.top(10, None).unwrap();
+    let grpc: Vec<(u64, u64, i64)> = top
+        .spenders
+        .iter()
+        .map(|s| (u64::from(s.rank), s.user_id, s.total_minor))
+        .collect();
+    assert_eq!(shown, grpc, "the page ranks as gRPC does");
+    assert_eq!(
+        shown,
+        [
+            (1, 7, 50_000),
+            (2, 1, 16_700),
+            (3, 2, 7_000),
+            (4, 3, 100),
+            (5, 5, 100)
+        ]
+    );
+    // Totals by category over all users, from a scan of user_category_totals.
+    let categories: Vec<(String, i64, i64, u64)> = overview["categories"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["key"].as_str().unwrap().to_string(),
+                c["total_minor"].as_i64().unwrap(),
+                c["expense_count"].as_i64().unwrap(),
+                c["users"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        categories,
+        [
+            ("electronics".to_string(), 50_000, 1, 1),
+            ("travel".to_string(), 15_000, 2, 1),
+            ("fuel".to_string(), 7_000, 1, 1),
+            ("groceries".to_string(), 1_900, 4, 3),
+        ]
+    );
+
+    // Every user's page: the keyspace's cells, in gRPC's order.
+    for (&user, cells) in &expected {
+        let page = crate::web::get(addr, &format!("/api/users/{user}"));
+        assert_eq!(page.status, 200, "user {user}");
+        let page = page.json();
+        assert_eq!(page["as_of"]["epoch"], json!(5));
+        assert_eq!(page["details_state"], json!("not_configured"));
+        let aggregates = &page["aggregates"];
+        assert_eq!(aggregates["total_minor"], json!(cells.total), "user {user}");
+        assert_eq!(aggregates["expense_count"], json!(cells.count));
+        assert_eq!(aggregates["last_event_ms"], json!(cells.last_event_ms));
+        let summary = client.summary(user, None).unwrap().summary.unwrap();
+        let as_json = |list: &[pb::Total]| -> Value {
+            json!(
+                list.iter()
+                    .map(|t| json!({"key": t.key, "total_minor": t.total_minor, "expense_count": t.expense_count}))
+                    .collect::<Vec<_>>()
+            )
+        };
+        assert_eq!(aggregates["categories"], as_json(&summary.by_category));
+        assert_eq!(aggregates["merchants"], as_json(&summary.by_merchant));
+        assert_eq!(aggregates["merchant_count"], json!(cells.merchants.len()));
+        let months: Vec<Value> = cells
+            .months
+            .iter()
+            .map(|(key, (count, sum))| json!({"key": key, "total_minor": sum, "expense_count": count}))
+            .collect();
+        assert_eq!(aggregates["months"], json!(months), "user {user}");
+    }
+    assert_eq!(
+        crate::web::get(addr, "/api/users/1").json()["aggregates"]["months"],
+        json!([
+            {"key": "2026-10", "total_minor": 20_000, "expense_count": 1},
+            {"key": "2026-11", "total_minor": -3_300, "expense_count": 3},
+        ])
+    );
+    // No expenses and no personnel store: 404, with the epoch.
+    let missing = crate::web::get(addr, "/api/users/4");
+    assert_eq!(missing.status, 404);
+    assert!(
+        missing.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("epoch 5")
+    );
+
+    // Events: hello at the committed epoch, then a reset once a newer one is committed, and
+    // the API then answers from it.
+    let mut events = crate::web::EventStream::open(addr, "/api/events");
+    assert_eq!(events.status, 200);
+    let hello = events.next();
+    assert_eq!(hello.event, "hello");
+    assert_eq!(
+        serde_json::from_str::<Value>(&hello.data).unwrap()["epoch"],
+        json!(5)
+    );
+    let mut more = expected.clone();
+    let newcomer = aggregate(&[expense("h1", 8, "fuel", "BP", 2_500, ms(2026, 11, 6, 7))]);
+    ks.write_users(&newcomer, 6);
+    more.extend(newcomer);
+    ks.progress(6, POSITIONS_5, 10, true);
+    let reset = events.next();
+    assert_eq!(reset.event, "reset", "{reset:?}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&reset.data).unwrap()["epoch"],
+        json!(6)
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let overview = crate::web::get(addr, "/api/overview").json();
+        if overview["as_of"]["epoch"] == json!(6) {
+            assert_eq!(overview["users"], json!(more.len()));
+            assert_eq!(overview["records_read"], json!(10));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the overview stayed at {overview}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        crate::web::get(addr, "/api/users/8").json()["aggregates"]["total_minor"],
+        json!(2_500)
+    );
+
+    // Shutting down with the event stream open ends it instead of waiting for the client.
+    server.shutdown().unwrap();
+    drop(events);
+}
+
 #[test]
 fn a_keyspace_without_the_tables_is_refused_at_start() {
     let contact = service_env("SPENDFLOW_CASSANDRA");
@@ -811,9 +990,16 @@ fn serve_command_answers_until_sigterm() {
         .unwrap()
         .port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let web_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let web_addr: std::net::SocketAddr = format!("127.0.0.1:{web_port}").parse().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_spendflow"))
         .args(["serve", "--from", "cassandra", "--cassandra", &ks.contact])
         .args(["--keyspace", &ks.name, "--grpc", &addr.to_string()])
+        .args(["--web", &web_addr.to_string()])
         .args(["--log", "warn"])
         .stdin(Stdio::null())
         .spawn()
@@ -843,6 +1029,10 @@ fn serve_command_answers_until_sigterm() {
         .into_inner();
     assert_eq!(answer.summary.unwrap().total_minor, 7_000);
     assert_eq!(answer.as_of.unwrap().epoch, 3);
+    // --web: the page's API answers from the same keyspace.
+    let page = crate::web::get(web_addr, "/api/users/2").json();
+    assert_eq!(page["aggregates"]["total_minor"], json!(7_000));
+    assert_eq!(page["as_of"]["epoch"], json!(3));
 
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -2,7 +2,6 @@
 //! the progress row is committed, a replayed write is harmless, and a second engine fences
 //! the first one out. Needs `SPENDFLOW_CASSANDRA` (see `docker/native/services env`).
 
-
 use std::sync::Arc;
 
 use cdrs_tokio::types::IntoRustByName;

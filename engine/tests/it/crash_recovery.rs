@@ -8,7 +8,6 @@
 //! The test prints its seed; `SPENDFLOW_CRASH_SEED=<seed>` repeats the same kill schedule.
 //! Needs SPENDFLOW_KAFKA, SPENDFLOW_CASSANDRA and SPENDFLOW_MYSQL (`docker/native/services env`).
 
-
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};

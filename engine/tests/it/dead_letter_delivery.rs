@@ -9,7 +9,6 @@
 //!
 //! Needs SPENDFLOW_KAFKA (`docker/native/services env`).
 
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;

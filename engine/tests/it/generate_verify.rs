@@ -7,12 +7,12 @@
 //! (`spendflow_it_*`), so the tests run in parallel and again; the MySQL user needs privileges on
 //! databases matching `spendflow\_%` (the services kit grants them).
 
-
 use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
+use crate::support::{create_topics, read_dead_letters, service_env, unique_name};
 use mysql::prelude::Queryable;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
@@ -25,7 +25,6 @@ use spendflow_engine::verify::grpc::GrpcServed;
 use spendflow_engine::verify::mysql::MySqlTruth;
 use spendflow_engine::verify::{self, Report, VerifyOptions};
 use spendflow_engine::{Engine, EngineConfig, SourceConfig, Status};
-use crate::support::{create_topics, read_dead_letters, service_env, unique_name};
 
 /// The services, and names unique to one test.
 struct Setup {

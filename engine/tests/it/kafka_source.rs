@@ -2,17 +2,16 @@
 //! a topic created while the engine runs, user checks, dead letters with their headers, and a
 //! keyed topic split across two workers. Results are compared with recomputation.
 
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use crate::support::{create_topics, producer, read_dead_letters, service_env, unique_name};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use spendflow_engine::source::generator::{GeneratorConfig, Simulator};
 use spendflow_engine::source::kafka::KafkaSourceConfig;
 use spendflow_engine::{Engine, EngineConfig, SourceConfig};
 use spendflow_operators::Record;
 use spendflow_operators::oracle::recompute;
-use crate::support::{create_topics, producer, read_dead_letters, service_env, unique_name};
 
 fn send(producer: &BaseProducer, topic: &str, key: Option<&str>, payload: &[u8]) {
     let mut record = BaseRecord::to(topic).payload(payload);

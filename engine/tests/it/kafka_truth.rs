@@ -8,11 +8,11 @@
 //! * a topic deleted while it is read stays in the status as `deleted` with its lag, is warned
 //!   about once, and everything else keeps being read.
 
-
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::support::{create_topics, producer, service_env, unique_name};
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -24,7 +24,6 @@ use spendflow_engine::source::generator::{GeneratorConfig, Simulator};
 use spendflow_engine::source::kafka::{KafkaSourceConfig, OnDataLoss};
 use spendflow_engine::source::{OffsetRange, PartitionPosition, PartitionState};
 use spendflow_engine::{Engine, EngineConfig, SourceConfig, Status};
-use crate::support::{create_topics, producer, service_env, unique_name};
 
 /// Everything the engines of this test binary log (to count warnings).
 fn logs() -> &'static Arc<Mutex<Vec<u8>>> {

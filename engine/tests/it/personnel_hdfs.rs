@@ -6,7 +6,6 @@
 //! `docker/native/services env`. Every test uses its own database (`spendflow_...`, which the
 //! kit grants) and its own HDFS root.
 
-
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;

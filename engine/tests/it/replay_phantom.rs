@@ -13,7 +13,6 @@
 //! back to Y's values) and the user's total back to Y's. Before the fix, X's rows stayed forever.
 //! Needs SPENDFLOW_CASSANDRA (`docker/native/services env`).
 
-
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

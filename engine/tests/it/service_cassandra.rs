@@ -1,7 +1,6 @@
 //! Cassandra (cdrs-tokio) against the real node: create a keyspace and a table, insert, select,
 //! drop the keyspace. Needs `SPENDFLOW_CASSANDRA` (see `docker/native/services env`).
 
-
 use cdrs_tokio::cluster::session::{Session, SessionBuilder, TcpSessionBuilder};
 use cdrs_tokio::cluster::{NodeTcpConfigBuilder, TcpConnectionManager};
 use cdrs_tokio::load_balancing::RoundRobinLoadBalancingStrategy;

@@ -1,7 +1,6 @@
 //! HDFS (hdfs-native) against the real NameNode/DataNode: write, read, rename, delete.
 //! Needs `SPENDFLOW_HDFS` (see `docker/native/services env`).
 
-
 use hdfs_native::{ClientBuilder, WriteOptions};
 
 use crate::support::{service_env, unique_name, within};

@@ -1,7 +1,6 @@
 //! Kafka (rdkafka) against the real broker: create a topic, produce, consume, delete the topic.
 //! Needs `SPENDFLOW_KAFKA` (see `docker/native/services env`).
 
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 

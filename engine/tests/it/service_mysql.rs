@@ -1,7 +1,6 @@
 //! MySQL/MariaDB (mysql crate) against the real server: create a table, insert, select, drop.
 //! Needs `SPENDFLOW_MYSQL` (see `docker/native/services env`).
 
-
 use mysql::prelude::Queryable;
 use mysql::{Conn, Opts, params};
 

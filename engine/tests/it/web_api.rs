@@ -2,14 +2,13 @@
 //! cache headers, the JSON API's shapes and error statuses, server-sent events after a push,
 //! and that nothing served refers to another origin.
 
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::web::{EventStream, get, request};
 use serde_json::{Value, json};
 use spendflow_engine::Engine;
 use spendflow_engine::personnel::Personnel;
-use crate::web::{EventStream, get, request};
 
 fn record(id: &str, user: u64, category: &str, merchant: &str, amount: i64, time: &str) -> String {
     format!(
@@ -379,4 +378,220 @@ fn the_demo_prints_the_web_address_and_serves_the_page_there() {
         demo.wait().unwrap().success(),
         "the demo stops cleanly on SIGTERM"
     );
+}
+
+/// The page's JSON and gRPC answer from the same backend: for the same state, the same users
+/// in the same order with the same values (ties included), the same categories and merchants
+/// in the same order, the same months, the same counters.
+#[test]
+fn the_web_api_and_grpc_answer_the_same() {
+    use spendflow_proto::v1 as pb;
+    use spendflow_proto::v1::admin_client::AdminClient;
+    use spendflow_proto::v1::expense_query_client::ExpenseQueryClient;
+
+    let engine = Engine::builder()
+        .epoch_interval(Duration::from_millis(5))
+        .grpc("127.0.0.1:0".parse().unwrap())
+        .web("127.0.0.1:0".parse().unwrap())
+        .start()
+        .unwrap();
+    let input = engine.input();
+    let mut n = 0;
+    let mut push = |user: u64, category: &str, merchant: &str, amount: i64, time: &str| {
+        n += 1;
+        input
+            .push_json(record(
+                &format!("e{n}"),
+                user,
+                category,
+                merchant,
+                amount,
+                time,
+            ))
+            .unwrap();
+    };
+    // Users 10, 11 and 12 tie at 3_000 (ranked by id); user 13 has 20 merchants (the page
+    // lists 15) with tied totals, and categories that tie.
+    for user in [12, 10, 11] {
+        push(user, "fuel", "Shell", 3_000, "2026-11-03T09:00:00Z");
+    }
+    for m in 0..20 {
+        let amount = if m % 3 == 0 { 700 } else { 400 };
+        let category = ["groceries", "dining", "travel", "books"][m % 4];
+        let month = 1 + m % 12;
+        push(
+            13,
+            category,
+            &format!("Shop {m:02}"),
+            amount,
+            &format!("2025-{month:02}-10T12:00:00Z"),
+        );
+    }
+    push(14, "groceries", "Tesco", -250, "2026-11-04T09:00:00Z");
+    push(14, "groceries", "Tesco", 1_250, "2026-11-04T10:00:00Z");
+    assert!(engine.wait_caught_up(Duration::from_secs(10)));
+    let epoch = engine.read_model().snapshot().as_of().epoch;
+    let addr = engine.web_addr().unwrap();
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let channel = runtime
+        .block_on(
+            tonic::transport::Channel::from_shared(format!(
+                "http://{}",
+                engine.grpc_addr().unwrap()
+            ))
+            .unwrap()
+            .connect(),
+        )
+        .unwrap();
+    let mut query = ExpenseQueryClient::new(channel.clone());
+    let mut admin = AdminClient::new(channel);
+
+    // The overview: top spenders (rank, user, total, count) and counters.
+    let overview = get(addr, "/api/overview?limit=100").json();
+    assert_eq!(overview["as_of"]["epoch"], json!(epoch));
+    let top = runtime
+        .block_on(query.top_spenders(pb::TopSpendersRequest {
+            limit: 100,
+            consistency: None,
+        }))
+        .unwrap()
+        .into_inner();
+    assert_eq!(top.as_of.as_ref().unwrap().epoch, epoch);
+    let web_top: Vec<Value> = overview["top_spenders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            json!([
+                s["rank"],
+                s["user_id"],
+                s["total_minor"],
+                s["expense_count"]
+            ])
+        })
+        .collect();
+    let grpc_top: Vec<Value> = top
+        .spenders
+        .iter()
+        .map(|s| json!([s.rank, s.user_id, s.total_minor, s.expense_count]))
+        .collect();
+    assert_eq!(web_top, grpc_top);
+    assert_eq!(
+        web_top[..4],
+        [
+            json!([1, 13, 10_100, 20]),
+            json!([2, 10, 3_000, 1]),
+            json!([3, 11, 3_000, 1]),
+            json!([4, 12, 3_000, 1]),
+        ],
+        "ties by user id"
+    );
+    let status = runtime
+        .block_on(admin.get_status(pb::GetStatusRequest {}))
+        .unwrap()
+        .into_inner();
+    assert_eq!(overview["users"], json!(status.users));
+    assert_eq!(overview["live_expenses"], json!(status.live_expenses));
+    assert_eq!(overview["records_read"], json!(status.records_read));
+    assert_eq!(overview["records_rejected"], json!(status.records_rejected));
+
+    // Totals by category over all users: what summing every gRPC summary gives, same order.
+    let summaries = runtime
+        .block_on(query.list_user_summaries(pb::ListUserSummariesRequest {
+            page_size: 1000,
+            page_token: String::new(),
+            consistency: None,
+        }))
+        .unwrap()
+        .into_inner();
+    let mut by_category: std::collections::BTreeMap<String, (i64, i64, i64)> = Default::default();
+    for summary in &summaries.summaries {
+        for total in &summary.by_category {
+            let entry = by_category.entry(total.key.clone()).or_default();
+            *entry = (
+                entry.0 + total.total_minor,
+                entry.1 + total.expense_count,
+                entry.2 + 1,
+            );
+        }
+    }
+    let mut expected: Vec<Value> = by_category
+        .into_iter()
+        .map(|(key, (sum, count, users))| json!([key, sum, count, users]))
+        .collect();
+    expected.sort_by(|a, b| {
+        b[1].as_i64()
+            .cmp(&a[1].as_i64())
+            .then_with(|| a[0].as_str().cmp(&b[0].as_str()))
+    });
+    let web_categories: Vec<Value> = overview["categories"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| json!([c["key"], c["total_minor"], c["expense_count"], c["users"]]))
+        .collect();
+    assert_eq!(web_categories, expected);
+
+    // Every user's page: total, categories and merchants in gRPC's order, months as gRPC's
+    // month windows.
+    let as_totals = |list: &[pb::Total]| -> Vec<Value> {
+        list.iter()
+            .map(|t| json!({"key": t.key, "total_minor": t.total_minor, "expense_count": t.expense_count}))
+            .collect()
+    };
+    for summary in &summaries.summaries {
+        let user = summary.user_id;
+        let page = get(addr, &format!("/api/users/{user}")).json();
+        assert_eq!(page["as_of"]["epoch"], json!(epoch));
+        let aggregates = &page["aggregates"];
+        assert_eq!(
+            aggregates["total_minor"],
+            json!(summary.total_minor),
+            "{user}"
+        );
+        assert_eq!(aggregates["expense_count"], json!(summary.expense_count));
+        assert_eq!(
+            aggregates["last_event_time"],
+            json!(summary.last_event_time)
+        );
+        assert_eq!(
+            aggregates["categories"],
+            json!(as_totals(&summary.by_category))
+        );
+        let merchants = as_totals(&summary.by_merchant);
+        assert_eq!(aggregates["merchant_count"], json!(merchants.len()));
+        assert_eq!(
+            aggregates["merchants"],
+            json!(merchants[..merchants.len().min(15)])
+        );
+        let windows = runtime
+            .block_on(query.get_user_windows(pb::GetUserWindowsRequest {
+                user_id: user,
+                granularity: pb::Granularity::Month.into(),
+                from: "2000-01".into(),
+                to: "2099-12".into(),
+                consistency: None,
+            }))
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            aggregates["months"],
+            json!(as_totals(&windows.windows)),
+            "{user}"
+        );
+    }
+    let thirteen = get(addr, "/api/users/13").json();
+    assert_eq!(
+        thirteen["aggregates"]["merchants"]
+            .as_array()
+            .unwrap()
+            .len(),
+        15
+    );
+    assert_eq!(
+        thirteen["aggregates"]["months"].as_array().unwrap().len(),
+        12
+    );
+    engine.shutdown().unwrap();
 }

@@ -10,10 +10,10 @@
 //! expenses for that user and waits for the page to show the new gRPC total without a reload.
 //! Screenshots go to `target/test-output/web_browser/`.
 
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::web::{Browser, output_dir};
 use serde_json::{Value, json};
 use spendflow_engine::personnel::Personnel;
 use spendflow_engine::source::generator::{GeneratorConfig, GeneratorSourceConfig};
@@ -21,7 +21,6 @@ use spendflow_engine::{Engine, SourceConfig};
 use spendflow_proto::v1 as pb;
 use spendflow_proto::v1::expense_query_client::ExpenseQueryClient;
 use tonic::transport::Channel;
-use crate::web::{Browser, output_dir};
 
 const USERS: u64 = 60;
 const SEED: u64 = 2026;

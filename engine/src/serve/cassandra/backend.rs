@@ -5,19 +5,38 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use spendflow_operators::{CountSum, UserId};
+use tokio::sync::Mutex as AsyncMutex;
 use tonic::Status;
 
 use super::index::IndexCache;
 use super::progress::ProgressWatch;
 use super::reader::TableReader;
 use crate::serve::grpc::backend::{
-    Answer, Buckets, QueryBackend, SpenderData, SubscribeSpec, SubscribeStream, SummaryData,
-    SummaryPage, Wait,
+    Amount, Answer, Buckets, CategoryData, CategorySums, OverviewData, QueryBackend, SpenderData,
+    SubscribeSpec, SubscribeStream, SummaryData, SummaryPage, Wait,
 };
 use crate::sink::cassandra::CassandraError;
 
 /// Users of a `ListUserSummaries` page read at once.
 const PAGE_CONCURRENCY: usize = 32;
+/// Rows per page of the scan behind the totals by category over all users.
+const CATEGORY_SCAN_PAGE: i32 = 5000;
+
+/// Exact (128-bit) sums of cells as the tables store them (`bigint`).
+fn widen(cells: Vec<(String, CountSum)>) -> Vec<(String, Amount)> {
+    cells
+        .into_iter()
+        .map(|(key, (count, sum))| (key, (count, i128::from(sum))))
+        .collect()
+}
+
+fn spender(row: &super::reader::UserRow) -> SpenderData {
+    SpenderData {
+        user_id: row.user_id,
+        total_minor: row.total_minor.into(),
+        expense_count: row.expense_count,
+    }
+}
 
 /// The message of `Subscribe` from Cassandra.
 pub const SUBSCRIBE_UNIMPLEMENTED: &str = "Subscribe is not served from Cassandra: the tables \
@@ -41,6 +60,8 @@ pub struct CassandraBackend {
     reader: Arc<TableReader>,
     progress: ProgressWatch,
     index: Arc<IndexCache>,
+    /// One scan of `user_category_totals` at a time; concurrent callers wait for it.
+    category_scan: Arc<AsyncMutex<()>>,
 }
 
 impl CassandraBackend {
@@ -50,6 +71,7 @@ impl CassandraBackend {
             reader,
             progress,
             index,
+            category_scan: Arc::default(),
         }
     }
 
@@ -63,11 +85,11 @@ impl CassandraBackend {
         .map_err(status)?;
         Ok(row.map(|row| SummaryData {
             user_id: row.user_id,
-            total_minor: row.total_minor,
+            total_minor: row.total_minor.into(),
             expense_count: row.expense_count,
             last_event_ms: row.last_event_ms,
-            by_category: categories,
-            by_merchant: merchants,
+            by_category: widen(categories),
+            by_merchant: widen(merchants),
         }))
     }
 }
@@ -126,7 +148,7 @@ impl QueryBackend for CassandraBackend {
         buckets: Buckets,
         from: i32,
         to: i32,
-    ) -> Result<Answer<Option<Vec<(i32, CountSum)>>>, Status> {
+    ) -> Result<Answer<Option<Vec<(i32, Amount)>>>, Status> {
         let as_of = self.progress.at_least(wait).await?;
         let cells = async {
             match buckets {
@@ -137,7 +159,12 @@ impl QueryBackend for CassandraBackend {
         let (row, cells) = tokio::try_join!(self.reader.user(user), cells).map_err(status)?;
         Ok(Answer {
             as_of,
-            value: row.map(|_| cells),
+            value: row.map(|_| {
+                cells
+                    .into_iter()
+                    .map(|(bucket, (count, sum))| (bucket, (count, i128::from(sum))))
+                    .collect()
+            }),
         })
     }
 
@@ -152,18 +179,44 @@ impl QueryBackend for CassandraBackend {
             .get(&self.reader, &self.progress, wait.min_epoch)
             .await
             .map_err(status)?;
-        let spenders = index
-            .top()
-            .take(limit)
-            .map(|r| SpenderData {
-                user_id: r.user_id,
-                total_minor: r.total_minor,
-                expense_count: r.expense_count,
-            })
-            .collect();
+        let spenders = index.top().take(limit).map(spender).collect();
         Ok(Answer {
             as_of: index.as_of.clone(),
             value: spenders,
+        })
+    }
+
+    async fn overview(&self, wait: Wait, limit: usize) -> Result<Answer<OverviewData>, Status> {
+        self.progress.at_least(wait).await?;
+        let index = self
+            .index
+            .get(&self.reader, &self.progress, wait.min_epoch)
+            .await
+            .map_err(status)?;
+        Ok(Answer {
+            as_of: index.as_of.clone(),
+            value: OverviewData {
+                users: index.len() as u64,
+                live_expenses: index.live_expenses(),
+                top: index.top().take(limit).map(spender).collect(),
+            },
+        })
+    }
+
+    async fn category_totals(&self, wait: Wait) -> Result<Answer<Vec<CategoryData>>, Status> {
+        let _scan = self.category_scan.lock().await;
+        // Every row read after the committed epoch seen here is at least that new.
+        let as_of = self.progress.at_least(wait).await?;
+        let mut sums = CategorySums::default();
+        self.reader
+            .scan_categories(CATEGORY_SCAN_PAGE, |name, (count, sum)| {
+                sums.add(name, (count, i128::from(sum)));
+            })
+            .await
+            .map_err(status)?;
+        Ok(Answer {
+            as_of,
+            value: sums.finish(),
         })
     }
 

@@ -34,6 +34,12 @@
 //!   `UNIMPLEMENTED` (the engine and its dead-letter topic keep rejected records).
 //! * Health (`grpc.health.v1`) reports `NOT_SERVING` for both services while `sink_progress`
 //!   cannot be read; reflection (v1 and v1alpha) is on, as on the engine.
+//! * The web report (`--web ADDR`, [`CassandraServeConfig::web`]): the engine's pages and JSON
+//!   API, answered through the same backend and `Admin` service as gRPC, so the page shows
+//!   what gRPC answers. Totals by category over all users are a scan of
+//!   `user_category_totals` (reused for a second). No personnel store: pages show ids and
+//!   aggregates. `/api/events` has no per-epoch changes here: it sends `reset` when a newer
+//!   epoch is committed (checked every second) and the page reloads its data.
 
 pub mod admin;
 pub mod backend;
@@ -44,7 +50,6 @@ pub mod reader;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -58,6 +63,7 @@ pub use reader::TableReader;
 
 use self::index::IndexCache;
 use crate::serve::grpc::{QueryService, router_with, serve_router};
+use crate::serve::web::WebBackend;
 use crate::sink::cassandra::{CassandraError, connect, schema};
 
 /// Settings of `spendflow serve --from cassandra`.
@@ -72,6 +78,9 @@ pub struct CassandraServeConfig {
     /// Address of the gRPC service (port 0 picks a free port).
     #[serde(default = "default_grpc")]
     pub grpc: SocketAddr,
+    /// Address of the web report, if it is served (port 0 picks a free port).
+    #[serde(default)]
+    pub web: Option<SocketAddr>,
     /// How often `sink_progress` is read, in milliseconds.
     #[serde(default = "default_poll_interval_ms")]
     pub poll_interval_ms: u64,
@@ -113,6 +122,7 @@ impl CassandraServeConfig {
             contact_points: contact_points.into(),
             keyspace: default_keyspace(),
             grpc: default_grpc(),
+            web: None,
             poll_interval_ms: default_poll_interval_ms(),
             index_refresh_ms: default_index_refresh_ms(),
             quiet_ms: default_quiet_ms(),
@@ -190,19 +200,23 @@ impl ServeError {
 #[derive(Debug)]
 pub struct CassandraServer {
     addr: SocketAddr,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<Result<(), String>>>,
+    web_addr: Option<SocketAddr>,
+    shutdown: Option<tokio::sync::watch::Sender<bool>>,
+    /// The servers' result (in a mutex only so the server is `Sync`).
+    done: Option<std::sync::Mutex<std::sync::mpsc::Receiver<Result<(), String>>>>,
+    /// The runtime of [`CassandraServer::start`]; `None` on a runtime given to `start_on`.
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl CassandraServer {
     /// Connects, checks that the keyspace holds the sink's tables, reads `sink_progress`
-    /// once, binds the gRPC address and starts serving. Blocking; call it outside an async
-    /// runtime.
+    /// once, binds the gRPC (and web) address and starts serving, on a runtime of its own.
+    /// Blocking; call it outside an async runtime.
     ///
     /// # Errors
     ///
     /// [`ServeError::Config`] for invalid settings or a keyspace without the tables,
-    /// [`ServeError::Cassandra`] if Cassandra cannot be reached, [`ServeError::Bind`] if the
+    /// [`ServeError::Cassandra`] if Cassandra cannot be reached, [`ServeError::Bind`] if an
     /// address is taken.
     pub fn start(config: CassandraServeConfig) -> Result<CassandraServer, ServeError> {
         config.validate().map_err(ServeError::Config)?;
@@ -212,43 +226,88 @@ impl CassandraServer {
             .enable_all()
             .build()
             .map_err(|e| ServeError::Server(format!("could not start a runtime: {e}")))?;
-        let (listener, router, tasks) = runtime.block_on(setup(&config))?;
+        let mut server = CassandraServer::start_on(runtime.handle(), config)?;
+        server.runtime = Some(runtime);
+        Ok(server)
+    }
+
+    /// Like [`CassandraServer::start`], on `runtime`: the servers and their tasks are spawned
+    /// there. Blocking (it waits on `runtime` for the setup); call it outside an async
+    /// context. [`CassandraServer::shutdown`] and dropping the server block until the servers
+    /// have ended, so call them outside `runtime`'s worker threads too.
+    ///
+    /// # Errors
+    ///
+    /// As [`CassandraServer::start`].
+    pub fn start_on(
+        runtime: &tokio::runtime::Handle,
+        config: CassandraServeConfig,
+    ) -> Result<CassandraServer, ServeError> {
+        config.validate().map_err(ServeError::Config)?;
+        let Setup {
+            listener,
+            routes,
+            web,
+            tasks,
+        } = runtime.block_on(setup(&config))?;
         let addr = listener.local_addr().map_err(|e| ServeError::Bind {
             addr: config.grpc.to_string(),
             message: e.to_string(),
         })?;
+        let web_addr = match &web {
+            Some((listener, _)) => Some(listener.local_addr().map_err(|e| ServeError::Bind {
+                addr: format!("{:?}", config.web),
+                message: e.to_string(),
+            })?),
+            None => None,
+        };
         tracing::info!(
             %addr,
+            web = ?web_addr,
             keyspace = %config.keyspace,
             contact_points = %config.contact_points,
             "Serving spendflow.v1 from Cassandra."
         );
-        let (shutdown, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("spendflow-serve-main".into())
-            .spawn(move || {
-                let result = runtime.block_on(async move {
-                    let shutdown = async {
-                        let _ = shutdown_rx.await;
-                    };
-                    serve_router(listener, router, shutdown).await
-                });
-                for task in tasks {
-                    task.abort();
+        let (shutdown, stopping) = tokio::sync::watch::channel(false);
+        let (done, done_rx) = std::sync::mpsc::sync_channel(1);
+        runtime.spawn(async move {
+            let stopped = |mut stopping: tokio::sync::watch::Receiver<bool>| async move {
+                let _ = stopping.wait_for(|s| *s).await;
+            };
+            let grpc = serve_router(listener, routes, stopped(stopping.clone()));
+            let web = async {
+                match web {
+                    Some((listener, backend)) => {
+                        crate::serve::web::serve(listener, backend, stopped(stopping))
+                            .await
+                            .map_err(|e| format!("web report: {e}"))
+                    }
+                    None => Ok(()),
                 }
-                result
-            })
-            .map_err(|e| ServeError::Server(e.to_string()))?;
+            };
+            let (grpc, web) = tokio::join!(grpc, web);
+            for task in tasks {
+                task.abort();
+            }
+            let _ = done.send(grpc.and(web));
+        });
         Ok(CassandraServer {
             addr,
+            web_addr,
             shutdown: Some(shutdown),
-            thread: Some(thread),
+            done: Some(std::sync::Mutex::new(done_rx)),
+            runtime: None,
         })
     }
 
     /// The address the gRPC service listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address the web report listens on, if it is served.
+    pub fn web_addr(&self) -> Option<SocketAddr> {
+        self.web_addr
     }
 
     /// Stops serving (open calls finish first) and waits for the server to end.
@@ -262,13 +321,23 @@ impl CassandraServer {
 
     fn stop(&mut self) -> Result<(), ServeError> {
         if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
+            let _ = shutdown.send(true);
         }
-        match self.thread.take().map(JoinHandle::join) {
+        let result = match self
+            .done
+            .take()
+            .map(|done| done.into_inner().unwrap_or_else(|p| p.into_inner()).recv())
+        {
             None | Some(Ok(Ok(()))) => Ok(()),
             Some(Ok(Err(e))) => Err(ServeError::Server(e)),
-            Some(Err(_)) => Err(ServeError::Server("the server thread panicked".into())),
+            Some(Err(_)) => Err(ServeError::Server(
+                "the server ended without a result (its runtime stopped)".into(),
+            )),
+        };
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(Duration::from_millis(100));
         }
+        result
     }
 }
 
@@ -280,16 +349,16 @@ impl Drop for CassandraServer {
 
 type QueryServer = ExpenseQueryServer<QueryService<CassandraBackend>>;
 
-async fn setup(
-    config: &CassandraServeConfig,
-) -> Result<
-    (
-        tokio::net::TcpListener,
-        tonic::transport::server::Router,
-        Vec<tokio::task::JoinHandle<()>>,
-    ),
-    ServeError,
-> {
+/// What [`setup`] made: the bound listeners, the routes and web backend to serve, and the
+/// tasks that run beside them.
+struct Setup {
+    listener: tokio::net::TcpListener,
+    routes: tonic::service::Routes,
+    web: Option<(tokio::net::TcpListener, WebBackend)>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+async fn setup(config: &CassandraServeConfig) -> Result<Setup, ServeError> {
     // Bind first, so a taken port fails before anything else is done.
     let listener = tokio::net::TcpListener::bind(config.grpc)
         .await
@@ -297,6 +366,19 @@ async fn setup(
             addr: config.grpc.to_string(),
             message: format!("{e} (is another server running there? choose another --grpc)"),
         })?;
+    let web_listener = match config.web {
+        Some(web) => {
+            Some(
+                tokio::net::TcpListener::bind(web)
+                    .await
+                    .map_err(|e| ServeError::Bind {
+                        addr: web.to_string(),
+                        message: format!("{e} (is another program using it? choose another --web)"),
+                    })?,
+            )
+        }
+        None => None,
+    };
     let session = connect(&config.contact_points).await?;
     let reader = Arc::new(TableReader::new(session, &config.keyspace).await?);
     let index = Arc::new(IndexCache::new(Duration::from_millis(
@@ -308,22 +390,25 @@ async fn setup(
         Duration::from_millis(config.poll_interval_ms),
     )
     .await?;
-    let query = QueryService::new(CassandraBackend::new(
-        Arc::clone(&reader),
-        progress.clone(),
-        Arc::clone(&index),
-    ));
+    // One backend and one admin for gRPC and the web report: the same index, the same answers.
+    let backend = CassandraBackend::new(Arc::clone(&reader), progress.clone(), Arc::clone(&index));
     let admin = CassandraAdmin::new(
         Arc::clone(&reader),
         progress.clone(),
         Arc::clone(&index),
         Duration::from_millis(config.quiet_ms),
     );
-    let (router, health) = router_with(query, admin)
+    let web = web_listener.map(|l| (l, WebBackend::new(backend.clone(), admin.clone())));
+    let (routes, health) = router_with(QueryService::new(backend), admin)
         .await
         .map_err(ServeError::Server)?;
     let health_task = tokio::spawn(report_health(progress, health));
-    Ok((listener, router, vec![poller, health_task]))
+    Ok(Setup {
+        listener,
+        routes,
+        web,
+        tasks: vec![poller, health_task],
+    })
 }
 
 /// Reports both services `NOT_SERVING` while `sink_progress` cannot be read.

@@ -123,6 +123,7 @@ struct Statements {
     months_range: PreparedQuery,
     months_all: PreparedQuery,
     scan_totals: PreparedQuery,
+    scan_categories: PreparedQuery,
     distinct_categories: PreparedQuery,
     distinct_months: PreparedQuery,
 }
@@ -214,6 +215,10 @@ impl TableReader {
             months_all: prepare(cells("user_monthly_totals", "month")).await?,
             scan_totals: prepare(format!(
                 "SELECT user_id, total_minor, expense_count, last_event_ms FROM {ks}.user_totals"
+            ))
+            .await?,
+            scan_categories: prepare(format!(
+                "SELECT category, total_minor, expense_count FROM {ks}.user_category_totals"
             ))
             .await?,
             distinct_categories: prepare(format!(
@@ -509,6 +514,39 @@ impl TableReader {
             match next {
                 Some(next) => paging = Some(next),
                 None => return Ok(out),
+            }
+        }
+    }
+
+    /// Every `user_category_totals` row, a page of `page_size` at a time, handed to `each` as
+    /// `(category, (count, sum))` (one per user and category; in token order).
+    ///
+    /// # Errors
+    ///
+    /// A request failed, or a row is malformed.
+    pub async fn scan_categories(
+        &self,
+        page_size: i32,
+        mut each: impl FnMut(&str, CountSum) + Send,
+    ) -> Result<(), CassandraError> {
+        let mut paging = None;
+        loop {
+            let (rows, next) = self
+                .page(
+                    &self.statements.scan_categories,
+                    None,
+                    Some(page_size),
+                    paging,
+                    "scan user_category_totals",
+                )
+                .await?;
+            for row in &rows {
+                let (name, cell) = named_cell(row, "user_category_totals", "category")?;
+                each(&name, cell);
+            }
+            match next {
+                Some(next) => paging = Some(next),
+                None => return Ok(()),
             }
         }
     }

@@ -3,8 +3,12 @@
 //! the same way.
 //!
 //! A backend only fetches data: one user's summary, a page of summaries after a user id, one
-//! user's day or month buckets, the largest spenders, and (if it can) a subscription. Every
-//! answer comes with the [`AsOf`] it reflects. Two backends exist:
+//! user's day or month buckets, the largest spenders, the totals over all users (for the web
+//! report's overview), and (if it can) a subscription. Every answer comes with the [`AsOf`] it
+//! reflects. Sums are 128-bit ([`Amount`]), as the read model keeps them: gRPC's `int64` fields
+//! refuse a sum that does not fit (`OUT_OF_RANGE`, in [`super::convert`]), the web report shows
+//! it exactly. The order of an answer (largest first, ties by key) is [`largest_first`], used by
+//! gRPC and the web report alike. Two backends exist:
 //!
 //! * [`super::memory::ReadModelBackend`]: the engine's read model (one consistent snapshot per
 //!   closed epoch; the answer is exactly `as_of`).
@@ -14,12 +18,13 @@
 use std::pin::Pin;
 use std::time::Duration;
 
-use spendflow_operators::{CountSum, Epoch, UserId};
+use spendflow_operators::{Epoch, UserId};
 use spendflow_proto::v1 as pb;
 use tokio_stream::Stream;
 use tonic::Status;
 
 use super::query::SubscriberGuard;
+pub use crate::serve::read_model::Amount;
 use crate::serve::read_model::AsOf;
 
 /// A read-your-writes requirement: answer from epoch `min_epoch` or later, waiting at most
@@ -47,15 +52,32 @@ pub struct SummaryData {
     /// The user.
     pub user_id: UserId,
     /// Sum of the live expenses, minor units.
-    pub total_minor: i64,
+    pub total_minor: i128,
     /// Number of live expenses.
     pub expense_count: i64,
     /// The newest event time, ms since the Unix epoch, if known.
     pub last_event_ms: Option<i64>,
     /// `(category, (count, sum))`.
-    pub by_category: Vec<(String, CountSum)>,
+    pub by_category: Vec<(String, Amount)>,
     /// `(merchant, (count, sum))`.
-    pub by_merchant: Vec<(String, CountSum)>,
+    pub by_merchant: Vec<(String, Amount)>,
+}
+
+impl SummaryData {
+    /// The summary with its categories and merchants in answer order ([`largest_first`]).
+    pub fn ordered(mut self) -> Self {
+        largest_first(&mut self.by_category);
+        largest_first(&mut self.by_merchant);
+        self
+    }
+}
+
+/// Sorts `(key, (count, sum))` entries the way every answer lists them: largest sum first,
+/// ties by key, so answers are stable.
+pub fn largest_first<K: Ord>(entries: &mut [(K, Amount)]) {
+    entries.sort_by(|(a_key, (_, a_sum)), (b_key, (_, b_sum))| {
+        b_sum.cmp(a_sum).then_with(|| a_key.cmp(b_key))
+    });
 }
 
 /// A page of summaries in increasing user id order.
@@ -75,9 +97,73 @@ pub struct SpenderData {
     /// The user.
     pub user_id: UserId,
     /// The user's total, minor units.
-    pub total_minor: i64,
+    pub total_minor: i128,
     /// The user's live expenses.
     pub expense_count: i64,
+}
+
+/// The population and the largest spenders, read together (one snapshot, one index).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OverviewData {
+    /// Users with a live expense.
+    pub users: u64,
+    /// Live expenses over all users.
+    pub live_expenses: i64,
+    /// The largest spenders, largest first, ties by user id.
+    pub top: Vec<SpenderData>,
+}
+
+/// One category over all users.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CategoryData {
+    /// The category.
+    pub category: String,
+    /// Live expenses in it.
+    pub expense_count: i64,
+    /// Sum over all users of their minor units (users' currencies differ).
+    pub total_minor: i128,
+    /// Users with a live expense in it.
+    pub users: u64,
+}
+
+/// Sums category cells (one per user and category) into totals per category over all users.
+/// 128-bit sums: a total over all users never wraps.
+#[derive(Debug, Default)]
+pub struct CategorySums(std::collections::BTreeMap<String, (i64, i128, u64)>);
+
+impl CategorySums {
+    /// Adds one user's `(count, sum)` in `category`.
+    pub fn add(&mut self, category: &str, (count, sum): Amount) {
+        let entry = match self.0.get_mut(category) {
+            Some(entry) => entry,
+            None => self.0.entry(category.to_string()).or_default(),
+        };
+        entry.0 += count;
+        entry.1 += sum;
+        entry.2 += 1;
+    }
+
+    /// The totals in answer order: largest first, ties by name.
+    pub fn finish(self) -> Vec<CategoryData> {
+        let mut out: Vec<CategoryData> = self
+            .0
+            .into_iter()
+            .map(
+                |(category, (expense_count, total_minor, users))| CategoryData {
+                    category,
+                    expense_count,
+                    total_minor,
+                    users,
+                },
+            )
+            .collect();
+        out.sort_by(|a, b| {
+            b.total_minor
+                .cmp(&a.total_minor)
+                .then_with(|| a.category.cmp(&b.category))
+        });
+        out
+    }
 }
 
 /// Day or month buckets.
@@ -135,7 +221,7 @@ pub trait QueryBackend: Send + Sync + 'static {
         buckets: Buckets,
         from: i32,
         to: i32,
-    ) -> Result<Answer<Option<Vec<(i32, CountSum)>>>, Status>;
+    ) -> Result<Answer<Option<Vec<(i32, Amount)>>>, Status>;
 
     /// The `limit` users with the largest totals, largest first, ties by user id.
     async fn top_spenders(
@@ -144,10 +230,86 @@ pub trait QueryBackend: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Answer<Vec<SpenderData>>, Status>;
 
+    /// How many users have a live expense, how many live expenses there are, and the `limit`
+    /// largest spenders, all from one state (the web report's overview).
+    async fn overview(&self, wait: Wait, limit: usize) -> Result<Answer<OverviewData>, Status>;
+
+    /// Totals by category over all users, largest first, ties by name. Costs a pass over every
+    /// user's categories: callers cache it (the web report reuses it for a second).
+    async fn category_totals(&self, wait: Wait) -> Result<Answer<Vec<CategoryData>>, Status>;
+
     /// The backend's current incarnation and newest epoch (`None`: none yet), to check
     /// epochs a client sends against.
     fn timeline(&self) -> (std::sync::Arc<str>, Option<Epoch>);
 
     /// A subscription stream (snapshot, changes, progress marks).
     async fn subscribe(&self, spec: SubscribeSpec) -> Result<SubscribeStream, Status>;
+}
+
+/// Backends for tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::Arc;
+
+    use tonic::Status;
+
+    use super::*;
+
+    /// A backend whose reads never finish (a store that hangs).
+    pub struct Hanging;
+
+    #[tonic::async_trait]
+    impl QueryBackend for Hanging {
+        async fn user_summary(
+            &self,
+            _: Wait,
+            _: spendflow_operators::UserId,
+        ) -> Result<Answer<Option<SummaryData>>, Status> {
+            std::future::pending().await
+        }
+
+        async fn user_summaries(
+            &self,
+            _: Wait,
+            _: Option<spendflow_operators::UserId>,
+            _: usize,
+        ) -> Result<Answer<SummaryPage>, Status> {
+            std::future::pending().await
+        }
+
+        async fn user_windows(
+            &self,
+            _: Wait,
+            _: spendflow_operators::UserId,
+            _: Buckets,
+            _: i32,
+            _: i32,
+        ) -> Result<Answer<Option<Vec<(i32, Amount)>>>, Status> {
+            std::future::pending().await
+        }
+
+        async fn top_spenders(
+            &self,
+            _: Wait,
+            _: usize,
+        ) -> Result<Answer<Vec<SpenderData>>, Status> {
+            std::future::pending().await
+        }
+
+        async fn overview(&self, _: Wait, _: usize) -> Result<Answer<OverviewData>, Status> {
+            std::future::pending().await
+        }
+
+        async fn category_totals(&self, _: Wait) -> Result<Answer<Vec<CategoryData>>, Status> {
+            std::future::pending().await
+        }
+
+        fn timeline(&self) -> (Arc<str>, Option<spendflow_operators::Epoch>) {
+            (Arc::from("hanging"), None)
+        }
+
+        async fn subscribe(&self, _: SubscribeSpec) -> Result<SubscribeStream, Status> {
+            std::future::pending().await
+        }
+    }
 }

@@ -6,11 +6,11 @@
 use std::time::Duration;
 
 use spendflow_operators::model::days_from_civil;
-use spendflow_operators::{AggKey, CountSum, Epoch, UserId};
+use spendflow_operators::{AggKey, Epoch, UserId};
 use spendflow_proto::v1 as pb;
 use tonic::Status;
 
-use super::backend::{SummaryData, Wait};
+use super::backend::{Amount, SummaryData, Wait, largest_first};
 use crate::serve::read_model::{AsOf, CellValue, format_day, format_month};
 
 /// Longest read-your-writes wait a request may ask for.
@@ -86,38 +86,43 @@ pub fn limit(value: u32, default: u32, max: u32, field: &str) -> Result<usize, S
     }
 }
 
-fn totals(entries: Vec<(String, CountSum)>) -> Vec<pb::Total> {
-    let mut out: Vec<pb::Total> = entries
+/// Totals in answer order ([`largest_first`]); `OUT_OF_RANGE` naming the user and cell (`what`
+/// and the key) if a sum does not fit `int64`.
+fn totals(
+    mut entries: Vec<(String, Amount)>,
+    user: UserId,
+    what: &str,
+) -> Result<Vec<pb::Total>, Status> {
+    largest_first(&mut entries);
+    entries
         .into_iter()
-        .map(|(key, (count, sum))| pb::Total {
-            key,
-            total_minor: sum,
-            expense_count: count,
+        .map(|(key, (count, sum))| {
+            Ok(pb::Total {
+                total_minor: i64::try_from(sum)
+                    .or_else(|_| fit(sum, user, &format!("{what} {key:?}")))?,
+                key,
+                expense_count: count,
+            })
         })
-        .collect();
-    // Largest total first; ties by name so answers are stable.
-    out.sort_by(|a, b| {
-        b.total_minor
-            .cmp(&a.total_minor)
-            .then_with(|| a.key.cmp(&b.key))
-    });
-    out
+        .collect()
 }
 
-/// The answer for one user's summary, whichever backend read it.
-pub fn summary(user: SummaryData) -> pb::UserSummary {
-    pb::UserSummary {
-        user_id: user.user_id,
-        total_minor: user.total_minor,
+/// The answer for one user's summary, whichever backend read it; `OUT_OF_RANGE` naming the
+/// user and cell if a sum does not fit `int64`.
+pub fn summary(user: SummaryData) -> Result<pb::UserSummary, Status> {
+    let id = user.user_id;
+    Ok(pb::UserSummary {
+        user_id: id,
+        total_minor: fit(user.total_minor, id, "user total")?,
         expense_count: user.expense_count,
-        by_category: totals(user.by_category),
-        by_merchant: totals(user.by_merchant),
+        by_category: totals(user.by_category, id, "category")?,
+        by_merchant: totals(user.by_merchant, id, "merchant")?,
         last_event_time: user
             .last_event_ms
             .map(spendflow_operators::decode::format_event_time)
             .unwrap_or_default(),
         last_event_ms: user.last_event_ms.unwrap_or(0),
-    }
+    })
 }
 
 /// `DEADLINE_EXCEEDED` for a read-your-writes wait that ran out: `latest` is the newest epoch

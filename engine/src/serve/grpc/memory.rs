@@ -6,20 +6,19 @@
 
 use std::sync::Arc;
 
-use spendflow_operators::{CountSum, Epoch, UserId};
+use spendflow_operators::{Epoch, UserId};
 use spendflow_proto::v1 as pb;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use super::backend::{
-    Answer, Buckets, QueryBackend, SpenderData, SubscribeSpec, SubscribeStream, SummaryData,
-    SummaryPage, Wait,
+    Answer, Buckets, CategoryData, CategorySums, OverviewData, QueryBackend, SpenderData,
+    SubscribeSpec, SubscribeStream, SummaryData, SummaryPage, Wait,
 };
 use super::convert;
 use crate::serve::read_model::{
-    Amount, Published, ReadModel, Snapshot, SubscriptionStart, UserAggregates, format_day,
-    format_month,
+    Amount, Published, ReadModel, Snapshot, SubscriptionStart, UserAggregates,
 };
 
 /// Cells per snapshot message of a subscription.
@@ -58,26 +57,41 @@ fn answer<T>(snapshot: &Snapshot, value: T) -> Answer<T> {
     }
 }
 
-/// A read-model user as backend-neutral summary data; `OUT_OF_RANGE` naming the user and cell
-/// if a sum does not fit the wire's `int64`.
-pub fn summary_data(user: &UserAggregates) -> Result<SummaryData, Status> {
-    let id = user.user_id;
-    let names = |map: &imbl::OrdMap<spendflow_operators::Name, Amount>, what: &str| {
+/// A read-model user as backend-neutral summary data (sums exact, 128-bit).
+pub fn summary_data(user: &UserAggregates) -> SummaryData {
+    let names = |map: &imbl::OrdMap<spendflow_operators::Name, Amount>| {
         map.iter()
-            .map(|(k, (count, sum))| {
-                let sum = convert::fit(*sum, id, &format!("{what} {:?}", k.text()))?;
-                Ok((k.text().to_string(), (*count, sum)))
-            })
-            .collect::<Result<Vec<_>, Status>>()
+            .map(|(k, v)| (k.text().to_string(), *v))
+            .collect::<Vec<_>>()
     };
-    Ok(SummaryData {
-        user_id: id,
-        total_minor: convert::fit(user.total_minor, id, "user total")?,
+    SummaryData {
+        user_id: user.user_id,
+        total_minor: user.total_minor,
         expense_count: user.expense_count,
         last_event_ms: user.last_event_ms,
-        by_category: names(&user.categories, "category")?,
-        by_merchant: names(&user.merchants, "merchant")?,
-    })
+        by_category: names(&user.categories),
+        by_merchant: names(&user.merchants),
+    }
+}
+
+fn spender(user: &UserAggregates) -> SpenderData {
+    SpenderData {
+        user_id: user.user_id,
+        total_minor: user.total_minor,
+        expense_count: user.expense_count,
+    }
+}
+
+/// Totals by category over every user of `snapshot`. Costs time proportional to users ×
+/// categories.
+pub fn category_totals(snapshot: &Snapshot) -> Vec<CategoryData> {
+    let mut sums = CategorySums::default();
+    for user in snapshot.users_after(None) {
+        for (name, amount) in &user.categories {
+            sums.add(&name.text(), *amount);
+        }
+    }
+    sums.finish()
 }
 
 #[tonic::async_trait]
@@ -88,7 +102,7 @@ impl QueryBackend for ReadModelBackend {
         user: UserId,
     ) -> Result<Answer<Option<SummaryData>>, Status> {
         let snapshot = self.snapshot(wait).await?;
-        let summary = snapshot.user(user).map(|u| summary_data(u)).transpose()?;
+        let summary = snapshot.user(user).map(|u| summary_data(u));
         Ok(answer(&snapshot, summary))
     }
 
@@ -104,7 +118,7 @@ impl QueryBackend for ReadModelBackend {
             .by_ref()
             .take(limit)
             .map(|u| summary_data(u))
-            .collect::<Result<_, _>>()?;
+            .collect();
         let resume_after = match (users.next(), summaries.last()) {
             (Some(_), Some(last)) => Some(last.user_id),
             _ => None,
@@ -125,23 +139,15 @@ impl QueryBackend for ReadModelBackend {
         buckets: Buckets,
         from: i32,
         to: i32,
-    ) -> Result<Answer<Option<Vec<(i32, CountSum)>>>, Status> {
+    ) -> Result<Answer<Option<Vec<(i32, Amount)>>>, Status> {
         let snapshot = self.snapshot(wait).await?;
-        let windows = snapshot
-            .user(user)
-            .map(|aggregates| {
-                let (map, what): (_, fn(i32) -> String) = match buckets {
-                    Buckets::Day => (&aggregates.days, format_day),
-                    Buckets::Month => (&aggregates.months, format_month),
-                };
-                map.range(from..=to)
-                    .map(|(b, (count, sum))| {
-                        let sum = convert::fit(*sum, user, &format!("bucket {}", what(*b)))?;
-                        Ok((*b, (*count, sum)))
-                    })
-                    .collect::<Result<Vec<_>, Status>>()
-            })
-            .transpose()?;
+        let windows = snapshot.user(user).map(|aggregates| {
+            let map = match buckets {
+                Buckets::Day => &aggregates.days,
+                Buckets::Month => &aggregates.months,
+            };
+            map.range(from..=to).map(|(b, v)| (*b, *v)).collect()
+        });
         Ok(answer(&snapshot, windows))
     }
 
@@ -154,15 +160,33 @@ impl QueryBackend for ReadModelBackend {
         let spenders = snapshot
             .top_spenders()
             .take(limit)
-            .map(|u| {
-                Ok(SpenderData {
-                    user_id: u.user_id,
-                    total_minor: convert::fit(u.total_minor, u.user_id, "user total")?,
-                    expense_count: u.expense_count,
-                })
-            })
-            .collect::<Result<_, Status>>()?;
+            .map(|u| spender(u))
+            .collect();
         Ok(answer(&snapshot, spenders))
+    }
+
+    async fn overview(&self, wait: Wait, limit: usize) -> Result<Answer<OverviewData>, Status> {
+        let snapshot = self.snapshot(wait).await?;
+        let overview = OverviewData {
+            users: snapshot.user_count() as u64,
+            live_expenses: snapshot.live_expenses(),
+            top: snapshot
+                .top_spenders()
+                .take(limit)
+                .map(|u| spender(u))
+                .collect(),
+        };
+        Ok(answer(&snapshot, overview))
+    }
+
+    async fn category_totals(&self, wait: Wait) -> Result<Answer<Vec<CategoryData>>, Status> {
+        let snapshot = self.snapshot(wait).await?;
+        // A pass over every user: off the async workers.
+        let owned = Arc::clone(&snapshot);
+        let totals = tokio::task::spawn_blocking(move || category_totals(&owned))
+            .await
+            .map_err(|e| Status::internal(format!("summing the categories failed: {e}")))?;
+        Ok(answer(&snapshot, totals))
     }
 
     fn timeline(&self) -> (Arc<str>, Option<Epoch>) {
@@ -356,6 +380,10 @@ mod tests {
 
     #[test]
     fn a_total_outside_int64_is_out_of_range_naming_user_and_cell() {
+        use spendflow_proto::v1::expense_query_server::ExpenseQuery;
+
+        use super::super::QueryService;
+
         let (model, mut writer) = ReadModel::new();
         let cells = (0..2)
             .map(|_| CellChange {
@@ -373,7 +401,7 @@ mod tests {
             cells,
             ..EpochDelta::default()
         });
-        let backend = ReadModelBackend::new(model);
+        let backend = ReadModelBackend::new(Arc::clone(&model));
         let now = Wait {
             min_epoch: 0,
             timeout: Duration::ZERO,
@@ -381,16 +409,44 @@ mod tests {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let status = runtime.block_on(backend.user_summary(now, 7)).unwrap_err();
+        // The backend reads the exact sum (the web report shows it) ...
+        let exact = i128::from(i64::MAX) * 2;
+        let answer = runtime.block_on(backend.user_summary(now, 7)).unwrap();
+        assert_eq!(answer.value.unwrap().total_minor, exact);
+        // ... gRPC's int64 cannot carry it: OUT_OF_RANGE, never a truncated value.
+        let service = QueryService::over_read_model(model);
+        let status = runtime
+            .block_on(
+                service.get_user_summary(tonic::Request::new(pb::GetUserSummaryRequest {
+                    user_id: 7,
+                    consistency: None,
+                })),
+            )
+            .unwrap_err();
         assert_eq!(status.code(), tonic::Code::OutOfRange);
-        let exact = (i128::from(i64::MAX) * 2).to_string();
+        let exact = exact.to_string();
         for part in ["user 7", "user total", exact.as_str()] {
             assert!(status.message().contains(part), "{part}: {status:?}");
         }
-        let status = runtime.block_on(backend.top_spenders(now, 10)).unwrap_err();
+        let status = runtime
+            .block_on(
+                service.top_spenders(tonic::Request::new(pb::TopSpendersRequest {
+                    limit: 10,
+                    consistency: None,
+                })),
+            )
+            .unwrap_err();
         assert_eq!(status.code(), tonic::Code::OutOfRange);
         // Other users are answered as usual.
-        let answer = runtime.block_on(backend.user_summary(now, 8)).unwrap();
-        assert_eq!(answer.value.unwrap().total_minor, 5);
+        let answer = runtime
+            .block_on(
+                service.get_user_summary(tonic::Request::new(pb::GetUserSummaryRequest {
+                    user_id: 8,
+                    consistency: None,
+                })),
+            )
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.summary.unwrap().total_minor, 5);
     }
 }

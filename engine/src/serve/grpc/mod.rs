@@ -5,7 +5,12 @@
 //! `ExpenseQuery` is written once over a [`backend::QueryBackend`]: the engine answers from its
 //! read model ([`ReadModelBackend`]: handlers read the current snapshot and never wait on the
 //! dataflow, except where a request asks for read-your-writes), and `spendflow serve --from
-//! cassandra` answers from the Cassandra sink's tables (`crate::serve::cassandra`).
+//! cassandra` answers from the Cassandra sink's tables (`crate::serve::cassandra`). The web
+//! report answers through the same backends (`crate::serve::web`).
+//!
+//! [`serve_router`] runs on whatever tokio runtime polls it, with a trace span per call
+//! (tower-http `TraceLayer`) and [`REQUEST_TIMEOUT`] per call (`Server::builder().timeout`;
+//! it bounds producing an answer, not a subscription's stream).
 
 mod admin;
 pub mod backend;
@@ -16,14 +21,19 @@ mod query;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use spendflow_proto::v1::admin_server::{Admin, AdminServer};
 use spendflow_proto::v1::expense_query_server::{ExpenseQuery, ExpenseQueryServer};
 use tokio::net::TcpListener;
+use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
+use tower_http::trace::TraceLayer;
 
 pub use admin::AdminService;
 pub use memory::ReadModelBackend;
+#[cfg(test)]
+pub(crate) use memory::category_totals;
 pub use personnel::PersonnelService;
 pub use query::{QueryService, SubscriberGuard};
 
@@ -37,7 +47,13 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// Subscriptions served at once; more get `RESOURCE_EXHAUSTED`.
 pub const MAX_SUBSCRIBERS: usize = 256;
 
-/// Builds the router with every service, ready to serve.
+/// Longest time a call may take to produce its answer (`CANCELLED` after it; a client's
+/// shorter `grpc-timeout` applies as well). Longer than the longest read-your-writes wait a
+/// request may ask for ([`convert::MAX_WAIT`]), so such a wait ends with its own, clearer
+/// status.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Builds the routes of every service, ready to serve with [`serve_router`].
 ///
 /// # Errors
 ///
@@ -46,14 +62,14 @@ pub async fn router(
     read_model: Arc<ReadModel>,
     status: StatusProbe,
     personnel: Option<Arc<Personnel>>,
-) -> Result<tonic::transport::server::Router, String> {
+) -> Result<Routes, String> {
     let query = QueryService::over_read_model(read_model);
-    let (router, health) = router_with(query, AdminService::new(status)).await?;
+    let (routes, health) = router_with(query, AdminService::new(status)).await?;
     personnel::report_health(&health, personnel.is_some()).await;
-    Ok(router.add_service(PersonnelService::new(personnel).server()))
+    Ok(routes.add_service(PersonnelService::new(personnel).server()))
 }
 
-/// Builds a router serving `query` and `admin`, with health (both reported serving) and
+/// Builds routes serving `query` and `admin`, with health (both reported serving) and
 /// reflection (v1 and v1alpha). The health reporter is returned so a server can report
 /// `NOT_SERVING` while its store is unreachable.
 ///
@@ -63,13 +79,7 @@ pub async fn router(
 pub async fn router_with<Q, A>(
     query: Q,
     admin: A,
-) -> Result<
-    (
-        tonic::transport::server::Router,
-        tonic_health::server::HealthReporter,
-    ),
-    String,
->
+) -> Result<(Routes, tonic_health::server::HealthReporter), String>
 where
     Q: ExpenseQuery,
     A: Admin,
@@ -91,13 +101,12 @@ where
 
     let query = ExpenseQueryServer::new(query).max_decoding_message_size(MAX_REQUEST_BYTES);
     let admin = AdminServer::new(admin).max_decoding_message_size(MAX_REQUEST_BYTES);
-    let router = tonic::transport::Server::builder()
-        .add_service(health_service)
+    let routes = Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(query)
         .add_service(admin);
-    Ok((router, health_reporter))
+    Ok((routes, health_reporter))
 }
 
 /// Serves every service on `listener` until `shutdown` completes.
@@ -116,23 +125,74 @@ pub async fn serve(
     serve_router(listener, router, shutdown).await
 }
 
-/// Serves `router` on `listener` until `shutdown` completes.
+/// Serves `routes` on `listener` until `shutdown` completes, with a trace span and a timeout
+/// ([`REQUEST_TIMEOUT`]) per call.
 ///
 /// # Errors
 ///
 /// A message if the server failed.
 pub async fn serve_router(
     listener: TcpListener,
-    router: tonic::transport::server::Router,
+    routes: Routes,
     shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), String> {
+    serve_routes(listener, routes, shutdown, REQUEST_TIMEOUT).await
+}
+
+async fn serve_routes(
+    listener: TcpListener,
+    routes: Routes,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+    timeout: Duration,
 ) -> Result<(), String> {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(addr = ?addr, "gRPC server listening.");
     // Small answers must not wait for Nagle's algorithm: without TCP_NODELAY a unary call can
     // take 40 ms on loopback.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    router
+    tonic::transport::Server::builder()
+        .timeout(timeout)
+        .layer(TraceLayer::new_for_grpc())
+        .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use spendflow_proto::v1 as pb;
+    use spendflow_proto::v1::expense_query_client::ExpenseQueryClient;
+
+    use super::*;
+    use crate::serve::grpc::backend::testing::Hanging;
+
+    #[test]
+    fn a_call_that_takes_too_long_is_cancelled_by_the_server() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let routes = Routes::new(ExpenseQueryServer::new(QueryService::new(Hanging)));
+        runtime.spawn(serve_routes(
+            listener,
+            routes,
+            std::future::pending(),
+            Duration::from_millis(50),
+        ));
+        let status = runtime
+            .block_on(async {
+                let mut client = ExpenseQueryClient::connect(format!("http://{addr}")).await?;
+                let call = client.top_spenders(pb::TopSpendersRequest {
+                    limit: 1,
+                    consistency: None,
+                });
+                // Bounded, so a missing server timeout fails instead of hanging.
+                match tokio::time::timeout(Duration::from_secs(10), call).await {
+                    Ok(answer) => Ok::<_, Box<dyn std::error::Error>>(answer.unwrap_err()),
+                    Err(_) => panic!("the server never ended the call"),
+                }
+            })
+            .unwrap();
+        assert_eq!(status.code(), tonic::Code::Cancelled, "{status:?}");
+    }
 }

@@ -73,7 +73,7 @@ impl<B: QueryBackend> ExpenseQuery for QueryService<B> {
         let answer = self.backend.user_summary(wait, user).await?;
         let summary = answer.value.ok_or_else(|| not_found(user, &answer.as_of))?;
         Ok(Response::new(pb::GetUserSummaryResponse {
-            summary: Some(convert::summary(summary)),
+            summary: Some(convert::summary(summary)?),
             as_of: Some(convert::as_of(&answer.as_of)),
         }))
     }
@@ -96,7 +96,11 @@ impl<B: QueryBackend> ExpenseQuery for QueryService<B> {
         let answer = self.backend.user_summaries(wait, after, page_size).await?;
         let page = answer.value;
         Ok(Response::new(pb::ListUserSummariesResponse {
-            summaries: page.summaries.into_iter().map(convert::summary).collect(),
+            summaries: page
+                .summaries
+                .into_iter()
+                .map(convert::summary)
+                .collect::<Result<_, _>>()?,
             next_page_token: page.resume_after.map(|u| u.to_string()).unwrap_or_default(),
             as_of: Some(convert::as_of(&answer.as_of)),
         }))
@@ -159,12 +163,16 @@ impl<B: QueryBackend> ExpenseQuery for QueryService<B> {
             .value
             .ok_or_else(|| not_found(user, &answer.as_of))?
             .into_iter()
-            .map(|(bucket, (count, sum))| pb::Total {
-                key: format(bucket),
-                total_minor: sum,
-                expense_count: count,
+            .map(|(bucket, (count, sum))| {
+                let key = format(bucket);
+                Ok(pb::Total {
+                    total_minor: i64::try_from(sum)
+                        .or_else(|_| convert::fit(sum, user, &format!("bucket {key}")))?,
+                    key,
+                    expense_count: count,
+                })
             })
-            .collect();
+            .collect::<Result<_, Status>>()?;
         Ok(Response::new(pb::GetUserWindowsResponse {
             user_id: user,
             granularity: granularity.into(),
@@ -186,13 +194,15 @@ impl<B: QueryBackend> ExpenseQuery for QueryService<B> {
             .into_iter()
             .take(limit)
             .enumerate()
-            .map(|(i, u)| pb::Spender {
-                rank: i as u32 + 1,
-                user_id: u.user_id,
-                total_minor: u.total_minor,
-                expense_count: u.expense_count,
+            .map(|(i, u)| {
+                Ok(pb::Spender {
+                    rank: i as u32 + 1,
+                    user_id: u.user_id,
+                    total_minor: convert::fit(u.total_minor, u.user_id, "user total")?,
+                    expense_count: u.expense_count,
+                })
             })
-            .collect();
+            .collect::<Result<_, Status>>()?;
         Ok(Response::new(pb::TopSpendersResponse {
             spenders,
             as_of: Some(convert::as_of(&answer.as_of)),

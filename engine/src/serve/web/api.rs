@@ -1,7 +1,9 @@
-//! The JSON API behind the pages. Every answer is read from one read-model snapshot and says
-//! which epoch it is (`as_of.epoch`), so a client can compare it with gRPC answers exactly.
+//! The JSON API behind the pages. Every answer is read through the [`QueryBackend`] gRPC's
+//! `ExpenseQuery` answers from, in the same order (largest first, ties by key: the backend's
+//! [`largest_first`]), and says which epoch it is (`as_of.epoch`), so a client can compare it
+//! with gRPC answers exactly. Sums are exact (128-bit) where gRPC's `int64` refuses them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,11 +13,15 @@ use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use spendflow_operators::{Epoch, Name, UserId};
+use spendflow_operators::{Epoch, UserId};
+use spendflow_proto::v1 as pb;
 
 use super::App;
 use crate::personnel::{Personnel, UserDetails};
-use crate::serve::read_model::{Amount, Snapshot, UserAggregates, format_month};
+use crate::serve::grpc::backend::{
+    Amount, Buckets, CategoryData, QueryBackend, SummaryData, Wait, largest_first,
+};
+use crate::serve::read_model::format_month;
 
 /// Most top spenders one overview may ask for.
 pub const MAX_TOP: usize = 100;
@@ -29,6 +35,9 @@ const MAX_MONTHS: usize = 24;
 /// from a newer snapshot. Summing over every user costs time proportional to the users, so
 /// a page polling it must not trigger that on every epoch.
 const CATEGORY_REUSE: Duration = Duration::from_secs(1);
+/// How long a user's months may wait for the epoch of the user's summary (they are read right
+/// after it, so that epoch is there already, or the store lost it meanwhile).
+const MONTHS_WAIT: Duration = Duration::from_secs(1);
 /// Users' details kept in memory, and for how long.
 const DETAILS_CACHE: usize = 10_000;
 const DETAILS_TTL: Duration = Duration::from_secs(60);
@@ -46,6 +55,23 @@ impl ApiError {
             status,
             message: message.into(),
         }
+    }
+}
+
+impl From<tonic::Status> for ApiError {
+    /// A backend's failure: the store is unavailable (`503`, retry), a wait ran out (`504`),
+    /// anything else `500`; the message is the backend's.
+    fn from(status: tonic::Status) -> Self {
+        let code = match status.code() {
+            tonic::Code::Unavailable | tonic::Code::ResourceExhausted => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            tonic::Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            tonic::Code::NotFound => StatusCode::NOT_FOUND,
+            tonic::Code::InvalidArgument | tonic::Code::OutOfRange => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(code, status.message().to_string())
     }
 }
 
@@ -114,22 +140,24 @@ pub struct Total {
     pub expense_count: i64,
 }
 
-/// Totals largest first, ties by key: the order gRPC answers use.
-fn totals(entries: impl Iterator<Item = (String, Amount)>) -> Vec<Total> {
-    let mut out: Vec<Total> = entries
+/// Totals in the order gRPC answers them ([`largest_first`]).
+fn totals(mut entries: Vec<(String, Amount)>) -> Vec<Total> {
+    largest_first(&mut entries);
+    entries
+        .into_iter()
         .map(|(key, (count, sum))| Total {
             key,
             total_minor: sum,
             expense_count: count,
         })
-        .collect();
-    out.sort_by(|a, b| {
-        b.total_minor
-            .cmp(&a.total_minor)
-            .then_with(|| a.key.cmp(&b.key))
-    });
-    out
+        .collect()
 }
+
+/// Whatever the backend has now: the web report never waits for an epoch.
+const NOW: Wait = Wait {
+    min_epoch: 0,
+    timeout: Duration::ZERO,
+};
 
 #[derive(Debug, Serialize)]
 struct AsOfJson {
@@ -299,7 +327,7 @@ pub struct OverviewQuery {
 #[derive(Debug, Serialize)]
 struct Overview {
     as_of: AsOfJson,
-    users: usize,
+    users: u64,
     live_expenses: i64,
     records_read: u64,
     records_rejected: u64,
@@ -334,6 +362,17 @@ pub struct CategoryTotal {
     users: u64,
 }
 
+impl From<CategoryData> for CategoryTotal {
+    fn from(c: CategoryData) -> Self {
+        CategoryTotal {
+            key: c.category,
+            total_minor: c.total_minor,
+            expense_count: c.expense_count,
+            users: c.users,
+        }
+    }
+}
+
 /// The last totals by category and the epoch they are of.
 #[derive(Debug, Default)]
 pub struct CategoryCache {
@@ -341,53 +380,40 @@ pub struct CategoryCache {
 }
 
 impl CategoryCache {
-    /// Totals by category at `snapshot`, or the last ones if they are recent enough.
-    async fn get(&self, snapshot: &Arc<Snapshot>) -> (Epoch, Arc<Vec<CategoryTotal>>) {
-        let epoch = snapshot.as_of().epoch;
+    /// Totals by category from `backend`, or the last ones if they are of `epoch` (the epoch
+    /// the rest of the answer is of) or recent enough.
+    ///
+    /// # Errors
+    ///
+    /// The backend's, if it had to be asked.
+    async fn get(
+        &self,
+        backend: &dyn QueryBackend,
+        epoch: Epoch,
+    ) -> Result<(Epoch, Arc<Vec<CategoryTotal>>), tonic::Status> {
         if let Some((at, cached_epoch, totals)) =
             &*self.last.lock().unwrap_or_else(|p| p.into_inner())
             && (*cached_epoch == epoch || at.elapsed() < CATEGORY_REUSE)
         {
-            return (*cached_epoch, Arc::clone(totals));
+            return Ok((*cached_epoch, Arc::clone(totals)));
         }
-        let owned = Arc::clone(snapshot);
-        let computed = tokio::task::spawn_blocking(move || category_totals(&owned))
-            .await
-            .unwrap_or_default();
-        let totals = Arc::new(computed);
+        let answer = backend.category_totals(NOW).await?;
+        let totals: Arc<Vec<CategoryTotal>> =
+            Arc::new(answer.value.into_iter().map(CategoryTotal::from).collect());
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((Instant::now(), epoch, Arc::clone(&totals)));
-        (epoch, totals)
+            Some((Instant::now(), answer.as_of.epoch, Arc::clone(&totals)));
+        Ok((answer.as_of.epoch, totals))
     }
 }
 
-/// Sums every user's categories. Costs time proportional to users × categories.
-pub fn category_totals(snapshot: &Snapshot) -> Vec<CategoryTotal> {
-    // 128-bit sums (like the read model's): a total over all users never wraps.
-    let mut by_name: BTreeMap<Name, (i64, i128, u64)> = BTreeMap::new();
-    for user in snapshot.users_after(None) {
-        for (name, (count, sum)) in &user.categories {
-            let entry = by_name.entry(*name).or_default();
-            entry.0 += count;
-            entry.1 += sum;
-            entry.2 += 1;
-        }
-    }
-    let mut out: Vec<CategoryTotal> = by_name
-        .into_iter()
-        .map(|(name, (count, sum, users))| CategoryTotal {
-            key: name.text().to_string(),
-            total_minor: sum,
-            expense_count: count,
-            users,
-        })
-        .collect();
-    out.sort_by(|a, b| {
-        b.total_minor
-            .cmp(&a.total_minor)
-            .then_with(|| a.key.cmp(&b.key))
-    });
-    out
+/// Counters the overview shows, as `Admin/GetStatus` answers them.
+async fn counters(app: &App) -> Result<pb::GetStatusResponse, ApiError> {
+    Ok(app
+        .backend
+        .admin
+        .get_status(tonic::Request::new(pb::GetStatusRequest {}))
+        .await?
+        .into_inner())
 }
 
 pub async fn overview(
@@ -410,12 +436,15 @@ pub async fn overview(
             ));
         }
     };
-    let status = app.status.status();
-    let snapshot = app.read_model.snapshot();
-    let top: Vec<&Arc<UserAggregates>> = snapshot.top_spenders().take(limit).collect();
-    let ids: Vec<UserId> = top.iter().map(|u| u.user_id).collect();
+    let status = counters(&app).await?;
+    let query = app.backend.query.as_ref();
+    let answer = query.overview(NOW, limit).await?;
+    let epoch = answer.as_of.epoch;
+    let overview = answer.value;
+    let ids: Vec<UserId> = overview.top.iter().map(|u| u.user_id).collect();
     let details = app.directory.lookup_all(&ids).await;
-    let top_spenders = top
+    let top_spenders = overview
+        .top
         .iter()
         .zip(&details)
         .enumerate()
@@ -428,13 +457,11 @@ pub async fn overview(
             expense_count: u.expense_count,
         })
         .collect();
-    let (categories_epoch, categories) = app.categories.get(&snapshot).await;
+    let (categories_epoch, categories) = app.categories.get(query, epoch).await?;
     Ok(fresh(Overview {
-        as_of: AsOfJson {
-            epoch: snapshot.as_of().epoch,
-        },
-        users: snapshot.user_count(),
-        live_expenses: snapshot.live_expenses(),
+        as_of: AsOfJson { epoch },
+        users: overview.users,
+        live_expenses: overview.live_expenses,
         records_read: status.records_read,
         records_rejected: status.records_rejected,
         caught_up: status.caught_up,
@@ -480,14 +507,13 @@ struct AggregatesJson {
     months: Vec<Total>,
 }
 
-fn aggregates_json(user: &UserAggregates) -> AggregatesJson {
-    let mut merchants = totals(
-        user.merchants
-            .iter()
-            .map(|(k, v)| (k.text().to_string(), *v)),
-    );
+/// A user's aggregates as the page shows them: `months` are the user's month buckets, oldest
+/// first.
+fn aggregates_json(user: SummaryData, months: Vec<(i32, Amount)>) -> AggregatesJson {
+    let merchant_count = user.by_merchant.len();
+    let mut merchants = totals(user.by_merchant);
     merchants.truncate(MAX_MERCHANTS);
-    let skip = user.months.len().saturating_sub(MAX_MONTHS);
+    let skip = months.len().saturating_sub(MAX_MONTHS);
     AggregatesJson {
         total_minor: user.total_minor,
         expense_count: user.expense_count,
@@ -495,21 +521,16 @@ fn aggregates_json(user: &UserAggregates) -> AggregatesJson {
         last_event_time: user
             .last_event_ms
             .map(spendflow_operators::decode::format_event_time),
-        categories: totals(
-            user.categories
-                .iter()
-                .map(|(k, v)| (k.text().to_string(), *v)),
-        ),
+        categories: totals(user.by_category),
         merchants,
-        merchant_count: user.merchants.len(),
-        months: user
-            .months
-            .iter()
+        merchant_count,
+        months: months
+            .into_iter()
             .skip(skip)
             .map(|(month, (count, sum))| Total {
-                key: format_month(*month),
-                total_minor: *sum,
-                expense_count: *count,
+                key: format_month(month),
+                total_minor: sum,
+                expense_count: count,
             })
             .collect(),
     }
@@ -517,15 +538,31 @@ fn aggregates_json(user: &UserAggregates) -> AggregatesJson {
 
 pub async fn user(State(app): State<App>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let user = parse_user_id(&id)?;
-    let snapshot = app.read_model.snapshot();
-    let aggregates = snapshot.user(user).map(|u| aggregates_json(u));
-    let lookup = app.directory.lookup(user).await;
+    let query = app.backend.query.as_ref();
+    let (summary, lookup) = tokio::join!(query.user_summary(NOW, user), app.directory.lookup(user));
+    let summary = summary?;
+    let epoch = summary.as_of.epoch;
+    let aggregates = match summary.value {
+        Some(data) => {
+            // Every month the user has, from the same epoch or a newer one.
+            let wait = Wait {
+                min_epoch: epoch,
+                timeout: MONTHS_WAIT,
+            };
+            let months = query
+                .user_windows(wait, user, Buckets::Month, i32::MIN, i32::MAX)
+                .await?
+                .value
+                .unwrap_or_default();
+            Some(aggregates_json(data, months))
+        }
+        None => None,
+    };
     if aggregates.is_none() && !matches!(lookup, Lookup::Found(_)) {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!(
-                "user {user} has no live expenses as of epoch {}{}",
-                snapshot.as_of().epoch,
+                "user {user} has no live expenses as of epoch {epoch}{}",
                 match lookup {
                     Lookup::NotFound => " and is not in the personnel records",
                     _ => "",
@@ -534,9 +571,7 @@ pub async fn user(State(app): State<App>, Path(id): Path<String>) -> Result<Resp
         ));
     }
     Ok(fresh(UserPage {
-        as_of: AsOfJson {
-            epoch: snapshot.as_of().epoch,
-        },
+        as_of: AsOfJson { epoch },
         user_id: user,
         details_state: lookup.state(),
         details: match &lookup {

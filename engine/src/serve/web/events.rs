@@ -19,6 +19,11 @@
 //!   (`removed: true` for cells that no longer exist). Sent for every window with a published
 //!   epoch, even if the selected user did not change, so the page's epoch indicator ticks.
 //! * `reset`: the stream skipped epochs; reload the state.
+//!
+//! A backend without a read model (`serve --from cassandra --web`) has no per-epoch changes
+//! to send: its stream sends `hello`, then a `reset` with the new epoch whenever the backend
+//! has a newer one, checked every [`POLL`], and the page reloads its data over the JSON API
+//! (which reads the store once per reload, so no faster than that).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -31,6 +36,7 @@ use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use spendflow_operators::{AggKey, Epoch, UserId};
 use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
@@ -42,6 +48,8 @@ use crate::serve::read_model::{CellValue, Published, ReadModel, format_month};
 
 /// Epochs published within this window go out as one event.
 pub const WINDOW: Duration = Duration::from_millis(250);
+/// How often a stream without a read model checks the backend's newest epoch.
+pub const POLL: Duration = Duration::from_secs(1);
 /// Changed users listed per event (the count of all is given too).
 const MAX_LISTED: usize = 10;
 
@@ -68,21 +76,43 @@ pub async fn events(
             format!("{MAX_EVENT_CLIENTS} live pages are open already; close one or retry later"),
         )
     })?;
-    // Changes published from here on; the page loads the state itself.
-    let (_, changes) = app.read_model.subscribe(None);
-    let feed = Feed {
-        changes,
-        user,
-        read_model: Arc::clone(&app.read_model),
-        directory: app.directory.clone(),
-        last_sent: Instant::now(),
-        hello: Some(app.read_model.published_epoch().unwrap_or(0)),
-        _guard: guard,
+    let stream = match &app.backend.live {
+        Some(read_model) => {
+            // Changes published from here on; the page loads the state itself.
+            let (_, changes) = read_model.subscribe(None);
+            let feed = Feed {
+                changes,
+                user,
+                read_model: Arc::clone(read_model),
+                directory: app.directory.clone(),
+                last_sent: Instant::now(),
+                hello: Some(read_model.published_epoch().unwrap_or(0)),
+                _guard: guard,
+            };
+            futures::stream::unfold(feed, |mut feed| async move {
+                let event = feed.next().await?;
+                Some((Ok::<Event, Infallible>(event), feed))
+            })
+            .boxed()
+        }
+        None => {
+            let epoch = app.backend.query.timeline().1.unwrap_or(0);
+            let poll = Poll {
+                app: app.clone(),
+                epoch,
+                hello: true,
+                _guard: guard,
+            };
+            futures::stream::unfold(poll, |mut poll| async move {
+                let event = poll.next().await?;
+                Some((Ok::<Event, Infallible>(event), poll))
+            })
+            .boxed()
+        }
     };
-    let stream = futures::stream::unfold(feed, |mut feed| async move {
-        let event = feed.next().await?;
-        Some((Ok::<Event, Infallible>(event), feed))
-    });
+    // Every stream ends when the server stops.
+    let stopping = app.clone();
+    let stream = stream.take_until(async move { stopping.stopping().await });
     let sse = Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)));
     // Proxies must not buffer the stream.
     Ok(([(header::CACHE_CONTROL, "no-store")], sse).into_response())
@@ -116,6 +146,33 @@ struct Feed {
     last_sent: Instant,
     hello: Option<Epoch>,
     _guard: ClientGuard,
+}
+
+/// The stream of a backend without a read model: `hello`, then `reset` per newer epoch.
+struct Poll {
+    app: App,
+    epoch: Epoch,
+    hello: bool,
+    _guard: ClientGuard,
+}
+
+impl Poll {
+    async fn next(&mut self) -> Option<Event> {
+        if std::mem::take(&mut self.hello) {
+            return Some(json_event(
+                "hello",
+                &serde_json::json!({ "epoch": self.epoch }),
+            ));
+        }
+        loop {
+            tokio::time::sleep(POLL).await;
+            let newest = self.app.backend.query.timeline().1.unwrap_or(0);
+            if newest != self.epoch {
+                self.epoch = newest;
+                return Some(json_event("reset", &serde_json::json!({ "epoch": newest })));
+            }
+        }
+    }
 }
 
 /// What the stream got while waiting.

@@ -3,8 +3,10 @@
 //! Everything the browser needs comes from this binary: the HTML, JavaScript, CSS and icon are
 //! embedded at compile time ([`assets`]), so the page works on a machine with no internet and
 //! never loads anything from another origin. The pages are a thin client over a small JSON API
-//! that reads the same read-model snapshots as gRPC, so the numbers on the page are the numbers
-//! gRPC answers at the same epoch:
+//! that answers through the same [`QueryBackend`] as gRPC's `ExpenseQuery` (and reads the
+//! counters from the same `Admin` service), so the numbers on the page are the numbers gRPC
+//! answers at the same epoch, whichever store is behind it: the engine's read model, or the
+//! Cassandra sink's tables (`spendflow serve --from cassandra --web ADDR`):
 //!
 //! | route | what |
 //! |---|---|
@@ -15,17 +17,25 @@
 //! | `GET /api/users/{id}/image` | the user's photo, from the personnel store |
 //! | `GET /api/events[?user=ID]` | server-sent events: what changed, per batch of epochs |
 //!
+//! Live changes come from the engine's read model ([`WebBackend::live`]). A backend without
+//! one (Cassandra) has no per-epoch changes: its event stream says `reset` when a newer epoch
+//! is there (checked once a second), and the page reloads its data.
+//!
 //! Money is integer minor units in every JSON answer; the script formats it for display in the
 //! user's currency. Bad ids are `400`, unknown users and routes `404`, both with a JSON body
 //! whose `error` says what to fix.
 //!
-//! The server runs on its own small tokio runtime and thread, like the gRPC server, so a slow
-//! browser can never hold up the dataflow or gRPC answers.
+//! [`serve`] runs the server on whatever tokio runtime polls it, until a shutdown future
+//! completes; [`WebServer::start`] runs it on a small runtime and thread of its own, and
+//! [`WebServer::start_on`] spawns it on a runtime handle it is given. Every request gets a
+//! trace span (tower-http `TraceLayer`) and a bound of [`REQUEST_TIMEOUT`] to produce its
+//! answer (tower-http `TimeoutLayer`; an event stream's body is not bounded, only its start).
 
 mod api;
 mod assets;
 mod events;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
@@ -33,10 +43,16 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use axum::Router;
+use axum::http::StatusCode;
 use axum::routing::get;
+use spendflow_proto::v1::admin_server::Admin;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
 
 use crate::error::EngineError;
 use crate::personnel::Personnel;
+use crate::serve::grpc::backend::QueryBackend;
+use crate::serve::grpc::{AdminService, ReadModelBackend};
 use crate::serve::read_model::ReadModel;
 use crate::serve::status::StatusProbe;
 
@@ -49,7 +65,13 @@ pub const MAX_EVENT_CLIENTS: usize = 64;
 /// connections) before it closes them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
-/// What the web handlers read from.
+/// Longest time a request may take to produce its answer (`503` after it). The engine's reads
+/// never wait; a store behind the backend (Cassandra) may.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the web report of a running engine reads from: its read model, status and personnel.
+/// Converts into a [`WebBackend`] over [`ReadModelBackend`] and [`AdminService`], the same
+/// services the engine's gRPC serves.
 #[derive(Clone, Debug)]
 pub struct WebContext {
     /// The served state.
@@ -60,25 +82,101 @@ pub struct WebContext {
     pub personnel: Option<Arc<Personnel>>,
 }
 
+/// What the web report answers from, for any store: the query backend gRPC's `ExpenseQuery`
+/// answers from, the `Admin` service gRPC serves (the overview's counters come from its
+/// `GetStatus`), optionally the read model for live change events, and optionally the
+/// personnel store for names and photos.
+#[derive(Clone)]
+pub struct WebBackend {
+    /// Every aggregate the pages show.
+    pub query: Arc<dyn QueryBackend>,
+    /// Records read and rejected, caught up.
+    pub admin: Arc<dyn Admin>,
+    /// The engine's read model, for `/api/events` with the changed cells; `None` (Cassandra):
+    /// the events only say when a newer epoch is committed, and the page reloads.
+    pub live: Option<Arc<ReadModel>>,
+    /// Users' details and photos; without it the pages show ids and aggregates only.
+    pub personnel: Option<Arc<Personnel>>,
+}
+
+impl WebBackend {
+    /// A web report over `query` and `admin`, without live change events or personnel.
+    pub fn new(query: impl QueryBackend, admin: impl Admin) -> Self {
+        WebBackend {
+            query: Arc::new(query),
+            admin: Arc::new(admin),
+            live: None,
+            personnel: None,
+        }
+    }
+
+    /// With users' details and photos from `personnel`.
+    pub fn with_personnel(mut self, personnel: Option<Arc<Personnel>>) -> Self {
+        self.personnel = personnel;
+        self
+    }
+}
+
+impl std::fmt::Debug for WebBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebBackend")
+            .field("live", &self.live.is_some())
+            .field("personnel", &self.personnel.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl From<WebContext> for WebBackend {
+    fn from(context: WebContext) -> Self {
+        WebBackend {
+            query: Arc::new(ReadModelBackend::new(Arc::clone(&context.read_model))),
+            admin: Arc::new(AdminService::new(context.status)),
+            live: Some(context.read_model),
+            personnel: context.personnel,
+        }
+    }
+}
+
 /// Shared state of the handlers.
 #[derive(Clone, Debug)]
 struct App {
-    read_model: Arc<ReadModel>,
-    status: StatusProbe,
+    backend: WebBackend,
     directory: Directory,
     categories: Arc<api::CategoryCache>,
     event_clients: Arc<AtomicUsize>,
+    /// Becomes true when the server stops: event streams end then.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
-/// The whole web application as an axum router, for serving here or mounting in a program that
-/// embeds the engine and runs its own HTTP server.
-pub fn router(context: WebContext) -> Router {
+impl App {
+    /// Completes once the server is stopping (never, for a router served elsewhere).
+    async fn stopping(&self) {
+        let mut stopping = self.stopping.clone();
+        if stopping.wait_for(|s| *s).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// The whole web application as an axum router (with its trace and timeout layers), for
+/// serving here or mounting in a program that embeds the engine and runs its own HTTP server.
+pub fn router(backend: impl Into<WebBackend>) -> Router {
+    // Nobody stops this router's streams but the read model closing or the client leaving.
+    let (_, never) = tokio::sync::watch::channel(false);
+    router_stopping(backend.into(), never, REQUEST_TIMEOUT)
+}
+
+fn router_stopping(
+    backend: WebBackend,
+    stopping: tokio::sync::watch::Receiver<bool>,
+    timeout: Duration,
+) -> Router {
     let app = App {
-        read_model: context.read_model,
-        status: context.status,
-        directory: Directory::new(context.personnel),
+        directory: Directory::new(backend.personnel.clone()),
+        backend,
         categories: Arc::default(),
         event_clients: Arc::default(),
+        stopping,
     };
     Router::new()
         .route("/", get(assets::page))
@@ -91,14 +189,29 @@ pub fn router(context: WebContext) -> Router {
         .route("/api/events", get(events::events))
         .fallback(api::not_found)
         .with_state(app)
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            timeout,
+        ))
+        .layer(TraceLayer::new_for_http())
 }
 
-/// The web server of a running engine.
+/// A running web server. Dropping it stops it.
 #[derive(Debug)]
 pub struct WebServer {
     addr: SocketAddr,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<Result<(), String>>>,
+    running: Option<Running>,
+}
+
+/// What [`WebServer::stop`] waits for.
+#[derive(Debug)]
+enum Running {
+    /// A thread of its own, with its runtime.
+    Thread(JoinHandle<std::io::Result<()>>),
+    /// A task on a runtime the server was given; the result comes over this channel (in a
+    /// mutex only so the server is `Sync`).
+    Task(std::sync::Mutex<std::sync::mpsc::Receiver<std::io::Result<()>>>),
 }
 
 impl WebServer {
@@ -123,19 +236,18 @@ impl WebServer {
         Ok(listener)
     }
 
-    /// Serves [`router`] on `listener` from a runtime thread of its own.
+    /// Serves [`router`] on `listener` (from [`WebServer::bind`]) from a runtime thread of its
+    /// own.
     ///
     /// # Errors
     ///
     /// [`EngineError::Web`] if the runtime or its thread cannot start.
     pub fn start(
         listener: std::net::TcpListener,
-        context: WebContext,
+        backend: impl Into<WebBackend>,
     ) -> Result<WebServer, EngineError> {
-        let addr = listener.local_addr().map_err(|e| EngineError::Web {
-            addr: "?".into(),
-            message: e.to_string(),
-        })?;
+        let backend = backend.into();
+        let addr = local_addr(&listener)?;
         let error = |message: String| EngineError::Web {
             addr: addr.to_string(),
             message,
@@ -150,7 +262,13 @@ impl WebServer {
         let thread = std::thread::Builder::new()
             .name("spendflow-web-main".into())
             .spawn(move || {
-                let result = runtime.block_on(serve(listener, context, shutdown_rx));
+                let result = runtime.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener)?;
+                    serve(listener, backend, async {
+                        let _ = shutdown_rx.await;
+                    })
+                    .await
+                });
                 // Connections still open after the grace period are dropped with the runtime.
                 runtime.shutdown_timeout(Duration::from_millis(100));
                 result
@@ -159,7 +277,44 @@ impl WebServer {
         Ok(WebServer {
             addr,
             shutdown: Some(shutdown),
-            thread: Some(thread),
+            running: Some(Running::Thread(thread)),
+        })
+    }
+
+    /// Serves [`router`] on `listener` (from [`WebServer::bind`]) as a task spawned on
+    /// `runtime`. [`WebServer::stop`] (or dropping the server) blocks until the task has ended,
+    /// so call it from outside that runtime's worker threads, or await [`serve`] yourself.
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::Web`] if the listener cannot be registered with the runtime.
+    pub fn start_on(
+        runtime: &tokio::runtime::Handle,
+        listener: std::net::TcpListener,
+        backend: impl Into<WebBackend>,
+    ) -> Result<WebServer, EngineError> {
+        let backend = backend.into();
+        let addr = local_addr(&listener)?;
+        let listener = {
+            let _entered = runtime.enter();
+            tokio::net::TcpListener::from_std(listener).map_err(|e| EngineError::Web {
+                addr: addr.to_string(),
+                message: e.to_string(),
+            })?
+        };
+        let (shutdown, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+        let (done, result) = std::sync::mpsc::sync_channel(1);
+        runtime.spawn(async move {
+            let served = serve(listener, backend, async {
+                let _ = shutdown_rx.await;
+            })
+            .await;
+            let _ = done.send(served);
+        });
+        Ok(WebServer {
+            addr,
+            shutdown: Some(shutdown),
+            running: Some(Running::Task(std::sync::Mutex::new(result))),
         })
     }
 
@@ -168,17 +323,26 @@ impl WebServer {
         self.addr
     }
 
-    /// Stops accepting, gives open connections a short grace period, and joins the thread.
+    /// Stops accepting, gives open connections a short grace period, and waits for the server
+    /// to end.
     pub fn stop(&mut self) {
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(());
         }
-        if let Some(thread) = self.thread.take() {
-            match thread.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "Web server ended with an error."),
-                Err(_) => tracing::warn!("Web server thread panicked."),
-            }
+        let result = match self.running.take() {
+            None => return,
+            Some(Running::Thread(thread)) => thread
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("the web server thread panicked"))),
+            // A dropped sender: the runtime went away with the task.
+            Some(Running::Task(result)) => result
+                .into_inner()
+                .unwrap_or_else(|p| p.into_inner())
+                .recv()
+                .unwrap_or(Ok(())),
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "Web server ended with an error.");
         }
     }
 }
@@ -189,33 +353,47 @@ impl Drop for WebServer {
     }
 }
 
-async fn serve(
-    listener: std::net::TcpListener,
-    context: WebContext,
-    shutdown: tokio::sync::oneshot::Receiver<()>,
-) -> Result<(), String> {
+fn local_addr(listener: &std::net::TcpListener) -> Result<SocketAddr, EngineError> {
+    listener.local_addr().map_err(|e| EngineError::Web {
+        addr: "?".into(),
+        message: e.to_string(),
+    })
+}
+
+/// Serves the web report over `backend` on `listener` until `shutdown` completes, then gives
+/// open connections (a browser's event stream, keep-alive connections) a short grace period
+/// before it returns. Runs on whatever runtime polls it: spawn it on the one that should own it.
+///
+/// # Errors
+///
+/// The listener failed.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    backend: impl Into<WebBackend>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     use axum::serve::ListenerExt;
 
     let addr = listener.local_addr().ok();
-    let listener = tokio::net::TcpListener::from_std(listener)
-        .map_err(|e| e.to_string())?
-        .tap_io(|tcp| {
-            // Small answers must not wait for Nagle's algorithm.
-            let _ = tcp.set_nodelay(true);
-        });
+    let listener = listener.tap_io(|tcp| {
+        // Small answers must not wait for Nagle's algorithm.
+        let _ = tcp.set_nodelay(true);
+    });
     tracing::info!(addr = ?addr, "Web report listening.");
     let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
+    let app = router_stopping(backend.into(), stopping_rx.clone(), REQUEST_TIMEOUT);
     let graceful = async move {
-        let _ = shutdown.await;
+        shutdown.await;
+        // Ends the event streams, so their connections can close.
         let _ = stopping_tx.send(true);
     };
-    let server = axum::serve(listener, router(context)).with_graceful_shutdown(graceful);
+    let server = axum::serve(listener, app).with_graceful_shutdown(graceful);
     let deadline = async move {
         let _ = stopping_rx.wait_for(|stopping| *stopping).await;
         tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
     tokio::select! {
-        result = server => result.map_err(|e| e.to_string()),
+        result = server => result,
         () = deadline => {
             tracing::debug!("Web connections still open after the grace period; closing them.");
             Ok(())

@@ -3,10 +3,19 @@ use std::sync::Arc;
 use axum::http::{HeaderMap, HeaderValue, header};
 use spendflow_operators::{AggKey, Name};
 
-use super::api::{category_totals, parse_user_id};
+use super::api::{CategoryTotal, parse_user_id};
 use super::assets::{all, etag_matches};
 use super::events::merge;
-use crate::serve::read_model::{AsOf, CellValue, EpochDelta, Published, ReadModel};
+use crate::serve::grpc::backend::testing::Hanging;
+use crate::serve::read_model::{AsOf, CellValue, EpochDelta, Published, ReadModel, Snapshot};
+
+/// The overview's totals by category, as the web API sends them.
+fn category_totals(snapshot: &Snapshot) -> Vec<CategoryTotal> {
+    crate::serve::grpc::category_totals(snapshot)
+        .into_iter()
+        .map(CategoryTotal::from)
+        .collect()
+}
 
 fn cell(key: AggKey, count: i64, sum: i64) -> CellValue {
     CellValue {
@@ -176,4 +185,145 @@ fn totals_beyond_i64_are_shown_exactly() {
     let json = serde_json::to_string(&totals).unwrap();
     let exact = (i128::from(i64::MAX) * 3).to_string();
     assert!(json.contains(&format!("\"total_minor\":{exact}")), "{json}");
+}
+
+/// An `Admin` with fixed counters, for serving the web report over a bare read model.
+struct FixedAdmin;
+
+#[tonic::async_trait]
+impl spendflow_proto::v1::admin_server::Admin for FixedAdmin {
+    async fn get_status(
+        &self,
+        _request: tonic::Request<spendflow_proto::v1::GetStatusRequest>,
+    ) -> Result<tonic::Response<spendflow_proto::v1::GetStatusResponse>, tonic::Status> {
+        Ok(tonic::Response::new(
+            spendflow_proto::v1::GetStatusResponse {
+                records_read: 4,
+                caught_up: true,
+                ..Default::default()
+            },
+        ))
+    }
+
+    async fn list_rejected(
+        &self,
+        _request: tonic::Request<spendflow_proto::v1::ListRejectedRequest>,
+    ) -> Result<tonic::Response<spendflow_proto::v1::ListRejectedResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not here"))
+    }
+}
+
+/// `GET path` on `addr`, the whole answer as text (status line, headers, body).
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer
+}
+
+#[test]
+fn a_user_total_beyond_i64_is_shown_exactly_through_the_backend() {
+    let (model, mut writer) = ReadModel::new();
+    let (fuel, _) = Name::intern("fuel");
+    let change = |key, sum| spendflow_operators::CellChange { key, count: 1, sum };
+    writer.apply(EpochDelta {
+        cells: vec![
+            change(AggKey::User(7), i64::MAX),
+            change(AggKey::User(7), i64::MAX),
+            change(AggKey::Category(7, fuel), i64::MAX),
+            change(AggKey::Category(7, fuel), i64::MAX),
+            change(AggKey::User(8), 5),
+        ],
+        ..EpochDelta::default()
+    });
+    let backend = super::WebBackend::new(
+        crate::serve::grpc::ReadModelBackend::new(Arc::clone(&model)),
+        FixedAdmin,
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = runtime.spawn(super::serve(listener, backend, async {
+        let _ = stopped.await;
+    }));
+
+    let exact = (i128::from(i64::MAX) * 2).to_string();
+    let user = http_get(addr, "/api/users/7");
+    assert!(user.starts_with("HTTP/1.1 200"), "{user}");
+    assert!(
+        user.contains(&format!("\"total_minor\":{exact}")),
+        "the user's total: {user}"
+    );
+    assert!(
+        user.contains(&format!("{{\"key\":\"fuel\",\"total_minor\":{exact}")),
+        "the category: {user}"
+    );
+    let overview = http_get(addr, "/api/overview");
+    assert!(overview.starts_with("HTTP/1.1 200"), "{overview}");
+    assert!(
+        overview.contains(&format!("\"total_minor\":{exact}")),
+        "{overview}"
+    );
+    assert!(
+        overview.contains("\"records_read\":4"),
+        "the Admin's counters: {overview}"
+    );
+    // Rank 1 is user 7, as gRPC ranks (gRPC itself refuses to send the sum).
+    let first = overview.find("\"user_id\":7").unwrap();
+    let second = overview.find("\"user_id\":8").unwrap();
+    assert!(first < second, "{overview}");
+
+    stop.send(()).unwrap();
+    runtime.block_on(server).unwrap().unwrap();
+}
+
+#[test]
+fn an_answer_that_takes_too_long_is_503() {
+    let backend = super::WebBackend::new(Hanging, FixedAdmin);
+    let (_, never) = tokio::sync::watch::channel(false);
+    let app = super::router_stopping(backend, never, std::time::Duration::from_millis(50));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    runtime.spawn(async move { axum::serve(listener, app).await });
+    for path in ["/api/overview", "/api/users/1"] {
+        let answer = http_get(addr, path);
+        assert!(answer.starts_with("HTTP/1.1 503"), "{path}: {answer}");
+    }
+    // What does not read the backend is answered as usual.
+    assert!(http_get(addr, "/").starts_with("HTTP/1.1 200"));
+}
+
+#[test]
+fn a_server_started_on_a_given_runtime_answers_and_stops() {
+    let (model, _writer) = ReadModel::new();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let listener = super::WebServer::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let backend = super::WebBackend::new(
+        crate::serve::grpc::ReadModelBackend::new(Arc::clone(&model)),
+        FixedAdmin,
+    );
+    let mut server = super::WebServer::start_on(runtime.handle(), listener, backend).unwrap();
+    let overview = http_get(server.addr(), "/api/overview");
+    assert!(overview.starts_with("HTTP/1.1 200"), "{overview}");
+    assert!(overview.contains("\"users\":0"), "{overview}");
+    server.stop();
+    assert!(
+        std::net::TcpStream::connect(server.addr()).is_err(),
+        "the listener is closed once stopped"
+    );
 }

@@ -1,9 +1,10 @@
-//! Test helpers for the web report: a minimal HTTP/1.1 client over `std::net::TcpStream` and a
-//! minimal W3C WebDriver client driving Debian's `chromedriver` with headless Chromium.
+//! Test helpers for the web report: a minimal HTTP/1.1 client over `std::net::TcpStream`, and
+//! a browser: Debian's `chromedriver` with headless Chromium, driven over W3C WebDriver by
+//! `fantoccini`.
 //!
-//! Both are small on purpose: the tests need GET/POST with JSON, a streamed response for
-//! server-sent events, and a handful of WebDriver commands (new session, navigate, execute
-//! script, send keys, screenshot), which is less code than another dependency.
+//! The HTTP client is small on purpose: the tests need GET/POST with JSON and a streamed
+//! response for server-sent events, read byte for byte (headers, chunking) as a browser gets
+//! them. The browser is blocking for the tests: each command runs on a runtime of its own.
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -217,12 +218,9 @@ pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 /// A chromedriver process and one browser session in it; both end on drop.
 pub struct Browser {
     driver: Child,
-    addr: SocketAddr,
-    session: String,
+    runtime: tokio::runtime::Runtime,
+    client: Option<fantoccini::Client>,
 }
-
-/// The element reference key of the W3C protocol.
-const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 impl Browser {
     /// Starts chromedriver and a headless Chromium session with a 1366×768 window. Panics,
@@ -246,12 +244,17 @@ impl Browser {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("could not start {CHROMEDRIVER}: {e}"));
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
         let mut browser = Browser {
             driver,
-            addr,
-            session: String::new(),
+            runtime,
+            client: None,
         };
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if TcpStream::connect(addr).is_ok() {
@@ -266,7 +269,7 @@ impl Browser {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        let capabilities = json!({"capabilities": {"alwaysMatch": {
+        let capabilities = json!({
             "browserName": "chrome",
             "goog:chromeOptions": {
                 "binary": CHROMIUM,
@@ -274,69 +277,64 @@ impl Browser {
                          "--disable-gpu", "--window-size=1366,768", "--lang=en-GB",
                          "--no-first-run", "--disable-extensions"]
             }
-        }}});
-        let created = browser.command("POST", "/session", Some(capabilities));
-        browser.session = created["sessionId"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no session id in {created}"))
-            .to_string();
+        });
+        let Value::Object(capabilities) = capabilities else {
+            unreachable!()
+        };
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        let client = browser
+            .runtime
+            .block_on(
+                fantoccini::ClientBuilder::new(connector)
+                    .capabilities(capabilities)
+                    .connect(&format!("http://{addr}")),
+            )
+            .unwrap_or_else(|e| panic!("WebDriver new session failed: {e}"));
+        browser.client = Some(client);
         browser
     }
 
-    /// Sends a WebDriver command and returns the response's `value`, panicking on an error.
-    fn command(&self, method: &str, path: &str, body: Option<Value>) -> Value {
-        let body = body.map(|b| serde_json::to_vec(&b).unwrap());
-        let response = request(self.addr, method, path, &[], body.as_deref());
-        let value = response.json();
-        assert_eq!(
-            response.status, 200,
-            "WebDriver {method} {path} failed: {value}"
-        );
-        value.get("value").cloned().unwrap_or(Value::Null)
-    }
-
-    fn session_command(&self, method: &str, path: &str, body: Option<Value>) -> Value {
-        let path = format!("/session/{}{path}", self.session);
-        self.command(method, &path, body)
+    fn client(&self) -> &fantoccini::Client {
+        self.client.as_ref().expect("a session")
     }
 
     pub fn goto(&self, url: &str) {
-        self.session_command("POST", "/url", Some(json!({ "url": url })));
+        self.runtime
+            .block_on(self.client().goto(url))
+            .unwrap_or_else(|e| panic!("WebDriver goto {url} failed: {e}"));
     }
 
     pub fn url(&self) -> String {
-        self.session_command("GET", "/url", None)
-            .as_str()
-            .unwrap_or_default()
+        self.runtime
+            .block_on(self.client().current_url())
+            .unwrap_or_else(|e| panic!("WebDriver current url failed: {e}"))
             .to_string()
     }
 
-    /// Runs `script` (a function body; `arguments` holds `args`) and returns its result.
+    /// Runs `script` (a function body; `arguments` holds `args`, a JSON array) and returns its
+    /// result.
     pub fn execute(&self, script: &str, args: Value) -> Value {
-        self.session_command(
-            "POST",
-            "/execute/sync",
-            Some(json!({ "script": script, "args": args })),
-        )
+        let args = match args {
+            Value::Array(args) => args,
+            other => vec![other],
+        };
+        self.runtime
+            .block_on(self.client().execute(script, args))
+            .unwrap_or_else(|e| panic!("WebDriver execute failed: {e}"))
     }
 
     /// Finds an element by CSS selector and types `text` into it (WebDriver key codes allowed:
     /// `\u{E007}` is Enter).
     pub fn type_into(&self, selector: &str, text: &str) {
-        let found = self.session_command(
-            "POST",
-            "/element",
-            Some(json!({ "using": "css selector", "value": selector })),
-        );
-        let id = found[ELEMENT]
-            .as_str()
-            .unwrap_or_else(|| panic!("no element {selector}: {found}"))
-            .to_string();
-        self.session_command(
-            "POST",
-            &format!("/element/{id}/value"),
-            Some(json!({ "text": text })),
-        );
+        self.runtime
+            .block_on(async {
+                let element = self
+                    .client()
+                    .find(fantoccini::Locator::Css(selector))
+                    .await?;
+                element.send_keys(text).await
+            })
+            .unwrap_or_else(|e| panic!("typing into {selector} failed: {e}"));
     }
 
     /// Repeats `script` until it returns something other than `null`/`false`, or panics with
@@ -358,8 +356,10 @@ impl Browser {
 
     /// Saves a PNG screenshot of the viewport to `path` and returns the path.
     pub fn screenshot(&self, path: &Path) -> PathBuf {
-        let encoded = self.session_command("GET", "/screenshot", None);
-        let png = base64_decode(encoded.as_str().expect("screenshot is a string"));
+        let png = self
+            .runtime
+            .block_on(self.client().screenshot())
+            .unwrap_or_else(|e| panic!("WebDriver screenshot failed: {e}"));
         assert!(png.starts_with(b"\x89PNG"), "the screenshot is a PNG");
         std::fs::write(path, png).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
         path.to_path_buf()
@@ -368,43 +368,13 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        if !self.session.is_empty() {
-            let path = format!("/session/{}", self.session);
-            let _ = request(self.addr, "DELETE", &path, &[], None);
+        if let Some(client) = self.client.take() {
+            // Ends the session (and its browser); the driver goes next.
+            let _ = self.runtime.block_on(client.close());
         }
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
-}
-
-/// Decodes standard base64 (whitespace ignored).
-pub fn base64_decode(text: &str) -> Vec<u8> {
-    fn value(c: u8) -> Option<u32> {
-        match c {
-            b'A'..=b'Z' => Some(u32::from(c - b'A')),
-            b'a'..=b'z' => Some(u32::from(c - b'a') + 26),
-            b'0'..=b'9' => Some(u32::from(c - b'0') + 52),
-            b'+' => Some(62),
-            b'/' => Some(63),
-            _ => None,
-        }
-    }
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    let (mut buffer, mut bits) = (0u32, 0u32);
-    for c in text.bytes() {
-        if c == b'=' {
-            break;
-        }
-        let Some(v) = value(c) else { continue };
-        buffer = (buffer << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((buffer >> bits) as u8);
-            buffer &= (1 << bits) - 1;
-        }
-    }
-    out
 }
 
 /// `target/test-output/<name>/`, created.
@@ -415,11 +385,4 @@ pub fn output_dir(name: &str) -> PathBuf {
     let dir = target.join("test-output").join(name);
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
     dir.canonicalize().unwrap_or(dir)
-}
-
-#[test]
-fn base64_round_trip() {
-    assert_eq!(base64_decode("aGVsbG8gd29ybGQ="), b"hello world");
-    assert_eq!(base64_decode("YQ=="), b"a");
-    assert_eq!(base64_decode("YWI="), b"ab");
 }
