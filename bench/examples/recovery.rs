@@ -164,7 +164,7 @@ fn main() -> Result<()> {
         engine.wait()?;
     }
     runtime.block_on(async {
-        if let Ok(session) = spendflow_engine::sink::cassandra::connect(&args.cassandra).await {
+        if let Ok(session) = spendflow_engine::cassandra::connect(&args.cassandra).await {
             let _ = session
                 .query(format!("DROP KEYSPACE IF EXISTS {keyspace}"))
                 .await;
@@ -229,7 +229,7 @@ fn wait_committed(
     events: u64,
 ) -> Result<Instant> {
     runtime.block_on(async {
-        let session = spendflow_engine::sink::cassandra::connect(contact).await?;
+        let session = spendflow_engine::cassandra::connect(contact).await?;
         loop {
             let rows = session
                 .query(format!(
@@ -254,7 +254,7 @@ fn wait_committed(
 
 fn sink_rows(runtime: &tokio::runtime::Runtime, contact: &str, keyspace: &str) -> Result<u64> {
     runtime.block_on(async {
-        let session = spendflow_engine::sink::cassandra::connect(contact).await?;
+        let session = spendflow_engine::cassandra::connect(contact).await?;
         let mut total = 0;
         for table in [
             "user_totals",

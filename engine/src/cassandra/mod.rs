@@ -1,11 +1,15 @@
 //! The Cassandra client every Cassandra user in the engine shares: connecting
-//! ([`session`]), the tables and what their rows promise ([`schema`]), and errors with a
+//! ([`session`]), the tables and what their rows promise ([`schema`]), how cells map to row
+//! keys ([`keys`]), reading the tables as of a committed epoch ([`reader`]), and errors with a
 //! retriable/fatal distinction. The sink (`sink::cassandra`), `serve --from cassandra` and
 //! `verify --cassandra` are built on it; none of them imports another.
 
+pub mod keys;
+pub mod reader;
 pub mod schema;
 pub mod session;
 
+pub use reader::TableReader;
 pub use session::{CqlSession, connect};
 
 /// What can go wrong talking to Cassandra.

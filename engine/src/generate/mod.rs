@@ -135,6 +135,17 @@ pub enum GenerateError {
     Busy(String),
 }
 
+impl From<crate::mysql_client::MySqlError> for GenerateError {
+    fn from(e: crate::mysql_client::MySqlError) -> Self {
+        match e {
+            crate::mysql_client::MySqlError::Config(message) => GenerateError::Config(message),
+            crate::mysql_client::MySqlError::Driver { context, source } => {
+                GenerateError::MySql { context, source }
+            }
+        }
+    }
+}
+
 impl GenerateError {
     /// True if the same run may succeed later without a change of settings (a server that is
     /// restarting, a lock held by another generator). The outbox keeps anything unpublished.

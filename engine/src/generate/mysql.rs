@@ -27,14 +27,13 @@
 //! running them again, or against a database another generator created, is harmless.
 
 use ::mysql::prelude::Queryable;
-use ::mysql::{Conn, Opts, OptsBuilder, Params, TxOpts, Value};
+use ::mysql::{Conn, Params, TxOpts, Value};
 use spendflow_operators::model::{Expense, MS_PER_DAY, civil_from_days};
 
 use super::{Batch, GenerateError, OutboxRow, RunState, Store};
 use crate::source::generator::Simulator;
 
-/// The database used when the URL names none.
-pub const DEFAULT_DATABASE: &str = "spendflow";
+pub use crate::mysql_client::DEFAULT_DATABASE;
 
 /// Rows per multi-row `INSERT` (well below the 65 535 placeholders of a prepared statement).
 const ROWS_PER_STATEMENT: usize = 500;
@@ -108,78 +107,7 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
     ],
 }];
 
-/// The database a URL names, or [`DEFAULT_DATABASE`].
-///
-/// # Errors
-///
-/// [`GenerateError::Config`] for a URL the driver cannot parse or a database name that is not
-/// a plain identifier (letters, digits, `_`, `$`; at most 64 characters).
-pub fn database_of(url: &str) -> Result<(Opts, String), GenerateError> {
-    let opts = Opts::from_url(url).map_err(|e| {
-        GenerateError::Config(format!(
-            "--mysql must be a URL like mysql://user:password@host:3306/spendflow: {e}"
-        ))
-    })?;
-    let database = opts
-        .get_db_name()
-        .filter(|d| !d.is_empty())
-        .unwrap_or(DEFAULT_DATABASE)
-        .to_string();
-    validate_database_name(&database)?;
-    Ok((opts, database))
-}
-
-/// Checks that `name` can be used unquoted-safe inside backticks.
-///
-/// # Errors
-///
-/// [`GenerateError::Config`] naming what is wrong.
-pub fn validate_database_name(name: &str) -> Result<(), GenerateError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'$');
-    if ok {
-        Ok(())
-    } else {
-        Err(GenerateError::Config(format!(
-            "the MySQL database name must be 1 to 64 ASCII letters, digits, '_' or '$', got {name:?}"
-        )))
-    }
-}
-
-/// Connects to the URL's database, creating it first if `create` is set and it is missing.
-///
-/// # Errors
-///
-/// [`GenerateError::MySql`] if the server cannot be reached, the credentials are refused, or
-/// the database is missing (and not to be created) or cannot be created.
-pub fn connect(url: &str, create: bool) -> Result<(Conn, String), GenerateError> {
-    let (opts, database) = database_of(url)?;
-    let with_db = OptsBuilder::from_opts(opts.clone()).db_name(Some(database.clone()));
-    match Conn::new(with_db.clone()) {
-        Ok(conn) => Ok((conn, database)),
-        // 1049: unknown database.
-        Err(::mysql::Error::MySqlError(e)) if e.code == 1049 && create => {
-            let mut server = Conn::new(OptsBuilder::from_opts(opts).db_name(None::<String>))
-                .map_err(GenerateError::mysql("connect"))?;
-            server
-                .query_drop(format!(
-                    "CREATE DATABASE IF NOT EXISTS `{database}` CHARACTER SET utf8mb4"
-                ))
-                .map_err(GenerateError::mysql(format!(
-                    "create database `{database}` (the user needs the CREATE privilege, or \
-                     create it yourself)"
-                )))?;
-            drop(server);
-            let conn = Conn::new(with_db)
-                .map_err(GenerateError::mysql(format!("connect to `{database}`")))?;
-            Ok((conn, database))
-        }
-        Err(e) => Err(GenerateError::mysql(format!("connect to `{database}`"))(e)),
-    }
-}
+pub use crate::mysql_client::{connect, database_of, is_retriable, validate_database_name};
 
 /// Applies every migration newer than the database's version, in order.
 ///
@@ -216,16 +144,6 @@ pub fn migrate(conn: &mut Conn) -> Result<u32, GenerateError> {
 /// The migrations a database at `version` still needs, in order.
 pub fn pending_migrations(version: u32) -> impl Iterator<Item = &'static Migration> {
     MIGRATIONS.iter().filter(move |m| m.version > version)
-}
-
-/// Whether a MySQL error may go away on retry: a lost connection, a deadlock, a lock timeout,
-/// a server shutting down or out of connections.
-pub fn is_retriable(error: &::mysql::Error) -> bool {
-    match error {
-        ::mysql::Error::MySqlError(e) => matches!(e.code, 1040 | 1053 | 1205 | 1213 | 2006 | 2013),
-        ::mysql::Error::IoError(_) | ::mysql::Error::CodecError(_) => true,
-        other => other.is_connectivity_error(),
-    }
 }
 
 /// `(?, ?, ...), (?, ?, ...)`: `rows` groups of `cols` placeholders.

@@ -146,7 +146,7 @@ fn database_names_come_from_the_url_and_are_checked() {
     assert!(validate_database_name(&"x".repeat(65)).is_err());
     assert!(matches!(
         database_of("postgres://nope"),
-        Err(GenerateError::Config(_))
+        Err(crate::mysql_client::MySqlError::Config(_))
     ));
 }
 

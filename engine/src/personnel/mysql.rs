@@ -1,5 +1,5 @@
 //! The [`UserDirectory`] over MySQL: the `users` and `cards` tables `spendflow generate`
-//! creates (see [`crate::generate::mysql`]). `users.image_ref` holds the user's [`ImageRef`] as
+//! creates (see `generate::mysql`). `users.image_ref` holds the user's [`ImageRef`] as
 //! JSON, NULL when the user has no picture.
 //!
 //! The `mysql` crate is blocking, so every query runs on tokio's blocking pool
@@ -11,8 +11,8 @@ use ::mysql::prelude::Queryable;
 use ::mysql::{Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, PooledConn, TxOpts};
 
 use super::{MaskedCard, PersonnelError, UserDetails, UserDirectory};
-use crate::generate::mysql::{database_of, is_retriable};
 use crate::images::ImageRef;
+use crate::mysql_client::{database_of, is_retriable};
 
 /// Connections kept at most.
 const MAX_CONNECTIONS: usize = 8;

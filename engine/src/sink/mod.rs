@@ -229,7 +229,7 @@ impl SinkError {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum SinkConfig {
-    /// Cassandra tables (see `sink::cassandra::schema`).
+    /// Cassandra tables (see `cassandra::schema`).
     #[cfg(feature = "cassandra")]
     Cassandra(cassandra::CassandraSinkConfig),
 }

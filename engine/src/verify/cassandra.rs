@@ -18,8 +18,8 @@ use futures::StreamExt;
 use spendflow_operators::UserId;
 
 use super::{MonthRange, Served, ServedPage, UserAggregates, VerifyError};
-use crate::serve::cassandra::reader::{ProgressState, TableReader, UserRow};
-use crate::sink::cassandra::connect;
+use crate::cassandra::connect;
+use crate::cassandra::reader::{ProgressState, TableReader, UserRow};
 
 /// Rows per page of the user scans.
 const SCAN_PAGE: i32 = 5000;

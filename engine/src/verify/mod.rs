@@ -155,7 +155,7 @@ pub enum VerifyError {
     },
     /// Cassandra could not be read.
     #[error(transparent)]
-    Cassandra(#[from] crate::sink::cassandra::CassandraError),
+    Cassandra(#[from] crate::cassandra::CassandraError),
     /// The served side did not catch up in time.
     #[error("the served side is not caught up after {waited:?}: {detail}")]
     NotReady {
@@ -171,7 +171,7 @@ impl VerifyError {
     pub fn is_retriable(&self) -> bool {
         match self {
             VerifyError::Config(_) => false,
-            VerifyError::MySql { source, .. } => crate::generate::mysql::is_retriable(source),
+            VerifyError::MySql { source, .. } => crate::mysql_client::is_retriable(source),
             VerifyError::Grpc { retriable, .. } => *retriable,
             VerifyError::Cassandra(e) => e.is_retriable(),
             VerifyError::NotReady { .. } => true,

@@ -14,7 +14,7 @@ use ::mysql::prelude::Queryable;
 use spendflow_operators::UserId;
 
 use super::{MonthRange, Truth, UserAggregates, VerifyError};
-use crate::generate::GenerateError;
+use crate::mysql_client::MySqlError;
 
 /// The live expenses in MySQL.
 pub struct MySqlTruth {
@@ -49,8 +49,8 @@ impl MySqlTruth {
     /// database or the `expenses` table cannot be reached.
     pub fn connect(url: &str) -> Result<Self, VerifyError> {
         let (mut conn, database) =
-            crate::generate::mysql::connect(url, false).map_err(|e| match e {
-                GenerateError::MySql { context, source } => VerifyError::MySql { context, source },
+            crate::mysql_client::connect(url, false).map_err(|e| match e {
+                MySqlError::Driver { context, source } => VerifyError::MySql { context, source },
                 other => VerifyError::Config(other.to_string()),
             })?;
         conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")

@@ -19,7 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cdrs_tokio::types::IntoRustByName;
-use spendflow_engine::sink::cassandra::connect;
+use spendflow_engine::cassandra::connect;
 
 use crate::support::{service_env, unique_name};
 

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow};
 use cdrs_tokio::query_values;
 use cdrs_tokio::types::IntoRustByName;
-use spendflow_engine::sink::cassandra::schema::{SINK_NAME, create_keyspace, create_tables};
-use spendflow_engine::sink::cassandra::{CqlSession, connect};
+use spendflow_engine::cassandra::schema::{SINK_NAME, create_keyspace, create_tables};
+use spendflow_engine::cassandra::{CqlSession, connect};
 
 use crate::util::wall_ms;
 

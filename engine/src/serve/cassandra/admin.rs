@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use super::backend::status;
 use super::index::IndexCache;
 use super::progress::ProgressWatch;
-use super::reader::TableReader;
+use crate::cassandra::reader::TableReader;
 use crate::serve::grpc::convert;
 
 /// The message of `ListRejected` from Cassandra.

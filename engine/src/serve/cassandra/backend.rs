@@ -10,12 +10,12 @@ use tonic::Status;
 
 use super::index::IndexCache;
 use super::progress::ProgressWatch;
-use super::reader::TableReader;
+use crate::cassandra::CassandraError;
+use crate::cassandra::reader::TableReader;
 use crate::serve::grpc::backend::{
     Amount, Answer, Buckets, CategoryData, CategorySums, OverviewData, QueryBackend, SpenderData,
     SubscribeSpec, SubscribeStream, SummaryData, SummaryPage, Wait,
 };
-use crate::sink::cassandra::CassandraError;
 
 /// Users of a `ListUserSummaries` page read at once.
 const PAGE_CONCURRENCY: usize = 32;
@@ -30,7 +30,7 @@ fn widen(cells: Vec<(String, CountSum)>) -> Vec<(String, Amount)> {
         .collect()
 }
 
-fn spender(row: &super::reader::UserRow) -> SpenderData {
+fn spender(row: &crate::cassandra::reader::UserRow) -> SpenderData {
     SpenderData {
         user_id: row.user_id,
         total_minor: row.total_minor.into(),

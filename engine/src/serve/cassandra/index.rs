@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use spendflow_operators::{Epoch, UserId};
 
 use super::progress::ProgressWatch;
-use super::reader::{TableReader, UserRow};
+use crate::cassandra::CassandraError;
+use crate::cassandra::reader::{TableReader, UserRow};
 use crate::serve::read_model::AsOf;
-use crate::sink::cassandra::CassandraError;
 
 /// Rows per page of the scan.
 const SCAN_PAGE: i32 = 5000;

@@ -44,9 +44,7 @@
 pub mod admin;
 pub mod backend;
 pub mod index;
-pub mod keys;
 pub mod progress;
-pub mod reader;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -57,14 +55,14 @@ use spendflow_proto::v1::admin_server::AdminServer;
 use spendflow_proto::v1::expense_query_server::ExpenseQueryServer;
 use tonic::server::NamedService;
 
+pub use crate::cassandra::TableReader;
 pub use admin::CassandraAdmin;
 pub use backend::CassandraBackend;
-pub use reader::TableReader;
 
 use self::index::IndexCache;
+use crate::cassandra::{CassandraError, connect, schema};
 use crate::serve::grpc::{QueryService, router_with, serve_router};
 use crate::serve::web::WebBackend;
-use crate::sink::cassandra::{CassandraError, connect, schema};
 
 /// Settings of `spendflow serve --from cassandra`.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]

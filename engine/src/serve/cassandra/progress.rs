@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::Status;
 
-use super::reader::{ProgressState, TableReader};
+use crate::cassandra::reader::{ProgressState, TableReader};
 use crate::serve::grpc::backend::Wait;
 use crate::serve::grpc::convert;
 use crate::serve::read_model::AsOf;
@@ -130,7 +130,7 @@ impl ProgressWatch {
 pub async fn watch(
     reader: Arc<TableReader>,
     interval: Duration,
-) -> Result<(ProgressWatch, JoinHandle<()>), crate::sink::cassandra::CassandraError> {
+) -> Result<(ProgressWatch, JoinHandle<()>), crate::cassandra::CassandraError> {
     let first = reader.progress().await?;
     let (tx, rx) = watch::channel(Observed {
         state: first,
@@ -145,7 +145,7 @@ pub async fn watch(
             }
             let result = match tokio::time::timeout(READ_TIMEOUT, reader.progress()).await {
                 Ok(result) => result,
-                Err(_) => Err(crate::sink::cassandra::CassandraError::Request {
+                Err(_) => Err(crate::cassandra::CassandraError::Request {
                     doing: "read sink_progress".into(),
                     message: format!("no answer within {} s", READ_TIMEOUT.as_secs()),
                     retriable: true,

@@ -1,4 +1,4 @@
-//! Reading the Cassandra sink's tables (see `sink::cassandra::schema` for the contract):
+//! Reading the Cassandra sink's tables (see `cassandra::schema` for the contract):
 //! prepared statements, row decoding, paging. Shared by `spendflow serve --from cassandra` and
 //! `spendflow verify --cassandra`.
 //!
@@ -19,9 +19,9 @@ use serde::Deserialize;
 use spendflow_operators::{CountSum, Epoch, UserId};
 
 use super::keys;
-use crate::sink::cassandra::schema::{SINK_NAME, validate_keyspace};
-use crate::sink::cassandra::{CassandraError, CqlSession};
-use crate::source::PartitionPosition;
+use super::schema::{SINK_NAME, validate_keyspace};
+use super::{CassandraError, CqlSession};
+use crate::core::PartitionPosition;
 
 /// Consistency of every read.
 pub const READ_CONSISTENCY: Consistency = Consistency::LocalQuorum;

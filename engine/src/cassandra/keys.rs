@@ -7,7 +7,7 @@
 
 use spendflow_operators::model::days_from_civil;
 
-use crate::serve::read_model::{format_day, format_month};
+use crate::core::{format_day, format_month};
 
 /// The first day a text key can name: 0000-01-01.
 pub fn first_day() -> i32 {
