@@ -169,7 +169,7 @@ impl EngineConfig {
             ));
         }
         if let Some(sink) = &self.sink {
-            sink.validate().map_err(EngineError::Config)?;
+            sink.validate()?;
         }
         if let Some(checkpoint) = &self.checkpoint {
             if !(100..=3_600_000).contains(&checkpoint.interval_ms) {

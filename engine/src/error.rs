@@ -101,3 +101,26 @@ impl SourceError {
         }
     }
 }
+
+/// A setting that is not allowed; the message names the setting and what is allowed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidSetting(pub String);
+
+impl From<String> for InvalidSetting {
+    fn from(message: String) -> Self {
+        InvalidSetting(message)
+    }
+}
+
+impl From<&str> for InvalidSetting {
+    fn from(message: &str) -> Self {
+        InvalidSetting(message.to_string())
+    }
+}
+
+impl From<InvalidSetting> for EngineError {
+    fn from(e: InvalidSetting) -> Self {
+        EngineError::Config(e.0)
+    }
+}

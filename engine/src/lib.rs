@@ -177,7 +177,7 @@ pub struct Engine {
     input: InputHandle,
     read_model: Arc<ReadModel>,
     shared: Arc<Shared>,
-    workers: Option<JoinHandle<Result<Vec<()>, String>>>,
+    workers: Option<JoinHandle<Result<Vec<()>, spendflow_operators::runtime::WorkersFailed>>>,
     publisher: Option<JoinHandle<()>>,
     sink_thread: Option<JoinHandle<()>>,
     /// Makes the sink's retries give up (at shutdown, after a grace period).
@@ -334,7 +334,7 @@ impl Engine {
         if let Some(workers) = self.workers.take() {
             match workers.join() {
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => result = Err(EngineError::Workers(e)),
+                Ok(Err(e)) => result = Err(EngineError::Workers(e.0)),
                 Err(_) => result = Err(EngineError::Workers("the worker thread panicked".into())),
             }
         }

@@ -222,7 +222,7 @@ pub(crate) fn shared_state(
 
 /// The threads step 4 starts.
 pub(crate) struct Threads {
-    pub workers: JoinHandle<Result<Vec<()>, String>>,
+    pub workers: JoinHandle<Result<Vec<()>, spendflow_operators::runtime::WorkersFailed>>,
     pub publisher: JoinHandle<()>,
     pub sink: Option<JoinHandle<()>>,
     pub checkpointer: Option<JoinHandle<()>>,
@@ -419,13 +419,27 @@ pub(crate) fn bind(config: &EngineConfig) -> Result<Listeners, EngineError> {
     })
 }
 
+/// Why a server task ended with an error.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ServerError {
+    #[cfg(feature = "grpc")]
+    #[error(transparent)]
+    Grpc(#[from] serve::grpc::GrpcError),
+    #[cfg(feature = "web")]
+    #[error("web report: {0}")]
+    Web(#[from] std::io::Error),
+}
+
 /// The running servers, and one signal that stops them all.
 #[derive(Debug)]
 pub(crate) struct Servers {
     pub grpc_addr: Option<SocketAddr>,
     pub web_addr: Option<SocketAddr>,
     shutdown: tokio::sync::watch::Sender<bool>,
-    tasks: Vec<(&'static str, tokio::task::JoinHandle<Result<(), String>>)>,
+    tasks: Vec<(
+        &'static str,
+        tokio::task::JoinHandle<Result<(), ServerError>>,
+    )>,
 }
 
 impl Servers {
@@ -489,14 +503,15 @@ pub(crate) fn serve(
         let stop = async move {
             let _ = stopped.wait_for(|s| *s).await;
         };
-        let task = runtime.spawn(serve::grpc::serve(
+        let serving = serve::grpc::serve(
             listener,
             Arc::clone(read_model),
             status(),
             #[cfg(feature = "personnel")]
             personnel.clone(),
             stop,
-        ));
+        );
+        let task = runtime.spawn(async move { serving.await.map_err(ServerError::from) });
         servers.grpc_addr = addr;
         servers.tasks.push(("grpc", task));
     }
@@ -521,7 +536,7 @@ pub(crate) fn serve(
         let task = runtime.spawn(async move {
             serve::web::serve(listener, context, stop)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(ServerError::from)
         });
         servers.web_addr = addr;
         servers.tasks.push(("web", task));

@@ -58,12 +58,22 @@ impl WorkerContext<'_> {
 /// # Errors
 ///
 /// A message if the threads could not be started, or if a worker panicked.
-pub fn execute<T, F>(workers: usize, logic: F) -> Result<Vec<T>, String>
+pub fn execute<T, F>(workers: usize, logic: F) -> Result<Vec<T>, WorkersFailed>
 where
     T: Send + 'static,
     F: Fn(&mut WorkerContext<'_>) -> T + Send + Sync + 'static,
 {
     let config = timely::Config::process(workers.max(1));
-    let guards = timely::execute(config, move |worker| logic(&mut WorkerContext { worker }))?;
-    guards.join().into_iter().collect()
+    let guards = timely::execute(config, move |worker| logic(&mut WorkerContext { worker }))
+        .map_err(WorkersFailed)?;
+    guards
+        .join()
+        .into_iter()
+        .collect::<Result<_, String>>()
+        .map_err(WorkersFailed)
 }
+
+/// The worker threads could not be started, or one of them panicked (timely's message).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("dataflow workers: {0}")]
+pub struct WorkersFailed(pub String);

@@ -167,7 +167,7 @@ impl TableReader {
     /// [`CassandraError::Config`] for a bad keyspace name or a keyspace without spendflow's
     /// tables; [`CassandraError::Request`] if Cassandra does not answer.
     pub async fn new(session: Arc<CqlSession>, keyspace: &str) -> Result<Self, CassandraError> {
-        validate_keyspace(keyspace).map_err(CassandraError::Config)?;
+        validate_keyspace(keyspace).map_err(|e| CassandraError::Config(e.to_string()))?;
         let ks = keyspace;
         let prepare = |cql: String| {
             let session = Arc::clone(&session);

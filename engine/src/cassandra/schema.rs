@@ -28,6 +28,8 @@
 //! generation may use; see `sink.rs` for how it keeps a replaced engine's writes below the
 //! next one's.
 
+use crate::error::InvalidSetting;
+
 /// Day and month keys are text: `YYYY-MM-DD` and `YYYY-MM` sort like the dates they name.
 pub const TABLES: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS {ks}.user_totals (
@@ -102,7 +104,7 @@ pub fn create_tables(keyspace: &str) -> Vec<String> {
 
 /// Checks a keyspace name: CQL identifiers are letters, digits and `_`, at most 48 long, not
 /// starting with a digit (unquoted names are folded to lower case, so we ask for lower case).
-pub fn validate_keyspace(keyspace: &str) -> Result<(), String> {
+pub fn validate_keyspace(keyspace: &str) -> Result<(), InvalidSetting> {
     let ok = !keyspace.is_empty()
         && keyspace.len() <= 48
         && !keyspace.starts_with(|c: char| c.is_ascii_digit())
@@ -114,6 +116,6 @@ pub fn validate_keyspace(keyspace: &str) -> Result<(), String> {
     } else {
         Err(format!(
             "keyspace {keyspace:?} is not a valid name: use 1 to 48 lower-case letters, digits or '_', not starting with a digit"
-        ))
+        ).into())
     }
 }

@@ -136,7 +136,7 @@ impl CheckpointStore for LocalDirStore {
         let mut refused = Vec::new();
         for (_, path) in self.files()? {
             let decoded = File::open(&path)
-                .map_err(|e| format!("cannot be opened: {e}"))
+                .map_err(|e| super::DecodeError(format!("cannot be opened: {e}")))
                 .and_then(|file| Checkpoint::decode(BufReader::with_capacity(1 << 20, file)));
             match decoded {
                 Ok(checkpoint) => {
@@ -151,7 +151,7 @@ impl CheckpointStore for LocalDirStore {
                     }
                     return Ok(Some(checkpoint));
                 }
-                Err(message) => refused.push((path.display().to_string(), message)),
+                Err(message) => refused.push((path.display().to_string(), message.0)),
             }
         }
         if refused.is_empty() {

@@ -225,7 +225,7 @@ impl Checkpoint {
     /// # Errors
     ///
     /// A message saying what is wrong with the bytes.
-    pub fn decode(input: impl Read) -> Result<Checkpoint, String> {
+    pub fn decode(input: impl Read) -> Result<Checkpoint, DecodeError> {
         let mut input = Checksummed::new(input);
         let mut magic = [0u8; 8];
         read_exact(&mut input, &mut magic, "magic")?;
@@ -237,11 +237,11 @@ impl Checkpoint {
             return Err(format!(
                 "checkpoint format version {} is unknown to this binary (it reads versions 01 and 02); it was written by another spendflow version",
                 String::from_utf8_lossy(version)
-            ));
+            ).into());
         }
         let header_len = read_u64(&mut input, "header length")? as usize;
         if header_len > 1 << 30 {
-            return Err(format!("header length {header_len} is implausible"));
+            return Err(format!("header length {header_len} is implausible").into());
         }
         let mut header = vec![0u8; header_len];
         read_exact(&mut input, &mut header, "header")?;
@@ -251,7 +251,7 @@ impl Checkpoint {
         for i in 0..header.live {
             let len = read_u32(&mut input, "entry")? as usize;
             if len > 1 << 16 {
-                return Err(format!("entry {i}: id length {len} is implausible"));
+                return Err(format!("entry {i}: id length {len} is implausible").into());
             }
             let mut id = vec![0u8; len];
             read_exact(&mut input, &mut id, "entry id")?;
@@ -295,19 +295,19 @@ impl Checkpoint {
     }
 }
 
-fn read_exact(input: &mut impl Read, buf: &mut [u8], what: &str) -> Result<(), String> {
+fn read_exact(input: &mut impl Read, buf: &mut [u8], what: &str) -> Result<(), DecodeError> {
     input
         .read_exact(buf)
-        .map_err(|e| format!("truncated in the {what}: {e}"))
+        .map_err(|e| DecodeError(format!("truncated in the {what}: {e}")))
 }
 
-fn read_u64(input: &mut impl Read, what: &str) -> Result<u64, String> {
+fn read_u64(input: &mut impl Read, what: &str) -> Result<u64, DecodeError> {
     let mut buf = [0u8; 8];
     read_exact(input, &mut buf, what)?;
     Ok(u64::from_le_bytes(buf))
 }
 
-fn read_u32(input: &mut impl Read, what: &str) -> Result<u32, String> {
+fn read_u32(input: &mut impl Read, what: &str) -> Result<u32, DecodeError> {
     let mut buf = [0u8; 4];
     read_exact(input, &mut buf, what)?;
     Ok(u32::from_le_bytes(buf))
@@ -352,5 +352,22 @@ impl<R: Read> Read for Checksummed<R> {
         let n = self.inner.read(buf)?;
         self.add(&buf[..n]);
         Ok(n)
+    }
+}
+
+/// Why a checkpoint file could not be decoded (damaged, truncated, or not a checkpoint).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct DecodeError(pub String);
+
+impl From<String> for DecodeError {
+    fn from(message: String) -> Self {
+        DecodeError(message)
+    }
+}
+
+impl From<&str> for DecodeError {
+    fn from(message: &str) -> Self {
+        DecodeError(message.to_string())
     }
 }

@@ -126,7 +126,7 @@ fn version_1_is_read_and_unknown_versions_are_refused_by_name() {
     assert_eq!(Checkpoint::decode(&old[..]).unwrap(), v1);
     let future = with_version(&bytes, b"07");
     let err = Checkpoint::decode(&future[..]).unwrap_err();
-    assert!(err.contains("version 07 is unknown"), "{err}");
+    assert!(err.0.contains("version 07 is unknown"), "{err}");
 }
 
 #[test]

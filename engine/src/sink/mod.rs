@@ -250,7 +250,7 @@ impl SinkConfig {
     /// # Errors
     ///
     /// A message naming the setting and what is allowed.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), crate::error::InvalidSetting> {
         match self {
             #[cfg(feature = "cassandra")]
             SinkConfig::Cassandra(c) => c.validate(),

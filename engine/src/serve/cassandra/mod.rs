@@ -46,6 +46,7 @@ pub mod backend;
 pub mod index;
 pub mod progress;
 
+use crate::error::InvalidSetting;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -132,7 +133,7 @@ impl CassandraServeConfig {
     /// # Errors
     ///
     /// A message naming the setting.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         schema::validate_keyspace(&self.keyspace)?;
         if self.contact_points.trim().is_empty() {
             return Err(
@@ -143,19 +144,22 @@ impl CassandraServeConfig {
             return Err(format!(
                 "the poll interval must be 10 to 60000 ms, got {}",
                 self.poll_interval_ms
-            ));
+            )
+            .into());
         }
         if self.index_refresh_ms > 3_600_000 {
             return Err(format!(
                 "the index refresh interval must be at most 3600000 ms, got {}",
                 self.index_refresh_ms
-            ));
+            )
+            .into());
         }
         if self.quiet_ms > 3_600_000 {
             return Err(format!(
                 "the quiet period must be at most 3600000 ms, got {}",
                 self.quiet_ms
-            ));
+            )
+            .into());
         }
         Ok(())
     }
@@ -178,9 +182,18 @@ pub enum ServeError {
         /// What went wrong.
         message: String,
     },
-    /// The server failed.
-    #[error("gRPC server: {0}")]
-    Server(String),
+    /// The gRPC server failed.
+    #[error(transparent)]
+    Server(#[from] crate::serve::grpc::GrpcError),
+    /// The web report failed.
+    #[error("web report: {0}")]
+    Web(#[from] std::io::Error),
+    /// The server's runtime could not be started.
+    #[error("could not start a runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    /// The server ended without a result (its runtime stopped under it).
+    #[error("the server ended without a result (its runtime stopped)")]
+    Ended,
 }
 
 impl ServeError {
@@ -189,7 +202,11 @@ impl ServeError {
         match self {
             ServeError::Cassandra(e) => e.is_retriable(),
             ServeError::Bind { .. } => true,
-            ServeError::Config(_) | ServeError::Server(_) => false,
+            ServeError::Config(_)
+            | ServeError::Server(_)
+            | ServeError::Web(_)
+            | ServeError::Runtime(_)
+            | ServeError::Ended => false,
         }
     }
 }
@@ -201,7 +218,7 @@ pub struct CassandraServer {
     web_addr: Option<SocketAddr>,
     shutdown: Option<tokio::sync::watch::Sender<bool>>,
     /// The servers' result (in a mutex only so the server is `Sync`).
-    done: Option<std::sync::Mutex<std::sync::mpsc::Receiver<Result<(), String>>>>,
+    done: Option<std::sync::Mutex<std::sync::mpsc::Receiver<Result<(), ServeError>>>>,
     /// The runtime of [`CassandraServer::start`]; `None` on a runtime given to `start_on`.
     runtime: Option<tokio::runtime::Runtime>,
 }
@@ -217,13 +234,15 @@ impl CassandraServer {
     /// [`ServeError::Cassandra`] if Cassandra cannot be reached, [`ServeError::Bind`] if an
     /// address is taken.
     pub fn start(config: CassandraServeConfig) -> Result<CassandraServer, ServeError> {
-        config.validate().map_err(ServeError::Config)?;
+        config
+            .validate()
+            .map_err(|e| ServeError::Config(e.to_string()))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("spendflow-serve")
             .enable_all()
             .build()
-            .map_err(|e| ServeError::Server(format!("could not start a runtime: {e}")))?;
+            .map_err(ServeError::Runtime)?;
         let mut server = CassandraServer::start_on(runtime.handle(), config)?;
         server.runtime = Some(runtime);
         Ok(server)
@@ -241,7 +260,9 @@ impl CassandraServer {
         runtime: &tokio::runtime::Handle,
         config: CassandraServeConfig,
     ) -> Result<CassandraServer, ServeError> {
-        config.validate().map_err(ServeError::Config)?;
+        config
+            .validate()
+            .map_err(|e| ServeError::Config(e.to_string()))?;
         let Setup {
             listener,
             routes,
@@ -278,7 +299,7 @@ impl CassandraServer {
                     Some((listener, backend)) => {
                         crate::serve::web::serve(listener, backend, stopped(stopping))
                             .await
-                            .map_err(|e| format!("web report: {e}"))
+                            .map_err(ServeError::from)
                     }
                     None => Ok(()),
                 }
@@ -287,7 +308,7 @@ impl CassandraServer {
             for task in tasks {
                 task.abort();
             }
-            let _ = done.send(grpc.and(web));
+            let _ = done.send(grpc.map_err(ServeError::from).and(web));
         });
         Ok(CassandraServer {
             addr,
@@ -327,10 +348,8 @@ impl CassandraServer {
             .map(|done| done.into_inner().unwrap_or_else(|p| p.into_inner()).recv())
         {
             None | Some(Ok(Ok(()))) => Ok(()),
-            Some(Ok(Err(e))) => Err(ServeError::Server(e)),
-            Some(Err(_)) => Err(ServeError::Server(
-                "the server ended without a result (its runtime stopped)".into(),
-            )),
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(_)) => Err(ServeError::Ended),
         };
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_timeout(Duration::from_millis(100));
@@ -397,9 +416,7 @@ async fn setup(config: &CassandraServeConfig) -> Result<Setup, ServeError> {
         Duration::from_millis(config.quiet_ms),
     );
     let web = web_listener.map(|l| (l, WebBackend::new(backend.clone(), admin.clone())));
-    let (routes, health) = router_with(QueryService::new(backend), admin)
-        .await
-        .map_err(ServeError::Server)?;
+    let (routes, health) = router_with(QueryService::new(backend), admin).await?;
     let health_task = tokio::spawn(report_health(progress, health));
     Ok(Setup {
         listener,

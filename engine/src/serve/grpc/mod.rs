@@ -62,7 +62,7 @@ pub async fn router(
     read_model: Arc<ReadModel>,
     status: StatusProbe,
     personnel: Option<Arc<Personnel>>,
-) -> Result<Routes, String> {
+) -> Result<Routes, GrpcError> {
     let query = QueryService::over_read_model(read_model);
     let (routes, health) = router_with(query, AdminService::new(status)).await?;
     personnel::report_health(&health, personnel.is_some()).await;
@@ -79,7 +79,7 @@ pub async fn router(
 pub async fn router_with<Q, A>(
     query: Q,
     admin: A,
-) -> Result<(Routes, tonic_health::server::HealthReporter), String>
+) -> Result<(Routes, tonic_health::server::HealthReporter), GrpcError>
 where
     Q: ExpenseQuery,
     A: Admin,
@@ -91,13 +91,11 @@ where
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(spendflow_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| e.to_string())?;
+        .build_v1()?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(spendflow_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(|e| e.to_string())?;
+        .build_v1alpha()?;
 
     let query = ExpenseQueryServer::new(query).max_decoding_message_size(MAX_REQUEST_BYTES);
     let admin = AdminServer::new(admin).max_decoding_message_size(MAX_REQUEST_BYTES);
@@ -120,7 +118,7 @@ pub async fn serve(
     status: StatusProbe,
     personnel: Option<Arc<Personnel>>,
     shutdown: impl std::future::Future<Output = ()> + Send,
-) -> Result<(), String> {
+) -> Result<(), GrpcError> {
     let router = router(read_model, status, personnel).await?;
     serve_router(listener, router, shutdown).await
 }
@@ -135,7 +133,7 @@ pub async fn serve_router(
     listener: TcpListener,
     routes: Routes,
     shutdown: impl std::future::Future<Output = ()> + Send,
-) -> Result<(), String> {
+) -> Result<(), GrpcError> {
     serve_routes(listener, routes, shutdown, REQUEST_TIMEOUT).await
 }
 
@@ -144,7 +142,7 @@ async fn serve_routes(
     routes: Routes,
     shutdown: impl std::future::Future<Output = ()> + Send,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), GrpcError> {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(addr = ?addr, "gRPC server listening.");
     // Small answers must not wait for Nagle's algorithm: without TCP_NODELAY a unary call can
@@ -155,8 +153,19 @@ async fn serve_routes(
         .layer(TraceLayer::new_for_grpc())
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .map_err(|e| e.to_string())
+        .await?;
+    Ok(())
+}
+
+/// Why a gRPC server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum GrpcError {
+    /// The reflection service could not be built from the descriptor sets.
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The server failed (accepting connections, serving them).
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
 }
 
 #[cfg(test)]

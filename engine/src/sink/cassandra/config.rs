@@ -1,5 +1,6 @@
 //! Settings of the Cassandra sink.
 
+use crate::error::InvalidSetting;
 use serde::Deserialize;
 
 use crate::cassandra::schema::validate_keyspace;
@@ -68,7 +69,7 @@ impl CassandraSinkConfig {
     /// # Errors
     ///
     /// A message naming the setting.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         validate_keyspace(&self.keyspace)?;
         if self.contact_points.trim().is_empty() {
             return Err("cassandra contact_points is empty: use HOST:PORT".into());
@@ -77,13 +78,15 @@ impl CassandraSinkConfig {
             return Err(format!(
                 "cassandra concurrency must be 1 to 1024, got {}",
                 self.concurrency
-            ));
+            )
+            .into());
         }
         if !(1..=1000).contains(&self.batch_statements) {
             return Err(format!(
                 "cassandra batch_statements must be 1 to 1000, got {}",
                 self.batch_statements
-            ));
+            )
+            .into());
         }
         if self.max_group_cells == 0 {
             return Err("cassandra max_group_cells must be at least 1".into());
@@ -93,7 +96,8 @@ impl CassandraSinkConfig {
                 "cassandra replication must be a CQL map like {}, got {}",
                 default_replication(),
                 self.replication
-            ));
+            )
+            .into());
         }
         Ok(())
     }

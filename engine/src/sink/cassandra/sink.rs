@@ -231,7 +231,9 @@ impl Connection {
         stop: Arc<AtomicBool>,
         runtime: tokio::runtime::Handle,
     ) -> Result<Connection, CassandraError> {
-        config.validate().map_err(CassandraError::Config)?;
+        config
+            .validate()
+            .map_err(|e| CassandraError::Config(e.to_string()))?;
         let (session, prepared, start) = runtime.block_on(async {
             let session = connect(&config.contact_points).await?;
             let ks = &config.keyspace;

@@ -1,3 +1,4 @@
+use crate::error::InvalidSetting;
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
@@ -86,12 +87,12 @@ impl KafkaSourceConfig {
     /// # Errors
     ///
     /// A message naming the setting.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         match (&self.topic, &self.topic_pattern) {
-            (Some(_), None) => Ok(()),
+            (Some(_), None) => Ok::<(), InvalidSetting>(()),
             (None, Some(pattern)) => regex::Regex::new(pattern)
                 .map(|_| ())
-                .map_err(|e| format!("topic_pattern is not a valid regex: {e}")),
+                .map_err(|e| format!("topic_pattern is not a valid regex: {e}").into()),
             _ => Err("set exactly one of topic and topic_pattern".into()),
         }?;
         if self.brokers.trim().is_empty() {

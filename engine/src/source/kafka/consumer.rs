@@ -96,7 +96,7 @@ impl KafkaSource {
         start_at: BTreeMap<(String, i32), i64>,
     ) -> Result<Self, SourceError> {
         config.validate().map_err(|e| SourceError::Kafka {
-            message: e,
+            message: e.to_string(),
             retriable: false,
         })?;
         let pattern = match &config.topic_pattern {

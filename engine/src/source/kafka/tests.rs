@@ -49,9 +49,9 @@ fn config_needs_exactly_one_topic_setting() {
     );
     let mut both = KafkaSourceConfig::topic("127.0.0.1:9092", "expenses");
     both.topic_pattern = Some("x".into());
-    assert!(both.validate().unwrap_err().contains("exactly one"));
+    assert!(both.validate().unwrap_err().0.contains("exactly one"));
     let bad = KafkaSourceConfig::pattern("127.0.0.1:9092", "(");
-    assert!(bad.validate().unwrap_err().contains("regex"));
+    assert!(bad.validate().unwrap_err().0.contains("regex"));
     let unknown = serde_json::from_str::<KafkaSourceConfig>(r#"{"brokers":"b","topik":"x"}"#);
     assert!(unknown.unwrap_err().to_string().contains("unknown field"));
 }
