@@ -206,6 +206,11 @@ fn run_refuses_unreadable_checkpoints_unless_told_to_discard_them() {
         stderr.contains("discarding an unreadable checkpoint"),
         "{stderr}"
     );
+    // Logs into a pipe or a file are plain text: no terminal colour codes.
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "colour codes in a log that is no terminal: {stderr:?}"
+    );
 }
 
 /// A file of `n` valid records over 17 users.
