@@ -551,46 +551,10 @@ fn epochs_beyond_the_newest_or_of_another_incarnation_do_not_mislead() {
 
 #[test]
 fn reflection_and_health_are_on() {
-    use tonic_health::pb::health_client::HealthClient;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-
     let f = Fixture::start();
-    let rt = &f.runtime;
-    let mut reflection = ServerReflectionClient::new(f.channel.clone());
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses = rt
-        .block_on(reflection.server_reflection_info(tokio_stream::iter(vec![request])))
-        .unwrap()
-        .into_inner();
-    let response = rt.block_on(responses.message()).unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
-        panic!("a service list")
-    };
-    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
-    for expected in [
-        "spendflow.v1.ExpenseQuery",
-        "spendflow.v1.Admin",
-        "grpc.health.v1.Health",
-    ] {
-        assert!(
-            names.contains(&expected),
-            "{expected} missing from {names:?}"
-        );
-    }
-
-    let mut health = HealthClient::new(f.channel.clone());
-    let check = tonic_health::pb::HealthCheckRequest {
-        service: "spendflow.v1.ExpenseQuery".into(),
-    };
-    let answer = rt.block_on(health.check(check)).unwrap().into_inner();
+    crate::support::grpc::assert_reflection_lists_services(&f.runtime, &f.channel);
     assert_eq!(
-        answer.status(),
+        crate::support::grpc::health(&f.runtime, &f.channel, "spendflow.v1.ExpenseQuery"),
         tonic_health::pb::health_check_response::ServingStatus::Serving
     );
 }
