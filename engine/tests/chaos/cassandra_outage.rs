@@ -15,44 +15,38 @@ use spendflow_engine::verify::grpc::GrpcServed;
 use spendflow_engine::verify::mysql::MySqlTruth;
 use spendflow_engine::verify::{self, VerifyOptions};
 
-use crate::support::stream::{KillOnDrop, RestartService, service_pid, services_kit, status};
-use crate::support::{create_topics, service_env, unique_name};
+use crate::support::stream::{
+    KillOnDrop, RestartService, StreamRun, rss_kib, service_pid, services_kit, status,
+};
 
 const USERS: u64 = 100;
 const EVENTS: u64 = 100_000;
 const OUTAGE: Duration = Duration::from_secs(30);
 
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-}
-
 #[test]
 fn thirty_seconds_without_cassandra_then_exact_again() {
     let _serial = crate::serial();
-    let brokers = service_env("SPENDFLOW_KAFKA");
-    let cassandra = service_env("SPENDFLOW_CASSANDRA");
-    let base = service_env("SPENDFLOW_MYSQL");
-    let name = unique_name("spendflow_it_outage");
-    let (head, _) = base.rsplit_once('/').expect("a MySQL URL with a database");
-    let mysql_url = format!("{head}/{name}");
-    let prefix = format!("{name}.user.");
-    let dead_letters = format!("{name}.dead-letter");
-    create_topics(&brokers, &[(dead_letters.clone(), 1)]);
-    let checkpoints = tempfile::tempdir().unwrap();
-    let grpc = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
-    };
+    let mut run = StreamRun::new("spendflow_it_outage");
+    run.engine_args = vec!["--checkpoint-interval".into(), "2s".into()];
+    let grpc = run.grpc.clone();
     let runtime = tokio::runtime::Runtime::new().unwrap();
 
+    // The generator's defaults (no seed, no corrections), only 1% malformed records.
     let mut generator = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_spendflow"))
-            .args(["generate", "--mysql", &mysql_url, "--brokers", &brokers])
-            .args(["--topic-prefix", &prefix, "--users", &USERS.to_string()])
+            .args([
+                "generate",
+                "--mysql",
+                &run.mysql_url,
+                "--brokers",
+                &run.brokers,
+            ])
+            .args([
+                "--topic-prefix",
+                &run.prefix(),
+                "--users",
+                &USERS.to_string(),
+            ])
             .args(["--events", &EVENTS.to_string(), "--rate", "2000"])
             .args(["--bad-rate", "0.01", "--log", "warn"])
             .stdin(Stdio::null())
@@ -60,44 +54,8 @@ fn thirty_seconds_without_cassandra_then_exact_again() {
             .spawn()
             .unwrap(),
     );
-    let log_path = checkpoints.path().with_extension("engine.log");
-    let mut engine = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_spendflow"))
-            .args(["run", "-w", "2", "--grpc", &grpc])
-            .args(["--input", &format!("kafka:{brokers}")])
-            .args([
-                "--topic-pattern",
-                &format!("{}[0-9]+", regex::escape(&prefix)),
-            ])
-            .args([
-                "--user-topic-prefix",
-                &prefix,
-                "--discovery-interval-ms",
-                "300",
-            ])
-            .args(["--dead-letter-topic", &dead_letters])
-            .args([
-                "--sink",
-                "cassandra",
-                "--cassandra",
-                &cassandra,
-                "--keyspace",
-                &name,
-            ])
-            .arg("--checkpoint-dir")
-            .arg(checkpoints.path())
-            .args(["--checkpoint-interval", "2s", "--log", "info"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log_path).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let log_tail = || {
-        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    };
+    let mut engine = KillOnDrop(run.engine());
+    let log_tail = || run.log_tail();
 
     // Running normally for a while: the memory it needs with Cassandra up.
     let mut before = 0;
@@ -174,7 +132,7 @@ fn thirty_seconds_without_cassandra_then_exact_again() {
         "memory grew during the outage: {before} KiB before, {during} KiB during"
     );
 
-    let mut truth = MySqlTruth::connect(&mysql_url).unwrap();
+    let mut truth = MySqlTruth::connect(&run.mysql_url).unwrap();
     let mut served = GrpcServed::connect(&grpc).unwrap();
     let report = verify::verify(&mut truth, &mut served, &VerifyOptions::default()).unwrap();
     eprintln!("gRPC: {report}");
@@ -182,19 +140,8 @@ fn thirty_seconds_without_cassandra_then_exact_again() {
     // (An open MySQL session would hold the database's metadata lock at the DROP below.)
     drop((truth, served));
 
-    let ok = Command::new("kill")
-        .args(["-TERM", &engine.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-    let exit = engine.wait().unwrap();
-    assert!(
-        exit.success(),
-        "the engine exited with {exit}:\n{}",
-        log_tail()
-    );
-    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    run.sigterm(&mut engine);
+    let log = std::fs::read_to_string(run.log_path()).unwrap_or_default();
     let recovered = log
         .lines()
         .find(|l| l.contains("Cassandra writes succeed again"));
@@ -204,30 +151,10 @@ fn thirty_seconds_without_cassandra_then_exact_again() {
         log_tail()
     );
     eprintln!("{}", recovered.unwrap_or_default());
-    let verify = Command::new(env!("CARGO_BIN_EXE_spendflow"))
-        .args(["verify", "--mysql", &mysql_url, "--cassandra", &cassandra])
-        .args(["--keyspace", &name, "--log", "warn"])
-        .output()
-        .unwrap();
-    eprintln!(
-        "Cassandra: {}{}",
-        String::from_utf8_lossy(&verify.stdout),
-        String::from_utf8_lossy(&verify.stderr)
-    );
     assert!(
-        verify.status.success(),
+        run.verify_cassandra(),
         "verify --cassandra found mismatches"
     );
 
-    if let Ok(mut conn) = mysql::Conn::new(mysql::Opts::from_url(&mysql_url).unwrap()) {
-        use mysql::prelude::Queryable;
-        let _ = conn.query_drop(format!("DROP DATABASE IF EXISTS `{name}`"));
-    }
-    runtime.block_on(async {
-        if let Ok(session) = spendflow_engine::sink::cassandra::connect(&cassandra).await {
-            let _ = session
-                .query(format!("DROP KEYSPACE IF EXISTS {name}"))
-                .await;
-        }
-    });
+    run.clean_up(&runtime);
 }
