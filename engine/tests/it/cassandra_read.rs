@@ -261,13 +261,7 @@ struct Client {
 impl Client {
     fn connect(addr: std::net::SocketAddr) -> Client {
         let runtime = tokio::runtime::Runtime::new().unwrap();
-        let channel = runtime
-            .block_on(
-                Channel::from_shared(format!("http://{addr}"))
-                    .unwrap()
-                    .connect(),
-            )
-            .unwrap();
+        let channel = grpc::connect(&runtime, addr);
         Client { runtime, channel }
     }
 
@@ -781,12 +775,30 @@ fn serves_the_web_report_from_the_tables() {
     let addr = server.web_addr().expect("the web report is served");
     let client = Client::connect(server.addr());
 
-    // The page is the engine's page.
+    the_page_is_the_engines_page(addr);
+    the_overview_ranks_as_grpc_does(addr, &client, &expected);
+    every_users_page_has_the_keyspaces_cells(addr, &client, &expected);
+    a_user_without_expenses_is_not_found(addr);
+    let events = events_say_when_a_newer_epoch_is_committed(&ks, addr, &expected);
+
+    // Shutting down with the event stream open ends it instead of waiting for the client.
+    server.shutdown().unwrap();
+    drop(events);
+}
+
+/// The page is the engine's page.
+fn the_page_is_the_engines_page(addr: std::net::SocketAddr) {
     let page = crate::web::get(addr, "/users/1");
     assert_eq!(page.status, 200);
     assert!(page.text().contains("/assets/app.js"));
+}
 
-    // The overview: the index's users, the committed epoch's records, gRPC's ranking.
+/// The overview: the index's users, the committed epoch's records, gRPC's ranking.
+fn the_overview_ranks_as_grpc_does(
+    addr: std::net::SocketAddr,
+    client: &Client,
+    expected: &BTreeMap<u64, UserCells>,
+) {
     let overview = crate::web::get(addr, "/api/overview");
     assert_eq!(overview.status, 200);
     assert_eq!(overview.header("cache-control"), Some("no-store"));
@@ -849,9 +861,15 @@ fn serves_the_web_report_from_the_tables() {
             ("groceries".to_string(), 1_900, 4, 3),
         ]
     );
+}
 
-    // Every user's page: the keyspace's cells, in gRPC's order.
-    for (&user, cells) in &expected {
+/// Every user's page: the keyspace's cells, in gRPC's order.
+fn every_users_page_has_the_keyspaces_cells(
+    addr: std::net::SocketAddr,
+    client: &Client,
+    expected: &BTreeMap<u64, UserCells>,
+) {
+    for (&user, cells) in expected {
         let page = crate::web::get(addr, &format!("/api/users/{user}"));
         assert_eq!(page.status, 200, "user {user}");
         let page = page.json();
@@ -886,7 +904,10 @@ fn serves_the_web_report_from_the_tables() {
             {"key": "2026-11", "total_minor": -3_300, "expense_count": 3},
         ])
     );
-    // No expenses and no personnel store: 404, with the epoch.
+}
+
+/// No expenses and no personnel store: 404, with the epoch.
+fn a_user_without_expenses_is_not_found(addr: std::net::SocketAddr) {
     let missing = crate::web::get(addr, "/api/users/4");
     assert_eq!(missing.status, 404);
     assert!(
@@ -895,9 +916,15 @@ fn serves_the_web_report_from_the_tables() {
             .unwrap()
             .contains("epoch 5")
     );
+}
 
-    // Events: hello at the committed epoch, then a reset once a newer one is committed, and
-    // the API then answers from it.
+/// Events: hello at the committed epoch, then a reset once a newer one is committed, and
+/// the API then answers from it.
+fn events_say_when_a_newer_epoch_is_committed(
+    ks: &Keyspace,
+    addr: std::net::SocketAddr,
+    expected: &BTreeMap<u64, UserCells>,
+) -> crate::web::EventStream {
     let mut events = crate::web::EventStream::open(addr, "/api/events");
     assert_eq!(events.status, 200);
     let hello = events.next();
@@ -936,9 +963,7 @@ fn serves_the_web_report_from_the_tables() {
         json!(2_500)
     );
 
-    // Shutting down with the event stream open ends it instead of waiting for the client.
-    server.shutdown().unwrap();
-    drop(events);
+    events
 }
 
 #[test]

@@ -66,13 +66,7 @@ impl Fixture {
         );
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let addr = engine.grpc_addr().unwrap();
-        let channel = runtime
-            .block_on(
-                Channel::from_shared(format!("http://{addr}"))
-                    .unwrap()
-                    .connect(),
-            )
-            .unwrap();
+        let channel = crate::support::grpc::connect(&runtime, addr);
         Fixture {
             engine,
             runtime,

@@ -552,24 +552,33 @@ fn spendflow(args: &[&str]) -> std::process::Output {
         .expect("run spendflow")
 }
 
+/// `spendflow images ARGS --mysql ... --hdfs ...` on the setup's database and HDFS root.
+fn images(setup: &Setup, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["images"];
+    all.extend(args);
+    all.extend(["--mysql", &setup.mysql_url, "--hdfs", &setup.hdfs_url]);
+    spendflow(&all)
+}
+
+#[track_caller]
+fn assert_succeeded(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn images_cli_put_get_refuse_and_generate_avatars() {
     let setup = Setup::new();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let services = [
-        "--mysql",
-        setup.mysql_url.as_str(),
-        "--hdfs",
-        setup.hdfs_url.as_str(),
-    ];
 
     // A text file named .png: refused, non-zero exit, a message that says why.
     let fake = dir.path().join("face.png");
     std::fs::write(&fake, "this is not an image, just text\n").unwrap();
-    let mut args = vec!["images", "put", "1", fake.to_str().unwrap()];
-    args.extend(services);
-    let out = spendflow(&args);
+    let out = images(&setup, &["put", "1", fake.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a text file was accepted");
     assert!(
@@ -582,30 +591,16 @@ fn images_cli_put_get_refuse_and_generate_avatars() {
     let real = dir.path().join("avatar.bin");
     let png = avatar::avatar_png(1, 1);
     std::fs::write(&real, &png).unwrap();
-    let mut args = vec!["images", "put", "1", real.to_str().unwrap()];
-    args.extend(services);
-    let out = spendflow(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = images(&setup, &["put", "1", real.to_str().unwrap()]);
+    assert_succeeded(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains(&sha256(&png)));
     let back = dir.path().join("back.png");
-    let mut args = vec!["images", "get", "1", back.to_str().unwrap()];
-    args.extend(services);
-    let out = spendflow(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = images(&setup, &["get", "1", back.to_str().unwrap()]);
+    assert_succeeded(&out);
     assert_eq!(std::fs::read(&back).unwrap(), png);
 
     // Unknown user: non-zero, names the user.
-    let mut args = vec!["images", "put", "77", real.to_str().unwrap()];
-    args.extend(services);
-    let out = spendflow(&args);
+    let out = images(&setup, &["put", "77", real.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("user 77 does not exist"), "{stderr}");
@@ -638,14 +633,8 @@ fn images_cli_put_get_refuse_and_generate_avatars() {
     });
 
     // The gc command: a dry run lists nothing to remove (everything is referenced).
-    let mut args = vec!["images", "gc", "--grace-minutes", "0", "--dry-run"];
-    args.extend(services);
-    let out = spendflow(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = images(&setup, &["gc", "--grace-minutes", "0", "--dry-run"]);
+    assert_succeeded(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("removed 0 orphaned blobs"));
 
     setup.clean_up(&runtime);
@@ -677,11 +666,7 @@ fn generate_with_avatars_gives_every_user_a_picture() {
         "--hdfs",
         &setup.hdfs_url,
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     let personnel = Personnel::connect(&PersonnelConfig::new(&url, &setup.hdfs_url)).unwrap();
     runtime.block_on(async {
         for user in 1..=4 {

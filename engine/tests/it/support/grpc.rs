@@ -6,6 +6,17 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_reflection::pb::{v1, v1alpha};
 
+/// A channel to the gRPC server at `addr` (connected: fails here when nothing listens).
+pub fn connect(runtime: &tokio::runtime::Runtime, addr: std::net::SocketAddr) -> Channel {
+    runtime
+        .block_on(
+            Channel::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect(),
+        )
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"))
+}
+
 /// The services every spendflow gRPC server lists by reflection.
 pub const SERVICES: [&str; 3] = [
     "spendflow.v1.ExpenseQuery",
