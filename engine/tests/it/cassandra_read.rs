@@ -1172,7 +1172,26 @@ fn verify_cassandra_agrees_and_finds_every_kind_of_mismatch() {
     ks.write_users(&users, 12);
     ks.progress(12, "[]", expenses.len() as i64, true);
 
-    let report = verify_cassandra(&db, &ks);
+    verify_agrees_with_the_tables(&db, &ks, &expenses);
+    let dropped = break_the_tables(&db, &ks, &users, &expenses);
+    verify_finds_every_mismatch(&db, &ks, &users, &dropped);
+    verify_waits_for_an_epoch_in_flight(&db, &ks);
+}
+
+/// `spendflow verify --cassandra` on the test's database and keyspace.
+fn verify_cli(db: &Database, ks: &Keyspace) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_spendflow"))
+        .args(["verify", "--mysql", &db.url, "--cassandra", &ks.contact])
+        .args(["--keyspace", &ks.name, "--quiet-ms", "300", "--log", "warn"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// The tables as the sink writes them agree with MySQL, in the library and on the command
+/// line (which exits 0).
+fn verify_agrees_with_the_tables(db: &Database, ks: &Keyspace, expenses: &[Expense]) {
+    let report = verify_cassandra(db, ks);
     eprintln!("{report}");
     assert!(report.is_ok(), "{report}");
     assert_eq!(report.users_checked, 61);
@@ -1185,15 +1204,7 @@ fn verify_cassandra_agrees_and_finds_every_kind_of_mismatch() {
     );
 
     // The command line agrees, and exits 0.
-    let verify_cli = || {
-        Command::new(env!("CARGO_BIN_EXE_spendflow"))
-            .args(["verify", "--mysql", &db.url, "--cassandra", &ks.contact])
-            .args(["--keyspace", &ks.name, "--quiet-ms", "300", "--log", "warn"])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    };
-    let output = verify_cli();
+    let output = verify_cli(db, ks);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -1204,9 +1215,17 @@ fn verify_cassandra_agrees_and_finds_every_kind_of_mismatch() {
         stdout.contains("61 users checked") && stdout.contains("0 mismatches"),
         "{stdout}"
     );
+}
 
-    // Now break it: a changed total (user 10), a missing category row (user 20), a user only
-    // Cassandra has (99, with cells), and a user only MySQL has (100).
+/// Now break it: a changed total (user 10), a missing category row (user 20), a user only
+/// Cassandra has (99, with cells), and a user only MySQL has (100).
+/// Returns the category row deleted (user 20's) with its cells.
+fn break_the_tables(
+    db: &Database,
+    ks: &Keyspace,
+    users: &BTreeMap<u64, UserCells>,
+    expenses: &[Expense],
+) -> (String, (i64, i64)) {
     let ksn = &ks.name;
     let u10 = &users[&10];
     ks.cql(&format!(
@@ -1238,8 +1257,19 @@ fn verify_cassandra_agrees_and_finds_every_kind_of_mismatch() {
         )
         .unwrap();
     ks.progress(13, "[]", expenses.len() as i64 + 1, true);
+    (dropped.clone(), *dropped_cell)
+}
 
-    let report = verify_cassandra(&db, &ks);
+/// Verify reports each break as what it is, in the library and on the command line (which
+/// fails).
+fn verify_finds_every_mismatch(
+    db: &Database,
+    ks: &Keyspace,
+    users: &BTreeMap<u64, UserCells>,
+    (dropped, dropped_cell): &(String, (i64, i64)),
+) {
+    let u10 = &users[&10];
+    let report = verify_cassandra(db, ks);
     eprintln!("{report}");
     assert!(!report.is_ok());
     assert_eq!(report.users_checked, 63);
@@ -1271,7 +1301,7 @@ fn verify_cassandra_agrees_and_finds_every_kind_of_mismatch() {
     // User 10's months no longer add up to its total either; nothing else differs.
     assert_eq!(report.mismatched_users, 4, "{report}");
 
-    let output = verify_cli();
+    let output = verify_cli(db, ks);
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "mismatches must fail: {stdout}");
@@ -1282,8 +1312,10 @@ fn verify_cassandra_agrees_and_finds_every_kind_of_mismatch() {
         "{stdout}"
     );
     assert!(stderr.contains("mismatches in 4 of 63 users"), "{stderr}");
+}
 
-    // An epoch in flight that never commits: the sink is not quiet, verify does not start.
+/// An epoch in flight that never commits: the sink is not quiet, verify does not start.
+fn verify_waits_for_an_epoch_in_flight(db: &Database, ks: &Keyspace) {
     ks.progress(14, "[]", 0, false);
     let mut served = CassandraServed::connect(&ks.contact, &ks.name)
         .unwrap()
