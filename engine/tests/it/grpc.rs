@@ -81,6 +81,20 @@ impl Fixture {
     fn admin(&self) -> AdminClient<Channel> {
         AdminClient::new(self.channel.clone())
     }
+
+    /// `GetUserSummary` for `user_id`, waiting as `consistency` says.
+    fn summary(
+        &self,
+        user_id: u64,
+        consistency: Option<pb::Consistency>,
+    ) -> Result<pb::GetUserSummaryResponse, tonic::Status> {
+        self.runtime
+            .block_on(self.query().get_user_summary(pb::GetUserSummaryRequest {
+                user_id,
+                consistency,
+            }))
+            .map(tonic::Response::into_inner)
+    }
 }
 
 #[test]
@@ -89,13 +103,7 @@ fn queries_answer_from_the_live_state() {
     let rt = &f.runtime;
     let mut query = f.query();
 
-    let summary = rt
-        .block_on(query.get_user_summary(pb::GetUserSummaryRequest {
-            user_id: 1,
-            consistency: None,
-        }))
-        .unwrap()
-        .into_inner();
+    let summary = f.summary(1, None).unwrap();
     let user = summary.summary.unwrap();
     assert_eq!(user.total_minor, 1_000 + 700 + 20_000 - 5_000);
     assert_eq!(user.expense_count, 4);
@@ -259,12 +267,7 @@ fn bad_requests_get_precise_statuses() {
         min_epoch: u64::MAX,
         timeout_ms: 50,
     };
-    let status = rt
-        .block_on(query.get_user_summary(pb::GetUserSummaryRequest {
-            user_id: 1,
-            consistency: Some(far),
-        }))
-        .unwrap_err();
+    let status = f.summary(1, Some(far)).unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded);
 
     let too_many = pb::SubscribeRequest {
@@ -442,13 +445,7 @@ fn epochs_beyond_the_newest_or_of_another_incarnation_do_not_mislead() {
     let f = Fixture::start();
     let rt = &f.runtime;
     let mut query = f.query();
-    let summary = rt
-        .block_on(query.get_user_summary(pb::GetUserSummaryRequest {
-            user_id: 1,
-            consistency: None,
-        }))
-        .unwrap()
-        .into_inner();
+    let summary = f.summary(1, None).unwrap();
     let as_of = summary.as_of.unwrap();
     assert_eq!(as_of.incarnation.len(), 16, "{:?}", as_of.incarnation);
     let newest = f.engine.read_model().published_epoch().unwrap();
@@ -518,28 +515,28 @@ fn epochs_beyond_the_newest_or_of_another_incarnation_do_not_mislead() {
     // Read-your-writes with another incarnation's epoch: FAILED_PRECONDITION at once (not a
     // wait, not an answer from an unrelated state), naming the current incarnation.
     for min_epoch in [1, beyond] {
-        let status = rt
-            .block_on(query.get_user_summary(pb::GetUserSummaryRequest {
-                user_id: 1,
-                consistency: Some(pb::Consistency {
+        let status = f
+            .summary(
+                1,
+                Some(pb::Consistency {
                     min_epoch,
                     timeout_ms: 30_000,
                     incarnation: "0123456789abcdef".into(),
                 }),
-            }))
+            )
             .unwrap_err();
         assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
         assert!(status.message().contains(&as_of.incarnation), "{status:?}");
     }
     // The same incarnation's epoch is answered.
-    rt.block_on(query.get_user_summary(pb::GetUserSummaryRequest {
-        user_id: 1,
-        consistency: Some(pb::Consistency {
+    f.summary(
+        1,
+        Some(pb::Consistency {
             min_epoch: as_of.epoch,
             timeout_ms: 0,
             incarnation: as_of.incarnation.clone(),
         }),
-    }))
+    )
     .unwrap();
 }
 
