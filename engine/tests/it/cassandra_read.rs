@@ -278,12 +278,7 @@ impl Client {
         user_id: u64,
         consistency: Option<pb::Consistency>,
     ) -> Result<pb::GetUserSummaryResponse, tonic::Status> {
-        self.runtime
-            .block_on(self.query().get_user_summary(pb::GetUserSummaryRequest {
-                user_id,
-                consistency,
-            }))
-            .map(tonic::Response::into_inner)
+        grpc::summary(&self.runtime, &self.channel, user_id, consistency)
     }
 
     fn windows(

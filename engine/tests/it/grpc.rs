@@ -88,12 +88,7 @@ impl Fixture {
         user_id: u64,
         consistency: Option<pb::Consistency>,
     ) -> Result<pb::GetUserSummaryResponse, tonic::Status> {
-        self.runtime
-            .block_on(self.query().get_user_summary(pb::GetUserSummaryRequest {
-                user_id,
-                consistency,
-            }))
-            .map(tonic::Response::into_inner)
+        crate::support::grpc::summary(&self.runtime, &self.channel, user_id, consistency)
     }
 }
 

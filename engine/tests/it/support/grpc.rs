@@ -1,6 +1,8 @@
 //! Checks of what every spendflow gRPC server offers besides its own services (the engine's and
 //! `serve --from cassandra`'s alike): server reflection and the standard health service.
 
+use spendflow_proto::v1 as pb;
+use spendflow_proto::v1::expense_query_client::ExpenseQueryClient;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -15,6 +17,23 @@ pub fn connect(runtime: &tokio::runtime::Runtime, addr: std::net::SocketAddr) ->
                 .connect(),
         )
         .unwrap_or_else(|e| panic!("connect to {addr}: {e}"))
+}
+
+/// `ExpenseQuery/GetUserSummary` for `user_id`, waiting as `consistency` says.
+pub fn summary(
+    runtime: &tokio::runtime::Runtime,
+    channel: &Channel,
+    user_id: u64,
+    consistency: Option<pb::Consistency>,
+) -> Result<pb::GetUserSummaryResponse, tonic::Status> {
+    runtime
+        .block_on(ExpenseQueryClient::new(channel.clone()).get_user_summary(
+            pb::GetUserSummaryRequest {
+                user_id,
+                consistency,
+            },
+        ))
+        .map(tonic::Response::into_inner)
 }
 
 /// The services every spendflow gRPC server lists by reflection.
