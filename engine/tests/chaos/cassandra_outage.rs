@@ -15,102 +15,108 @@ use spendflow_engine::verify::grpc::GrpcServed;
 use spendflow_engine::verify::mysql::MySqlTruth;
 use spendflow_engine::verify::{self, VerifyOptions};
 
-use crate::support::stream::{KillOnDrop, RestartService, service_pid, services_kit, status};
-use crate::support::{create_topics, service_env, unique_name};
+use crate::support::stream::{
+    KillOnDrop, RestartService, StreamRun, rss_kib, service_pid, services_kit, status,
+};
 
 const USERS: u64 = 100;
 const EVENTS: u64 = 100_000;
 const OUTAGE: Duration = Duration::from_secs(30);
 
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-}
-
 #[test]
 fn thirty_seconds_without_cassandra_then_exact_again() {
     let _serial = crate::serial();
-    let brokers = service_env("SPENDFLOW_KAFKA");
-    let cassandra = service_env("SPENDFLOW_CASSANDRA");
-    let base = service_env("SPENDFLOW_MYSQL");
-    let name = unique_name("spendflow_it_outage");
-    let (head, _) = base.rsplit_once('/').expect("a MySQL URL with a database");
-    let mysql_url = format!("{head}/{name}");
-    let prefix = format!("{name}.user.");
-    let dead_letters = format!("{name}.dead-letter");
-    create_topics(&brokers, &[(dead_letters.clone(), 1)]);
-    let checkpoints = tempfile::tempdir().unwrap();
-    let grpc = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
-    };
+    let mut run = StreamRun::new("spendflow_it_outage");
+    run.engine_args = vec!["--checkpoint-interval".into(), "2s".into()];
     let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut generator = generator(&run);
+    let mut engine = KillOnDrop(run.engine());
 
-    let mut generator = KillOnDrop(
+    let (before, read_before) = peak_rss_before_the_outage(&run, &runtime, &engine);
+    // Started again whatever happens to the test.
+    let _restart = RestartService("cassandra");
+    let during = peak_rss_during_the_outage(&run, &runtime, &mut engine, read_before);
+    assert!(generator.wait().unwrap().success(), "the generator failed");
+    let after = peak_rss_until_caught_up(&run, &runtime, &mut engine);
+    eprintln!(
+        "engine RSS: peak {} MiB before the outage, {} MiB during it, {} MiB after",
+        before / 1024,
+        during / 1024,
+        after / 1024
+    );
+    // Bounded: the queue in front of the sink holds a few epochs, not the input.
+    assert!(
+        during < before * 2 + 256 * 1024,
+        "memory grew during the outage: {before} KiB before, {during} KiB during"
+    );
+
+    grpc_agrees_with_mysql(&run);
+    stops_cleanly_having_recovered(&run, &mut engine);
+    assert!(
+        run.verify_cassandra(),
+        "verify --cassandra found mismatches"
+    );
+
+    run.clean_up(&runtime);
+}
+
+/// `spendflow generate` with its defaults (no seed, no corrections) but 1% malformed records,
+/// at 2000 records a second: long enough to outlast the outage.
+fn generator(run: &StreamRun) -> KillOnDrop {
+    KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_spendflow"))
-            .args(["generate", "--mysql", &mysql_url, "--brokers", &brokers])
-            .args(["--topic-prefix", &prefix, "--users", &USERS.to_string()])
+            .args([
+                "generate",
+                "--mysql",
+                &run.mysql_url,
+                "--brokers",
+                &run.brokers,
+            ])
+            .args([
+                "--topic-prefix",
+                &run.prefix(),
+                "--users",
+                &USERS.to_string(),
+            ])
             .args(["--events", &EVENTS.to_string(), "--rate", "2000"])
             .args(["--bad-rate", "0.01", "--log", "warn"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
             .unwrap(),
-    );
-    let log_path = checkpoints.path().with_extension("engine.log");
-    let mut engine = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_spendflow"))
-            .args(["run", "-w", "2", "--grpc", &grpc])
-            .args(["--input", &format!("kafka:{brokers}")])
-            .args([
-                "--topic-pattern",
-                &format!("{}[0-9]+", regex::escape(&prefix)),
-            ])
-            .args([
-                "--user-topic-prefix",
-                &prefix,
-                "--discovery-interval-ms",
-                "300",
-            ])
-            .args(["--dead-letter-topic", &dead_letters])
-            .args([
-                "--sink",
-                "cassandra",
-                "--cassandra",
-                &cassandra,
-                "--keyspace",
-                &name,
-            ])
-            .arg("--checkpoint-dir")
-            .arg(checkpoints.path())
-            .args(["--checkpoint-interval", "2s", "--log", "info"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log_path).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let log_tail = || {
-        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    };
+    )
+}
 
-    // Running normally for a while: the memory it needs with Cassandra up.
+/// Running normally for a while: the memory it needs with Cassandra up (peak RSS, KiB), and the
+/// records read by then (some).
+fn peak_rss_before_the_outage(
+    run: &StreamRun,
+    runtime: &tokio::runtime::Runtime,
+    engine: &KillOnDrop,
+) -> (u64, u64) {
     let mut before = 0;
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(10) {
         before = before.max(rss_kib(engine.id()).unwrap_or(0));
         std::thread::sleep(Duration::from_millis(250));
     }
-    let read_before = status(&runtime, &grpc).map_or(0, |s| s.records_read);
-    assert!(read_before > 0, "the engine reads nothing:\n{}", log_tail());
+    let read_before = status(runtime, &run.grpc).map_or(0, |s| s.records_read);
+    assert!(
+        read_before > 0,
+        "the engine reads nothing:\n{}",
+        run.log_tail()
+    );
+    (before, read_before)
+}
 
-    // Cassandra down for 30 s while the generator keeps producing.
-    let _restart = RestartService("cassandra");
+/// Cassandra down for 30 s (killed) while the generator keeps producing, then started again:
+/// the engine's peak RSS meanwhile (KiB); it never exits.
+fn peak_rss_during_the_outage(
+    run: &StreamRun,
+    runtime: &tokio::runtime::Runtime,
+    engine: &mut KillOnDrop,
+    read_before: u64,
+) -> u64 {
     let pid = service_pid("cassandra");
     assert!(
         Command::new("kill")
@@ -127,107 +133,73 @@ fn thirty_seconds_without_cassandra_then_exact_again() {
         assert!(
             engine.try_wait().unwrap().is_none(),
             "the engine exited during the outage:\n{}",
-            log_tail()
+            run.log_tail()
         );
         std::thread::sleep(Duration::from_millis(250));
     }
-    let read_during = status(&runtime, &grpc).map_or(0, |s| s.records_read);
+    let read_during = status(runtime, &run.grpc).map_or(0, |s| s.records_read);
     let up = services_kit(&["up", "cassandra"]);
     assert!(up.success(), "Cassandra did not come back");
     eprintln!(
         "Cassandra back after {:?}; the engine read {read_during} records meanwhile",
         down.elapsed()
     );
+    during
+}
 
-    assert!(generator.wait().unwrap().success(), "the generator failed");
+/// Once Cassandra is back the engine reads every record and says it is caught up (within 4
+/// minutes, never exiting): its peak RSS meanwhile (KiB).
+fn peak_rss_until_caught_up(
+    run: &StreamRun,
+    runtime: &tokio::runtime::Runtime,
+    engine: &mut KillOnDrop,
+) -> u64 {
     let mut after = 0;
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {
         after = after.max(rss_kib(engine.id()).unwrap_or(0));
-        let s = status(&runtime, &grpc);
+        let s = status(runtime, &run.grpc);
         if s.as_ref()
             .is_some_and(|s| s.caught_up && s.records_read == EVENTS)
         {
-            break;
+            return after;
         }
         assert!(
             engine.try_wait().unwrap().is_none(),
             "the engine exited after the outage:\n{}",
-            log_tail()
+            run.log_tail()
         );
         assert!(
             Instant::now() < deadline,
             "not caught up: {s:?}\n{}",
-            log_tail()
+            run.log_tail()
         );
         std::thread::sleep(Duration::from_millis(250));
     }
-    eprintln!(
-        "engine RSS: peak {} MiB before the outage, {} MiB during it, {} MiB after",
-        before / 1024,
-        during / 1024,
-        after / 1024
-    );
-    // Bounded: the queue in front of the sink holds a few epochs, not the input.
-    assert!(
-        during < before * 2 + 256 * 1024,
-        "memory grew during the outage: {before} KiB before, {during} KiB during"
-    );
+}
 
-    let mut truth = MySqlTruth::connect(&mysql_url).unwrap();
-    let mut served = GrpcServed::connect(&grpc).unwrap();
+/// The engine's gRPC answers agree with MySQL.
+fn grpc_agrees_with_mysql(run: &StreamRun) {
+    let mut truth = MySqlTruth::connect(&run.mysql_url).unwrap();
+    let mut served = GrpcServed::connect(&run.grpc).unwrap();
     let report = verify::verify(&mut truth, &mut served, &VerifyOptions::default()).unwrap();
     eprintln!("gRPC: {report}");
     assert!(report.is_ok(), "{report}");
-    // (An open MySQL session would hold the database's metadata lock at the DROP below.)
-    drop((truth, served));
+    // (The sessions close here: an open MySQL session would hold the database's metadata lock
+    // at the clean-up's DROP.)
+}
 
-    let ok = Command::new("kill")
-        .args(["-TERM", &engine.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-    let exit = engine.wait().unwrap();
-    assert!(
-        exit.success(),
-        "the engine exited with {exit}:\n{}",
-        log_tail()
-    );
-    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+/// SIGTERM ends the engine cleanly, and its log says the sink's writes succeeded again.
+fn stops_cleanly_having_recovered(run: &StreamRun, engine: &mut KillOnDrop) {
+    run.sigterm(engine);
+    let log = std::fs::read_to_string(run.log_path()).unwrap_or_default();
     let recovered = log
         .lines()
         .find(|l| l.contains("Cassandra writes succeed again"));
     assert!(
         recovered.is_some(),
         "the sink never said it recovered:\n{}",
-        log_tail()
+        run.log_tail()
     );
     eprintln!("{}", recovered.unwrap_or_default());
-    let verify = Command::new(env!("CARGO_BIN_EXE_spendflow"))
-        .args(["verify", "--mysql", &mysql_url, "--cassandra", &cassandra])
-        .args(["--keyspace", &name, "--log", "warn"])
-        .output()
-        .unwrap();
-    eprintln!(
-        "Cassandra: {}{}",
-        String::from_utf8_lossy(&verify.stdout),
-        String::from_utf8_lossy(&verify.stderr)
-    );
-    assert!(
-        verify.status.success(),
-        "verify --cassandra found mismatches"
-    );
-
-    if let Ok(mut conn) = mysql::Conn::new(mysql::Opts::from_url(&mysql_url).unwrap()) {
-        use mysql::prelude::Queryable;
-        let _ = conn.query_drop(format!("DROP DATABASE IF EXISTS `{name}`"));
-    }
-    runtime.block_on(async {
-        if let Ok(session) = spendflow_engine::sink::cassandra::connect(&cassandra).await {
-            let _ = session
-                .query(format!("DROP KEYSPACE IF EXISTS {name}"))
-                .await;
-        }
-    });
 }

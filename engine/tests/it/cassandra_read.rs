@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::support::{service_env, unique_name};
+use crate::support::{grpc, service_env, unique_name};
 use cdrs_tokio::query_values;
 use mysql::prelude::Queryable;
 use serde_json::{Value, json};
@@ -23,12 +23,14 @@ use spendflow_engine::sink::cassandra::{CassandraError, CqlSession, connect, sch
 use spendflow_engine::verify::cassandra::CassandraServed;
 use spendflow_engine::verify::mysql::MySqlTruth;
 use spendflow_engine::verify::{self, Aspect, VerifyOptions};
-use spendflow_operators::model::{day_of, days_from_civil, month_of_day};
+use spendflow_operators::model::{self, AggKey, Record, days_from_civil};
+use spendflow_operators::oracle::{self, Aggregates};
 use spendflow_proto::v1 as pb;
 use spendflow_proto::v1::admin_client::AdminClient;
 use spendflow_proto::v1::expense_query_client::ExpenseQueryClient;
 use tonic::Code;
 use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 /// One live expense, as MySQL holds it and the sink aggregates it.
 #[derive(Clone, Debug)]
@@ -71,23 +73,49 @@ struct UserCells {
     months: Cells,
 }
 
+impl Expense {
+    /// The record that makes this expense live.
+    fn record(&self) -> Record {
+        Record::Upsert(model::Expense {
+            expense_id: self.id.clone(),
+            user_id: self.user,
+            card_id: None,
+            merchant: self.merchant.as_str().into(),
+            category: self.category.as_str().into(),
+            amount_minor: self.amount,
+            currency: *b"EUR",
+            event_ms: self.event_ms,
+        })
+    }
+}
+
+/// What the sink would have written for a set of live expenses, per user: the operators'
+/// reference aggregates ([`oracle::recompute`]) keyed as the tables key them.
 fn aggregate(expenses: &[Expense]) -> BTreeMap<u64, UserCells> {
+    let records: Vec<Record> = expenses.iter().map(Expense::record).collect();
+    user_cells(&oracle::recompute(&records))
+}
+
+/// The oracle's cells as the sink's rows: names as text, days and months formatted as the
+/// tables' keys.
+fn user_cells(aggregates: &Aggregates) -> BTreeMap<u64, UserCells> {
     let mut users: BTreeMap<u64, UserCells> = BTreeMap::new();
-    for e in expenses {
-        let u = users.entry(e.user).or_default();
-        u.count += 1;
-        u.total += e.amount;
-        u.last_event_ms = u.last_event_ms.max(e.event_ms);
-        let day = day_of(e.event_ms);
-        for (cells, key) in [
-            (&mut u.categories, e.category.clone()),
-            (&mut u.merchants, e.merchant.clone()),
-            (&mut u.days, format_day(day)),
-            (&mut u.months, format_month(month_of_day(day))),
-        ] {
-            let cell = cells.entry(key).or_default();
-            *cell = (cell.0 + 1, cell.1 + e.amount);
-        }
+    for (key, &(count, sum)) in &aggregates.cells {
+        let u = users.entry(key.user_id()).or_default();
+        let (cells, key) = match *key {
+            AggKey::User(_) => {
+                (u.count, u.total) = (count, sum);
+                continue;
+            }
+            AggKey::Category(_, name) => (&mut u.categories, name.text().to_string()),
+            AggKey::Merchant(_, name) => (&mut u.merchants, name.text().to_string()),
+            AggKey::Day(_, day) => (&mut u.days, format_day(day)),
+            AggKey::Month(_, month) => (&mut u.months, format_month(month)),
+        };
+        cells.insert(key, (count, sum));
+    }
+    for (user, &last) in &aggregates.last_seen {
+        users.entry(*user).or_default().last_event_ms = last;
     }
     users
 }
@@ -233,13 +261,7 @@ struct Client {
 impl Client {
     fn connect(addr: std::net::SocketAddr) -> Client {
         let runtime = tokio::runtime::Runtime::new().unwrap();
-        let channel = runtime
-            .block_on(
-                Channel::from_shared(format!("http://{addr}"))
-                    .unwrap()
-                    .connect(),
-            )
-            .unwrap();
+        let channel = grpc::connect(&runtime, addr);
         Client { runtime, channel }
     }
 
@@ -256,12 +278,7 @@ impl Client {
         user_id: u64,
         consistency: Option<pb::Consistency>,
     ) -> Result<pb::GetUserSummaryResponse, tonic::Status> {
-        self.runtime
-            .block_on(self.query().get_user_summary(pb::GetUserSummaryRequest {
-                user_id,
-                consistency,
-            }))
-            .map(tonic::Response::into_inner)
+        grpc::summary(&self.runtime, &self.channel, user_id, consistency)
     }
 
     fn windows(
@@ -323,8 +340,26 @@ fn serves_the_tables_as_of_the_committed_epoch() {
     let server = ks.serve();
     let client = Client::connect(server.addr());
 
-    // One user: totals, categories and merchants largest first, last event, as_of = the
-    // committed epoch with its positions, not the uncommitted one.
+    one_user_as_of_the_committed_epoch(&client);
+    unknown_users_and_bad_requests_are_refused(&client);
+    paging_visits_every_user_once(&client);
+    windows_answer_buckets_in_a_range(&client);
+    top_spenders_rank_by_total(&client);
+    waiting_for_an_uncommitted_epoch_runs_out(&client);
+    status_reports_the_committed_epoch(&client);
+    a_waiting_reader_gets_epoch_6_once_committed(&ks, &client);
+    caught_up_once_quiet(&client);
+    engine_only_calls_are_unimplemented(&client);
+    health_and_reflection_as_on_the_engine(&client);
+    the_index_follows_the_sink_in_the_background(&ks, &client);
+    health_follows_sink_progress(&ks, &client);
+
+    server.shutdown().unwrap();
+}
+
+/// One user: totals, categories and merchants largest first, last event, as_of = the
+/// committed epoch with its positions, not the uncommitted one.
+fn one_user_as_of_the_committed_epoch(client: &Client) {
     let answer = client.summary(1, None).unwrap();
     let user = answer.summary.unwrap();
     assert_eq!(
@@ -352,8 +387,10 @@ fn serves_the_tables_as_of_the_committed_epoch() {
         positions,
         [("expenses.user.1", 0, 4), ("expenses.user.2", 0, 1)]
     );
+}
 
-    // Unknown users and bad requests: the same statuses as the engine's own service.
+/// Unknown users and bad requests: the same statuses as the engine's own service.
+fn unknown_users_and_bad_requests_are_refused(client: &Client) {
     let status = client.summary(999, None).unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
     assert!(status.message().contains("999") && status.message().contains("epoch 5"));
@@ -361,8 +398,10 @@ fn serves_the_tables_as_of_the_committed_epoch() {
         client.summary(0, None).unwrap_err().code(),
         Code::InvalidArgument
     );
+}
 
-    // Paging by user id, two at a time, visits every user once.
+/// Paging by user id, two at a time, visits every user once.
+fn paging_visits_every_user_once(client: &Client) {
     let mut token = String::new();
     let mut pages = Vec::new();
     loop {
@@ -403,8 +442,10 @@ fn serves_the_tables_as_of_the_committed_epoch() {
         assert_eq!(status.code(), Code::InvalidArgument);
         assert!(status.message().contains(field), "{}", status.message());
     }
+}
 
-    // Windows: day and month buckets in a range, oldest first.
+/// Windows: day and month buckets in a range, oldest first.
+fn windows_answer_buckets_in_a_range(client: &Client) {
     let days = client
         .windows(1, pb::Granularity::Day, "2026-11-01", "2026-11-30")
         .unwrap();
@@ -459,8 +500,10 @@ fn serves_the_tables_as_of_the_committed_epoch() {
         assert_eq!(status.code(), Code::InvalidArgument);
         assert!(status.message().contains(needle), "{}", status.message());
     }
+}
 
-    // Top spenders: by total, ties by user id.
+/// Top spenders: by total, ties by user id.
+fn top_spenders_rank_by_total(client: &Client) {
     let top = client.top(4, None).unwrap();
     let ranked: Vec<(u32, u64, i64)> = top
         .spenders
@@ -476,16 +519,20 @@ fn serves_the_tables_as_of_the_committed_epoch() {
         client.top(1001, None).unwrap_err().code(),
         Code::InvalidArgument
     );
+}
 
-    // Read-your-writes: epoch 6 is not committed, so waiting for it runs out...
-    let wait = |timeout_ms| {
-        Some(pb::Consistency {
-            incarnation: String::new(),
-            min_epoch: 6,
-            timeout_ms,
-        })
-    };
-    let status = client.summary(1, wait(200)).unwrap_err();
+/// Read-your-writes: wait (at most `timeout_ms`) until epoch 6 is committed.
+fn wait_for_epoch_6(timeout_ms: u32) -> Option<pb::Consistency> {
+    Some(pb::Consistency {
+        incarnation: String::new(),
+        min_epoch: 6,
+        timeout_ms,
+    })
+}
+
+/// Read-your-writes: epoch 6 is not committed, so waiting for it runs out...
+fn waiting_for_an_uncommitted_epoch_runs_out(client: &Client) {
+    let status = client.summary(1, wait_for_epoch_6(200)).unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded);
     assert!(
         status.message().contains("latest: 5"),
@@ -506,8 +553,10 @@ fn serves_the_tables_as_of_the_committed_epoch() {
             .code(),
         Code::InvalidArgument
     );
+}
 
-    // ...and Admin/GetStatus reports the committed epoch, not caught up while 6 is in flight.
+/// ...and Admin/GetStatus reports the committed epoch, not caught up while 6 is in flight.
+fn status_reports_the_committed_epoch(client: &Client) {
     let status = client.status();
     assert_eq!(status.as_of.as_ref().unwrap().epoch, 5);
     assert_eq!(status.records_read, 9);
@@ -521,9 +570,11 @@ fn serves_the_tables_as_of_the_committed_epoch() {
             .iter()
             .all(|p| p.lag == -1 && p.high_watermark == -1)
     );
+}
 
-    // The sink finishes epoch 6 while a reader waits for it: user 9 arrives, user 5's last
-    // expense goes away (its rows are deleted: absent means zero).
+/// The sink finishes epoch 6 while a reader waits for it: user 9 arrives, user 5's last
+/// expense goes away (its rows are deleted: absent means zero).
+fn a_waiting_reader_gets_epoch_6_once_committed(ks: &Keyspace, client: &Client) {
     let waiter = {
         let channel = client.channel.clone();
         client.runtime.spawn(async move {
@@ -571,12 +622,14 @@ fn serves_the_tables_as_of_the_committed_epoch() {
     assert_eq!(top.as_of.unwrap().epoch, 6);
     let ranked: Vec<u64> = top.spenders.iter().map(|s| s.user_id).collect();
     assert_eq!(ranked, [9, 7], "the index was rebuilt for epoch 6");
-    let answer = client.summary(9, wait(5_000)).unwrap();
+    let answer = client.summary(9, wait_for_epoch_6(5_000)).unwrap();
     assert_eq!(answer.as_of.unwrap().epoch, 6);
     assert_eq!(answer.summary.unwrap().total_minor, 90_000);
     assert_eq!(client.summary(5, None).unwrap_err().code(), Code::NotFound);
+}
 
-    // Quiet now: caught up once nothing has changed for the quiet period.
+/// Quiet now: caught up once nothing has changed for the quiet period.
+fn caught_up_once_quiet(client: &Client) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let status = client.status();
@@ -588,8 +641,10 @@ fn serves_the_tables_as_of_the_committed_epoch() {
         assert!(Instant::now() < deadline, "never caught up: {status:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
 
-    // What only the engine has: UNIMPLEMENTED, saying where to go instead.
+/// What only the engine has: UNIMPLEMENTED, saying where to go instead.
+fn engine_only_calls_are_unimplemented(client: &Client) {
     let status = client
         .runtime
         .block_on(client.query().subscribe(pb::SubscribeRequest {
@@ -624,26 +679,23 @@ fn serves_the_tables_as_of_the_committed_epoch() {
         )
         .unwrap_err();
     assert_eq!(status.code(), Code::Unimplemented);
+}
 
-    // Health and reflection, as on the engine.
-    let mut health = tonic_health::pb::health_client::HealthClient::new(client.channel.clone());
+/// Health and reflection, as on the engine.
+fn health_and_reflection_as_on_the_engine(client: &Client) {
     for service in ["spendflow.v1.ExpenseQuery", "spendflow.v1.Admin"] {
-        let answer = client
-            .runtime
-            .block_on(health.check(tonic_health::pb::HealthCheckRequest {
-                service: service.into(),
-            }))
-            .unwrap()
-            .into_inner();
         assert_eq!(
-            answer.status(),
-            tonic_health::pb::health_check_response::ServingStatus::Serving
+            grpc::health(&client.runtime, &client.channel, service),
+            ServingStatus::Serving
         );
     }
-    assert_reflection_lists_services(&client);
+    grpc::assert_reflection_lists_services(&client.runtime, &client.channel);
+    grpc::assert_reflection_v1alpha_answers(&client.runtime, &client.channel);
+}
 
-    // Without read-your-writes, the user index follows the sink in the background: a later
-    // epoch's newcomer shows up in TopSpenders within the refresh interval.
+/// Without read-your-writes, the user index follows the sink in the background: a later
+/// epoch's newcomer shows up in TopSpenders within the refresh interval.
+fn the_index_follows_the_sink_in_the_background(ks: &Keyspace, client: &Client) {
     let newcomer = vec![expense(
         "k1",
         11,
@@ -667,32 +719,24 @@ fn serves_the_tables_as_of_the_committed_epoch() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
 
-    // While sink_progress cannot be read, health says NOT_SERVING; then SERVING again.
-    let health_of = |health: &mut tonic_health::pb::health_client::HealthClient<Channel>| {
-        client
-            .runtime
-            .block_on(health.check(tonic_health::pb::HealthCheckRequest {
-                service: "spendflow.v1.ExpenseQuery".into(),
-            }))
-            .unwrap()
-            .into_inner()
-            .status()
+/// While sink_progress cannot be read, health says NOT_SERVING; then SERVING again.
+fn health_follows_sink_progress(ks: &Keyspace, client: &Client) {
+    let wait_health = |want: ServingStatus| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while grpc::health(
+            &client.runtime,
+            &client.channel,
+            "spendflow.v1.ExpenseQuery",
+        ) != want
+        {
+            assert!(Instant::now() < deadline, "health never became {want:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     };
-    let wait_health =
-        |health: &mut tonic_health::pb::health_client::HealthClient<Channel>,
-         want: tonic_health::pb::health_check_response::ServingStatus| {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while health_of(health) != want {
-                assert!(Instant::now() < deadline, "health never became {want:?}");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        };
     ks.cql(&format!("DROP TABLE {}.sink_progress", ks.name));
-    wait_health(
-        &mut health,
-        tonic_health::pb::health_check_response::ServingStatus::NotServing,
-    );
+    wait_health(ServingStatus::NotServing);
     // Answers still come, from the last committed epoch seen.
     assert_eq!(
         client.summary(1, None).unwrap().as_of.unwrap().epoch,
@@ -703,78 +747,12 @@ fn serves_the_tables_as_of_the_committed_epoch() {
         ks.cql(&table);
     }
     ks.progress(8, "[]", 12, true);
-    wait_health(
-        &mut health,
-        tonic_health::pb::health_check_response::ServingStatus::Serving,
-    );
+    wait_health(ServingStatus::Serving);
     let deadline = Instant::now() + Duration::from_secs(10);
     while client.summary(1, None).unwrap().as_of.unwrap().epoch != 8 {
         assert!(Instant::now() < deadline, "epoch 8 never showed");
         std::thread::sleep(Duration::from_millis(50));
     }
-
-    server.shutdown().unwrap();
-}
-
-fn assert_reflection_lists_services(client: &Client) {
-    use tonic_reflection::pb::{v1, v1alpha};
-    let request = v1::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
-            String::new(),
-        )),
-    };
-    let mut reflection =
-        v1::server_reflection_client::ServerReflectionClient::new(client.channel.clone());
-    let mut responses = client
-        .runtime
-        .block_on(reflection.server_reflection_info(tokio_stream::iter(vec![request])))
-        .unwrap()
-        .into_inner();
-    let response = client
-        .runtime
-        .block_on(responses.message())
-        .unwrap()
-        .unwrap();
-    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
-        response.message_response
-    else {
-        panic!("a service list")
-    };
-    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
-    for expected in [
-        "spendflow.v1.ExpenseQuery",
-        "spendflow.v1.Admin",
-        "grpc.health.v1.Health",
-    ] {
-        assert!(
-            names.contains(&expected),
-            "{expected} missing from {names:?}"
-        );
-    }
-
-    let request = v1alpha::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(
-            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
-        ),
-    };
-    let mut reflection =
-        v1alpha::server_reflection_client::ServerReflectionClient::new(client.channel.clone());
-    let mut responses = client
-        .runtime
-        .block_on(reflection.server_reflection_info(tokio_stream::iter(vec![request])))
-        .unwrap()
-        .into_inner();
-    let response = client
-        .runtime
-        .block_on(responses.message())
-        .unwrap()
-        .unwrap();
-    assert!(matches!(
-        response.message_response,
-        Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(_))
-    ));
 }
 
 /// The web report served from Cassandra (`serve --from cassandra --web`): the page's JSON API
@@ -792,12 +770,30 @@ fn serves_the_web_report_from_the_tables() {
     let addr = server.web_addr().expect("the web report is served");
     let client = Client::connect(server.addr());
 
-    // The page is the engine's page.
+    the_page_is_the_engines_page(addr);
+    the_overview_ranks_as_grpc_does(addr, &client, &expected);
+    every_users_page_has_the_keyspaces_cells(addr, &client, &expected);
+    a_user_without_expenses_is_not_found(addr);
+    let events = events_say_when_a_newer_epoch_is_committed(&ks, addr, &expected);
+
+    // Shutting down with the event stream open ends it instead of waiting for the client.
+    server.shutdown().unwrap();
+    drop(events);
+}
+
+/// The page is the engine's page.
+fn the_page_is_the_engines_page(addr: std::net::SocketAddr) {
     let page = crate::web::get(addr, "/users/1");
     assert_eq!(page.status, 200);
     assert!(page.text().contains("/assets/app.js"));
+}
 
-    // The overview: the index's users, the committed epoch's records, gRPC's ranking.
+/// The overview: the index's users, the committed epoch's records, gRPC's ranking.
+fn the_overview_ranks_as_grpc_does(
+    addr: std::net::SocketAddr,
+    client: &Client,
+    expected: &BTreeMap<u64, UserCells>,
+) {
     let overview = crate::web::get(addr, "/api/overview");
     assert_eq!(overview.status, 200);
     assert_eq!(overview.header("cache-control"), Some("no-store"));
@@ -860,9 +856,15 @@ fn serves_the_web_report_from_the_tables() {
             ("groceries".to_string(), 1_900, 4, 3),
         ]
     );
+}
 
-    // Every user's page: the keyspace's cells, in gRPC's order.
-    for (&user, cells) in &expected {
+/// Every user's page: the keyspace's cells, in gRPC's order.
+fn every_users_page_has_the_keyspaces_cells(
+    addr: std::net::SocketAddr,
+    client: &Client,
+    expected: &BTreeMap<u64, UserCells>,
+) {
+    for (&user, cells) in expected {
         let page = crate::web::get(addr, &format!("/api/users/{user}"));
         assert_eq!(page.status, 200, "user {user}");
         let page = page.json();
@@ -897,7 +899,10 @@ fn serves_the_web_report_from_the_tables() {
             {"key": "2026-11", "total_minor": -3_300, "expense_count": 3},
         ])
     );
-    // No expenses and no personnel store: 404, with the epoch.
+}
+
+/// No expenses and no personnel store: 404, with the epoch.
+fn a_user_without_expenses_is_not_found(addr: std::net::SocketAddr) {
     let missing = crate::web::get(addr, "/api/users/4");
     assert_eq!(missing.status, 404);
     assert!(
@@ -906,9 +911,15 @@ fn serves_the_web_report_from_the_tables() {
             .unwrap()
             .contains("epoch 5")
     );
+}
 
-    // Events: hello at the committed epoch, then a reset once a newer one is committed, and
-    // the API then answers from it.
+/// Events: hello at the committed epoch, then a reset once a newer one is committed, and
+/// the API then answers from it.
+fn events_say_when_a_newer_epoch_is_committed(
+    ks: &Keyspace,
+    addr: std::net::SocketAddr,
+    expected: &BTreeMap<u64, UserCells>,
+) -> crate::web::EventStream {
     let mut events = crate::web::EventStream::open(addr, "/api/events");
     assert_eq!(events.status, 200);
     let hello = events.next();
@@ -947,9 +958,7 @@ fn serves_the_web_report_from_the_tables() {
         json!(2_500)
     );
 
-    // Shutting down with the event stream open ends it instead of waiting for the client.
-    server.shutdown().unwrap();
-    drop(events);
+    events
 }
 
 #[test]
@@ -1158,7 +1167,26 @@ fn verify_cassandra_agrees_and_finds_every_kind_of_mismatch() {
     ks.write_users(&users, 12);
     ks.progress(12, "[]", expenses.len() as i64, true);
 
-    let report = verify_cassandra(&db, &ks);
+    verify_agrees_with_the_tables(&db, &ks, &expenses);
+    let dropped = break_the_tables(&db, &ks, &users, &expenses);
+    verify_finds_every_mismatch(&db, &ks, &users, &dropped);
+    verify_waits_for_an_epoch_in_flight(&db, &ks);
+}
+
+/// `spendflow verify --cassandra` on the test's database and keyspace.
+fn verify_cli(db: &Database, ks: &Keyspace) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_spendflow"))
+        .args(["verify", "--mysql", &db.url, "--cassandra", &ks.contact])
+        .args(["--keyspace", &ks.name, "--quiet-ms", "300", "--log", "warn"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// The tables as the sink writes them agree with MySQL, in the library and on the command
+/// line (which exits 0).
+fn verify_agrees_with_the_tables(db: &Database, ks: &Keyspace, expenses: &[Expense]) {
+    let report = verify_cassandra(db, ks);
     eprintln!("{report}");
     assert!(report.is_ok(), "{report}");
     assert_eq!(report.users_checked, 61);
@@ -1171,15 +1199,7 @@ fn verify_cassandra_agrees_and_finds_every_kind_of_mismatch() {
     );
 
     // The command line agrees, and exits 0.
-    let verify_cli = || {
-        Command::new(env!("CARGO_BIN_EXE_spendflow"))
-            .args(["verify", "--mysql", &db.url, "--cassandra", &ks.contact])
-            .args(["--keyspace", &ks.name, "--quiet-ms", "300", "--log", "warn"])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    };
-    let output = verify_cli();
+    let output = verify_cli(db, ks);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -1190,9 +1210,17 @@ fn verify_cassandra_agrees_and_finds_every_kind_of_mismatch() {
         stdout.contains("61 users checked") && stdout.contains("0 mismatches"),
         "{stdout}"
     );
+}
 
-    // Now break it: a changed total (user 10), a missing category row (user 20), a user only
-    // Cassandra has (99, with cells), and a user only MySQL has (100).
+/// Now break it: a changed total (user 10), a missing category row (user 20), a user only
+/// Cassandra has (99, with cells), and a user only MySQL has (100).
+/// Returns the category row deleted (user 20's) with its cells.
+fn break_the_tables(
+    db: &Database,
+    ks: &Keyspace,
+    users: &BTreeMap<u64, UserCells>,
+    expenses: &[Expense],
+) -> (String, (i64, i64)) {
     let ksn = &ks.name;
     let u10 = &users[&10];
     ks.cql(&format!(
@@ -1224,8 +1252,19 @@ fn verify_cassandra_agrees_and_finds_every_kind_of_mismatch() {
         )
         .unwrap();
     ks.progress(13, "[]", expenses.len() as i64 + 1, true);
+    (dropped.clone(), *dropped_cell)
+}
 
-    let report = verify_cassandra(&db, &ks);
+/// Verify reports each break as what it is, in the library and on the command line (which
+/// fails).
+fn verify_finds_every_mismatch(
+    db: &Database,
+    ks: &Keyspace,
+    users: &BTreeMap<u64, UserCells>,
+    (dropped, dropped_cell): &(String, (i64, i64)),
+) {
+    let u10 = &users[&10];
+    let report = verify_cassandra(db, ks);
     eprintln!("{report}");
     assert!(!report.is_ok());
     assert_eq!(report.users_checked, 63);
@@ -1257,7 +1296,7 @@ fn verify_cassandra_agrees_and_finds_every_kind_of_mismatch() {
     // User 10's months no longer add up to its total either; nothing else differs.
     assert_eq!(report.mismatched_users, 4, "{report}");
 
-    let output = verify_cli();
+    let output = verify_cli(db, ks);
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "mismatches must fail: {stdout}");
@@ -1268,8 +1307,10 @@ fn verify_cassandra_agrees_and_finds_every_kind_of_mismatch() {
         "{stdout}"
     );
     assert!(stderr.contains("mismatches in 4 of 63 users"), "{stderr}");
+}
 
-    // An epoch in flight that never commits: the sink is not quiet, verify does not start.
+/// An epoch in flight that never commits: the sink is not quiet, verify does not start.
+fn verify_waits_for_an_epoch_in_flight(db: &Database, ks: &Keyspace) {
     ks.progress(14, "[]", 0, false);
     let mut served = CassandraServed::connect(&ks.contact, &ks.name)
         .unwrap()

@@ -66,13 +66,7 @@ impl Fixture {
         );
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let addr = engine.grpc_addr().unwrap();
-        let channel = runtime
-            .block_on(
-                Channel::from_shared(format!("http://{addr}"))
-                    .unwrap()
-                    .connect(),
-            )
-            .unwrap();
+        let channel = crate::support::grpc::connect(&runtime, addr);
         Fixture {
             engine,
             runtime,
@@ -87,6 +81,15 @@ impl Fixture {
     fn admin(&self) -> AdminClient<Channel> {
         AdminClient::new(self.channel.clone())
     }
+
+    /// `GetUserSummary` for `user_id`, waiting as `consistency` says.
+    fn summary(
+        &self,
+        user_id: u64,
+        consistency: Option<pb::Consistency>,
+    ) -> Result<pb::GetUserSummaryResponse, tonic::Status> {
+        crate::support::grpc::summary(&self.runtime, &self.channel, user_id, consistency)
+    }
 }
 
 #[test]
@@ -95,13 +98,7 @@ fn queries_answer_from_the_live_state() {
     let rt = &f.runtime;
     let mut query = f.query();
 
-    let summary = rt
-        .block_on(query.get_user_summary(pb::GetUserSummaryRequest {
-            user_id: 1,
-            consistency: None,
-        }))
-        .unwrap()
-        .into_inner();
+    let summary = f.summary(1, None).unwrap();
     let user = summary.summary.unwrap();
     assert_eq!(user.total_minor, 1_000 + 700 + 20_000 - 5_000);
     assert_eq!(user.expense_count, 4);
@@ -265,12 +262,7 @@ fn bad_requests_get_precise_statuses() {
         min_epoch: u64::MAX,
         timeout_ms: 50,
     };
-    let status = rt
-        .block_on(query.get_user_summary(pb::GetUserSummaryRequest {
-            user_id: 1,
-            consistency: Some(far),
-        }))
-        .unwrap_err();
+    let status = f.summary(1, Some(far)).unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded);
 
     let too_many = pb::SubscribeRequest {
@@ -448,13 +440,7 @@ fn epochs_beyond_the_newest_or_of_another_incarnation_do_not_mislead() {
     let f = Fixture::start();
     let rt = &f.runtime;
     let mut query = f.query();
-    let summary = rt
-        .block_on(query.get_user_summary(pb::GetUserSummaryRequest {
-            user_id: 1,
-            consistency: None,
-        }))
-        .unwrap()
-        .into_inner();
+    let summary = f.summary(1, None).unwrap();
     let as_of = summary.as_of.unwrap();
     assert_eq!(as_of.incarnation.len(), 16, "{:?}", as_of.incarnation);
     let newest = f.engine.read_model().published_epoch().unwrap();
@@ -524,73 +510,37 @@ fn epochs_beyond_the_newest_or_of_another_incarnation_do_not_mislead() {
     // Read-your-writes with another incarnation's epoch: FAILED_PRECONDITION at once (not a
     // wait, not an answer from an unrelated state), naming the current incarnation.
     for min_epoch in [1, beyond] {
-        let status = rt
-            .block_on(query.get_user_summary(pb::GetUserSummaryRequest {
-                user_id: 1,
-                consistency: Some(pb::Consistency {
+        let status = f
+            .summary(
+                1,
+                Some(pb::Consistency {
                     min_epoch,
                     timeout_ms: 30_000,
                     incarnation: "0123456789abcdef".into(),
                 }),
-            }))
+            )
             .unwrap_err();
         assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
         assert!(status.message().contains(&as_of.incarnation), "{status:?}");
     }
     // The same incarnation's epoch is answered.
-    rt.block_on(query.get_user_summary(pb::GetUserSummaryRequest {
-        user_id: 1,
-        consistency: Some(pb::Consistency {
+    f.summary(
+        1,
+        Some(pb::Consistency {
             min_epoch: as_of.epoch,
             timeout_ms: 0,
             incarnation: as_of.incarnation.clone(),
         }),
-    }))
+    )
     .unwrap();
 }
 
 #[test]
 fn reflection_and_health_are_on() {
-    use tonic_health::pb::health_client::HealthClient;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-
     let f = Fixture::start();
-    let rt = &f.runtime;
-    let mut reflection = ServerReflectionClient::new(f.channel.clone());
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses = rt
-        .block_on(reflection.server_reflection_info(tokio_stream::iter(vec![request])))
-        .unwrap()
-        .into_inner();
-    let response = rt.block_on(responses.message()).unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
-        panic!("a service list")
-    };
-    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
-    for expected in [
-        "spendflow.v1.ExpenseQuery",
-        "spendflow.v1.Admin",
-        "grpc.health.v1.Health",
-    ] {
-        assert!(
-            names.contains(&expected),
-            "{expected} missing from {names:?}"
-        );
-    }
-
-    let mut health = HealthClient::new(f.channel.clone());
-    let check = tonic_health::pb::HealthCheckRequest {
-        service: "spendflow.v1.ExpenseQuery".into(),
-    };
-    let answer = rt.block_on(health.check(check)).unwrap().into_inner();
+    crate::support::grpc::assert_reflection_lists_services(&f.runtime, &f.channel);
     assert_eq!(
-        answer.status(),
+        crate::support::grpc::health(&f.runtime, &f.channel, "spendflow.v1.ExpenseQuery"),
         tonic_health::pb::health_check_response::ServingStatus::Serving
     );
 }

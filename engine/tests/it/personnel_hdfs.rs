@@ -225,248 +225,299 @@ fn personnel_over_grpc_with_mysql_and_hdfs() {
             .await
             .unwrap();
         let mut client = PersonnelClient::new(channel);
+        let client = &mut client;
 
-        // User details from MySQL, no picture yet.
-        let user = client
-            .get_user(pb::GetUserRequest { user_id: 2 })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(user.name, "Jürgen Nummer2");
-        assert_eq!(user.email, "j2@example.invalid");
-        assert_eq!(
-            (user.country.as_str(), user.currency.as_str()),
-            ("DE", "EUR")
-        );
-        assert_eq!(user.monthly_budget_minor, 150_000);
-        assert_eq!(user.cards.len(), 1);
-        assert_eq!(user.cards[0].card_id, "c-2-1");
-        assert!(user.cards[0].masked_number.starts_with("•••• "));
-        assert!(user.image.is_none());
-
-        // Upload (several chunks), download, same SHA-256.
-        let first = fake_png(300_000, 1);
-        let image = within(60, "upload", upload(&mut client, 2, "image/png", &first))
-            .await
-            .expect("upload");
-        assert_eq!(image.sha256, sha256(&first));
-        assert_eq!(
-            (image.content_type.as_str(), image.size),
-            ("image/png", 300_000)
-        );
-        let (got, bytes) = within(60, "download", download(&mut client, 2))
-            .await
-            .unwrap();
-        assert_eq!(got, image);
-        assert_eq!(sha256(&bytes), sha256(&first));
-        // On HDFS under its content address, and referenced from MySQL.
-        let info = store
-            .stat(&image.sha256)
-            .await
-            .unwrap()
-            .expect("blob on HDFS");
-        assert_eq!(info.size, 300_000);
-        assert!(
-            store
-                .client()
-                .get_file_info(&format!(
-                    "{}/{}/{}",
-                    setup.root,
-                    &image.sha256[..2],
-                    image.sha256
-                ))
-                .await
-                .is_ok()
-        );
-        let column = setup.image_ref_column(2).expect("image_ref set");
-        assert!(column.contains(&image.sha256), "{column}");
-        let user = client
-            .get_user(pb::GetUserRequest { user_id: 2 })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(user.image, Some(image.clone()));
-
-        // Replace with a real PNG.
-        let second = avatar::avatar_png(7, 2);
-        let replaced = upload(&mut client, 2, "", &second).await.expect("replace");
-        assert_eq!(replaced.sha256, sha256(&second));
-        let (got, bytes) = download(&mut client, 2).await.unwrap();
-        assert_eq!(got, replaced);
-        assert_eq!(bytes, second);
-        assert!(
-            store.stat(&image.sha256).await.unwrap().is_some(),
-            "the old blob stays until gc"
-        );
-
-        // 6 MiB: refused with a message, nothing stored.
-        let big = fake_png(6 * 1024 * 1024, 3);
-        let status = upload(&mut client, 1, "image/png", &big).await.unwrap_err();
-        assert!(
-            matches!(
-                status.code(),
-                Code::ResourceExhausted | Code::InvalidArgument
-            ),
-            "{status:?}"
-        );
-        assert!(
-            status.message().contains("too large"),
-            "{}",
-            status.message()
-        );
-        assert!(store.stat(&sha256(&big)).await.unwrap().is_none());
-        assert!(setup.image_ref_column(1).is_none());
-
-        // Text named .png (declared image/png): INVALID_ARGUMENT saying what it is.
-        let status = upload(&mut client, 1, "image/png", b"hello, I am a text file\n")
-            .await
-            .unwrap_err();
-        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-        assert!(status.message().contains("text"), "{}", status.message());
-        // A PNG declared as JPEG.
-        let status = upload(&mut client, 1, "image/jpeg", &second)
-            .await
-            .unwrap_err();
-        assert_eq!(status.code(), Code::InvalidArgument);
-        assert!(
-            status.message().contains("image/png"),
-            "{}",
-            status.message()
-        );
-        // No header first.
-        let status = client
-            .upload_image(tokio_stream::iter(vec![pb::UploadImageRequest {
-                part: Some(Part::Chunk(second.clone())),
-            }]))
-            .await
-            .unwrap_err();
-        assert_eq!(status.code(), Code::InvalidArgument);
-
-        // Unknown user: NOT_FOUND everywhere.
-        for status in [
-            client
-                .get_user(pb::GetUserRequest { user_id: 999 })
-                .await
-                .unwrap_err(),
-            upload(&mut client, 999, "image/png", &second)
-                .await
-                .unwrap_err(),
-            download(&mut client, 999).await.unwrap_err(),
-            client
-                .delete_image(pb::DeleteImageRequest { user_id: 999 })
-                .await
-                .unwrap_err(),
-        ] {
-            assert_eq!(status.code(), Code::NotFound, "{status:?}");
-            assert!(status.message().contains("999"), "{}", status.message());
-        }
-        // A user without a picture.
-        let status = download(&mut client, 3).await.unwrap_err();
-        assert_eq!(status.code(), Code::NotFound);
-        assert!(
-            status.message().contains("no image"),
-            "{}",
-            status.message()
-        );
-
-        // A client that aborts mid-upload leaves no partial file anywhere.
-        let blobs_before = store.list_blobs().await.unwrap().len();
-        let (tx, rx) = mpsc::channel(16);
-        // Through a TCP relay that the test cuts, as when the client's process or network dies.
-        let (relay_addr, cut) = relay(addr).await;
-        let own = Channel::from_shared(format!("http://{relay_addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut aborting = PersonnelClient::new(own);
-        let call =
-            tokio::spawn(async move { aborting.upload_image(ReceiverStream::new(rx)).await });
-        let partial = fake_png(1024 * 1024, 5);
-        let mut messages = upload_messages(3, "image/png", &partial).into_iter();
-        for message in messages.by_ref().take(4) {
-            tx.send(message).await.unwrap();
-        }
-        let temp_dir = store.temp_dir();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while files_under(&store, &temp_dir).await.is_empty() {
-            assert!(
-                Instant::now() < deadline,
-                "the upload never started a temporary file"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        // The stream has not ended (the sender is alive): the client goes away mid-upload.
-        cut.send(()).unwrap();
-        call.abort();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = files_under(&store, &temp_dir).await;
-            if left.is_empty() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "temporary files left after an abort: {left:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert_eq!(store.list_blobs().await.unwrap().len(), blobs_before);
-        assert!(store.stat(&sha256(&partial)).await.unwrap().is_none());
-        assert!(setup.image_ref_column(3).is_none());
-        drop(tx);
-
-        // A stream that ends cleanly but short of the declared size is refused too.
-        let mut messages = upload_messages(3, "image/png", &partial);
-        messages.truncate(3);
-        let status = client
-            .upload_image(tokio_stream::iter(messages))
-            .await
-            .unwrap_err();
-        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-        assert!(
-            status.message().contains("ended after"),
-            "{}",
-            status.message()
-        );
-        assert!(files_under(&store, &temp_dir).await.is_empty());
-        assert_eq!(store.list_blobs().await.unwrap().len(), blobs_before);
-
-        // Delete, then garbage collection removes the orphans and keeps what is referenced.
-        let user1 = upload(&mut client, 1, "", &avatar::avatar_png(7, 1))
-            .await
-            .unwrap();
-        let removed = client
-            .delete_image(pb::DeleteImageRequest { user_id: 1 })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(removed.removed, Some(user1.clone()));
-        assert_eq!(
-            download(&mut client, 1).await.unwrap_err().code(),
-            Code::NotFound
-        );
-        assert!(setup.image_ref_column(1).is_none());
-        let report = personnel
-            .collect_garbage(GcOptions {
-                blob_grace: Duration::ZERO,
-                temp_age: Duration::from_secs(3600),
-                dry_run: false,
-            })
-            .await
-            .unwrap();
-        let mut removed = report.removed_blobs.clone();
-        removed.sort();
-        let mut expected = vec![image.sha256.clone(), user1.sha256.clone()];
-        expected.sort();
-        assert_eq!(removed, expected);
-        assert!(store.stat(&image.sha256).await.unwrap().is_none());
-        let (_, bytes) = download(&mut client, 2).await.unwrap();
-        assert_eq!(bytes, second, "the referenced picture survives gc");
+        user_details_from_mysql(client).await;
+        let image = upload_then_download(&setup, &store, client).await;
+        let second = replace_with_a_real_png(&store, client, &image).await;
+        too_large_is_refused(&setup, &store, client).await;
+        wrong_content_is_refused(client, &second).await;
+        unknown_users_are_not_found(client, &second).await;
+        an_aborted_upload_leaves_nothing(&setup, &store, addr).await;
+        a_short_upload_is_refused(&store, client).await;
+        delete_then_gc(&personnel, &setup, &store, client, &image, &second).await;
     });
 
     engine.shutdown().unwrap();
     setup.clean_up(&runtime);
+}
+
+/// User details from MySQL, no picture yet.
+async fn user_details_from_mysql(client: &mut PersonnelClient<Channel>) {
+    let user = client
+        .get_user(pb::GetUserRequest { user_id: 2 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(user.name, "Jürgen Nummer2");
+    assert_eq!(user.email, "j2@example.invalid");
+    assert_eq!(
+        (user.country.as_str(), user.currency.as_str()),
+        ("DE", "EUR")
+    );
+    assert_eq!(user.monthly_budget_minor, 150_000);
+    assert_eq!(user.cards.len(), 1);
+    assert_eq!(user.cards[0].card_id, "c-2-1");
+    assert!(user.cards[0].masked_number.starts_with("•••• "));
+    assert!(user.image.is_none());
+}
+
+/// Upload (several chunks), download, same SHA-256.
+async fn upload_then_download(
+    setup: &Setup,
+    store: &HdfsImageStore,
+    client: &mut PersonnelClient<Channel>,
+) -> pb::ImageRef {
+    let first = fake_png(300_000, 1);
+    let image = within(60, "upload", upload(client, 2, "image/png", &first))
+        .await
+        .expect("upload");
+    assert_eq!(image.sha256, sha256(&first));
+    assert_eq!(
+        (image.content_type.as_str(), image.size),
+        ("image/png", 300_000)
+    );
+    let (got, bytes) = within(60, "download", download(client, 2)).await.unwrap();
+    assert_eq!(got, image);
+    assert_eq!(sha256(&bytes), sha256(&first));
+    // On HDFS under its content address, and referenced from MySQL.
+    let info = store
+        .stat(&image.sha256)
+        .await
+        .unwrap()
+        .expect("blob on HDFS");
+    assert_eq!(info.size, 300_000);
+    assert!(
+        store
+            .client()
+            .get_file_info(&format!(
+                "{}/{}/{}",
+                setup.root,
+                &image.sha256[..2],
+                image.sha256
+            ))
+            .await
+            .is_ok()
+    );
+    let column = setup.image_ref_column(2).expect("image_ref set");
+    assert!(column.contains(&image.sha256), "{column}");
+    let user = client
+        .get_user(pb::GetUserRequest { user_id: 2 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(user.image, Some(image.clone()));
+    image
+}
+
+/// Replace with a real PNG (returned).
+async fn replace_with_a_real_png(
+    store: &HdfsImageStore,
+    client: &mut PersonnelClient<Channel>,
+    image: &pb::ImageRef,
+) -> Vec<u8> {
+    let second = avatar::avatar_png(7, 2);
+    let replaced = upload(client, 2, "", &second).await.expect("replace");
+    assert_eq!(replaced.sha256, sha256(&second));
+    let (got, bytes) = download(client, 2).await.unwrap();
+    assert_eq!(got, replaced);
+    assert_eq!(bytes, second);
+    assert!(
+        store.stat(&image.sha256).await.unwrap().is_some(),
+        "the old blob stays until gc"
+    );
+    second
+}
+
+/// 6 MiB: refused with a message, nothing stored.
+async fn too_large_is_refused(
+    setup: &Setup,
+    store: &HdfsImageStore,
+    client: &mut PersonnelClient<Channel>,
+) {
+    let big = fake_png(6 * 1024 * 1024, 3);
+    let status = upload(client, 1, "image/png", &big).await.unwrap_err();
+    assert!(
+        matches!(
+            status.code(),
+            Code::ResourceExhausted | Code::InvalidArgument
+        ),
+        "{status:?}"
+    );
+    assert!(
+        status.message().contains("too large"),
+        "{}",
+        status.message()
+    );
+    assert!(store.stat(&sha256(&big)).await.unwrap().is_none());
+    assert!(setup.image_ref_column(1).is_none());
+}
+
+/// Text named .png (declared image/png): INVALID_ARGUMENT saying what it is.
+async fn wrong_content_is_refused(client: &mut PersonnelClient<Channel>, second: &[u8]) {
+    let status = upload(client, 1, "image/png", b"hello, I am a text file\n")
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("text"), "{}", status.message());
+    // A PNG declared as JPEG.
+    let status = upload(client, 1, "image/jpeg", second).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("image/png"),
+        "{}",
+        status.message()
+    );
+    // No header first.
+    let status = client
+        .upload_image(tokio_stream::iter(vec![pb::UploadImageRequest {
+            part: Some(Part::Chunk(second.to_vec())),
+        }]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+}
+
+/// Unknown user: NOT_FOUND everywhere.
+async fn unknown_users_are_not_found(client: &mut PersonnelClient<Channel>, second: &[u8]) {
+    for status in [
+        client
+            .get_user(pb::GetUserRequest { user_id: 999 })
+            .await
+            .unwrap_err(),
+        upload(client, 999, "image/png", second).await.unwrap_err(),
+        download(client, 999).await.unwrap_err(),
+        client
+            .delete_image(pb::DeleteImageRequest { user_id: 999 })
+            .await
+            .unwrap_err(),
+    ] {
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+        assert!(status.message().contains("999"), "{}", status.message());
+    }
+    // A user without a picture.
+    let status = download(client, 3).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    assert!(
+        status.message().contains("no image"),
+        "{}",
+        status.message()
+    );
+}
+
+/// A client that aborts mid-upload leaves no partial file anywhere.
+async fn an_aborted_upload_leaves_nothing(
+    setup: &Setup,
+    store: &HdfsImageStore,
+    addr: std::net::SocketAddr,
+) {
+    let blobs_before = store.list_blobs().await.unwrap().len();
+    let (tx, rx) = mpsc::channel(16);
+    // Through a TCP relay that the test cuts, as when the client's process or network dies.
+    let (relay_addr, cut) = relay(addr).await;
+    let own = Channel::from_shared(format!("http://{relay_addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut aborting = PersonnelClient::new(own);
+    let call = tokio::spawn(async move { aborting.upload_image(ReceiverStream::new(rx)).await });
+    let partial = fake_png(1024 * 1024, 5);
+    let mut messages = upload_messages(3, "image/png", &partial).into_iter();
+    for message in messages.by_ref().take(4) {
+        tx.send(message).await.unwrap();
+    }
+    let temp_dir = store.temp_dir();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while files_under(store, &temp_dir).await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the upload never started a temporary file"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The stream has not ended (the sender is alive): the client goes away mid-upload.
+    cut.send(()).unwrap();
+    call.abort();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = files_under(store, &temp_dir).await;
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "temporary files left after an abort: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(store.list_blobs().await.unwrap().len(), blobs_before);
+    assert!(store.stat(&sha256(&partial)).await.unwrap().is_none());
+    assert!(setup.image_ref_column(3).is_none());
+    drop(tx);
+}
+
+/// A stream that ends cleanly but short of the declared size is refused too (nothing is left,
+/// as after an abort).
+async fn a_short_upload_is_refused(store: &HdfsImageStore, client: &mut PersonnelClient<Channel>) {
+    let blobs_before = store.list_blobs().await.unwrap().len();
+    let partial = fake_png(1024 * 1024, 5);
+    let temp_dir = store.temp_dir();
+    let mut messages = upload_messages(3, "image/png", &partial);
+    messages.truncate(3);
+    let status = client
+        .upload_image(tokio_stream::iter(messages))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("ended after"),
+        "{}",
+        status.message()
+    );
+    assert!(files_under(store, &temp_dir).await.is_empty());
+    assert_eq!(store.list_blobs().await.unwrap().len(), blobs_before);
+}
+
+/// Delete, then garbage collection removes the orphans and keeps what is referenced.
+async fn delete_then_gc(
+    personnel: &Personnel,
+    setup: &Setup,
+    store: &HdfsImageStore,
+    client: &mut PersonnelClient<Channel>,
+    image: &pb::ImageRef,
+    second: &[u8],
+) {
+    let user1 = upload(client, 1, "", &avatar::avatar_png(7, 1))
+        .await
+        .unwrap();
+    let removed = client
+        .delete_image(pb::DeleteImageRequest { user_id: 1 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(removed.removed, Some(user1.clone()));
+    assert_eq!(
+        download(client, 1).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    assert!(setup.image_ref_column(1).is_none());
+    let report = personnel
+        .collect_garbage(GcOptions {
+            blob_grace: Duration::ZERO,
+            temp_age: Duration::from_secs(3600),
+            dry_run: false,
+        })
+        .await
+        .unwrap();
+    let mut removed = report.removed_blobs.clone();
+    removed.sort();
+    let mut expected = vec![image.sha256.clone(), user1.sha256.clone()];
+    expected.sort();
+    assert_eq!(removed, expected);
+    assert!(store.stat(&image.sha256).await.unwrap().is_none());
+    let (_, bytes) = download(client, 2).await.unwrap();
+    assert_eq!(bytes, second, "the referenced picture survives gc");
 }
 
 #[test]
@@ -501,24 +552,33 @@ fn spendflow(args: &[&str]) -> std::process::Output {
         .expect("run spendflow")
 }
 
+/// `spendflow images ARGS --mysql ... --hdfs ...` on the setup's database and HDFS root.
+fn images(setup: &Setup, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["images"];
+    all.extend(args);
+    all.extend(["--mysql", &setup.mysql_url, "--hdfs", &setup.hdfs_url]);
+    spendflow(&all)
+}
+
+#[track_caller]
+fn assert_succeeded(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn images_cli_put_get_refuse_and_generate_avatars() {
     let setup = Setup::new();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let services = [
-        "--mysql",
-        setup.mysql_url.as_str(),
-        "--hdfs",
-        setup.hdfs_url.as_str(),
-    ];
 
     // A text file named .png: refused, non-zero exit, a message that says why.
     let fake = dir.path().join("face.png");
     std::fs::write(&fake, "this is not an image, just text\n").unwrap();
-    let mut args = vec!["images", "put", "1", fake.to_str().unwrap()];
-    args.extend(services);
-    let out = spendflow(&args);
+    let out = images(&setup, &["put", "1", fake.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a text file was accepted");
     assert!(
@@ -531,30 +591,16 @@ fn images_cli_put_get_refuse_and_generate_avatars() {
     let real = dir.path().join("avatar.bin");
     let png = avatar::avatar_png(1, 1);
     std::fs::write(&real, &png).unwrap();
-    let mut args = vec!["images", "put", "1", real.to_str().unwrap()];
-    args.extend(services);
-    let out = spendflow(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = images(&setup, &["put", "1", real.to_str().unwrap()]);
+    assert_succeeded(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains(&sha256(&png)));
     let back = dir.path().join("back.png");
-    let mut args = vec!["images", "get", "1", back.to_str().unwrap()];
-    args.extend(services);
-    let out = spendflow(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = images(&setup, &["get", "1", back.to_str().unwrap()]);
+    assert_succeeded(&out);
     assert_eq!(std::fs::read(&back).unwrap(), png);
 
     // Unknown user: non-zero, names the user.
-    let mut args = vec!["images", "put", "77", real.to_str().unwrap()];
-    args.extend(services);
-    let out = spendflow(&args);
+    let out = images(&setup, &["put", "77", real.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("user 77 does not exist"), "{stderr}");
@@ -587,14 +633,8 @@ fn images_cli_put_get_refuse_and_generate_avatars() {
     });
 
     // The gc command: a dry run lists nothing to remove (everything is referenced).
-    let mut args = vec!["images", "gc", "--grace-minutes", "0", "--dry-run"];
-    args.extend(services);
-    let out = spendflow(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = images(&setup, &["gc", "--grace-minutes", "0", "--dry-run"]);
+    assert_succeeded(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("removed 0 orphaned blobs"));
 
     setup.clean_up(&runtime);
@@ -626,11 +666,7 @@ fn generate_with_avatars_gives_every_user_a_picture() {
         "--hdfs",
         &setup.hdfs_url,
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     let personnel = Personnel::connect(&PersonnelConfig::new(&url, &setup.hdfs_url)).unwrap();
     runtime.block_on(async {
         for user in 1..=4 {

@@ -1,12 +1,14 @@
 //! Shared helpers for the integration tests that talk to real services
 //! (`service_kafka.rs`, `service_cassandra.rs`, `service_mysql.rs`, `service_hdfs.rs`; the
-//! end-to-end runs of the crash and outage tests are in [`stream`]).
+//! end-to-end runs of the crash and outage tests are in [`stream`]; reflection and health checks
+//! of the gRPC servers in [`grpc`]).
 //!
 //! The services are started by `docker/native/services up` (or `make test`, which also sets
 //! the variables and stops the services afterwards). A test whose variable is unset fails with
 //! instructions; it never passes silently.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod grpc;
 pub mod stream;
 
 use std::future::Future;

@@ -128,6 +128,15 @@ pub fn status(
     })
 }
 
+/// The resident memory of process `pid` in KiB (`VmRSS` in `/proc/PID/status`), if it is alive.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
 /// Messages in the topics whose names start with `prefix` (sum of high minus low watermarks).
 /// A topic that has no leader yet (just created, or the broker is restarting) counts as empty.
 pub fn messages_in(brokers: &str, prefix: &str) -> u64 {
