@@ -5,8 +5,9 @@
 use std::sync::Arc;
 
 use cdrs_tokio::types::IntoRustByName;
+use spendflow_engine::cassandra::connect;
 use spendflow_engine::serve::read_model::CellValue;
-use spendflow_engine::sink::cassandra::{CassandraSink, CassandraSinkConfig, SinkStart, connect};
+use spendflow_engine::sink::cassandra::{CassandraSink, CassandraSinkConfig, SinkStart};
 use spendflow_engine::sink::{EpochGroup, Sink, SinkContext, SinkError};
 use spendflow_engine::source::PartitionPosition;
 use spendflow_operators::{AggKey, Name};

@@ -8,6 +8,3 @@ mod tests;
 
 pub use config::CassandraSinkConfig;
 pub use sink::{CassandraSink, SinkStart, plan_batches, write_timestamp};
-
-// The client these are built on, where they were before `crate::cassandra` existed.
-pub use crate::cassandra::{CassandraError, CqlSession, connect, schema};

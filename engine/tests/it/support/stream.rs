@@ -389,7 +389,7 @@ impl StreamRun {
             let _ = conn.query_drop(format!("DROP DATABASE IF EXISTS `{}`", self.name));
         }
         runtime.block_on(async {
-            if let Ok(session) = spendflow_engine::sink::cassandra::connect(&self.cassandra).await {
+            if let Ok(session) = spendflow_engine::cassandra::connect(&self.cassandra).await {
                 let _ = session
                     .query(format!("DROP KEYSPACE IF EXISTS {}", self.keyspace))
                     .await;
