@@ -426,6 +426,8 @@ fn engine_config(args: &EngineArgs, source: SourceConfig, web: Option<SocketAddr
 }
 
 fn demo(args: DemoArgs) -> Result<()> {
+    // Before anything starts: a SIGTERM from then on always stops the demo cleanly.
+    let stop = stop_signal()?;
     let simulator = GeneratorConfig::from(&args.simulator);
     let source = SourceConfig::Generator(GeneratorSourceConfig {
         simulator,
@@ -446,7 +448,7 @@ fn demo(args: DemoArgs) -> Result<()> {
         .context("the gRPC server did not start")?;
     let web = engine.web_addr().context("the web server did not start")?;
     println!("{}", demo_banner(addr, web, &args));
-    watch(engine)
+    watch(engine, &stop)
 }
 
 fn demo_banner(addr: SocketAddr, web: SocketAddr, args: &DemoArgs) -> String {
@@ -499,6 +501,7 @@ fn run(settings: RunSettings) -> Result<()> {
             "--sink cassandra without --checkpoint-dir: a restart reads all input again and re-writes every row it touches."
         );
     }
+    let stop = stop_signal()?;
     let mut builder = Engine::builder().config(config);
     if let Some(personnel) = &settings.personnel {
         builder = builder.personnel(connect_personnel(personnel)?);
@@ -510,7 +513,7 @@ fn run(settings: RunSettings) -> Result<()> {
     if let Some(addr) = engine.web_addr() {
         tracing::info!(%addr, "Serving the live web report at http://{addr}/.");
     }
-    watch(engine)
+    watch(engine, &stop)
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
@@ -623,6 +626,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         index_refresh_ms: args.index_refresh_ms,
         quiet_ms: args.quiet_ms,
     };
+    let stop = stop_signal()?;
     let server =
         CassandraServer::start(config).context("could not start serving from Cassandra")?;
     let addr = server.addr();
@@ -630,7 +634,6 @@ fn serve(args: ServeArgs) -> Result<()> {
     if let Some(web) = server.web_addr() {
         println!("Web report: http://{web}/");
     }
-    let stop = stop_signal()?;
     while !stop.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -642,8 +645,7 @@ fn serve(args: ServeArgs) -> Result<()> {
 }
 
 /// Shows progress until Ctrl-C (or SIGTERM), then shuts the engine down.
-fn watch(engine: Engine) -> Result<()> {
-    let stop = stop_signal()?;
+fn watch(engine: Engine, stop: &AtomicBool) -> Result<()> {
     let bar = indicatif::ProgressBar::new_spinner();
     bar.set_style(
         indicatif::ProgressStyle::with_template("{spinner} {msg}")
@@ -702,6 +704,10 @@ fn progress_line(status: &Status, rate: f64) -> String {
 }
 
 /// A flag set by Ctrl-C or SIGTERM.
+///
+/// The handlers are registered before this returns (not later, on the signal thread): a
+/// SIGTERM that arrives once the engine runs always stops it cleanly, never with the default
+/// action (killed, exit status 143).
 fn stop_signal() -> Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&stop);
@@ -709,24 +715,23 @@ fn stop_signal() -> Result<Arc<AtomicBool>> {
         .enable_all()
         .build()
         .context("could not start the signal handler")?;
+    #[cfg(unix)]
+    let (mut interrupt, mut terminate) = {
+        use tokio::signal::unix::{SignalKind, signal};
+        let _context = runtime.enter();
+        (
+            signal(SignalKind::interrupt()).context("could not handle Ctrl-C")?,
+            signal(SignalKind::terminate()).context("could not handle SIGTERM")?,
+        )
+    };
     std::thread::Builder::new()
         .name("spendflow-signals".into())
         .spawn(move || {
             runtime.block_on(async {
                 #[cfg(unix)]
-                {
-                    use tokio::signal::unix::{SignalKind, signal};
-                    match signal(SignalKind::terminate()) {
-                        Ok(mut term) => {
-                            tokio::select! {
-                                _ = tokio::signal::ctrl_c() => {}
-                                _ = term.recv() => {}
-                            }
-                        }
-                        Err(_) => {
-                            let _ = tokio::signal::ctrl_c().await;
-                        }
-                    }
+                tokio::select! {
+                    _ = interrupt.recv() => {}
+                    _ = terminate.recv() => {}
                 }
                 #[cfg(not(unix))]
                 {

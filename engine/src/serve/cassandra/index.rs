@@ -8,7 +8,9 @@
 //! than the refresh interval and the sink has committed since (requests keep answering from the
 //! index they have meanwhile). One scan runs at a time.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use spendflow_operators::{Epoch, UserId};
@@ -105,10 +107,7 @@ impl IndexCache {
     }
 
     fn current(&self) -> Option<Arc<UserIndex>> {
-        self.current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.current.lock().clone()
     }
 
     /// An index at least `min_epoch` new (the caller has waited for the sink to commit it).
@@ -166,7 +165,7 @@ impl IndexCache {
             took_ms = started.elapsed().as_millis() as u64,
             "Scanned user_totals."
         );
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&index));
+        *self.current.lock() = Some(Arc::clone(&index));
         Ok(index)
     }
 }

@@ -218,7 +218,7 @@ pub struct CassandraServer {
     web_addr: Option<SocketAddr>,
     shutdown: Option<tokio::sync::watch::Sender<bool>>,
     /// The servers' result (in a mutex only so the server is `Sync`).
-    done: Option<std::sync::Mutex<std::sync::mpsc::Receiver<Result<(), ServeError>>>>,
+    done: Option<parking_lot::Mutex<std::sync::mpsc::Receiver<Result<(), ServeError>>>>,
     /// The runtime of [`CassandraServer::start`]; `None` on a runtime given to `start_on`.
     runtime: Option<tokio::runtime::Runtime>,
 }
@@ -314,7 +314,7 @@ impl CassandraServer {
             addr,
             web_addr,
             shutdown: Some(shutdown),
-            done: Some(std::sync::Mutex::new(done_rx)),
+            done: Some(parking_lot::Mutex::new(done_rx)),
             runtime: None,
         })
     }
@@ -342,11 +342,7 @@ impl CassandraServer {
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(true);
         }
-        let result = match self
-            .done
-            .take()
-            .map(|done| done.into_inner().unwrap_or_else(|p| p.into_inner()).recv())
-        {
+        let result = match self.done.take().map(|done| done.into_inner().recv()) {
             None | Some(Ok(Ok(()))) => Ok(()),
             Some(Ok(Err(e))) => Err(e),
             Some(Err(_)) => Err(ServeError::Ended),

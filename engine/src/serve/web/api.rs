@@ -4,7 +4,9 @@
 //! with gRPC answers exactly. Sums are exact (128-bit) where gRPC's `int64` refuses them.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use axum::Json;
@@ -309,8 +311,8 @@ impl Directory {
         futures::future::join_all(users.iter().map(|u| self.lookup(*u))).await
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<UserId, (Instant, Lookup)>> {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, HashMap<UserId, (Instant, Lookup)>> {
+        self.cache.lock()
     }
 }
 
@@ -391,8 +393,7 @@ impl CategoryCache {
         backend: &dyn QueryBackend,
         epoch: Epoch,
     ) -> Result<(Epoch, Arc<Vec<CategoryTotal>>), tonic::Status> {
-        if let Some((at, cached_epoch, totals)) =
-            &*self.last.lock().unwrap_or_else(|p| p.into_inner())
+        if let Some((at, cached_epoch, totals)) = &*self.last.lock()
             && (*cached_epoch == epoch || at.elapsed() < CATEGORY_REUSE)
         {
             return Ok((*cached_epoch, Arc::clone(totals)));
@@ -400,8 +401,7 @@ impl CategoryCache {
         let answer = backend.category_totals(NOW).await?;
         let totals: Arc<Vec<CategoryTotal>> =
             Arc::new(answer.value.into_iter().map(CategoryTotal::from).collect());
-        *self.last.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((Instant::now(), answer.as_of.epoch, Arc::clone(&totals)));
+        *self.last.lock() = Some((Instant::now(), answer.as_of.epoch, Arc::clone(&totals)));
         Ok((answer.as_of.epoch, totals))
     }
 }

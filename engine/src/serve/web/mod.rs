@@ -211,7 +211,7 @@ enum Running {
     Thread(JoinHandle<std::io::Result<()>>),
     /// A task on a runtime the server was given; the result comes over this channel (in a
     /// mutex only so the server is `Sync`).
-    Task(std::sync::Mutex<std::sync::mpsc::Receiver<std::io::Result<()>>>),
+    Task(parking_lot::Mutex<std::sync::mpsc::Receiver<std::io::Result<()>>>),
 }
 
 impl WebServer {
@@ -314,7 +314,7 @@ impl WebServer {
         Ok(WebServer {
             addr,
             shutdown: Some(shutdown),
-            running: Some(Running::Task(std::sync::Mutex::new(result))),
+            running: Some(Running::Task(parking_lot::Mutex::new(result))),
         })
     }
 
@@ -335,11 +335,7 @@ impl WebServer {
                 .join()
                 .unwrap_or_else(|_| Err(std::io::Error::other("the web server thread panicked"))),
             // A dropped sender: the runtime went away with the task.
-            Some(Running::Task(result)) => result
-                .into_inner()
-                .unwrap_or_else(|p| p.into_inner())
-                .recv()
-                .unwrap_or(Ok(())),
+            Some(Running::Task(result)) => result.into_inner().recv().unwrap_or(Ok(())),
         };
         if let Err(e) = result {
             tracing::warn!(error = %e, "Web server ended with an error.");
