@@ -419,6 +419,28 @@ pub(crate) fn bind(config: &EngineConfig) -> Result<Listeners, EngineError> {
     })
 }
 
+/// A bound std listener as a tokio one on `runtime`, with its address.
+#[cfg(feature = "grpc")]
+fn async_listener(
+    runtime: &tokio::runtime::Handle,
+    listener: std::net::TcpListener,
+) -> std::io::Result<(Option<SocketAddr>, tokio::net::TcpListener)> {
+    let addr = listener.local_addr().ok();
+    let _context = runtime.enter();
+    Ok((addr, tokio::net::TcpListener::from_std(listener)?))
+}
+
+/// Completes once the shutdown signal is sent.
+#[cfg(feature = "grpc")]
+fn signalled(
+    stopped: &tokio::sync::watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let mut stopped = stopped.clone();
+    async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    }
+}
+
 /// Why a server task ended with an error.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ServerError {
@@ -492,17 +514,12 @@ pub(crate) fn serve(
     let _ = (&status, &stopped, runtime, &listeners);
     #[cfg(feature = "grpc")]
     if let Some(listener) = listeners.grpc {
-        let addr = listener.local_addr().ok();
-        let _guard = runtime.enter();
-        let listener =
-            tokio::net::TcpListener::from_std(listener).map_err(|e| EngineError::Serve {
-                addr: format!("{addr:?}"),
+        let (addr, listener) =
+            async_listener(runtime, listener).map_err(|e| EngineError::Serve {
+                addr: "?".into(),
                 message: e.to_string(),
             })?;
-        let mut stopped = stopped.clone();
-        let stop = async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        };
+        let stop = signalled(&stopped);
         let serving = serve::grpc::serve(
             listener,
             Arc::clone(read_model),
@@ -517,17 +534,11 @@ pub(crate) fn serve(
     }
     #[cfg(feature = "web")]
     if let Some(listener) = listeners.web {
-        let addr = listener.local_addr().ok();
-        let _guard = runtime.enter();
-        let listener =
-            tokio::net::TcpListener::from_std(listener).map_err(|e| EngineError::Web {
-                addr: format!("{addr:?}"),
-                message: e.to_string(),
-            })?;
-        let mut stopped = stopped.clone();
-        let stop = async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        };
+        let (addr, listener) = async_listener(runtime, listener).map_err(|e| EngineError::Web {
+            addr: "?".into(),
+            message: e.to_string(),
+        })?;
+        let stop = signalled(&stopped);
         let context = serve::web::WebContext {
             read_model: Arc::clone(read_model),
             status: status(),

@@ -149,13 +149,7 @@ pub fn fit(sum: i128, user: UserId, cell: &str) -> Result<i64, Status> {
 
 /// What a cell is, for messages: `user total`, `category "fuel"`, `day 2026-11-24` ...
 pub fn describe(key: &AggKey) -> String {
-    match key {
-        AggKey::User(_) => "user total".to_string(),
-        AggKey::Category(_, name) => format!("category {:?}", name.text()),
-        AggKey::Merchant(_, name) => format!("merchant {:?}", name.text()),
-        AggKey::Day(_, day) => format!("day {}", format_day(*day)),
-        AggKey::Month(_, month) => format!("month {}", format_month(*month)),
-    }
+    crate::core::describe_cell(key)
 }
 
 /// A cell as sent to subscribers; `OUT_OF_RANGE` if its sum does not fit `int64`.
