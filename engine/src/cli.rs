@@ -426,8 +426,9 @@ fn engine_config(args: &EngineArgs, source: SourceConfig, web: Option<SocketAddr
 }
 
 fn demo(args: DemoArgs) -> Result<()> {
+    let runtime = io_runtime()?;
     // Before anything starts: a SIGTERM from then on always stops the demo cleanly.
-    let stop = stop_signal()?;
+    let stop = stop_signal(runtime.handle())?;
     let simulator = GeneratorConfig::from(&args.simulator);
     let source = SourceConfig::Generator(GeneratorSourceConfig {
         simulator,
@@ -436,6 +437,7 @@ fn demo(args: DemoArgs) -> Result<()> {
     });
     let engine = Engine::builder()
         .config(engine_config(&args.engine, source, Some(args.web)))
+        .runtime(runtime.handle().clone())
         // Names, e-mails, cards and generated avatars for the simulated users, in memory.
         .personnel(Arc::new(Personnel::demo(
             args.simulator.users,
@@ -501,8 +503,11 @@ fn run(settings: RunSettings) -> Result<()> {
             "--sink cassandra without --checkpoint-dir: a restart reads all input again and re-writes every row it touches."
         );
     }
-    let stop = stop_signal()?;
-    let mut builder = Engine::builder().config(config);
+    let runtime = io_runtime()?;
+    let stop = stop_signal(runtime.handle())?;
+    let mut builder = Engine::builder()
+        .config(config)
+        .runtime(runtime.handle().clone());
     if let Some(personnel) = &settings.personnel {
         builder = builder.personnel(connect_personnel(personnel)?);
     }
@@ -532,7 +537,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
     config.rate = (args.rate > 0).then_some(args.rate);
     config.batch = args.batch;
     config.simulator = GeneratorConfig::from(&args.simulator);
-    let stop = stop_signal()?;
+    let runtime = io_runtime()?;
+    let stop = stop_signal(runtime.handle())?;
     let avatars = match args.avatars {
         true => Some(start_avatars(
             &config.mysql_url,
@@ -626,9 +632,10 @@ fn serve(args: ServeArgs) -> Result<()> {
         index_refresh_ms: args.index_refresh_ms,
         quiet_ms: args.quiet_ms,
     };
-    let stop = stop_signal()?;
-    let server =
-        CassandraServer::start(config).context("could not start serving from Cassandra")?;
+    let runtime = io_runtime()?;
+    let stop = stop_signal(runtime.handle())?;
+    let server = CassandraServer::start_on(runtime.handle(), config)
+        .context("could not start serving from Cassandra")?;
     let addr = server.addr();
     tracing::info!(%addr, "Serving; try `grpcurl -plaintext {addr} spendflow.v1.Admin/GetStatus`.");
     if let Some(web) = server.web_addr() {
@@ -703,43 +710,46 @@ fn progress_line(status: &Status, rate: f64) -> String {
     )
 }
 
-/// A flag set by Ctrl-C or SIGTERM.
-///
-/// The handlers are registered before this returns (not later, on the signal thread): a
-/// SIGTERM that arrives once the engine runs always stops it cleanly, never with the default
-/// action (killed, exit status 143).
-fn stop_signal() -> Result<Arc<AtomicBool>> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&stop);
-    let runtime = tokio::runtime::Builder::new_current_thread()
+/// The binary's one async runtime: the engine's servers and sink (or `serve --from
+/// cassandra`), and the signal handlers, all run on it.
+fn io_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("spendflow-io")
         .enable_all()
         .build()
-        .context("could not start the signal handler")?;
+        .context("could not start the async runtime")
+}
+
+/// A flag set by Ctrl-C or SIGTERM, listened for on `runtime`.
+///
+/// The handlers are registered before this returns (not later, on a task): a SIGTERM that
+/// arrives once the engine runs always stops it cleanly, never with the default action
+/// (killed, exit status 143).
+fn stop_signal(runtime: &tokio::runtime::Handle) -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    let _context = runtime.enter();
     #[cfg(unix)]
     let (mut interrupt, mut terminate) = {
         use tokio::signal::unix::{SignalKind, signal};
-        let _context = runtime.enter();
         (
             signal(SignalKind::interrupt()).context("could not handle Ctrl-C")?,
             signal(SignalKind::terminate()).context("could not handle SIGTERM")?,
         )
     };
-    std::thread::Builder::new()
-        .name("spendflow-signals".into())
-        .spawn(move || {
-            runtime.block_on(async {
-                #[cfg(unix)]
-                tokio::select! {
-                    _ = interrupt.recv() => {}
-                    _ = terminate.recv() => {}
-                }
-                #[cfg(not(unix))]
-                {
-                    let _ = tokio::signal::ctrl_c().await;
-                }
-            });
-            flag.store(true, Ordering::Release);
-        })?;
+    runtime.spawn(async move {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        flag.store(true, Ordering::Release);
+    });
     Ok(stop)
 }
 
