@@ -133,10 +133,9 @@ impl SourceConfig {
             SourceConfig::Generator(g) if place.index == 0 => {
                 Ok(vec![Box::new(generator::GeneratorSource::new(g.clone())?)])
             }
-            SourceConfig::File(f) if place.index == 0 => {
-                let start = restored.get(&(f.name(), 0)).copied().unwrap_or(0);
-                Ok(vec![Box::new(file::FileSource::open(f.clone(), start)?)])
-            }
+            SourceConfig::File(f) if place.index == 0 => Ok(vec![Box::new(
+                file::FileSource::resume(f.clone(), restored)?,
+            )]),
             #[cfg(feature = "kafka")]
             SourceConfig::Kafka(k) => Ok(vec![Box::new(kafka::KafkaSource::new(
                 k.clone(),

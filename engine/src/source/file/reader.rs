@@ -23,6 +23,20 @@ pub(crate) struct FileSource {
 }
 
 impl FileSource {
+    /// Opens the file where a restored checkpoint left it (its byte offset under the name
+    /// `file:<path>`), or at the beginning.
+    ///
+    /// # Errors
+    ///
+    /// [`SourceError::File`] if it cannot be opened or seeked.
+    pub fn resume(
+        config: FileSourceConfig,
+        restored: &crate::source::RestoredPositions,
+    ) -> Result<Self, SourceError> {
+        let start = restored.get(&(config.name(), 0)).copied().unwrap_or(0);
+        FileSource::open(config, start)
+    }
+
     /// Opens the file at `start` (a byte offset, 0 for the beginning).
     ///
     /// # Errors
