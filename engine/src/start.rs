@@ -110,6 +110,7 @@ pub(crate) fn recover(
                 stop: Arc::clone(&sink_stop),
                 runtime: runtime.clone(),
             };
+            tracing::info!(sink = sink.name(), "Opening the durable sink.");
             let committed = sink.open(&ctx)?;
             tracing::info!(sink = sink.name(), committed_epoch = ?committed, "Durable sink open.");
             Some((sink, committed))

@@ -187,13 +187,30 @@ fn broker_killed_mid_stream_then_exact_in_grpc_cassandra_and_dead_letters() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let started = Instant::now();
 
+    // The engine first, serving (its sink open) before the stream starts, so the broker dies
+    // while the engine reads: right after another chaos test restarted Cassandra, opening the
+    // sink can take a while (seen in CI: nothing read at the kill, an empty log).
+    let mut engine = Engine(run.engine());
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while status(&runtime, &run.grpc).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the engine did not serve within 180 s:\n{}",
+            run.log_tail()
+        );
+        assert!(
+            engine.0.try_wait().unwrap().is_none(),
+            "the engine exited at start:\n{}",
+            run.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let mut generator = Generator {
         run: &run,
         generation: &generation,
         child: run.generator(&generation),
         restarts: 0,
     };
-    let mut engine = Engine(run.engine());
     let alive = |engine: &mut Child, when: &str| {
         if let Some(exit) = engine.try_wait().unwrap() {
             panic!("the engine exited ({exit}) {when}:\n{}", run.log_tail());
