@@ -7,7 +7,7 @@
 //!   (`spendflow serve --from cassandra`).
 //! * [`web`]: the live web report (overview and user pages, JSON API, server-sent events).
 
-#[cfg(all(feature = "cassandra", feature = "grpc"))]
+#[cfg(all(feature = "cassandra", feature = "web"))]
 pub mod cassandra;
 #[cfg(feature = "grpc")]
 pub mod grpc;
