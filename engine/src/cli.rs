@@ -449,7 +449,7 @@ fn demo(args: DemoArgs) -> Result<()> {
         .grpc_addr()
         .context("the gRPC server did not start")?;
     let web = engine.web_addr().context("the web server did not start")?;
-    println!("{}", demo_banner(addr, web, &args));
+    say(demo_banner(addr, web, &args));
     watch(engine, &stop)
 }
 
@@ -639,7 +639,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     let addr = server.addr();
     tracing::info!(%addr, "Serving; try `grpcurl -plaintext {addr} spendflow.v1.Admin/GetStatus`.");
     if let Some(web) = server.web_addr() {
-        println!("Web report: http://{web}/");
+        say(format!("Web report: http://{web}/"));
     }
     while !stop.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(100));
@@ -708,6 +708,16 @@ fn progress_line(status: &Status, rate: f64) -> String {
         status.as_of.epoch,
         if status.caught_up { " | caught up" } else { "" }
     )
+}
+
+/// Prints a line for the person who started a long-running command (the demo's banner, the
+/// address served). A reader that went away (`spendflow demo | head -3`, a test that read the
+/// address and closed the pipe) must not stop the engine: `println!` would panic on the broken
+/// pipe, so a failed write is ignored here.
+fn say(text: impl std::fmt::Display) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{text}").and_then(|()| stdout.flush());
 }
 
 /// The binary's one async runtime: the engine's servers and sink (or `serve --from

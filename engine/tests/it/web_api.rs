@@ -374,10 +374,8 @@ fn the_demo_prints_the_web_address_and_serves_the_page_there() {
         .status()
         .unwrap();
     assert!(stopped.success());
-    assert!(
-        demo.wait().unwrap().success(),
-        "the demo stops cleanly on SIGTERM"
-    );
+    let exit = demo.wait().unwrap();
+    assert!(exit.success(), "the demo stops cleanly on SIGTERM: {exit}");
 }
 
 /// The page's JSON and gRPC answer from the same backend: for the same state, the same users
