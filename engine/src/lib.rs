@@ -72,8 +72,9 @@ pub use source::input::InputHandle;
 use crate::pipeline::Shared;
 use crate::serve::status::StatusProbe;
 
-/// How long shutdown waits for gRPC clients to hang up before closing their connections.
-const GRPC_SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// How long shutdown waits for gRPC and web clients to hang up before closing their
+/// connections.
+const SERVERS_SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// How long shutdown waits for the durable sink to write what is queued.
 const SINK_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
@@ -371,7 +372,7 @@ impl Engine {
         // Ends open subscriptions, so the gRPC server's graceful shutdown does not wait on them.
         self.read_model.close();
         self.servers
-            .stop(&self.runtime.handle(), GRPC_SHUTDOWN_GRACE);
+            .stop(&self.runtime.handle(), SERVERS_SHUTDOWN_GRACE);
         result
     }
 }

@@ -492,7 +492,8 @@ impl Servers {
 }
 
 /// Step 5: gRPC and the web report, on the listeners bound before, as tasks of the engine's
-/// runtime.
+/// runtime. (Without the `grpc` feature there is nothing to serve.)
+#[cfg_attr(not(feature = "grpc"), allow(unused_variables, unused_mut))]
 pub(crate) fn serve(
     listeners: Listeners,
     runtime: &tokio::runtime::Handle,
@@ -501,7 +502,6 @@ pub(crate) fn serve(
     #[cfg(feature = "personnel")] personnel: Option<Arc<crate::personnel::Personnel>>,
 ) -> Result<Servers, EngineError> {
     let (shutdown, stopped) = tokio::sync::watch::channel(false);
-    #[cfg_attr(not(feature = "grpc"), allow(unused_mut))]
     let mut servers = Servers {
         grpc_addr: None,
         web_addr: None,
@@ -512,7 +512,6 @@ pub(crate) fn serve(
         shared: Arc::clone(shared),
         read_model: Arc::clone(read_model),
     };
-    let _ = (&status, &stopped, runtime, &listeners);
     #[cfg(feature = "grpc")]
     if let Some(listener) = listeners.grpc {
         let (addr, listener) =

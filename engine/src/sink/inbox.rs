@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use parking_lot::{Condvar, Mutex, MutexGuard};
+use parking_lot::{Condvar, Mutex};
 
 use super::EpochGroup;
 use crate::core::{AsOf, CellValue};
@@ -32,14 +32,10 @@ impl SinkInbox {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, (Option<EpochGroup>, bool)> {
-        self.waiting.lock()
-    }
-
     /// Merges a published epoch into the waiting group, first waiting while the group is
     /// full. Returns false once the sink has closed the inbox (it failed for good).
     pub fn put(&self, as_of: &AsOf, cells: &[CellValue], records_covered: u64) -> bool {
-        let mut state = self.lock();
+        let mut state = self.waiting.lock();
         while !state.1
             && state
                 .0
@@ -63,7 +59,7 @@ impl SinkInbox {
 
     /// The waiting group, once there is one; `None` once the inbox is closed and empty.
     pub(crate) fn take(&self) -> Option<EpochGroup> {
-        let mut state = self.lock();
+        let mut state = self.waiting.lock();
         loop {
             if let Some(group) = state.0.take() {
                 self.changed.notify_all();
@@ -79,7 +75,7 @@ impl SinkInbox {
     /// No more groups: the publisher is done (the sink writes what waits), or the sink failed
     /// (the publisher stops handing it epochs).
     pub fn close(&self) {
-        self.lock().1 = true;
+        self.waiting.lock().1 = true;
         self.changed.notify_all();
     }
 }

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::Mutex;
 
 use spendflow_operators::AggKey;
 
@@ -64,12 +64,7 @@ impl MemorySink {
 
     /// A copy of what the store holds now.
     pub fn state(&self) -> MemoryState {
-        self.lock().clone()
-    }
-
-    fn lock(&self) -> MutexGuard<'_, MemoryState> {
-        // A panic elsewhere cannot leave the maps half-updated: every update is one insert.
-        self.state.lock()
+        self.state.lock().clone()
     }
 }
 
@@ -79,13 +74,13 @@ impl Sink for MemorySink {
     }
 
     fn open(&mut self, _ctx: &SinkContext) -> Result<Option<Epoch>, SinkError> {
-        let mut state = self.lock();
+        let mut state = self.state.lock();
         state.opens += 1;
         Ok(state.committed)
     }
 
     fn write(&mut self, group: &EpochGroup) -> Result<(), SinkError> {
-        let mut state = self.lock();
+        let mut state = self.state.lock();
         for (key, cell) in &group.cells {
             if cell.removed() {
                 state.cells.remove(key);
@@ -100,7 +95,7 @@ impl Sink for MemorySink {
     }
 
     fn commit(&mut self, group: &EpochGroup) -> Result<(), SinkError> {
-        let mut state = self.lock();
+        let mut state = self.state.lock();
         state.committed = Some(group.epoch);
         state.commits.push(group.epoch);
         drop(state);

@@ -147,14 +147,13 @@ pub fn fit(sum: i128, user: UserId, cell: &str) -> Result<i64, Status> {
     })
 }
 
-/// What a cell is, for messages: `user total`, `category "fuel"`, `day 2026-11-24` ...
-pub fn describe(key: &AggKey) -> String {
-    crate::core::describe_cell(key)
-}
-
 /// A cell as sent to subscribers; `OUT_OF_RANGE` if its sum does not fit `int64`.
 pub fn cell(value: &CellValue) -> Result<pb::Cell, Status> {
-    let total_minor = fit(value.sum, value.key.user_id(), &describe(&value.key))?;
+    let total_minor = fit(
+        value.sum,
+        value.key.user_id(),
+        &crate::core::describe_cell(&value.key),
+    )?;
     let (kind, key) = match &value.key {
         AggKey::User(_) => (pb::CellKind::User, String::new()),
         AggKey::Category(_, name) => (pb::CellKind::Category, name.text().to_string()),

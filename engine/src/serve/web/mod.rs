@@ -26,8 +26,8 @@
 //! whose `error` says what to fix.
 //!
 //! [`serve`] runs the server on whatever tokio runtime polls it, until a shutdown future
-//! completes; [`WebServer::start`] runs it on a small runtime and thread of its own, and
-//! [`WebServer::start_on`] spawns it on a runtime handle it is given. Every request gets a
+//! completes (the engine spawns it on its one runtime); [`WebServer::start_on`] spawns it on a
+//! runtime handle it is given and keeps a handle to stop it. Every request gets a
 //! trace span (tower-http `TraceLayer`) and a bound of [`REQUEST_TIMEOUT`] to produce its
 //! answer (tower-http `TimeoutLayer`; an event stream's body is not bounded, only its start).
 
@@ -39,7 +39,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use axum::Router;
@@ -201,17 +200,8 @@ fn router_stopping(
 pub struct WebServer {
     addr: SocketAddr,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    running: Option<Running>,
-}
-
-/// What [`WebServer::stop`] waits for.
-#[derive(Debug)]
-enum Running {
-    /// A thread of its own, with its runtime.
-    Thread(JoinHandle<std::io::Result<()>>),
-    /// A task on a runtime the server was given; the result comes over this channel (in a
-    /// mutex only so the server is `Sync`).
-    Task(parking_lot::Mutex<std::sync::mpsc::Receiver<std::io::Result<()>>>),
+    /// The server task's result (in a mutex only so the server is `Sync`).
+    done: Option<parking_lot::Mutex<std::sync::mpsc::Receiver<std::io::Result<()>>>>,
 }
 
 impl WebServer {
@@ -234,51 +224,6 @@ impl WebServer {
             .set_nonblocking(true)
             .map_err(|e| error(e.to_string()))?;
         Ok(listener)
-    }
-
-    /// Serves [`router`] on `listener` (from [`WebServer::bind`]) from a runtime thread of its
-    /// own.
-    ///
-    /// # Errors
-    ///
-    /// [`EngineError::Web`] if the runtime or its thread cannot start.
-    pub fn start(
-        listener: std::net::TcpListener,
-        backend: impl Into<WebBackend>,
-    ) -> Result<WebServer, EngineError> {
-        let backend = backend.into();
-        let addr = local_addr(&listener)?;
-        let error = |message: String| EngineError::Web {
-            addr: addr.to_string(),
-            message,
-        };
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("spendflow-web")
-            .enable_all()
-            .build()
-            .map_err(|e| error(e.to_string()))?;
-        let (shutdown, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("spendflow-web-main".into())
-            .spawn(move || {
-                let result = runtime.block_on(async move {
-                    let listener = tokio::net::TcpListener::from_std(listener)?;
-                    serve(listener, backend, async {
-                        let _ = shutdown_rx.await;
-                    })
-                    .await
-                });
-                // Connections still open after the grace period are dropped with the runtime.
-                runtime.shutdown_timeout(Duration::from_millis(100));
-                result
-            })
-            .map_err(|e| error(e.to_string()))?;
-        Ok(WebServer {
-            addr,
-            shutdown: Some(shutdown),
-            running: Some(Running::Thread(thread)),
-        })
     }
 
     /// Serves [`router`] on `listener` (from [`WebServer::bind`]) as a task spawned on
@@ -314,7 +259,7 @@ impl WebServer {
         Ok(WebServer {
             addr,
             shutdown: Some(shutdown),
-            running: Some(Running::Task(parking_lot::Mutex::new(result))),
+            done: Some(parking_lot::Mutex::new(result)),
         })
     }
 
@@ -329,14 +274,11 @@ impl WebServer {
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(());
         }
-        let result = match self.running.take() {
-            None => return,
-            Some(Running::Thread(thread)) => thread
-                .join()
-                .unwrap_or_else(|_| Err(std::io::Error::other("the web server thread panicked"))),
-            // A dropped sender: the runtime went away with the task.
-            Some(Running::Task(result)) => result.into_inner().recv().unwrap_or(Ok(())),
+        let Some(done) = self.done.take() else {
+            return;
         };
+        // A dropped sender: the runtime went away with the task.
+        let result = done.into_inner().recv().unwrap_or(Ok(()));
         if let Err(e) = result {
             tracing::warn!(error = %e, "Web server ended with an error.");
         }

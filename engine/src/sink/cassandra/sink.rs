@@ -116,8 +116,8 @@ struct Connection {
     session: Arc<CqlSession>,
     prepared: Arc<Prepared>,
     config: CassandraSinkConfig,
+    /// What this generation found when it claimed the sink (its generation number too).
     start: SinkStart,
-    generation: i64,
     /// The newest write timestamp used (µs).
     last_timestamp: i64,
     /// The largest write timestamp this generation holds a lease for (µs).
@@ -130,7 +130,10 @@ impl std::fmt::Debug for CassandraSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CassandraSink")
             .field("keyspace", &self.config.keyspace)
-            .field("generation", &self.conn.as_ref().map(|c| c.generation))
+            .field(
+                "generation",
+                &self.conn.as_ref().map(|c| c.start.generation),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -266,7 +269,6 @@ impl Connection {
             runtime,
             session,
             prepared: Arc::new(prepared),
-            generation: start.generation,
             last_timestamp: start.timestamp_floor - 1,
             lease: start.timestamp_floor,
             start,
@@ -306,7 +308,7 @@ impl Connection {
             let session = Arc::clone(&conn.session);
             let stop = Arc::clone(&conn.stop);
             let keyspace = conn.config.keyspace.clone();
-            let generation = conn.generation;
+            let generation = conn.start.generation;
             let retries = std::sync::atomic::AtomicU64::new(0);
             let result = conn
                 .runtime
@@ -448,7 +450,7 @@ impl Connection {
         let session = Arc::clone(&self.session);
         let stop = Arc::clone(&self.stop);
         let keyspace = self.config.keyspace.clone();
-        let generation = self.generation;
+        let generation = self.start.generation;
         let retries = std::sync::atomic::AtomicU64::new(0);
         let result = self.runtime.block_on(retry("extend the timestamp lease", &stop, &retries, || {
             let session = &session;

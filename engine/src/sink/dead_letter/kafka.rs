@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use rdkafka::Message;
@@ -98,17 +98,13 @@ struct DeliveryContext {
     topic: String,
 }
 
-fn lock(deliveries: &Mutex<Deliveries>) -> MutexGuard<'_, Deliveries> {
-    deliveries.lock()
-}
-
 impl ClientContext for DeliveryContext {}
 
 impl ProducerContext for DeliveryContext {
     type DeliveryOpaque = Box<u64>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, seq: Box<u64>) {
-        let mut d = lock(&self.deliveries);
+        let mut d = self.deliveries.lock();
         match result {
             Ok(message) => {
                 let Some(letter) = d.undelivered.remove(&seq) else {
@@ -206,7 +202,7 @@ impl KafkaDeadLetters {
 
     /// How deliveries go.
     pub fn delivery_status(&self) -> DeliveryStatus {
-        let d = lock(&self.deliveries);
+        let d = self.deliveries.lock();
         DeliveryStatus {
             undelivered: d.undelivered.len(),
             failures: d.failures,
@@ -256,7 +252,8 @@ impl KafkaDeadLetters {
                 let (low, high) = consumer
                     .fetch_watermarks(&self.topic, partition.id(), Duration::from_secs(10))
                     .map_err(|e| error("reading partition ends", e))?;
-                lock(&self.deliveries)
+                self.deliveries
+                    .lock()
                     .next
                     .entry(partition.id())
                     .and_modify(|n| *n = (*n).max(high))
@@ -323,7 +320,8 @@ impl KafkaDeadLetters {
             if offset >= from.get(&key).copied().unwrap_or(0) {
                 // Remembered for the next checkpoint too: a restart from it must find this
                 // dead letter again.
-                lock(&self.deliveries)
+                self.deliveries
+                    .lock()
                     .since_checkpoint
                     .entry(key.clone())
                     .or_default()
@@ -388,7 +386,7 @@ impl KafkaDeadLetters {
                 Err((e, back)) => {
                     // Not handed over: kept, and sent again like a failed delivery.
                     drop(back);
-                    let mut d = lock(&self.deliveries);
+                    let mut d = self.deliveries.lock();
                     d.failures += 1;
                     d.last_error = Some(e.to_string());
                     d.failed.push_back(seq);
@@ -415,10 +413,10 @@ impl KafkaDeadLetters {
             }
             *last = Some(Instant::now());
         }
-        let retry: Vec<u64> = lock(&self.deliveries).failed.drain(..).collect();
+        let retry: Vec<u64> = self.deliveries.lock().failed.drain(..).collect();
         for seq in retry {
             // The letter stays in `undelivered`; take a copy of what producing needs.
-            let letter = lock(&self.deliveries).undelivered.get(&seq).cloned();
+            let letter = self.deliveries.lock().undelivered.get(&seq).cloned();
             if let Some(letter) = letter {
                 tracing::debug!(topic = %self.topic, source = %letter.source, offset = letter.offset, "Sending a dead letter again.");
                 self.produce(seq, &letter);
@@ -441,7 +439,7 @@ impl DeadLetterOutput for KafkaDeadLetters {
         let mut waiting = false;
         loop {
             let (bytes, has_failed) = {
-                let d = lock(&self.deliveries);
+                let d = self.deliveries.lock();
                 (d.undelivered_bytes, !d.failed.is_empty())
             };
             if has_failed {
@@ -474,7 +472,7 @@ impl DeadLetterOutput for KafkaDeadLetters {
         {
             // Kept before it is produced: the delivery report cannot come first, and a
             // retry has the whole record.
-            let mut d = lock(&self.deliveries);
+            let mut d = self.deliveries.lock();
             d.undelivered_bytes += letter.bytes();
             d.undelivered.insert(seq, letter.clone());
         }
@@ -486,12 +484,12 @@ impl DeadLetterOutput for KafkaDeadLetters {
         let mark = self.seq.load(Ordering::Acquire);
         let deadline = Instant::now() + FLUSH_TIMEOUT;
         loop {
-            let oldest = lock(&self.deliveries).undelivered.keys().next().copied();
+            let oldest = self.deliveries.lock().undelivered.keys().next().copied();
             if oldest.is_none_or(|seq| seq >= mark) {
                 return true;
             }
             if Instant::now() >= deadline {
-                let d = lock(&self.deliveries);
+                let d = self.deliveries.lock();
                 let undelivered = d.undelivered.range(..mark).count();
                 tracing::warn!(
                     topic = %self.topic,
@@ -508,7 +506,7 @@ impl DeadLetterOutput for KafkaDeadLetters {
     }
 
     fn scan_start(&self, positions: &[SavedPosition]) -> Option<DeadLetterScan> {
-        let d = lock(&self.deliveries);
+        let d = self.deliveries.lock();
         let mut from = d.next.clone();
         for (key, letters) in &d.since_checkpoint {
             let position = positions
@@ -529,7 +527,7 @@ impl DeadLetterOutput for KafkaDeadLetters {
     }
 
     fn checkpointed(&self, positions: &[SavedPosition]) {
-        let mut d = lock(&self.deliveries);
+        let mut d = self.deliveries.lock();
         d.since_checkpoint.retain(|key, letters| {
             let position = positions
                 .iter()
