@@ -138,6 +138,9 @@ pub(crate) struct EngineArgs {
     /// served results can be.
     #[arg(long, default_value_t = 50)]
     pub(crate) epoch_interval_ms: u64,
+
+    #[command(flatten)]
+    pub(crate) security: crate::cli_security::SecurityArgs,
 }
 
 /// The simulator flags of `demo` and `generate`: what the simulated stream holds.
@@ -367,6 +370,9 @@ struct ServeArgs {
     /// milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 1000)]
     quiet_ms: u64,
+
+    #[command(flatten)]
+    security: crate::cli_security::SecurityArgs,
 }
 
 /// Entry point of the binary.
@@ -414,15 +420,20 @@ fn init_logging(filter: &str) {
         .init();
 }
 
-fn engine_config(args: &EngineArgs, source: SourceConfig, web: Option<SocketAddr>) -> EngineConfig {
-    EngineConfig {
+fn engine_config(
+    args: &EngineArgs,
+    source: SourceConfig,
+    web: Option<SocketAddr>,
+) -> Result<EngineConfig> {
+    Ok(EngineConfig {
         workers: args.workers,
         epoch_interval_ms: args.epoch_interval_ms,
         source: Some(source),
         grpc: Some(args.grpc),
         web,
+        security: args.security.config()?,
         ..EngineConfig::default()
-    }
+    })
 }
 
 fn demo(args: DemoArgs) -> Result<()> {
@@ -436,7 +447,7 @@ fn demo(args: DemoArgs) -> Result<()> {
         events: args.events,
     });
     let engine = Engine::builder()
-        .config(engine_config(&args.engine, source, Some(args.web)))
+        .config(engine_config(&args.engine, source, Some(args.web))?)
         .runtime(runtime.handle().clone())
         // Names, e-mails, cards and generated avatars for the simulated users, in memory.
         .personnel(Arc::new(Personnel::demo(
@@ -631,6 +642,8 @@ fn serve(args: ServeArgs) -> Result<()> {
         poll_interval_ms: args.poll_interval_ms,
         index_refresh_ms: args.index_refresh_ms,
         quiet_ms: args.quiet_ms,
+        security: args.security.config()?,
+        metrics: None,
     };
     let runtime = io_runtime()?;
     let stop = stop_signal(runtime.handle())?;

@@ -311,6 +311,11 @@ impl RunArgs {
         if self.web.is_some() {
             config.web = self.web;
         }
+        // Security flags given on the command line replace the file's `[security]` table.
+        let security = self.engine.security.config()?;
+        if !self.engine.security.is_empty() {
+            config.security = security;
+        }
         if take("dead_letter_topic") {
             config.dead_letter_topic = self.dead_letter_topic.clone();
         }

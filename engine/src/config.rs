@@ -52,7 +52,20 @@ pub struct EngineConfig {
     /// re-reading everything.
     #[serde(default)]
     pub checkpoint: Option<CheckpointConfig>,
+    /// Who may reach the gRPC and web servers, and how: TLS, tokens, allowed hosts, limits.
+    #[serde(default)]
+    pub security: SecurityConfig,
+    /// Serve Prometheus metrics (`/metrics`) on this address of their own, besides the web
+    /// port's `/metrics` (port 0 picks a free port).
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
 }
+
+/// Who may reach the servers (gRPC, the web report, metrics) and how. The default serves
+/// plain text without tokens, which is only allowed on loopback addresses.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityConfig {}
 
 /// Where and how often checkpoints are written.
 #[derive(Clone, Debug, Deserialize)]
@@ -135,6 +148,8 @@ impl Default for EngineConfig {
             dead_letter_topic: default_dead_letter_topic(),
             sink: None,
             checkpoint: None,
+            security: SecurityConfig::default(),
+            metrics: None,
         }
     }
 }

@@ -3,6 +3,7 @@
 mod cli;
 mod cli_images;
 mod cli_run;
+mod cli_security;
 
 fn main() -> std::process::ExitCode {
     cli::main()

@@ -91,6 +91,12 @@ pub struct CassandraServeConfig {
     /// milliseconds.
     #[serde(default = "default_quiet_ms")]
     pub quiet_ms: u64,
+    /// Who may reach the servers, and how (TLS, tokens, allowed hosts, limits).
+    #[serde(default)]
+    pub security: crate::config::SecurityConfig,
+    /// Serve Prometheus metrics on this address of their own.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// `spendflow`, as the sink's default.
@@ -125,6 +131,8 @@ impl CassandraServeConfig {
             poll_interval_ms: default_poll_interval_ms(),
             index_refresh_ms: default_index_refresh_ms(),
             quiet_ms: default_quiet_ms(),
+            security: crate::config::SecurityConfig::default(),
+            metrics: None,
         }
     }
 
