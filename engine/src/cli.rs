@@ -281,6 +281,9 @@ struct GenerateArgs {
     /// /spendflow/images).
     #[arg(long, value_name = "URL", env = "SPENDFLOW_HDFS")]
     hdfs: Option<String>,
+
+    #[command(flatten)]
+    kafka_client: crate::cli_run::KafkaClientArgs,
 }
 
 #[derive(Debug, Args)]
@@ -302,6 +305,9 @@ struct VerifyArgs {
     /// With --cassandra: the keyspace the sink writes.
     #[arg(long, default_value = "spendflow", requires = "cassandra")]
     keyspace: String,
+
+    #[command(flatten)]
+    cassandra_client: crate::cli_run::CassandraClientArgs,
 
     /// With --cassandra: how long the sink must have been quiet (no epoch in flight, nothing
     /// new committed) before comparing, in milliseconds.
@@ -370,6 +376,9 @@ struct ServeArgs {
     /// milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 1000)]
     quiet_ms: u64,
+
+    #[command(flatten)]
+    cassandra_client: crate::cli_run::CassandraClientArgs,
 
     #[command(flatten)]
     security: crate::cli_security::SecurityArgs,
@@ -548,6 +557,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     config.rate = (args.rate > 0).then_some(args.rate);
     config.batch = args.batch;
     config.simulator = GeneratorConfig::from(&args.simulator);
+    args.kafka_client.add_to(&mut config.kafka_options)?;
     let runtime = io_runtime()?;
     let stop = stop_signal(runtime.handle())?;
     let avatars = match args.avatars {
@@ -605,9 +615,13 @@ fn verify_command(args: VerifyArgs) -> Result<()> {
     let mut truth = MySqlTruth::connect(&args.mysql).context("could not read MySQL")?;
     let mut served: Box<dyn verify::Served> = match &args.cassandra {
         Some(contact_points) => Box::new(
-            CassandraServed::connect(contact_points, &args.keyspace)
-                .context("could not read Cassandra")?
-                .with_quiet(Duration::from_millis(args.quiet_ms)),
+            CassandraServed::connect_with(
+                contact_points,
+                &args.keyspace,
+                &args.cassandra_client.security(),
+            )
+            .context("could not read Cassandra")?
+            .with_quiet(Duration::from_millis(args.quiet_ms)),
         ),
         None => Box::new(
             GrpcServed::connect(args.grpc.as_deref().unwrap_or("127.0.0.1:50051"))
@@ -644,6 +658,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         quiet_ms: args.quiet_ms,
         security: args.security.config()?,
         metrics: None,
+        client_security: args.cassandra_client.security(),
     };
     let runtime = io_runtime()?;
     let stop = stop_signal(runtime.handle())?;

@@ -13,7 +13,9 @@ use anyhow::{Context, Result, bail};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args};
 use serde::Deserialize;
+use spendflow_engine::cassandra::CassandraClientSecurity;
 use spendflow_engine::config::{CheckpointConfig, SinkConfig};
+use spendflow_engine::kafka_client::KafkaOptions;
 use spendflow_engine::personnel::PersonnelConfig;
 use spendflow_engine::sink::cassandra::CassandraSinkConfig;
 use spendflow_engine::source::file::FileSourceConfig;
@@ -82,6 +84,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "HOST:PORT", env = "SPENDFLOW_CASSANDRA")]
     cassandra: Option<String>,
 
+    #[command(flatten)]
+    cassandra_client: CassandraClientArgs,
+
     /// With --sink cassandra: the keyspace (created if missing, with one replica; see the
     /// README to choose the replication of a real cluster).
     #[arg(long, default_value = "spendflow")]
@@ -143,6 +148,9 @@ pub struct RunArgs {
     /// position that is older than the topic's oldest record.
     #[arg(long, value_enum, default_value = "fail")]
     on_data_loss: OnDataLossArg,
+
+    #[command(flatten)]
+    kafka_client: KafkaClientArgs,
 
     #[command(flatten)]
     personnel: PersonnelArgs,
@@ -357,6 +365,10 @@ impl RunArgs {
             if take("keyspace") {
                 cassandra.keyspace = self.keyspace.clone();
             }
+            // Flags replace the file's `[sink.client_security]` as a whole.
+            if !self.cassandra_client.is_empty() {
+                cassandra.client_security = self.cassandra_client.security();
+            }
         }
 
         if let Some(dir) = &self.checkpoint_dir {
@@ -418,6 +430,8 @@ impl RunArgs {
         if take("on_data_loss") {
             kafka.on_data_loss = self.on_data_loss.into();
         }
+        // The flags' settings go on top of the file's `librdkafka_options`.
+        self.kafka_client.add_to(&mut kafka.librdkafka_options)?;
         Ok(())
     }
 
@@ -440,6 +454,8 @@ impl RunArgs {
                 ("user_topic_prefix", "--user-topic-prefix"),
                 ("discovery_interval_ms", "--discovery-interval-ms"),
                 ("on_data_loss", "--on-data-loss"),
+                ("kafka_option", "--kafka-option"),
+                ("kafka_options_file", "--kafka-options-file"),
             ] {
                 if given(matches, id) {
                     unused.push(flag);
@@ -447,6 +463,79 @@ impl RunArgs {
             }
         }
         unused
+    }
+}
+
+/// The librdkafka settings of `run` and `generate`: how SASL and TLS are turned on.
+#[derive(Debug, Default, Args)]
+pub(crate) struct KafkaClientArgs {
+    /// A librdkafka setting for every Kafka client (repeatable), e.g.
+    /// `--kafka-option security.protocol=SASL_SSL --kafka-option sasl.mechanisms=PLAIN
+    /// --kafka-option sasl.username=NAME --kafka-option ssl.ca.location=ca.pem`. Settings the
+    /// exactly-once guarantee rests on (enable.auto.commit, auto.offset.reset,
+    /// isolation.level, enable.idempotence, ...) are refused.
+    #[arg(long = "kafka-option", value_name = "KEY=VALUE")]
+    kafka_option: Vec<String>,
+
+    /// A file of librdkafka settings, one KEY=VALUE per line (`#` comments), read before the
+    /// --kafka-option flags: the place for secrets such as sasl.password, which would be
+    /// visible to other users in the process list as a flag.
+    #[arg(long, value_name = "FILE")]
+    kafka_options_file: Option<PathBuf>,
+}
+
+impl KafkaClientArgs {
+    /// Adds the file's and the flags' settings to `options`.
+    pub(crate) fn add_to(&self, options: &mut KafkaOptions) -> Result<()> {
+        if let Some(file) = &self.kafka_options_file {
+            options.read_file(file)?;
+        }
+        for option in &self.kafka_option {
+            options.push(option)?;
+        }
+        Ok(())
+    }
+}
+
+/// How `run`, `serve` and `verify` reach a Cassandra cluster that wants credentials or TLS.
+#[derive(Debug, Default, Args)]
+pub(crate) struct CassandraClientArgs {
+    /// The Cassandra username (PasswordAuthenticator); needs --cassandra-password-file.
+    #[arg(long, value_name = "NAME", requires = "cassandra_password_file")]
+    cassandra_user: Option<String>,
+
+    /// A file whose first line is the Cassandra password.
+    #[arg(long, value_name = "FILE", requires = "cassandra_user")]
+    cassandra_password_file: Option<PathBuf>,
+
+    /// Connect to Cassandra over TLS, verifying the nodes against the CA certificates in this
+    /// PEM file.
+    #[arg(long, value_name = "PEM")]
+    cassandra_tls_ca: Option<PathBuf>,
+
+    /// With --cassandra-tls-ca: the name the nodes' certificates must be valid for (default:
+    /// the host of the first contact point).
+    #[arg(long, value_name = "NAME", requires = "cassandra_tls_ca")]
+    cassandra_tls_server_name: Option<String>,
+}
+
+impl CassandraClientArgs {
+    /// True when none of these flags was given.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.cassandra_user.is_none()
+            && self.cassandra_password_file.is_none()
+            && self.cassandra_tls_ca.is_none()
+            && self.cassandra_tls_server_name.is_none()
+    }
+
+    /// The settings these flags give.
+    pub(crate) fn security(&self) -> CassandraClientSecurity {
+        CassandraClientSecurity {
+            username: self.cassandra_user.clone(),
+            password_file: self.cassandra_password_file.clone(),
+            tls_ca: self.cassandra_tls_ca.clone(),
+            tls_server_name: self.cassandra_tls_server_name.clone(),
+        }
     }
 }
 
@@ -478,6 +567,62 @@ mod tests {
         let (run, matches, log, log_given) = crate::cli::parse_run(&args)?;
         let file = file.map(RunFile::parse).transpose()?;
         run.settings(&matches, file, &log, log_given)
+    }
+
+    #[test]
+    fn kafka_and_cassandra_client_flags_go_on_top_of_the_file() {
+        let file = r#"
+            [source]
+            kind = "kafka"
+            brokers = "k1:9092"
+            topic = "t"
+            librdkafka_options = { "security.protocol" = "SSL", "sasl.mechanisms" = "PLAIN" }
+
+            [sink]
+            kind = "cassandra"
+            contact_points = "c1:9042"
+            client_security = { tls_ca = "/file/ca.pem" }
+        "#;
+        let s = settings(
+            &[
+                "--kafka-option",
+                "security.protocol=SASL_SSL",
+                "--cassandra-tls-ca",
+                "/flag/ca.pem",
+            ],
+            Some(file),
+        )
+        .unwrap();
+        let Some(SourceConfig::Kafka(k)) = &s.engine.source else {
+            panic!("{:?}", s.engine.source)
+        };
+        assert_eq!(
+            k.librdkafka_options.get("security.protocol"),
+            Some("SASL_SSL")
+        );
+        assert_eq!(k.librdkafka_options.get("sasl.mechanisms"), Some("PLAIN"));
+        let Some(SinkConfig::Cassandra(c)) = &s.engine.sink else {
+            panic!("{:?}", s.engine.sink)
+        };
+        assert_eq!(
+            c.client_security.tls_ca.as_deref(),
+            Some(Path::new("/flag/ca.pem"))
+        );
+        // Without flags the file's settings stay; a reserved key in the file is refused.
+        let s = settings(&[], Some(file)).unwrap();
+        let Some(SinkConfig::Cassandra(c)) = &s.engine.sink else {
+            panic!()
+        };
+        assert_eq!(
+            c.client_security.tls_ca.as_deref(),
+            Some(Path::new("/file/ca.pem"))
+        );
+        let bad = file.replace("\"sasl.mechanisms\"", "\"enable.auto.commit\"");
+        let error = settings(&[], Some(&bad)).unwrap_err();
+        assert!(
+            error.to_string().contains("enable.auto.commit"),
+            "{error:#}"
+        );
     }
 
     const FILE: &str = r#"

@@ -45,6 +45,8 @@ pub mod error;
 pub mod generate;
 #[cfg(feature = "personnel")]
 pub mod images;
+#[cfg(feature = "kafka")]
+pub mod kafka_client;
 #[cfg(any(feature = "personnel", feature = "workload"))]
 pub mod mysql_client;
 #[cfg(feature = "personnel")]

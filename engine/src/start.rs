@@ -175,6 +175,7 @@ pub(crate) fn shared_state(
         let mut output = crate::sink::dead_letter::kafka::KafkaDeadLetters::new(
             &k.brokers,
             &config.dead_letter_topic,
+            &k.librdkafka_options,
         )
         .map_err(|e| crate::SourceError::Kafka {
             message: format!("dead-letter producer: {e}"),

@@ -10,7 +10,7 @@ pub mod schema;
 pub mod session;
 
 pub use reader::TableReader;
-pub use session::{CqlSession, connect};
+pub use session::{CassandraClientSecurity, CqlSession, connect, connect_with};
 
 /// What can go wrong talking to Cassandra.
 #[derive(Debug, thiserror::Error)]

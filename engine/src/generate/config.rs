@@ -7,6 +7,7 @@ use serde::Serialize;
 use spendflow_operators::UserId;
 
 use super::GenerateError;
+use crate::kafka_client::KafkaOptions;
 use crate::source::generator::GeneratorConfig;
 
 /// The default prefix of per-user topics (the Kafka source's default too).
@@ -160,6 +161,8 @@ pub struct GenerateConfig {
     /// How many times a failed publish is retried (with backoff) before the run stops; the
     /// outbox keeps the records for the next start.
     pub publish_retries: u32,
+    /// librdkafka settings for the producer and the admin client (SASL, TLS, tuning).
+    pub kafka_options: KafkaOptions,
 }
 
 impl GenerateConfig {
@@ -175,6 +178,7 @@ impl GenerateConfig {
             batch: DEFAULT_BATCH,
             publish_timeout: Duration::from_secs(60),
             publish_retries: 8,
+            kafka_options: KafkaOptions::new(),
         }
     }
 

@@ -15,6 +15,8 @@ use rdkafka::ClientContext;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
+
+use crate::kafka_client::KafkaOptions;
 use rdkafka::error::KafkaError;
 use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
@@ -108,9 +110,11 @@ impl KafkaPublisher {
         brokers: &str,
         layout: Layout,
         timeout: Duration,
+        options: &KafkaOptions,
     ) -> Result<Self, GenerateError> {
         let timeout_ms = timeout.as_millis().to_string();
-        let producer: BaseProducer<Deliveries> = ClientConfig::new()
+        let mut client = ClientConfig::new();
+        client
             .set("bootstrap.servers", brokers)
             .set("client.id", "spendflow-generate")
             .set("enable.idempotence", "true")
@@ -118,12 +122,17 @@ impl KafkaPublisher {
             .set("linger.ms", "5")
             .set("batch.num.messages", "10000")
             .set("compression.type", "lz4")
-            .set("message.timeout.ms", &timeout_ms)
+            .set("message.timeout.ms", &timeout_ms);
+        options.apply(&mut client);
+        let producer: BaseProducer<Deliveries> = client
             .create_with_context(Deliveries::default())
             .map_err(kafka_error("create the producer"))?;
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        let mut client = ClientConfig::new();
+        client
             .set("bootstrap.servers", brokers)
-            .set("client.id", "spendflow-generate-admin")
+            .set("client.id", "spendflow-generate-admin");
+        options.apply(&mut client);
+        let admin: AdminClient<DefaultClientContext> = client
             .create()
             .map_err(kafka_error("create the admin client"))?;
         let metadata = producer

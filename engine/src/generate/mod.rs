@@ -518,6 +518,7 @@ pub fn run(
         &config.brokers,
         config.layout.clone(),
         config.publish_timeout,
+        &config.kafka_options,
     )?;
     run_with(config, &mut store, &mut publisher, observer, stop, started)
 }

@@ -18,8 +18,8 @@ use futures::StreamExt;
 use spendflow_operators::UserId;
 
 use super::{MonthRange, Served, ServedPage, UserAggregates, VerifyError};
-use crate::cassandra::connect;
 use crate::cassandra::reader::{ProgressState, TableReader, UserRow};
+use crate::cassandra::{CassandraClientSecurity, connect_with};
 
 /// Rows per page of the user scans.
 const SCAN_PAGE: i32 = 5000;
@@ -56,12 +56,29 @@ impl CassandraServed {
     /// [`VerifyError::Cassandra`] if Cassandra cannot be reached or the keyspace does not hold
     /// spendflow's tables.
     pub fn connect(contact_points: &str, keyspace: &str) -> Result<Self, VerifyError> {
+        Self::connect_with(
+            contact_points,
+            keyspace,
+            &CassandraClientSecurity::default(),
+        )
+    }
+
+    /// As [`CassandraServed::connect`], with credentials and TLS settings.
+    ///
+    /// # Errors
+    ///
+    /// As [`CassandraServed::connect`].
+    pub fn connect_with(
+        contact_points: &str,
+        keyspace: &str,
+        security: &CassandraClientSecurity,
+    ) -> Result<Self, VerifyError> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| VerifyError::Config(format!("could not start a runtime: {e}")))?;
         let reader = runtime.block_on(async {
-            let session = connect(contact_points).await?;
+            let session = connect_with(contact_points, security).await?;
             TableReader::new(session, keyspace).await
         })?;
         Ok(CassandraServed {

@@ -19,6 +19,7 @@ use rdkafka::admin::{
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use spendflow_engine::checkpoint::SavedPosition;
+use spendflow_engine::kafka_client::KafkaOptions;
 use spendflow_engine::sink::dead_letter::kafka::KafkaDeadLetters;
 use spendflow_engine::sink::dead_letter::{DeadLetterOutput, RejectedRecord};
 use spendflow_operators::RejectReason;
@@ -58,7 +59,7 @@ fn a_refused_dead_letter_is_retried_and_holds_back_flush_until_delivered() {
         r.unwrap();
     }
 
-    let output = KafkaDeadLetters::new(&brokers, &topic).unwrap();
+    let output = KafkaDeadLetters::new(&brokers, &topic, &KafkaOptions::new()).unwrap();
     let big = vec![b'x'; 2000];
     output.send(&rejected("input", 7), &big, Some(b"k"));
     assert!(
@@ -107,7 +108,7 @@ fn a_restart_reads_only_the_dead_letters_after_the_checkpoint() {
     let source = "expenses.user.1";
 
     // A first run dead-letters source offsets 0..30; its checkpoint stands at 20.
-    let first = KafkaDeadLetters::new(&brokers, &topic).unwrap();
+    let first = KafkaDeadLetters::new(&brokers, &topic, &KafkaOptions::new()).unwrap();
     for offset in 0..30 {
         first.send(&rejected(source, offset), b"{bad", None);
     }
@@ -132,7 +133,7 @@ fn a_restart_reads_only_the_dead_letters_after_the_checkpoint() {
     // The restart reads from there: it finds exactly the 10 dead letters after the
     // checkpoint, even when told every source offset counts (`from` empty), so it read
     // nothing before them.
-    let mut second = KafkaDeadLetters::new(&brokers, &topic).unwrap();
+    let mut second = KafkaDeadLetters::new(&brokers, &topic, &KafkaOptions::new()).unwrap();
     let found = second
         .skip_written(&brokers, &BTreeMap::new(), Some(&scan))
         .unwrap();
@@ -148,7 +149,7 @@ fn a_restart_reads_only_the_dead_letters_after_the_checkpoint() {
     assert_eq!(scan.from, vec![(0, 25)]);
     drop(second);
 
-    let mut third = KafkaDeadLetters::new(&brokers, &topic).unwrap();
+    let mut third = KafkaDeadLetters::new(&brokers, &topic, &KafkaOptions::new()).unwrap();
     let found = third
         .skip_written(
             &brokers,

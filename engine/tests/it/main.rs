@@ -18,6 +18,7 @@ mod dead_letter_delivery;
 mod file_pipeline;
 mod generate_verify;
 mod grpc;
+mod kafka_sasl;
 mod kafka_source;
 mod kafka_truth;
 mod personnel_hdfs;

@@ -124,3 +124,59 @@ async fn cassandra_keyspace_table_insert_select() {
 
     run(format!("DROP KEYSPACE {keyspace}")).await;
 }
+
+/// `--cassandra-tls-ca`: the engine's Cassandra client speaks TLS to the kit's node (which takes
+/// TLS and plain connections on one port) and verifies it against the kit's CA; a CA that did
+/// not sign the node's certificate is refused, with the reason.
+#[tokio::test]
+async fn cassandra_over_tls_verifies_the_node_against_the_given_ca() {
+    use spendflow_engine::cassandra::{CassandraClientSecurity, connect_with};
+
+    let contact = service_env("SPENDFLOW_CASSANDRA");
+    let security = CassandraClientSecurity {
+        tls_ca: Some(service_env("SPENDFLOW_SERVICES_CA").into()),
+        ..Default::default()
+    };
+    let session = within(60, "connect over TLS", connect_with(&contact, &security))
+        .await
+        .unwrap_or_else(|e| panic!("TLS to {contact}: {e}"));
+    let rows = session
+        .query("SELECT release_version FROM system.local")
+        .await
+        .unwrap()
+        .response_body()
+        .unwrap()
+        .into_rows()
+        .unwrap();
+    let version: String = rows[0].get_r_by_name("release_version").unwrap();
+    assert!(version.starts_with('5'), "{version}");
+    assert!(
+        matches!(*session, spendflow_engine::cassandra::CqlSession::Tls(_)),
+        "{session:?}"
+    );
+
+    // A CA of our own, which signed nothing the node has.
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("other-ca.pem");
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=not the kit's CA", "-keyout"])
+        .arg(dir.path().join("other-ca.key"))
+        .arg("-out")
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let refused = connect_with(
+        &contact,
+        &CassandraClientSecurity {
+            tls_ca: Some(other),
+            ..Default::default()
+        },
+    )
+    .await;
+    let error = refused.expect_err("a node the CA did not sign was trusted");
+    eprintln!("refused as expected: {error}");
+}

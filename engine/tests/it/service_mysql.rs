@@ -64,3 +64,46 @@ fn mysql_create_insert_select() {
     conn.query_drop(format!("DROP TABLE {table}"))
         .expect("drop table");
 }
+
+/// `--mysql URL?root_cert_path=CA` (every MySQL client of spendflow takes the URL as it is):
+/// the connection is TLS, verified against the kit's CA; a CA that did not sign the server's
+/// certificate is refused. (`prefer_socket=false`: for a server on 127.0.0.1 the driver would
+/// otherwise move to the server's Unix socket, which is local and not TLS.)
+#[test]
+fn mysql_over_tls_verifies_the_server_against_the_given_ca() {
+    let url = service_env("SPENDFLOW_MYSQL");
+    let ca = service_env("SPENDFLOW_SERVICES_CA");
+    let (mut conn, _) = spendflow_engine::mysql_client::connect(
+        &format!("{url}?root_cert_path={ca}&prefer_socket=false"),
+        false,
+    )
+    .unwrap_or_else(|e| panic!("connect over TLS: {e}"));
+    let cipher: Option<(String, String)> = conn
+        .query_first("SHOW SESSION STATUS LIKE 'Ssl_version'")
+        .unwrap();
+    let version = cipher.map(|(_, v)| v).unwrap_or_default();
+    assert!(version.starts_with("TLSv1."), "not TLS: {version:?}");
+
+    // A CA of our own, which signed nothing the server has.
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("other-ca.pem");
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=not the kit's CA", "-keyout"])
+        .arg(dir.path().join("other-ca.key"))
+        .arg("-out")
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let refused = spendflow_engine::mysql_client::connect(
+        &format!(
+            "{url}?root_cert_path={}&prefer_socket=false",
+            other.display()
+        ),
+        false,
+    );
+    assert!(refused.is_err(), "a server the CA did not sign was trusted");
+}

@@ -61,7 +61,7 @@ pub use admin::CassandraAdmin;
 pub use backend::CassandraBackend;
 
 use self::index::IndexCache;
-use crate::cassandra::{CassandraError, connect, schema};
+use crate::cassandra::{CassandraClientSecurity, CassandraError, connect_with, schema};
 use crate::serve::grpc::{QueryService, router_with, serve_router};
 use crate::serve::web::WebBackend;
 
@@ -97,6 +97,9 @@ pub struct CassandraServeConfig {
     /// Serve Prometheus metrics on this address of their own.
     #[serde(default)]
     pub metrics: Option<SocketAddr>,
+    /// Credentials and TLS for reaching Cassandra.
+    #[serde(default)]
+    pub client_security: CassandraClientSecurity,
 }
 
 /// `spendflow`, as the sink's default.
@@ -133,6 +136,7 @@ impl CassandraServeConfig {
             quiet_ms: default_quiet_ms(),
             security: crate::config::SecurityConfig::default(),
             metrics: None,
+            client_security: CassandraClientSecurity::default(),
         }
     }
 
@@ -400,7 +404,7 @@ async fn setup(config: &CassandraServeConfig) -> Result<Setup, ServeError> {
         }
         None => None,
     };
-    let session = connect(&config.contact_points).await?;
+    let session = connect_with(&config.contact_points, &config.client_security).await?;
     let reader = Arc::new(TableReader::new(session, &config.keyspace).await?);
     let index = Arc::new(IndexCache::new(Duration::from_millis(
         config.index_refresh_ms,

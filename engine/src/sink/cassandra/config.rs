@@ -1,5 +1,6 @@
 //! Settings of the Cassandra sink.
 
+use crate::cassandra::CassandraClientSecurity;
 use crate::error::InvalidSetting;
 use serde::Deserialize;
 
@@ -27,6 +28,9 @@ pub struct CassandraSinkConfig {
     /// Cells merged into one write at most, when several epochs are waiting (catch-up).
     #[serde(default = "default_max_group_cells")]
     pub max_group_cells: usize,
+    /// Credentials and TLS for reaching Cassandra (`[sink.client_security]`).
+    #[serde(default)]
+    pub client_security: CassandraClientSecurity,
 }
 
 /// `spendflow`, as in the architecture.
@@ -61,6 +65,7 @@ impl CassandraSinkConfig {
             concurrency: default_concurrency(),
             batch_statements: default_batch_statements(),
             max_group_cells: default_max_group_cells(),
+            client_security: CassandraClientSecurity::default(),
         }
     }
 

@@ -53,7 +53,7 @@ use spendflow_operators::{AggKey, Epoch};
 
 use super::config::CassandraSinkConfig;
 use crate::cassandra::schema::{self, SINK_NAME};
-use crate::cassandra::{CassandraError, CqlSession, connect};
+use crate::cassandra::{CassandraError, CqlSession, connect_with};
 use crate::core::{CellValue, format_day, format_month};
 use crate::sink::{EpochGroup, Sink, SinkContext, SinkCounters, SinkError};
 
@@ -238,7 +238,7 @@ impl Connection {
             .validate()
             .map_err(|e| CassandraError::Config(e.to_string()))?;
         let (session, prepared, start) = runtime.block_on(async {
-            let session = connect(&config.contact_points).await?;
+            let session = connect_with(&config.contact_points, &config.client_security).await?;
             let ks = &config.keyspace;
             run(
                 &session,
@@ -423,7 +423,7 @@ impl Connection {
             let contact_points = &self.config.contact_points;
             let keyspace = &self.config.keyspace;
             let attempt = self.runtime.block_on(async {
-                let session = connect(contact_points).await?;
+                let session = connect_with(contact_points, &self.config.client_security).await?;
                 let prepared = prepare(&session, keyspace).await?;
                 Ok::<_, CassandraError>((session, prepared))
             });

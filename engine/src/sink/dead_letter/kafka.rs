@@ -33,6 +33,8 @@ use std::time::{Duration, Instant};
 use rdkafka::Message;
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
+
+use crate::kafka_client::KafkaOptions;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
@@ -151,6 +153,8 @@ pub struct KafkaDeadLetters {
     last_retry: Mutex<Option<Instant>>,
     /// Source records whose dead letter is in the topic already: `(topic, partition) -> offsets`.
     written: HashMap<(String, i32), HashSet<i64>>,
+    /// The user's librdkafka settings (SASL, TLS), for the producer and the scan's reader.
+    options: KafkaOptions,
 }
 
 impl std::fmt::Debug for KafkaDeadLetters {
@@ -173,22 +177,29 @@ pub struct DeliveryStatus {
 }
 
 impl KafkaDeadLetters {
-    /// A producer for `topic` on `brokers`.
+    /// A producer for `topic` on `brokers`, with the user's librdkafka `options` (the
+    /// source's: the same cluster, so the same SASL and TLS settings).
     ///
     /// # Errors
     ///
     /// The client error if the producer cannot be created.
-    pub fn new(brokers: &str, topic: &str) -> Result<Self, rdkafka::error::KafkaError> {
+    pub fn new(
+        brokers: &str,
+        topic: &str,
+        options: &KafkaOptions,
+    ) -> Result<Self, rdkafka::error::KafkaError> {
         let deliveries = Arc::new(Mutex::new(Deliveries::default()));
-        let producer = ClientConfig::new()
+        let mut client = ClientConfig::new();
+        client
             .set("bootstrap.servers", brokers)
             .set("client.id", "spendflow-dead-letters")
             .set("enable.idempotence", "true")
-            .set("linger.ms", "5")
-            .create_with_context(DeliveryContext {
-                deliveries: Arc::clone(&deliveries),
-                topic: topic.to_string(),
-            })?;
+            .set("linger.ms", "5");
+        options.apply(&mut client);
+        let producer = client.create_with_context(DeliveryContext {
+            deliveries: Arc::clone(&deliveries),
+            topic: topic.to_string(),
+        })?;
         Ok(KafkaDeadLetters {
             producer,
             topic: topic.to_string(),
@@ -197,6 +208,7 @@ impl KafkaDeadLetters {
             closing: AtomicBool::new(false),
             last_retry: Mutex::new(None),
             written: HashMap::new(),
+            options: options.clone(),
         })
     }
 
@@ -233,14 +245,15 @@ impl KafkaDeadLetters {
             .filter(|s| s.topic == self.topic)
             .map(|s| s.from.iter().copied().collect())
             .unwrap_or_default();
-        let consumer: BaseConsumer = ClientConfig::new()
+        let mut client = ClientConfig::new();
+        client
             .set("bootstrap.servers", brokers)
             .set("group.id", "spendflow-dead-letter-scan")
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
-            .set("isolation.level", "read_committed")
-            .create()
-            .map_err(|e| error("creating a reader", e))?;
+            .set("isolation.level", "read_committed");
+        self.options.apply(&mut client);
+        let consumer: BaseConsumer = client.create().map_err(|e| error("creating a reader", e))?;
         let metadata = consumer
             .fetch_metadata(Some(&self.topic), Duration::from_secs(10))
             .map_err(|e| error("listing partitions", e))?;

@@ -1,5 +1,5 @@
 use crate::error::InvalidSetting;
-use std::collections::BTreeMap;
+use crate::kafka_client::KafkaOptions;
 
 use serde::Deserialize;
 
@@ -24,9 +24,11 @@ pub struct KafkaSourceConfig {
     /// How often to look for new matching topics, in milliseconds.
     #[serde(default = "default_discovery_interval_ms")]
     pub discovery_interval_ms: u64,
-    /// Extra librdkafka consumer settings, passed through as they are.
+    /// librdkafka settings for every Kafka client of the engine (this consumer and the
+    /// dead-letter producer): SASL, TLS, tuning. Settings the exactly-once guarantee rests on
+    /// are refused (see [`KafkaOptions`]).
     #[serde(default)]
-    pub librdkafka_options: BTreeMap<String, String>,
+    pub librdkafka_options: KafkaOptions,
     /// What to do when records a partition had to read next were deleted from Kafka before
     /// they were read (retention, `kafka-delete-records`).
     #[serde(default)]
@@ -68,7 +70,7 @@ impl KafkaSourceConfig {
             user_topic_prefix: default_user_topic_prefix(),
             group_id: default_group_id(),
             discovery_interval_ms: default_discovery_interval_ms(),
-            librdkafka_options: BTreeMap::new(),
+            librdkafka_options: KafkaOptions::new(),
             on_data_loss: OnDataLoss::default(),
         }
     }
@@ -101,6 +103,9 @@ impl KafkaSourceConfig {
         if self.discovery_interval_ms == 0 {
             return Err("discovery_interval_ms must be at least 1".into());
         }
+        self.librdkafka_options
+            .validate()
+            .map_err(|e| e.to_string())?;
         Ok(())
     }
 }

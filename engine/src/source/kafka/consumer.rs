@@ -123,9 +123,7 @@ impl KafkaSource {
             // Bounded prefetch: the memory bound of the source.
             .set("queued.max.messages.kbytes", "16384")
             .set("fetch.wait.max.ms", "10");
-        for (key, value) in &config.librdkafka_options {
-            client.set(key, value);
-        }
+        config.librdkafka_options.apply(&mut client);
         let consumer: BaseConsumer = client
             .create()
             .map_err(|e| kafka_error("creating the consumer", e))?;

@@ -231,6 +231,8 @@ pub struct StreamRun {
     pub grpc: String,
     /// Extra arguments for `spendflow run` (after the common ones).
     pub engine_args: Vec<String>,
+    /// Extra arguments for `spendflow generate` (after the common ones).
+    pub generator_args: Vec<String>,
 }
 
 impl StreamRun {
@@ -253,6 +255,7 @@ impl StreamRun {
             checkpoints: tempfile::tempdir().unwrap(),
             grpc: format!("127.0.0.1:{port}"),
             engine_args: Vec::new(),
+            generator_args: Vec::new(),
         };
         super::create_topics(&run.brokers, &[(run.dead_letter_topic(), 1)]);
         run
@@ -282,6 +285,7 @@ impl StreamRun {
             .args(["--duplicate-rate", &g.duplicate_rate.to_string()])
             .args(["--late-rate", &g.late_rate.to_string()])
             .args(["--rate", &g.rate.to_string()])
+            .args(&self.generator_args)
             .args(["--log", "warn"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
