@@ -513,6 +513,17 @@ pub(crate) fn serve(
         shared: Arc::clone(shared),
         read_model: Arc::clone(read_model),
     };
+    // Replaced and deleted pictures go once their grace period is over, while this serves.
+    #[cfg(feature = "personnel")]
+    if let Some(personnel) = &personnel {
+        let collecting = Arc::clone(personnel)
+            .collect_garbage_periodically(crate::personnel::GC_INTERVAL, signalled(&stopped));
+        let task = runtime.spawn(async move {
+            collecting.await;
+            Ok(())
+        });
+        servers.tasks.push(("image gc", task));
+    }
     #[cfg(feature = "grpc")]
     if let Some(listener) = listeners.grpc {
         let (addr, listener) =

@@ -84,9 +84,211 @@ pub const TABLES: &[&str] = &[
 pub const SINK_NAME: &str = "main";
 
 /// `CREATE KEYSPACE` with the given replication map, e.g.
-/// `{'class': 'SimpleStrategy', 'replication_factor': 1}`.
-pub fn create_keyspace(keyspace: &str, replication: &str) -> String {
-    format!("CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = {replication}")
+/// `{'class': 'SimpleStrategy', 'replication_factor': 1}`. The name and the map are checked
+/// ([`validate_keyspace`], [`Replication::parse`]) and the map is written back from what was
+/// parsed, so nothing but a replication map reaches CQL.
+///
+/// # Errors
+///
+/// A message naming what is wrong with the name or the map.
+pub fn create_keyspace(keyspace: &str, replication: &str) -> Result<String, InvalidSetting> {
+    validate_keyspace(keyspace)?;
+    let replication = Replication::parse(replication)?;
+    Ok(format!(
+        "CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = {}",
+        replication.cql()
+    ))
+}
+
+/// Replicas of one datacenter at most (a larger factor is a typo, not a cluster).
+pub const MAX_REPLICATION_FACTOR: u32 = 32;
+
+/// A keyspace's replication, as the sink's `replication` setting gives it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Replication {
+    /// `{'class': 'SimpleStrategy', 'replication_factor': N}`.
+    Simple {
+        /// Replicas in the cluster (1 to [`MAX_REPLICATION_FACTOR`]).
+        factor: u32,
+    },
+    /// `{'class': 'NetworkTopologyStrategy', 'DC': N, ...}`: replicas per datacenter, and
+    /// optionally a `replication_factor` for the datacenters not named.
+    NetworkTopology {
+        /// The default for datacenters not named, if given.
+        default: Option<u32>,
+        /// `(datacenter, replicas)`, in the order given.
+        datacenters: Vec<(String, u32)>,
+    },
+}
+
+impl Replication {
+    /// Parses a CQL replication map: `{'class': 'SimpleStrategy', 'replication_factor': 3}`
+    /// or `{'class': 'NetworkTopologyStrategy', 'dc1': 3, 'dc2': 2}` (factors as numbers or
+    /// quoted numbers; the classes also by their full `org.apache.cassandra.locator.` names).
+    /// Datacenter names are letters, digits, `_`, `-` and `.`, at most 64 long.
+    ///
+    /// # Errors
+    ///
+    /// A message saying what is wrong and what is allowed.
+    pub fn parse(text: &str) -> Result<Replication, InvalidSetting> {
+        let bad = |why: &str| {
+            InvalidSetting(format!(
+                "cassandra replication {text:?} is not valid: {why}; use a map like \
+                 {{'class': 'SimpleStrategy', 'replication_factor': 1}} or \
+                 {{'class': 'NetworkTopologyStrategy', 'dc1': 3}}"
+            ))
+        };
+        let entries = parse_map(text).map_err(|why| bad(&why))?;
+        let mut class = None;
+        let mut factor = None;
+        let mut datacenters: Vec<(String, u32)> = Vec::new();
+        for (i, (key, value)) in entries.iter().enumerate() {
+            if entries[..i].iter().any(|(k, _)| k == key) {
+                return Err(bad(&format!("'{key}' is given twice")));
+            }
+            match key.as_str() {
+                "class" => class = Some(value.as_str()),
+                "replication_factor" => factor = Some(replicas(key, value).map_err(|w| bad(&w))?),
+                dc => {
+                    let valid = !dc.is_empty()
+                        && dc.len() <= 64
+                        && dc
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+                    if !valid {
+                        return Err(bad(&format!(
+                            "'{dc}' is not a datacenter name (letters, digits, '_', '-', '.', \
+                             at most 64)"
+                        )));
+                    }
+                    datacenters.push((dc.to_string(), replicas(dc, value).map_err(|w| bad(&w))?));
+                }
+            }
+        }
+        let class = class.ok_or_else(|| bad("'class' is missing"))?;
+        let class = class
+            .strip_prefix("org.apache.cassandra.locator.")
+            .unwrap_or(class);
+        match class {
+            "SimpleStrategy" => {
+                if let Some((dc, _)) = datacenters.first() {
+                    return Err(bad(&format!(
+                        "SimpleStrategy takes only 'replication_factor', not '{dc}'"
+                    )));
+                }
+                let factor =
+                    factor.ok_or_else(|| bad("SimpleStrategy needs 'replication_factor'"))?;
+                if factor == 0 {
+                    return Err(bad("'replication_factor' must be at least 1"));
+                }
+                Ok(Replication::Simple { factor })
+            }
+            "NetworkTopologyStrategy" => {
+                if factor.is_none() && datacenters.iter().all(|(_, n)| *n == 0) {
+                    return Err(bad(
+                        "NetworkTopologyStrategy needs at least one datacenter with a replica",
+                    ));
+                }
+                Ok(Replication::NetworkTopology {
+                    default: factor,
+                    datacenters,
+                })
+            }
+            other => Err(bad(&format!(
+                "class '{other}' is not SimpleStrategy or NetworkTopologyStrategy"
+            ))),
+        }
+    }
+
+    /// The map as CQL.
+    pub fn cql(&self) -> String {
+        match self {
+            Replication::Simple { factor } => {
+                format!("{{'class': 'SimpleStrategy', 'replication_factor': {factor}}}")
+            }
+            Replication::NetworkTopology {
+                default,
+                datacenters,
+            } => {
+                let mut out = String::from("{'class': 'NetworkTopologyStrategy'");
+                if let Some(factor) = default {
+                    out.push_str(&format!(", 'replication_factor': {factor}"));
+                }
+                for (dc, n) in datacenters {
+                    out.push_str(&format!(", '{dc}': {n}"));
+                }
+                out.push('}');
+                out
+            }
+        }
+    }
+}
+
+/// A replica count: 0 to [`MAX_REPLICATION_FACTOR`].
+fn replicas(key: &str, value: &str) -> Result<u32, String> {
+    value
+        .parse::<u32>()
+        .ok()
+        .filter(|n| *n <= MAX_REPLICATION_FACTOR && !value.starts_with('+'))
+        .ok_or_else(|| {
+            format!(
+                "'{key}' must be a number of replicas, 0 to {MAX_REPLICATION_FACTOR}, got {value:?}"
+            )
+        })
+}
+
+/// `{'key': value, ...}` with quoted keys and quoted or bare values (no quotes inside
+/// quotes, nothing after the closing brace).
+fn parse_map(text: &str) -> Result<Vec<(String, String)>, String> {
+    let body = text
+        .trim()
+        .strip_prefix('{')
+        .and_then(|t| t.strip_suffix('}'))
+        .ok_or("it must be one map in braces")?;
+    let mut entries = Vec::new();
+    let mut rest = body.trim();
+    if rest.is_empty() {
+        return Err("the map is empty".to_string());
+    }
+    loop {
+        let (key, after) = quoted(rest).ok_or("keys must be quoted like 'class'")?;
+        let after = after
+            .trim_start()
+            .strip_prefix(':')
+            .ok_or_else(|| format!("':' expected after '{key}'"))?
+            .trim_start();
+        let (value, after) = match quoted(after) {
+            Some(quoted) => quoted,
+            None => {
+                let end = after
+                    .find(|c: char| !c.is_ascii_alphanumeric())
+                    .unwrap_or(after.len());
+                if end == 0 {
+                    return Err(format!("'{key}' has no value"));
+                }
+                (&after[..end], &after[end..])
+            }
+        };
+        entries.push((key.to_string(), value.to_string()));
+        let after = after.trim_start();
+        if after.is_empty() {
+            return Ok(entries);
+        }
+        rest = after
+            .strip_prefix(',')
+            .ok_or_else(|| format!("',' or '}}' expected after '{key}'"))?
+            .trim_start();
+    }
+}
+
+/// A single-quoted word at the start of `text` (letters, digits, `_`, `-`, `.`) and the rest.
+fn quoted(text: &str) -> Option<(&str, &str)> {
+    let inner = text.strip_prefix('\'')?;
+    let end = inner.find('\'')?;
+    let word = &inner[..end];
+    word.chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        .then_some((word, &inner[end + 1..]))
 }
 
 /// Columns added after a table's first version: `ALTER TABLE` statements for keyspaces
@@ -117,5 +319,125 @@ pub fn validate_keyspace(keyspace: &str) -> Result<(), InvalidSetting> {
         Err(format!(
             "keyspace {keyspace:?} is not a valid name: use 1 to 48 lower-case letters, digits or '_', not starting with a digit"
         ).into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_strategies_are_accepted_and_written_back_canonically() {
+        let simple = Replication::parse("{'class': 'SimpleStrategy', 'replication_factor': 1}");
+        assert_eq!(simple, Ok(Replication::Simple { factor: 1 }));
+        let quoted = Replication::parse(
+            " { 'class' : 'org.apache.cassandra.locator.SimpleStrategy','replication_factor':'3' } ",
+        )
+        .unwrap();
+        assert_eq!(
+            quoted.cql(),
+            "{'class': 'SimpleStrategy', 'replication_factor': 3}"
+        );
+        let nts = Replication::parse(
+            "{'class': 'NetworkTopologyStrategy', 'eu-west.1': 3, 'dc_2': 0, 'us1': 2}",
+        )
+        .unwrap();
+        assert_eq!(
+            nts.cql(),
+            "{'class': 'NetworkTopologyStrategy', 'eu-west.1': 3, 'dc_2': 0, 'us1': 2}"
+        );
+        let default =
+            Replication::parse("{'class': 'NetworkTopologyStrategy', 'replication_factor': 2}")
+                .unwrap();
+        assert_eq!(
+            default.cql(),
+            "{'class': 'NetworkTopologyStrategy', 'replication_factor': 2}"
+        );
+        assert_eq!(
+            create_keyspace(
+                "ks_1",
+                "{'class': 'SimpleStrategy', 'replication_factor': 1}"
+            )
+            .unwrap(),
+            "CREATE KEYSPACE IF NOT EXISTS ks_1 WITH replication = \
+             {'class': 'SimpleStrategy', 'replication_factor': 1}"
+        );
+    }
+
+    #[test]
+    fn anything_else_is_a_config_error_naming_the_problem() {
+        let cases = [
+            (
+                "{'class': 'SimpleStrategy', 'replication_factor': 1}; DROP KEYSPACE x",
+                "one map",
+            ),
+            (
+                "{'class': 'SimpleStrategy', 'replication_factor': 1}; DROP KEYSPACE x; {'a': 1}",
+                "not valid",
+            ),
+            (
+                "{'class': 'SimpleStrategy', 'replication_factor': '1'}'}; DROP TABLE t; --'}",
+                "not valid",
+            ),
+            (
+                "{'class': 'SimpleStrategy', 'replication_factor': 1 AND durable_writes = false}",
+                "expected",
+            ),
+            (
+                "{'class': 'Simple\\'Strategy', 'replication_factor': 1}",
+                "not valid",
+            ),
+            ("{'class': 'LocalStrategy'}", "class 'LocalStrategy'"),
+            ("{'class': 'EverywhereStrategy'}", "not SimpleStrategy"),
+            ("{'replication_factor': 1}", "'class' is missing"),
+            ("{'class': 'SimpleStrategy'}", "needs 'replication_factor'"),
+            (
+                "{'class': 'SimpleStrategy', 'replication_factor': 0}",
+                "at least 1",
+            ),
+            (
+                "{'class': 'SimpleStrategy', 'replication_factor': 1000}",
+                "0 to 32",
+            ),
+            (
+                "{'class': 'SimpleStrategy', 'replication_factor': -1}",
+                "no value",
+            ),
+            (
+                "{'class': 'SimpleStrategy', 'replication_factor': 1, 'dc1': 1}",
+                "only 'replication_factor'",
+            ),
+            (
+                "{'class': 'NetworkTopologyStrategy', 'dc 1': 3}",
+                "keys must be quoted",
+            ),
+            (
+                "{'class': 'NetworkTopologyStrategy', 'dc1': 0}",
+                "at least one datacenter",
+            ),
+            (
+                "{'class': 'NetworkTopologyStrategy', 'dc1': 1, 'dc1': 2}",
+                "twice",
+            ),
+            (
+                "{'class': 'NetworkTopologyStrategy', 'dc1': three}",
+                "number of replicas",
+            ),
+            ("{}", "empty"),
+            ("'class': 'SimpleStrategy'", "one map"),
+            ("", "one map"),
+        ];
+        for (text, expected) in cases {
+            let error = Replication::parse(text).expect_err(text).0;
+            assert!(error.contains(expected), "{text}: {error}");
+            assert!(error.contains("cassandra replication"), "{error}");
+            assert!(create_keyspace("ks", text).is_err(), "{text}");
+        }
+        let error = create_keyspace(
+            "ks; DROP KEYSPACE other",
+            "{'class': 'SimpleStrategy', 'replication_factor': 1}",
+        )
+        .unwrap_err();
+        assert!(error.0.contains("not a valid name"), "{error}");
     }
 }

@@ -3,12 +3,19 @@
 //! ```text
 //! <dir>/LOCK                               held (flock) by the engine using the directory
 //! <dir>/checkpoint-00000000000000001234    one file per checkpoint, named by epoch
-//! <dir>/.tmp-...                           a checkpoint being written
+//! <dir>/.tmp-checkpoint-<random>           a checkpoint being written
 //! ```
 //!
 //! A checkpoint is written to a temporary file, fsynced, renamed to its final name and the
 //! directory fsynced: a crash at any point leaves either the complete new file or none, and the
 //! previous checkpoint untouched. The two newest checkpoints are kept.
+//!
+//! Checkpoints hold people's spending: the directory is created owner-only (0700), every file
+//! owner-only (0600), and nothing is written through a symbolic link someone planted in the
+//! directory. The temporary file gets a random name and is created exclusively (`O_EXCL`,
+//! the `tempfile` crate), the rename replaces whatever link sits at the final name (its target
+//! is never touched), and the lock file is opened with `O_NOFOLLOW` (a link there is refused).
+//! Leftover temporary files of a crashed engine are removed when the directory is opened.
 //!
 //! Fencing: the engine holds an exclusive lock on `LOCK` for as long as it runs. The kernel
 //! releases it when the process dies (also on `kill -9`), so a restarted engine takes over at
@@ -25,6 +32,8 @@ use super::{Checkpoint, CheckpointError, CheckpointStore};
 const KEEP: usize = 2;
 
 const PREFIX: &str = "checkpoint-";
+/// Temporary files start so (then a random part).
+const TMP_PREFIX: &str = ".tmp-checkpoint-";
 
 /// A directory of checkpoint files, locked by this engine.
 #[derive(Debug)]
@@ -50,15 +59,9 @@ impl LocalDirStore {
     /// cannot be created or locked.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, CheckpointError> {
         let dir = dir.into();
-        fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        create_private_dir(&dir)?;
         let lock_path = dir.join("LOCK");
-        let mut lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io_error(&lock_path))?;
+        let mut lock = open_lock(&lock_path)?;
         match lock.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
@@ -72,7 +75,33 @@ impl LocalDirStore {
         }
         lock.set_len(0).map_err(io_error(&lock_path))?;
         writeln!(lock, "pid {}", std::process::id()).map_err(io_error(&lock_path))?;
-        Ok(LocalDirStore { dir, _lock: lock })
+        let store = LocalDirStore { dir, _lock: lock };
+        store.remove_leftovers();
+        Ok(store)
+    }
+
+    /// Removes temporary files a crashed engine left (the lock is ours: nobody writes them).
+    fn remove_leftovers(&self) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(TMP_PREFIX))
+            {
+                let path = entry.path();
+                match fs::remove_file(&path) {
+                    Ok(()) => {
+                        tracing::info!(path = %path.display(), "Removed a partly written checkpoint.")
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "Could not remove a partly written checkpoint.")
+                    }
+                }
+            }
+        }
     }
 
     /// The directory.
@@ -117,7 +146,7 @@ impl LocalDirStore {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let aside = self.dir.join(format!("discarded-{secs}"));
-        fs::create_dir_all(&aside).map_err(io_error(&aside))?;
+        create_private_dir(&aside)?;
         let mut moved = Vec::new();
         for (_, path) in files {
             let to = aside.join(path.file_name().expect("a file name"));
@@ -166,24 +195,12 @@ impl CheckpointStore for LocalDirStore {
 
     fn save(&mut self, checkpoint: &Checkpoint) -> Result<(), CheckpointError> {
         let name = format!("{PREFIX}{:020}", checkpoint.epoch);
-        let tmp = self.dir.join(format!(".tmp-{name}"));
         let path = self.dir.join(&name);
-        let written = write_file(&tmp, checkpoint)
-            .and_then(|()| fs::rename(&tmp, &path).map_err(io_error(&path)));
-        if let Err(e) = written {
-            // Whatever failed, no temporary file stays behind (a full disk stays full of
-            // half-written checkpoints otherwise).
-            match fs::remove_file(&tmp) {
-                Ok(()) => {}
-                Err(r) if r.kind() == std::io::ErrorKind::NotFound => {}
-                Err(r) => tracing::error!(
-                    path = %tmp.display(),
-                    error = %r,
-                    "Could not remove a partly written checkpoint."
-                ),
-            }
-            return Err(e);
-        }
+        // Whatever fails, the temporary file is removed when it drops (a full disk stays full
+        // of half-written checkpoints otherwise).
+        let tmp = write_file(&self.dir, checkpoint)?;
+        // A rename replaces a link at `path` itself, never its target.
+        tmp.persist(&path).map_err(|e| io_error(&path)(e.error))?;
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(io_error(&self.dir))?;
@@ -196,13 +213,71 @@ impl CheckpointStore for LocalDirStore {
     }
 }
 
-/// Writes `checkpoint` to `tmp` and syncs it.
-fn write_file(tmp: &Path, checkpoint: &Checkpoint) -> Result<(), CheckpointError> {
-    let file = File::create(tmp).map_err(io_error(tmp))?;
-    let mut out = BufWriter::with_capacity(1 << 20, file);
-    checkpoint.encode(&mut out).map_err(io_error(tmp))?;
-    let file = out
+/// Writes `checkpoint` to a new owner-only temporary file in `dir` and syncs it.
+fn write_file(
+    dir: &Path,
+    checkpoint: &Checkpoint,
+) -> Result<tempfile::NamedTempFile, CheckpointError> {
+    let tmp = tempfile::Builder::new()
+        .prefix(TMP_PREFIX)
+        // Created exclusively under a random name, 0600 on Unix.
+        .tempfile_in(dir)
+        .map_err(io_error(dir))?;
+    let path = tmp.path().to_path_buf();
+    let mut out = BufWriter::with_capacity(1 << 20, tmp);
+    checkpoint.encode(&mut out).map_err(io_error(&path))?;
+    let tmp = out
         .into_inner()
-        .map_err(|e| io_error(tmp)(e.into_error()))?;
-    file.sync_all().map_err(io_error(tmp))
+        .map_err(|e| io_error(&path)(e.into_error()))?;
+    tmp.as_file().sync_all().map_err(io_error(&path))?;
+    Ok(tmp)
+}
+
+/// Creates `dir` (and missing parents) owner-only; warns if it exists and others may enter it.
+fn create_private_dir(dir: &Path) -> Result<(), CheckpointError> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let existed = dir.exists();
+        builder.mode(0o700);
+        builder.create(dir).map_err(io_error(dir))?;
+        let mode = fs::metadata(dir)
+            .map_err(io_error(dir))?
+            .permissions()
+            .mode();
+        if existed && mode & 0o077 != 0 {
+            tracing::warn!(
+                path = %dir.display(),
+                mode = format!("{:o}", mode & 0o777),
+                "The checkpoint directory is open to other users; checkpoints hold everyone's expenses (chmod 700 it)."
+            );
+        }
+        Ok(())
+    }
+    #[cfg(not(unix))]
+    builder.create(dir).map_err(io_error(dir))
+}
+
+/// Opens (creating owner-only if missing) the lock file, never through a symbolic link.
+fn open_lock(path: &Path) -> Result<File, CheckpointError> {
+    let mut options = OpenOptions::new();
+    options.create(true).truncate(false).read(true).write(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600).custom_flags(libc::O_NOFOLLOW);
+    }
+    options.open(path).map_err(|e| {
+        let link = fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+        if link {
+            io_error(path)(std::io::Error::new(
+                e.kind(),
+                "the lock file is a symbolic link; refusing to follow it (remove the link)",
+            ))
+        } else {
+            io_error(path)(e)
+        }
+    })
 }

@@ -208,3 +208,78 @@ fn a_failed_write_leaves_no_temporary_file() {
     store.save(&sample(2, 2)).unwrap();
     assert_eq!(store.latest().unwrap().unwrap().epoch, 2);
 }
+
+#[cfg(unix)]
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(path)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+#[cfg(unix)]
+#[test]
+fn the_directory_and_every_file_are_owner_only() {
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("a").join("checkpoints");
+    let mut store = LocalDirStore::open(&dir).unwrap();
+    store.save(&sample(1, 2)).unwrap();
+    store.save(&sample(2, 2)).unwrap();
+    assert_eq!(mode(&dir), 0o700, "the checkpoint directory");
+    assert_eq!(mode(&dir.join("LOCK")), 0o600, "the lock file");
+    for name in checkpoint_files(&dir) {
+        assert_eq!(mode(&dir.join(&name)), 0o600, "{name}");
+    }
+    let moved = store.discard_all().unwrap();
+    let aside = moved[0].1.parent().unwrap();
+    assert_eq!(mode(aside), 0o700, "the directory of discarded checkpoints");
+}
+
+#[cfg(unix)]
+#[test]
+fn links_planted_in_the_directory_are_never_written_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let victim = outside.path().join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    let mut store = LocalDirStore::open(dir.path()).unwrap();
+    // At the names the engine writes: the final name and the temporary name it used to use.
+    let name = format!("checkpoint-{:020}", 3);
+    std::os::unix::fs::symlink(&victim, dir.path().join(&name)).unwrap();
+    std::os::unix::fs::symlink(&victim, dir.path().join(format!(".tmp-{name}"))).unwrap();
+    store.save(&sample(3, 2)).unwrap();
+    assert_eq!(
+        std::fs::read(&victim).unwrap(),
+        b"precious",
+        "the target is untouched"
+    );
+    let saved = dir.path().join(&name);
+    assert!(
+        std::fs::symlink_metadata(&saved)
+            .unwrap()
+            .file_type()
+            .is_file(),
+        "the link was replaced by the checkpoint"
+    );
+    assert_eq!(mode(&saved), 0o600);
+    assert_eq!(store.latest().unwrap().unwrap(), sample(3, 2));
+    drop(store);
+
+    // A link at the lock file's name is refused, not followed.
+    let other = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(&victim, other.path().join("LOCK")).unwrap();
+    let err = LocalDirStore::open(other.path()).unwrap_err();
+    assert!(err.to_string().contains("symbolic link"), "{err}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+}
+
+#[test]
+fn temporary_files_of_a_crashed_engine_are_removed_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let leftover = dir.path().join(".tmp-checkpoint-abc123");
+    std::fs::write(&leftover, b"half a checkpoint").unwrap();
+    let _store = LocalDirStore::open(dir.path()).unwrap();
+    assert!(!leftover.exists());
+}

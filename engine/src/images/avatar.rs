@@ -86,6 +86,53 @@ pub fn encode_indexed_png(width: u32, height: u32, palette: &[[u8; 3]], pixels: 
     out
 }
 
+/// A valid PNG of exactly `size` bytes: a 16×16 picture of seeded colours, padded with a text
+/// chunk; for tests and measurements of uploads, which decode what they store. Different
+/// seeds give different bytes.
+///
+/// # Panics
+///
+/// If `size` is below the smallest such PNG (a few hundred bytes).
+pub fn padded_png(seed: u64, size: usize) -> Vec<u8> {
+    let encode = |text: String| {
+        let mut h = mix(seed);
+        let palette: Vec<[u8; 3]> = (0..4)
+            .map(|_| {
+                h = mix(h);
+                [h as u8, (h >> 8) as u8, (h >> 16) as u8]
+            })
+            .collect();
+        let pixels: Vec<u8> = (0..256)
+            .map(|_| {
+                h = mix(h);
+                (h % 4) as u8
+            })
+            .collect();
+        let mut out = Vec::new();
+        let mut encoder = png::Encoder::new(&mut out, 16, 16);
+        encoder.set_color(png::ColorType::Indexed);
+        encoder.set_depth(png::BitDepth::Eight);
+        encoder.set_palette(palette.iter().flatten().copied().collect::<Vec<u8>>());
+        encoder
+            .add_text_chunk("pad".into(), text)
+            .expect("a text chunk");
+        let written = encoder.write_header().and_then(|mut writer| {
+            writer.write_image_data(&pixels)?;
+            writer.finish()
+        });
+        written.expect("a small image encodes into memory");
+        out
+    };
+    let smallest = encode(String::new()).len();
+    assert!(
+        size >= smallest,
+        "a padded PNG has at least {smallest} bytes, not {size}"
+    );
+    let png = encode("x".repeat(size - smallest));
+    assert_eq!(png.len(), size);
+    png
+}
+
 /// SplitMix64's finaliser: a well-mixed 64-bit hash of `x`.
 fn mix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);

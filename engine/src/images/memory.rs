@@ -1,6 +1,11 @@
 //! An [`ImageStore`] in memory: for the demo (generated avatars, uploads that last as long as
 //! the process) and for unit tests. It behaves like the HDFS store, temporary files included,
 //! so tests of the upload rules (no partial blob after an abort) hold for both.
+//!
+//! A store made with [`MemoryImageStore::bounded`] (the demo's) holds at most so many bytes
+//! and images, temporary files included: an upload past either answers
+//! [`ImageError::Full`] naming the limit, and the space comes back when pictures are
+//! replaced or deleted and the garbage collector removes the old ones.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -16,18 +21,65 @@ struct Inner {
     blobs: BTreeMap<String, (Bytes, u64)>,
     /// Temporary files by name: bytes so far and modification time.
     temp: BTreeMap<String, (Vec<u8>, u64)>,
+    /// Bytes in `blobs` and `temp`.
+    held: u64,
+    /// Most bytes held (`u64::MAX`: unbounded).
+    max_bytes: u64,
+    /// Most blobs and temporary files (`usize::MAX`: unbounded).
+    max_images: usize,
+}
+
+impl Inner {
+    /// Removes a temporary file; false if it did not exist.
+    fn remove_temp(&mut self, name: &str) -> bool {
+        let removed = self.temp.remove(name);
+        self.held -= removed.as_ref().map_or(0, |(b, _)| b.len() as u64);
+        removed.is_some()
+    }
+
+    fn full(&self, limit: String) -> ImageError {
+        ImageError::Full {
+            store: "memory".into(),
+            limit,
+        }
+    }
 }
 
 /// Blobs in a map; cheap to clone (clones share the blobs).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct MemoryImageStore {
     inner: Arc<Mutex<Inner>>,
 }
 
+impl Default for MemoryImageStore {
+    fn default() -> Self {
+        MemoryImageStore::new()
+    }
+}
+
 impl MemoryImageStore {
-    /// An empty store.
+    /// An empty store without bounds.
     pub fn new() -> Self {
-        MemoryImageStore::default()
+        MemoryImageStore::bounded(u64::MAX, usize::MAX)
+    }
+
+    /// An empty store that holds at most `max_bytes` bytes and `max_images` images (temporary
+    /// uploads included). Images [`MemoryImageStore::insert`] puts in count, but are never
+    /// refused.
+    pub fn bounded(max_bytes: u64, max_images: usize) -> Self {
+        MemoryImageStore {
+            inner: Arc::new(Mutex::new(Inner {
+                max_bytes,
+                max_images,
+                ..Inner::default()
+            })),
+        }
+    }
+
+    /// Bytes and images held now (temporary uploads included).
+    pub fn usage(&self) -> (u64, usize) {
+        let inner = self.lock();
+        (inner.held, inner.blobs.len() + inner.temp.len())
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -37,10 +89,11 @@ impl MemoryImageStore {
     /// Stores `bytes` as a final blob under `sha256` directly (the caller vouches for the hash),
     /// keeping an existing one. For pre-generated content such as the demo's avatars.
     pub fn insert(&self, sha256: &str, bytes: Bytes) {
-        self.lock()
-            .blobs
-            .entry(sha256.to_string())
-            .or_insert_with(|| (bytes, now_ms()));
+        let mut inner = self.lock();
+        if !inner.blobs.contains_key(sha256) {
+            inner.held += bytes.len() as u64;
+            inner.blobs.insert(sha256.to_string(), (bytes, now_ms()));
+        }
     }
 
     /// Sets a blob's modification time (tests of the garbage collector's grace period).
@@ -66,9 +119,13 @@ impl ImageStore for MemoryImageStore {
 
     async fn begin(&self) -> Result<Box<dyn PendingBlob>, ImageError> {
         let name = super::temp_name();
-        self.lock()
-            .temp
-            .insert(name.clone(), (Vec::new(), now_ms()));
+        let mut inner = self.lock();
+        if inner.blobs.len() + inner.temp.len() >= inner.max_images {
+            let limit = format!("at most {} images", inner.max_images);
+            return Err(inner.full(limit));
+        }
+        inner.temp.insert(name.clone(), (Vec::new(), now_ms()));
+        drop(inner);
         Ok(Box::new(MemoryPending {
             store: self.clone(),
             name,
@@ -115,11 +172,14 @@ impl ImageStore for MemoryImageStore {
     }
 
     async fn remove_blob(&self, sha256: &str) -> Result<bool, ImageError> {
-        Ok(self.lock().blobs.remove(sha256).is_some())
+        let mut inner = self.lock();
+        let removed = inner.blobs.remove(sha256);
+        inner.held -= removed.as_ref().map_or(0, |(b, _)| b.len() as u64);
+        Ok(removed.is_some())
     }
 
     async fn remove_temp(&self, name: &str) -> Result<bool, ImageError> {
-        Ok(self.lock().temp.remove(name).is_some())
+        Ok(self.lock().remove_temp(name))
     }
 }
 
@@ -137,6 +197,11 @@ impl PendingBlob for MemoryPending {
 
     async fn write(&mut self, chunk: Bytes) -> Result<(), ImageError> {
         let mut inner = self.store.lock();
+        let held = inner.held + chunk.len() as u64;
+        if held > inner.max_bytes {
+            let limit = format!("at most {} bytes", inner.max_bytes);
+            return Err(inner.full(limit));
+        }
         let Some(temp) = inner.temp.get_mut(&self.name) else {
             return Err(ImageError::Storage {
                 store: "memory".into(),
@@ -146,6 +211,7 @@ impl PendingBlob for MemoryPending {
         };
         temp.0.extend_from_slice(&chunk);
         temp.1 = now_ms();
+        inner.held = held;
         Ok(())
     }
 
@@ -160,17 +226,24 @@ impl PendingBlob for MemoryPending {
             });
         };
         let now = now_ms();
-        inner
-            .blobs
-            .entry(sha256.to_string())
-            .and_modify(|b| b.1 = now)
-            .or_insert_with(|| (Bytes::from(bytes), now));
+        match inner.blobs.get_mut(sha256) {
+            // The same content is stored already: the upload's bytes go.
+            Some(existing) => {
+                existing.1 = now;
+                inner.held -= bytes.len() as u64;
+            }
+            None => {
+                inner
+                    .blobs
+                    .insert(sha256.to_string(), (Bytes::from(bytes), now));
+            }
+        }
         Ok(())
     }
 
     async fn abort(mut self: Box<Self>) -> Result<(), ImageError> {
         self.done = true;
-        self.store.lock().temp.remove(&self.name);
+        self.store.lock().remove_temp(&self.name);
         Ok(())
     }
 }
@@ -178,7 +251,7 @@ impl PendingBlob for MemoryPending {
 impl Drop for MemoryPending {
     fn drop(&mut self) {
         if !self.done {
-            self.store.lock().temp.remove(&self.name);
+            self.store.lock().remove_temp(&self.name);
         }
     }
 }

@@ -22,7 +22,11 @@
 //! PNG, JPEG and WebP only, recognised by their magic bytes whatever the client declares; a
 //! declared content type must match the detected one. The size limit (default
 //! [`DEFAULT_MAX_BYTES`], 5 MiB) is enforced while the chunks arrive, so an oversized upload
-//! is refused without being buffered.
+//! is refused without being buffered. Once every byte is in, the whole image is decoded (the
+//! `image` crate, off the async threads) within [`MAX_DIMENSION`] pixels a side,
+//! [`MAX_PIXELS`] pixels and [`MAX_DECODE_ALLOC`] bytes of decoder memory: a truncated or
+//! damaged file, or a small file that unpacks into a huge picture, is refused and nothing is
+//! stored.
 //!
 //! # Replace, delete and orphans
 //!
@@ -56,6 +60,15 @@ pub use memory::MemoryImageStore;
 
 /// The default largest image, in bytes: 5 MiB.
 pub const DEFAULT_MAX_BYTES: u64 = 5 * 1024 * 1024;
+
+/// Widest and tallest picture accepted, in pixels.
+pub const MAX_DIMENSION: u32 = 4096;
+
+/// Most pixels (width × height) in a picture accepted.
+pub const MAX_PIXELS: u64 = 16 * 1024 * 1024;
+
+/// Most memory the decoder may allocate for one picture (16 Mpx of 8-bit RGBA is 64 MiB).
+pub const MAX_DECODE_ALLOC: u64 = 128 * 1024 * 1024;
 
 /// Bytes per chunk when images are streamed out (`GetImage`) or uploaded by the CLI.
 pub const CHUNK_BYTES: usize = 64 * 1024;
@@ -191,6 +204,14 @@ pub enum ImageError {
     Corrupt {
         /// What does not match.
         message: String,
+    },
+    /// The store holds as much as it may (a bounded store, such as the demo's in memory).
+    #[error("image store {store} is full: {limit}; delete pictures or retry later")]
+    Full {
+        /// Which store.
+        store: String,
+        /// The limit reached, e.g. `at most 1000 images`.
+        limit: String,
     },
     /// The storage failed.
     #[error("image storage ({store}): {message}")]
@@ -351,7 +372,13 @@ where
 {
     let declared_kind = check_declared(declared)?;
     let mut pending = store.begin().await?;
-    match feed(pending.as_mut(), declared_kind, max_bytes, chunks).await {
+    let fed = match feed(pending.as_mut(), declared_kind, max_bytes, chunks).await {
+        Ok((sha256, kind, whole)) => check_decodes_off_thread(whole, kind)
+            .await
+            .map(|size| (sha256, kind, size)),
+        Err(e) => Err(e),
+    };
+    match fed {
         Ok((sha256, kind, size)) => {
             pending.commit(&sha256).await?;
             Ok(ImageRef {
@@ -367,6 +394,65 @@ where
             Err(e)
         }
     }
+}
+
+/// [`check_decodes`] on a blocking thread; returns the size in bytes.
+async fn check_decodes_off_thread(whole: Vec<u8>, kind: ImageKind) -> Result<u64, ImageError> {
+    let size = whole.len() as u64;
+    tokio::task::spawn_blocking(move || check_decodes(&whole, kind))
+        .await
+        .map_err(|e| ImageError::Invalid {
+            message: format!("the image could not be checked: {e}"),
+        })??;
+    Ok(size)
+}
+
+/// Decodes the whole picture (as `kind`) within [`MAX_DIMENSION`], [`MAX_PIXELS`] and
+/// [`MAX_DECODE_ALLOC`], and returns its width and height.
+///
+/// # Errors
+///
+/// [`ImageError::Invalid`] saying what is wrong: a side or the pixel count over the limit, or
+/// data that does not decode (truncated, damaged).
+pub fn check_decodes(bytes: &[u8], kind: ImageKind) -> Result<(u32, u32), ImageError> {
+    let format = match kind {
+        ImageKind::Png => image::ImageFormat::Png,
+        ImageKind::Jpeg => image::ImageFormat::Jpeg,
+        ImageKind::WebP => image::ImageFormat::WebP,
+    };
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_DIMENSION);
+    limits.max_image_height = Some(MAX_DIMENSION);
+    limits.max_alloc = Some(MAX_DECODE_ALLOC);
+    let reader = || {
+        let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
+        reader.limits(limits.clone());
+        reader
+    };
+    let refused = |e: image::ImageError| ImageError::Invalid {
+        message: match e {
+            image::ImageError::Limits(e) => format!(
+                "the {kind} picture is over the limits ({MAX_DIMENSION} pixels a side, \
+                 {MAX_PIXELS} pixels, {} MiB to decode): {e}; scale it down",
+                MAX_DECODE_ALLOC >> 20
+            ),
+            e => format!("not a valid {kind} picture: {e} (it must decode completely)"),
+        },
+    };
+    let (width, height) = reader().into_dimensions().map_err(refused)?;
+    if width > MAX_DIMENSION
+        || height > MAX_DIMENSION
+        || u64::from(width) * u64::from(height) > MAX_PIXELS
+    {
+        return Err(ImageError::Invalid {
+            message: format!(
+                "the {kind} picture is {width}×{height} pixels, over the limits \
+                 ({MAX_DIMENSION} pixels a side, {MAX_PIXELS} pixels); scale it down"
+            ),
+        });
+    }
+    reader().decode().map_err(refused)?;
+    Ok((width, height))
 }
 
 /// Checks a declared content type: empty (let the content decide) or one of the accepted ones.
@@ -427,44 +513,41 @@ pub fn check_content(head: &[u8], declared: Option<ImageKind>) -> Result<ImageKi
     }
 }
 
+/// Streams the chunks into `pending` and returns the SHA-256, the kind and every byte (at
+/// most `max_bytes`, for the decode check).
 async fn feed<S>(
     pending: &mut dyn PendingBlob,
     declared: Option<ImageKind>,
     max_bytes: u64,
     chunks: S,
-) -> Result<(String, ImageKind, u64), ImageError>
+) -> Result<(String, ImageKind, Vec<u8>), ImageError>
 where
     S: Stream<Item = Result<Bytes, ImageError>> + Send,
 {
     let mut chunks = std::pin::pin!(chunks);
     let mut hasher = Sha256::new();
-    let mut size = 0u64;
-    let mut head: Vec<u8> = Vec::with_capacity(ImageKind::MAGIC_LEN);
+    let mut whole: Vec<u8> = Vec::new();
     let mut kind = None;
     while let Some(chunk) = chunks.next().await {
         let chunk = chunk?;
         if chunk.is_empty() {
             continue;
         }
-        size += chunk.len() as u64;
-        if size > max_bytes {
+        if (whole.len() + chunk.len()) as u64 > max_bytes {
             return Err(ImageError::TooLarge { limit: max_bytes });
         }
-        if kind.is_none() {
-            let need = ImageKind::MAGIC_LEN - head.len();
-            head.extend_from_slice(&chunk[..need.min(chunk.len())]);
-            if head.len() >= ImageKind::MAGIC_LEN {
-                kind = Some(check_content(&head, declared)?);
-            }
+        whole.extend_from_slice(&chunk);
+        if kind.is_none() && whole.len() >= ImageKind::MAGIC_LEN {
+            kind = Some(check_content(&whole[..ImageKind::MAGIC_LEN], declared)?);
         }
         hasher.update(&chunk);
         pending.write(chunk).await?;
     }
     let kind = match kind {
         Some(kind) => kind,
-        None => check_content(&head, declared)?,
+        None => check_content(&whole, declared)?,
     };
-    Ok((hex(&hasher.finalize()), kind, size))
+    Ok((hex(&hasher.finalize()), kind, whole))
 }
 
 /// What [`collect_garbage`] may remove.

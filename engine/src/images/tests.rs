@@ -10,10 +10,9 @@ use futures::StreamExt;
 
 use super::*;
 
+/// A valid PNG of `len` bytes (uploads are decoded whole).
 fn png_bytes(len: usize) -> Vec<u8> {
-    let mut v = avatar::PNG_SIGNATURE.to_vec();
-    v.extend((0..len.saturating_sub(8)).map(|i| (i % 251) as u8));
-    v
+    avatar::padded_png(len as u64, len)
 }
 
 fn chunks_of(bytes: &[u8], size: usize) -> Vec<Result<Bytes, ImageError>> {
@@ -40,7 +39,10 @@ async fn store(
 
 #[test]
 fn magic_bytes_decide_the_kind() {
-    assert_eq!(ImageKind::detect(&png_bytes(20)), Some(ImageKind::Png));
+    assert_eq!(
+        ImageKind::detect(&avatar::PNG_SIGNATURE),
+        Some(ImageKind::Png)
+    );
     assert_eq!(
         ImageKind::detect(&[0xFF, 0xD8, 0xFF, 0xE0, 0, 0x10]),
         Some(ImageKind::Jpeg)
@@ -84,19 +86,19 @@ async fn text_named_png_is_refused_and_nothing_stays() {
 #[tokio::test]
 async fn declared_type_must_match_the_bytes() {
     let s = MemoryImageStore::new();
-    let err = store(&s, "image/jpeg", DEFAULT_MAX_BYTES, &png_bytes(100))
+    let err = store(&s, "image/jpeg", DEFAULT_MAX_BYTES, &png_bytes(1000))
         .await
         .unwrap_err();
     let ImageError::Invalid { message } = err else {
         panic!("expected Invalid");
     };
     assert!(message.contains("which is image/png"), "{message}");
-    let err = store(&s, "image/gif", DEFAULT_MAX_BYTES, &png_bytes(100))
+    let err = store(&s, "image/gif", DEFAULT_MAX_BYTES, &png_bytes(1000))
         .await
         .unwrap_err();
     assert!(matches!(err, ImageError::Invalid { .. }));
     // Empty: the bytes decide.
-    let image = store(&s, "", DEFAULT_MAX_BYTES, &png_bytes(100))
+    let image = store(&s, "", DEFAULT_MAX_BYTES, &png_bytes(1000))
         .await
         .unwrap();
     assert_eq!(image.content_type, "image/png");
@@ -154,7 +156,7 @@ async fn an_aborted_stream_leaves_nothing() {
 
     // A pending upload dropped half-way (the request future cancelled) removes its file too.
     let mut pending = s.begin().await.unwrap();
-    pending.write(Bytes::from(png_bytes(100))).await.unwrap();
+    pending.write(Bytes::from(png_bytes(1000))).await.unwrap();
     assert_eq!(s.list_temp().await.unwrap().len(), 1);
     drop(pending);
     assert!(s.list_temp().await.unwrap().is_empty());
@@ -191,13 +193,13 @@ async fn content_addressed_and_deduplicated() {
 #[tokio::test]
 async fn garbage_collection_keeps_referenced_and_young_blobs() {
     let s = MemoryImageStore::new();
-    let kept = store(&s, "", DEFAULT_MAX_BYTES, &png_bytes(100))
+    let kept = store(&s, "", DEFAULT_MAX_BYTES, &png_bytes(1000))
         .await
         .unwrap();
-    let orphan = store(&s, "", DEFAULT_MAX_BYTES, &png_bytes(200))
+    let orphan = store(&s, "", DEFAULT_MAX_BYTES, &png_bytes(2000))
         .await
         .unwrap();
-    let young = store(&s, "", DEFAULT_MAX_BYTES, &png_bytes(300))
+    let young = store(&s, "", DEFAULT_MAX_BYTES, &png_bytes(3000))
         .await
         .unwrap();
     let hour_ago = now_ms() - 3_600_000;
@@ -252,7 +254,7 @@ async fn garbage_collection_keeps_referenced_and_young_blobs() {
 #[tokio::test]
 async fn reusing_a_blob_refreshes_its_time() {
     let s = MemoryImageStore::new();
-    let bytes = png_bytes(100);
+    let bytes = png_bytes(1000);
     let image = store(&s, "", DEFAULT_MAX_BYTES, &bytes).await.unwrap();
     s.set_modified(&image.sha256, 1);
     store(&s, "", DEFAULT_MAX_BYTES, &bytes).await.unwrap();
@@ -368,4 +370,122 @@ fn hdfs_urls_parse_with_a_root() {
     assert!(HdfsImageConfig::from_url("http://nn:9000").is_err());
     assert!(HdfsImageConfig::from_url("hdfs://nn:9000/a/../b").is_err());
     assert!(HdfsImageConfig::from_url("hdfs:///x").is_err());
+}
+
+#[tokio::test]
+async fn a_damaged_or_truncated_picture_is_refused_and_nothing_stays() {
+    let s = MemoryImageStore::new();
+    let whole = png_bytes(2000);
+    let cases: [(&str, Vec<u8>); 3] = [
+        ("truncated", whole[..whole.len() - 30].to_vec()),
+        ("a PNG signature and noise", {
+            let mut v = avatar::PNG_SIGNATURE.to_vec();
+            v.extend((0..2000).map(|i| (i % 251) as u8));
+            v
+        }),
+        ("a JPEG signature and noise", {
+            let mut v = vec![0xFF, 0xD8, 0xFF, 0xE0];
+            v.extend((0..2000).map(|i| (i % 251) as u8));
+            v
+        }),
+    ];
+    for (what, bytes) in cases {
+        let err = store(&s, "", DEFAULT_MAX_BYTES, &bytes).await.unwrap_err();
+        match &err {
+            ImageError::Invalid { message } => {
+                assert!(message.contains("not a valid image/"), "{what}: {message}")
+            }
+            other => panic!("{what}: expected Invalid, got {other:?}"),
+        }
+        assert!(s.list_blobs().await.unwrap().is_empty(), "{what}");
+        assert!(s.list_temp().await.unwrap().is_empty(), "{what}");
+    }
+    // The whole file is fine.
+    store(&s, "image/png", DEFAULT_MAX_BYTES, &whole)
+        .await
+        .unwrap();
+}
+
+/// A black PNG of `width` × `height` at one bit a pixel: a few KiB for millions of pixels.
+fn huge_png(width: u32, height: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut encoder = png::Encoder::new(&mut out, width, height);
+    encoder.set_color(png::ColorType::Grayscale);
+    encoder.set_depth(png::BitDepth::One);
+    let mut writer = encoder.write_header().unwrap();
+    let row = (width as usize).div_ceil(8);
+    writer
+        .write_image_data(&vec![0u8; row * height as usize])
+        .unwrap();
+    writer.finish().unwrap();
+    out
+}
+
+#[tokio::test]
+async fn a_small_file_of_too_many_pixels_is_refused() {
+    let s = MemoryImageStore::new();
+    for (width, height) in [
+        (MAX_DIMENSION + 1, 16),
+        (16, MAX_DIMENSION + 1),
+        (4096, 4097),
+    ] {
+        let bytes = huge_png(width, height);
+        assert!(bytes.len() < 100_000, "{} bytes", bytes.len());
+        let err = store(&s, "", DEFAULT_MAX_BYTES, &bytes).await.unwrap_err();
+        match &err {
+            ImageError::Invalid { message } => {
+                assert!(
+                    message.contains("over the limits"),
+                    "{width}×{height}: {message}"
+                )
+            }
+            other => panic!("{width}×{height}: expected Invalid, got {other:?}"),
+        }
+    }
+    assert!(s.list_blobs().await.unwrap().is_empty());
+    assert!(s.list_temp().await.unwrap().is_empty());
+    // At the limits it is accepted.
+    let image = store(
+        &s,
+        "",
+        DEFAULT_MAX_BYTES,
+        &huge_png(MAX_DIMENSION, MAX_DIMENSION),
+    )
+    .await
+    .unwrap();
+    assert_eq!(image.content_type, "image/png");
+}
+
+#[tokio::test]
+async fn a_bounded_store_refuses_uploads_past_its_bytes_or_images_naming_the_limit() {
+    let s = MemoryImageStore::bounded(5_000, 100);
+    let first = store(&s, "", DEFAULT_MAX_BYTES, &png_bytes(3000))
+        .await
+        .unwrap();
+    let err = store(&s, "", DEFAULT_MAX_BYTES, &png_bytes(3001))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ImageError::Full { .. }), "{err:?}");
+    assert!(err.to_string().contains("at most 5000 bytes"), "{err}");
+    assert!(
+        s.list_temp().await.unwrap().is_empty(),
+        "the refused upload's file goes"
+    );
+    assert_eq!(s.usage(), (3000, 1));
+    // Space comes back when a blob goes (the garbage collector removes orphans so).
+    s.remove_blob(&first.sha256).await.unwrap();
+    store(&s, "", DEFAULT_MAX_BYTES, &png_bytes(3001))
+        .await
+        .unwrap();
+
+    let s = MemoryImageStore::bounded(u64::MAX, 2);
+    s.insert("a".repeat(64).as_str(), Bytes::from_static(b"avatar"));
+    store(&s, "", DEFAULT_MAX_BYTES, &png_bytes(1000))
+        .await
+        .unwrap();
+    let err = store(&s, "", DEFAULT_MAX_BYTES, &png_bytes(1001))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("at most 2 images"), "{err}");
+    assert_eq!(s.usage(), (1006, 2), "the avatar and the upload");
 }

@@ -15,7 +15,14 @@
 //! user has. An upload checks that the user exists before it accepts a byte, stores the blob,
 //! then points the user at it. Replacing or deleting only moves the pointer; the old blob is
 //! removed by [`Personnel::collect_garbage`] once no user references it (see
-//! [`crate::images`] for why not at once).
+//! [`crate::images`] for why not at once). A server that serves Personnel runs that
+//! collection itself every [`GC_INTERVAL`] ([`Personnel::collect_garbage_periodically`]), so
+//! nobody has to run `spendflow images gc`.
+//!
+//! An upload must finish within [`UPLOAD_DEADLINE`] (set with
+//! [`Personnel::with_upload_deadline`]) however steadily its bytes trickle in: past it the
+//! upload is dropped, its temporary file removed, and the caller gets
+//! [`PersonnelError::DeadlineExceeded`].
 
 pub mod avatars;
 pub mod config;
@@ -29,6 +36,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::Stream;
@@ -43,6 +51,21 @@ use crate::images::{
     self, CHUNK_BYTES, GcOptions, GcReport, HdfsImageStore, ImageError, ImageStore,
     MemoryImageStore,
 };
+
+/// How long one upload may take, from its first byte to its check: 5 MiB at 64 KiB/s takes 80 s.
+pub const UPLOAD_DEADLINE: Duration = Duration::from_secs(120);
+
+/// How often a running server removes orphaned pictures and stale temporary uploads.
+pub const GC_INTERVAL: Duration = Duration::from_secs(5 * 60);
+
+/// Bytes of uploads the demo's in-memory image store holds beyond its generated avatars.
+pub const DEMO_UPLOAD_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Uploaded pictures the demo's in-memory image store holds beyond its generated avatars.
+pub const DEMO_UPLOADS: usize = 1000;
+
+/// Bytes the demo's store sets aside per generated avatar (they are about 300).
+const DEMO_AVATAR_BYTES: u64 = 4096;
 
 /// A user as the Personnel service shows them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -119,6 +142,13 @@ pub enum PersonnelError {
     /// The client's stream failed or ended before the upload was complete (`CANCELLED`).
     #[error("upload aborted: {0}")]
     Aborted(String),
+    /// The upload took longer than its deadline; nothing was stored (`DEADLINE_EXCEEDED`).
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// The image store holds as much as it may (`RESOURCE_EXHAUSTED`); the message names the
+    /// limit.
+    #[error("{0}")]
+    Full(String),
     /// Stored data does not match what it should be: a blob whose bytes do not hash to its
     /// name, a referenced blob that is missing, an unreadable reference (`DATA_LOSS`).
     #[error("stored image data is corrupt: {0}")]
@@ -155,6 +185,7 @@ impl From<ImageError> for PersonnelError {
             ImageError::TooLarge { limit } => PersonnelError::TooLarge { limit },
             ImageError::Aborted { message } => PersonnelError::Aborted(message),
             ImageError::Corrupt { message } => PersonnelError::Corrupt(message),
+            e @ ImageError::Full { .. } => PersonnelError::Full(e.to_string()),
             ImageError::Storage {
                 store,
                 message,
@@ -200,6 +231,7 @@ pub struct Personnel {
     directory: Arc<dyn UserDirectory>,
     images: Arc<dyn ImageStore>,
     max_image_bytes: u64,
+    upload_deadline: Duration,
 }
 
 impl fmt::Debug for Personnel {
@@ -208,6 +240,7 @@ impl fmt::Debug for Personnel {
             .field("directory", &self.directory)
             .field("images", &self.images.location())
             .field("max_image_bytes", &self.max_image_bytes)
+            .field("upload_deadline", &self.upload_deadline)
             .finish()
     }
 }
@@ -223,7 +256,15 @@ impl Personnel {
             directory,
             images,
             max_image_bytes,
+            upload_deadline: UPLOAD_DEADLINE,
         }
+    }
+
+    /// The same, with another deadline per upload (default [`UPLOAD_DEADLINE`]).
+    #[must_use]
+    pub fn with_upload_deadline(mut self, deadline: Duration) -> Personnel {
+        self.upload_deadline = deadline;
+        self
     }
 
     /// Personnel over MySQL (`users`, `cards`) and HDFS. Blocking (it opens a MySQL
@@ -248,9 +289,14 @@ impl Personnel {
     /// In-memory personnel for the demo: users `1..=users` with the profiles the seeded
     /// simulator gives them (the same as `spendflow generate` writes to MySQL for that seed),
     /// each with a generated avatar, and an in-memory image store (uploads last as long as the
-    /// process). Needs no service.
+    /// process, and take at most [`DEMO_UPLOAD_BYTES`] and [`DEMO_UPLOADS`] pictures beyond
+    /// the avatars). Needs no service.
     pub fn demo(users: u64, seed: u64) -> Personnel {
-        let store = MemoryImageStore::new();
+        let avatars = usize::try_from(users).unwrap_or(usize::MAX);
+        let store = MemoryImageStore::bounded(
+            DEMO_UPLOAD_BYTES.saturating_add(users.saturating_mul(DEMO_AVATAR_BYTES)),
+            DEMO_UPLOADS.saturating_add(avatars),
+        );
         let directory = MemoryDirectory::from_simulator(users, seed, store.clone());
         Personnel::new(
             Arc::new(directory),
@@ -349,13 +395,30 @@ impl Personnel {
         S: Stream<Item = Result<Bytes, ImageError>> + Send,
     {
         self.require_user(user_id).await?;
-        let image = images::store_stream(
-            self.images.as_ref(),
-            content_type,
-            self.max_image_bytes,
-            chunks,
+        let deadline = self.upload_deadline;
+        let stored = tokio::time::timeout(
+            deadline,
+            images::store_stream(
+                self.images.as_ref(),
+                content_type,
+                self.max_image_bytes,
+                chunks,
+            ),
         )
-        .await?;
+        .await;
+        // Past the deadline the upload's future is dropped: its temporary file goes with it.
+        let image = stored.map_err(|_| {
+            tracing::info!(
+                user_id,
+                deadline_s = deadline.as_secs_f64(),
+                "An upload took too long; dropped."
+            );
+            PersonnelError::DeadlineExceeded(format!(
+                "the upload did not finish within {} s (the limit for one upload); nothing was \
+                 stored: send the picture faster, or a smaller one",
+                deadline.as_secs_f64()
+            ))
+        })??;
         let previous = self.directory.set_image(user_id, Some(&image)).await?;
         tracing::info!(
             user_id,
@@ -453,7 +516,7 @@ impl Personnel {
         let write_error = |e: std::io::Error| PersonnelError::Invalid {
             message: format!("cannot write {}: {e}", path.display()),
         };
-        if let Err(e) = tokio::fs::write(&temp, &bytes).await {
+        if let Err(e) = write_new_private(&temp, &bytes).await {
             let _ = tokio::fs::remove_file(&temp).await;
             return Err(write_error(e));
         }
@@ -478,6 +541,35 @@ impl Personnel {
         Ok(previous)
     }
 
+    /// Runs [`Personnel::collect_garbage`] with the default [`GcOptions`] every `every` until
+    /// `stop` completes; what a server serving Personnel runs (every [`GC_INTERVAL`]), so
+    /// replaced and deleted pictures go once the grace period is over without anyone running
+    /// `spendflow images gc`. A failed pass is logged and tried again the next time.
+    pub async fn collect_garbage_periodically(
+        self: Arc<Self>,
+        every: Duration,
+        stop: impl std::future::Future<Output = ()> + Send,
+    ) {
+        let mut stop = std::pin::pin!(stop);
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = &mut stop => return,
+            }
+            match self.collect_garbage(GcOptions::default()).await {
+                Ok(report) if report.removed_blobs.is_empty() && report.removed_temp.is_empty() => {
+                    tracing::debug!(%report, "Image garbage collection: nothing to remove.");
+                }
+                Ok(report) => {
+                    tracing::info!(%report, store = %self.images.location(), "Image garbage collection.")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, store = %self.images.location(), "Image garbage collection failed; trying again later.")
+                }
+            }
+        }
+    }
+
     /// Removes blobs no user references (older than the grace period) and stale temporary
     /// files. The references are read first (see [`images::collect_garbage`]).
     ///
@@ -488,4 +580,17 @@ impl Personnel {
         let referenced = self.directory.referenced_images().await?;
         Ok(images::collect_garbage(self.images.as_ref(), &referenced, options).await?)
     }
+}
+
+/// Writes `bytes` to a new file at `path`, owner-only (0600), never through an existing file
+/// or link there.
+async fn write_new_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut options = tokio::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut file = options.open(path).await?;
+    file.write_all(bytes).await?;
+    file.sync_all().await
 }

@@ -26,10 +26,9 @@ fn personnel(users: &[u64]) -> (Personnel, MemoryImageStore) {
     (p, store)
 }
 
+/// A valid PNG of `len` bytes, different for each `n` (uploads are decoded whole).
 fn png(n: u8, len: usize) -> Vec<u8> {
-    let mut v = avatar::PNG_SIGNATURE.to_vec();
-    v.resize(len, n);
-    v
+    avatar::padded_png(u64::from(n), len)
 }
 
 #[test]
@@ -165,10 +164,10 @@ async fn replace_delete_and_orphans() {
 #[tokio::test]
 async fn a_missing_or_corrupt_blob_is_reported() {
     let (p, store) = personnel(&[1]);
-    let image = p.put_image(1, "", png(3, 300)).await.unwrap();
+    let image = p.put_image(1, "", png(3, 1000)).await.unwrap();
     store.remove_blob(&image.sha256).await.unwrap();
     assert!(matches!(p.image(1).await, Err(PersonnelError::Corrupt(_))));
-    store.insert(&image.sha256, Bytes::from(png(4, 300)));
+    store.insert(&image.sha256, Bytes::from(png(4, 1000)));
     assert!(matches!(p.image(1).await, Err(PersonnelError::Corrupt(_))));
 }
 
@@ -192,4 +191,59 @@ async fn files_upload_in_chunks_and_download_atomically() {
     assert_eq!(std::fs::read(&out).unwrap(), bytes);
     let leftovers = std::fs::read_dir(dir.path()).unwrap().count();
     assert_eq!(leftovers, 3, "no temporary file beside the output");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_upload_that_trickles_past_its_deadline_is_dropped() {
+    use futures::StreamExt;
+
+    let (p, store) = personnel(&[1]);
+    let p = p.with_upload_deadline(Duration::from_secs(10));
+    let start = png(5, 2000);
+    // A chunk a second, each well within any idle timeout, never ending.
+    let trickle = futures::stream::iter(
+        std::iter::once(start[..100].to_vec()).chain(std::iter::repeat(vec![0u8; 10])),
+    )
+    .then(|chunk| async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Ok(Bytes::from(chunk))
+    });
+    let err = p.upload(1, "", trickle).await.unwrap_err();
+    match &err {
+        PersonnelError::DeadlineExceeded(message) => {
+            assert!(message.contains("within 10 s"), "{message}")
+        }
+        other => panic!("expected DeadlineExceeded, got {other:?}"),
+    }
+    assert!(
+        store.list_temp().await.unwrap().is_empty(),
+        "the temporary file goes"
+    );
+    assert!(store.list_blobs().await.unwrap().is_empty());
+    assert_eq!(p.user(1).await.unwrap().unwrap().image, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_running_server_collects_replaced_pictures_after_the_grace_period() {
+    let (p, store) = personnel(&[1]);
+    let old = p.put_image(1, "", png(6, 1000)).await.unwrap();
+    let new = p.put_image(1, "", png(7, 1000)).await.unwrap();
+    store.set_modified(&old.sha256, now_ms() - 3_600_000);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(Arc::new(p).collect_garbage_periodically(
+        Duration::from_secs(60),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(store.stat(&old.sha256).await.unwrap().is_some(), "not yet");
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    assert!(
+        store.stat(&old.sha256).await.unwrap().is_none(),
+        "collected"
+    );
+    assert!(store.stat(&new.sha256).await.unwrap().is_some(), "in use");
+    stop.send(()).unwrap();
+    task.await.unwrap();
 }

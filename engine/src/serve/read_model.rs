@@ -197,47 +197,108 @@ impl Snapshot {
     /// Every cell of the selected users (all users if `users` is empty), for snapshots sent to
     /// subscribers. User cells carry the last event time.
     pub fn cells<'a>(&'a self, users: &'a [UserId]) -> impl Iterator<Item = CellValue> + 'a {
-        let selected: Box<dyn Iterator<Item = &Arc<UserAggregates>> + 'a> = if users.is_empty() {
-            Box::new(self.users.values())
-        } else {
-            Box::new(users.iter().filter_map(|u| self.users.get(u)))
-        };
-        selected.flat_map(|u| {
-            let id = u.user_id;
-            let value = |key: AggKey, (count, sum): Amount| CellValue {
-                key,
-                count,
-                sum,
-                last_event_ms: None,
-            };
-            std::iter::once(CellValue {
-                key: AggKey::User(id),
-                count: u.expense_count,
-                sum: u.total_minor,
-                last_event_ms: u.last_event_ms,
-            })
-            .chain(
-                u.categories
-                    .iter()
-                    .map(move |(k, v)| value(AggKey::Category(id, *k), *v)),
-            )
-            .chain(
-                u.merchants
-                    .iter()
-                    .map(move |(k, v)| value(AggKey::Merchant(id, *k), *v)),
-            )
-            .chain(
-                u.days
-                    .iter()
-                    .map(move |(k, v)| value(AggKey::Day(id, *k), *v)),
-            )
-            .chain(
-                u.months
-                    .iter()
-                    .map(move |(k, v)| value(AggKey::Month(id, *k), *v)),
-            )
-        })
+        self.selected_from(users, None).flat_map(|u| user_cells(u))
     }
+
+    /// At most `max` cells of the selected users (all users if `users` is empty), in the order
+    /// of [`Snapshot::cells`], starting at `from`, and where the next page starts (`None`: no
+    /// cell follows). A subscription's snapshot is sent a page at a time this way, so a
+    /// subscriber never holds more than one page however many users there are.
+    ///
+    /// # Panics
+    ///
+    /// If `max` is 0.
+    pub fn cell_page(
+        &self,
+        users: &[UserId],
+        from: CellCursor,
+        max: usize,
+    ) -> (Vec<CellValue>, Option<CellCursor>) {
+        assert!(max > 0, "a page holds at least one cell");
+        let mut page = Vec::with_capacity(max.min(1024));
+        for user in self.selected_from(users, from.user) {
+            let skip = if Some(user.user_id) == from.user {
+                from.skip
+            } else {
+                0
+            };
+            for (i, cell) in user_cells(user).enumerate().skip(skip) {
+                if page.len() == max {
+                    let next = CellCursor {
+                        user: Some(user.user_id),
+                        skip: i,
+                    };
+                    return (page, Some(next));
+                }
+                page.push(cell);
+            }
+        }
+        (page, None)
+    }
+
+    /// The selected users (all if `users` is empty, which is sorted otherwise), from `from` on
+    /// (inclusive).
+    fn selected_from<'a>(
+        &'a self,
+        users: &'a [UserId],
+        from: Option<UserId>,
+    ) -> Box<dyn Iterator<Item = &'a Arc<UserAggregates>> + Send + 'a> {
+        match (users.is_empty(), from) {
+            (true, None) => Box::new(self.users.values()),
+            (true, Some(from)) => Box::new(self.users.range(from..).map(|(_, u)| u)),
+            (false, from) => {
+                let start = from.map_or(0, |from| users.partition_point(|u| *u < from));
+                Box::new(users[start..].iter().filter_map(|u| self.users.get(u)))
+            }
+        }
+    }
+}
+
+/// Where a paged walk over a snapshot's cells ([`Snapshot::cell_page`]) stands. The default
+/// is the first cell.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CellCursor {
+    /// The user to continue with (`None`: the first selected user).
+    user: Option<UserId>,
+    /// How many of that user's cells earlier pages took.
+    skip: usize,
+}
+
+/// Every cell of one user; the user cell (with the last event time) first.
+fn user_cells(u: &UserAggregates) -> impl Iterator<Item = CellValue> + '_ {
+    let id = u.user_id;
+    let value = |key: AggKey, (count, sum): Amount| CellValue {
+        key,
+        count,
+        sum,
+        last_event_ms: None,
+    };
+    std::iter::once(CellValue {
+        key: AggKey::User(id),
+        count: u.expense_count,
+        sum: u.total_minor,
+        last_event_ms: u.last_event_ms,
+    })
+    .chain(
+        u.categories
+            .iter()
+            .map(move |(k, v)| value(AggKey::Category(id, *k), *v)),
+    )
+    .chain(
+        u.merchants
+            .iter()
+            .map(move |(k, v)| value(AggKey::Merchant(id, *k), *v)),
+    )
+    .chain(
+        u.days
+            .iter()
+            .map(move |(k, v)| value(AggKey::Day(id, *k), *v)),
+    )
+    .chain(
+        u.months
+            .iter()
+            .map(move |(k, v)| value(AggKey::Month(id, *k), *v)),
+    )
 }
 
 /// The shared, readable side of the read model.

@@ -143,10 +143,13 @@ impl Keyspace {
             contact,
             name,
         };
-        keyspace.cql(&schema::create_keyspace(
-            &keyspace.name,
-            "{'class': 'SimpleStrategy', 'replication_factor': 1}",
-        ));
+        keyspace.cql(
+            &schema::create_keyspace(
+                &keyspace.name,
+                "{'class': 'SimpleStrategy', 'replication_factor': 1}",
+            )
+            .unwrap(),
+        );
         for table in schema::create_tables(&keyspace.name) {
             keyspace.cql(&table);
         }

@@ -268,7 +268,7 @@ async fn upload_then_download(
     store: &HdfsImageStore,
     client: &mut PersonnelClient<Channel>,
 ) -> pb::ImageRef {
-    let first = fake_png(300_000, 1);
+    let first = avatar::padded_png(1, 300_000);
     let image = within(60, "upload", upload(client, 2, "image/png", &first))
         .await
         .expect("upload");

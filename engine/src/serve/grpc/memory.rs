@@ -4,12 +4,13 @@
 //! closed epoch. Reads never wait on the dataflow, except where a request asks for
 //! read-your-writes, which waits, bounded, for the publisher.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use spendflow_operators::{Epoch, UserId};
 use spendflow_proto::v1 as pb;
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::broadcast;
 use tonic::Status;
 
 use super::backend::{
@@ -17,8 +18,9 @@ use super::backend::{
     SubscribeSpec, SubscribeStream, SummaryData, SummaryPage, Wait,
 };
 use super::convert;
+use super::query::SubscriberGuard;
 use crate::serve::read_model::{
-    Amount, Published, ReadModel, Snapshot, SubscriptionStart, UserAggregates,
+    Amount, CellCursor, Published, ReadModel, Snapshot, SubscriptionStart, UserAggregates,
 };
 
 /// Cells per snapshot message of a subscription.
@@ -28,12 +30,24 @@ const SNAPSHOT_CHUNK: usize = 1000;
 #[derive(Debug, Clone)]
 pub struct ReadModelBackend {
     read_model: Arc<ReadModel>,
+    /// Snapshot cells made for subscribers so far (see [`ReadModelBackend::snapshot_cells`]).
+    snapshot_cells: Arc<AtomicU64>,
 }
 
 impl ReadModelBackend {
     /// A backend over `read_model`.
     pub fn new(read_model: Arc<ReadModel>) -> Self {
-        ReadModelBackend { read_model }
+        ReadModelBackend {
+            read_model,
+            snapshot_cells: Arc::default(),
+        }
+    }
+
+    /// How many snapshot cells subscriptions have made so far: pages are made only as
+    /// subscribers read them, so this grows by at most one page per subscriber that reads
+    /// nothing.
+    pub fn snapshot_cells(&self) -> u64 {
+        self.snapshot_cells.load(Ordering::Relaxed)
     }
 
     /// The snapshot to answer from, after waiting for `wait.min_epoch` if asked.
@@ -226,81 +240,163 @@ impl QueryBackend for ReadModelBackend {
             }
         }
         let (start, changes) = self.read_model.subscribe(resume_after);
-        let (tx, rx) = mpsc::channel(16);
-        let read_model = Arc::clone(&self.read_model);
-        tokio::spawn(async move {
-            let _guard = guard;
-            let feed = Feed {
-                tx,
-                users,
-                resume_after: resume_after.unwrap_or(0),
-            };
-            if let Err(Closed) = feed.run(start, changes, &read_model).await {
-                tracing::debug!("Subscriber went away.");
-            }
-        });
-        Ok(Box::pin(ReceiverStream::new(rx)))
+        let phase = match start {
+            SubscriptionStart::Snapshot(snapshot) => Phase::Snapshot(SnapshotPages::new(snapshot)),
+            SubscriptionStart::Replay(replay) => Phase::Replay(replay.into()),
+        };
+        let feed = Feed {
+            users,
+            // Nothing at or before the epoch the client already has, even if the replay is
+            // empty.
+            sent_through: resume_after.unwrap_or(0),
+            phase,
+            changes,
+            read_model: Arc::clone(&self.read_model),
+            pending: VecDeque::new(),
+            done: false,
+            snapshot_cells: Arc::clone(&self.snapshot_cells),
+            _guard: guard,
+        };
+        // The stream makes each message when the client's connection asks for the next one
+        // (no task of its own, no queue): a subscriber that reads nothing costs one page of
+        // its snapshot at most, and nothing stays behind once it goes away.
+        Ok(Box::pin(futures::stream::unfold(
+            feed,
+            |mut feed| async move { feed.next().await.map(|message| (message, feed)) },
+        )))
     }
 }
 
-/// The client hung up.
-struct Closed;
+/// A snapshot being sent a page at a time.
+struct SnapshotPages {
+    snapshot: Arc<Snapshot>,
+    /// Where the next page starts; `None` once the last page was made.
+    next: Option<CellCursor>,
+}
 
-/// One subscription's sender.
+impl SnapshotPages {
+    fn new(snapshot: Arc<Snapshot>) -> Self {
+        SnapshotPages {
+            snapshot,
+            next: Some(CellCursor::default()),
+        }
+    }
+}
+
+/// Where a subscription stands.
+enum Phase {
+    /// Sending a snapshot.
+    Snapshot(SnapshotPages),
+    /// Replaying the history after the epoch the client resumes after.
+    Replay(VecDeque<Arc<Published>>),
+    /// Following the published epochs.
+    Live,
+}
+
+/// One subscription: makes its messages on demand.
 struct Feed {
-    tx: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
+    /// Only these users (sorted); empty means every user.
     users: Vec<UserId>,
-    /// The epoch the client resumes after (0 for a fresh subscription).
-    resume_after: Epoch,
+    /// The newest epoch the client has everything of (0: none yet).
+    sent_through: Epoch,
+    phase: Phase,
+    changes: broadcast::Receiver<Arc<Published>>,
+    read_model: Arc<ReadModel>,
+    /// Messages made and not yet taken (at most the two of one epoch: changes, progress).
+    pending: VecDeque<Result<pb::SubscribeResponse, Status>>,
+    /// The stream ends once `pending` is empty.
+    done: bool,
+    /// Counts the snapshot cells made, over all subscriptions of the backend.
+    snapshot_cells: Arc<AtomicU64>,
+    /// Holds one of the server's subscription slots while the stream lives.
+    _guard: SubscriberGuard,
+}
+
+/// The next page of a snapshot (`last` set on the last one, which may be empty).
+fn snapshot_page(
+    users: &[UserId],
+    counter: &AtomicU64,
+    pages: &mut SnapshotPages,
+) -> Result<pb::Snapshot, Status> {
+    let from = pages.next.unwrap_or_default();
+    let (cells, next) = pages.snapshot.cell_page(users, from, SNAPSHOT_CHUNK);
+    pages.next = next;
+    counter.fetch_add(cells.len() as u64, Ordering::Relaxed);
+    Ok(pb::Snapshot {
+        cells: cells.iter().map(convert::cell).collect::<Result<_, _>>()?,
+        last: next.is_none(),
+        as_of: Some(convert::as_of(pages.snapshot.as_of())),
+    })
+}
+
+fn message(event: pb::subscribe_response::Event) -> Result<pb::SubscribeResponse, Status> {
+    Ok(pb::SubscribeResponse { event: Some(event) })
 }
 
 impl Feed {
-    async fn send(&self, event: pb::subscribe_response::Event) -> Result<(), Closed> {
-        self.tx
-            .send(Ok(pb::SubscribeResponse { event: Some(event) }))
-            .await
-            .map_err(|_| Closed)
+    /// The next message; `None` when the stream ends.
+    async fn next(&mut self) -> Option<Result<pb::SubscribeResponse, Status>> {
+        loop {
+            if let Some(message) = self.pending.pop_front() {
+                return Some(message);
+            }
+            if self.done {
+                return None;
+            }
+            match &mut self.phase {
+                Phase::Snapshot(pages) => {
+                    let page = snapshot_page(&self.users, &self.snapshot_cells, pages);
+                    let epoch = pages.snapshot.as_of().epoch;
+                    match page {
+                        Ok(page) => {
+                            if page.last {
+                                self.sent_through = epoch;
+                                self.phase = Phase::Live;
+                            }
+                            return Some(message(pb::subscribe_response::Event::Snapshot(page)));
+                        }
+                        Err(status) => self.fail(status),
+                    }
+                }
+                Phase::Replay(replay) => match replay.pop_front() {
+                    Some(published) => {
+                        self.published(&published);
+                        self.sent_through = published.as_of.epoch;
+                    }
+                    None => self.phase = Phase::Live,
+                },
+                Phase::Live => {
+                    tokio::select! {
+                        received = self.changes.recv() => match received {
+                            Ok(published) if published.as_of.epoch <= self.sent_through => {}
+                            Ok(published) => {
+                                self.published(&published);
+                                self.sent_through = published.as_of.epoch;
+                            }
+                            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                                // Too slow to follow every epoch: start over from a fresh
+                                // snapshot, which replaces everything the client holds.
+                                tracing::debug!(missed, "Subscriber lagged; sending a new snapshot.");
+                                self.changes = self.changes.resubscribe();
+                                self.phase = Phase::Snapshot(SnapshotPages::new(self.read_model.snapshot()));
+                            }
+                            Err(broadcast::error::RecvError::Closed) => return None,
+                        },
+                        () = self.read_model.closed() => return None,
+                    }
+                }
+            }
+        }
     }
 
     /// Ends the stream with `status` (a value the wire cannot carry).
-    async fn fail(&self, status: Status) -> Closed {
-        let _ = self.tx.send(Err(status)).await;
-        Closed
+    fn fail(&mut self, status: Status) {
+        self.pending.push_back(Err(status));
+        self.done = true;
     }
 
-    async fn snapshot(&self, snapshot: &Snapshot) -> Result<Epoch, Closed> {
-        let as_of = convert::as_of(snapshot.as_of());
-        let cells: Vec<pb::Cell> = match snapshot
-            .cells(&self.users)
-            .map(|c| convert::cell(&c))
-            .collect()
-        {
-            Ok(cells) => cells,
-            Err(status) => return Err(self.fail(status).await),
-        };
-        let mut chunks = cells.chunks(SNAPSHOT_CHUNK).peekable();
-        if chunks.peek().is_none() {
-            let last = pb::Snapshot {
-                cells: Vec::new(),
-                last: true,
-                as_of: Some(as_of.clone()),
-            };
-            self.send(pb::subscribe_response::Event::Snapshot(last))
-                .await?;
-        }
-        while let Some(chunk) = chunks.next() {
-            let message = pb::Snapshot {
-                cells: chunk.to_vec(),
-                last: chunks.peek().is_none(),
-                as_of: Some(as_of.clone()),
-            };
-            self.send(pb::subscribe_response::Event::Snapshot(message))
-                .await?;
-        }
-        Ok(snapshot.as_of().epoch)
-    }
-
-    async fn published(&self, published: &Published) -> Result<(), Closed> {
+    /// Queues an epoch's changes of the subscribed users (if any) and its progress mark.
+    fn published(&mut self, published: &Published) {
         let as_of = convert::as_of(&published.as_of);
         let cells: Vec<pb::Cell> = match published
             .cells
@@ -310,62 +406,20 @@ impl Feed {
             .collect()
         {
             Ok(cells) => cells,
-            Err(status) => return Err(self.fail(status).await),
+            Err(status) => return self.fail(status),
         };
         if !cells.is_empty() {
             let changes = pb::Changes {
                 cells,
                 as_of: Some(as_of.clone()),
             };
-            self.send(pb::subscribe_response::Event::Changes(changes))
-                .await?;
+            self.pending
+                .push_back(message(pb::subscribe_response::Event::Changes(changes)));
         }
-        self.send(pb::subscribe_response::Event::Progress(pb::Progress {
-            as_of: Some(as_of),
-        }))
-        .await
-    }
-
-    async fn run(
-        &self,
-        start: SubscriptionStart,
-        mut changes: broadcast::Receiver<Arc<Published>>,
-        read_model: &ReadModel,
-    ) -> Result<(), Closed> {
-        let mut sent_through = match start {
-            SubscriptionStart::Snapshot(snapshot) => self.snapshot(&snapshot).await?,
-            SubscriptionStart::Replay(replay) => {
-                // Nothing at or before the epoch the client already has, even if the replay is
-                // empty.
-                let mut through = self.resume_after;
-                for published in &replay {
-                    self.published(published).await?;
-                    through = published.as_of.epoch;
-                }
-                through
-            }
-        };
-        loop {
-            tokio::select! {
-                received = changes.recv() => match received {
-                    Ok(published) if published.as_of.epoch <= sent_through => {}
-                    Ok(published) => {
-                        self.published(&published).await?;
-                        sent_through = published.as_of.epoch;
-                    }
-                    Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        // Too slow to follow every epoch: start over from a fresh snapshot,
-                        // which replaces everything the client holds.
-                        tracing::debug!(missed, "Subscriber lagged; sending a new snapshot.");
-                        changes = changes.resubscribe();
-                        sent_through = self.snapshot(&read_model.snapshot()).await?;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
-                },
-                () = self.tx.closed() => return Err(Closed),
-                () = read_model.closed() => return Ok(()),
-            }
-        }
+        self.pending
+            .push_back(message(pb::subscribe_response::Event::Progress(
+                pb::Progress { as_of: Some(as_of) },
+            )));
     }
 }
 
@@ -448,5 +502,124 @@ mod tests {
             .unwrap()
             .into_inner();
         assert_eq!(answer.summary.unwrap().total_minor, 5);
+    }
+
+    #[test]
+    fn a_subscriber_that_reads_nothing_costs_one_page_of_the_snapshot() {
+        use std::sync::atomic::AtomicUsize;
+
+        use futures::StreamExt;
+
+        const PAGES: usize = 20;
+        let (model, mut writer) = ReadModel::new();
+        let cells = (1..=(PAGES * SNAPSHOT_CHUNK) as u64)
+            .map(|user| CellChange {
+                key: AggKey::User(user),
+                count: 1,
+                sum: 5,
+            })
+            .collect();
+        writer.apply(EpochDelta {
+            cells,
+            ..EpochDelta::default()
+        });
+        let backend = ReadModelBackend::new(Arc::clone(&model));
+        let slots = Arc::new(AtomicUsize::new(0));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let let_others_run = || {
+            runtime.block_on(async {
+                for _ in 0..100 {
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        let mut stream = runtime
+            .block_on(backend.subscribe(SubscribeSpec {
+                users: Vec::new(),
+                resume_after: None,
+                incarnation: String::new(),
+                guard: SubscriberGuard::acquire(&slots).unwrap(),
+            }))
+            .unwrap();
+        let_others_run();
+        assert_eq!(
+            backend.snapshot_cells(),
+            0,
+            "nothing is made before it is asked for"
+        );
+
+        let snapshot = |message: Option<Result<pb::SubscribeResponse, Status>>| match message
+            .unwrap()
+            .unwrap()
+            .event
+            .unwrap()
+        {
+            pb::subscribe_response::Event::Snapshot(page) => page,
+            other => panic!("expected a snapshot page, got {other:?}"),
+        };
+        let first = snapshot(runtime.block_on(stream.next()));
+        assert_eq!(first.cells.len(), SNAPSHOT_CHUNK);
+        assert!(!first.last);
+        let_others_run();
+        // The client reads nothing more: one page made, not the whole snapshot.
+        assert_eq!(backend.snapshot_cells(), SNAPSHOT_CHUNK as u64);
+
+        // Reading on gets every user once, in order, the last page marked.
+        let mut users: Vec<u64> = first.cells.iter().map(|c| c.user_id).collect();
+        loop {
+            let page = snapshot(runtime.block_on(stream.next()));
+            assert!(page.cells.len() <= SNAPSHOT_CHUNK);
+            users.extend(page.cells.iter().map(|c| c.user_id));
+            if page.last {
+                break;
+            }
+        }
+        assert_eq!(
+            users,
+            (1..=(PAGES * SNAPSHOT_CHUNK) as u64).collect::<Vec<_>>()
+        );
+        assert_eq!(backend.snapshot_cells(), (PAGES * SNAPSHOT_CHUNK) as u64);
+
+        // Then the changes of the next epoch and its progress mark.
+        writer.apply(EpochDelta {
+            as_of: crate::serve::read_model::AsOf {
+                epoch: 2,
+                ..Default::default()
+            },
+            cells: vec![CellChange {
+                key: AggKey::User(7),
+                count: 1,
+                sum: 1,
+            }],
+            ..EpochDelta::default()
+        });
+        match runtime
+            .block_on(stream.next())
+            .unwrap()
+            .unwrap()
+            .event
+            .unwrap()
+        {
+            pb::subscribe_response::Event::Changes(changes) => {
+                assert_eq!(changes.cells.len(), 1);
+                assert_eq!(changes.cells[0].total_minor, 6);
+            }
+            other => panic!("expected changes, got {other:?}"),
+        }
+        assert!(matches!(
+            runtime
+                .block_on(stream.next())
+                .unwrap()
+                .unwrap()
+                .event
+                .unwrap(),
+            pb::subscribe_response::Event::Progress(_)
+        ));
+        // Going away frees the subscription's slot.
+        assert_eq!(slots.load(Ordering::Relaxed), 1);
+        drop(stream);
+        assert_eq!(slots.load(Ordering::Relaxed), 0);
     }
 }

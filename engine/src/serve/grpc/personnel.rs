@@ -114,6 +114,8 @@ pub fn status(e: PersonnelError) -> Status {
         PersonnelError::Invalid { .. } => Code::InvalidArgument,
         PersonnelError::TooLarge { .. } => Code::ResourceExhausted,
         PersonnelError::Aborted(_) => Code::Cancelled,
+        PersonnelError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+        PersonnelError::Full(_) => Code::ResourceExhausted,
         PersonnelError::Corrupt(_) => Code::DataLoss,
         PersonnelError::Unavailable {
             retriable: true, ..

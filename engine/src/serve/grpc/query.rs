@@ -253,7 +253,7 @@ impl<B: QueryBackend> ExpenseQuery for QueryService<B> {
 pub struct SubscriberGuard(Arc<AtomicUsize>);
 
 impl SubscriberGuard {
-    fn acquire(count: &Arc<AtomicUsize>) -> Option<Self> {
+    pub(crate) fn acquire(count: &Arc<AtomicUsize>) -> Option<Self> {
         let previous = count.fetch_add(1, Ordering::AcqRel);
         if previous >= MAX_SUBSCRIBERS {
             count.fetch_sub(1, Ordering::AcqRel);

@@ -287,3 +287,40 @@ fn totals_beyond_i64_are_exact_over_many_changes_and_come_back_into_range() {
         );
     }
 }
+
+#[test]
+fn cell_pages_walk_the_same_cells_as_the_whole_snapshot_in_the_same_order() {
+    let (model, mut writer) = ReadModel::new();
+    // Users with 1, 3 and 7 cells, so pages end inside users and at their edges.
+    let mut cells = Vec::new();
+    for user in 1..=30u64 {
+        cells.push(change(AggKey::User(user), 1, user as i64));
+        for day in 0..(user % 3) as i32 * 3 {
+            cells.push(change(AggKey::Day(user, day), 1, 1));
+        }
+    }
+    writer.apply(delta(1, cells, vec![]));
+    let snapshot = model.snapshot();
+    let selections: [&[UserId]; 4] = [&[], &[2, 3, 5, 8, 13, 21, 99], &[99], &[4]];
+    for users in selections {
+        let whole: Vec<_> = snapshot.cells(users).map(|c| c.key).collect();
+        for max in [1, 2, 3, 5, 7, 100] {
+            let (mut paged, mut from, mut pages) = (Vec::new(), CellCursor::default(), 0);
+            loop {
+                let (page, next) = snapshot.cell_page(users, from, max);
+                pages += 1;
+                assert!(page.len() <= max, "a page holds at most {max} cells");
+                paged.extend(page.iter().map(|c| c.key));
+                match next {
+                    Some(next) => {
+                        assert_eq!(page.len(), max, "only the last page is short");
+                        from = next;
+                    }
+                    None => break,
+                }
+            }
+            assert_eq!(paged, whole, "users {users:?}, pages of {max}");
+            assert_eq!(pages, whole.len().div_ceil(max).max(1), "{users:?} {max}");
+        }
+    }
+}

@@ -9,7 +9,11 @@
 //! A client that reads too slowly falls behind the read model's broadcast; it then gets a
 //! `reset` event (the page reloads its data over the JSON API) and continues from the present,
 //! so a slow browser costs the engine nothing and never holds up anyone else. At most
-//! [`super::MAX_EVENT_CLIENTS`] streams are open at once.
+//! [`super::MAX_EVENT_CLIENTS`] streams are open at once (`503` beyond), and at most
+//! [`MAX_STREAMS_PER_CLIENT`] of them for one client (`429` beyond), so one client cannot take
+//! every stream. A client is its remote IP address (see [`ClientKey`]; a server that does not
+//! give the handlers the connection's address, such as a [`super::router`] mounted without
+//! `into_make_service_with_connect_info`, has only the overall cap).
 //!
 //! Events:
 //! * `hello` (first): `{"epoch": N}`, the epoch published when the stream opened.
@@ -25,18 +29,20 @@
 //! has a newer one, checked every [`POLL`], and the page reloads its data over the JSON API
 //! (which reads the store once per reload, so no faster than that).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Query, State};
+use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use spendflow_operators::{AggKey, Epoch, UserId};
 use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
@@ -52,6 +58,8 @@ pub const WINDOW: Duration = Duration::from_millis(250);
 pub const POLL: Duration = Duration::from_secs(1);
 /// Changed users listed per event (the count of all is given too).
 const MAX_LISTED: usize = 10;
+/// Streams one client (see [`ClientKey`]) may hold open at once.
+pub const MAX_STREAMS_PER_CLIENT: usize = 8;
 
 #[derive(Debug, Deserialize)]
 pub struct EventsQuery {
@@ -61,6 +69,7 @@ pub struct EventsQuery {
 
 pub async fn events(
     State(app): State<App>,
+    client: ClientKey,
     query: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| {
@@ -70,12 +79,24 @@ pub async fn events(
         )
     })?;
     let user = query.user.as_deref().map(parse_user_id).transpose()?;
-    let guard = ClientGuard::acquire(&app.event_clients).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("{MAX_EVENT_CLIENTS} live pages are open already; close one or retry later"),
-        )
-    })?;
+    let guard = app
+        .event_clients
+        .acquire(client)
+        .map_err(|refused| match refused {
+            Refused::Everyone => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "{MAX_EVENT_CLIENTS} live pages are open already; close one or retry later"
+                ),
+            ),
+            Refused::Client(client) => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "{client} has {MAX_STREAMS_PER_CLIENT} live pages open already (the most one \
+                     client may have); close one or retry later"
+                ),
+            ),
+        })?;
     let stream = match &app.backend.live {
         Some(read_model) => {
             // Changes published from here on; the page loads the state itself.
@@ -118,23 +139,110 @@ pub async fn events(
     Ok(([(header::CACHE_CONTROL, "no-store")], sse).into_response())
 }
 
-/// Counts open streams; released when the stream is dropped (the client went away).
-#[derive(Debug)]
-struct ClientGuard(Arc<AtomicUsize>);
+/// Who opens a stream, for the per-client share: the remote IP address.
+///
+/// Hook for token auth: once a request carries an authenticated principal, key streams by the
+/// principal instead (add a variant and take it from the request's extensions here), so that
+/// clients behind one proxy or NAT address are told apart.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ClientKey {
+    /// The connection's remote address.
+    Ip(IpAddr),
+    /// The server did not say where the connection comes from: only the overall cap applies.
+    Unknown,
+}
 
-impl ClientGuard {
-    fn acquire(count: &Arc<AtomicUsize>) -> Option<Self> {
-        if count.fetch_add(1, Ordering::AcqRel) >= MAX_EVENT_CLIENTS {
-            count.fetch_sub(1, Ordering::AcqRel);
-            return None;
+impl std::fmt::Display for ClientKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientKey::Ip(ip) => write!(f, "client {ip}"),
+            ClientKey::Unknown => f.write_str("this client"),
         }
-        Some(ClientGuard(Arc::clone(count)))
     }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientKey {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map_or(ClientKey::Unknown, |ConnectInfo(addr)| {
+                ClientKey::Ip(addr.ip().to_canonical())
+            }))
+    }
+}
+
+/// Why a stream was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// [`MAX_EVENT_CLIENTS`] streams are open.
+    Everyone,
+    /// The client holds [`MAX_STREAMS_PER_CLIENT`] streams.
+    Client(ClientKey),
+}
+
+/// The open streams, overall and per client.
+#[derive(Debug, Default)]
+pub struct EventClients(Mutex<Open>);
+
+#[derive(Debug, Default)]
+struct Open {
+    total: usize,
+    /// Clients with at least one open stream (so at most [`MAX_EVENT_CLIENTS`] entries).
+    per_client: HashMap<ClientKey, usize>,
+}
+
+impl EventClients {
+    /// Takes a slot for `client`, released when the guard drops (the stream ended).
+    ///
+    /// # Errors
+    ///
+    /// Which cap is reached.
+    pub fn acquire(self: &Arc<Self>, client: ClientKey) -> Result<ClientGuard, Refused> {
+        let mut open = self.0.lock();
+        if open.total >= MAX_EVENT_CLIENTS {
+            return Err(Refused::Everyone);
+        }
+        if client != ClientKey::Unknown {
+            let held = open.per_client.entry(client.clone()).or_default();
+            if *held >= MAX_STREAMS_PER_CLIENT {
+                return Err(Refused::Client(client));
+            }
+            *held += 1;
+        }
+        open.total += 1;
+        Ok(ClientGuard {
+            clients: Arc::clone(self),
+            client,
+        })
+    }
+
+    /// Streams open now, overall.
+    #[cfg(test)]
+    pub fn open(&self) -> usize {
+        self.0.lock().total
+    }
+}
+
+/// One open stream's slot; released on drop (the client went away).
+#[derive(Debug)]
+pub struct ClientGuard {
+    clients: Arc<EventClients>,
+    client: ClientKey,
 }
 
 impl Drop for ClientGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        let mut open = self.clients.0.lock();
+        open.total -= 1;
+        if let Some(held) = open.per_client.get_mut(&self.client) {
+            *held -= 1;
+            if *held == 0 {
+                open.per_client.remove(&self.client);
+            }
+        }
     }
 }
 

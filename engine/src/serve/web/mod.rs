@@ -38,7 +38,6 @@ mod events;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use axum::Router;
@@ -142,7 +141,7 @@ struct App {
     backend: WebBackend,
     directory: Directory,
     categories: Arc<api::CategoryCache>,
-    event_clients: Arc<AtomicUsize>,
+    event_clients: Arc<events::EventClients>,
     /// Becomes true when the server stops: event streams end then.
     stopping: tokio::sync::watch::Receiver<bool>,
 }
@@ -325,6 +324,8 @@ pub async fn serve(
         // Ends the event streams, so their connections can close.
         let _ = stopping_tx.send(true);
     };
+    // The connection's address: event streams are shared out per client (events::ClientKey).
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let server = axum::serve(listener, app).with_graceful_shutdown(graceful);
     let deadline = async move {
         let _ = stopping_rx.wait_for(|stopping| *stopping).await;

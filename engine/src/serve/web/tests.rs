@@ -327,3 +327,135 @@ fn a_server_started_on_a_given_runtime_answers_and_stops() {
         "the listener is closed once stopped"
     );
 }
+
+/// Opens `GET /api/events` from `from` (an address of the loopback network) and returns the
+/// connection (kept open: the stream stays open with it) and the status line.
+fn open_events(
+    runtime: &tokio::runtime::Runtime,
+    addr: std::net::SocketAddr,
+    from: std::net::IpAddr,
+) -> (std::net::TcpStream, String) {
+    use std::io::{Read, Write};
+    let stream = runtime
+        .block_on(async {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(std::net::SocketAddr::new(from, 0))?;
+            socket.connect(addr).await
+        })
+        .unwrap()
+        .into_std()
+        .unwrap();
+    stream.set_nonblocking(false).unwrap();
+    let mut stream = stream;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET /api/events HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    // Byte by byte: what follows the status line stays in the socket for the caller.
+    let mut status = Vec::new();
+    let mut byte = [0u8];
+    while status.last() != Some(&b'\n') {
+        stream.read_exact(&mut byte).unwrap();
+        status.push(byte[0]);
+    }
+    let status = String::from_utf8(status).unwrap();
+    (stream, status)
+}
+
+#[test]
+fn one_client_gets_at_most_its_share_of_the_event_streams() {
+    use std::io::Read;
+
+    use super::events::MAX_STREAMS_PER_CLIENT;
+
+    let (model, _writer) = ReadModel::new();
+    let backend = super::WebBackend::new(
+        crate::serve::grpc::ReadModelBackend::new(Arc::clone(&model)),
+        FixedAdmin,
+    );
+    let (_, never) = tokio::sync::watch::channel(false);
+    let app = super::router_stopping(backend, never, std::time::Duration::from_secs(10));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    runtime.spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .await
+    });
+    let greedy: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let other: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let mut open = Vec::new();
+    for _ in 0..MAX_STREAMS_PER_CLIENT {
+        let (stream, status) = open_events(&runtime, addr, greedy);
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        open.push(stream);
+    }
+    // One more from the same address: 429, with a JSON error naming the share.
+    let (mut refused, status) = open_events(&runtime, addr, greedy);
+    assert!(status.starts_with("HTTP/1.1 429"), "{status}");
+    // (The connection closes after the refusal; the status line was read already.)
+    let mut rest = String::new();
+    refused.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("application/json"), "{rest}");
+    assert!(
+        rest.contains(&format!(
+            "client 127.0.0.1 has {MAX_STREAMS_PER_CLIENT} live pages"
+        )),
+        "{rest}"
+    );
+    // Another client still gets a stream.
+    let (_kept, status) = open_events(&runtime, addr, other);
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    drop(open);
+}
+
+#[test]
+fn event_stream_slots_are_counted_overall_and_per_client_and_released() {
+    use super::MAX_EVENT_CLIENTS;
+    use super::events::{ClientKey, EventClients, MAX_STREAMS_PER_CLIENT, Refused};
+
+    let clients = Arc::new(EventClients::default());
+    let ip = |i: usize| ClientKey::Ip(std::net::IpAddr::from([10, 0, (i / 256) as u8, i as u8]));
+    let mut first: Vec<_> = (0..MAX_STREAMS_PER_CLIENT)
+        .map(|_| clients.acquire(ip(0)).unwrap())
+        .collect();
+    assert_eq!(clients.acquire(ip(0)).unwrap_err(), Refused::Client(ip(0)));
+    first.pop();
+    let again = clients
+        .acquire(ip(0))
+        .expect("a released slot is free again");
+    // Everyone else fills the overall cap; then nobody gets one, whatever their address.
+    let mut others = Vec::new();
+    let mut i = 1;
+    while clients.open() < MAX_EVENT_CLIENTS {
+        others.push(clients.acquire(ip(i)).unwrap());
+        i += 1;
+    }
+    assert_eq!(clients.acquire(ip(i)).unwrap_err(), Refused::Everyone);
+    assert_eq!(
+        clients.acquire(ClientKey::Unknown).unwrap_err(),
+        Refused::Everyone
+    );
+    drop(others);
+    drop(again);
+    // Without an address only the overall cap applies.
+    let unknown: Vec<_> = (0..MAX_STREAMS_PER_CLIENT + 1)
+        .map(|_| clients.acquire(ClientKey::Unknown).unwrap())
+        .collect();
+    assert_eq!(
+        clients.open(),
+        (MAX_STREAMS_PER_CLIENT - 1) + MAX_STREAMS_PER_CLIENT + 1
+    );
+    drop(unknown);
+    drop(first);
+    assert_eq!(clients.open(), 0);
+}

@@ -4,7 +4,7 @@ use crate::cassandra::CassandraClientSecurity;
 use crate::error::InvalidSetting;
 use serde::Deserialize;
 
-use crate::cassandra::schema::validate_keyspace;
+use crate::cassandra::schema::{Replication, validate_keyspace};
 
 /// Where and how results are written to Cassandra.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -96,14 +96,7 @@ impl CassandraSinkConfig {
         if self.max_group_cells == 0 {
             return Err("cassandra max_group_cells must be at least 1".into());
         }
-        if !self.replication.trim_start().starts_with('{') {
-            return Err(format!(
-                "cassandra replication must be a CQL map like {}, got {}",
-                default_replication(),
-                self.replication
-            )
-            .into());
-        }
+        Replication::parse(&self.replication)?;
         Ok(())
     }
 }

@@ -242,7 +242,8 @@ impl Connection {
             let ks = &config.keyspace;
             run(
                 &session,
-                &schema::create_keyspace(ks, &config.replication),
+                &schema::create_keyspace(ks, &config.replication)
+                    .map_err(|e| CassandraError::Config(e.to_string()))?,
                 "create keyspace",
             )
             .await?;
