@@ -7,6 +7,7 @@ use super::api::{CategoryTotal, parse_user_id};
 use super::assets::{all, etag_matches};
 use super::events::merge;
 use crate::serve::grpc::backend::testing::Hanging;
+use crate::serve::transport::Transport;
 use crate::serve::read_model::{AsOf, CellValue, EpochDelta, Published, ReadModel, Snapshot};
 
 /// The overview's totals by category, as the web API sends them.
@@ -255,7 +256,7 @@ fn a_user_total_beyond_i64_is_shown_exactly_through_the_backend() {
         .unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = runtime.spawn(super::serve(listener, backend, async {
+    let server = runtime.spawn(super::serve(listener, backend, Transport::default(), async {
         let _ = stopped.await;
     }));
 
