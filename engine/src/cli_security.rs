@@ -58,11 +58,10 @@ impl SecurityArgs {
     /// True when none of these flags was given (a config file's `[security]` then applies).
     pub(crate) fn is_empty(&self) -> bool {
         // --- transport ---
-        let transport = self.tls_cert.is_none()
+        self.tls_cert.is_none()
             && self.tls_key.is_none()
             && self.tls_client_ca.is_none()
             && self.web_allowed_hosts.is_none()
-            && self.max_connections.is_none();
-        transport
+            && self.max_connections.is_none()
     }
 }

@@ -188,9 +188,11 @@ async fn serve_routes(
             &LIMITED_SERVICES,
             limits.max_concurrent_requests,
         ))
-        .layer(tower::util::MapResponseLayer::new(|response| {
-            oversized_as_resource_exhausted(response, MAX_REQUEST_BYTES)
-        }))
+        .layer(tower::util::MapResponseLayer::new(
+            |response: tonic::codegen::http::Response<tonic::body::Body>| {
+                oversized_as_resource_exhausted(response, MAX_REQUEST_BYTES)
+            },
+        ))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;

@@ -88,6 +88,10 @@ fn certificates(
     Ok(certs)
 }
 
+/// ring, explicitly: the provider tonic's `tls-ring` uses too, and no process-wide default to
+/// depend on. (rustls 0.23.48 deprecates it for lacking post-quantum key exchange, which only
+/// aws-lc-rs offers; that needs a C toolchain and cmake to build.)
+#[allow(deprecated)]
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
