@@ -496,7 +496,11 @@ Ctrl-C stops.",
 
 /// `https` when the servers speak TLS, else `http`.
 fn scheme(security: &SecurityConfig) -> &'static str {
-    if security.tls.is_some() { "https" } else { "http" }
+    if security.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    }
 }
 
 /// How grpcurl reaches the gRPC server: `-plaintext`, or the CA (and client certificate).

@@ -40,8 +40,8 @@ use crate::personnel::Personnel;
 use crate::serve::read_model::ReadModel;
 use crate::serve::status::StatusProbe;
 use crate::serve::transport::{
-    ConnectionCap, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_CONNECTION_AGE, ServiceLimitLayer,
-    Transport, capped_incoming, oversized_as_resource_exhausted,
+    ConnectionCap, HEADER_READ_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_CONNECTION_AGE,
+    ServiceLimitLayer, Transport, capped_incoming, oversized_as_resource_exhausted,
 };
 
 /// Largest request message accepted, in bytes. Requests are small; this bounds memory per call.
@@ -170,9 +170,13 @@ async fn serve_routes(
     );
     // Small answers must not wait for Nagle's algorithm: without TCP_NODELAY a unary call can
     // take 40 ms on loopback (set by `capped_incoming`).
+    // A connection that has not sent HTTP/2's 24-byte preface (or, with TLS, its first
+    // handshake bytes) within HEADER_READ_TIMEOUT is closed: idle sockets do not keep a place
+    // under the cap (the TLS handshake has the same bound from tonic).
     let incoming = capped_incoming(
         listener,
-        ConnectionCap::new("grpc", limits.max_connections),
+        ConnectionCap::new("grpc", limits.max_connections)
+            .with_greeting_timeout(24, HEADER_READ_TIMEOUT),
     );
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &transport.tls {
@@ -246,5 +250,59 @@ mod tests {
             })
             .unwrap();
         assert_eq!(status.code(), tonic::Code::Cancelled, "{status:?}");
+    }
+
+    #[test]
+    fn calls_past_a_services_concurrency_limit_are_refused_at_once() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let routes = Routes::new(ExpenseQueryServer::new(QueryService::new(Hanging)));
+        let transport = Transport {
+            limits: crate::config::LimitsConfig {
+                max_concurrent_requests: 1,
+                ..Default::default()
+            },
+            ..Transport::default()
+        };
+        runtime.spawn(serve_routes(
+            listener,
+            routes,
+            transport,
+            std::future::pending(),
+            Duration::from_secs(600),
+        ));
+        let status = runtime.block_on(async {
+            let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let request = || pb::TopSpendersRequest {
+                limit: 1,
+                consistency: None,
+            };
+            // Calls kept open: once one of them has the one place it keeps it (the backend
+            // never answers), and a call after that is refused at once. A probe that got the
+            // place instead times out, is cancelled, and frees it for the next kept call.
+            let mut kept = Vec::new();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let mut hold = ExpenseQueryClient::new(channel.clone());
+                kept.push(tokio::spawn(
+                    async move { hold.top_spenders(request()).await },
+                ));
+                let probe = ExpenseQueryClient::new(channel.clone()).top_spenders(request());
+                if let Ok(answer) = tokio::time::timeout(Duration::from_secs(1), probe).await {
+                    break answer.unwrap_err();
+                }
+                assert!(tokio::time::Instant::now() < deadline, "never refused");
+            }
+        });
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert!(
+            status.message().contains("spendflow.v1.ExpenseQuery"),
+            "{status:?}"
+        );
     }
 }

@@ -3,6 +3,7 @@
 //! costs at most the cap in file descriptors and memory, and the other server, with a cap of its
 //! own, keeps answering).
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -23,6 +24,8 @@ pub struct ConnectionCap {
     server: &'static str,
     /// Set while connections are being refused, so a flood logs once, not once per socket.
     refusing: Arc<AtomicBool>,
+    /// A connection must send this many bytes within this time, or it is closed.
+    greeting: Option<(usize, Duration)>,
 }
 
 impl ConnectionCap {
@@ -34,7 +37,16 @@ impl ConnectionCap {
             max,
             server,
             refusing: Arc::default(),
+            greeting: None,
         }
+    }
+
+    /// Closes an admitted connection that has not sent `bytes` within `within` (e.g. HTTP/2's
+    /// 24-byte client preface), so connections that never speak do not keep a place. Needs a
+    /// tokio runtime when connections are admitted.
+    pub fn with_greeting_timeout(mut self, bytes: usize, within: Duration) -> Self {
+        self.greeting = Some((bytes, within));
+        self
     }
 
     /// `stream` with a permit, or `None` (and `stream` dropped: closed) when the cap is reached.
@@ -43,8 +55,12 @@ impl ConnectionCap {
             Ok(permit) => {
                 self.refusing.store(false, Ordering::Relaxed);
                 Some(Capped {
-                inner: stream,
+                    inner: stream,
                     _permit: permit,
+                    greeting: self.greeting.map(|(needed, within)| Greeting {
+                        needed,
+                        deadline: Box::pin(tokio::time::sleep(within)),
+                    }),
                 })
             }
             Err(_) => {
@@ -72,6 +88,14 @@ impl ConnectionCap {
 pub struct Capped<S> {
     inner: S,
     _permit: OwnedSemaphorePermit,
+    /// Until the client has sent its first bytes: how many more, and by when.
+    greeting: Option<Greeting>,
+}
+
+#[derive(Debug)]
+struct Greeting {
+    needed: usize,
+    deadline: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl<S> Capped<S> {
@@ -83,11 +107,30 @@ impl<S> Capped<S> {
 
 impl<S: AsyncRead + Unpin> AsyncRead for Capped<S> {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        if let Some(greeting) = &mut this.greeting
+            && greeting.deadline.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client sent no request in time",
+            )));
+        }
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let (Poll::Ready(Ok(())), Some(greeting)) = (&read, &mut this.greeting) {
+            let got = buf.filled().len() - before;
+            if got >= greeting.needed {
+                this.greeting = None;
+            } else {
+                greeting.needed -= got;
+            }
+        }
+        read
     }
 }
 
@@ -198,6 +241,9 @@ mod tests {
         assert!(cap.admit(()).is_none(), "the third is over the cap");
         assert_eq!(cap.open(), 2);
         drop(a);
-        assert!(cap.admit(()).is_some(), "a closed connection frees its place");
+        assert!(
+            cap.admit(()).is_some(),
+            "a closed connection frees its place"
+        );
     }
 }

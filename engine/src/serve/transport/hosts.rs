@@ -108,7 +108,13 @@ mod tests {
         ] {
             assert!(allowed.allows(ok), "{ok}");
         }
-        for refused in ["evil.example", "evil.example:8080", "127.0.0.2", "", "[::1]"] {
+        for refused in [
+            "evil.example",
+            "evil.example:8080",
+            "127.0.0.2",
+            "",
+            "[::1]",
+        ] {
             assert!(!allowed.allows(refused), "{refused}");
         }
         let any = AllowedHosts::new(None, Some("0.0.0.0:8080".parse().unwrap()));
