@@ -292,7 +292,8 @@ mod tests {
                 kept.push(tokio::spawn(
                     async move { hold.top_spenders(request()).await },
                 ));
-                let probe = ExpenseQueryClient::new(channel.clone()).top_spenders(request());
+                let mut client = ExpenseQueryClient::new(channel.clone());
+                let probe = client.top_spenders(request());
                 if let Ok(answer) = tokio::time::timeout(Duration::from_secs(1), probe).await {
                     break answer.unwrap_err();
                 }
