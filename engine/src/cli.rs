@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
-use spendflow_engine::config::SinkConfig;
+use spendflow_engine::config::{SecurityConfig, SinkConfig};
 use spendflow_engine::generate::config::{
     DEFAULT_BATCH, DEFAULT_PARTITIONS, DEFAULT_TOPIC, DEFAULT_TOPIC_PREFIX,
 };
@@ -474,6 +474,8 @@ fn demo(args: DemoArgs) -> Result<()> {
 }
 
 fn demo_banner(addr: SocketAddr, web: SocketAddr, args: &DemoArgs) -> String {
+    let security = args.engine.security.config().unwrap_or_default();
+    let (scheme, g) = (scheme(&security), grpcurl_flags(&security));
     let rate = if args.rate == 0 {
         "as fast as possible".to_string()
     } else {
@@ -483,22 +485,42 @@ fn demo_banner(addr: SocketAddr, web: SocketAddr, args: &DemoArgs) -> String {
         "\
 spendflow demo: {users} simulated users, {rate}, seed {seed}; gRPC on {addr}
 
-Live web report: http://{web}/  (top spenders, categories, live feed; a page per user)
+Live web report: {scheme}://{web}/  (top spenders, categories, live feed; a page per user)
 
 Try (grpcurl: `make tools` installs it into target/tools/bin):
-  grpcurl -plaintext {addr} list
-  grpcurl -plaintext {addr} describe spendflow.v1.ExpenseQuery
-  grpcurl -plaintext -d '{{\"limit\": 5}}' {addr} spendflow.v1.ExpenseQuery/TopSpenders
-  grpcurl -plaintext -d '{{\"user_id\": 1}}' {addr} spendflow.v1.ExpenseQuery/GetUserSummary
-  grpcurl -plaintext -d '{{\"user_id\": 1, \"granularity\": \"GRANULARITY_MONTH\", \"from\": \"2026-01\", \"to\": \"2026-12\"}}' {addr} spendflow.v1.ExpenseQuery/GetUserWindows
-  grpcurl -plaintext -d '{{\"user_ids\": [1]}}' {addr} spendflow.v1.ExpenseQuery/Subscribe
-  grpcurl -plaintext {addr} spendflow.v1.Admin/GetStatus
-  grpcurl -plaintext -d '{{\"limit\": 3}}' {addr} spendflow.v1.Admin/ListRejected
+  grpcurl {g} {addr} list
+  grpcurl {g} {addr} describe spendflow.v1.ExpenseQuery
+  grpcurl {g} -d '{{\"limit\": 5}}' {addr} spendflow.v1.ExpenseQuery/TopSpenders
+  grpcurl {g} -d '{{\"user_id\": 1}}' {addr} spendflow.v1.ExpenseQuery/GetUserSummary
+  grpcurl {g} -d '{{\"user_id\": 1, \"granularity\": \"GRANULARITY_MONTH\", \"from\": \"2026-01\", \"to\": \"2026-12\"}}' {addr} spendflow.v1.ExpenseQuery/GetUserWindows
+  grpcurl {g} -d '{{\"user_ids\": [1]}}' {addr} spendflow.v1.ExpenseQuery/Subscribe
+  grpcurl {g} {addr} spendflow.v1.Admin/GetStatus
+  grpcurl {g} -d '{{\"limit\": 3}}' {addr} spendflow.v1.Admin/ListRejected
 
 Ctrl-C stops.",
         users = args.simulator.users,
         seed = args.simulator.seed,
     )
+}
+
+/// `https` when the servers speak TLS, else `http`.
+fn scheme(security: &SecurityConfig) -> &'static str {
+    if security.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    }
+}
+
+/// How grpcurl reaches the gRPC server: `-plaintext`, or the CA (and client certificate).
+fn grpcurl_flags(security: &SecurityConfig) -> String {
+    match &security.tls {
+        None => "-plaintext".into(),
+        Some(tls) if tls.client_ca.is_some() => {
+            "-cacert CA.pem -cert client.pem -key client-key.pem".into()
+        }
+        Some(_) => "-cacert CA.pem".into(),
+    }
 }
 
 /// The settings of `run`: its config file, if any, with the flags given over it.
@@ -518,6 +540,7 @@ fn run(settings: RunSettings) -> Result<()> {
         );
     }
     let config = settings.engine;
+    let security = config.security.clone();
     if matches!(config.sink, Some(SinkConfig::Cassandra(_))) && config.checkpoint.is_none() {
         tracing::warn!(
             "--sink cassandra without --checkpoint-dir: a restart reads all input again and re-writes every row it touches."
@@ -532,11 +555,12 @@ fn run(settings: RunSettings) -> Result<()> {
         builder = builder.personnel(connect_personnel(personnel)?);
     }
     let engine = builder.start().context("could not start the engine")?;
+    let (scheme, g) = (scheme(&security), grpcurl_flags(&security));
     if let Some(addr) = engine.grpc_addr() {
-        tracing::info!(%addr, "Serving gRPC; try `grpcurl -plaintext {addr} spendflow.v1.Admin/GetStatus`.");
+        tracing::info!(%addr, "Serving gRPC; try `grpcurl {g} {addr} spendflow.v1.Admin/GetStatus`.");
     }
     if let Some(addr) = engine.web_addr() {
-        tracing::info!(%addr, "Serving the live web report at http://{addr}/.");
+        tracing::info!(%addr, "Serving the live web report at {scheme}://{addr}/.");
     }
     watch(engine, &stop)
 }
@@ -660,14 +684,16 @@ fn serve(args: ServeArgs) -> Result<()> {
         metrics: None,
         client_security: args.cassandra_client.security(),
     };
+    let security = config.security.clone();
     let runtime = io_runtime()?;
     let stop = stop_signal(runtime.handle())?;
     let server = CassandraServer::start_on(runtime.handle(), config)
         .context("could not start serving from Cassandra")?;
     let addr = server.addr();
-    tracing::info!(%addr, "Serving; try `grpcurl -plaintext {addr} spendflow.v1.Admin/GetStatus`.");
+    let (scheme, g) = (scheme(&security), grpcurl_flags(&security));
+    tracing::info!(%addr, "Serving; try `grpcurl {g} {addr} spendflow.v1.Admin/GetStatus`.");
     if let Some(web) = server.web_addr() {
-        say(format!("Web report: http://{web}/"));
+        say(format!("Web report: {scheme}://{web}/"));
     }
     while !stop.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(100));

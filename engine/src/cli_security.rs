@@ -1,22 +1,67 @@
 //! The flags of `run`, `demo` and `serve` that say who may reach the servers and how (TLS,
 //! tokens, allowed hosts, limits), and where metrics are served.
 
+use std::path::PathBuf;
+
 use clap::Args;
 
-use spendflow_engine::config::SecurityConfig;
+use spendflow_engine::config::{LimitsConfig, SecurityConfig, TlsConfig};
 
 /// Security flags shared by `run`, `demo` and `serve`.
 #[derive(Debug, Default, Args)]
-pub(crate) struct SecurityArgs {}
+pub(crate) struct SecurityArgs {
+    // --- transport ---
+    /// Serve gRPC and the web report over TLS with this certificate chain (PEM, leaf first;
+    /// with --tls-key). Clients then use https:// and `grpcurl -cacert CA.pem`.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub(crate) tls_key: Option<PathBuf>,
+    /// Also require client certificates signed by a CA in this file (mTLS); clients without
+    /// one are refused. Needs --tls-cert and --tls-key.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub(crate) tls_client_ca: Option<PathBuf>,
+    /// The host names (comma-separated, without port) the web report answers; requests for
+    /// any other `Host` get 421 (protection against DNS rebinding). Default: the bound
+    /// address, localhost and 127.0.0.1.
+    #[arg(long, value_name = "HOST[,HOST...]", value_delimiter = ',')]
+    pub(crate) web_allowed_hosts: Option<Vec<String>>,
+    /// Open connections per server (gRPC and web each); connections past it are closed when
+    /// accepted [default: 1024].
+    #[arg(long, value_name = "N")]
+    pub(crate) max_connections: Option<usize>,
+}
 
 impl SecurityArgs {
     /// The servers' security settings these flags describe.
     pub(crate) fn config(&self) -> anyhow::Result<SecurityConfig> {
-        Ok(SecurityConfig::default())
+        let mut config = SecurityConfig::default();
+        // --- transport ---
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            config.tls = Some(TlsConfig {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            });
+        }
+        config.web_allowed_hosts = self.web_allowed_hosts.clone();
+        config.limits = LimitsConfig {
+            max_connections: self
+                .max_connections
+                .unwrap_or(LimitsConfig::default().max_connections),
+            ..LimitsConfig::default()
+        };
+        Ok(config)
     }
 
     /// True when none of these flags was given (a config file's `[security]` then applies).
     pub(crate) fn is_empty(&self) -> bool {
-        true
+        // --- transport ---
+        self.tls_cert.is_none()
+            && self.tls_key.is_none()
+            && self.tls_client_ca.is_none()
+            && self.web_allowed_hosts.is_none()
+            && self.max_connections.is_none()
     }
 }

@@ -65,7 +65,94 @@ pub struct EngineConfig {
 /// plain text without tokens, which is only allowed on loopback addresses.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-pub struct SecurityConfig {}
+pub struct SecurityConfig {
+    // --- transport ---
+    /// Serve gRPC and the web report over TLS with this certificate and key (and, with a
+    /// client CA, require client certificates: mTLS). `None`: plain text.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// The `Host` names (without port) the web server answers; others get `421`. `None`: the
+    /// bound address, `localhost` and `127.0.0.1` (DNS-rebinding protection).
+    #[serde(default)]
+    pub web_allowed_hosts: Option<Vec<String>>,
+    /// Connection caps and concurrency limits of both servers.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// TLS files of the gRPC and web servers (PEM), read and checked when the servers start.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server's certificate chain (PEM, leaf first).
+    pub cert: PathBuf,
+    /// The server's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// Certificate authorities whose client certificates are accepted (PEM); when set, a
+    /// client without a certificate signed by one of them is refused (mTLS).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
+/// How much one server takes on at once. Past a cap new connections are closed at once and
+/// excess requests are refused (`RESOURCE_EXHAUSTED` / `503`), never queued without bound.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Open connections per server (gRPC and web each); more are closed when accepted.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Requests in progress per gRPC service and for the web report; more are refused.
+    #[serde(default = "default_max_concurrent_requests")]
+    pub max_concurrent_requests: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: default_max_connections(),
+            max_concurrent_requests: default_max_concurrent_requests(),
+        }
+    }
+}
+
+fn default_max_connections() -> usize {
+    1024
+}
+
+fn default_max_concurrent_requests() -> usize {
+    512
+}
+
+impl SecurityConfig {
+    /// Checks the transport settings that need no file access.
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::Config`] naming the setting.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        if self.limits.max_connections == 0 {
+            return Err(EngineError::Config(
+                "limits.max_connections (--max-connections) must be at least 1".into(),
+            ));
+        }
+        if self.limits.max_concurrent_requests == 0 {
+            return Err(EngineError::Config(
+                "limits.max_concurrent_requests must be at least 1".into(),
+            ));
+        }
+        if let Some(hosts) = &self.web_allowed_hosts
+            && let Some(bad) = hosts
+                .iter()
+                .find(|h| h.is_empty() || h.contains(['/', ' ', '@']))
+        {
+            return Err(EngineError::Config(format!(
+                "web_allowed_hosts (--web-allowed-hosts): {bad:?} is not a host name"
+            )));
+        }
+        Ok(())
+    }
+}
 
 /// Where and how often checkpoints are written.
 #[derive(Clone, Debug, Deserialize)]
@@ -199,6 +286,7 @@ impl EngineConfig {
                 ));
             }
         }
+        self.security.validate()?;
         if let Some(SourceConfig::Generator(g)) = &self.source {
             g.validate()
                 .map_err(|e| EngineError::Config(format!("generator: {e}")))?;

@@ -371,6 +371,9 @@ impl Drop for EngineRuntime {
 /// Listeners bound before anything starts, so a taken port fails fast.
 /// Listeners bound before anything starts, so a taken port fails fast.
 pub(crate) struct Listeners {
+    /// TLS (read and checked before binding) and limits of both servers.
+    #[cfg(feature = "grpc")]
+    transport: serve::transport::Transport,
     #[cfg(feature = "grpc")]
     grpc: Option<std::net::TcpListener>,
     #[cfg(feature = "web")]
@@ -390,6 +393,16 @@ pub(crate) fn bind(config: &EngineConfig) -> Result<Listeners, EngineError> {
         return Err(EngineError::Config(
             "the web report is configured, but this build of spendflow-engine has no `web` feature"
                 .into(),
+        ));
+    }
+    // TLS files are read and checked before anything is bound, so a bad file says which.
+    #[cfg(feature = "grpc")]
+    let transport = serve::transport::Transport::load(&config.security)
+        .map_err(|e| EngineError::Config(e.to_string()))?;
+    #[cfg(not(feature = "grpc"))]
+    if config.security.tls.is_some() {
+        return Err(EngineError::Config(
+            "TLS is configured, but this build of spendflow-engine serves nothing (no `grpc` feature)".into(),
         ));
     }
     #[cfg(feature = "grpc")]
@@ -414,6 +427,8 @@ pub(crate) fn bind(config: &EngineConfig) -> Result<Listeners, EngineError> {
     #[cfg(feature = "web")]
     let web = config.web.map(serve::web::WebServer::bind).transpose()?;
     Ok(Listeners {
+        #[cfg(feature = "grpc")]
+        transport,
         #[cfg(feature = "grpc")]
         grpc,
         #[cfg(feature = "web")]
@@ -538,6 +553,7 @@ pub(crate) fn serve(
             status(),
             #[cfg(feature = "personnel")]
             personnel.clone(),
+            listeners.transport.clone(),
             stop,
         );
         let task = runtime.spawn(async move { serving.await.map_err(ServerError::from) });
@@ -557,7 +573,7 @@ pub(crate) fn serve(
             personnel,
         };
         let task = runtime.spawn(async move {
-            serve::web::serve(listener, context, stop)
+            serve::web::serve(listener, context, listeners.transport, stop)
                 .await
                 .map_err(ServerError::from)
         });

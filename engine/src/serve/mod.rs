@@ -13,5 +13,7 @@ pub mod cassandra;
 pub mod grpc;
 pub mod read_model;
 pub mod status;
+#[cfg(feature = "grpc")]
+pub mod transport;
 #[cfg(feature = "web")]
 pub mod web;

@@ -27,5 +27,6 @@ mod service_cassandra;
 mod service_hdfs;
 mod service_kafka;
 mod service_mysql;
+mod tls;
 mod web_api;
 mod web_browser;

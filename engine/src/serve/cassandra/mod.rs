@@ -63,6 +63,7 @@ pub use backend::CassandraBackend;
 use self::index::IndexCache;
 use crate::cassandra::{CassandraClientSecurity, CassandraError, connect_with, schema};
 use crate::serve::grpc::{QueryService, router_with, serve_router};
+use crate::serve::transport::Transport;
 use crate::serve::web::WebBackend;
 
 /// Settings of `spendflow serve --from cassandra`.
@@ -275,6 +276,13 @@ impl CassandraServer {
         config
             .validate()
             .map_err(|e| ServeError::Config(e.to_string()))?;
+        config
+            .security
+            .validate()
+            .map_err(|e| ServeError::Config(e.to_string()))?;
+        // TLS files are read and checked before anything is bound or connected.
+        let transport =
+            Transport::load(&config.security).map_err(|e| ServeError::Config(e.to_string()))?;
         let Setup {
             listener,
             routes,
@@ -297,6 +305,7 @@ impl CassandraServer {
             web = ?web_addr,
             keyspace = %config.keyspace,
             contact_points = %config.contact_points,
+            tls = transport.tls.is_some(),
             "Serving spendflow.v1 from Cassandra."
         );
         let (shutdown, stopping) = tokio::sync::watch::channel(false);
@@ -305,11 +314,16 @@ impl CassandraServer {
             let stopped = |mut stopping: tokio::sync::watch::Receiver<bool>| async move {
                 let _ = stopping.wait_for(|s| *s).await;
             };
-            let grpc = serve_router(listener, routes, stopped(stopping.clone()));
+            let grpc = serve_router(
+                listener,
+                routes,
+                transport.clone(),
+                stopped(stopping.clone()),
+            );
             let web = async {
                 match web {
                     Some((listener, backend)) => {
-                        crate::serve::web::serve(listener, backend, stopped(stopping))
+                        crate::serve::web::serve(listener, backend, transport, stopped(stopping))
                             .await
                             .map_err(ServeError::from)
                     }

@@ -27,7 +27,6 @@ use spendflow_proto::v1::admin_server::{Admin, AdminServer};
 use spendflow_proto::v1::expense_query_server::{ExpenseQuery, ExpenseQueryServer};
 use tokio::net::TcpListener;
 use tonic::service::Routes;
-use tonic::transport::server::TcpIncoming;
 use tower_http::trace::TraceLayer;
 
 pub use admin::AdminService;
@@ -40,6 +39,10 @@ pub use query::{QueryService, SubscriberGuard};
 use crate::personnel::Personnel;
 use crate::serve::read_model::ReadModel;
 use crate::serve::status::StatusProbe;
+use crate::serve::transport::{
+    ConnectionCap, HEADER_READ_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_CONNECTION_AGE,
+    ServiceLimitLayer, Transport, capped_incoming, oversized_as_resource_exhausted,
+};
 
 /// Largest request message accepted, in bytes. Requests are small; this bounds memory per call.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -107,7 +110,8 @@ where
     Ok((routes, health_reporter))
 }
 
-/// Serves every service on `listener` until `shutdown` completes.
+/// Serves every service on `listener` until `shutdown` completes, with `transport`'s TLS and
+/// limits.
 ///
 /// # Errors
 ///
@@ -117,14 +121,15 @@ pub async fn serve(
     read_model: Arc<ReadModel>,
     status: StatusProbe,
     personnel: Option<Arc<Personnel>>,
+    transport: Transport,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), GrpcError> {
     let router = router(read_model, status, personnel).await?;
-    serve_router(listener, router, shutdown).await
+    serve_router(listener, router, transport, shutdown).await
 }
 
 /// Serves `routes` on `listener` until `shutdown` completes, with a trace span and a timeout
-/// ([`REQUEST_TIMEOUT`]) per call.
+/// ([`REQUEST_TIMEOUT`]) per call, and `transport`'s TLS and limits.
 ///
 /// # Errors
 ///
@@ -132,25 +137,66 @@ pub async fn serve(
 pub async fn serve_router(
     listener: TcpListener,
     routes: Routes,
+    transport: Transport,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), GrpcError> {
-    serve_routes(listener, routes, shutdown, REQUEST_TIMEOUT).await
+    serve_routes(listener, routes, transport, shutdown, REQUEST_TIMEOUT).await
 }
+
+/// The services whose calls count against the per-service concurrency limit (health and
+/// reflection are not limited: they must answer while the others are busy).
+const LIMITED_SERVICES: [&str; 3] = [
+    "spendflow.v1.ExpenseQuery",
+    "spendflow.v1.Admin",
+    "spendflow.v1.Personnel",
+];
 
 async fn serve_routes(
     listener: TcpListener,
     routes: Routes,
+    transport: Transport,
     shutdown: impl std::future::Future<Output = ()> + Send,
     timeout: Duration,
 ) -> Result<(), GrpcError> {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
-    tracing::info!(addr = ?addr, "gRPC server listening.");
+    let limits = &transport.limits;
+    tracing::info!(
+        addr = ?addr,
+        tls = transport.tls.is_some(),
+        mtls = transport.tls.as_ref().is_some_and(|t| t.requires_client_certificates()),
+        max_connections = limits.max_connections,
+        max_concurrent_requests = limits.max_concurrent_requests,
+        "gRPC server listening."
+    );
     // Small answers must not wait for Nagle's algorithm: without TCP_NODELAY a unary call can
-    // take 40 ms on loopback.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    // take 40 ms on loopback (set by `capped_incoming`).
+    // A connection that has not sent HTTP/2's 24-byte preface (or, with TLS, its first
+    // handshake bytes) within HEADER_READ_TIMEOUT is closed: idle sockets do not keep a place
+    // under the cap (the TLS handshake has the same bound from tonic).
+    let incoming = capped_incoming(
+        listener,
+        ConnectionCap::new("grpc", limits.max_connections)
+            .with_greeting_timeout(24, HEADER_READ_TIMEOUT),
+    );
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &transport.tls {
+        builder = builder.tls_config(tls.grpc_config())?;
+    }
+    builder
         .timeout(timeout)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_connection_age(MAX_CONNECTION_AGE)
         .layer(TraceLayer::new_for_grpc())
+        .layer(ServiceLimitLayer::new(
+            &LIMITED_SERVICES,
+            limits.max_concurrent_requests,
+        ))
+        .layer(tower::util::MapResponseLayer::new(
+            |response: tonic::codegen::http::Response<tonic::body::Body>| {
+                oversized_as_resource_exhausted(response, MAX_REQUEST_BYTES)
+            },
+        ))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
@@ -185,6 +231,7 @@ mod tests {
         runtime.spawn(serve_routes(
             listener,
             routes,
+            Transport::default(),
             std::future::pending(),
             Duration::from_millis(50),
         ));
@@ -203,5 +250,60 @@ mod tests {
             })
             .unwrap();
         assert_eq!(status.code(), tonic::Code::Cancelled, "{status:?}");
+    }
+
+    #[test]
+    fn calls_past_a_services_concurrency_limit_are_refused_at_once() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let routes = Routes::new(ExpenseQueryServer::new(QueryService::new(Hanging)));
+        let transport = Transport {
+            limits: crate::config::LimitsConfig {
+                max_concurrent_requests: 1,
+                ..Default::default()
+            },
+            ..Transport::default()
+        };
+        runtime.spawn(serve_routes(
+            listener,
+            routes,
+            transport,
+            std::future::pending(),
+            Duration::from_secs(600),
+        ));
+        let status = runtime.block_on(async {
+            let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let request = || pb::TopSpendersRequest {
+                limit: 1,
+                consistency: None,
+            };
+            // Calls kept open: once one of them has the one place it keeps it (the backend
+            // never answers), and a call after that is refused at once. A probe that got the
+            // place instead times out, is cancelled, and frees it for the next kept call.
+            let mut kept = Vec::new();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let mut hold = ExpenseQueryClient::new(channel.clone());
+                kept.push(tokio::spawn(
+                    async move { hold.top_spenders(request()).await },
+                ));
+                let mut client = ExpenseQueryClient::new(channel.clone());
+                let probe = client.top_spenders(request());
+                if let Ok(answer) = tokio::time::timeout(Duration::from_secs(1), probe).await {
+                    break answer.unwrap_err();
+                }
+                assert!(tokio::time::Instant::now() < deadline, "never refused");
+            }
+        });
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert!(
+            status.message().contains("spendflow.v1.ExpenseQuery"),
+            "{status:?}"
+        );
     }
 }

@@ -53,6 +53,11 @@ use crate::serve::grpc::backend::QueryBackend;
 use crate::serve::grpc::{AdminService, ReadModelBackend};
 use crate::serve::read_model::ReadModel;
 use crate::serve::status::StatusProbe;
+use crate::serve::transport::hosts::{AllowedHosts, check_host};
+use crate::serve::transport::{
+    CapAcceptor, ConnectionCap, HEADER_READ_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT,
+    Transport,
+};
 
 pub use api::Directory;
 
@@ -249,7 +254,7 @@ impl WebServer {
         let (shutdown, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
         let (done, result) = std::sync::mpsc::sync_channel(1);
         runtime.spawn(async move {
-            let served = serve(listener, backend, async {
+            let served = serve(listener, backend, Transport::default(), async {
                 let _ = shutdown_rx.await;
             })
             .await;
@@ -301,43 +306,107 @@ fn local_addr(listener: &std::net::TcpListener) -> Result<SocketAddr, EngineErro
 /// open connections (a browser's event stream, keep-alive connections) a short grace period
 /// before it returns. Runs on whatever runtime polls it: spawn it on the one that should own it.
 ///
+/// `transport` says how: TLS (rustls; with a client CA, clients without a certificate are
+/// refused), the connection cap (connections past it are closed when accepted), the
+/// concurrency limit (requests past it get `503` at once), the allowed `Host` names (others get
+/// `421`), and the timeouts: [`HEADER_READ_TIMEOUT`] for the TLS handshake, the first request
+/// and each request's headers; HTTP/2 keep-alive pings.
+///
 /// # Errors
 ///
 /// The listener failed.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     backend: impl Into<WebBackend>,
+    transport: Transport,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-
     let addr = listener.local_addr().ok();
-    let listener = listener.tap_io(|tcp| {
-        // Small answers must not wait for Nagle's algorithm.
-        let _ = tcp.set_nodelay(true);
-    });
-    tracing::info!(addr = ?addr, "Web report listening.");
-    let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
-    let app = router_stopping(backend.into(), stopping_rx.clone(), REQUEST_TIMEOUT);
-    let graceful = async move {
-        shutdown.await;
-        // Ends the event streams, so their connections can close.
-        let _ = stopping_tx.send(true);
-    };
+    tracing::info!(
+        addr = ?addr,
+        tls = transport.tls.is_some(),
+        mtls = transport.tls.as_ref().is_some_and(|t| t.requires_client_certificates()),
+        max_connections = transport.limits.max_connections,
+        max_concurrent_requests = transport.limits.max_concurrent_requests,
+        "Web report listening."
+    );
+    let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
+    let app = guarded(
+        router_stopping(backend.into(), stopping_rx, REQUEST_TIMEOUT),
+        &transport,
+        addr,
+    );
+    let handle = axum_server::Handle::<SocketAddr>::new();
+    let cap = CapAcceptor::new(ConnectionCap::new("web", transport.limits.max_connections));
+    let mut server = axum_server::Server::<SocketAddr>::from_listener(listener)
+        .handle(handle.clone())
+        .first_request_timeout(HEADER_READ_TIMEOUT);
+    let http = server.http_builder();
+    http.http1()
+        .header_read_timeout(Some(HEADER_READ_TIMEOUT))
+        .keep_alive(true);
+    http.http2()
+        .keep_alive_interval(Some(KEEPALIVE_INTERVAL))
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT);
     // The connection's address: event streams are shared out per client (events::ClientKey).
-    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(graceful);
-    let deadline = async move {
-        let _ = stopping_rx.wait_for(|stopping| *stopping).await;
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
-    };
+    let make_service = app.into_make_service_with_connect_info::<SocketAddr>();
+    let serving: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> =
+        match &transport.tls {
+            Some(tls) => {
+                let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(
+                    axum_server::tls_rustls::RustlsConfig::from_config(tls.web_config()),
+                )
+                .handshake_timeout(HEADER_READ_TIMEOUT)
+                .acceptor(cap);
+                Box::pin(server.acceptor(acceptor).serve(make_service))
+            }
+            None => Box::pin(server.acceptor(cap).serve(make_service)),
+        };
+    tokio::pin!(shutdown);
+    let mut serving = serving;
     tokio::select! {
-        result = server => result,
-        () = deadline => {
+        result = &mut serving => return result,
+        () = &mut shutdown => {}
+    }
+    // Ends the event streams, so their connections can close; closes the others after the
+    // grace period.
+    let _ = stopping_tx.send(true);
+    handle.graceful_shutdown(Some(SHUTDOWN_GRACE));
+    match tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(1), serving).await {
+        Ok(result) => result,
+        Err(_) => {
             tracing::debug!("Web connections still open after the grace period; closing them.");
             Ok(())
         }
     }
+}
+
+/// `app` behind the `Host` allow-list and the concurrency limit (with load shedding: a request
+/// past the limit gets `503` at once instead of waiting in an unbounded queue).
+fn guarded(app: Router, transport: &Transport, bound: Option<SocketAddr>) -> Router {
+    let hosts = AllowedHosts::new(transport.web_allowed_hosts.as_deref(), bound);
+    let limit = Arc::new(tokio::sync::Semaphore::new(
+        transport.limits.max_concurrent_requests,
+    ));
+    let max = transport.limits.max_concurrent_requests;
+    app.layer(
+        tower::ServiceBuilder::new()
+            .layer(axum::error_handling::HandleErrorLayer::new(
+                move |_: axum::BoxError| async move {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        axum::Json(serde_json::json!({
+                            "error": format!("the web report has {max} requests in progress, the most it takes at once; try again shortly"),
+                        })),
+                    )
+                },
+            ))
+            .load_shed()
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(
+                limit,
+            )),
+    )
+    .layer(axum::middleware::from_fn_with_state(hosts, check_host))
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use super::assets::{all, etag_matches};
 use super::events::merge;
 use crate::serve::grpc::backend::testing::Hanging;
 use crate::serve::read_model::{AsOf, CellValue, EpochDelta, Published, ReadModel, Snapshot};
+use crate::serve::transport::Transport;
 
 /// The overview's totals by category, as the web API sends them.
 fn category_totals(snapshot: &Snapshot) -> Vec<CategoryTotal> {
@@ -255,9 +256,14 @@ fn a_user_total_beyond_i64_is_shown_exactly_through_the_backend() {
         .unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = runtime.spawn(super::serve(listener, backend, async {
-        let _ = stopped.await;
-    }));
+    let server = runtime.spawn(super::serve(
+        listener,
+        backend,
+        Transport::default(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
 
     let exact = (i128::from(i64::MAX) * 2).to_string();
     let user = http_get(addr, "/api/users/7");
