@@ -556,7 +556,12 @@ impl Personnel {
                 () = tokio::time::sleep(every) => {}
                 () = &mut stop => return,
             }
-            match self.collect_garbage(GcOptions::default()).await {
+            // Stopping interrupts a pass too: each removal stands alone.
+            let pass = tokio::select! {
+                pass = self.collect_garbage(GcOptions::default()) => pass,
+                () = &mut stop => return,
+            };
+            match pass {
                 Ok(report) if report.removed_blobs.is_empty() && report.removed_temp.is_empty() => {
                     tracing::debug!(%report, "Image garbage collection: nothing to remove.");
                 }

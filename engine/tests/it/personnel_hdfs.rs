@@ -231,6 +231,7 @@ fn personnel_over_grpc_with_mysql_and_hdfs() {
         let image = upload_then_download(&setup, &store, client).await;
         let second = replace_with_a_real_png(&store, client, &image).await;
         too_large_is_refused(&setup, &store, client).await;
+        a_damaged_picture_is_refused(&setup, &store, client).await;
         wrong_content_is_refused(client, &second).await;
         unknown_users_are_not_found(client, &second).await;
         an_aborted_upload_leaves_nothing(&setup, &store, addr).await;
@@ -351,6 +352,35 @@ async fn too_large_is_refused(
     );
     assert!(store.stat(&sha256(&big)).await.unwrap().is_none());
     assert!(setup.image_ref_column(1).is_none());
+}
+
+/// A PNG signature and noise, or a real PNG cut short: decoded whole, INVALID_ARGUMENT, and
+/// nothing stays on HDFS (no blob, no temporary file) or in MySQL.
+async fn a_damaged_picture_is_refused(
+    setup: &Setup,
+    store: &HdfsImageStore,
+    client: &mut PersonnelClient<Channel>,
+) {
+    let before = setup.image_ref_column(1);
+    let noise = fake_png(300_000, 9);
+    let whole = avatar::padded_png(9, 300_000);
+    let cut = &whole[..whole.len() - 100];
+    for (what, bytes) in [("noise", &noise[..]), ("cut short", cut)] {
+        let status = upload(client, 1, "image/png", bytes).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{what}: {status:?}");
+        assert!(
+            status.message().contains("not a valid image/png"),
+            "{what}: {}",
+            status.message()
+        );
+        assert!(
+            store.stat(&sha256(bytes)).await.unwrap().is_none(),
+            "{what}"
+        );
+        let left = files_under(store, &store.temp_dir()).await;
+        assert!(left.is_empty(), "{what}: temporary files left: {left:?}");
+    }
+    assert_eq!(setup.image_ref_column(1), before);
 }
 
 /// Text named .png (declared image/png): INVALID_ARGUMENT saying what it is.

@@ -271,3 +271,23 @@ pub async fn report_health(reporter: &tonic_health::server::HealthReporter, conf
             .await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upload_deadlines_and_a_full_store_have_their_own_codes() {
+        let late = status(PersonnelError::DeadlineExceeded(
+            "the upload did not finish within 120 s".into(),
+        ));
+        assert_eq!(late.code(), Code::DeadlineExceeded);
+        assert!(late.message().contains("120 s"), "{late:?}");
+        let full = status(PersonnelError::from(ImageError::Full {
+            store: "memory".into(),
+            limit: "at most 1000 images".into(),
+        }));
+        assert_eq!(full.code(), Code::ResourceExhausted);
+        assert!(full.message().contains("at most 1000 images"), "{full:?}");
+    }
+}
