@@ -1,7 +1,7 @@
 # spendflow: the test command and the native services.
 #
 #   make test            install the suite's missing Debian packages (headless Chromium for the
-#                        browser test), start Kafka, Cassandra, MariaDB and HDFS
+#                        browser test) and grpcurl (the TLS test), start Kafka, Cassandra, MariaDB and HDFS
 #                        (docker/native/services), run the whole test suite against them (every
 #                        test binary, also after a failure), stop them again (also on failure
 #                        or Ctrl-C). CI runs this through .ci/run.
@@ -43,6 +43,7 @@ help:
 # (so the EXIT trap runs once cargo has stopped).
 test:
 	@$(SERVICES) packages
+	@$(SERVICES) tools
 	@trap '$(SERVICES) down' EXIT; \
 	trap 'exit 130' INT TERM; \
 	$(SERVICES) up; \
