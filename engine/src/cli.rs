@@ -432,6 +432,7 @@ fn engine_config(
         grpc: Some(args.grpc),
         web,
         security: args.security.config()?,
+        metrics: args.security.metrics,
         ..EngineConfig::default()
     })
 }
@@ -461,6 +462,9 @@ fn demo(args: DemoArgs) -> Result<()> {
         .context("the gRPC server did not start")?;
     let web = engine.web_addr().context("the web server did not start")?;
     say(demo_banner(addr, web, &args));
+    if let Some(metrics) = engine.metrics_addr() {
+        say(format!("Prometheus metrics: http://{metrics}/metrics"));
+    }
     watch(engine, &stop)
 }
 
@@ -528,6 +532,9 @@ fn run(settings: RunSettings) -> Result<()> {
     }
     if let Some(addr) = engine.web_addr() {
         tracing::info!(%addr, "Serving the live web report at http://{addr}/.");
+    }
+    if let Some(addr) = engine.metrics_addr() {
+        tracing::info!(%addr, "Serving Prometheus metrics at http://{addr}/metrics.");
     }
     watch(engine, &stop)
 }
@@ -647,8 +654,21 @@ fn serve(args: ServeArgs) -> Result<()> {
     };
     let runtime = io_runtime()?;
     let stop = stop_signal(runtime.handle())?;
+    // --- metrics ---: the recorder before the first call; `--metrics` served until exit.
+    spendflow_engine::metrics::exporter::handle();
+    let metrics = args
+        .security
+        .metrics
+        .map(|addr| {
+            spendflow_engine::metrics::exporter::spawn(runtime.handle(), addr, std::future::pending())
+        })
+        .transpose()
+        .context("could not serve --metrics")?;
     let server = CassandraServer::start_on(runtime.handle(), config)
         .context("could not start serving from Cassandra")?;
+    if let Some(addr) = metrics {
+        tracing::info!(%addr, "Serving Prometheus metrics at http://{addr}/metrics.");
+    }
     let addr = server.addr();
     tracing::info!(%addr, "Serving; try `grpcurl -plaintext {addr} spendflow.v1.Admin/GetStatus`.");
     if let Some(web) = server.web_addr() {

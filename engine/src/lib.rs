@@ -45,6 +45,7 @@ pub mod error;
 pub mod generate;
 #[cfg(feature = "personnel")]
 pub mod images;
+pub mod metrics;
 #[cfg(any(feature = "personnel", feature = "workload"))]
 pub mod mysql_client;
 #[cfg(feature = "personnel")]
@@ -292,6 +293,11 @@ impl Engine {
     /// The address the web report listens on, if it runs.
     pub fn web_addr(&self) -> Option<SocketAddr> {
         self.servers.web_addr
+    }
+
+    /// The address `/metrics` is served on by itself (`EngineConfig::metrics`), if configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.servers.metrics_addr
     }
 
     /// The configuration the engine runs with.

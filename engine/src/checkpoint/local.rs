@@ -184,6 +184,7 @@ impl CheckpointStore for LocalDirStore {
             }
             return Err(e);
         }
+        crate::metrics::checkpoint_file(&path);
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(io_error(&self.dir))?;

@@ -20,6 +20,7 @@ mod generate_verify;
 mod grpc;
 mod kafka_source;
 mod kafka_truth;
+mod metrics;
 mod personnel_hdfs;
 mod replay_phantom;
 mod service_cassandra;

@@ -151,6 +151,7 @@ async fn serve_routes(
     tonic::transport::Server::builder()
         .timeout(timeout)
         .layer(TraceLayer::new_for_grpc())
+        .layer(crate::metrics::GrpcMetricsLayer)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;

@@ -128,12 +128,14 @@ impl ClientGuard {
             count.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
+        crate::metrics::web_clients(1.0);
         Some(ClientGuard(Arc::clone(count)))
     }
 }
 
 impl Drop for ClientGuard {
     fn drop(&mut self) {
+        crate::metrics::web_clients(-1.0);
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
