@@ -132,6 +132,9 @@ pub fn describe() {
     describe_gauge!(RSS, Unit::Bytes, "Resident memory of the process.");
 }
 
+/// The source name of the in-process input (`crate::source::input`).
+const IN_PROCESS_INPUT: &str = "input";
+
 /// The engine whose counters are copied into the metrics at each scrape: weak references, so
 /// a stopped engine is not kept alive by its metrics. The newest engine started in this
 /// process wins (one engine per process is the normal case).
@@ -169,8 +172,9 @@ pub fn refresh() {
     }
     gauge!(names::EPOCH).set(status.as_of.epoch as f64);
     for p in &status.partitions {
-        // Only Kafka knows where a partition ends; files and generators have no lag.
-        if let Some(end) = p.high_watermark {
+        // Only Kafka knows where a partition ends (files and the generator have no end); the
+        // in-process input (`Engine::input`, source `input`) counts its queue, which is no lag.
+        if let Some(end) = p.high_watermark.filter(|_| &*p.source != IN_PROCESS_INPUT) {
             let lag = end.saturating_sub(p.position).max(0);
             gauge!(names::KAFKA_LAG, "topic" => p.source.to_string(), "partition" => p.partition.to_string())
                 .set(lag as f64);

@@ -118,6 +118,12 @@ fn shortfalls(samples: &BTreeMap<String, f64>, topic: &str) -> Vec<String> {
         );
     }
     want(
+        "no lag for the in-process input (only Kafka has lag)",
+        !samples
+            .keys()
+            .any(|s| s.starts_with(r#"spendflow_kafka_lag_records{topic="input""#)),
+    );
+    want(
         "sink rows written",
         at_least("spendflow_sink_rows_written_total", 1.0),
     );
