@@ -660,7 +660,11 @@ fn serve(args: ServeArgs) -> Result<()> {
         .security
         .metrics
         .map(|addr| {
-            spendflow_engine::metrics::exporter::spawn(runtime.handle(), addr, std::future::pending())
+            spendflow_engine::metrics::exporter::spawn(
+                runtime.handle(),
+                addr,
+                std::future::pending(),
+            )
         })
         .transpose()
         .context("could not serve --metrics")?;

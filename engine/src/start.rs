@@ -420,11 +420,15 @@ pub(crate) fn bind(config: &EngineConfig) -> Result<Listeners, EngineError> {
     #[cfg(not(feature = "web"))]
     if config.metrics.is_some() {
         return Err(EngineError::Config(
-            "metrics are configured, but this build of spendflow-engine has no `web` feature".into(),
+            "metrics are configured, but this build of spendflow-engine has no `web` feature"
+                .into(),
         ));
     }
     #[cfg(feature = "web")]
-    let metrics = config.metrics.map(crate::metrics::exporter::bind).transpose()?;
+    let metrics = config
+        .metrics
+        .map(crate::metrics::exporter::bind)
+        .transpose()?;
     Ok(Listeners {
         #[cfg(feature = "grpc")]
         grpc,

@@ -13,7 +13,6 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use super::names;
 use crate::error::EngineError;
 
 /// The content type of the Prometheus text exposition format.
@@ -156,107 +155,92 @@ pub async fn serve(
         .await
 }
 
-/// Whether `text` is Prometheus text exposition: every line a `# HELP`/`# TYPE` comment or
-/// `name{labels} value`, names and label names well formed, values numbers. Returns the first
-/// line that is not.
-pub fn check_exposition(text: &str) -> Result<(), String> {
-    for line in text.lines() {
-        if line.is_empty() || line.starts_with("# HELP ") || line.starts_with("# TYPE ") {
-            continue;
-        }
-        if !sample_line_is_valid(line) {
-            return Err(line.to_string());
-        }
-    }
-    Ok(())
-}
-
-fn sample_line_is_valid(line: &str) -> bool {
-    let name_end = line
-        .find(|c: char| c == '{' || c == ' ')
-        .unwrap_or(line.len());
-    let (name, rest) = line.split_at(name_end);
-    if !is_metric_name(name) {
-        return false;
-    }
-    let rest = match rest.strip_prefix('{') {
-        Some(labels) => {
-            let Some(end) = labels.rfind('}') else {
-                return false;
-            };
-            if !labels_are_valid(&labels[..end]) {
-                return false;
-            }
-            &labels[end + 1..]
-        }
-        None => rest,
-    };
-    let mut fields = rest.split_whitespace();
-    let value_ok = fields.next().is_some_and(|v| {
-        v.parse::<f64>().is_ok() || matches!(v, "+Inf" | "-Inf" | "NaN")
-    });
-    // An optional timestamp in milliseconds.
-    value_ok && fields.next().is_none_or(|t| t.parse::<i64>().is_ok()) && fields.next().is_none()
-}
-
-fn is_metric_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
-}
-
-fn labels_are_valid(mut labels: &str) -> bool {
-    while !labels.is_empty() {
-        let Some(eq) = labels.find('=') else {
-            return false;
-        };
-        let label = &labels[..eq];
-        if label.starts_with(':') || !is_metric_name(label) {
-            return false;
-        }
-        let Some(value) = labels[eq + 1..].strip_prefix('"') else {
-            return false;
-        };
-        // The closing quote: the first one not escaped.
-        let mut escaped = false;
-        let Some(close) = value.char_indices().find_map(|(i, c)| {
-            let close = c == '"' && !escaped;
-            escaped = c == '\\' && !escaped;
-            close.then_some(i)
-        }) else {
-            return false;
-        };
-        labels = &value[close + 1..];
-        labels = match labels.strip_prefix(',') {
-            Some(more) => more,
-            None if labels.is_empty() => labels,
-            None => return false,
-        };
-    }
-    true
-}
-
-/// Every metric family named in [`names::ALL`] that `text` has no sample of.
-pub fn missing(text: &str) -> Vec<&'static str> {
-    names::ALL
-        .into_iter()
-        .filter(|name| {
-            !text.lines().any(|line| {
-                line.strip_prefix(name).is_some_and(|rest| {
-                    rest.starts_with(['{', ' '])
-                        || rest.starts_with("_bucket")
-                        || rest.starts_with("_count")
-                })
-            })
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::names;
     use super::*;
+
+    /// Whether `text` is Prometheus text exposition: every line a `# HELP`/`# TYPE` comment or
+    /// `name{labels} value`, names and label names well formed, values numbers. Returns the first
+    /// line that is not.
+    fn check_exposition(text: &str) -> Result<(), String> {
+        for line in text.lines() {
+            if line.is_empty() || line.starts_with("# HELP ") || line.starts_with("# TYPE ") {
+                continue;
+            }
+            if !sample_line_is_valid(line) {
+                return Err(line.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    fn sample_line_is_valid(line: &str) -> bool {
+        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+        let (name, rest) = line.split_at(name_end);
+        if !is_metric_name(name) {
+            return false;
+        }
+        let rest = match rest.strip_prefix('{') {
+            Some(labels) => {
+                let Some(end) = labels.rfind('}') else {
+                    return false;
+                };
+                if !labels_are_valid(&labels[..end]) {
+                    return false;
+                }
+                &labels[end + 1..]
+            }
+            None => rest,
+        };
+        let mut fields = rest.split_whitespace();
+        let value_ok = fields
+            .next()
+            .is_some_and(|v| v.parse::<f64>().is_ok() || matches!(v, "+Inf" | "-Inf" | "NaN"));
+        // An optional timestamp in milliseconds.
+        value_ok
+            && fields.next().is_none_or(|t| t.parse::<i64>().is_ok())
+            && fields.next().is_none()
+    }
+
+    fn is_metric_name(name: &str) -> bool {
+        let mut chars = name.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    }
+
+    fn labels_are_valid(mut labels: &str) -> bool {
+        while !labels.is_empty() {
+            let Some(eq) = labels.find('=') else {
+                return false;
+            };
+            let label = &labels[..eq];
+            if label.starts_with(':') || !is_metric_name(label) {
+                return false;
+            }
+            let Some(value) = labels[eq + 1..].strip_prefix('"') else {
+                return false;
+            };
+            // The closing quote: the first one not escaped.
+            let mut escaped = false;
+            let Some(close) = value.char_indices().find_map(|(i, c)| {
+                let close = c == '"' && !escaped;
+                escaped = c == '\\' && !escaped;
+                close.then_some(i)
+            }) else {
+                return false;
+            };
+            labels = &value[close + 1..];
+            labels = match labels.strip_prefix(',') {
+                Some(more) => more,
+                None if labels.is_empty() => labels,
+                None => return false,
+            };
+        }
+        true
+    }
 
     #[test]
     fn the_exposition_check_accepts_samples_and_refuses_anything_else() {
@@ -285,9 +269,18 @@ mod tests {
         ::metrics::histogram!(names::SINK_COMMIT).record(0.003);
         let text = render();
         check_exposition(&text).unwrap();
-        assert!(text.contains("# TYPE spendflow_records_read_total counter"), "{text}");
-        assert!(text.contains("# TYPE spendflow_sink_commit_seconds histogram"), "{text}");
-        assert!(text.contains("spendflow_sink_commit_seconds_bucket{le=\"0.005\"}"), "{text}");
+        assert!(
+            text.contains("# TYPE spendflow_records_read_total counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE spendflow_sink_commit_seconds histogram"),
+            "{text}"
+        );
+        assert!(
+            text.contains("spendflow_sink_commit_seconds_bucket{le=\"0.005\"}"),
+            "{text}"
+        );
         assert!(text.contains(names::RSS), "{text}");
         // A second call does not install again.
         assert!(std::ptr::eq(handle, super::handle()));

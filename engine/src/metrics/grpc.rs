@@ -117,7 +117,9 @@ fn method_label(path: &str) -> String {
                     && service
                         .chars()
                         .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
-                    && method.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    && method
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_')
             })
         });
     if well_formed {
@@ -250,12 +252,19 @@ mod tests {
             "{after}"
         );
         let count = format!("spendflow_grpc_request_duration_seconds_count{{method=\"{method}\"}}");
-        assert_eq!(sample(&after, &count) - sample(&before, &count), 4.0, "{after}");
+        assert_eq!(
+            sample(&after, &count) - sample(&before, &count),
+            4.0,
+            "{after}"
+        );
     }
 
     #[test]
     fn method_labels_are_bounded() {
-        assert_eq!(method_label("/spendflow.v1.Admin/GetStatus"), "/spendflow.v1.Admin/GetStatus");
+        assert_eq!(
+            method_label("/spendflow.v1.Admin/GetStatus"),
+            "/spendflow.v1.Admin/GetStatus"
+        );
         assert_eq!(method_label("/spendflow.v1.Admin/"), UNKNOWN);
         assert_eq!(method_label("/a/b/c"), UNKNOWN);
         assert_eq!(method_label("/a b/c"), UNKNOWN);

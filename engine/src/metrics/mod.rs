@@ -105,23 +105,54 @@ pub fn describe() {
     use names::*;
     describe_counter!(RECORDS_READ, "Records taken from the sources.");
     describe_counter!(RECORDS_ACCEPTED, "Records that entered the dataflow.");
-    describe_counter!(RECORDS_REJECTED, "Records rejected (dead letters), by reason code.");
+    describe_counter!(
+        RECORDS_REJECTED,
+        "Records rejected (dead letters), by reason code."
+    );
     describe_gauge!(EPOCH, "The newest epoch published to the read model.");
     describe_histogram!(
         EPOCH_CLOSE,
         Unit::Seconds,
         "From the epoch clock's cut of an epoch until its results are published."
     );
-    describe_gauge!(KAFKA_LAG, "Records in a Kafka partition not read yet (high watermark minus position).");
+    describe_gauge!(
+        KAFKA_LAG,
+        "Records in a Kafka partition not read yet (high watermark minus position)."
+    );
     describe_counter!(SINK_ROWS, "Rows the durable sink wrote or deleted.");
     describe_counter!(SINK_RETRIES, "Failed sink attempts that were retried.");
-    describe_gauge!(SINK_INFLIGHT, "Epoch groups taken by the sink and not yet committed.");
-    describe_histogram!(SINK_COMMIT, Unit::Seconds, "Writing and committing one epoch group.");
-    describe_gauge!(CHECKPOINT_AGE, Unit::Seconds, "Time since the newest checkpoint was written or restored.");
-    describe_histogram!(CHECKPOINT_DURATION, Unit::Seconds, "Writing one checkpoint.");
-    describe_gauge!(CHECKPOINT_SIZE, Unit::Bytes, "Size of the newest checkpoint file.");
-    describe_counter!(CHECKPOINT_FAILURES, "Checkpoints given up because of a failure.");
-    describe_counter!(GRPC_REQUESTS, "gRPC calls answered, by method and status code.");
+    describe_gauge!(
+        SINK_INFLIGHT,
+        "Epoch groups taken by the sink and not yet committed."
+    );
+    describe_histogram!(
+        SINK_COMMIT,
+        Unit::Seconds,
+        "Writing and committing one epoch group."
+    );
+    describe_gauge!(
+        CHECKPOINT_AGE,
+        Unit::Seconds,
+        "Time since the newest checkpoint was written or restored."
+    );
+    describe_histogram!(
+        CHECKPOINT_DURATION,
+        Unit::Seconds,
+        "Writing one checkpoint."
+    );
+    describe_gauge!(
+        CHECKPOINT_SIZE,
+        Unit::Bytes,
+        "Size of the newest checkpoint file."
+    );
+    describe_counter!(
+        CHECKPOINT_FAILURES,
+        "Checkpoints given up because of a failure."
+    );
+    describe_counter!(
+        GRPC_REQUESTS,
+        "gRPC calls answered, by method and status code."
+    );
     describe_histogram!(
         GRPC_DURATION,
         Unit::Seconds,
@@ -292,7 +323,8 @@ mod tests {
         for name in names::ALL {
             assert!(name.starts_with("spendflow_"), "{name}");
             assert!(
-                name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+                name.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
                 "{name}"
             );
         }

@@ -207,7 +207,11 @@ fn metrics_are_scraped_from_the_web_port_and_the_metrics_address() {
             .expect("queue a record");
     }
     kafka
-        .send(BaseRecord::<str, str>::to(&topic).partition(0).payload("{not json"))
+        .send(
+            BaseRecord::<str, str>::to(&topic)
+                .partition(0)
+                .payload("{not json"),
+        )
         .expect("queue the malformed record");
     kafka.flush(Duration::from_secs(30)).expect("flush");
 
@@ -261,12 +265,12 @@ fn metrics_are_scraped_from_the_web_port_and_the_metrics_address() {
         .block_on(AdminClient::new(channel.clone()).get_status(pb::GetStatusRequest::default()))
         .expect("GetStatus");
     let unknown = runtime
-        .block_on(
-            ExpenseQueryClient::new(channel.clone()).get_user_summary(pb::GetUserSummaryRequest {
+        .block_on(ExpenseQueryClient::new(channel.clone()).get_user_summary(
+            pb::GetUserSummaryRequest {
                 user_id: 987_654,
                 ..Default::default()
-            }),
-        )
+            },
+        ))
         .expect_err("an unknown user");
     assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
     let _subscription = runtime
@@ -317,7 +321,10 @@ fn metrics_are_scraped_from_the_web_port_and_the_metrics_address() {
         std::thread::sleep(Duration::from_millis(200));
     };
     // Both addresses show the same registry.
-    let web_names: Vec<_> = from_web.keys().filter(|s| s.starts_with("spendflow_")).collect();
+    let web_names: Vec<_> = from_web
+        .keys()
+        .filter(|s| s.starts_with("spendflow_"))
+        .collect();
     let metrics_names: Vec<_> = from_metrics
         .keys()
         .filter(|s| s.starts_with("spendflow_"))
