@@ -30,8 +30,8 @@ const SECONDS_BUCKETS: [f64; 16] = [
 /// The handle that renders this process's metrics. The first call installs the Prometheus
 /// recorder as the process's global recorder (once: several engines in one process share it)
 /// and starts its upkeep thread. If the embedding program installed a recorder of its own
-/// first, that one keeps receiving the engine's metrics and this handle renders nothing but
-/// the process metrics it is asked for.
+/// first, that one keeps receiving the engine's metrics (a warning says so) and this handle
+/// renders nothing.
 pub fn handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
@@ -44,7 +44,7 @@ pub fn handle() -> &'static PrometheusHandle {
             Ok(()) => super::describe(),
             Err(e) => tracing::warn!(
                 error = %e,
-                "A metrics recorder is installed already; /metrics shows only what reaches this one."
+                "A metrics recorder is installed already; the engine records into it and /metrics stays empty."
             ),
         }
         let upkeep = handle.clone();
