@@ -441,6 +441,7 @@ fn engine_config(
         grpc: Some(args.grpc),
         web,
         security: args.security.config()?,
+        metrics: args.security.metrics,
         ..EngineConfig::default()
     })
 }
@@ -470,6 +471,9 @@ fn demo(args: DemoArgs) -> Result<()> {
         .context("the gRPC server did not start")?;
     let web = engine.web_addr().context("the web server did not start")?;
     say(demo_banner(addr, web, &args));
+    if let Some(metrics) = engine.metrics_addr() {
+        say(format!("Prometheus metrics: http://{metrics}/metrics"));
+    }
     watch(engine, &stop)
 }
 
@@ -561,6 +565,9 @@ fn run(settings: RunSettings) -> Result<()> {
     }
     if let Some(addr) = engine.web_addr() {
         tracing::info!(%addr, "Serving the live web report at {scheme}://{addr}/.");
+    }
+    if let Some(addr) = engine.metrics_addr() {
+        tracing::info!(%addr, "Serving Prometheus metrics at http://{addr}/metrics.");
     }
     watch(engine, &stop)
 }
@@ -687,8 +694,25 @@ fn serve(args: ServeArgs) -> Result<()> {
     let security = config.security.clone();
     let runtime = io_runtime()?;
     let stop = stop_signal(runtime.handle())?;
+    // --- metrics ---: the recorder before the first call; `--metrics` served until exit.
+    spendflow_engine::metrics::exporter::handle();
+    let metrics = args
+        .security
+        .metrics
+        .map(|addr| {
+            spendflow_engine::metrics::exporter::spawn(
+                runtime.handle(),
+                addr,
+                std::future::pending(),
+            )
+        })
+        .transpose()
+        .context("could not serve --metrics")?;
     let server = CassandraServer::start_on(runtime.handle(), config)
         .context("could not start serving from Cassandra")?;
+    if let Some(addr) = metrics {
+        tracing::info!(%addr, "Serving Prometheus metrics at http://{addr}/metrics.");
+    }
     let addr = server.addr();
     let (scheme, g) = (scheme(&security), grpcurl_flags(&security));
     tracing::info!(%addr, "Serving; try `grpcurl {g} {addr} spendflow.v1.Admin/GetStatus`.");

@@ -324,6 +324,9 @@ impl RunArgs {
         if !self.engine.security.is_empty() {
             config.security = security;
         }
+        if self.engine.security.metrics.is_some() {
+            config.metrics = self.engine.security.metrics;
+        }
         if take("dead_letter_topic") {
             config.dead_letter_topic = self.dead_letter_topic.clone();
         }

@@ -2,6 +2,7 @@
 //! tokens, allowed hosts, limits), and where metrics are served.
 
 use std::path::PathBuf;
+use std::net::SocketAddr;
 
 use clap::Args;
 
@@ -31,6 +32,11 @@ pub(crate) struct SecurityArgs {
     /// accepted [default: 1024].
     #[arg(long, value_name = "N")]
     pub(crate) max_connections: Option<usize>,
+    // --- metrics ---
+    /// Serve Prometheus metrics (`GET /metrics`, nothing else) on this address of their own, e.g.
+    /// an internal one (port 0 picks a free port). The web port serves `/metrics` as well.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) metrics: Option<SocketAddr>,
 }
 
 impl SecurityArgs {

@@ -47,6 +47,7 @@ pub mod generate;
 pub mod images;
 #[cfg(feature = "kafka")]
 pub mod kafka_client;
+pub mod metrics;
 #[cfg(any(feature = "personnel", feature = "workload"))]
 pub mod mysql_client;
 #[cfg(feature = "personnel")]
@@ -294,6 +295,11 @@ impl Engine {
     /// The address the web report listens on, if it runs.
     pub fn web_addr(&self) -> Option<SocketAddr> {
         self.servers.web_addr
+    }
+
+    /// The address `/metrics` is served on by itself (`EngineConfig::metrics`), if configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.servers.metrics_addr
     }
 
     /// The configuration the engine runs with.

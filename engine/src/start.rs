@@ -243,6 +243,7 @@ pub(crate) fn spawn(
     let spawn_error = |e: std::io::Error| EngineError::Workers(e.to_string());
     let mut outputs = pipeline::Outputs {
         sink_committed,
+        epoch_cuts: Arc::clone(&shared.clock.cuts),
         ..pipeline::Outputs::default()
     };
     let sink = match sink {
@@ -378,6 +379,9 @@ pub(crate) struct Listeners {
     grpc: Option<std::net::TcpListener>,
     #[cfg(feature = "web")]
     web: Option<std::net::TcpListener>,
+    // --- metrics ---
+    #[cfg(feature = "web")]
+    metrics: Option<std::net::TcpListener>,
 }
 
 /// Binds the configured addresses.
@@ -426,6 +430,19 @@ pub(crate) fn bind(config: &EngineConfig) -> Result<Listeners, EngineError> {
     };
     #[cfg(feature = "web")]
     let web = config.web.map(serve::web::WebServer::bind).transpose()?;
+    // --- metrics ---
+    #[cfg(not(feature = "web"))]
+    if config.metrics.is_some() {
+        return Err(EngineError::Config(
+            "metrics are configured, but this build of spendflow-engine has no `web` feature"
+                .into(),
+        ));
+    }
+    #[cfg(feature = "web")]
+    let metrics = config
+        .metrics
+        .map(crate::metrics::exporter::bind)
+        .transpose()?;
     Ok(Listeners {
         #[cfg(feature = "grpc")]
         transport,
@@ -433,6 +450,8 @@ pub(crate) fn bind(config: &EngineConfig) -> Result<Listeners, EngineError> {
         grpc,
         #[cfg(feature = "web")]
         web,
+        #[cfg(feature = "web")]
+        metrics,
     })
 }
 
@@ -474,6 +493,8 @@ pub(crate) enum ServerError {
 pub(crate) struct Servers {
     pub grpc_addr: Option<SocketAddr>,
     pub web_addr: Option<SocketAddr>,
+    /// Where `--metrics` serves `/metrics` alone.
+    pub metrics_addr: Option<SocketAddr>,
     shutdown: tokio::sync::watch::Sender<bool>,
     tasks: Vec<(
         &'static str,
@@ -521,6 +542,7 @@ pub(crate) fn serve(
     let mut servers = Servers {
         grpc_addr: None,
         web_addr: None,
+        metrics_addr: None,
         shutdown,
         tasks: Vec::new(),
     };
@@ -579,6 +601,28 @@ pub(crate) fn serve(
         });
         servers.web_addr = addr;
         servers.tasks.push(("web", task));
+    }
+    // --- metrics ---: the engine's counters are scraped from its status; the recorder is
+    // installed before anything is recorded when a server will show it.
+    crate::metrics::watch(&status());
+    #[cfg(feature = "web")]
+    if servers.web_addr.is_some() || listeners.metrics.is_some() {
+        crate::metrics::exporter::handle();
+    }
+    #[cfg(feature = "web")]
+    if let Some(listener) = listeners.metrics {
+        let (addr, listener) = async_listener(runtime, listener).map_err(|e| EngineError::Web {
+            addr: "?".into(),
+            message: e.to_string(),
+        })?;
+        let stop = signalled(&stopped);
+        let task = runtime.spawn(async move {
+            crate::metrics::exporter::serve(listener, stop)
+                .await
+                .map_err(ServerError::from)
+        });
+        servers.metrics_addr = addr;
+        servers.tasks.push(("metrics", task));
     }
     Ok(servers)
 }

@@ -201,6 +201,7 @@ impl CheckpointStore for LocalDirStore {
         let tmp = write_file(&self.dir, checkpoint)?;
         // A rename replaces a link at `path` itself, never its target.
         tmp.persist(&path).map_err(|e| io_error(&path)(e.error))?;
+        crate::metrics::checkpoint_file(&path);
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(io_error(&self.dir))?;

@@ -92,6 +92,7 @@ pub fn run_checkpointer(
         match store.save(&checkpoint) {
             Ok(()) => {
                 progress().written(epoch);
+                crate::metrics::checkpoint_written(started.elapsed());
                 shared.dead_letters.checkpointed(&checkpoint.positions);
                 tracing::info!(
                     epoch,

@@ -22,6 +22,8 @@ pub struct EpochClock {
     checkpoint_mark: AtomicU64,
     /// Something was read since the last checkpoint was marked.
     unsaved: AtomicBool,
+    /// When recent epochs were cut (for `spendflow_epoch_close_seconds`).
+    pub(crate) cuts: std::sync::Arc<crate::metrics::EpochCuts>,
 }
 
 impl EpochClock {
@@ -52,6 +54,7 @@ impl EpochClock {
             last_checkpoint_ns: AtomicU64::new(0),
             checkpoint_mark: AtomicU64::new(0),
             unsaved: AtomicBool::new(false),
+            cuts: Default::default(),
         }
     }
 
@@ -90,6 +93,7 @@ impl EpochClock {
                 self.checkpoint_mark
                     .store(self.current.load(Ordering::SeqCst), Ordering::SeqCst);
             }
+            self.cuts.cut(self.current.load(Ordering::SeqCst));
             return self.current.fetch_add(1, Ordering::SeqCst) + 1;
         }
         self.current.load(Ordering::SeqCst)

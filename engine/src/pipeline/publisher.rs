@@ -24,6 +24,8 @@ pub struct Outputs {
     /// most this) carries either nothing or a restored checkpoint's state, which such a sink
     /// holds already (re-read input then rewrites every cell it touches).
     pub sink_committed: Option<Epoch>,
+    /// When the clock cut each epoch (publishing one records how long it took).
+    pub epoch_cuts: Arc<crate::metrics::EpochCuts>,
 }
 
 /// Steps 5–6: merges worker reports into whole epochs, publishes them to the read model and
@@ -47,6 +49,7 @@ pub fn run_publisher(
             let cells = delta.cells.len();
             let records_covered = delta.records_covered;
             let published = writer.apply(delta);
+            outputs.epoch_cuts.published(epoch);
             tracing::trace!(
                 epoch,
                 cells,

@@ -21,9 +21,12 @@ pub fn run_sink(inbox: Arc<SinkInbox>, mut sink: Box<dyn Sink>, shared: &Shared)
     let started = Instant::now();
     let mut last_report = Instant::now();
     while let Some(group) = inbox.take() {
+        crate::metrics::sink_inflight(1.0);
+        let began = Instant::now();
         match sink.write(&group).and_then(|()| sink.commit(&group)) {
             Ok(()) => {
                 shared.sink_committed.store(group.epoch, Ordering::Release);
+                crate::metrics::sink_committed(sink.counters(), began.elapsed());
                 tracing::trace!(
                     sink = sink.name(),
                     epoch = group.epoch,
@@ -45,6 +48,7 @@ pub fn run_sink(inbox: Arc<SinkInbox>, mut sink: Box<dyn Sink>, shared: &Shared)
                 break;
             }
         }
+        crate::metrics::sink_inflight(-1.0);
         if last_report.elapsed() >= SINK_REPORT {
             last_report = Instant::now();
             log_sink(&*sink, started, "Sink progress.");

@@ -21,6 +21,7 @@ mod grpc;
 mod kafka_sasl;
 mod kafka_source;
 mod kafka_truth;
+mod metrics;
 mod personnel_hdfs;
 mod replay_phantom;
 mod service_cassandra;

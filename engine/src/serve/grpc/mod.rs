@@ -188,6 +188,9 @@ async fn serve_routes(
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .max_connection_age(MAX_CONNECTION_AGE)
         .layer(TraceLayer::new_for_grpc())
+        // Outside the limits and the oversized-message mapping: every answer is counted with the
+        // code the client sees (RESOURCE_EXHAUSTED from a refused or oversized call included).
+        .layer(crate::metrics::GrpcMetricsLayer)
         .layer(ServiceLimitLayer::new(
             &LIMITED_SERVICES,
             limits.max_concurrent_requests,

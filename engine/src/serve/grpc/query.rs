@@ -259,12 +259,14 @@ impl SubscriberGuard {
             count.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
+        crate::metrics::grpc_subscribers(1.0);
         Some(SubscriberGuard(Arc::clone(count)))
     }
 }
 
 impl Drop for SubscriberGuard {
     fn drop(&mut self) {
+        crate::metrics::grpc_subscribers(-1.0);
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }

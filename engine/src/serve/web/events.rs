@@ -213,6 +213,7 @@ impl EventClients {
             *held += 1;
         }
         open.total += 1;
+        crate::metrics::web_clients(1.0);
         Ok(ClientGuard {
             clients: Arc::clone(self),
             client,
@@ -235,6 +236,7 @@ pub struct ClientGuard {
 
 impl Drop for ClientGuard {
     fn drop(&mut self) {
+        crate::metrics::web_clients(-1.0);
         let mut open = self.clients.0.lock();
         open.total -= 1;
         if let Some(held) = open.per_client.get_mut(&self.client) {

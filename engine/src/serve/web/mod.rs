@@ -190,6 +190,7 @@ fn router_stopping(
         .route("/api/users/{id}", get(api::user))
         .route("/api/users/{id}/image", get(api::image))
         .route("/api/events", get(events::events))
+        .route("/metrics", get(crate::metrics::exporter::metrics))
         .fallback(api::not_found)
         .with_state(app)
         .layer(TimeoutLayer::with_status_code(
