@@ -374,6 +374,9 @@ pub(crate) struct Listeners {
     grpc: Option<std::net::TcpListener>,
     #[cfg(feature = "web")]
     web: Option<std::net::TcpListener>,
+    /// Token auth of both servers (`None`: off), its key read and checked before serving.
+    #[cfg(feature = "grpc")]
+    auth: Option<Arc<serve::auth::Authenticator>>,
 }
 
 /// Binds the configured addresses.
@@ -412,11 +415,16 @@ pub(crate) fn bind(config: &EngineConfig) -> Result<Listeners, EngineError> {
     };
     #[cfg(feature = "web")]
     let web = config.web.map(serve::web::WebServer::bind).transpose()?;
+    #[cfg(feature = "grpc")]
+    let auth = serve::auth::Authenticator::from_config(&config.security)
+        .map_err(|e| EngineError::Config(format!("token auth: {e}")))?;
     Ok(Listeners {
         #[cfg(feature = "grpc")]
         grpc,
         #[cfg(feature = "web")]
         web,
+        #[cfg(feature = "grpc")]
+        auth,
     })
 }
 
@@ -526,6 +534,7 @@ pub(crate) fn serve(
             status(),
             #[cfg(feature = "personnel")]
             personnel.clone(),
+            listeners.auth.clone(),
             stop,
         );
         let task = runtime.spawn(async move { serving.await.map_err(ServerError::from) });
@@ -543,6 +552,7 @@ pub(crate) fn serve(
             read_model: Arc::clone(read_model),
             status: status(),
             personnel,
+            auth: listeners.auth.clone(),
         };
         let task = runtime.spawn(async move {
             serve::web::serve(listener, context, stop)
