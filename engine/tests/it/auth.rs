@@ -739,3 +739,52 @@ fn without_auth_only_loopback_is_served() {
     let _ = child.wait();
     answered.unwrap();
 }
+
+#[test]
+fn the_token_command_says_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    let token = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_spendflow"))
+            .arg("token")
+            .arg("--jwt-secret-file")
+            .arg(&secret)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for (args, needle) in [
+        (
+            &["--scope", "expenses:write"][..],
+            "\"expenses:write\" is not a scope",
+        ),
+        (&["--scope", "expenses:read:self"][..], "needs --sub"),
+        (
+            &["--scope", "expenses:read:self", "--sub", "alice"][..],
+            "needs --sub",
+        ),
+        (&["--scope", "admin", "--ttl", "soon"][..], "soon"),
+    ] {
+        let output = token(args);
+        assert!(!output.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+    let output = token(&[
+        "--scope",
+        "expenses:read:self personnel:read",
+        "--sub",
+        "42",
+        "--ttl",
+        "1h",
+    ]);
+    assert!(output.status.success());
+    let jwt = String::from_utf8(output.stdout).unwrap();
+    let claims = jsonwebtoken::dangerous::insecure_decode::<serde_json::Value>(jwt.trim());
+    let claims = claims.unwrap().claims;
+    assert_eq!(claims["sub"], "42");
+    assert_eq!(claims["scope"], "expenses:read:self personnel:read");
+    let ttl = claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap();
+    assert_eq!(ttl, 3600);
+}

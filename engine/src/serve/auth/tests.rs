@@ -235,3 +235,77 @@ fn minted_tokens_validate_with_the_same_secret_file() {
     let plain = authenticator(&tempfile::tempdir().unwrap());
     plain.authenticate(&token).unwrap();
 }
+
+/// Makes a private key with the `openssl` command (`genpkey` arguments) and its public PEM.
+fn openssl_key_pair(dir: &tempfile::TempDir, name: &str, genpkey: &[&str]) -> (Vec<u8>, PathBuf) {
+    let private = dir.path().join(format!("{name}.key"));
+    let public = dir.path().join(format!("{name}.pub.pem"));
+    let made = std::process::Command::new("openssl")
+        .args(["genpkey", "-quiet"])
+        .args(genpkey)
+        .arg("-out")
+        .arg(&private)
+        .status()
+        .expect("the openssl command (Debian's openssl package)");
+    assert!(made.success());
+    let public_made = std::process::Command::new("openssl")
+        .args(["pkey", "-pubout", "-in"])
+        .arg(&private)
+        .arg("-out")
+        .arg(&public)
+        .status()
+        .unwrap();
+    assert!(public_made.success());
+    (std::fs::read(&private).unwrap(), public)
+}
+
+#[test]
+fn public_keys_pin_rs256_and_es256() {
+    let dir = tempfile::tempdir().unwrap();
+    let claims = serde_json::json!({"sub": "3", "exp": now() + 600, "scope": "expenses:read:self"});
+    for (name, genpkey, algorithm) in [
+        (
+            "rsa",
+            &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"][..],
+            jsonwebtoken::Algorithm::RS256,
+        ),
+        (
+            "ec",
+            &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"][..],
+            jsonwebtoken::Algorithm::ES256,
+        ),
+    ] {
+        let (private, public) = openssl_key_pair(&dir, name, genpkey);
+        let key = AuthKey::public_pem_file(&public).unwrap();
+        assert_eq!(key.algorithm(), algorithm, "{name}");
+        let auth = Authenticator::new(key);
+        let signing = match algorithm {
+            jsonwebtoken::Algorithm::RS256 => jsonwebtoken::EncodingKey::from_rsa_pem(&private),
+            _ => jsonwebtoken::EncodingKey::from_ec_pem(&private),
+        }
+        .unwrap();
+        let token =
+            jsonwebtoken::encode(&jsonwebtoken::Header::new(algorithm), &claims, &signing).unwrap();
+        assert_eq!(auth.authenticate(&token).unwrap().sub, Some(3), "{name}");
+        // The classic confusion: HS256 "signed" with the public key's bytes is refused.
+        let public_bytes = std::fs::read(&public).unwrap();
+        let confused = sign(&claims, &public_bytes, jsonwebtoken::Algorithm::HS256);
+        let why = unauthenticated(auth.authenticate(&confused));
+        assert!(why.contains(&format!("{algorithm:?}")), "{name}: {why}");
+        // A token of the other key is not valid.
+        let (other_private, _) = openssl_key_pair(&dir, &format!("{name}-other"), genpkey);
+        let other = match algorithm {
+            jsonwebtoken::Algorithm::RS256 => {
+                jsonwebtoken::EncodingKey::from_rsa_pem(&other_private)
+            }
+            _ => jsonwebtoken::EncodingKey::from_ec_pem(&other_private),
+        }
+        .unwrap();
+        let forged =
+            jsonwebtoken::encode(&jsonwebtoken::Header::new(algorithm), &claims, &other).unwrap();
+        assert!(
+            unauthenticated(auth.authenticate(&forged)).contains("signature"),
+            "{name}"
+        );
+    }
+}
