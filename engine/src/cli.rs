@@ -471,6 +471,9 @@ fn demo(args: DemoArgs) -> Result<()> {
         .context("the gRPC server did not start")?;
     let web = engine.web_addr().context("the web server did not start")?;
     say(demo_banner(addr, web, &args));
+    if let Some(note) = crate::cli_token::auth_note(&args.engine.security, web) {
+        say(note);
+    }
     watch(engine, &stop)
 }
 

@@ -47,3 +47,25 @@ pub(crate) fn token(args: &TokenArgs) -> Result<()> {
     println!("{token}");
     Ok(())
 }
+
+/// What the demo says when token auth is on: how to get a token and use it.
+pub(crate) fn auth_note(
+    security: &crate::cli_security::SecurityArgs,
+    web: std::net::SocketAddr,
+) -> Option<String> {
+    let mint = match &security.jwt_secret_file {
+        Some(secret) => format!(
+            "  TOKEN=$(spendflow token --jwt-secret-file {} --scope \"expenses:read admin\" --ttl 1h)",
+            secret.display()
+        ),
+        None if security.jwt_public_key.is_some() => {
+            "  TOKEN=<a JWT from your issuer, signed with the key of --jwt-public-key>".to_string()
+        }
+        None => return None,
+    };
+    Some(format!(
+        "Token auth is on: every call needs a token (health and reflection excepted).\n{mint}\n  \
+         grpcurl -H \"authorization: Bearer $TOKEN\" ... (as above)\n  \
+         web report: sign in at http://{web}/signin with the token"
+    ))
+}
