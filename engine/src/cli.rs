@@ -121,6 +121,15 @@ enum Command {
     ///   spendflow images gc --mysql ... --hdfs ... --dry-run
     #[command(verbatim_doc_comment)]
     Images(ImagesArgs),
+    /// Mint a development token (HS256) for servers started with --jwt-secret-file.
+    ///
+    /// Example:
+    ///   spendflow token --jwt-secret-file secret --sub 42 \
+    ///       --scope "expenses:read:self personnel:read" --ttl 1h
+    ///   grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d '{"user_id": 42}' \
+    ///       127.0.0.1:50051 spendflow.v1.ExpenseQuery/GetUserSummary
+    #[command(verbatim_doc_comment)]
+    Token(crate::cli_token::TokenArgs),
 }
 
 /// The engine flags of `demo` and `run`.
@@ -399,6 +408,7 @@ pub fn main() -> ExitCode {
         Command::Verify(args) => logged(&cli.log, || verify_command(args)),
         Command::Serve(args) => logged(&cli.log, || serve(args)),
         Command::Images(args) => logged(&cli.log, || images_command(args)),
+        Command::Token(args) => crate::cli_token::token(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -473,6 +483,9 @@ fn demo(args: DemoArgs) -> Result<()> {
     say(demo_banner(addr, web, &args));
     if let Some(metrics) = engine.metrics_addr() {
         say(format!("Prometheus metrics: http://{metrics}/metrics"));
+    }
+    if let Some(note) = crate::cli_token::auth_note(&args.engine.security, web) {
+        say(note);
     }
     watch(engine, &stop)
 }

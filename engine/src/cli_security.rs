@@ -37,6 +37,19 @@ pub(crate) struct SecurityArgs {
     /// an internal one (port 0 picks a free port). The web port serves `/metrics` as well.
     #[arg(long, value_name = "ADDR")]
     pub(crate) metrics: Option<SocketAddr>,
+    // --- auth ---
+    /// Token auth with HS256: every gRPC call and web request needs `authorization: Bearer
+    /// <JWT>` (or the web sign-in cookie) signed with the secret in FILE (at least 32 bytes).
+    /// Mint a development token with `spendflow token`.
+    #[arg(long, value_name = "FILE", conflicts_with = "jwt_public_key")]
+    pub(crate) jwt_secret_file: Option<PathBuf>,
+    /// Token auth with RS256 or ES256: tokens are verified with the issuer's PEM public key.
+    #[arg(long, value_name = "PEM")]
+    pub(crate) jwt_public_key: Option<PathBuf>,
+    /// Serve without token auth on an address other than loopback (anyone who can reach it
+    /// reads every user's data). Without it such an address is refused.
+    #[arg(long)]
+    pub(crate) insecure_no_auth: bool,
 }
 
 impl SecurityArgs {
@@ -58,6 +71,10 @@ impl SecurityArgs {
                 .unwrap_or(LimitsConfig::default().max_connections),
             ..LimitsConfig::default()
         };
+        // --- auth ---
+        config.jwt_secret_file = self.jwt_secret_file.clone();
+        config.jwt_public_key = self.jwt_public_key.clone();
+        config.insecure_no_auth = self.insecure_no_auth;
         Ok(config)
     }
 
@@ -69,5 +86,9 @@ impl SecurityArgs {
             && self.tls_client_ca.is_none()
             && self.web_allowed_hosts.is_none()
             && self.max_connections.is_none()
+            // --- auth ---
+            && self.jwt_secret_file.is_none()
+            && self.jwt_public_key.is_none()
+            && !self.insecure_no_auth
     }
 }

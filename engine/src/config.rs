@@ -78,6 +78,18 @@ pub struct SecurityConfig {
     /// Connection caps and concurrency limits of both servers.
     #[serde(default)]
     pub limits: LimitsConfig,
+    // --- auth ---
+    /// Token auth with HS256: the file holding the shared secret (at least 32 bytes; white
+    /// space around it is not part of it).
+    #[serde(default)]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// Token auth with RS256 or ES256: the PEM file of the issuer's public key.
+    #[serde(default)]
+    pub jwt_public_key: Option<PathBuf>,
+    /// Serve without auth on addresses other than loopback (anyone who can reach them reads
+    /// everything). Without it, and without a key, such an address is refused.
+    #[serde(default)]
+    pub insecure_no_auth: bool,
 }
 
 /// TLS files of the gRPC and web servers (PEM), read and checked when the servers start.
@@ -151,6 +163,32 @@ impl SecurityConfig {
             )));
         }
         Ok(())
+    }
+
+    /// True when token auth is configured (a secret file or a public key).
+    pub fn auth_enabled(&self) -> bool {
+        self.jwt_secret_file.is_some() || self.jwt_public_key.is_some()
+    }
+
+    /// Refuses to expose servers without auth: every address in `addrs` must be loopback
+    /// unless auth is configured or `insecure_no_auth` is set.
+    ///
+    /// # Errors
+    ///
+    /// A message naming the first exposed address and the two ways out.
+    pub fn check_exposure(&self, addrs: &[SocketAddr]) -> Result<(), String> {
+        if self.auth_enabled() || self.insecure_no_auth {
+            return Ok(());
+        }
+        match addrs.iter().find(|a| !a.ip().is_loopback()) {
+            None => Ok(()),
+            Some(addr) => Err(format!(
+                "refusing to serve on {addr} without auth: it is not a loopback address, so \
+                 anyone who can reach it would read every user's data. Give a token key \
+                 (--jwt-secret-file FILE or --jwt-public-key PEM), or, on a network you trust, \
+                 --insecure-no-auth"
+            )),
+        }
     }
 }
 
@@ -291,6 +329,13 @@ impl EngineConfig {
             g.validate()
                 .map_err(|e| EngineError::Config(format!("generator: {e}")))?;
         }
+        let served: Vec<SocketAddr> = [self.grpc, self.web, self.metrics]
+            .into_iter()
+            .flatten()
+            .collect();
+        self.security
+            .check_exposure(&served)
+            .map_err(EngineError::Config)?;
         Ok(())
     }
 }
@@ -338,6 +383,57 @@ mod tests {
             ..EngineConfig::default()
         };
         assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn servers_without_auth_stay_on_loopback() {
+        let exposed = |security: SecurityConfig| {
+            EngineConfig {
+                grpc: Some("127.0.0.1:0".parse().unwrap()),
+                web: Some("0.0.0.0:8080".parse().unwrap()),
+                security,
+                ..EngineConfig::default()
+            }
+            .validate()
+        };
+        let err = exposed(SecurityConfig::default()).unwrap_err().to_string();
+        assert!(err.contains("0.0.0.0:8080"), "{err}");
+        assert!(err.contains("--insecure-no-auth"), "{err}");
+        assert!(err.contains("--jwt-secret-file"), "{err}");
+        assert!(
+            exposed(SecurityConfig {
+                insecure_no_auth: true,
+                ..SecurityConfig::default()
+            })
+            .is_ok()
+        );
+        assert!(
+            exposed(SecurityConfig {
+                jwt_secret_file: Some("secret".into()),
+                ..SecurityConfig::default()
+            })
+            .is_ok()
+        );
+        let loopback = EngineConfig {
+            grpc: Some("[::1]:0".parse().unwrap()),
+            web: Some("127.0.0.1:0".parse().unwrap()),
+            ..EngineConfig::default()
+        };
+        assert!(loopback.validate().is_ok());
+        let metrics = EngineConfig {
+            metrics: Some("10.1.2.3:9000".parse().unwrap()),
+            ..EngineConfig::default()
+        };
+        assert!(
+            metrics
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("10.1.2.3:9000")
+        );
+        let toml: SecurityConfig =
+            toml::from_str("jwt_secret_file = \"s\"\ninsecure_no_auth = true").unwrap();
+        assert!(toml.auth_enabled() && toml.insecure_no_auth);
     }
 
     #[test]

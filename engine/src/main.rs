@@ -4,6 +4,7 @@ mod cli;
 mod cli_images;
 mod cli_run;
 mod cli_security;
+mod cli_token;
 
 fn main() -> std::process::ExitCode {
     cli::main()

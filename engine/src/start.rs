@@ -382,6 +382,9 @@ pub(crate) struct Listeners {
     // --- metrics ---
     #[cfg(feature = "web")]
     metrics: Option<std::net::TcpListener>,
+    /// Token auth of both servers (`None`: off), its key read and checked before serving.
+    #[cfg(feature = "grpc")]
+    auth: Option<Arc<serve::auth::Authenticator>>,
 }
 
 /// Binds the configured addresses.
@@ -443,6 +446,9 @@ pub(crate) fn bind(config: &EngineConfig) -> Result<Listeners, EngineError> {
         .metrics
         .map(crate::metrics::exporter::bind)
         .transpose()?;
+    #[cfg(feature = "grpc")]
+    let auth = serve::auth::Authenticator::from_config(&config.security)
+        .map_err(|e| EngineError::Config(format!("token auth: {e}")))?;
     Ok(Listeners {
         #[cfg(feature = "grpc")]
         transport,
@@ -452,6 +458,8 @@ pub(crate) fn bind(config: &EngineConfig) -> Result<Listeners, EngineError> {
         web,
         #[cfg(feature = "web")]
         metrics,
+        #[cfg(feature = "grpc")]
+        auth,
     })
 }
 
@@ -576,6 +584,7 @@ pub(crate) fn serve(
             #[cfg(feature = "personnel")]
             personnel.clone(),
             listeners.transport.clone(),
+            listeners.auth.clone(),
             stop,
         );
         let task = runtime.spawn(async move { serving.await.map_err(ServerError::from) });
@@ -593,6 +602,7 @@ pub(crate) fn serve(
             read_model: Arc::clone(read_model),
             status: status(),
             personnel,
+            auth: listeners.auth.clone(),
         };
         let task = runtime.spawn(async move {
             serve::web::serve(listener, context, listeners.transport, stop)

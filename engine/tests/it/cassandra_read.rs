@@ -1331,3 +1331,138 @@ fn verify_waits_for_an_epoch_in_flight(db: &Database, ks: &Keyspace) {
     assert!(error.is_retriable());
     assert!(error.to_string().contains("epoch 14 in flight"), "{error}");
 }
+
+#[test]
+fn serve_command_enforces_token_auth() {
+    use crate::auth::{SECRET, free_addr, mint};
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    let ks = Keyspace::create("read_auth");
+    ks.write_users(&aggregate(&serve_expenses()), 3);
+    ks.progress(3, POSITIONS_5, 8, true);
+
+    // Without auth, a non-loopback address is refused before Cassandra is even reached.
+    let refused = Command::new(env!("CARGO_BIN_EXE_spendflow"))
+        .args(["serve", "--from", "cassandra", "--cassandra", &ks.contact])
+        .args([
+            "--keyspace",
+            &ks.name,
+            "--grpc",
+            "0.0.0.0:0",
+            "--log",
+            "warn",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("0.0.0.0:0") && stderr.contains("--insecure-no-auth"),
+        "{stderr}"
+    );
+
+    let (addr, web_addr) = (free_addr(), free_addr());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spendflow"))
+        .args(["serve", "--from", "cassandra", "--cassandra", &ks.contact])
+        .args(["--keyspace", &ks.name, "--grpc", &addr.to_string()])
+        .args(["--web", &web_addr.to_string(), "--log", "warn"])
+        .arg("--jwt-secret-file")
+        .arg(&secret)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let me = mint(&secret, Some("2"), "expenses:read:self", "1h");
+    let admin = mint(&secret, None, "admin", "1h");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let channel = loop {
+        let endpoint = Channel::from_shared(format!("http://{addr}")).unwrap();
+        if let Ok(channel) = runtime.block_on(endpoint.connect()) {
+            break channel;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "spendflow serve exited"
+        );
+        assert!(Instant::now() < deadline, "spendflow serve never listened");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let with = |user: u64, token: Option<&str>| {
+        let mut request = tonic::Request::new(pb::GetUserSummaryRequest {
+            user_id: user,
+            consistency: None,
+        });
+        if let Some(token) = token {
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        request
+    };
+    runtime.block_on(async {
+        let mut query = ExpenseQueryClient::new(channel.clone());
+        let own = query.get_user_summary(with(2, Some(&me))).await.unwrap();
+        assert_eq!(own.into_inner().summary.unwrap().total_minor, 7_000);
+        let other = query
+            .get_user_summary(with(1, Some(&me)))
+            .await
+            .unwrap_err();
+        assert_eq!(other.code(), Code::PermissionDenied, "{other:?}");
+        let none = query.get_user_summary(with(2, None)).await.unwrap_err();
+        assert_eq!(none.code(), Code::Unauthenticated, "{none:?}");
+        let mut top = tonic::Request::new(pb::TopSpendersRequest {
+            limit: 2,
+            consistency: None,
+        });
+        top.metadata_mut()
+            .insert("authorization", format!("Bearer {me}").parse().unwrap());
+        let top = query.top_spenders(top).await.unwrap_err();
+        assert_eq!(top.code(), Code::PermissionDenied, "{top:?}");
+        assert!(top.message().contains("expenses:read"), "{top:?}");
+
+        let mut admin_client = AdminClient::new(channel.clone());
+        let mut status = tonic::Request::new(pb::GetStatusRequest {});
+        status
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {me}").parse().unwrap());
+        let denied = admin_client.get_status(status).await.unwrap_err();
+        assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+        assert!(denied.message().contains("admin"), "{denied:?}");
+        let mut status = tonic::Request::new(pb::GetStatusRequest {});
+        status
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {admin}").parse().unwrap());
+        assert_eq!(
+            admin_client
+                .get_status(status)
+                .await
+                .unwrap()
+                .into_inner()
+                .as_of
+                .unwrap()
+                .epoch,
+            3
+        );
+    });
+    // Health stays open.
+    assert_eq!(
+        grpc::health(&runtime, &channel, "spendflow.v1.ExpenseQuery"),
+        ServingStatus::Serving
+    );
+    // The web report of `serve` needs the token too.
+    let auth = format!("Bearer {me}");
+    let get = |path: &str, headers: &[(&str, &str)]| {
+        crate::web::request(web_addr, "GET", path, headers, None)
+    };
+    assert_eq!(get("/api/users/2", &[]).status, 401);
+    assert_eq!(get("/api/users/2", &[("Authorization", &auth)]).status, 200);
+    assert_eq!(get("/api/users/1", &[("Authorization", &auth)]).status, 403);
+    assert_eq!(
+        get("/api/overview", &[("Authorization", &auth)]).status,
+        403
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

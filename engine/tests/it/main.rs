@@ -9,6 +9,7 @@
 mod support;
 mod web;
 
+mod auth;
 mod cassandra_read;
 mod cassandra_sink;
 mod chaos_checkpoint;
@@ -30,4 +31,5 @@ mod service_kafka;
 mod service_mysql;
 mod tls;
 mod web_api;
+mod web_auth_browser;
 mod web_browser;

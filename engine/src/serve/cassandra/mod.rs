@@ -174,6 +174,11 @@ impl CassandraServeConfig {
             )
             .into());
         }
+        let served: Vec<SocketAddr> = [Some(self.grpc), self.web, self.metrics]
+            .into_iter()
+            .flatten()
+            .collect();
+        self.security.check_exposure(&served)?;
         Ok(())
     }
 }
@@ -398,6 +403,9 @@ struct Setup {
 }
 
 async fn setup(config: &CassandraServeConfig) -> Result<Setup, ServeError> {
+    // The token key is read and checked before anything is bound or connected.
+    let auth = crate::serve::auth::Authenticator::from_config(&config.security)
+        .map_err(|e| ServeError::Config(format!("token auth: {e}")))?;
     // Bind first, so a taken port fails before anything else is done.
     let listener = tokio::net::TcpListener::bind(config.grpc)
         .await
@@ -437,8 +445,11 @@ async fn setup(config: &CassandraServeConfig) -> Result<Setup, ServeError> {
         Arc::clone(&index),
         Duration::from_millis(config.quiet_ms),
     );
-    let web = web_listener.map(|l| (l, WebBackend::new(backend.clone(), admin.clone())));
-    let (routes, health) = router_with(QueryService::new(backend), admin).await?;
+    let web = web_listener.map(|l| {
+        let backend = WebBackend::new(backend.clone(), admin.clone()).with_auth(auth.clone());
+        (l, backend)
+    });
+    let (routes, health) = router_with(QueryService::new(backend), admin, auth).await?;
     let health_task = tokio::spawn(report_health(progress, health));
     Ok(Setup {
         listener,

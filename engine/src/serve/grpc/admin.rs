@@ -5,6 +5,8 @@ use spendflow_proto::v1::admin_server::Admin;
 use tonic::{Request, Response, Status};
 
 use super::convert;
+use crate::serve::auth::Scope;
+use crate::serve::auth::grpc::check;
 use crate::serve::status::StatusProbe;
 
 /// Answers `Admin` from the engine's shared state.
@@ -24,8 +26,11 @@ impl AdminService {
 impl Admin for AdminService {
     async fn get_status(
         &self,
-        _request: Request<pb::GetStatusRequest>,
+        request: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        // Also required by the router's interceptor (for every `Admin`); checked here too so
+        // the service is safe wherever it is mounted behind the interceptor.
+        check(&request, |p| p.require(Scope::Admin))?;
         let s = self.status.status();
         Ok(Response::new(pb::GetStatusResponse {
             as_of: Some(convert::as_of(&s.as_of)),
@@ -78,6 +83,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::ListRejectedRequest>,
     ) -> Result<Response<pb::ListRejectedResponse>, Status> {
+        check(&request, |p| p.require(Scope::Admin))?;
         let limit = convert::limit(request.into_inner().limit, 20, 1000, "limit")?;
         let dead_letters = &self.status.shared.dead_letters;
         let records = dead_letters

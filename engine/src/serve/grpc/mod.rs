@@ -37,6 +37,8 @@ pub use personnel::PersonnelService;
 pub use query::{QueryService, SubscriberGuard};
 
 use crate::personnel::Personnel;
+use crate::serve::auth::grpc::{intercept, intercept_requiring};
+use crate::serve::auth::{Authenticator, Scope};
 use crate::serve::read_model::ReadModel;
 use crate::serve::status::StatusProbe;
 use crate::serve::transport::{
@@ -65,15 +67,18 @@ pub async fn router(
     read_model: Arc<ReadModel>,
     status: StatusProbe,
     personnel: Option<Arc<Personnel>>,
+    auth: Option<Arc<Authenticator>>,
 ) -> Result<Routes, GrpcError> {
     let query = QueryService::over_read_model(read_model);
-    let (routes, health) = router_with(query, AdminService::new(status)).await?;
+    let (routes, health) = router_with(query, AdminService::new(status), auth.clone()).await?;
     personnel::report_health(&health, personnel.is_some()).await;
-    Ok(routes.add_service(PersonnelService::new(personnel).server()))
+    let personnel = PersonnelService::new(personnel).server();
+    Ok(routes.add_service(intercept(personnel, auth.as_ref())))
 }
 
 /// Builds routes serving `query` and `admin`, with health (both reported serving) and
-/// reflection (v1 and v1alpha). The health reporter is returned so a server can report
+/// reflection (v1 and v1alpha). With `auth`, `query` and `admin` need a valid bearer token
+/// ([`crate::serve::auth`]); health and reflection stay open. The health reporter is returned so a server can report
 /// `NOT_SERVING` while its store is unreachable.
 ///
 /// # Errors
@@ -82,6 +87,7 @@ pub async fn router(
 pub async fn router_with<Q, A>(
     query: Q,
     admin: A,
+    auth: Option<Arc<Authenticator>>,
 ) -> Result<(Routes, tonic_health::server::HealthReporter), GrpcError>
 where
     Q: ExpenseQuery,
@@ -105,8 +111,8 @@ where
     let routes = Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(query)
-        .add_service(admin);
+        .add_service(intercept(query, auth.as_ref()))
+        .add_service(intercept_requiring(admin, auth.as_ref(), Scope::Admin));
     Ok((routes, health_reporter))
 }
 
@@ -122,9 +128,10 @@ pub async fn serve(
     status: StatusProbe,
     personnel: Option<Arc<Personnel>>,
     transport: Transport,
+    auth: Option<Arc<Authenticator>>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), GrpcError> {
-    let router = router(read_model, status, personnel).await?;
+    let router = router(read_model, status, personnel, auth).await?;
     serve_router(listener, router, transport, shutdown).await
 }
 

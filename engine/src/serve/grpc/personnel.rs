@@ -17,6 +17,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::images::{self, CHUNK_BYTES, ImageError, ImageRef};
 use crate::personnel::{Personnel, PersonnelError, UserDetails};
+use crate::serve::auth::grpc::{caller, check, status as auth_status};
 
 /// Largest message of an upload stream: a 1 MiB chunk and some framing.
 pub const MAX_UPLOAD_MESSAGE_BYTES: usize = 1024 * 1024 + 1024;
@@ -169,8 +170,9 @@ impl PersonnelRpc for PersonnelService {
         &self,
         request: Request<pb::GetUserRequest>,
     ) -> Result<Response<pb::UserDetails>, Status> {
+        let id = user_id(request.get_ref().user_id)?;
+        check(&request, |p| p.personnel(id, false))?;
         let personnel = self.personnel()?;
-        let id = user_id(request.into_inner().user_id)?;
         match personnel.user(id).await.map_err(status)? {
             Some(user) => Ok(Response::new(user_details(user))),
             None => Err(Status::not_found(format!("user {id} does not exist"))),
@@ -181,6 +183,11 @@ impl PersonnelRpc for PersonnelService {
         &self,
         request: Request<Streaming<pb::UploadImageRequest>>,
     ) -> Result<Response<pb::UploadImageResponse>, Status> {
+        // The scope is checked before anything is read; the user once the header says who.
+        check(&request, |p| {
+            p.require(crate::serve::auth::Scope::PersonnelWrite)
+        })?;
+        let caller = caller(&request);
         let personnel = self.personnel()?;
         let mut stream = request.into_inner();
         let header = match stream.message().await? {
@@ -200,6 +207,9 @@ impl PersonnelRpc for PersonnelService {
             }
         };
         let id = user_id(header.user_id)?;
+        if let Some(caller) = &caller {
+            caller.principal.personnel(id, true).map_err(auth_status)?;
+        }
         // Refuse early, before a single chunk is read.
         images::check_declared(&header.content_type)
             .map_err(|e| status(PersonnelError::from(e)))?;
@@ -221,8 +231,9 @@ impl PersonnelRpc for PersonnelService {
         &self,
         request: Request<pb::GetImageRequest>,
     ) -> Result<Response<Self::GetImageStream>, Status> {
+        let id = user_id(request.get_ref().user_id)?;
+        check(&request, |p| p.personnel(id, false))?;
         let personnel = self.personnel()?;
-        let id = user_id(request.into_inner().user_id)?;
         let Some((image, bytes)) = personnel.image(id).await.map_err(status)? else {
             personnel.require_user(id).await.map_err(status)?;
             return Err(Status::not_found(format!(
@@ -250,8 +261,9 @@ impl PersonnelRpc for PersonnelService {
         &self,
         request: Request<pb::DeleteImageRequest>,
     ) -> Result<Response<pb::DeleteImageResponse>, Status> {
+        let id = user_id(request.get_ref().user_id)?;
+        check(&request, |p| p.personnel(id, true))?;
         let personnel = self.personnel()?;
-        let id = user_id(request.into_inner().user_id)?;
         let removed = personnel.delete_image(id).await.map_err(status)?;
         Ok(Response::new(pb::DeleteImageResponse {
             removed: removed.as_ref().map(image_ref),

@@ -13,6 +13,7 @@ use super::MAX_SUBSCRIBERS;
 use super::backend::{Buckets, QueryBackend, SubscribeSpec, SubscribeStream, Wait};
 use super::convert;
 use super::memory::ReadModelBackend;
+use crate::serve::auth::grpc::{caller, check};
 use crate::serve::read_model::{AsOf, ReadModel, format_day, format_month};
 
 /// Users one subscription may select.
@@ -67,8 +68,9 @@ impl<B: QueryBackend> ExpenseQuery for QueryService<B> {
         &self,
         request: Request<pb::GetUserSummaryRequest>,
     ) -> Result<Response<pb::GetUserSummaryResponse>, Status> {
+        let user = convert::user_id(request.get_ref().user_id)?;
+        check(&request, |p| p.read_user(user))?;
         let request = request.into_inner();
-        let user = convert::user_id(request.user_id)?;
         let wait = self.wait(request.consistency.as_ref())?;
         let answer = self.backend.user_summary(wait, user).await?;
         let summary = answer.value.ok_or_else(|| not_found(user, &answer.as_of))?;
@@ -82,6 +84,7 @@ impl<B: QueryBackend> ExpenseQuery for QueryService<B> {
         &self,
         request: Request<pb::ListUserSummariesRequest>,
     ) -> Result<Response<pb::ListUserSummariesResponse>, Status> {
+        check(&request, |p| p.read_all("ListUserSummaries"))?;
         let request = request.into_inner();
         let page_size = convert::limit(request.page_size, 100, 1000, "page_size")?;
         let after = match request.page_token.as_str() {
@@ -110,8 +113,9 @@ impl<B: QueryBackend> ExpenseQuery for QueryService<B> {
         &self,
         request: Request<pb::GetUserWindowsRequest>,
     ) -> Result<Response<pb::GetUserWindowsResponse>, Status> {
+        let user = convert::user_id(request.get_ref().user_id)?;
+        check(&request, |p| p.read_user(user))?;
         let request = request.into_inner();
-        let user = convert::user_id(request.user_id)?;
         let granularity = pb::Granularity::try_from(request.granularity).unwrap_or_default();
         #[allow(clippy::type_complexity)]
         let (buckets, parse, format, max, unit): (
@@ -185,6 +189,7 @@ impl<B: QueryBackend> ExpenseQuery for QueryService<B> {
         &self,
         request: Request<pb::TopSpendersRequest>,
     ) -> Result<Response<pb::TopSpendersResponse>, Status> {
+        check(&request, |p| p.read_all("TopSpenders"))?;
         let request = request.into_inner();
         let limit = convert::limit(request.limit, 10, 1000, "limit")?;
         let wait = self.wait(request.consistency.as_ref())?;
@@ -215,6 +220,7 @@ impl<B: QueryBackend> ExpenseQuery for QueryService<B> {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let caller = caller(&request);
         let request = request.into_inner();
         if request.user_ids.len() > MAX_SUBSCRIBED_USERS {
             return Err(Status::invalid_argument(format!(
@@ -229,6 +235,26 @@ impl<B: QueryBackend> ExpenseQuery for QueryService<B> {
             .collect::<Result<Vec<_>, _>>()?;
         users.sort_unstable();
         users.dedup();
+        // With auth: every user subscribed to must be readable, all users need
+        // `expenses:read`, and one token holds a bounded number of streams.
+        let token_stream = match &caller {
+            None => None,
+            Some(caller) => {
+                if users.is_empty() {
+                    caller
+                        .principal
+                        .read_all("Subscribe to every user (no user_ids)")
+                        .map_err(crate::serve::auth::grpc::status)?;
+                }
+                for user in &users {
+                    caller
+                        .principal
+                        .read_user(*user)
+                        .map_err(crate::serve::auth::grpc::status)?;
+                }
+                Some(caller.open_stream()?)
+            }
+        };
         let guard = SubscriberGuard::acquire(&self.subscribers).ok_or_else(|| {
             Status::resource_exhausted(format!(
                 "{MAX_SUBSCRIBERS} subscriptions are open already; retry later"
@@ -244,6 +270,13 @@ impl<B: QueryBackend> ExpenseQuery for QueryService<B> {
                 guard,
             })
             .await?;
+        let stream: SubscribeStream = match token_stream {
+            None => stream,
+            // The token's stream count is released when the stream is dropped.
+            Some(held) => Box::pin(futures::StreamExt::inspect(stream, move |_| {
+                let _ = &held;
+            })),
+        };
         Ok(Response::new(stream))
     }
 }

@@ -20,10 +20,13 @@ use spendflow_proto::v1 as pb;
 
 use super::App;
 use crate::personnel::{Personnel, UserDetails};
+use crate::serve::auth::{self, AuthError, Principal};
 use crate::serve::grpc::backend::{
     Amount, Buckets, CategoryData, QueryBackend, SummaryData, Wait, largest_first,
 };
 use crate::serve::read_model::format_month;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
 
 /// Most top spenders one overview may ask for.
 pub const MAX_TOP: usize = 100;
@@ -106,6 +109,78 @@ pub fn parse_user_id(text: &str) -> Result<UserId, ApiError> {
             ),
         )),
     }
+}
+
+/// What a request may read: `None` without auth; with auth, the principal the middleware
+/// ([`auth::web::require`]) found. A request that reached a handler without one while auth
+/// is on is refused (`401`), so a route outside the middleware fails closed.
+#[derive(Debug)]
+pub struct Access(Option<Principal>);
+
+impl Access {
+    /// Runs `check` on the principal, if auth is on.
+    pub fn check(
+        &self,
+        check: impl FnOnce(&Principal) -> Result<(), AuthError>,
+    ) -> Result<(), ApiError> {
+        match &self.0 {
+            Some(principal) => check(principal).map_err(ApiError::from),
+            None => Ok(()),
+        }
+    }
+}
+
+impl FromRequestParts<App> for Access {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
+        match parts.extensions.get::<Principal>() {
+            Some(principal) => Ok(Access(Some(principal.clone()))),
+            None if app.backend.auth.is_some() => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "not signed in: send `Authorization: Bearer <JWT>` or sign in at /signin",
+            )),
+            None => Ok(Access(None)),
+        }
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        let status = match &e {
+            AuthError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            AuthError::Denied(_) => StatusCode::FORBIDDEN,
+            AuthError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
+            AuthError::Key { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+/// `GET /signin`: the sign-in form.
+pub async fn signin_form(State(app): State<App>) -> Response {
+    auth::web::signin_form(app.backend.auth.clone()).await
+}
+
+/// The sign-in form's fields.
+#[derive(Debug, Deserialize)]
+pub struct SignInForm {
+    token: String,
+}
+
+/// `POST /signin`: takes a token, sets the sign-in cookie.
+pub async fn signin(
+    State(app): State<App>,
+    headers: axum::http::HeaderMap,
+    form: Result<axum::Form<SignInForm>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let token = form.map(|f| f.0.token).unwrap_or_default();
+    auth::web::signin(app.backend.auth.clone(), &headers, &token).await
+}
+
+/// `POST /signout`: clears the sign-in cookie.
+pub async fn signout(headers: axum::http::HeaderMap) -> Response {
+    auth::web::signout(&headers).await
 }
 
 /// `404` for anything not routed: JSON under `/api/`, a small page with a way back elsewhere.
@@ -418,8 +493,10 @@ async fn counters(app: &App) -> Result<pb::GetStatusResponse, ApiError> {
 
 pub async fn overview(
     State(app): State<App>,
+    access: Access,
     query: Result<Query<OverviewQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    access.check(|p| p.read_all("the overview of every user"))?;
     let Query(query) = query.map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -536,8 +613,13 @@ fn aggregates_json(user: SummaryData, months: Vec<(i32, Amount)>) -> AggregatesJ
     }
 }
 
-pub async fn user(State(app): State<App>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn user(
+    State(app): State<App>,
+    access: Access,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let user = parse_user_id(&id)?;
+    access.check(|p| p.read_user(user))?;
     let query = app.backend.query.as_ref();
     let (summary, lookup) = tokio::join!(query.user_summary(NOW, user), app.directory.lookup(user));
     let summary = summary?;
@@ -588,10 +670,12 @@ pub async fn user(State(app): State<App>, Path(id): Path<String>) -> Result<Resp
 
 pub async fn image(
     State(app): State<App>,
+    access: Access,
     Path(id): Path<String>,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
     let user = parse_user_id(&id)?;
+    access.check(|p| p.read_user(user))?;
     let Some(personnel) = &app.directory.personnel else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,

@@ -48,7 +48,7 @@ use spendflow_operators::{AggKey, Epoch, UserId};
 use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 use tokio::time::Instant;
 
-use super::api::{ApiError, Directory, parse_user_id};
+use super::api::{Access, ApiError, Directory, parse_user_id};
 use super::{App, MAX_EVENT_CLIENTS};
 use crate::serve::read_model::{CellValue, Published, ReadModel, format_month};
 
@@ -70,6 +70,7 @@ pub struct EventsQuery {
 pub async fn events(
     State(app): State<App>,
     client: ClientKey,
+    access: Access,
     query: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| {
@@ -79,6 +80,10 @@ pub async fn events(
         )
     })?;
     let user = query.user.as_deref().map(parse_user_id).transpose()?;
+    match user {
+        Some(user) => access.check(|p| p.read_user(user))?,
+        None => access.check(|p| p.read_all("live events of every user (no user=ID)"))?,
+    }
     let guard = app
         .event_clients
         .acquire(client)

@@ -42,13 +42,15 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::middleware;
+use axum::routing::{get, post};
 use spendflow_proto::v1::admin_server::Admin;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::error::EngineError;
 use crate::personnel::Personnel;
+use crate::serve::auth::{self, Authenticator};
 use crate::serve::grpc::backend::QueryBackend;
 use crate::serve::grpc::{AdminService, ReadModelBackend};
 use crate::serve::read_model::ReadModel;
@@ -83,6 +85,8 @@ pub struct WebContext {
     pub status: StatusProbe,
     /// Users' details and photos; without it the pages show ids and aggregates only.
     pub personnel: Option<Arc<Personnel>>,
+    /// Token auth (`None`: off): pages and API need a token or the sign-in cookie.
+    pub auth: Option<Arc<Authenticator>>,
 }
 
 /// What the web report answers from, for any store: the query backend gRPC's `ExpenseQuery`
@@ -100,6 +104,8 @@ pub struct WebBackend {
     pub live: Option<Arc<ReadModel>>,
     /// Users' details and photos; without it the pages show ids and aggregates only.
     pub personnel: Option<Arc<Personnel>>,
+    /// Token auth (`None`: off): pages and API need a token or the sign-in cookie.
+    pub auth: Option<Arc<Authenticator>>,
 }
 
 impl WebBackend {
@@ -110,7 +116,14 @@ impl WebBackend {
             admin: Arc::new(admin),
             live: None,
             personnel: None,
+            auth: None,
         }
+    }
+
+    /// With token auth (`None`: off).
+    pub fn with_auth(mut self, auth: Option<Arc<Authenticator>>) -> Self {
+        self.auth = auth;
+        self
     }
 
     /// With users' details and photos from `personnel`.
@@ -125,6 +138,7 @@ impl std::fmt::Debug for WebBackend {
         f.debug_struct("WebBackend")
             .field("live", &self.live.is_some())
             .field("personnel", &self.personnel.is_some())
+            .field("auth", &self.auth.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -136,6 +150,7 @@ impl From<WebContext> for WebBackend {
             admin: Arc::new(AdminService::new(context.status)),
             live: Some(context.read_model),
             personnel: context.personnel,
+            auth: context.auth,
         }
     }
 }
@@ -174,6 +189,7 @@ fn router_stopping(
     stopping: tokio::sync::watch::Receiver<bool>,
     timeout: Duration,
 ) -> Router {
+    let auth = backend.auth.clone();
     let app = App {
         directory: Directory::new(backend.personnel.clone()),
         backend,
@@ -181,7 +197,7 @@ fn router_stopping(
         event_clients: Arc::default(),
         stopping,
     };
-    Router::new()
+    let router = Router::new()
         .route("/", get(assets::page))
         .route("/users/{id}", get(assets::page))
         .route("/assets/{name}", get(assets::asset))
@@ -191,8 +207,16 @@ fn router_stopping(
         .route("/api/users/{id}/image", get(api::image))
         .route("/api/events", get(events::events))
         .route("/metrics", get(crate::metrics::exporter::metrics))
+        .route("/signin", get(api::signin_form).post(api::signin))
+        .route("/signout", post(api::signout))
         .fallback(api::not_found)
-        .with_state(app)
+        .with_state(app);
+    // With token auth, every request but the sign-in page and its files needs a token.
+    let router = match auth {
+        Some(auth) => router.layer(middleware::from_fn_with_state(auth, auth::web::require)),
+        None => router,
+    };
+    router
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
             timeout,

@@ -162,18 +162,18 @@ pub struct SseEvent {
 
 impl EventStream {
     pub fn open(addr: SocketAddr, path: &str) -> EventStream {
+        Self::open_with(addr, path, &[])
+    }
+
+    /// Like [`EventStream::open`], with more request headers (`Authorization`, `Cookie`).
+    pub fn open_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> EventStream {
         let mut stream = TcpStream::connect(addr).expect("connect");
         stream
             .set_read_timeout(Some(Duration::from_secs(20)))
             .unwrap();
-        write_request(
-            &mut stream,
-            addr,
-            "GET",
-            path,
-            &[("Accept", "text/event-stream")],
-            None,
-        );
+        let mut all = vec![("Accept", "text/event-stream")];
+        all.extend_from_slice(headers);
+        write_request(&mut stream, addr, "GET", path, &all, None);
         let mut reader = BufReader::new(stream);
         let (status, headers) = read_head(&mut reader);
         EventStream {

@@ -82,6 +82,10 @@
     } catch (_) {
       body = null;
     }
+    if (response.status === 401) {
+      // Not signed in, or the token expired: the sign-in page takes a new one.
+      window.location.assign('/signin');
+    }
     if (!response.ok) {
       const error = new Error((body && body.error) || `${response.status} ${response.statusText}`);
       error.status = response.status;
@@ -473,7 +477,7 @@
       try {
         render(await getJson(`/api/users/${encodeURIComponent(id)}`));
       } catch (error) {
-        showError(error.status === 404 || error.status === 400
+        showError(error.status === 404 || error.status === 400 || error.status === 403
           ? error.message
           : `Could not load user ${id}: ${error.message}`);
       }
