@@ -43,6 +43,7 @@ help:
 # (so the EXIT trap runs once cargo has stopped).
 test:
 	@$(SERVICES) packages
+	@$(SERVICES) tools
 	@trap '$(SERVICES) down' EXIT; \
 	trap 'exit 130' INT TERM; \
 	$(SERVICES) up; \
