@@ -53,6 +53,17 @@ environment variable) override the file. An unknown key is an error. For example
   mysql = \"mysql://spendflow:spendflow@127.0.0.1:13306/spendflow\"
   hdfs = \"hdfs://127.0.0.1:9000\"
 
+  [security]                    # --web-allowed-hosts; any security flag replaces this table
+  web_allowed_hosts = [\"report.example\", \"localhost\"]
+
+  [security.tls]                # --tls-cert, --tls-key, --tls-client-ca
+  cert = \"/etc/spendflow/server.pem\"
+  key = \"/etc/spendflow/server-key.pem\"
+
+  [security.limits]             # --max-connections (per server)
+  max_connections = 1024
+  max_concurrent_requests = 512 # per gRPC service, and for the web report
+
 Then: spendflow run --config spendflow.toml -w 4   (4 workers, the rest from the file)";
 
 #[derive(Debug, Args)]
@@ -923,6 +934,8 @@ mod tests {
         assert!(matches!(file.engine.sink, Some(SinkConfig::Cassandra(_))));
         assert_eq!(file.engine.checkpoint.as_ref().unwrap().interval_ms, 60_000);
         assert!(file.personnel.is_some());
+        assert!(file.engine.security.tls.is_some());
+        assert_eq!(file.engine.security.limits.max_connections, 1024);
         file.engine.validate().unwrap();
     }
 }

@@ -461,4 +461,55 @@ mod tests {
                 .contains("epoch_interval_ms")
         );
     }
+
+    #[test]
+    fn security_transport_settings_come_from_a_config_file_and_are_checked() {
+        let config: EngineConfig = toml::from_str(
+            r#"
+            [security]
+            web_allowed_hosts = ["report.example"]
+            [security.tls]
+            cert = "server.pem"
+            key = "server-key.pem"
+            client_ca = "ca.pem"
+            [security.limits]
+            max_connections = 10
+            "#,
+        )
+        .unwrap();
+        let security = &config.security;
+        let tls = security.tls.as_ref().unwrap();
+        assert_eq!(
+            tls.client_ca.as_deref(),
+            Some(std::path::Path::new("ca.pem"))
+        );
+        assert_eq!(security.limits.max_connections, 10);
+        assert_eq!(
+            security.limits.max_concurrent_requests,
+            LimitsConfig::default().max_concurrent_requests
+        );
+        assert!(config.validate().is_ok());
+
+        let err = toml::from_str::<EngineConfig>("[security.tls]\ncert = \"c.pem\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing field `key`"), "{err}");
+        let zero = EngineConfig {
+            security: SecurityConfig {
+                limits: LimitsConfig {
+                    max_connections: 0,
+                    ..LimitsConfig::default()
+                },
+                ..SecurityConfig::default()
+            },
+            ..EngineConfig::default()
+        };
+        let err = zero.validate().unwrap_err().to_string();
+        assert!(err.contains("--max-connections"), "{err}");
+        let bad_host = SecurityConfig {
+            web_allowed_hosts: Some(vec!["http://x".into()]),
+            ..SecurityConfig::default()
+        };
+        assert!(bad_host.validate().is_err());
+    }
 }

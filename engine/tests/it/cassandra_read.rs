@@ -1062,6 +1062,85 @@ fn serve_command_answers_until_sigterm() {
     assert!(exit.success(), "{exit:?}");
 }
 
+/// `serve --from cassandra --tls-cert --tls-key`: gRPC (grpcurl with the CA) and the web
+/// report (curl with the CA) over TLS; plain text is not answered.
+#[test]
+fn serve_command_speaks_tls() {
+    let ks = Keyspace::create("read_tls");
+    ks.write_users(&aggregate(&serve_expenses()), 3);
+    ks.progress(3, POSITIONS_5, 8, true);
+    let certs = crate::tls::certificates();
+    let file = |name: &str| certs.path().join(name).display().to_string();
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (addr, web_addr) = (free(), free());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spendflow"))
+        .args(["serve", "--from", "cassandra", "--cassandra", &ks.contact])
+        .args(["--keyspace", &ks.name, "--grpc", &addr.to_string()])
+        .args(["--web", &web_addr.to_string(), "--log", "warn"])
+        .args([
+            "--tls-cert",
+            &file("server.pem"),
+            "--tls-key",
+            &file("server-key.pem"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let grpcurl = crate::tls::grpcurl();
+    let request = r#"{"user_id": 2}"#;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let answer = loop {
+        let output = Command::new(&grpcurl)
+            .args(["-cacert", &file("ca.pem"), "-d", request, &addr.to_string()])
+            .arg("spendflow.v1.ExpenseQuery/GetUserSummary")
+            .output()
+            .unwrap();
+        if output.status.success() {
+            break String::from_utf8_lossy(&output.stdout).to_string();
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "spendflow serve exited"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "spendflow serve never answered over TLS"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(answer.contains("7000"), "{answer}");
+    let (code, body, _) = crate::tls::curl(
+        &format!("https://{web_addr}/api/users/2"),
+        &["--cacert", &file("ca.pem")],
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["aggregates"]["total_minor"],
+        json!(7_000)
+    );
+    let plain = Command::new(&grpcurl)
+        .args([
+            "-plaintext",
+            "-max-time",
+            "10",
+            "-d",
+            request,
+            &addr.to_string(),
+        ])
+        .arg("spendflow.v1.ExpenseQuery/GetUserSummary")
+        .output()
+        .unwrap();
+    assert!(!plain.status.success());
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// Sixty users' worth of live expenses over four months: several categories and merchants,
 /// refunds, a user whose expenses cancel out to a zero total.
 fn verify_expenses() -> Vec<Expense> {

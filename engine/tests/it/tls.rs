@@ -24,7 +24,7 @@ fn repo() -> PathBuf {
 }
 
 /// Development certificates (CA, server for 127.0.0.1/localhost, client) in a fresh directory.
-fn certificates() -> tempfile::TempDir {
+pub(crate) fn certificates() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let output = Command::new("bash")
         .arg(repo().join("docker/dev-certs.sh"))
@@ -46,7 +46,7 @@ fn certificates() -> tempfile::TempDir {
 }
 
 /// grpcurl, installed by `make tools`; the test fails with instructions without it.
-fn grpcurl() -> PathBuf {
+pub(crate) fn grpcurl() -> PathBuf {
     let tools = std::env::var_os("SPENDFLOW_TOOLS_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo().join("target/tools"));
@@ -133,7 +133,7 @@ fn text(output: &Output) -> String {
 }
 
 /// `curl` of `url` with `args`: (HTTP status, body); status 0 when no answer came.
-fn curl(url: &str, args: &[&str]) -> (u16, String, Output) {
+pub(crate) fn curl(url: &str, args: &[&str]) -> (u16, String, Output) {
     let output = run(Command::new("curl")
         .args(["-sS", "--max-time", "20", "-o", "-", "-w", "\n%{http_code}"])
         .args(args)

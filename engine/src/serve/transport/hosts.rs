@@ -41,7 +41,7 @@ impl AllowedHosts {
     /// True when `host` (a `Host` header or URI authority, with or without port) is allowed.
     pub fn allows(&self, host: &str) -> bool {
         let name = normalize(host);
-        self.names.iter().any(|n| *n == name)
+        self.names.contains(&name)
     }
 }
 

@@ -20,7 +20,9 @@ mod tls;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use caps::{CapAcceptor, Capped, ConnectionCap, capped_incoming};
+#[cfg(feature = "web")]
+pub use caps::CapAcceptor;
+pub use caps::{Capped, ConnectionCap, capped_incoming};
 pub use limits::{ServiceLimit, ServiceLimitLayer, oversized_as_resource_exhausted};
 pub use tls::{LoadedTls, TlsError};
 

@@ -465,3 +465,56 @@ fn event_stream_slots_are_counted_overall_and_per_client_and_released() {
     drop(first);
     assert_eq!(clients.open(), 0);
 }
+
+#[test]
+fn requests_past_the_concurrency_limit_get_503_at_once() {
+    use std::io::{Read, Write};
+    let backend = super::WebBackend::new(Hanging, FixedAdmin);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let transport = Transport {
+        limits: crate::config::LimitsConfig {
+            max_concurrent_requests: 1,
+            ..Default::default()
+        },
+        ..Transport::default()
+    };
+    runtime.spawn(super::serve(
+        listener,
+        backend,
+        transport,
+        std::future::pending(),
+    ));
+    let send = |timeout: u64| {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(timeout)))
+            .unwrap();
+        write!(
+            stream,
+            "GET /api/users/1 HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        stream
+    };
+    // Requests kept open: once one of them has the one place it keeps it (the backend never
+    // answers), and a request after that gets 503 at once. A probe that got the place instead
+    // times out, and its connection is closed, which frees the place for the next kept one.
+    let mut kept = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let answer = loop {
+        kept.push(send(60));
+        let mut probe = send(1);
+        let mut answer = String::new();
+        let _ = probe.read_to_string(&mut answer);
+        if !answer.is_empty() {
+            break answer;
+        }
+        assert!(std::time::Instant::now() < deadline, "never refused");
+    };
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("requests in progress"), "{answer}");
+}
