@@ -1,8 +1,8 @@
 //! The flags of `run`, `demo` and `serve` that say who may reach the servers and how (TLS,
 //! tokens, allowed hosts, limits), and where metrics are served.
 
-use std::path::PathBuf;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use clap::Args;
 
