@@ -194,7 +194,7 @@ async fn serve_routes(
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .max_connection_age(MAX_CONNECTION_AGE)
-        .layer(TraceLayer::new_for_grpc())
+        .layer(TraceLayer::new_for_grpc().on_failure(log_failure))
         // Outside the limits and the oversized-message mapping: every answer is counted with the
         // code the client sees (RESOURCE_EXHAUSTED from a refused or oversized call included).
         .layer(crate::metrics::GrpcMetricsLayer)
@@ -211,6 +211,43 @@ async fn serve_routes(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
+}
+
+/// Logs a call that did not end `OK`: at DEBUG when the client asked for something it may not
+/// have or that is not there (a bad argument, an unknown user, a missing or insufficient token,
+/// a cancelled call), which is the server working as it should; at WARN otherwise (internal
+/// errors, unavailable stores, deadlines, refusals under load). tower-http's default logs every
+/// one at ERROR, and ERROR here means data loss.
+fn log_failure(
+    failure: tower_http::classify::GrpcFailureClass,
+    latency: Duration,
+    _span: &tracing::Span,
+) {
+    use tonic::Code;
+    use tower_http::classify::GrpcFailureClass;
+
+    match failure {
+        GrpcFailureClass::Status(status) => {
+            let code = Code::from_i32(status.code_raw());
+            let latency_ms = latency.as_millis();
+            match code {
+                Code::Cancelled
+                | Code::InvalidArgument
+                | Code::NotFound
+                | Code::AlreadyExists
+                | Code::PermissionDenied
+                | Code::FailedPrecondition
+                | Code::OutOfRange
+                | Code::Unauthenticated => {
+                    tracing::debug!(?code, latency_ms, "gRPC call refused.");
+                }
+                _ => tracing::warn!(?code, latency_ms, "gRPC call failed."),
+            }
+        }
+        other => {
+            tracing::warn!(failure = %other, latency_ms = latency.as_millis(), "gRPC call failed.");
+        }
+    }
 }
 
 /// Why a gRPC server could not start or stopped.

@@ -221,7 +221,12 @@ fn router_stopping(
             StatusCode::SERVICE_UNAVAILABLE,
             timeout,
         ))
-        .layer(TraceLayer::new_for_http())
+        // A 5xx answer (a store that did not answer in time, a refusal under load) is a WARN:
+        // tower-http's default ERROR is for data loss here.
+        .layer(
+            TraceLayer::new_for_http()
+                .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::WARN)),
+        )
 }
 
 /// A running web server. Dropping it stops it.
