@@ -53,6 +53,11 @@ pub(crate) fn auth_note(
     security: &crate::cli_security::SecurityArgs,
     web: std::net::SocketAddr,
 ) -> Option<String> {
+    let scheme = if security.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let mint = match &security.jwt_secret_file {
         Some(secret) => format!(
             "  TOKEN=$(spendflow token --jwt-secret-file {} --scope \"expenses:read admin\" --ttl 1h)",
@@ -66,6 +71,6 @@ pub(crate) fn auth_note(
     Some(format!(
         "Token auth is on: every call needs a token (health and reflection excepted).\n{mint}\n  \
          grpcurl -H \"authorization: Bearer $TOKEN\" ... (as above)\n  \
-         web report: sign in at http://{web}/signin with the token"
+         web report: sign in at {scheme}://{web}/signin with the token"
     ))
 }
