@@ -26,12 +26,89 @@ use crate::serve::read_model::{
 /// Cells per snapshot message of a subscription.
 const SNAPSHOT_CHUNK: usize = 1000;
 
+/// Longest time a subscription may take to read its snapshot. While it reads, the snapshot of
+/// its starting epoch stays in memory, and as the state moves on that copy shares less and less
+/// with it (up to a whole copy of the state per subscriber that stops reading). Past this the
+/// snapshot is let go and the stream ends with `RESOURCE_EXHAUSTED`; the client subscribes
+/// again. Checked by one task per backend (a stream nobody reads is never polled itself).
+pub const SNAPSHOT_READ_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The snapshot a subscription is reading, which the backend's reaper may take away.
+struct SnapshotSlot {
+    snapshot: parking_lot::Mutex<Option<Arc<Snapshot>>>,
+    epoch: Epoch,
+    since: tokio::time::Instant,
+}
+
+/// Every snapshot subscriptions are reading, and the task that lets go of those held too long.
+#[derive(Debug, Default)]
+struct SnapshotHolds {
+    slots: parking_lot::Mutex<Vec<std::sync::Weak<SnapshotSlot>>>,
+    reaper: std::sync::OnceLock<()>,
+}
+
+impl SnapshotHolds {
+    /// Registers a subscription's snapshot; starts the reaper on the first one.
+    fn hold(self: &Arc<Self>, snapshot: Arc<Snapshot>) -> Arc<SnapshotSlot> {
+        let slot = Arc::new(SnapshotSlot {
+            epoch: snapshot.as_of().epoch,
+            snapshot: parking_lot::Mutex::new(Some(snapshot)),
+            since: tokio::time::Instant::now(),
+        });
+        self.slots.lock().push(Arc::downgrade(&slot));
+        self.reaper.get_or_init(|| {
+            let holds = Arc::downgrade(self);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(holds) = holds.upgrade() else {
+                        return;
+                    };
+                    holds.reap(SNAPSHOT_READ_DEADLINE);
+                }
+            });
+        });
+        slot
+    }
+
+    /// Lets go of the snapshots held longer than `deadline`; forgets finished ones.
+    fn reap(&self, deadline: std::time::Duration) {
+        self.slots.lock().retain(|slot| {
+            let Some(slot) = slot.upgrade() else {
+                return false;
+            };
+            if slot.since.elapsed() < deadline {
+                return true;
+            }
+            if slot.snapshot.lock().take().is_some() {
+                tracing::debug!(
+                    epoch = slot.epoch,
+                    "A subscriber did not read its snapshot in time; letting it go."
+                );
+            }
+            false
+        });
+    }
+}
+
+impl std::fmt::Debug for SnapshotSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotSlot")
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Answers from the engine's read model.
 #[derive(Debug, Clone)]
 pub struct ReadModelBackend {
     read_model: Arc<ReadModel>,
     /// Snapshot cells made for subscribers so far (see [`ReadModelBackend::snapshot_cells`]).
     snapshot_cells: Arc<AtomicU64>,
+    /// The snapshots subscribers are reading ([`SNAPSHOT_READ_DEADLINE`]).
+    holds: Arc<SnapshotHolds>,
 }
 
 impl ReadModelBackend {
@@ -40,6 +117,7 @@ impl ReadModelBackend {
         ReadModelBackend {
             read_model,
             snapshot_cells: Arc::default(),
+            holds: Arc::default(),
         }
     }
 
@@ -241,7 +319,9 @@ impl QueryBackend for ReadModelBackend {
         }
         let (start, changes) = self.read_model.subscribe(resume_after);
         let phase = match start {
-            SubscriptionStart::Snapshot(snapshot) => Phase::Snapshot(SnapshotPages::new(snapshot)),
+            SubscriptionStart::Snapshot(snapshot) => {
+                Phase::Snapshot(SnapshotPages::new(self.holds.hold(snapshot)))
+            }
             SubscriptionStart::Replay(replay) => Phase::Replay(replay.into()),
         };
         let feed = Feed {
@@ -255,6 +335,7 @@ impl QueryBackend for ReadModelBackend {
             pending: VecDeque::new(),
             done: false,
             snapshot_cells: Arc::clone(&self.snapshot_cells),
+            holds: Arc::clone(&self.holds),
             _guard: guard,
         };
         // The stream makes each message when the client's connection asks for the next one
@@ -269,15 +350,16 @@ impl QueryBackend for ReadModelBackend {
 
 /// A snapshot being sent a page at a time.
 struct SnapshotPages {
-    snapshot: Arc<Snapshot>,
+    /// Emptied by the backend's reaper when the snapshot is not read in time.
+    slot: Arc<SnapshotSlot>,
     /// Where the next page starts; `None` once the last page was made.
     next: Option<CellCursor>,
 }
 
 impl SnapshotPages {
-    fn new(snapshot: Arc<Snapshot>) -> Self {
+    fn new(slot: Arc<SnapshotSlot>) -> Self {
         SnapshotPages {
-            snapshot,
+            slot,
             next: Some(CellCursor::default()),
         }
     }
@@ -308,6 +390,8 @@ struct Feed {
     done: bool,
     /// Counts the snapshot cells made, over all subscriptions of the backend.
     snapshot_cells: Arc<AtomicU64>,
+    /// Where a new snapshot (after lagging) is registered.
+    holds: Arc<SnapshotHolds>,
     /// Holds one of the server's subscription slots while the stream lives.
     _guard: SubscriberGuard,
 }
@@ -318,14 +402,22 @@ fn snapshot_page(
     counter: &AtomicU64,
     pages: &mut SnapshotPages,
 ) -> Result<pb::Snapshot, Status> {
+    let Some(snapshot) = pages.slot.snapshot.lock().clone() else {
+        return Err(Status::resource_exhausted(format!(
+            "the snapshot of epoch {} was not read within {} s, and a snapshot held longer \
+             costs the server memory; subscribe again and read the stream as it comes",
+            pages.slot.epoch,
+            SNAPSHOT_READ_DEADLINE.as_secs()
+        )));
+    };
     let from = pages.next.unwrap_or_default();
-    let (cells, next) = pages.snapshot.cell_page(users, from, SNAPSHOT_CHUNK);
+    let (cells, next) = snapshot.cell_page(users, from, SNAPSHOT_CHUNK);
     pages.next = next;
     counter.fetch_add(cells.len() as u64, Ordering::Relaxed);
     Ok(pb::Snapshot {
         cells: cells.iter().map(convert::cell).collect::<Result<_, _>>()?,
         last: next.is_none(),
-        as_of: Some(convert::as_of(pages.snapshot.as_of())),
+        as_of: Some(convert::as_of(snapshot.as_of())),
     })
 }
 
@@ -346,7 +438,7 @@ impl Feed {
             match &mut self.phase {
                 Phase::Snapshot(pages) => {
                     let page = snapshot_page(&self.users, &self.snapshot_cells, pages);
-                    let epoch = pages.snapshot.as_of().epoch;
+                    let epoch = pages.slot.epoch;
                     match page {
                         Ok(page) => {
                             if page.last {
@@ -378,7 +470,8 @@ impl Feed {
                                 // snapshot, which replaces everything the client holds.
                                 tracing::debug!(missed, "Subscriber lagged; sending a new snapshot.");
                                 self.changes = self.changes.resubscribe();
-                                self.phase = Phase::Snapshot(SnapshotPages::new(self.read_model.snapshot()));
+                                let slot = self.holds.hold(self.read_model.snapshot());
+                                self.phase = Phase::Snapshot(SnapshotPages::new(slot));
                             }
                             Err(broadcast::error::RecvError::Closed) => return None,
                         },
@@ -502,6 +595,124 @@ mod tests {
             .unwrap()
             .into_inner();
         assert_eq!(answer.summary.unwrap().total_minor, 5);
+    }
+
+    /// A subscriber that stops reading its snapshot holds the snapshot of its starting epoch,
+    /// which stops sharing memory with the state as it moves on: after
+    /// [`SNAPSHOT_READ_DEADLINE`] the backend lets go of it (though nobody polls the stream)
+    /// and the stream ends with `RESOURCE_EXHAUSTED`.
+    #[tokio::test(start_paused = true)]
+    async fn a_snapshot_not_read_in_time_is_let_go_and_the_stream_ends() {
+        use std::sync::atomic::AtomicUsize;
+
+        use futures::StreamExt;
+
+        let (model, mut writer) = ReadModel::new();
+        let delta = |epoch: Epoch, sum: i64| EpochDelta {
+            as_of: crate::serve::read_model::AsOf {
+                epoch,
+                ..Default::default()
+            },
+            cells: (1..=(3 * SNAPSHOT_CHUNK) as u64)
+                .map(|user| CellChange {
+                    key: AggKey::User(user),
+                    count: 1,
+                    sum,
+                })
+                .collect(),
+            ..EpochDelta::default()
+        };
+        writer.apply(delta(1, 5));
+        let backend = ReadModelBackend::new(Arc::clone(&model));
+        let slots = Arc::new(AtomicUsize::new(0));
+        let pinned = Arc::downgrade(&model.snapshot());
+        let mut stream = backend
+            .subscribe(SubscribeSpec {
+                users: Vec::new(),
+                resume_after: None,
+                incarnation: String::new(),
+                guard: SubscriberGuard::acquire(&slots).unwrap(),
+            })
+            .await
+            .unwrap();
+        let first = stream.next().await.unwrap().unwrap();
+        assert!(matches!(
+            first.event,
+            Some(pb::subscribe_response::Event::Snapshot(ref page)) if !page.last
+        ));
+        // The state moves on; only the subscriber keeps the old snapshot.
+        writer.apply(delta(2, 7));
+        assert!(
+            pinned.upgrade().is_some(),
+            "held while the client may still read"
+        );
+
+        tokio::time::sleep(SNAPSHOT_READ_DEADLINE + Duration::from_secs(2)).await;
+        assert!(
+            pinned.upgrade().is_none(),
+            "the snapshot is still in memory after the deadline"
+        );
+        let status = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("the stream ends")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains("subscribe again"), "{status:?}");
+        assert!(stream.next().await.is_none());
+        drop(stream);
+        assert_eq!(slots.load(Ordering::Relaxed), 0, "the slot is free again");
+    }
+
+    /// A subscriber that reads its snapshot in time is not disturbed by the deadline.
+    #[tokio::test(start_paused = true)]
+    async fn a_snapshot_read_in_time_is_kept_whatever_the_clock_does_after() {
+        use std::sync::atomic::AtomicUsize;
+
+        use futures::StreamExt;
+
+        let (model, mut writer) = ReadModel::new();
+        let delta = |epoch: Epoch, sum: i64| EpochDelta {
+            as_of: crate::serve::read_model::AsOf {
+                epoch,
+                ..Default::default()
+            },
+            cells: vec![CellChange {
+                key: AggKey::User(1),
+                count: 1,
+                sum,
+            }],
+            ..EpochDelta::default()
+        };
+        writer.apply(delta(1, 5));
+        let backend = ReadModelBackend::new(Arc::clone(&model));
+        let slots = Arc::new(AtomicUsize::new(0));
+        let mut stream = backend
+            .subscribe(SubscribeSpec {
+                users: Vec::new(),
+                resume_after: None,
+                incarnation: String::new(),
+                guard: SubscriberGuard::acquire(&slots).unwrap(),
+            })
+            .await
+            .unwrap();
+        let page = stream.next().await.unwrap().unwrap();
+        assert!(matches!(
+            page.event,
+            Some(pb::subscribe_response::Event::Snapshot(ref page)) if page.last
+        ));
+        tokio::time::sleep(SNAPSHOT_READ_DEADLINE * 2).await;
+        writer.apply(delta(2, 6));
+        // (Bounded: a paused clock would otherwise advance for ever if nothing came.)
+        let next = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("the changes of epoch 2")
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(next.event, Some(pb::subscribe_response::Event::Changes(_))),
+            "{next:?}"
+        );
     }
 
     #[test]
