@@ -83,10 +83,13 @@ impl Cql {
 
     /// Creates `keyspace` (one replica) with the sink's tables.
     pub fn create_schema(&self, keyspace: &str) -> Result<()> {
-        self.execute(create_keyspace(
-            keyspace,
-            "{'class': 'SimpleStrategy', 'replication_factor': 1}",
-        ))?;
+        self.execute(
+            create_keyspace(
+                keyspace,
+                "{'class': 'SimpleStrategy', 'replication_factor': 1}",
+            )
+            .map_err(|e| anyhow::anyhow!("keyspace {keyspace}: {e}"))?,
+        )?;
         for table in create_tables(keyspace) {
             self.execute(table)?;
         }
