@@ -93,19 +93,7 @@ pub fn router() -> Router {
 ///
 /// [`EngineError::Web`] if the address cannot be bound.
 pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, EngineError> {
-    let error = |message: String| EngineError::Web {
-        addr: addr.to_string(),
-        message,
-    };
-    let listener = std::net::TcpListener::bind(addr).map_err(|e| {
-        error(format!(
-            "{e} (is another program using it? choose another address with --metrics)"
-        ))
-    })?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| error(e.to_string()))?;
-    Ok(listener)
+    crate::serve::web::bind_http(addr, "--metrics")
 }
 
 /// Binds `addr` and serves [`router`] there as a task of `runtime` until `shutdown` completes;

@@ -157,18 +157,7 @@ async fn cassandra_over_tls_verifies_the_node_against_the_given_ca() {
 
     // A CA of our own, which signed nothing the node has.
     let dir = tempfile::tempdir().unwrap();
-    let other = dir.path().join("other-ca.pem");
-    let made = std::process::Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-        ])
-        .args(["-subj", "/CN=not the kit's CA", "-keyout"])
-        .arg(dir.path().join("other-ca.key"))
-        .arg("-out")
-        .arg(&other)
-        .output()
-        .unwrap();
-    assert!(made.status.success(), "{made:?}");
+    let other = crate::support::foreign_ca(dir.path());
     let refused = connect_with(
         &contact,
         &CassandraClientSecurity {

@@ -245,19 +245,7 @@ impl WebServer {
     ///
     /// [`EngineError::Web`] if the address cannot be bound.
     pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, EngineError> {
-        let error = |message: String| EngineError::Web {
-            addr: addr.to_string(),
-            message,
-        };
-        let listener = std::net::TcpListener::bind(addr).map_err(|e| {
-            error(format!(
-                "{e} (is another program using it? choose another address with --web)"
-            ))
-        })?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| error(e.to_string()))?;
-        Ok(listener)
+        bind_http(addr, "--web")
     }
 
     /// Serves [`router`] on `listener` (from [`WebServer::bind`]) as a task spawned on
@@ -323,6 +311,27 @@ impl Drop for WebServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Binds an HTTP server's `addr` (port 0 picks a free port), non-blocking for tokio; the error
+/// says which `flag` to change when the port is taken.
+pub(crate) fn bind_http(
+    addr: SocketAddr,
+    flag: &str,
+) -> Result<std::net::TcpListener, EngineError> {
+    let error = |message: String| EngineError::Web {
+        addr: addr.to_string(),
+        message,
+    };
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| {
+        error(format!(
+            "{e} (is another program using it? choose another address with {flag})"
+        ))
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| error(e.to_string()))?;
+    Ok(listener)
 }
 
 fn local_addr(listener: &std::net::TcpListener) -> Result<SocketAddr, EngineError> {

@@ -38,6 +38,24 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}_{:016x}", rand::random::<u64>())
 }
 
+/// A CA certificate of our own (`<dir>/other-ca.pem`, made with openssl), which signed nothing
+/// the services kit serves: a client trusting only it must refuse the kit's servers.
+pub fn foreign_ca(dir: &std::path::Path) -> std::path::PathBuf {
+    let other = dir.join("other-ca.pem");
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=not the kit's CA", "-keyout"])
+        .arg(dir.join("other-ca.key"))
+        .arg("-out")
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    other
+}
+
 /// Awaits `fut`, failing the test with `what` if it takes longer than `secs` seconds.
 pub async fn within<T>(secs: u64, what: &str, fut: impl Future<Output = T>) -> T {
     match tokio::time::timeout(Duration::from_secs(secs), fut).await {
