@@ -324,3 +324,179 @@ fn cell_pages_walk_the_same_cells_as_the_whole_snapshot_in_the_same_order() {
         }
     }
 }
+
+/// Allocation counting for [`measure_bytes_per_user_and_publish_cost`]: counts only on a thread
+/// that asked for it, so the other tests of this binary (running in parallel) are not counted
+/// and pay one thread-local read per allocation. Test-only; the one `unsafe` of the engine's
+/// tests, forwarding to `System` unchanged.
+#[allow(unsafe_code)]
+mod counting {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    pub struct Counting;
+
+    thread_local! {
+        static ON: Cell<bool> = const { Cell::new(false) };
+        static ALLOCS: Cell<u64> = const { Cell::new(0) };
+        static ALLOCATED: Cell<u64> = const { Cell::new(0) };
+        static FREED: Cell<u64> = const { Cell::new(0) };
+    }
+
+    fn count(allocs: u64, allocated: u64, freed: u64) {
+        let _ = ON.try_with(|on| {
+            if on.get() {
+                ALLOCS.with(|c| c.set(c.get() + allocs));
+                ALLOCATED.with(|c| c.set(c.get() + allocated));
+                FREED.with(|c| c.set(c.get() + freed));
+            }
+        });
+    }
+
+    // SAFETY: every call is forwarded to `System` unchanged; the counters are thread-local
+    // `Cell`s with const initialisers, which never allocate.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            count(1, layout.size() as u64, 0);
+            // SAFETY: forwarded with the caller's layout.
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            count(0, 0, layout.size() as u64);
+            // SAFETY: forwarded with the caller's pointer and layout.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            count(1, new_size as u64, layout.size() as u64);
+            // SAFETY: forwarded with the caller's arguments.
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+    }
+
+    #[global_allocator]
+    static COUNTING: Counting = Counting;
+
+    /// `(allocations, bytes allocated, bytes freed)` on this thread since counting started.
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct Counts {
+        pub allocs: u64,
+        pub allocated: u64,
+        pub freed: u64,
+    }
+
+    impl Counts {
+        pub fn live(self) -> i64 {
+            self.allocated as i64 - self.freed as i64
+        }
+        pub fn since(self, earlier: Counts) -> Counts {
+            Counts {
+                allocs: self.allocs - earlier.allocs,
+                allocated: self.allocated - earlier.allocated,
+                freed: self.freed - earlier.freed,
+            }
+        }
+    }
+
+    pub fn start() {
+        ON.with(|on| on.set(true));
+    }
+
+    pub fn now() -> Counts {
+        Counts {
+            allocs: ALLOCS.with(Cell::get),
+            allocated: ALLOCATED.with(Cell::get),
+            freed: FREED.with(Cell::get),
+        }
+    }
+}
+
+/// Not an assertion, a measurement (`cargo test -p spendflow-engine --lib
+/// read_model::tests::measure -- --ignored --nocapture`): the bytes a user with 5 categories, 5
+/// merchants, 30 days and 2 months costs in a snapshot, and the allocations, bytes allocated and
+/// time per touched user of publishing epochs in which each touched user gets one expense.
+#[test]
+#[ignore = "a measurement: run it with --ignored --nocapture"]
+fn measure_bytes_per_user_and_publish_cost() {
+    const USERS: u64 = 20_000;
+    const PER_EPOCH: u64 = 1_000;
+    let categories: Vec<_> = (0..5)
+        .map(|i| spendflow_operators::Name::intern(&format!("measure category {i}")).0)
+        .collect();
+    let merchants: Vec<_> = (0..5)
+        .map(|i| spendflow_operators::Name::intern(&format!("measure merchant {i}")).0)
+        .collect();
+    let first_day = 20_000;
+    // One expense of a user: every kind of cell, the way the dataflow changes them.
+    let expense = |user: UserId, i: i32, amount: i64| {
+        let day = first_day + i % 30;
+        vec![
+            change(AggKey::User(user), 1, amount),
+            change(AggKey::Category(user, categories[i as usize % 5]), 1, amount),
+            change(AggKey::Merchant(user, merchants[(i as usize / 5) % 5]), 1, amount),
+            change(AggKey::Day(user, day), 1, amount),
+            change(AggKey::Month(user, 657 + day / 30 % 2), 1, amount),
+        ]
+    };
+    let seen = |user: UserId, i: i32| LastSeen {
+        user_id: user,
+        event_ms: Some(1_000 * i64::from(i)),
+    };
+
+    counting::start();
+    let before = counting::now();
+    let (model, mut writer) = ReadModel::new();
+    let mut epoch = 0;
+    // 30 expenses per user (every day, category, merchant, both months), users in batches.
+    for batch in 0..USERS / PER_EPOCH {
+        for i in 0..30 {
+            epoch += 1;
+            let users = batch * PER_EPOCH..(batch + 1) * PER_EPOCH;
+            let cells = users.clone().flat_map(|u| expense(u, i, 100)).collect();
+            let last_seen = users.map(|u| seen(u, i)).collect();
+            writer.apply(delta(epoch, cells, last_seen));
+        }
+    }
+    // Empty epochs push the filled epochs out of the history and the broadcast channel, so
+    // what stays allocated is the snapshot (and a constant).
+    for _ in 0..2 * 1024 {
+        epoch += 1;
+        writer.apply(delta(epoch, vec![], vec![]));
+    }
+    let snapshot = model.snapshot();
+    let user = snapshot.user(0).unwrap();
+    assert_eq!(
+        (user.categories.len(), user.merchants.len(), user.days.len(), user.months.len()),
+        (5, 5, 30, 2)
+    );
+    let live = counting::now().since(before).live();
+    println!(
+        "snapshot of {USERS} users (5 categories, 5 merchants, 30 days, 2 months each): \
+         {live} bytes live, {} bytes per user",
+        live / USERS as i64
+    );
+
+    // Publishing: epochs of PER_EPOCH users with one more expense each, on a day, category,
+    // merchant and month they already have, spread over all users.
+    let rounds = 20;
+    let start = counting::now();
+    let clock = std::time::Instant::now();
+    for round in 0..rounds {
+        epoch += 1;
+        let users = (0..PER_EPOCH).map(|k| (k * (USERS / PER_EPOCH) + round) % USERS);
+        let cells = users.clone().flat_map(|u| expense(u, 7, 1)).collect();
+        let last_seen = users.map(|u| seen(u, 40)).collect();
+        writer.apply(delta(epoch, cells, last_seen));
+    }
+    let elapsed = clock.elapsed();
+    let cost = counting::now().since(start);
+    let touched = (rounds * PER_EPOCH) as f64;
+    println!(
+        "publish, {PER_EPOCH} touched users per epoch (one expense each) over {USERS} users: \
+         {:.1} allocations, {:.0} bytes allocated, {:.0} ns per touched user \
+         (wall clock, {} build)",
+        cost.allocs as f64 / touched,
+        cost.allocated as f64 / touched,
+        elapsed.as_nanos() as f64 / touched,
+        if cfg!(debug_assertions) { "debug" } else { "release" },
+    );
+}
