@@ -6,8 +6,9 @@
 //! the writer or the dataflow workers; a snapshot they hold stays valid and consistent (all of one
 //! epoch) for as long as they hold it.
 //!
-//! Snapshots share structure: the maps are persistent (`imbl`), so publishing an epoch copies
-//! only the paths to the users and cells that changed, never the whole state.
+//! Snapshots share structure: the map of users is persistent (`imbl`), so publishing an epoch
+//! copies only the paths to the users that changed, never the whole state; a changed user's own
+//! maps are small sorted slices ([`CellMap`]), rebuilt once per epoch in one pass.
 //!
 //! Changes are also published as the new absolute values of every changed cell
 //! ([`Published`]), to subscribers and into a bounded history that lets a subscriber resume
@@ -45,6 +46,12 @@ pub struct EpochDelta {
 }
 
 /// All aggregates of one user.
+///
+/// The per-user maps are compact sorted slices ([`CellMap`]), not persistent maps: a user has
+/// tens to hundreds of cells, and a persistent map's node is sized for dozens of entries even
+/// when it holds one, which made a user cost kilobytes. A user changed by an epoch gets new maps
+/// (built in one pass over the old ones and the epoch's changes); snapshots still share every
+/// untouched user, because the map of users stays persistent.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UserAggregates {
     /// The user.
@@ -56,13 +63,13 @@ pub struct UserAggregates {
     /// The newest event time among the live expenses, ms since the Unix epoch.
     pub last_event_ms: Option<i64>,
     /// `(count, sum)` per category.
-    pub categories: OrdMap<Name, Amount>,
+    pub categories: CellMap<Name>,
     /// `(count, sum)` per merchant.
-    pub merchants: OrdMap<Name, Amount>,
+    pub merchants: CellMap<Name>,
     /// `(count, sum)` per UTC day (days since 1970-01-01).
-    pub days: OrdMap<i32, Amount>,
+    pub days: CellMap<i32>,
     /// `(count, sum)` per UTC month (`year * 12 + month - 1`).
-    pub months: OrdMap<i32, Amount>,
+    pub months: CellMap<i32>,
 }
 
 impl UserAggregates {
@@ -75,7 +82,7 @@ impl UserAggregates {
 
     /// The current `(count, sum)` of one of this user's cells; `(0, 0)` if it does not exist.
     pub fn cell(&self, key: &AggKey) -> Amount {
-        let get = |v: Option<&Amount>| v.copied().unwrap_or((0, 0));
+        let get = |v: Option<Amount>| v.unwrap_or((0, 0));
         match key {
             AggKey::User(_) => (self.expense_count, self.total_minor),
             AggKey::Category(_, name) => get(self.categories.get(name)),
@@ -85,44 +92,92 @@ impl UserAggregates {
         }
     }
 
-    /// Adds a change to one cell and returns the cell's new `(count, sum)`.
-    fn apply(&mut self, key: &AggKey, count: i64, sum: i64) -> Amount {
-        let sum = i128::from(sum);
-        fn add<K: Ord + Clone>(
-            map: &mut OrdMap<K, Amount>,
-            key: &K,
-            count: i64,
-            sum: i128,
-        ) -> Amount {
-            let value = match map.get_mut(key) {
-                Some(value) => {
-                    *value = (value.0 + count, value.1 + sum);
-                    *value
-                }
-                // A zero change ("touched" during a replay) of an absent cell leaves it absent:
-                // it is published as removed, and no `(0, 0)` entry is kept.
-                None if (count, sum) == (0, 0) => return (0, 0),
-                None => {
-                    map.insert(key.clone(), (count, sum));
-                    return (count, sum);
-                }
-            };
-            if value == (0, 0) {
-                map.remove(key);
-            }
-            value
+    /// This user after the net changes `changes` (sorted by key, one per key, all of this
+    /// user) and a new last event time (`Some(new)`) if one is given. Calls `publish` with the
+    /// new value of every changed cell, `(0, 0)` for a cell that is gone; the user cell last,
+    /// if it changed or the last event time was given.
+    fn changed(
+        &self,
+        changes: &[NetChange],
+        last_seen: Option<Option<i64>>,
+        mut publish: impl FnMut(CellValue),
+    ) -> UserAggregates {
+        // The changes are sorted by key, and keys sort by kind first.
+        let kind = |key: &AggKey| match key {
+            AggKey::User(_) => 0,
+            AggKey::Category(..) => 1,
+            AggKey::Merchant(..) => 2,
+            AggKey::Day(..) => 3,
+            AggKey::Month(..) => 4,
+        };
+        let split =
+            |k: u8, from: usize| from + changes[from..].partition_point(|c| kind(&c.key) <= k);
+        let users_end = split(0, 0);
+        let categories_end = split(1, users_end);
+        let merchants_end = split(2, categories_end);
+        let days_end = split(3, merchants_end);
+        let mut cell = |key: AggKey, (count, sum): Amount| {
+            publish(CellValue {
+                key,
+                count,
+                sum,
+                last_event_ms: None,
+            })
+        };
+        let mut next = UserAggregates {
+            user_id: self.user_id,
+            total_minor: self.total_minor,
+            expense_count: self.expense_count,
+            last_event_ms: self.last_event_ms,
+            categories: self.categories.merge(
+                &changes[users_end..categories_end],
+                |key| match key {
+                    AggKey::Category(_, name) => *name,
+                    _ => unreachable!("sorted by kind"),
+                },
+                &mut cell,
+            ),
+            merchants: self.merchants.merge(
+                &changes[categories_end..merchants_end],
+                |key| match key {
+                    AggKey::Merchant(_, name) => *name,
+                    _ => unreachable!("sorted by kind"),
+                },
+                &mut cell,
+            ),
+            days: self.days.merge(
+                &changes[merchants_end..days_end],
+                |key| match key {
+                    AggKey::Day(_, day) => *day,
+                    _ => unreachable!("sorted by kind"),
+                },
+                &mut cell,
+            ),
+            months: self.months.merge(
+                &changes[days_end..],
+                |key| match key {
+                    AggKey::Month(_, month) => *month,
+                    _ => unreachable!("sorted by kind"),
+                },
+                &mut cell,
+            ),
+        };
+        for change in &changes[..users_end] {
+            next.expense_count += change.count;
+            next.total_minor += change.sum;
         }
-        match key {
-            AggKey::User(_) => {
-                self.expense_count += count;
-                self.total_minor += sum;
-                (self.expense_count, self.total_minor)
-            }
-            AggKey::Category(_, name) => add(&mut self.categories, name, count, sum),
-            AggKey::Merchant(_, name) => add(&mut self.merchants, name, count, sum),
-            AggKey::Day(_, day) => add(&mut self.days, day, count, sum),
-            AggKey::Month(_, month) => add(&mut self.months, month, count, sum),
+        if let Some(last_event_ms) = last_seen {
+            next.last_event_ms = last_event_ms;
         }
+        if users_end > 0 || last_seen.is_some() {
+            publish(CellValue {
+                key: AggKey::User(self.user_id),
+                count: next.expense_count,
+                sum: next.total_minor,
+                last_event_ms: next.last_event_ms,
+            });
+        }
+        next
     }
 
     fn is_empty(&self) -> bool {
@@ -132,6 +187,180 @@ impl UserAggregates {
             && self.merchants.is_empty()
             && self.days.is_empty()
             && self.months.is_empty()
+    }
+}
+
+/// The net change of one cell over an epoch's delta.
+#[derive(Clone, Copy, Debug)]
+struct NetChange {
+    key: AggKey,
+    count: i64,
+    sum: i128,
+}
+
+/// One entry of a [`CellMap`]: 32 bytes for an 8-byte key (a `(K, Amount)` tuple would take 48,
+/// the `i128` forcing 16-byte alignment).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Entry<K> {
+    key: K,
+    count: i64,
+    sum_low: u64,
+    sum_high: i64,
+}
+
+impl<K: Copy> Entry<K> {
+    fn new(key: K, (count, sum): Amount) -> Self {
+        Entry {
+            key,
+            count,
+            // Two's complement halves, put back together exactly by `amount`.
+            sum_low: sum as u64,
+            sum_high: (sum >> 64) as i64,
+        }
+    }
+
+    fn amount(&self) -> Amount {
+        let sum = (i128::from(self.sum_high) << 64) | i128::from(self.sum_low);
+        (self.count, sum)
+    }
+
+    fn pair(&self) -> (K, Amount) {
+        (self.key, self.amount())
+    }
+}
+
+/// A user's `(count, sum)` per key (category, merchant, day or month): an immutable sorted
+/// slice, exactly as large as its entries. Never holds `(0, 0)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CellMap<K> {
+    entries: Box<[Entry<K>]>,
+}
+
+impl<K> Default for CellMap<K> {
+    fn default() -> Self {
+        CellMap {
+            entries: Box::default(),
+        }
+    }
+}
+
+/// The iterator over a [`CellMap`]: keys and values, by key.
+#[derive(Clone, Debug)]
+pub struct CellMapIter<'a, K>(std::slice::Iter<'a, Entry<K>>);
+
+impl<K: Copy> Iterator for CellMapIter<'_, K> {
+    type Item = (K, Amount);
+
+    fn next(&mut self) -> Option<(K, Amount)> {
+        self.0.next().map(Entry::pair)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.0.size_hint()
+    }
+}
+
+impl<K: Copy> DoubleEndedIterator for CellMapIter<'_, K> {
+    fn next_back(&mut self) -> Option<(K, Amount)> {
+        self.0.next_back().map(Entry::pair)
+    }
+}
+
+impl<K: Copy> ExactSizeIterator for CellMapIter<'_, K> {}
+
+impl<K: Copy + Ord> CellMap<K> {
+    /// Keys with a value.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// No key has a value.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The value of `key`, if it has one.
+    pub fn get(&self, key: &K) -> Option<Amount> {
+        self.entries
+            .binary_search_by(|e| e.key.cmp(key))
+            .ok()
+            .map(|i| self.entries[i].amount())
+    }
+
+    /// Keys and values, by key.
+    pub fn iter(&self) -> CellMapIter<'_, K> {
+        CellMapIter(self.entries.iter())
+    }
+
+    /// Keys in `range` and their values, by key.
+    pub fn range(&self, range: impl std::ops::RangeBounds<K>) -> CellMapIter<'_, K> {
+        use std::ops::Bound::{Excluded, Included, Unbounded};
+        let start = match range.start_bound() {
+            Included(k) => self.entries.partition_point(|e| e.key < *k),
+            Excluded(k) => self.entries.partition_point(|e| e.key <= *k),
+            Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Included(k) => self.entries.partition_point(|e| e.key <= *k),
+            Excluded(k) => self.entries.partition_point(|e| e.key < *k),
+            Unbounded => self.entries.len(),
+        };
+        CellMapIter(self.entries[start..end.max(start)].iter())
+    }
+
+    /// This map after `changes` (sorted by key, one per key), built in one pass; calls
+    /// `publish` with every changed key's new value (`(0, 0)`: gone). A zero change of an
+    /// absent key leaves it absent (it is published as gone, and no `(0, 0)` entry is kept).
+    fn merge(
+        &self,
+        changes: &[NetChange],
+        key_of: impl Fn(&AggKey) -> K,
+        publish: &mut impl FnMut(AggKey, Amount),
+    ) -> CellMap<K> {
+        if changes.is_empty() {
+            return self.clone();
+        }
+        // The exact length first, so the slice is allocated once and never shrunk.
+        let mut len = self.entries.len();
+        for change in changes {
+            match self.get(&key_of(&change.key)) {
+                Some((count, sum)) => {
+                    len -= usize::from((count + change.count, sum + change.sum) == (0, 0));
+                }
+                None => len += usize::from((change.count, change.sum) != (0, 0)),
+            }
+        }
+        let mut merged = Vec::with_capacity(len);
+        let mut old = self.entries.iter().peekable();
+        for change in changes {
+            let key = key_of(&change.key);
+            while let Some(entry) = old.next_if(|e| e.key < key) {
+                merged.push(*entry);
+            }
+            let (count, sum) = match old.next_if(|e| e.key == key) {
+                Some(entry) => entry.amount(),
+                None => (0, 0),
+            };
+            let value = (count + change.count, sum + change.sum);
+            publish(change.key, value);
+            if value != (0, 0) {
+                merged.push(Entry::new(key, value));
+            }
+        }
+        merged.extend(old);
+        debug_assert_eq!(merged.len(), len);
+        CellMap {
+            entries: merged.into_boxed_slice(),
+        }
+    }
+}
+
+impl<'a, K: Copy + Ord> IntoIterator for &'a CellMap<K> {
+    type Item = (K, Amount);
+    type IntoIter = CellMapIter<'a, K>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
     }
 }
 
@@ -282,22 +511,22 @@ fn user_cells(u: &UserAggregates) -> impl Iterator<Item = CellValue> + '_ {
     .chain(
         u.categories
             .iter()
-            .map(move |(k, v)| value(AggKey::Category(id, *k), *v)),
+            .map(move |(k, v)| value(AggKey::Category(id, k), v)),
     )
     .chain(
         u.merchants
             .iter()
-            .map(move |(k, v)| value(AggKey::Merchant(id, *k), *v)),
+            .map(move |(k, v)| value(AggKey::Merchant(id, k), v)),
     )
     .chain(
         u.days
             .iter()
-            .map(move |(k, v)| value(AggKey::Day(id, *k), *v)),
+            .map(move |(k, v)| value(AggKey::Day(id, k), v)),
     )
     .chain(
         u.months
             .iter()
-            .map(move |(k, v)| value(AggKey::Month(id, *k), *v)),
+            .map(move |(k, v)| value(AggKey::Month(id, k), v)),
     )
 }
 
@@ -446,69 +675,59 @@ pub struct ReadModelWriter {
 
 impl ReadModelWriter {
     /// Applies a delta, publishes the new snapshot, and returns what changed.
+    ///
+    /// Each touched user is rebuilt once from its old aggregates and the net changes of its
+    /// cells (a key may repeat when the delta spans several epochs: the changes add up, so the
+    /// published value is the cell's value after all of them).
     pub fn apply(&mut self, mut delta: EpochDelta) -> Arc<Published> {
         delta.as_of.incarnation = Arc::clone(&self.model.incarnation);
         let state = &mut self.state;
-        let mut touched: FxHashMap<UserId, UserAggregates> = FxHashMap::default();
-        // New values of the changed cells, in the order applied (a key may repeat when the
-        // delta spans several epochs; the last value wins below).
-        let mut values: Vec<(AggKey, Amount)> = Vec::with_capacity(delta.cells.len());
-        for change in &delta.cells {
-            let user = change.key.user_id();
-            let aggregates = touched
-                .entry(user)
-                .or_insert_with(|| current(&state.users, user));
-            values.push((
-                change.key,
-                aggregates.apply(&change.key, change.count, change.sum),
-            ));
-            if matches!(change.key, AggKey::User(_)) {
-                state.live_expenses += change.count;
-            }
-        }
-        for seen in &delta.last_seen {
-            let user = seen.user_id;
-            let aggregates = touched
-                .entry(user)
-                .or_insert_with(|| current(&state.users, user));
-            aggregates.last_event_ms = seen.event_ms;
-            values.push((
-                AggKey::User(user),
-                (aggregates.expense_count, aggregates.total_minor),
-            ));
-        }
-        values.reverse();
-        values.sort_by_key(|(key, _)| *key); // stable: the last applied value comes first
-        values.dedup_by_key(|(key, _)| *key);
-        let cells = values
-            .into_iter()
-            .map(|(key, (count, sum))| {
-                let last_event_ms = match key {
-                    AggKey::User(user) => touched[&user].last_event_ms,
-                    _ => None,
-                };
-                CellValue {
-                    key,
-                    count,
-                    sum,
-                    last_event_ms,
+        let mut changes: Vec<NetChange> = delta
+            .cells
+            .iter()
+            .map(|c| {
+                if matches!(c.key, AggKey::User(_)) {
+                    state.live_expenses += c.count;
+                }
+                NetChange {
+                    key: c.key,
+                    count: c.count,
+                    sum: i128::from(c.sum),
                 }
             })
             .collect();
+        // By user, then by key (kind first), so each user's changes are one run.
+        changes.sort_unstable_by_key(|c| (c.key.user_id(), c.key));
+        changes.dedup_by(|later, kept| {
+            let same = later.key == kept.key;
+            if same {
+                kept.count += later.count;
+                kept.sum += later.sum;
+            }
+            same
+        });
+        // Later entries override earlier ones.
+        let mut last_seen: FxHashMap<UserId, Option<i64>> = delta
+            .last_seen
+            .iter()
+            .map(|seen| (seen.user_id, seen.event_ms))
+            .collect();
 
-        for (user_id, aggregates) in touched {
-            if let Some(old) = state.users.get(&user_id) {
-                state.by_total.remove(&(Reverse(old.total_minor), user_id));
-            }
-            if aggregates.is_empty() {
-                state.users.remove(&user_id);
-            } else {
-                state
-                    .by_total
-                    .insert((Reverse(aggregates.total_minor), user_id));
-                state.users.insert(user_id, Arc::new(aggregates));
-            }
+        let mut cells: Vec<CellValue> = Vec::with_capacity(changes.len() + last_seen.len());
+        let mut rest = &changes[..];
+        while let Some(first) = rest.first() {
+            let user = first.key.user_id();
+            let end = rest.partition_point(|c| c.key.user_id() == user);
+            let seen = last_seen.remove(&user);
+            state.update_user(user, &rest[..end], seen, &mut cells);
+            rest = &rest[end..];
         }
+        for (user, seen) in last_seen {
+            state.update_user(user, &[], Some(seen), &mut cells);
+        }
+        // One value per key: a user's cells are published once, the user cell included.
+        cells.sort_unstable_by_key(|cell| cell.key);
+
         state.as_of = delta.as_of.clone();
         state.records_covered = delta.records_covered;
 
@@ -531,11 +750,38 @@ impl ReadModelWriter {
     }
 }
 
-/// A copy of a user's aggregates to change (cheap: the maps share structure).
-fn current(users: &OrdMap<UserId, Arc<UserAggregates>>, user: UserId) -> UserAggregates {
-    users
-        .get(&user)
-        .map_or_else(|| UserAggregates::new(user), |u| (**u).clone())
+impl Snapshot {
+    /// Applies one user's net changes and new last event time, keeps the order by total, and
+    /// appends the changed cells' new values to `cells`.
+    fn update_user(
+        &mut self,
+        user: UserId,
+        changes: &[NetChange],
+        last_seen: Option<Option<i64>>,
+        cells: &mut Vec<CellValue>,
+    ) {
+        let old = self.users.get(&user);
+        let old_total = old.map(|u| u.total_minor);
+        let next = match old {
+            Some(old) => old.changed(changes, last_seen, |cell| cells.push(cell)),
+            None => UserAggregates::new(user).changed(changes, last_seen, |cell| cells.push(cell)),
+        };
+        let new_total = (!next.is_empty()).then_some(next.total_minor);
+        // The order by total changes only when the total does (or the user comes or goes).
+        if old_total != new_total {
+            if let Some(total) = old_total {
+                self.by_total.remove(&(Reverse(total), user));
+            }
+            if let Some(total) = new_total {
+                self.by_total.insert((Reverse(total), user));
+            }
+        }
+        if new_total.is_some() {
+            self.users.insert(user, Arc::new(next));
+        } else if old_total.is_some() {
+            self.users.remove(&user);
+        }
+    }
 }
 
 #[cfg(test)]

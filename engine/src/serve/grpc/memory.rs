@@ -20,7 +20,7 @@ use super::backend::{
 use super::convert;
 use super::query::SubscriberGuard;
 use crate::serve::read_model::{
-    Amount, CellCursor, Published, ReadModel, Snapshot, SubscriptionStart, UserAggregates,
+    Amount, CellCursor, CellMap, Published, ReadModel, Snapshot, SubscriptionStart, UserAggregates,
 };
 
 /// Cells per snapshot message of a subscription.
@@ -151,9 +151,9 @@ fn answer<T>(snapshot: &Snapshot, value: T) -> Answer<T> {
 
 /// A read-model user as backend-neutral summary data (sums exact, 128-bit).
 pub fn summary_data(user: &UserAggregates) -> SummaryData {
-    let names = |map: &imbl::OrdMap<spendflow_operators::Name, Amount>| {
+    let names = |map: &CellMap<spendflow_operators::Name>| {
         map.iter()
-            .map(|(k, v)| (k.text().to_string(), *v))
+            .map(|(k, v)| (k.text().to_string(), v))
             .collect::<Vec<_>>()
     };
     SummaryData {
@@ -180,7 +180,7 @@ pub fn category_totals(snapshot: &Snapshot) -> Vec<CategoryData> {
     let mut sums = CategorySums::default();
     for user in snapshot.users_after(None) {
         for (name, amount) in &user.categories {
-            sums.add(&name.text(), *amount);
+            sums.add(&name.text(), amount);
         }
     }
     sums.finish()
@@ -238,7 +238,7 @@ impl QueryBackend for ReadModelBackend {
                 Buckets::Day => &aggregates.days,
                 Buckets::Month => &aggregates.months,
             };
-            map.range(from..=to).map(|(b, v)| (*b, *v)).collect()
+            map.range(from..=to).collect()
         });
         Ok(answer(&snapshot, windows))
     }

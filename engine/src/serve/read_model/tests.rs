@@ -49,7 +49,7 @@ fn applies_changes_and_publishes_new_values() {
         (user.expense_count, user.total_minor, user.last_event_ms),
         (2, 300, Some(1_000))
     );
-    assert_eq!(user.categories.get(&groceries()), Some(&(2, 300)));
+    assert_eq!(user.categories.get(&groceries()), Some((2, 300)));
     assert_eq!(snapshot.live_expenses(), 3);
     assert_eq!(published.cells.len(), 4);
     assert_eq!(
@@ -325,6 +325,199 @@ fn cell_pages_walk_the_same_cells_as_the_whole_snapshot_in_the_same_order() {
     }
 }
 
+/// The cells a snapshot should hold by the model: each user's user cell (with its last event
+/// time) first, then its other cells by key, users by id.
+fn model_cells(
+    model: &std::collections::BTreeMap<AggKey, Amount>,
+    seen: &std::collections::BTreeMap<UserId, Option<i64>>,
+) -> Vec<CellValue> {
+    let users: std::collections::BTreeSet<UserId> = model.keys().map(AggKey::user_id).collect();
+    let mut out = Vec::new();
+    for user in users {
+        let (count, sum) = model.get(&AggKey::User(user)).copied().unwrap_or((0, 0));
+        out.push(CellValue {
+            key: AggKey::User(user),
+            count,
+            sum,
+            last_event_ms: seen.get(&user).copied().flatten(),
+        });
+        let mut others: Vec<_> = model
+            .iter()
+            .filter(|(k, _)| k.user_id() == user && !matches!(k, AggKey::User(_)))
+            .collect();
+        others.sort_by_key(|(k, _)| **k);
+        out.extend(others.into_iter().map(|(key, (count, sum))| CellValue {
+            key: *key,
+            count: *count,
+            sum: *sum,
+            last_event_ms: None,
+        }));
+    }
+    out
+}
+
+/// Random deltas (repeated keys, zero changes, retractions to exactly zero, users coming and
+/// going, last-seen times alone) against a `BTreeMap` oracle: the published values, every
+/// snapshot's cells, lookups, windows, top spenders and live expenses agree with it, and an
+/// earlier snapshot never changes.
+#[test]
+fn compact_maps_agree_with_a_btreemap_model_under_random_changes() {
+    use rand::{Rng, SeedableRng};
+    use std::collections::BTreeMap;
+
+    let names: Vec<_> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|n| spendflow_operators::Name::intern(&format!("oracle {n}")).0)
+        .collect();
+    for seed in 0..40 {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let (model, mut writer) = ReadModel::new();
+        let mut oracle: BTreeMap<AggKey, Amount> = BTreeMap::new();
+        let mut seen: BTreeMap<UserId, Option<i64>> = BTreeMap::new();
+        let mut earlier: Option<(Arc<Snapshot>, Vec<CellValue>)> = None;
+        for epoch in 1..=60 {
+            let mut cells = Vec::new();
+            for _ in 0..rng.random_range(0..25) {
+                if !oracle.is_empty() && rng.random_bool(0.3) {
+                    // Retract an existing cell to exactly zero, sometimes in two steps.
+                    let at = rng.random_range(0..oracle.len());
+                    let (key, (count, sum)) = oracle.iter().nth(at).map(|(k, v)| (*k, *v)).unwrap();
+                    let Ok(sum) = i64::try_from(sum) else {
+                        continue;
+                    };
+                    if rng.random_bool(0.5) {
+                        cells.push(change(key, -count, -sum));
+                    } else {
+                        cells.push(change(key, -1, -sum / 2));
+                        cells.push(change(key, 1 - count, sum / 2 - sum));
+                    }
+                    continue;
+                }
+                let user = rng.random_range(1..=6);
+                let key = match rng.random_range(0..5) {
+                    0 => AggKey::User(user),
+                    1 => AggKey::Category(user, names[rng.random_range(0..4)]),
+                    2 => AggKey::Merchant(user, names[rng.random_range(0..4)]),
+                    3 => AggKey::Day(user, rng.random_range(-3..12)),
+                    _ => AggKey::Month(user, rng.random_range(0..3)),
+                };
+                let (count, sum) = if rng.random_bool(0.15) {
+                    (0, 0)
+                } else {
+                    (rng.random_range(-2..=3), rng.random_range(-100..=400))
+                };
+                cells.push(change(key, count, sum));
+            }
+            let last_seen: Vec<_> = (0..rng.random_range(0..3))
+                .map(|_| LastSeen {
+                    user_id: rng.random_range(1..=7),
+                    event_ms: rng.random_bool(0.8).then(|| rng.random_range(0..1_000)),
+                })
+                .collect();
+
+            // The oracle.
+            let mut touched = std::collections::BTreeSet::new();
+            for c in &cells {
+                let value = oracle.entry(c.key).or_insert((0, 0));
+                *value = (value.0 + c.count, value.1 + i128::from(c.sum));
+                if *value == (0, 0) {
+                    oracle.remove(&c.key);
+                }
+                touched.insert(c.key);
+            }
+            for s in &last_seen {
+                seen.insert(s.user_id, s.event_ms);
+                touched.insert(AggKey::User(s.user_id));
+            }
+            // Published with the user cell even when the user is gone after this epoch.
+            let published_seen = seen.clone();
+            let last_published = |user: UserId| published_seen.get(&user).copied().flatten();
+            // A user without cells is gone, and so is its last event time.
+            seen.retain(|user, _| oracle.keys().any(|k| k.user_id() == *user));
+
+            let published = writer.apply(delta(epoch, cells, last_seen.clone()));
+            let expected: Vec<CellValue> = touched
+                .iter()
+                .map(|key| {
+                    let (count, sum) = oracle.get(key).copied().unwrap_or((0, 0));
+                    let last_event_ms = match key {
+                        AggKey::User(user) => last_published(*user),
+                        _ => None,
+                    };
+                    CellValue {
+                        key: *key,
+                        count,
+                        sum,
+                        last_event_ms,
+                    }
+                })
+                .collect();
+            assert_eq!(published.cells, expected, "seed {seed} epoch {epoch}");
+
+            let snapshot = model.snapshot();
+            let all = model_cells(&oracle, &seen);
+            assert_eq!(
+                snapshot.cells(&[]).collect::<Vec<_>>(),
+                all,
+                "seed {seed} epoch {epoch}"
+            );
+            let users: std::collections::BTreeSet<UserId> =
+                oracle.keys().map(AggKey::user_id).collect();
+            assert_eq!(snapshot.user_count(), users.len());
+            let live: i64 = users
+                .iter()
+                .map(|u| oracle.get(&AggKey::User(*u)).map_or(0, |v| v.0))
+                .sum();
+            assert_eq!(snapshot.live_expenses(), live);
+            let mut by_total: Vec<_> = users
+                .iter()
+                .map(|u| {
+                    (
+                        std::cmp::Reverse(oracle.get(&AggKey::User(*u)).map_or(0, |v| v.1)),
+                        *u,
+                    )
+                })
+                .collect();
+            by_total.sort();
+            let top: Vec<_> = snapshot.top_spenders().map(|u| u.user_id).collect();
+            assert_eq!(top, by_total.iter().map(|(_, u)| *u).collect::<Vec<_>>());
+            for user in 1..=7 {
+                let Some(aggregates) = snapshot.user(user) else {
+                    assert!(!users.contains(&user));
+                    continue;
+                };
+                for name in &names {
+                    for key in [AggKey::Category(user, *name), AggKey::Merchant(user, *name)] {
+                        assert_eq!(
+                            aggregates.cell(&key),
+                            oracle.get(&key).copied().unwrap_or((0, 0))
+                        );
+                    }
+                }
+                let (from, to) = (rng.random_range(-4..13), rng.random_range(-4..13));
+                let days: Vec<_> = aggregates.days.range(from..=to).collect();
+                let expected: Vec<_> = (from..=to)
+                    .filter_map(|d| oracle.get(&AggKey::Day(user, d)).map(|v| (d, *v)))
+                    .collect();
+                assert_eq!(days, expected, "days {from}..={to}");
+                let days: Vec<_> = aggregates.days.range(from..to).collect();
+                let expected: Vec<_> = (from..to)
+                    .filter_map(|d| oracle.get(&AggKey::Day(user, d)).map(|v| (d, *v)))
+                    .collect();
+                assert_eq!(days, expected, "days {from}..{to}");
+            }
+            if let Some((snapshot, cells)) = &earlier {
+                assert_eq!(
+                    &snapshot.cells(&[]).collect::<Vec<_>>(),
+                    cells,
+                    "an earlier snapshot changed"
+                );
+            }
+            earlier = Some((snapshot, all));
+        }
+    }
+}
+
 /// Allocation counting for [`measure_bytes_per_user_and_publish_cost`]: counts only on a thread
 /// that asked for it, so the other tests of this binary (running in parallel) are not counted
 /// and pay one thread-local read per allocation. Test-only; the one `unsafe` of the engine's
@@ -431,8 +624,16 @@ fn measure_bytes_per_user_and_publish_cost() {
         let day = first_day + i % 30;
         vec![
             change(AggKey::User(user), 1, amount),
-            change(AggKey::Category(user, categories[i as usize % 5]), 1, amount),
-            change(AggKey::Merchant(user, merchants[(i as usize / 5) % 5]), 1, amount),
+            change(
+                AggKey::Category(user, categories[i as usize % 5]),
+                1,
+                amount,
+            ),
+            change(
+                AggKey::Merchant(user, merchants[(i as usize / 5) % 5]),
+                1,
+                amount,
+            ),
             change(AggKey::Day(user, day), 1, amount),
             change(AggKey::Month(user, 657 + day / 30 % 2), 1, amount),
         ]
@@ -465,7 +666,12 @@ fn measure_bytes_per_user_and_publish_cost() {
     let snapshot = model.snapshot();
     let user = snapshot.user(0).unwrap();
     assert_eq!(
-        (user.categories.len(), user.merchants.len(), user.days.len(), user.months.len()),
+        (
+            user.categories.len(),
+            user.merchants.len(),
+            user.days.len(),
+            user.months.len()
+        ),
         (5, 5, 30, 2)
     );
     let live = counting::now().since(before).live();
@@ -497,6 +703,10 @@ fn measure_bytes_per_user_and_publish_cost() {
         cost.allocs as f64 / touched,
         cost.allocated as f64 / touched,
         elapsed.as_nanos() as f64 / touched,
-        if cfg!(debug_assertions) { "debug" } else { "release" },
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
     );
 }
