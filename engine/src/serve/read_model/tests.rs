@@ -686,6 +686,7 @@ fn measure_bytes_per_user_and_publish_cost() {
     let rounds = 20;
     let start = counting::now();
     let clock = std::time::Instant::now();
+    let cpu = thread_cpu_ns();
     for round in 0..rounds {
         epoch += 1;
         let users = (0..PER_EPOCH).map(|k| (k * (USERS / PER_EPOCH) + round) % USERS);
@@ -694,14 +695,16 @@ fn measure_bytes_per_user_and_publish_cost() {
         writer.apply(delta(epoch, cells, last_seen));
     }
     let elapsed = clock.elapsed();
+    let cpu = thread_cpu_ns().zip(cpu).map(|(end, start)| end - start);
     let cost = counting::now().since(start);
     let touched = (rounds * PER_EPOCH) as f64;
     println!(
         "publish, {PER_EPOCH} touched users per epoch (one expense each) over {USERS} users: \
-         {:.1} allocations, {:.0} bytes allocated, {:.0} ns per touched user \
-         (wall clock, {} build)",
+         {:.1} allocations, {:.0} bytes allocated, {} ns CPU and {:.0} ns wall clock per touched \
+         user ({} build)",
         cost.allocs as f64 / touched,
         cost.allocated as f64 / touched,
+        cpu.map_or("?".to_string(), |ns| format!("{:.0}", ns as f64 / touched)),
         elapsed.as_nanos() as f64 / touched,
         if cfg!(debug_assertions) {
             "debug"
@@ -709,4 +712,10 @@ fn measure_bytes_per_user_and_publish_cost() {
             "release"
         },
     );
+}
+
+/// CPU time of this thread, ns (Linux: the first field of `/proc/thread-self/schedstat`).
+fn thread_cpu_ns() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    stat.split_whitespace().next()?.parse().ok()
 }
