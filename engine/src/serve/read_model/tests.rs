@@ -606,7 +606,8 @@ mod counting {
 /// Not an assertion, a measurement (`cargo test -p spendflow-engine --lib
 /// read_model::tests::measure -- --ignored --nocapture`): the bytes a user with 5 categories, 5
 /// merchants, 30 days and 2 months costs in a snapshot, and the allocations, bytes allocated and
-/// time per touched user of publishing epochs in which each touched user gets one expense.
+/// CPU time per touched user of publishing epochs in which each touched user gets one expense.
+/// The numbers are in PERF-NOTES.md / bench/README.md.
 #[test]
 #[ignore = "a measurement: run it with --ignored --nocapture"]
 fn measure_bytes_per_user_and_publish_cost() {
