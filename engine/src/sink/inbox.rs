@@ -10,11 +10,25 @@ use crate::core::{AsOf, CellValue};
 /// The hand-off between the publisher and the durable sink: one group of epochs that grows
 /// while the sink writes the previous one.
 ///
-/// The publisher merges each published epoch into the waiting group (a cell that changes in
-/// many epochs is written once, with its last value), so the slower the sink, the fewer writes
-/// per input record. Bounded: once the waiting group holds `max_cells` cells the publisher
-/// waits, its own bounded queue then holds the workers, and they stop reading their sources
-/// (back-pressure); memory stays at about two groups.
+/// The publisher publishes each epoch to the read model first and then merges it into the
+/// waiting group here, **without waiting for the sink**: the served state moves at the pace of
+/// the input, not of the durable store. A cell that changes in many epochs is written once,
+/// with its last value, so the further the sink falls behind, the larger its next group and
+/// the fewer writes per input record.
+///
+/// Memory: the waiting group is a map by cell, so it holds at most one entry per distinct
+/// cell — it is bounded by the size of the state, not by how much input arrives while the
+/// sink is busy (the same cell changing a million times is one entry). With the group being
+/// written, that is at most about two copies of the changed part of the state. For a huge
+/// state behind a very slow sink there is still a hard bound, `max_cells` (the sink's
+/// [`Sink::max_group_cells`](super::Sink::max_group_cells), millions by default): only once
+/// the waiting group holds that many distinct cells does the publisher wait, its own bounded
+/// queue then holds the workers, and they stop reading their sources (back-pressure).
+///
+/// Exactly-once is unchanged: a group carries the positions and epoch of its last epoch, the
+/// sink commits that epoch only after writing every cell of the group, and checkpoints wait
+/// for the sink's commit (`pipeline::checkpointer`), so nothing claims what the sink has not
+/// committed; a restart re-reads and re-writes everything after the sink's last commit.
 #[derive(Debug)]
 pub(crate) struct SinkInbox {
     waiting: Mutex<(Option<EpochGroup>, bool)>,
@@ -23,7 +37,8 @@ pub(crate) struct SinkInbox {
 }
 
 impl SinkInbox {
-    /// An inbox whose waiting group holds up to `max_cells` cells.
+    /// An inbox whose waiting group holds up to `max_cells` distinct cells before the
+    /// publisher waits.
     pub fn new(max_cells: usize) -> Self {
         SinkInbox {
             waiting: parking_lot::Mutex::new((None, false)),
@@ -32,8 +47,9 @@ impl SinkInbox {
         }
     }
 
-    /// Merges a published epoch into the waiting group, first waiting while the group is
-    /// full. Returns false once the sink has closed the inbox (it failed for good).
+    /// Merges a published epoch into the waiting group; waits only while the group already
+    /// holds `max_cells` distinct cells (see the type's docs). Returns false once the sink has
+    /// closed the inbox (it failed for good).
     pub fn put(&self, as_of: &AsOf, cells: &[CellValue], records_covered: u64) -> bool {
         let mut state = self.waiting.lock();
         while !state.1
