@@ -95,3 +95,70 @@ impl SinkInbox {
         self.changed.notify_all();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use spendflow_operators::AggKey;
+
+    use super::*;
+
+    fn as_of(epoch: u64) -> AsOf {
+        AsOf {
+            epoch,
+            ..AsOf::default()
+        }
+    }
+
+    fn cell(user: u64, count: i64) -> CellValue {
+        CellValue {
+            key: AggKey::User(user),
+            count,
+            sum: (count * 10).into(),
+            last_event_ms: None,
+        }
+    }
+
+    #[test]
+    fn the_waiting_group_is_bounded_by_distinct_cells_not_by_epochs() {
+        // Nobody takes: the publisher must still never wait, however many epochs change the
+        // same cells.
+        let inbox = SinkInbox::new(3);
+        for epoch in 1..=10_000 {
+            assert!(inbox.put(&as_of(epoch), &[cell(1, epoch as i64), cell(2, 1)], epoch));
+        }
+        let group = inbox.take().expect("a group waits");
+        assert_eq!(group.epoch, 10_000);
+        assert_eq!(group.records_covered, 10_000);
+        assert_eq!(group.cells.len(), 2);
+        assert_eq!(group.cells[&AggKey::User(1)], cell(1, 10_000));
+    }
+
+    #[test]
+    fn the_publisher_waits_only_at_the_bound_and_goes_on_once_the_sink_takes() {
+        let inbox = Arc::new(SinkInbox::new(2));
+        assert!(inbox.put(&as_of(1), &[cell(1, 1), cell(2, 1)], 1));
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        let publisher = {
+            let inbox = Arc::clone(&inbox);
+            std::thread::spawn(move || {
+                let put = inbox.put(&as_of(2), &[cell(3, 1)], 2);
+                done_tx.send(put).unwrap();
+            })
+        };
+        // The full group holds the publisher back ...
+        assert!(done_rx.recv_timeout(Duration::from_millis(200)).is_err());
+        // ... until the sink takes it.
+        let first = inbox.take().expect("the full group");
+        assert_eq!(first.epoch, 1);
+        assert_eq!(done_rx.recv_timeout(Duration::from_secs(30)), Ok(true));
+        publisher.join().unwrap();
+        let second = inbox.take().expect("the next group");
+        assert_eq!(second.epoch, 2);
+        assert_eq!(second.cells.len(), 1);
+        inbox.close();
+        assert!(inbox.take().is_none());
+        assert!(!inbox.put(&as_of(3), &[cell(4, 1)], 3), "a closed inbox refuses");
+    }
+}
