@@ -159,6 +159,9 @@ mod tests {
         assert_eq!(second.cells.len(), 1);
         inbox.close();
         assert!(inbox.take().is_none());
-        assert!(!inbox.put(&as_of(3), &[cell(4, 1)], 3), "a closed inbox refuses");
+        assert!(
+            !inbox.put(&as_of(3), &[cell(4, 1)], 3),
+            "a closed inbox refuses"
+        );
     }
 }

@@ -120,7 +120,10 @@ fn a_stalled_sink_does_not_hold_back_the_read_model() {
         .keys()
         .filter(|k| matches!(k, AggKey::User(_)))
         .count();
-    assert_eq!(users as u64, USERS, "the sink holds every user once it moved");
+    assert_eq!(
+        users as u64, USERS,
+        "the sink holds every user once it moved"
+    );
     assert_eq!(state.cells[&AggKey::User(7)].sum, 107.into());
     // The stuck group, the one that merged everything after it, and at most the final epoch
     // of the shutdown.
