@@ -31,6 +31,11 @@ pub struct Outputs {
 /// Steps 5–6: merges worker reports into whole epochs, publishes them to the read model and
 /// the durable sink, and hands checkpoint shares to the checkpoint writer, until every worker
 /// has hung up.
+///
+/// The read model gets each epoch first; handing it to the sink then merges it into the sink's
+/// waiting group without waiting for the sink (see `sink::SinkInbox`: it waits only once that
+/// group holds millions of distinct cells), so the served state does not move at the durable
+/// store's pace.
 pub fn run_publisher(
     reports: Receiver<WorkerReport>,
     workers: usize,

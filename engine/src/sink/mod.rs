@@ -48,6 +48,10 @@ use crate::core::{CellValue, Epoch, PartitionPosition};
 
 pub(crate) use inbox::SinkInbox;
 
+/// The default of [`Sink::max_group_cells`]: about 100 bytes a cell in the waiting group, so
+/// some 400 MB at most, and only for a state that large whose sink is far behind.
+pub const DEFAULT_MAX_GROUP_CELLS: usize = 4_000_000;
+
 /// One or more consecutive closed epochs, merged: what one sink write covers.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EpochGroup {
@@ -151,10 +155,12 @@ pub trait Sink: Send + std::fmt::Debug {
     /// What the sink has done so far.
     fn counters(&self) -> SinkCounters;
 
-    /// Cells merged into one group at most while the sink is busy: the bound of the queue in
-    /// front of it (back-pressure on the sources beyond it).
+    /// Distinct cells merged into the waiting group at most while the sink is busy, before
+    /// the publisher waits for the sink (back-pressure on the sources beyond it). The group is
+    /// a map by cell, so it is bounded by the state anyway; this bound matters only for a huge
+    /// state behind a very slow sink. Below it the read model never waits for the sink.
     fn max_group_cells(&self) -> usize {
-        200_000
+        DEFAULT_MAX_GROUP_CELLS
     }
 }
 

@@ -29,6 +29,7 @@ mod service_cassandra;
 mod service_hdfs;
 mod service_kafka;
 mod service_mysql;
+mod sink_stall;
 mod tls;
 mod web_api;
 mod web_auth_browser;

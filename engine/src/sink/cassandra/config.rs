@@ -25,7 +25,9 @@ pub struct CassandraSinkConfig {
     /// Cassandra warns above 5 KiB per batch and fails above 50 KiB by default).
     #[serde(default = "default_batch_statements")]
     pub batch_statements: usize,
-    /// Cells merged into one write at most, when several epochs are waiting (catch-up).
+    /// Distinct cells merged into the waiting group at most while the sink is busy, before
+    /// the publisher (and so the read model) waits for Cassandra; see
+    /// [`Sink::max_group_cells`](crate::sink::Sink::max_group_cells).
     #[serde(default = "default_max_group_cells")]
     pub max_group_cells: usize,
     /// Credentials and TLS for reaching Cassandra (`[sink.client_security]`).
@@ -52,7 +54,7 @@ const fn default_batch_statements() -> usize {
 }
 
 const fn default_max_group_cells() -> usize {
-    200_000
+    crate::sink::DEFAULT_MAX_GROUP_CELLS
 }
 
 impl CassandraSinkConfig {

@@ -288,17 +288,20 @@ impl Connection {
     /// A fatal [`CassandraError`], [`CassandraError::Fenced`] if another engine took over, or
     /// the last retriable error if the sink was stopped while retrying.
     fn write(&mut self, group: &EpochGroup) -> Result<(), CassandraError> {
-        let batches = plan_batches(group, self.config.batch_statements)
+        // Only references to the cells: the rows (CQL values) of a batch are built when it is
+        // sent, so a large merged group costs a pointer a cell here, not its encoded rows.
+        let batches = plan_cells(group, self.config.batch_statements)
             .map_err(|e| e.in_keyspace(&self.config.keyspace))?;
         let rows: usize = batches.iter().map(|b| b.len()).sum();
+        let epoch = group.epoch;
         let timestamp = write_timestamp(now_us(), self.last_timestamp);
         // Every step is idempotent (the same timestamp, absolute values), so the whole group
         // is simply written again on a new session.
         self.with_reconnects(group.epoch, |conn| {
-            conn.write_on_session(&batches, timestamp)
+            conn.write_on_session(&batches, epoch, timestamp)
         })?;
         self.counters.rows += rows as u64;
-        self.counters.batches += rows.div_ceil(self.config.batch_statements.max(1)) as u64;
+        self.counters.batches += batches.len() as u64;
         Ok(())
     }
 
@@ -369,7 +372,8 @@ impl Connection {
     /// writes the batches, retrying failures for up to [`RECONNECT_AFTER`].
     fn write_on_session(
         &mut self,
-        batches: &[Vec<Row>],
+        batches: &[Vec<&CellValue>],
+        epoch: Epoch,
         timestamp: i64,
     ) -> Result<(), CassandraError> {
         if timestamp > self.lease {
@@ -389,7 +393,11 @@ impl Connection {
                 let retries = &retries;
                 async move {
                     retry("write a batch", stop, retries, || {
-                        let query = build_batch(prepared, batch, timestamp);
+                        let query = batch
+                            .iter()
+                            .map(|cell| cell_row(cell, epoch))
+                            .collect::<Result<Vec<Row>, _>>()
+                            .and_then(|rows| build_batch(prepared, &rows, timestamp));
                         async move {
                             let query = query?;
                             session
@@ -518,76 +526,103 @@ enum RowKind {
 /// [`CassandraError::ValueOutOfRange`] (fatal; keyspace left empty, the caller names it) if a
 /// cell's total does not fit `bigint`: never a truncated value.
 pub fn plan_batches(group: &EpochGroup, per_batch: usize) -> Result<Vec<Vec<Row>>, CassandraError> {
-    let mut by_user: BTreeMap<u64, Vec<Row>> = BTreeMap::new();
-    let epoch = group.epoch as i64;
+    plan_cells(group, per_batch)?
+        .into_iter()
+        .map(|batch| {
+            batch
+                .into_iter()
+                .map(|cell| cell_row(cell, group.epoch))
+                .collect()
+        })
+        .collect()
+}
+
+/// What [`plan_batches`] plans, as references to the group's cells (the sink builds each
+/// batch's rows only when it sends it). Every total is checked first, so a group with a value
+/// Cassandra cannot hold fails before anything is written.
+///
+/// # Errors
+///
+/// As [`plan_batches`].
+fn plan_cells(
+    group: &EpochGroup,
+    per_batch: usize,
+) -> Result<Vec<Vec<&CellValue>>, CassandraError> {
+    let mut by_user: BTreeMap<u64, Vec<&CellValue>> = BTreeMap::new();
     for cell in group.cells.values() {
-        let user = cell.key.user_id();
-        let user_value = Value::from(user as i64);
-        let gone = cell.removed();
-        let Ok(sum) = i64::try_from(cell.sum) else {
-            return Err(CassandraError::ValueOutOfRange {
-                keyspace: String::new(),
-                user,
-                cell: crate::core::describe_cell(&cell.key),
-                sum: cell.sum,
-            });
-        };
-        let row = match cell.key {
-            AggKey::User(_) if gone => Row {
-                kind: RowKind::DeleteUser,
-                values: vec![user_value],
-            },
-            AggKey::User(_) => Row {
-                kind: RowKind::UpsertUser,
-                values: vec![
-                    user_value,
-                    Value::from(sum),
-                    Value::from(cell.count),
-                    Value::from(cell.last_event_ms),
-                    Value::from(epoch),
-                ],
-            },
-            AggKey::Category(_, name) | AggKey::Merchant(_, name) => {
-                let category = matches!(cell.key, AggKey::Category(..));
-                let text = Value::from(name.text().to_string());
-                let kind = match (category, gone) {
-                    (true, true) => RowKind::DeleteCategory,
-                    (true, false) => RowKind::UpsertCategory,
-                    (false, true) => RowKind::DeleteMerchant,
-                    (false, false) => RowKind::UpsertMerchant,
-                };
-                bucket_row(kind, gone, user_value, text, cell, sum, epoch)
-            }
-            AggKey::Day(_, day) => {
-                let kind = if gone {
-                    RowKind::DeleteDay
-                } else {
-                    RowKind::UpsertDay
-                };
-                let text = Value::from(format_day(day));
-                bucket_row(kind, gone, user_value, text, cell, sum, epoch)
-            }
-            AggKey::Month(_, month) => {
-                let kind = if gone {
-                    RowKind::DeleteMonth
-                } else {
-                    RowKind::UpsertMonth
-                };
-                let text = Value::from(format_month(month));
-                bucket_row(kind, gone, user_value, text, cell, sum, epoch)
-            }
-        };
-        by_user.entry(user).or_default().push(row);
+        if i64::try_from(cell.sum).is_err() {
+            return Err(out_of_range(cell));
+        }
+        by_user.entry(cell.key.user_id()).or_default().push(cell);
     }
     let per_batch = per_batch.max(1);
     let mut batches = Vec::new();
-    for rows in by_user.into_values() {
-        let mut rows = rows.into_iter().peekable();
-        while rows.peek().is_some() {
-            batches.push(rows.by_ref().take(per_batch).collect());
-        }
+    for cells in by_user.into_values() {
+        batches.extend(cells.chunks(per_batch).map(<[&CellValue]>::to_vec));
     }
     Ok(batches)
+}
+
+fn out_of_range(cell: &CellValue) -> CassandraError {
+    CassandraError::ValueOutOfRange {
+        keyspace: String::new(),
+        user: cell.key.user_id(),
+        cell: crate::core::describe_cell(&cell.key),
+        sum: cell.sum,
+    }
+}
+
+/// The statement that writes (or deletes) one cell, as of `epoch`.
+fn cell_row(cell: &CellValue, epoch: Epoch) -> Result<Row, CassandraError> {
+    let epoch = epoch as i64;
+    let user_value = Value::from(cell.key.user_id() as i64);
+    let gone = cell.removed();
+    let sum = i64::try_from(cell.sum).map_err(|_| out_of_range(cell))?;
+    Ok(match cell.key {
+        AggKey::User(_) if gone => Row {
+            kind: RowKind::DeleteUser,
+            values: vec![user_value],
+        },
+        AggKey::User(_) => Row {
+            kind: RowKind::UpsertUser,
+            values: vec![
+                user_value,
+                Value::from(sum),
+                Value::from(cell.count),
+                Value::from(cell.last_event_ms),
+                Value::from(epoch),
+            ],
+        },
+        AggKey::Category(_, name) | AggKey::Merchant(_, name) => {
+            let category = matches!(cell.key, AggKey::Category(..));
+            let text = Value::from(name.text().to_string());
+            let kind = match (category, gone) {
+                (true, true) => RowKind::DeleteCategory,
+                (true, false) => RowKind::UpsertCategory,
+                (false, true) => RowKind::DeleteMerchant,
+                (false, false) => RowKind::UpsertMerchant,
+            };
+            bucket_row(kind, gone, user_value, text, cell, sum, epoch)
+        }
+        AggKey::Day(_, day) => {
+            let kind = if gone {
+                RowKind::DeleteDay
+            } else {
+                RowKind::UpsertDay
+            };
+            let text = Value::from(format_day(day));
+            bucket_row(kind, gone, user_value, text, cell, sum, epoch)
+        }
+        AggKey::Month(_, month) => {
+            let kind = if gone {
+                RowKind::DeleteMonth
+            } else {
+                RowKind::UpsertMonth
+            };
+            let text = Value::from(format_month(month));
+            bucket_row(kind, gone, user_value, text, cell, sum, epoch)
+        }
+    })
 }
 
 fn bucket_row(
