@@ -9,16 +9,19 @@
 //! finance product cannot accept "almost never" (a 64-bit hash of a billion ids collides with a
 //! chance of about 3 %; even a 128-bit one would need the text kept beside it to be exact). An
 //! [`ExpenseId`] *is* the text: `len` and the bytes, zero-padded, compared and hashed as the
-//! text. It is a fixed [`ExpenseId::CAPACITY`] + 1 = 48 bytes, with no heap part.
+//! text. It is a fixed [`ExpenseId::CAPACITY`] + 1 = 40 bytes, with no heap part.
 //!
-//! The price is a limit: an `expense_id` longer than [`ExpenseId::CAPACITY`] (47) bytes is
+//! The price is a limit: an `expense_id` longer than [`ExpenseId::CAPACITY`] (39) bytes is
 //! rejected when the record is decoded, with the dead-letter reason `bad_expense_id` and a
-//! detail naming the limit (see `decode`). 47 bytes hold every common id shape: a UUID in text
-//! (36), a prefixed UUID (`exp_` + UUID, 40), a ULID (26), 32 hex digits, or the simulator's
-//! `e-` + 16 hex digits (18). The contract limit was 128 bytes before; ids between 48 and 128
-//! bytes now go to the dead-letter output instead of being counted (never dropped silently).
-//! The capacity is this one constant; raising it by 8 costs 8 bytes per live expense and per
-//! exchanged record.
+//! detail naming the limit (see `decode`). 39 bytes hold the common id shapes: a UUID in text
+//! (36) with a prefix of up to 3 bytes (`tx-` + UUID), a ULID (26), 32 hex digits, or the
+//! simulator's `e-` + 16 hex digits (18). The contract limit was 128 bytes before; ids of 40 to
+//! 128 bytes now go to the dead-letter output (counted, never dropped silently).
+//!
+//! Why 39 and not the 31 that would make the upsert map's entry as small as its old fixed part:
+//! a UUID in text must fit. Why not 47 (`exp_` + UUID): each 8 bytes more are 8 more per live
+//! expense in the upsert map's slot (which hashbrown keeps up to half empty after a resize) and
+//! per exchanged record. The capacity is this one constant.
 
 use std::borrow::Borrow;
 use std::cmp::Ordering;
@@ -58,7 +61,7 @@ pub enum ExpenseIdError {
 
 impl ExpenseId {
     /// The longest id, in bytes (UTF-8). See the module docs for the choice.
-    pub const CAPACITY: usize = 47;
+    pub const CAPACITY: usize = 39;
 
     /// The id with this text.
     ///

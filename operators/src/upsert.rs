@@ -96,7 +96,7 @@ fn route(user_id: UserId, expense_id: &ExpenseId) -> u64 {
 /// The live set of one worker: `(user_id, expense_id) -> fact`. Keyed by input, so hashed with
 /// a per-process random seed: colliding keys cannot be computed ahead of time.
 ///
-/// One entry is `8 + 48 + 32 = 88` bytes with no heap part (it was `8 + 24 + 40 = 72` bytes
+/// One entry is `8 + 40 + 32 = 80` bytes with no heap part (it was `8 + 24 + 40 = 72` bytes
 /// plus a heap `String` per live expense); `PERF-NOTES.md` has the measured bytes per live
 /// expense.
 pub type LiveMap = HashMap<(UserId, ExpenseId), LiveFact, RandomState>;
@@ -241,5 +241,22 @@ fn apply(live: &mut LiveMap, instruction: Instruction, mut emit: impl FnMut(Fact
                 emit(old.of(user_id), -1);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::mem::size_of;
+
+    use super::*;
+
+    /// What crosses the exchange and what the map keeps per live expense are fixed-size: these
+    /// sizes are the whole cost (no heap part), and they do not grow unnoticed.
+    #[test]
+    fn instructions_and_live_entries_are_fixed_size() {
+        assert_eq!(size_of::<ExpenseId>(), 40);
+        assert_eq!(size_of::<LiveFact>(), 32);
+        assert_eq!(size_of::<((UserId, ExpenseId), LiveFact)>(), 80);
+        assert_eq!(size_of::<Instruction>(), 88);
     }
 }

@@ -10,7 +10,7 @@
 //! | field | rule |
 //! |---|---|
 //! | whole record | at most [`MAX_RECORD_BYTES`], UTF-8, one JSON object; unknown fields are ignored |
-//! | `expense_id` | string, 1 to 47 bytes ([`MAX_EXPENSE_ID_BYTES`]: kept inline and exact, see [`crate::id`]) |
+//! | `expense_id` | string, 1 to 39 bytes ([`MAX_EXPENSE_ID_BYTES`]: kept inline and exact, see [`crate::id`]) |
 //! | `user_id` | integer in `1..=2^63-1` |
 //! | `op` | absent, `null`, `"upsert"` or `"delete"` |
 //! | `amount_minor` | integer (a JSON float such as `12.5` is rejected), `|amount| <= 10^12` |
@@ -64,7 +64,7 @@ pub enum RejectReason {
     MissingField(&'static str),
     /// A field has the wrong JSON type (a number where a string belongs, ...).
     WrongType(&'static str),
-    /// `expense_id` is empty or longer than [`MAX_EXPENSE_ID_BYTES`] (47) bytes.
+    /// `expense_id` is empty or longer than [`MAX_EXPENSE_ID_BYTES`] (39) bytes.
     BadExpenseId,
     /// `user_id` is not an integer in `1..=2^63-1`.
     BadUserId,

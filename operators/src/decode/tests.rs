@@ -264,12 +264,12 @@ fn rejected_records_do_not_grow_the_name_table() {
 /// dead letters, counted, not dropped.)
 #[test]
 fn an_expense_id_longer_than_the_inline_capacity_is_rejected() {
-    assert_eq!(MAX_EXPENSE_ID_BYTES, 47);
-    // A prefixed UUID fits; one byte more than the capacity does not.
-    let fits = format!("exp_{}", "123e4567-e89b-12d3-a456-426614174000");
+    assert_eq!(MAX_EXPENSE_ID_BYTES, 39);
+    // A UUID with a short prefix fits; one byte more than the capacity does not.
+    let fits = format!("tx-{}", "123e4567-e89b-12d3-a456-426614174000");
     assert!(decode(with("expense_id", Some(&format!("{fits:?}"))).as_bytes()).is_ok());
     for len in [MAX_EXPENSE_ID_BYTES + 1, 64, 128] {
-        // Two ids that share their first 47 bytes must not become one expense.
+        // Two ids that share their first 39 bytes must not become one expense.
         let long = format!("{}{len}", "x".repeat(len - len.to_string().len()));
         assert_eq!(long.len(), len);
         let upsert = decode(with("expense_id", Some(&format!("{long:?}"))).as_bytes()).unwrap_err();
@@ -285,8 +285,8 @@ fn an_expense_id_longer_than_the_inline_capacity_is_rejected() {
             .unwrap_err();
         assert_eq!(delete.reason, RejectReason::BadExpenseId);
     }
-    // The limit is in bytes: 24 two-byte characters are 48 bytes.
-    let wide = "é".repeat(24);
+    // The limit is in bytes: 20 two-byte characters are 40 bytes.
+    let wide = "é".repeat(20);
     assert_eq!(
         reason(&with("expense_id", Some(&format!("{wide:?}")))),
         RejectReason::BadExpenseId
