@@ -92,12 +92,18 @@ fn main() {
     let users: u64 = args.next().map_or(10_000, |a| a.parse().expect("USERS"));
 
     println!("sizes (bytes):");
-    println!("  Instruction (one per record through the exchange): {}", size_of::<Instruction>());
+    println!(
+        "  Instruction (one per record through the exchange): {}",
+        size_of::<Instruction>()
+    );
     println!(
         "  upsert map entry ((user, id) -> fact, one per live expense): {}",
         size_of::<<LiveMap as IntoIterator>::Item>()
     );
-    println!("  Fact (one per change of a live fact, to the aggregates): {}", size_of::<Fact>());
+    println!(
+        "  Fact (one per change of a live fact, to the aggregates): {}",
+        size_of::<Fact>()
+    );
 
     let measured = execute(1, move |ctx| {
         let mut dataflow = ctx.build_dataflow();

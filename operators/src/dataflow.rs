@@ -27,8 +27,8 @@ use crate::aggregate::{
     AggregateCells, CapturedChanges, CapturedLastSeen, CapturedTouches, LastSeenByUser,
     ReplayTouch, capture_changes,
 };
-use crate::model::{ExpenseId, Fact, LiveFact};
 use crate::model::{CellChange, LastSeen, Record};
+use crate::model::{ExpenseId, Fact, LiveFact};
 use crate::upsert::{Instruction, LiveSnapshot, UpsertByExpense, UpsertSnapshots};
 
 /// The changes of this worker's cells when one epoch closed.

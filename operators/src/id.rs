@@ -213,7 +213,10 @@ mod tests {
         assert_eq!(id.as_str(), "e-00ff");
         assert_eq!(id, "e-00ff");
         // Different texts are different ids, whatever their length or content.
-        assert_ne!(ExpenseId::new("e-1").unwrap(), ExpenseId::new("e-1\0").unwrap());
+        assert_ne!(
+            ExpenseId::new("e-1").unwrap(),
+            ExpenseId::new("e-1\0").unwrap()
+        );
         assert_ne!(ExpenseId::new("a").unwrap(), ExpenseId::new("b").unwrap());
         let uuid = "123e4567-e89b-12d3-a456-426614174000";
         assert_eq!(ExpenseId::new(uuid).unwrap().as_str(), uuid);

@@ -32,6 +32,6 @@ pub type Epoch = u64;
 pub use dataflow::{ClosedEpoch, ExpenseDataflow};
 pub use decode::{RejectReason, Rejection, decode};
 pub use model::{
-    AggKey, CellChange, CountSum, Expense, ExpenseId, ExpenseIdError, Fact, LastSeen, LiveFact, Name,
-    Record, UserId,
+    AggKey, CellChange, CountSum, Expense, ExpenseId, ExpenseIdError, Fact, LastSeen, LiveFact,
+    Name, Record, UserId,
 };

@@ -276,13 +276,16 @@ fn an_expense_id_longer_than_the_inline_capacity_is_rejected() {
         assert_eq!(upsert.reason, RejectReason::BadExpenseId);
         assert_eq!(upsert.reason.code(), "bad_expense_id");
         assert!(
-            upsert.detail.contains(&format!("1 to {MAX_EXPENSE_ID_BYTES} bytes"))
+            upsert
+                .detail
+                .contains(&format!("1 to {MAX_EXPENSE_ID_BYTES} bytes"))
                 && upsert.detail.contains(&format!("got {len}")),
             "{}",
             upsert.detail
         );
-        let delete = decode(format!(r#"{{"expense_id":{long:?},"user_id":7,"op":"delete"}}"#).as_bytes())
-            .unwrap_err();
+        let delete =
+            decode(format!(r#"{{"expense_id":{long:?},"user_id":7,"op":"delete"}}"#).as_bytes())
+                .unwrap_err();
         assert_eq!(delete.reason, RejectReason::BadExpenseId);
     }
     // The limit is in bytes: 20 two-byte characters are 40 bytes.

@@ -55,12 +55,7 @@ fn random_stream(seed: u64, records: usize, users: u64) -> Vec<Vec<Record>> {
         } else if roll < 35 && !sent.is_empty() {
             // Correction of an earlier expense: same id and user, new content.
             let earlier = &sent[rng.random_range(0..sent.len())];
-            fresh(
-                &mut rng,
-                eid(earlier.expense_id()),
-                earlier.user_id(),
-            )
-            .into_upsert()
+            fresh(&mut rng, eid(earlier.expense_id()), earlier.user_id()).into_upsert()
         } else if roll < 45 && !sent.is_empty() {
             // Delete of an earlier expense (maybe already deleted).
             let earlier = &sent[rng.random_range(0..sent.len())];
