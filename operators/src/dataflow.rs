@@ -27,8 +27,8 @@ use crate::aggregate::{
     AggregateCells, CapturedChanges, CapturedLastSeen, CapturedTouches, LastSeenByUser,
     ReplayTouch, capture_changes,
 };
-use crate::model::Fact;
 use crate::model::{CellChange, LastSeen, Record};
+use crate::model::{ExpenseId, Fact, LiveFact};
 use crate::upsert::{Instruction, LiveSnapshot, UpsertByExpense, UpsertSnapshots};
 
 /// The changes of this worker's cells when one epoch closed.
@@ -102,12 +102,12 @@ impl ExpenseDataflow {
     }
 
     /// Adds a live expense as it was at a checkpoint (restore), in the current epoch.
-    pub fn push_live(&mut self, expense_id: String, fact: Fact) {
+    pub fn push_live(&mut self, expense_id: ExpenseId, fact: Fact) {
         self.input.update(
             Instruction {
                 user_id: fact.user_id,
                 expense_id,
-                fact: Some(fact),
+                fact: Some(LiveFact::from(fact)),
             },
             1,
         );

@@ -18,6 +18,7 @@
 pub mod aggregate;
 pub mod dataflow;
 pub mod decode;
+pub mod id;
 pub mod model;
 pub mod name;
 pub mod oracle;
@@ -30,4 +31,7 @@ pub type Epoch = u64;
 
 pub use dataflow::{ClosedEpoch, ExpenseDataflow};
 pub use decode::{RejectReason, Rejection, decode};
-pub use model::{AggKey, CellChange, CountSum, Expense, Fact, LastSeen, Name, Record, UserId};
+pub use model::{
+    AggKey, CellChange, CountSum, Expense, ExpenseId, ExpenseIdError, Fact, LastSeen, LiveFact,
+    Name, Record, UserId,
+};

@@ -7,6 +7,8 @@
 //! * [`Fact`] is the part of a live expense the aggregates need: user, category, merchant,
 //!   amount and event time. The upsert stage keeps one `Fact` per live `expense_id` and turns
 //!   each record into `(-old, +new)` changes of facts.
+//! * [`LiveFact`] is what the upsert stage keeps per live expense, beside its key
+//!   `(user_id, `[`ExpenseId`]`)`: a `Fact` without the user (the key has it), 32 bytes.
 //! * [`AggKey`] names one aggregate cell (a user's total, a user's category, a user's day, ...).
 //!   Every fact contributes `(count = 1, sum = amount)` to a handful of cells; those
 //!   contributions are the differences the dataflow accumulates.
@@ -18,6 +20,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::id::{ExpenseId, ExpenseIdError};
 pub use crate::name::Name;
 
 /// Largest absolute amount a record may carry, in minor units (10^12, ten billion in major units).
@@ -32,8 +35,9 @@ pub type UserId = u64;
 /// A card expense as the contract defines it (JSON v1), after validation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Expense {
-    /// The expense's identity: later records with the same id replace it.
-    pub expense_id: String,
+    /// The expense's identity: later records with the same id replace it. Exact and inline
+    /// (no heap), at most [`ExpenseId::CAPACITY`] bytes: see [`crate::id`].
+    pub expense_id: ExpenseId,
     /// The user the expense belongs to.
     pub user_id: UserId,
     /// The card used, if the producer says.
@@ -76,7 +80,7 @@ pub enum Record {
     /// Remove the live expense with this `expense_id`, if there is one.
     Delete {
         /// The expense to remove.
-        expense_id: String,
+        expense_id: ExpenseId,
         /// The user it belongs to (used for routing checks, e.g. per-user topics).
         user_id: UserId,
     },
@@ -86,8 +90,8 @@ impl Record {
     /// The `expense_id` the record is about.
     pub fn expense_id(&self) -> &str {
         match self {
-            Record::Upsert(e) => &e.expense_id,
-            Record::Delete { expense_id, .. } => expense_id,
+            Record::Upsert(e) => e.expense_id.as_str(),
+            Record::Delete { expense_id, .. } => expense_id.as_str(),
         }
     }
 
@@ -137,6 +141,46 @@ impl Fact {
             AggKey::Day(user, day),
             AggKey::Month(user, month_of_day(day)),
         ]
+    }
+}
+
+/// What the upsert stage keeps of a live expense, beside its key `(user_id, expense_id)`: the
+/// [`Fact`] without the user, 32 bytes, `Copy`, no strings (names are interned ids). Day and
+/// month are computed from `event_ms` when the cells are (cheap, and `event_ms` is needed for the
+/// user's last event time anyway).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct LiveFact {
+    /// Spending category.
+    pub category: Name,
+    /// Merchant name.
+    pub merchant: Name,
+    /// Amount in minor units.
+    pub amount_minor: i64,
+    /// Event time, milliseconds since the Unix epoch (UTC).
+    pub event_ms: i64,
+}
+
+impl LiveFact {
+    /// The fact of `user_id`'s expense.
+    pub fn of(self, user_id: UserId) -> Fact {
+        Fact {
+            user_id,
+            category: self.category,
+            merchant: self.merchant,
+            amount_minor: self.amount_minor,
+            event_ms: self.event_ms,
+        }
+    }
+}
+
+impl From<Fact> for LiveFact {
+    fn from(fact: Fact) -> Self {
+        LiveFact {
+            category: fact.category,
+            merchant: fact.merchant,
+            amount_minor: fact.amount_minor,
+            event_ms: fact.event_ms,
+        }
     }
 }
 

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use crate::ClosedEpoch;
-use crate::model::{AggKey, CountSum, Fact, Record, UserId};
+use crate::model::{AggKey, CountSum, ExpenseId, Fact, Record, UserId};
 
 /// All aggregates at one point of the input: `(count, sum)` per cell, and the newest event time
 /// per user. Cells with `count == 0 && sum == 0` are absent.
@@ -43,7 +43,7 @@ impl Aggregates {
 /// `records` in order.
 pub fn live_facts<'a>(
     records: impl IntoIterator<Item = &'a Record>,
-) -> BTreeMap<(UserId, String), Fact> {
+) -> BTreeMap<(UserId, ExpenseId), Fact> {
     let mut live = BTreeMap::new();
     for record in records {
         match record {

@@ -43,28 +43,31 @@ use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::generic::operator::Operator;
 
 use crate::Epoch;
-use crate::model::{Fact, Record, UserId};
+use crate::model::{ExpenseId, Fact, LiveFact, Record, UserId};
 
 /// One upsert-stage instruction: replace (`Some`) or remove (`None`) the fact of an expense.
 ///
 /// An expense's identity is `(user_id, expense_id)`: the same `expense_id` under two users names
 /// two different expenses, so a record of one user can never change or move another user's
 /// expense (a per-user topic only checks that a record names its own user).
+///
+/// Fixed-size (no heap part): the id is inline ([`ExpenseId`]) and the fact leaves out the user,
+/// which is here once. This is what crosses the exchange, one per record.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Instruction {
     /// The user the expense belongs to (part of its identity).
     pub user_id: UserId,
     /// The expense the instruction is about, within the user's expenses.
-    pub expense_id: String,
+    pub expense_id: ExpenseId,
     /// The new live fact, or `None` to delete.
-    pub fact: Option<Fact>,
+    pub fact: Option<LiveFact>,
 }
 
 impl From<Record> for Instruction {
     fn from(record: Record) -> Self {
         match record {
             Record::Upsert(e) => {
-                let fact = e.fact();
+                let fact = LiveFact::from(e.fact());
                 Instruction {
                     user_id: e.user_id,
                     expense_id: e.expense_id,
@@ -86,13 +89,17 @@ impl From<Record> for Instruction {
 /// Hash used to route instructions; fixed-seed so every worker and process agrees. (Routing is
 /// no map: an input that aims many expenses at one worker only skews the load, it cannot make a
 /// lookup slow. The map each worker keeps is seeded, see [`LiveMap`].)
-fn route(user_id: UserId, expense_id: &str) -> u64 {
+fn route(user_id: UserId, expense_id: &ExpenseId) -> u64 {
     FxBuildHasher.hash_one((user_id, expense_id))
 }
 
 /// The live set of one worker: `(user_id, expense_id) -> fact`. Keyed by input, so hashed with
 /// a per-process random seed: colliding keys cannot be computed ahead of time.
-pub type LiveMap = HashMap<(UserId, String), Fact, RandomState>;
+///
+/// One entry is `8 + 40 + 32 = 80` bytes with no heap part (it was `8 + 24 + 40 = 72` bytes
+/// plus a heap `String` per live expense); `PERF-NOTES.md` has the measured bytes per live
+/// expense.
+pub type LiveMap = HashMap<(UserId, ExpenseId), LiveFact, RandomState>;
 
 /// The live expenses of one worker's share at one epoch: what a checkpoint stores.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -101,7 +108,7 @@ pub struct LiveSnapshot {
     pub epoch: Epoch,
     /// `(expense_id, live fact)` of every live expense this worker owns, in no order. (The
     /// fact carries the user, the other half of the expense's identity.)
-    pub live: Vec<(String, Fact)>,
+    pub live: Vec<(ExpenseId, Fact)>,
 }
 
 /// Shared between the upsert operator and its driver: the epochs to copy the live set at, and
@@ -190,7 +197,7 @@ impl<'scope> UpsertByExpense<'scope> for VecCollection<'scope, Epoch, Instructio
                                         epoch,
                                         live: live
                                             .iter()
-                                            .map(|((_, id), f)| (id.clone(), *f))
+                                            .map(|((user, id), f)| (id.clone(), f.of(*user)))
                                             .collect(),
                                     };
                                     let mut state = snapshots.borrow_mut();
@@ -220,19 +227,36 @@ fn apply(live: &mut LiveMap, instruction: Instruction, mut emit: impl FnMut(Fact
             Some(old) => {
                 if *old != new {
                     // (A duplicate delivery changes nothing.)
-                    emit(std::mem::replace(old, new), -1);
-                    emit(new, 1);
+                    emit(std::mem::replace(old, new).of(user_id), -1);
+                    emit(new.of(user_id), 1);
                 }
             }
             None => {
                 live.insert(key, new);
-                emit(new, 1);
+                emit(new.of(user_id), 1);
             }
         },
         None => {
             if let Some(old) = live.remove(&key) {
-                emit(old, -1);
+                emit(old.of(user_id), -1);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::mem::size_of;
+
+    use super::*;
+
+    /// What crosses the exchange and what the map keeps per live expense are fixed-size: these
+    /// sizes are the whole cost (no heap part), and they do not grow unnoticed.
+    #[test]
+    fn instructions_and_live_entries_are_fixed_size() {
+        assert_eq!(size_of::<ExpenseId>(), 40);
+        assert_eq!(size_of::<LiveFact>(), 32);
+        assert_eq!(size_of::<((UserId, ExpenseId), LiveFact)>(), 80);
+        assert_eq!(size_of::<Instruction>(), 88);
     }
 }

@@ -7,7 +7,7 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use spendflow_operators::model::{
-    Expense, MAX_ABS_AMOUNT_MINOR, MS_PER_DAY, Record, UserId, civil_from_days,
+    Expense, ExpenseId, MAX_ABS_AMOUNT_MINOR, MS_PER_DAY, Record, UserId, civil_from_days,
 };
 
 use super::config::{ConfigError, GeneratorConfig, MAX_EVENT_MS};
@@ -1431,11 +1431,16 @@ impl Simulator {
         mix(serial ^ self.id_key)
     }
 
-    fn expense_id(&self, serial: u64) -> String {
-        let mut out = Vec::with_capacity(18);
-        out.extend_from_slice(b"e-");
-        push_hex16(&mut out, self.expense_hex(serial));
-        ascii_string(out)
+    fn expense_id(&self, serial: u64) -> ExpenseId {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let hex = self.expense_hex(serial);
+        let mut out = [0u8; 18];
+        out[..2].copy_from_slice(b"e-");
+        for (i, b) in out[2..].iter_mut().enumerate() {
+            *b = HEX[((hex >> ((15 - i) * 4)) & 0xF) as usize];
+        }
+        // 18 ASCII bytes: always a valid id.
+        ExpenseId::new(std::str::from_utf8(&out).expect("ASCII")).expect("18 bytes fit")
     }
 
     fn upsert(&self, live: &Live, kind: GeneratedKind) -> Generated {

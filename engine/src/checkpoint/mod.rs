@@ -25,7 +25,7 @@ mod tests;
 use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
-use spendflow_operators::{Epoch, Fact, Name};
+use spendflow_operators::{Epoch, ExpenseId, Fact, Name};
 
 pub use local::LocalDirStore;
 
@@ -43,7 +43,7 @@ pub struct Checkpoint {
     /// Texts of the interned names (categories, merchants) the facts refer to.
     pub names: Vec<String>,
     /// Every live expense: `(expense_id, fact)`.
-    pub live: Vec<(String, Fact)>,
+    pub live: Vec<(ExpenseId, Fact)>,
     /// The incarnation (timeline of epoch numbers) the checkpoint's epoch belongs to; empty in
     /// checkpoints written before incarnations existed. Kept by the serving layer (issue 11, 5b).
     pub incarnation: String,
@@ -255,7 +255,16 @@ impl Checkpoint {
             }
             let mut id = vec![0u8; len];
             read_exact(&mut input, &mut id, "entry id")?;
-            let id = String::from_utf8(id).map_err(|_| format!("entry {i}: id is not UTF-8"))?;
+            let id = std::str::from_utf8(&id).map_err(|_| format!("entry {i}: id is not UTF-8"))?;
+            // The file keeps ids length-prefixed (up to 2^16 bytes), so the format did not change
+            // when ids became inline and limited to `ExpenseId::CAPACITY` bytes; a checkpoint from
+            // an engine that still accepted longer ids (up to 128 bytes) and holds one is refused
+            // here, by name, rather than losing or shortening that expense.
+            let id = ExpenseId::new(id).map_err(|e| {
+                format!(
+                    "entry {i}: {e}; this checkpoint was written by an engine that accepted longer expense ids, and this binary cannot hold that expense exactly"
+                )
+            })?;
             read_exact(&mut input, &mut fixed, "entry")?;
             let field =
                 |k: usize| u64::from_le_bytes(fixed[k * 8..k * 8 + 8].try_into().expect("8 bytes"));

@@ -80,7 +80,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use spendflow_operators::model::{Expense, Record};
+use spendflow_operators::model::{Expense, ExpenseId, Record};
 
 pub use config::{GenerateConfig, Layout};
 pub use progress::TerminalProgress;
@@ -187,8 +187,8 @@ pub struct OutboxRow {
 pub struct Batch {
     outbox: Vec<OutboxRow>,
     /// `(expense_id, Some(row) for an upsert | None for a delete)`, first appearance order.
-    changes: Vec<(String, Option<Expense>)>,
-    index: HashMap<String, usize>,
+    changes: Vec<(ExpenseId, Option<Expense>)>,
+    index: HashMap<ExpenseId, usize>,
 }
 
 impl Batch {

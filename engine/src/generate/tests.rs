@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use spendflow_operators::decode;
-use spendflow_operators::model::{Expense, Record, days_from_civil};
+use spendflow_operators::model::{Expense, ExpenseId, Record, days_from_civil};
 
 use super::config::{DEFAULT_TOPIC_PREFIX, GenerateConfig, Layout};
 use super::mysql::{
@@ -304,7 +304,7 @@ fn simulator(seed: u64, bad_rate: f64) -> Simulator {
 }
 
 /// Applies records one by one, as the engine does.
-fn apply(state: &mut BTreeMap<String, Expense>, record: Record) {
+fn apply(state: &mut BTreeMap<ExpenseId, Expense>, record: Record) {
     match record {
         Record::Upsert(e) => {
             state.insert(e.expense_id.clone(), e);
@@ -389,7 +389,7 @@ struct MemStore {
     records: u64,
     reference_done: bool,
     users: u64,
-    expenses: BTreeMap<String, Expense>,
+    expenses: BTreeMap<ExpenseId, Expense>,
     outbox: BTreeMap<u64, OutboxRow>,
     /// Commits that succeed before one fails.
     commits_before_failure: Option<usize>,
@@ -514,7 +514,7 @@ impl Publish for MemKafka {
 impl MemKafka {
     /// What an engine reading every topic converges to: the last record per expense, per
     /// topic in order; and the malformed messages it rejects, by stream position.
-    fn consume(&self) -> (BTreeMap<String, Expense>, BTreeMap<u64, Vec<u8>>) {
+    fn consume(&self) -> (BTreeMap<ExpenseId, Expense>, BTreeMap<u64, Vec<u8>>) {
         let mut state = BTreeMap::new();
         let mut rejected = BTreeMap::new();
         for log in self.logs.values() {

@@ -226,7 +226,7 @@ pub struct SnapshotPart {
     /// The checkpoint's epoch.
     pub epoch: Epoch,
     /// The live expenses this worker owns.
-    pub live: Vec<(String, spendflow_operators::Fact)>,
+    pub live: Vec<(spendflow_operators::ExpenseId, spendflow_operators::Fact)>,
     /// The worker's partition positions at the end of the epoch.
     pub positions: Arc<Vec<PartitionPosition>>,
     /// Records the worker had read by then.

@@ -77,7 +77,7 @@ impl Expense {
     /// The record that makes this expense live.
     fn record(&self) -> Record {
         Record::Upsert(model::Expense {
-            expense_id: self.id.clone(),
+            expense_id: self.id.parse().expect("a short id"),
             user_id: self.user,
             card_id: None,
             merchant: self.merchant.as_str().into(),

@@ -10,7 +10,7 @@
 //! | field | rule |
 //! |---|---|
 //! | whole record | at most [`MAX_RECORD_BYTES`], UTF-8, one JSON object; unknown fields are ignored |
-//! | `expense_id` | string, 1 to 128 bytes |
+//! | `expense_id` | string, 1 to 39 bytes ([`MAX_EXPENSE_ID_BYTES`]: kept inline and exact, see [`crate::id`]) |
 //! | `user_id` | integer in `1..=2^63-1` |
 //! | `op` | absent, `null`, `"upsert"` or `"delete"` |
 //! | `amount_minor` | integer (a JSON float such as `12.5` is rejected), `|amount| <= 10^12` |
@@ -32,13 +32,18 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::model::{Expense, MAX_ABS_AMOUNT_MINOR, Name, Record};
+use crate::model::{Expense, ExpenseId, MAX_ABS_AMOUNT_MINOR, Name, Record};
 
 /// The largest record accepted, in bytes.
 pub const MAX_RECORD_BYTES: usize = 64 * 1024;
 
-/// Longest accepted `expense_id`, in bytes.
-pub const MAX_EXPENSE_ID_BYTES: usize = 128;
+/// Longest accepted `expense_id`, in bytes: what an [`ExpenseId`] holds inline. Longer ids are
+/// rejected with [`RejectReason::BadExpenseId`] (they were accepted up to 128 bytes before the
+/// ids became fixed-size; see [`crate::id`] for why).
+pub const MAX_EXPENSE_ID_BYTES: usize = ExpenseId::CAPACITY;
+
+/// Longest accepted `card_id`, in bytes.
+pub const MAX_CARD_ID_BYTES: usize = 128;
 
 /// Longest accepted `category` or `merchant`, in characters.
 pub const MAX_NAME_CHARS: usize = 64;
@@ -59,7 +64,7 @@ pub enum RejectReason {
     MissingField(&'static str),
     /// A field has the wrong JSON type (a number where a string belongs, ...).
     WrongType(&'static str),
-    /// `expense_id` is empty or longer than 128 bytes.
+    /// `expense_id` is empty or longer than [`MAX_EXPENSE_ID_BYTES`] (39) bytes.
     BadExpenseId,
     /// `user_id` is not an integer in `1..=2^63-1`.
     BadUserId,
@@ -259,15 +264,15 @@ pub fn decode(bytes: &[u8]) -> Result<Record, Rejection> {
         .map_err(|e| Rejection::new(RejectReason::BadJson, e.to_string()))?;
 
     let expense_id = required_string(wire.expense_id, "expense_id")?;
-    if expense_id.is_empty() || expense_id.len() > MAX_EXPENSE_ID_BYTES {
-        return Err(Rejection::new(
+    let expense_id = ExpenseId::new(&expense_id).map_err(|_| {
+        Rejection::new(
             RejectReason::BadExpenseId,
             format!(
-                "expense_id must be 1 to {MAX_EXPENSE_ID_BYTES} bytes, got {}",
+                "expense_id must be 1 to {MAX_EXPENSE_ID_BYTES} bytes (ids are kept inline and exact), got {}",
                 expense_id.len()
             ),
-        ));
-    }
+        )
+    })?;
     let user_id = user_id(wire.user_id)?;
 
     let is_delete = match present(wire.op) {
@@ -288,7 +293,7 @@ pub fn decode(bytes: &[u8]) -> Result<Record, Rejection> {
     };
     if is_delete {
         return Ok(Record::Delete {
-            expense_id: expense_id.into_owned(),
+            expense_id,
             user_id,
         });
     }
@@ -302,10 +307,10 @@ pub fn decode(bytes: &[u8]) -> Result<Record, Rejection> {
         None => None,
         Some(raw) => {
             let card = string(raw, "card_id")?;
-            if card.is_empty() || card.len() > MAX_EXPENSE_ID_BYTES {
+            if card.is_empty() || card.len() > MAX_CARD_ID_BYTES {
                 return Err(Rejection::new(
                     RejectReason::BadCardId,
-                    format!("card_id must be 1 to {MAX_EXPENSE_ID_BYTES} bytes"),
+                    format!("card_id must be 1 to {MAX_CARD_ID_BYTES} bytes"),
                 ));
             }
             Some(card.into_owned())
@@ -313,7 +318,7 @@ pub fn decode(bytes: &[u8]) -> Result<Record, Rejection> {
     };
 
     Ok(Record::Upsert(Expense {
-        expense_id: expense_id.into_owned(),
+        expense_id,
         user_id,
         card_id,
         merchant,
@@ -345,8 +350,16 @@ fn string<'a>(raw: &'a RawValue, field: &'static str) -> Result<Cow<'a, str>, Re
             format!("{field} must be a string, got {}", prefix(raw.get())),
         ));
     }
-    // The raw text is valid JSON already, so this only unescapes.
-    serde_json::from_str::<Cow<'a, str>>(raw.get())
+    // The raw text is a valid JSON string already. Without a backslash its text is exactly what
+    // is between the quotes (JSON escapes every control character), so it is borrowed: serde's
+    // `Cow<str>` would always allocate, which was one heap allocation per string field and record.
+    let text = raw.get();
+    let inner = &text[1..text.len() - 1];
+    if !inner.contains('\\') {
+        return Ok(Cow::Borrowed(inner));
+    }
+    serde_json::from_str::<String>(text)
+        .map(Cow::Owned)
         .map_err(|e| Rejection::new(RejectReason::BadJson, format!("{field}: {e}")))
 }
 

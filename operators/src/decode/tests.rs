@@ -49,7 +49,7 @@ fn op_defaults_to_upsert_and_delete_needs_only_ids() {
     assert_eq!(
         delete,
         Record::Delete {
-            expense_id: "e-1".into(),
+            expense_id: "e-1".parse().unwrap(),
             user_id: 7
         }
     );
@@ -100,7 +100,10 @@ fn each_rule_has_its_reason() {
         (with("user_id", Some("\"42\"")), WrongType("user_id")),
         (with("expense_id", Some("\"\"")), BadExpenseId),
         (
-            with("expense_id", Some(&format!("\"{}\"", "x".repeat(129)))),
+            with(
+                "expense_id",
+                Some(&format!("\"{}\"", "x".repeat(MAX_EXPENSE_ID_BYTES + 1))),
+            ),
             BadExpenseId,
         ),
         (with("expense_id", Some("17")), WrongType("expense_id")),
@@ -155,9 +158,13 @@ fn bounds_are_inclusive() {
     assert!(decode(with("amount_minor", Some("1000000000000")).as_bytes()).is_ok());
     assert!(decode(with("amount_minor", Some("-1000000000000")).as_bytes()).is_ok());
     assert!(decode(with("user_id", Some("9223372036854775807")).as_bytes()).is_ok());
-    assert!(
-        decode(with("expense_id", Some(&format!("\"{}\"", "x".repeat(128)))).as_bytes()).is_ok()
-    );
+    let longest = "x".repeat(MAX_EXPENSE_ID_BYTES);
+    let Record::Upsert(e) =
+        decode(with("expense_id", Some(&format!("\"{longest}\""))).as_bytes()).unwrap()
+    else {
+        panic!("not an upsert")
+    };
+    assert_eq!(e.expense_id, longest.as_str());
     assert!(decode(with("category", Some(&format!("\"{}\"", "é".repeat(64)))).as_bytes()).is_ok());
 }
 
@@ -195,7 +202,7 @@ fn encode_round_trips() {
     let record = decode(GOOD.as_bytes()).unwrap();
     assert_eq!(decode(encode(&record).as_bytes()).unwrap(), record);
     let delete = Record::Delete {
-        expense_id: "e-9".into(),
+        expense_id: "e-9".parse().unwrap(),
         user_id: 3,
     };
     assert_eq!(decode(encode(&delete).as_bytes()).unwrap(), delete);
@@ -249,4 +256,42 @@ fn rejected_records_do_not_grow_the_name_table() {
     let fact = ok.fact();
     assert_eq!(interned(), 2);
     assert_eq!(&*fact.merchant.text(), merchant);
+}
+
+/// Ids are kept inline and exact (`crate::id`), so one longer than the inline capacity is
+/// rejected with a reason that says so, for upserts and deletes alike, and never shortened or
+/// hashed into another expense's identity. (128 bytes was the limit before; such ids are now
+/// dead letters, counted, not dropped.)
+#[test]
+fn an_expense_id_longer_than_the_inline_capacity_is_rejected() {
+    assert_eq!(MAX_EXPENSE_ID_BYTES, 39);
+    // A UUID with a short prefix fits; one byte more than the capacity does not.
+    let fits = format!("tx-{}", "123e4567-e89b-12d3-a456-426614174000");
+    assert!(decode(with("expense_id", Some(&format!("{fits:?}"))).as_bytes()).is_ok());
+    for len in [MAX_EXPENSE_ID_BYTES + 1, 64, 128] {
+        // Two ids that share their first 39 bytes must not become one expense.
+        let long = format!("{}{len}", "x".repeat(len - len.to_string().len()));
+        assert_eq!(long.len(), len);
+        let upsert = decode(with("expense_id", Some(&format!("{long:?}"))).as_bytes()).unwrap_err();
+        assert_eq!(upsert.reason, RejectReason::BadExpenseId);
+        assert_eq!(upsert.reason.code(), "bad_expense_id");
+        assert!(
+            upsert
+                .detail
+                .contains(&format!("1 to {MAX_EXPENSE_ID_BYTES} bytes"))
+                && upsert.detail.contains(&format!("got {len}")),
+            "{}",
+            upsert.detail
+        );
+        let delete =
+            decode(format!(r#"{{"expense_id":{long:?},"user_id":7,"op":"delete"}}"#).as_bytes())
+                .unwrap_err();
+        assert_eq!(delete.reason, RejectReason::BadExpenseId);
+    }
+    // The limit is in bytes: 20 two-byte characters are 40 bytes.
+    let wide = "é".repeat(20);
+    assert_eq!(
+        reason(&with("expense_id", Some(&format!("{wide:?}")))),
+        RejectReason::BadExpenseId
+    );
 }

@@ -6,10 +6,15 @@ use std::sync::Arc;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use spendflow_operators::model::{Expense, MS_PER_DAY, Record};
+use spendflow_operators::model::{Expense, ExpenseId, MS_PER_DAY, Record};
 use spendflow_operators::oracle::{Aggregates, recompute};
 use spendflow_operators::runtime::execute;
 use spendflow_operators::{ClosedEpoch, Epoch};
+
+/// The id with this (short) text.
+fn eid(text: &str) -> ExpenseId {
+    ExpenseId::new(text).expect("a short id")
+}
 
 const CATEGORIES: &[&str] = &["groceries", "travel", "fuel"];
 const MERCHANTS: &[&str] = &["Tesco", "Aldi", "Shell", "KLM", "Café Nord"];
@@ -21,7 +26,7 @@ fn random_stream(seed: u64, records: usize, users: u64) -> Vec<Vec<Record>> {
     let mut epochs = vec![Vec::new()];
     let base_ms = 1_764_000_000_000_i64;
     for i in 0..records {
-        let fresh = |rng: &mut ChaCha8Rng, id: String, user: u64| {
+        let fresh = |rng: &mut ChaCha8Rng, id: ExpenseId, user: u64| {
             let late = rng.random_bool(0.1);
             let offset = if late {
                 -rng.random_range(0..60 * MS_PER_DAY)
@@ -50,23 +55,18 @@ fn random_stream(seed: u64, records: usize, users: u64) -> Vec<Vec<Record>> {
         } else if roll < 35 && !sent.is_empty() {
             // Correction of an earlier expense: same id and user, new content.
             let earlier = &sent[rng.random_range(0..sent.len())];
-            fresh(
-                &mut rng,
-                earlier.expense_id().to_string(),
-                earlier.user_id(),
-            )
-            .into_upsert()
+            fresh(&mut rng, eid(earlier.expense_id()), earlier.user_id()).into_upsert()
         } else if roll < 45 && !sent.is_empty() {
             // Delete of an earlier expense (maybe already deleted).
             let earlier = &sent[rng.random_range(0..sent.len())];
             Record::Delete {
-                expense_id: earlier.expense_id().to_string(),
+                expense_id: eid(earlier.expense_id()),
                 user_id: earlier.user_id(),
             }
         } else if roll < 47 {
             // Delete of an expense that never existed.
             Record::Delete {
-                expense_id: format!("ghost-{i}"),
+                expense_id: eid(&format!("ghost-{i}")),
                 user_id: 1,
             }
         } else if roll < 51 && !sent.is_empty() {
@@ -74,7 +74,7 @@ fn random_stream(seed: u64, records: usize, users: u64) -> Vec<Vec<Record>> {
             // (identity is `(user_id, expense_id)`), which must neither replace nor delete the
             // earlier user's one.
             let earlier = &sent[rng.random_range(0..sent.len())];
-            let id = earlier.expense_id().to_string();
+            let id = eid(earlier.expense_id());
             let other = earlier.user_id() % users + 1;
             if rng.random_bool(0.5) {
                 Record::Delete {
@@ -86,7 +86,7 @@ fn random_stream(seed: u64, records: usize, users: u64) -> Vec<Vec<Record>> {
             }
         } else {
             let user = rng.random_range(1..=users);
-            fresh(&mut rng, format!("e-{i}"), user).into_upsert()
+            fresh(&mut rng, eid(&format!("e-{i}")), user).into_upsert()
         };
         sent.push(record.clone());
         epochs.last_mut().unwrap().push(record);
@@ -186,7 +186,7 @@ fn changes_are_consolidated_one_per_key_and_never_zero() {
 
 fn expense(id: &str, user: u64, amount: i64, event_ms: i64) -> Record {
     Record::Upsert(Expense {
-        expense_id: id.into(),
+        expense_id: eid(id),
         user_id: user,
         card_id: None,
         merchant: Arc::from("Tesco"),
@@ -200,7 +200,7 @@ fn expense(id: &str, user: u64, amount: i64, event_ms: i64) -> Record {
 #[test]
 fn order_inside_one_epoch_decides() {
     let delete = |id: &str| Record::Delete {
-        expense_id: id.into(),
+        expense_id: eid(id),
         user_id: 1,
     };
     let epochs = vec![
@@ -302,7 +302,7 @@ fn snapshot_then_restore_at_other_parallelism_matches_recomputation() {
             dataflow.take_snapshots()
         })
         .unwrap();
-        let mut live: Vec<(String, spendflow_operators::Fact)> = Vec::new();
+        let mut live: Vec<(ExpenseId, spendflow_operators::Fact)> = Vec::new();
         for worker in copies {
             assert_eq!(worker.len(), 1, "one copy per worker");
             assert_eq!(worker[0].epoch, at);

@@ -12,7 +12,7 @@ use spendflow_operators::{ClosedEpoch, Epoch};
 
 fn expense(id: &str, user: u64, merchant: &str, amount: i64) -> Expense {
     Expense {
-        expense_id: id.to_string(),
+        expense_id: id.parse().expect("a short id"),
         user_id: user,
         card_id: None,
         merchant: Arc::from(merchant),
@@ -64,7 +64,7 @@ fn insert_and_delete_in_one_replay_epoch_touch_every_cell() {
     let epochs = vec![vec![
         Record::Upsert(x.clone()),
         Record::Delete {
-            expense_id: "x".into(),
+            expense_id: "x".parse().unwrap(),
             user_id: 7,
         },
     ]];
@@ -89,14 +89,14 @@ fn offsetting_changes_across_workers_are_touched_and_later_epochs_are_not() {
         vec![Record::Upsert(a)],
         vec![
             Record::Delete {
-                expense_id: "a".into(),
+                expense_id: "a".parse().unwrap(),
                 user_id: 3,
             },
             Record::Upsert(b.clone()),
         ],
         vec![
             Record::Delete {
-                expense_id: "b".into(),
+                expense_id: "b".parse().unwrap(),
                 user_id: 3,
             },
             Record::Upsert(c),

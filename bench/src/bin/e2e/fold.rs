@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
-use spendflow_operators::{AggKey, Fact, Record};
+use spendflow_operators::{AggKey, ExpenseId, Fact, Record};
 
 /// Per-user `(total_minor, expense_count)`.
 pub type UserTotals = FxHashMap<u64, (i64, i64)>;
@@ -49,7 +49,7 @@ fn apply(cells: &mut FxHashMap<(u64, u8, u64), (i64, i64)>, fact: &Fact, sign: i
 pub fn fold(lines: &[Vec<u8>]) -> FoldRun {
     let start = Instant::now();
     // Keyed like the engine: an expense is `(user_id, expense_id)`.
-    let mut live: FxHashMap<(u64, String), Fact> = FxHashMap::default();
+    let mut live: FxHashMap<(u64, ExpenseId), Fact> = FxHashMap::default();
     let mut cells: FxHashMap<(u64, u8, u64), (i64, i64)> = FxHashMap::default();
     let mut rejected = 0;
     for line in lines {
