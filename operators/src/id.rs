@@ -1,27 +1,22 @@
-//! Expense identities: the exact `expense_id` text, inline, with no heap allocation.
+//! Expense identities: the exact `expense_id` text, inline when short, with no `String` per
+//! record.
 //!
 //! Every record crosses the upsert stage's exchange and every live expense is a key of its map,
 //! so the id is on the hottest path of the engine and in its largest state. A `String` there
 //! costs a heap allocation per record (and per live expense: 24 bytes of `String` plus the
 //! allocation, ~32 bytes more for a typical 18-byte id), and a pointer to chase on every lookup.
 //!
-//! Why an inline id and not a fingerprint: two different expenses must never merge, and a
-//! finance product cannot accept "almost never" (a 64-bit hash of a billion ids collides with a
-//! chance of about 3 %; even a 128-bit one would need the text kept beside it to be exact). An
-//! [`ExpenseId`] *is* the text: `len` and the bytes, zero-padded, compared and hashed as the
-//! text. It is a fixed [`ExpenseId::CAPACITY`] + 1 = 40 bytes, with no heap part.
+//! Why not a fingerprint: two different expenses must never merge, and a finance product cannot
+//! accept "almost never" (a 64-bit hash of a billion ids collides with a chance of about 3 %;
+//! even a 128-bit one would need the text kept beside it to be exact). An [`ExpenseId`] *is* the
+//! text, compared and hashed as the text.
 //!
-//! The price is a limit: an `expense_id` longer than [`ExpenseId::CAPACITY`] (39) bytes is
-//! rejected when the record is decoded, with the dead-letter reason `bad_expense_id` and a
-//! detail naming the limit (see `decode`). 39 bytes hold the common id shapes: a UUID in text
-//! (36) with a prefix of up to 3 bytes (`tx-` + UUID), a ULID (26), 32 hex digits, or the
-//! simulator's `e-` + 16 hex digits (18). The contract limit was 128 bytes before; ids of 40 to
-//! 128 bytes now go to the dead-letter output (counted, never dropped silently).
-//!
-//! Why 39 and not the 31 that would make the upsert map's entry as small as its old fixed part:
-//! a UUID in text must fit. Why not 47 (`exp_` + UUID): each 8 bytes more are 8 more per live
-//! expense in the upsert map's slot (which hashbrown keeps up to half empty after a resize) and
-//! per exchanged record. The capacity is this one constant.
+//! Why `compact_str`: a maintained small-string type of 24 bytes (the size of a `String`) that
+//! keeps up to [`ExpenseId::INLINE`] bytes in place and only longer texts on the heap. The
+//! common id shapes (the simulator's `e-` + 16 hex digits, a ULID, 20-digit numbers) are inline,
+//! so they cost no allocation through the exchange or in the upsert map; a UUID in text (36
+//! bytes) takes one allocation, as a `String` did. The contract stays 1 to
+//! [`ExpenseId::MAX_LEN`] bytes: no id that was valid before is refused now.
 
 use std::borrow::Borrow;
 use std::cmp::Ordering;
@@ -29,18 +24,16 @@ use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::ops::Deref;
 
+use compact_str::CompactString;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// The exact text of an `expense_id`, 1 to [`ExpenseId::CAPACITY`] bytes of UTF-8, inline.
+/// The exact text of an `expense_id`, 1 to [`ExpenseId::MAX_LEN`] bytes of UTF-8, inline up to
+/// [`ExpenseId::INLINE`] bytes.
 ///
 /// Equality, ordering and hashing are those of the text (`Borrow<str>` holds: a map keyed by
 /// `ExpenseId` can be looked up with a `&str`).
 #[derive(Clone)]
-pub struct ExpenseId {
-    /// Bytes of text in `bytes`; the rest of `bytes` is zero.
-    len: u8,
-    bytes: [u8; ExpenseId::CAPACITY],
-}
+pub struct ExpenseId(CompactString);
 
 /// Why a text cannot be an [`ExpenseId`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -48,10 +41,10 @@ pub enum ExpenseIdError {
     /// The empty text.
     #[error("expense_id must not be empty")]
     Empty,
-    /// Longer than [`ExpenseId::CAPACITY`] bytes.
+    /// Longer than [`ExpenseId::MAX_LEN`] bytes.
     #[error(
-        "expense_id is {len} bytes; ids are kept inline and exact, at most {} bytes",
-        ExpenseId::CAPACITY
+        "expense_id is {len} bytes; at most {} bytes are allowed",
+        ExpenseId::MAX_LEN
     )]
     TooLong {
         /// The text's length in bytes.
@@ -60,39 +53,41 @@ pub enum ExpenseIdError {
 }
 
 impl ExpenseId {
-    /// The longest id, in bytes (UTF-8). See the module docs for the choice.
-    pub const CAPACITY: usize = 39;
+    /// The longest id, in bytes (UTF-8): the record contract.
+    pub const MAX_LEN: usize = 128;
+
+    /// The longest id kept inline, in bytes: shorter ids never touch the heap.
+    pub const INLINE: usize = std::mem::size_of::<CompactString>();
 
     /// The id with this text.
     ///
     /// # Errors
     ///
-    /// [`ExpenseIdError`] if `text` is empty or longer than [`ExpenseId::CAPACITY`] bytes.
+    /// [`ExpenseIdError`] if `text` is empty or longer than [`ExpenseId::MAX_LEN`] bytes.
     pub fn new(text: &str) -> Result<ExpenseId, ExpenseIdError> {
         let len = text.len();
         if len == 0 {
             return Err(ExpenseIdError::Empty);
         }
-        if len > Self::CAPACITY {
+        if len > Self::MAX_LEN {
             return Err(ExpenseIdError::TooLong { len });
         }
-        let mut bytes = [0u8; Self::CAPACITY];
-        bytes[..len].copy_from_slice(text.as_bytes());
-        Ok(ExpenseId {
-            len: len as u8,
-            bytes,
-        })
+        Ok(ExpenseId(CompactString::new(text)))
     }
 
     /// The text.
     pub fn as_str(&self) -> &str {
-        // Only `new` writes `bytes`, from a `&str`, and `len` never splits it.
-        std::str::from_utf8(self.as_bytes()).expect("an ExpenseId holds UTF-8")
+        self.0.as_str()
     }
 
     /// The text's bytes.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..usize::from(self.len)]
+        self.0.as_bytes()
+    }
+
+    /// Whether the text lives on the heap (longer than [`ExpenseId::INLINE`] bytes).
+    pub fn is_heap_allocated(&self) -> bool {
+        self.0.is_heap_allocated()
     }
 }
 
@@ -208,8 +203,11 @@ mod tests {
 
     #[test]
     fn keeps_the_exact_text_inline() {
-        assert_eq!(std::mem::size_of::<ExpenseId>(), ExpenseId::CAPACITY + 1);
+        assert_eq!(std::mem::size_of::<ExpenseId>(), 24);
         let id = ExpenseId::new("e-00ff").unwrap();
+        assert!(!id.is_heap_allocated());
+        let inline = "x".repeat(ExpenseId::INLINE);
+        assert!(!ExpenseId::new(&inline).unwrap().is_heap_allocated());
         assert_eq!(id.as_str(), "e-00ff");
         assert_eq!(id, "e-00ff");
         // Different texts are different ids, whatever their length or content.
@@ -220,20 +218,21 @@ mod tests {
         assert_ne!(ExpenseId::new("a").unwrap(), ExpenseId::new("b").unwrap());
         let uuid = "123e4567-e89b-12d3-a456-426614174000";
         assert_eq!(ExpenseId::new(uuid).unwrap().as_str(), uuid);
-        let multibyte = "é".repeat(ExpenseId::CAPACITY / 2);
+        assert!(ExpenseId::new(uuid).unwrap().is_heap_allocated());
+        let multibyte = "é".repeat(ExpenseId::MAX_LEN / 2);
         assert_eq!(ExpenseId::new(&multibyte).unwrap().as_str(), multibyte);
     }
 
     #[test]
     fn rejects_empty_and_too_long_ids() {
         assert_eq!(ExpenseId::new(""), Err(ExpenseIdError::Empty));
-        let longest = "x".repeat(ExpenseId::CAPACITY);
-        assert_eq!(ExpenseId::new(&longest).unwrap().len(), ExpenseId::CAPACITY);
-        let long = "x".repeat(ExpenseId::CAPACITY + 1);
+        let longest = "x".repeat(ExpenseId::MAX_LEN);
+        assert_eq!(ExpenseId::new(&longest).unwrap().len(), ExpenseId::MAX_LEN);
+        let long = "x".repeat(ExpenseId::MAX_LEN + 1);
         assert_eq!(
             ExpenseId::new(&long),
             Err(ExpenseIdError::TooLong {
-                len: ExpenseId::CAPACITY + 1
+                len: ExpenseId::MAX_LEN + 1
             })
         );
         assert!(serde_json::from_str::<ExpenseId>(&format!("{long:?}")).is_err());

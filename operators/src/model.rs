@@ -35,8 +35,8 @@ pub type UserId = u64;
 /// A card expense as the contract defines it (JSON v1), after validation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Expense {
-    /// The expense's identity: later records with the same id replace it. Exact and inline
-    /// (no heap), at most [`ExpenseId::CAPACITY`] bytes: see [`crate::id`].
+    /// The expense's identity: later records with the same id replace it. Exact, inline
+    /// (no heap) up to [`ExpenseId::INLINE`] bytes, at most [`ExpenseId::MAX_LEN`]: see [`crate::id`].
     pub expense_id: ExpenseId,
     /// The user the expense belongs to.
     pub user_id: UserId,

@@ -256,13 +256,12 @@ impl Checkpoint {
             let mut id = vec![0u8; len];
             read_exact(&mut input, &mut id, "entry id")?;
             let id = std::str::from_utf8(&id).map_err(|_| format!("entry {i}: id is not UTF-8"))?;
-            // The file keeps ids length-prefixed (up to 2^16 bytes), so the format did not change
-            // when ids became inline and limited to `ExpenseId::CAPACITY` bytes; a checkpoint from
-            // an engine that still accepted longer ids (up to 128 bytes) and holds one is refused
-            // here, by name, rather than losing or shortening that expense.
+            // The file keeps ids length-prefixed (up to 2^16 bytes); an id the engine could never
+            // have accepted (empty, or over `ExpenseId::MAX_LEN` bytes) means a damaged or foreign
+            // file, refused here by name rather than losing or shortening that expense.
             let id = ExpenseId::new(id).map_err(|e| {
                 format!(
-                    "entry {i}: {e}; this checkpoint was written by an engine that accepted longer expense ids, and this binary cannot hold that expense exactly"
+                    "entry {i}: {e}; this checkpoint holds an expense id no engine accepts, so it is damaged or not a spendflow checkpoint"
                 )
             })?;
             read_exact(&mut input, &mut fixed, "entry")?;

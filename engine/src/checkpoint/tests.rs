@@ -288,14 +288,14 @@ fn temporary_files_of_a_crashed_engine_are_removed_on_open() {
 /// change when ids became inline and limited; but a checkpoint written when longer ids were
 /// accepted, holding one, is refused with a message saying why, never shortened or skipped.
 #[test]
-fn a_live_id_longer_than_the_inline_capacity_is_refused_by_name() {
+fn a_live_id_longer_than_the_contract_allows_is_refused_by_name() {
     let mut bytes = Vec::new();
     sample(9, 1).encode(&mut bytes).unwrap();
     // The one entry follows magic (8), header length (8) and the header.
     let header_len = u64::from_le_bytes(bytes[8..16].try_into().unwrap()) as usize;
     let entry = 16 + header_len;
     assert_eq!(&bytes[entry..entry + 4], &3u32.to_le_bytes(), "the id e-0");
-    let long = "x".repeat(ExpenseId::CAPACITY + 1);
+    let long = "x".repeat(ExpenseId::MAX_LEN + 1);
     let mut out = bytes[..entry].to_vec();
     out.extend_from_slice(&(long.len() as u32).to_le_bytes());
     out.extend_from_slice(long.as_bytes());
@@ -306,8 +306,8 @@ fn a_live_id_longer_than_the_inline_capacity_is_refused_by_name() {
     let err = Checkpoint::decode(&out[..]).unwrap_err();
     assert!(
         err.0.contains("entry 0")
-            && err.0.contains("40 bytes")
-            && err.0.contains("at most 39 bytes"),
+            && err.0.contains("129 bytes")
+            && err.0.contains("at most 128 bytes"),
         "{err}"
     );
     // The same bytes with the id that fits read back as written.

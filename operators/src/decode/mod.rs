@@ -10,7 +10,7 @@
 //! | field | rule |
 //! |---|---|
 //! | whole record | at most [`MAX_RECORD_BYTES`], UTF-8, one JSON object; unknown fields are ignored |
-//! | `expense_id` | string, 1 to 39 bytes ([`MAX_EXPENSE_ID_BYTES`]: kept inline and exact, see [`crate::id`]) |
+//! | `expense_id` | string, 1 to 128 bytes ([`MAX_EXPENSE_ID_BYTES`]; inline up to 24, see [`crate::id`]) |
 //! | `user_id` | integer in `1..=2^63-1` |
 //! | `op` | absent, `null`, `"upsert"` or `"delete"` |
 //! | `amount_minor` | integer (a JSON float such as `12.5` is rejected), `|amount| <= 10^12` |
@@ -37,10 +37,10 @@ use crate::model::{Expense, ExpenseId, MAX_ABS_AMOUNT_MINOR, Name, Record};
 /// The largest record accepted, in bytes.
 pub const MAX_RECORD_BYTES: usize = 64 * 1024;
 
-/// Longest accepted `expense_id`, in bytes: what an [`ExpenseId`] holds inline. Longer ids are
-/// rejected with [`RejectReason::BadExpenseId`] (they were accepted up to 128 bytes before the
-/// ids became fixed-size; see [`crate::id`] for why).
-pub const MAX_EXPENSE_ID_BYTES: usize = ExpenseId::CAPACITY;
+/// Longest accepted `expense_id`, in bytes. Longer ids are rejected with
+/// [`RejectReason::BadExpenseId`]; ids up to [`ExpenseId::INLINE`] bytes travel without an
+/// allocation (see [`crate::id`]).
+pub const MAX_EXPENSE_ID_BYTES: usize = ExpenseId::MAX_LEN;
 
 /// Longest accepted `card_id`, in bytes.
 pub const MAX_CARD_ID_BYTES: usize = 128;
@@ -64,7 +64,7 @@ pub enum RejectReason {
     MissingField(&'static str),
     /// A field has the wrong JSON type (a number where a string belongs, ...).
     WrongType(&'static str),
-    /// `expense_id` is empty or longer than [`MAX_EXPENSE_ID_BYTES`] (39) bytes.
+    /// `expense_id` is empty or longer than [`MAX_EXPENSE_ID_BYTES`] (128) bytes.
     BadExpenseId,
     /// `user_id` is not an integer in `1..=2^63-1`.
     BadUserId,
@@ -268,7 +268,7 @@ pub fn decode(bytes: &[u8]) -> Result<Record, Rejection> {
         Rejection::new(
             RejectReason::BadExpenseId,
             format!(
-                "expense_id must be 1 to {MAX_EXPENSE_ID_BYTES} bytes (ids are kept inline and exact), got {}",
+                "expense_id must be 1 to {MAX_EXPENSE_ID_BYTES} bytes, got {}",
                 expense_id.len()
             ),
         )

@@ -258,38 +258,46 @@ fn rejected_records_do_not_grow_the_name_table() {
     assert_eq!(&*fact.merchant.text(), merchant);
 }
 
-/// Ids are kept inline and exact (`crate::id`), so one longer than the inline capacity is
-/// rejected with a reason that says so, for upserts and deletes alike, and never shortened or
-/// hashed into another expense's identity. (128 bytes was the limit before; such ids are now
-/// dead letters, counted, not dropped.)
+/// Ids are exact whatever their length: every length the contract allows (inline or on the heap)
+/// decodes to exactly its text, two long ids that share a prefix stay two expenses, and one byte
+/// over the limit is rejected with a reason that names the limit, for upserts and deletes alike.
 #[test]
-fn an_expense_id_longer_than_the_inline_capacity_is_rejected() {
-    assert_eq!(MAX_EXPENSE_ID_BYTES, 39);
-    // A UUID with a short prefix fits; one byte more than the capacity does not.
-    let fits = format!("tx-{}", "123e4567-e89b-12d3-a456-426614174000");
-    assert!(decode(with("expense_id", Some(&format!("{fits:?}"))).as_bytes()).is_ok());
-    for len in [MAX_EXPENSE_ID_BYTES + 1, 64, 128] {
-        // Two ids that share their first 39 bytes must not become one expense.
-        let long = format!("{}{len}", "x".repeat(len - len.to_string().len()));
-        assert_eq!(long.len(), len);
-        let upsert = decode(with("expense_id", Some(&format!("{long:?}"))).as_bytes()).unwrap_err();
-        assert_eq!(upsert.reason, RejectReason::BadExpenseId);
-        assert_eq!(upsert.reason.code(), "bad_expense_id");
-        assert!(
-            upsert
-                .detail
-                .contains(&format!("1 to {MAX_EXPENSE_ID_BYTES} bytes"))
-                && upsert.detail.contains(&format!("got {len}")),
-            "{}",
-            upsert.detail
-        );
-        let delete =
-            decode(format!(r#"{{"expense_id":{long:?},"user_id":7,"op":"delete"}}"#).as_bytes())
-                .unwrap_err();
-        assert_eq!(delete.reason, RejectReason::BadExpenseId);
+fn expense_ids_are_exact_up_to_the_limit_and_rejected_beyond() {
+    assert_eq!(MAX_EXPENSE_ID_BYTES, 128);
+    for len in [
+        1,
+        ExpenseId::INLINE,
+        ExpenseId::INLINE + 1,
+        36,
+        64,
+        MAX_EXPENSE_ID_BYTES,
+    ] {
+        for last in ['a', 'b'] {
+            let id = format!("{}{last}", "x".repeat(len - 1));
+            let Record::Upsert(e) =
+                decode(with("expense_id", Some(&format!("{id:?}"))).as_bytes()).unwrap()
+            else {
+                panic!("not an upsert")
+            };
+            assert_eq!(e.expense_id.as_str(), id);
+            assert_eq!(e.expense_id.is_heap_allocated(), len > ExpenseId::INLINE);
+        }
     }
-    // The limit is in bytes: 20 two-byte characters are 40 bytes.
-    let wide = "é".repeat(20);
+    let long = "x".repeat(MAX_EXPENSE_ID_BYTES + 1);
+    let upsert = decode(with("expense_id", Some(&format!("{long:?}"))).as_bytes()).unwrap_err();
+    assert_eq!(upsert.reason, RejectReason::BadExpenseId);
+    assert_eq!(upsert.reason.code(), "bad_expense_id");
+    assert!(
+        upsert.detail.contains("1 to 128 bytes") && upsert.detail.contains("got 129"),
+        "{}",
+        upsert.detail
+    );
+    let delete =
+        decode(format!(r#"{{"expense_id":{long:?},"user_id":7,"op":"delete"}}"#).as_bytes())
+            .unwrap_err();
+    assert_eq!(delete.reason, RejectReason::BadExpenseId);
+    // The limit is in bytes: 65 two-byte characters are 130 bytes.
+    let wide = "é".repeat(65);
     assert_eq!(
         reason(&with("expense_id", Some(&format!("{wide:?}")))),
         RejectReason::BadExpenseId
