@@ -1,9 +1,27 @@
 //! When epochs are cut.
+//!
+//! The policy, in one place ([`EpochClock::target`]):
+//!
+//! * **Caught up** (no source reports lag): the timer cuts, every `interval` while something
+//!   was read since the last cut, so fresh records are published within about one interval.
+//!   The record budget cuts too if a worker takes that many records first.
+//! * **Lagging** (any source of any worker reports a backlog, see `Source::lagging`): the
+//!   record budget cuts: an epoch holds `budget` records of a worker, so catch-up runs in large
+//!   batches and pays the rendezvous of the workers and the publish once per batch, not once per
+//!   `interval`. The timer still cuts after [`LAGGING_MAX_INTERVAL`] (or `interval`, if longer),
+//!   so a lag claim that is wrong, or a slow trickle, never holds records back for long.
+//! * A checkpoint that is due cuts in either case.
+//!
+//! Whichever worker finds a cut due moves the shared epoch on; every worker advances to it at its
+//! next step, as before (the rendezvous of the workers is the dataflow's frontier).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use spendflow_operators::Epoch;
+
+/// While sources lag, the longest an epoch stays open with records in it.
+pub const LAGGING_MAX_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Cuts the input into epochs; shared by all workers of a process.
 #[derive(Debug)]
@@ -64,12 +82,22 @@ impl EpochClock {
         self.unsaved.store(true, Ordering::Release);
     }
 
-    /// The epoch a worker should be pushing at, after `in_epoch` records in its current one.
-    /// Cuts a new epoch if the timer or the budget says so.
-    pub fn target(&self, in_epoch: usize) -> Epoch {
-        let now = self.start.elapsed().as_nanos() as u64;
+    /// The epoch a worker should be pushing at, after `in_epoch` records in its current one,
+    /// `lagging` if any source reports lag. Cuts a new epoch if the policy (module docs) says
+    /// so.
+    pub fn target(&self, in_epoch: usize, lagging: bool) -> Epoch {
+        self.target_at(self.start.elapsed().as_nanos() as u64, in_epoch, lagging)
+    }
+
+    /// [`EpochClock::target`] at `now` nanoseconds after the clock started.
+    fn target_at(&self, now: u64, in_epoch: usize, lagging: bool) -> Epoch {
         let last = self.last_cut_ns.load(Ordering::Acquire);
-        let due = now.saturating_sub(last) >= self.interval.as_nanos() as u64
+        let interval = if lagging {
+            self.interval.max(LAGGING_MAX_INTERVAL)
+        } else {
+            self.interval
+        };
+        let due = now.saturating_sub(last) >= interval.as_nanos() as u64
             && self.dirty.load(Ordering::Acquire);
         // A checkpoint is due when input arrived since the last one, even if none arrives now
         // (an engine that went idle still gets a checkpoint of everything it read).
@@ -119,5 +147,66 @@ impl EpochClock {
     /// Cuts a new epoch now, whatever the timer says (used at shutdown).
     pub fn cut(&self) -> Epoch {
         self.current.fetch_add(1, Ordering::AcqRel) + 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn caught_up_the_timer_cuts() {
+        let clock = EpochClock::new(Duration::from_millis(50), 100_000);
+        clock.note_input();
+        assert_eq!(
+            clock.target_at(10 * MS, 500, false),
+            1,
+            "interval not elapsed"
+        );
+        assert_eq!(clock.target_at(50 * MS, 500, false), 2, "the timer cuts");
+        // Nothing read since: no cut, however long.
+        assert_eq!(clock.target_at(500 * MS, 0, false), 2);
+        // The budget cuts too.
+        clock.note_input();
+        assert_eq!(clock.target_at(510 * MS, 100_000, false), 3);
+    }
+
+    #[test]
+    fn lagging_the_budget_cuts_not_the_timer() {
+        let clock = EpochClock::new(Duration::from_millis(50), 10_000);
+        clock.note_input();
+        // Many intervals pass with records in the epoch: no cut while lagging...
+        assert_eq!(clock.target_at(50 * MS, 500, true), 1);
+        assert_eq!(clock.target_at(400 * MS, 9_999, true), 1);
+        // ...until the budget is reached.
+        assert_eq!(clock.target_at(401 * MS, 10_000, true), 2);
+        clock.note_input();
+        assert_eq!(clock.target_at(460 * MS, 3, true), 2);
+        // Caught up again: the timer cuts what is there.
+        assert_eq!(clock.target_at(460 * MS, 3, false), 3);
+    }
+
+    #[test]
+    fn lagging_the_timer_still_cuts_after_the_longest_interval() {
+        let clock = EpochClock::new(Duration::from_millis(50), 10_000);
+        clock.note_input();
+        let max = LAGGING_MAX_INTERVAL.as_nanos() as u64;
+        assert_eq!(clock.target_at(max - 1, 5, true), 1);
+        assert_eq!(clock.target_at(max, 5, true), 2);
+    }
+
+    #[test]
+    fn lagging_a_due_checkpoint_still_cuts() {
+        let clock = EpochClock::starting_at(
+            1,
+            Duration::from_millis(50),
+            10_000,
+            Some(Duration::from_millis(100)),
+        );
+        clock.note_input();
+        assert_eq!(clock.target_at(100 * MS, 5, true), 2);
+        assert_eq!(clock.checkpoint_mark(), Some(1));
     }
 }

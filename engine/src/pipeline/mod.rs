@@ -17,9 +17,10 @@
 //! publisher publishes epoch `E` once every worker has reported through `E`, so a snapshot
 //! always shows whole epochs of every worker — never a partial one.
 //!
-//! Epochs are cut by a shared [`EpochClock`]: on a timer (only when something was read since the
-//! last cut, so an idle engine does not churn) or as soon as a worker has taken a record budget
-//! into the current epoch (so catch-up runs in large, efficient batches).
+//! Epochs are cut by a shared [`EpochClock`]: while any source reports lag, as soon as a worker
+//! has taken a record budget into the current epoch (so catch-up runs in large, efficient
+//! batches); when caught up, on a timer (only when something was read since the last cut, so an
+//! idle engine does not churn). See [`clock`] for the policy.
 //!
 //! One file per thread, in data-path order:
 //!
@@ -75,6 +76,8 @@ pub struct WorkerStatus {
     /// Set the first time every source of this worker had nothing more (see
     /// [`Shared::replay`]).
     pub was_idle: AtomicBool,
+    /// True when a source of this worker reported lag at the last poll.
+    pub lagging: AtomicBool,
 }
 
 /// State shared by the workers, the publisher and the services.
@@ -198,6 +201,14 @@ impl Shared {
     /// True if every worker's sources had nothing more at their last poll.
     pub fn sources_idle(&self) -> bool {
         self.workers.iter().all(|w| w.idle.load(Ordering::Acquire))
+    }
+
+    /// True if a source of any worker reported lag at its last poll (epochs are then cut by
+    /// record budget; see [`EpochClock`]).
+    pub fn sources_lagging(&self) -> bool {
+        self.workers
+            .iter()
+            .any(|w| w.lagging.load(Ordering::Acquire))
     }
 
     /// Every partition's position, over all workers.

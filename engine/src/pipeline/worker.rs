@@ -180,6 +180,7 @@ impl<'a> Worker<'a> {
         // A source that is not caught up although it has nothing to return now.
         let mut behind = self.lost_source;
         let mut failed = Vec::new();
+        let mut lagging = false;
         for (i, source) in self.sources.iter_mut().enumerate() {
             // Never take more than the epoch budget has room for, so epochs stay bounded.
             let room = shared
@@ -201,6 +202,7 @@ impl<'a> Worker<'a> {
                     failed.push(i);
                 }
             }
+            lagging |= source.lagging();
             let mut partitions = None;
             for record in self.batch.drain(..) {
                 idle = false;
@@ -244,6 +246,7 @@ impl<'a> Worker<'a> {
             shared.clock.note_input();
         }
         status.read.store(self.read, Ordering::Release);
+        status.lagging.store(lagging, Ordering::Release);
         // Positions for the status service: after reads, and now and then for sources whose
         // ends move without reads (Kafka watermarks). Not on every idle loop. Also when the
         // worker turns idle: the caught-up claim and the positions (lag) it shows must agree.
@@ -267,7 +270,9 @@ impl<'a> Worker<'a> {
         let target = if self.stopping {
             self.dataflow.epoch()
         } else {
-            self.shared.clock.target(self.in_epoch)
+            self.shared
+                .clock
+                .target(self.in_epoch, self.shared.sources_lagging())
         };
         let stop_now = !self.stopping && self.shared.stop.load(Ordering::Acquire);
         let target = if stop_now {

@@ -87,6 +87,13 @@ pub trait Source: Send {
 
     /// The position of every partition after the records returned so far.
     fn partitions(&self) -> Vec<PartitionPosition>;
+
+    /// True while the source knows of a large backlog it has not returned yet (catch-up). The
+    /// engine then cuts epochs by record budget instead of by timer (see
+    /// `pipeline::EpochClock`). Sources that cannot tell say false: epochs stay timed.
+    fn lagging(&self) -> bool {
+        false
+    }
 }
 
 /// A source of records, as configured (the command line, a config file, an embedding program).

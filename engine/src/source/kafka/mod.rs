@@ -15,8 +15,16 @@
 //! * **Positions.** Partitions are assigned manually at positions spendflow chooses (the
 //!   beginning, or a checkpoint); consumer-group commits are sent only so Kafka tools can show
 //!   lag, never read back. `isolation.level=read_committed`.
+//! * **Read-ahead.** A fetch thread per source polls the consumer continuously and hands
+//!   batches of records to the worker over a bounded channel (see `fetch`); the worker takes
+//!   whole batches without waiting in librdkafka. A partition's position moves only past
+//!   records the worker has taken, never past records still read ahead.
 //! * **Back-pressure.** librdkafka's prefetch queue is bounded
-//!   (`queued.max.messages.kbytes`); the worker polls only as much as the epoch budget allows.
+//!   (`queued.max.messages.kbytes`) and so is the fetch thread's channel; the worker takes only
+//!   as much as the epoch budget allows.
+//! * **Lag.** The source reports itself lagging while its known backlog is large (records
+//!   read ahead plus the distance to the partitions' ends): the engine then cuts epochs by
+//!   record budget, not by timer.
 //! * **Caught up.** A poll reports idle only when the source has found what it reads (with
 //!   `--topic`: a listing that showed the topic and its partitions; with a pattern: one
 //!   successful listing, which may match no topic at all: then there is nothing to read) and
@@ -36,6 +44,7 @@
 
 mod config;
 mod consumer;
+mod fetch;
 
 #[cfg(test)]
 mod tests;
