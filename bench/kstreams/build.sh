@@ -18,7 +18,7 @@ say() { printf '[kstreams-build] %s\n' "$*" >&2; }
 die() { printf '[kstreams-build] error: %s\n' "$*" >&2; exit 1; }
 
 # The sources' fingerprint: a rebuild when the pom or the program changes.
-SUM=$(cat "$HERE/pom.xml" "$HERE"/src/main/java/spendflow/bench/*.java | sha256sum | cut -c1-16)
+SUM=$(cat "$HERE/build.sh" "$HERE/pom.xml" "$HERE"/src/main/java/spendflow/bench/*.java | sha256sum | cut -c1-16)
 STAMP=$DIR/built-$SUM
 CLASSPATH_OUT="$BUILD/classes:$BUILD/lib/*"
 
@@ -31,6 +31,7 @@ for c in mvn java; do
 done
 mkdir -p "$DIR"
 rm -f "$DIR"/built-*
+rm -rf "$BUILD/lib"   # no stale jars from an earlier version on the classpath
 say "mvn package (kafka-streams from Maven Central on the first build; a minute or two)"
 mvn -B -q -f "$HERE/pom.xml" -Dkstreams.out="$DIR" package >&2 \
   || die "mvn package failed for $HERE/pom.xml (see the Maven output above)"
