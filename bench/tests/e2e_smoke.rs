@@ -86,7 +86,10 @@ fn quick_run_writes_every_figure_and_ratio() {
         .lines()
         .find(|l| l.contains("Cassandra writes per event during catch-up (rows / events) |"))
         .unwrap_or_else(|| panic!("no writes-per-event row in:\n{results}"));
-    assert!(!writes.contains("n/a"), "writes per event not measured: {writes}");
+    assert!(
+        !writes.contains("n/a"),
+        "writes per event not measured: {writes}"
+    );
     // The targets table says met or missed for the figures it has.
     assert!(
         results.contains("## Targets of issue 14")

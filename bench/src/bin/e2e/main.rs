@@ -898,8 +898,8 @@ impl EngineCtx<'_> {
         let wall = caught.cassandra_secs.unwrap_or(caught.served_secs);
         let cpu = util::cpu_secs(engine.pid()).unwrap_or(0.0);
         let cassandra_after = self.cassandra.and_then(util::cpu_secs);
-        // Off-CPU share of the worker threads, up to caught up (to served state).
-        if let Some(off) = util::workers_off_cpu(engine.pid(), s.workers, caught.served_secs) {
+        // Off-CPU share of the worker threads over the catch-up (to Cassandra with the sink).
+        if let Some(off) = util::workers_off_cpu(engine.pid(), s.workers, wall) {
             f.off_cpu.push(off * 100.0);
         }
         if let Some(addr) = &metrics {
@@ -1251,7 +1251,12 @@ fn baseline_freshness(
 /// at 10 k users (the 10 k-user, 2 M-record point is shared).
 fn scale_points(quick: bool) -> Vec<(u64, u64)> {
     if quick {
-        vec![(100, 50_000), (1_000, 50_000), (10_000, 50_000), (1_000, 100_000)]
+        vec![
+            (100, 50_000),
+            (1_000, 50_000),
+            (10_000, 50_000),
+            (1_000, 100_000),
+        ]
     } else {
         vec![
             (1_000, 2_000_000),

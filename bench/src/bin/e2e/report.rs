@@ -750,7 +750,11 @@ impl Report {
                 0,
             );
         } else {
-            row_text(w, "Kafka Streams (catch-up, freshness)", "n/a (--no-kstreams)");
+            row_text(
+                w,
+                "Kafka Streams (catch-up, freshness)",
+                "n/a (--no-kstreams)",
+            );
         }
         row(
             w,

@@ -239,7 +239,10 @@ pub fn machine_busy(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> Op
 pub fn workers_off_cpu(pid: u32, workers: usize, wall_secs: f64) -> Option<f64> {
     let mut named = Vec::new();
     let mut all = Vec::new();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
         let dir = entry.path();
         let Some(run_ns) = std::fs::read_to_string(dir.join("schedstat"))
             .ok()
@@ -267,7 +270,8 @@ pub fn workers_off_cpu(pid: u32, workers: usize, wall_secs: f64) -> Option<f64> 
 /// child's endpoint: one plain HTTP/1.0 GET).
 pub fn scrape_counter(addr: &str, name: &str) -> Result<f64> {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+    let mut stream =
+        std::net::TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
     let mut body = String::new();
