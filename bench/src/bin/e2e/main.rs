@@ -1271,7 +1271,8 @@ fn scale_points(quick: bool) -> Vec<(u64, u64)> {
 
 /// A rough duration of the run, in minutes, from the rates of the last full run on this
 /// machine (load 600 K/s, fold 650 K/s, raw 2.9 M/s, spendflow 150 K/s and 70 K/s with the
-/// sink, Spark 130 K/s plus 25 s start-up, Kafka Streams 100 K/s plus 15 s, the scaling table
+/// sink, Spark 130 K/s plus 25 s start-up, Kafka Streams 40 K/s plus 15 s (a guess: its first
+/// quick runs did 4-6 K/s on 50 K records, mostly start-up and rebalancing), the scaling table
 /// at spendflow's rate): printed at the start so a full run's length is no surprise.
 fn estimate_minutes(
     s: &Settings,
@@ -1296,7 +1297,7 @@ fn estimate_minutes(
         systems += 1.0;
     }
     if kstreams {
-        secs_per_layout += runs * (15.0 + n / 100e3);
+        secs_per_layout += runs * (15.0 + n / 40e3);
         systems += 1.0;
     }
     // Freshness: each system catches up once more, then a warm-up and the windows.
