@@ -841,8 +841,14 @@ impl Report {
         let _ = writeln!(w, "|---|---:|---:|---:|---:|");
         row(
             w,
-            "dataflow alone, 1 worker, 1 M records, 10 k users, epochs of 100 k (criterion's \
-             `dataflow/epoch_100k/w1` workload, in the harness's process) (events/s)",
+            if self.settings.quick {
+                "dataflow alone, 1 worker, 100 k records (--quick; the full run: 1 M), 10 k \
+                 users, 10 epochs (criterion's `dataflow/epoch_100k/w1` workload, in the \
+                 harness's process) (events/s)"
+            } else {
+                "dataflow alone, 1 worker, 1 M records, 10 k users, epochs of 100 k (criterion's \
+                 `dataflow/epoch_100k/w1` workload, in the harness's process) (events/s)"
+            },
             &self.in_memory,
             0,
         );
