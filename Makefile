@@ -10,8 +10,10 @@
 #   make services-down   stop them
 #   make services-status healthy/down per service
 #   make tools           install grpcurl and ghz into target/tools/bin
-#   make bench-e2e       end-to-end benchmark with the Spark baseline (about 25 min): starts
-#                        Kafka and Cassandra (left running), writes bench/RESULTS.md; ARGS=--quick
+#   make bench-e2e       end-to-end benchmark with the Spark and Kafka Streams baselines and the
+#                        scaling table (about 45 min; it prints an estimate): starts Kafka and
+#                        Cassandra (left running), writes bench/RESULTS.md; ARGS=--quick,
+#                        ARGS="--no-kstreams --no-scaling" for shorter runs
 #
 # Everything the suite runs is listed once, in TEST_COMMANDS below.
 
@@ -65,7 +67,8 @@ tools:
 	@$(SERVICES) tools
 
 # The harness (bench/src/bin/e2e) installs the Spark baseline itself on first use, into
-# target/bench/spark. The services stay up afterwards, as other work may be using them.
+# target/bench/spark, and builds the Kafka Streams baseline with Maven into target/bench/kstreams.
+# The services stay up afterwards, as other work may be using them.
 bench-e2e:
 	@$(SERVICES) up kafka cassandra; \
 	eval "$$($(SERVICES) env)"; \

@@ -1,6 +1,6 @@
 //! Smoke test of the end-to-end harness (`src/bin/e2e`): a tiny run against the real Kafka and
-//! Cassandra of the services kit, both layouts, without the Spark baseline (which takes minutes
-//! to install and start). It checks that the harness runs end to end, that the engine's served
+//! Cassandra of the services kit, both layouts, without the Spark and Kafka Streams baselines
+//! (which take minutes to install and start), the scaling table and the in-memory figure. It checks that the harness runs end to end, that the engine's served
 //! state equals the HashMap fold of the same records, and that the results file has every
 //! ratio line. It asserts nothing about speed.
 //!
@@ -38,6 +38,7 @@ fn quick_run_writes_every_figure_and_ratio() {
     let output = dir.path().join("RESULTS.md");
     let out = Command::new(&e2e)
         .args(["--quick", "--skip-spark", "--layouts", "keyed,per-user"])
+        .args(["--no-kstreams", "--no-scaling", "--no-in-memory"])
         .args([
             "--events",
             "4000",
@@ -74,9 +75,26 @@ fn quick_run_writes_every_figure_and_ratio() {
             "{found:?} is not a positive ratio"
         );
     }
+    for skipped in ["spendflow/Spark: n/a", "spendflow/Kafka Streams: n/a"] {
+        assert!(
+            results.lines().any(|l| l == skipped),
+            "the skipped baseline must show as n/a ({skipped}):\n{results}"
+        );
+    }
+    // The sink's rows per event come from the engine's metrics: a number, not n/a.
+    let writes = results
+        .lines()
+        .find(|l| l.contains("Cassandra writes per event during catch-up (rows / events) |"))
+        .unwrap_or_else(|| panic!("no writes-per-event row in:\n{results}"));
     assert!(
-        results.lines().any(|l| l == "spendflow/Spark: n/a"),
-        "the skipped baseline must show as n/a:\n{results}"
+        !writes.contains("n/a"),
+        "writes per event not measured: {writes}"
+    );
+    // The targets table says met or missed for the figures it has.
+    assert!(
+        results.contains("## Targets of issue 14")
+            && (results.contains("| met |") || results.contains("| **missed** |")),
+        "targets table missing:\n{results}"
     );
     // Both layouts ran, and the engine's answer matched the fold in each, without and with the
     // Cassandra sink.

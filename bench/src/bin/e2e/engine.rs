@@ -21,7 +21,7 @@ use crate::util::{ChildGuard, check_stop, peak_rss_kib, wall_ms};
 const POLL: Duration = Duration::from_millis(10);
 
 /// A free local port (bound and released; the engine binds it a moment later).
-fn free_port() -> Result<u16> {
+pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 

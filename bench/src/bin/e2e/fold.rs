@@ -10,7 +10,10 @@
 
 use std::time::{Duration, Instant};
 
-use rustc_hash::FxHashMap;
+use std::hash::{BuildHasher, BuildHasherDefault};
+
+use rustc_hash::{FxHashMap, FxHashSet, FxHasher};
+use spendflow_engine::source::generator::{GeneratorConfig, Simulator};
 use spendflow_operators::{AggKey, ExpenseId, Fact, Record};
 
 /// Per-user `(total_minor, expense_count)`.
@@ -92,6 +95,30 @@ pub fn fold(lines: &[Vec<u8>]) -> FoldRun {
     }
 }
 
+/// The live expenses at the end of `n` records of `config`'s stream (regenerated, not decoded:
+/// the scaling table's denominator for bytes per live expense). An expense is `(user_id,
+/// expense_id)`, the id kept as a 64-bit hash so that 20 M records fit in a few hundred MB.
+pub fn live_expenses(config: GeneratorConfig, n: u64) -> anyhow::Result<u64> {
+    let mut sim = Simulator::new(config)?;
+    let hasher = BuildHasherDefault::<FxHasher>::default();
+    let mut live: FxHashSet<(u64, u64)> = FxHashSet::default();
+    for _ in 0..n {
+        match sim.next_record().record {
+            Some(Record::Upsert(e)) => {
+                live.insert((e.user_id, hasher.hash_one(&e.expense_id)));
+            }
+            Some(Record::Delete {
+                expense_id,
+                user_id,
+            }) => {
+                live.remove(&(user_id, hasher.hash_one(&expense_id)));
+            }
+            None => {}
+        }
+    }
+    Ok(live.len() as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use spendflow_engine::source::generator::{GeneratorConfig, Simulator};
@@ -125,5 +152,17 @@ mod tests {
             })
             .collect();
         assert_eq!(run.users, users);
+        // The live count the scaling table divides by is the fold's.
+        let live = live_expenses(
+            GeneratorConfig {
+                users: 50,
+                bad_rate: 0.01,
+                ..GeneratorConfig::default()
+            },
+            20_000,
+        )
+        .unwrap();
+        let expected_live: i64 = run.users.values().map(|v| v.1).sum();
+        assert_eq!(live as i64, expected_live);
     }
 }

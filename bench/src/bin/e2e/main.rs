@@ -35,6 +35,7 @@ mod cassandra;
 mod engine;
 mod fold;
 mod kafka;
+mod kstreams;
 mod report;
 mod spark;
 mod util;
@@ -51,7 +52,8 @@ use spendflow_engine::source::generator::{GeneratorConfig, Simulator};
 use crate::cassandra::Availability;
 use crate::engine::EngineProcess;
 use crate::kafka::{Marker, Markers, SteadyPlan};
-use crate::report::{LayoutResult, Profile, Report};
+use crate::kstreams::{KStreamsInstall, KStreamsRun};
+use crate::report::{Freshness, LayoutResult, Profile, Report, ScalePoint};
 use crate::spark::{SparkInstall, SparkProcess};
 use crate::util::{check_stop, percentile, wall_ms};
 
@@ -122,6 +124,18 @@ struct Args {
     /// Do not run the Spark baseline (its figures and ratio become n/a).
     #[arg(long)]
     skip_spark: bool,
+
+    /// Do not build or run the Kafka Streams baseline (its figures and ratios become n/a).
+    #[arg(long, alias = "skip-kstreams")]
+    no_kstreams: bool,
+
+    /// Do not measure the scaling table (catch-up and peak RSS by users and by records).
+    #[arg(long, alias = "skip-scaling")]
+    no_scaling: bool,
+
+    /// Do not run the in-memory dataflow figure (criterion's `dataflow/epoch_100k/w1` workload).
+    #[arg(long)]
+    no_in_memory: bool,
 
     /// One extra catch-up run of the engine under `perf record -g`; the top threads and
     /// symbols go into the results.
@@ -278,9 +292,38 @@ fn real_main(args: Args) -> Result<()> {
     } else {
         Some(spark::install(&repo)?)
     };
+    let kstreams = if args.no_kstreams {
+        None
+    } else {
+        Some(kstreams::install(&repo)?)
+    };
+    let scaling = (!args.no_scaling).then(|| scale_points(quick));
+    say(format!(
+        "estimate: about {} min for this run (from the rates of the last full run on this \
+         machine; a faster engine makes it shorter)",
+        estimate_minutes(
+            &settings,
+            args.layouts.len(),
+            spark.is_some(),
+            kstreams.is_some(),
+            matches!(cassandra, Availability::Available(_)),
+            scaling.as_deref(),
+        )
+        .round()
+    ));
 
-    let mut report = Report::new(&settings, &spendflow, &repo, spark.as_ref(), &cassandra);
+    let mut report = Report::new(
+        &settings,
+        &spendflow,
+        &repo,
+        spark.as_ref(),
+        kstreams.as_ref(),
+        &cassandra,
+    );
     report.load_start = util::load_average();
+    if !args.no_in_memory {
+        report.in_memory = in_memory(&settings)?;
+    }
     for layout_name in &args.layouts {
         check_stop()?;
         let result = measure_layout(
@@ -291,6 +334,7 @@ fn real_main(args: Args) -> Result<()> {
             &spendflow,
             &args.engine_arg,
             spark.as_ref(),
+            kstreams.as_ref(),
             &cassandra,
             args.profile,
             &repo,
@@ -300,6 +344,28 @@ fn real_main(args: Args) -> Result<()> {
         // Write what we have after each layout, so a later failure keeps the earlier figures.
         report.load_end = util::load_average();
         report.write(&output)?;
+    }
+    if let Some(points) = &scaling {
+        report.scaling_note = Some(format!(
+            "keyed layout, {} partitions, `-w {}`, no durable sink; one run per point",
+            settings.partitions, settings.workers
+        ));
+        for &(users, records) in points {
+            check_stop()?;
+            let point = measure_scale_point(
+                &settings,
+                &prefix,
+                &work,
+                &spendflow,
+                &args.engine_arg,
+                users,
+                records,
+                Duration::from_secs(args.timeout_secs),
+            )?;
+            report.scaling.push(point);
+            report.load_end = util::load_average();
+            report.write(&output)?;
+        }
     }
     report.load_end = util::load_average();
     report.write(&output)?;
@@ -411,6 +477,7 @@ fn measure_layout(
     spendflow: &Path,
     extra_engine_args: &[String],
     spark: Option<&SparkInstall>,
+    kstreams: Option<&KStreamsInstall>,
     cassandra: &Availability,
     profile: bool,
     repo: &Path,
@@ -563,8 +630,58 @@ fn measure_layout(
         }
     }
 
-    // (b) Freshness at a steady rate: spendflow (each configuration), then Spark, each on one
-    // caught-up process.
+    // (a) Kafka Streams catch-up, each run a fresh JVM with a fresh application id (fresh
+    // consumer group, internal topics and RocksDB state). The first run's per-user totals are
+    // checked against the fold.
+    if let Some(install) = kstreams {
+        for run in 0..s.runs {
+            check_stop()?;
+            let totals = (run == 0).then(|| work.join(format!("kstreams-{}-totals", plan.name)));
+            let (p, start, done) = start_kstreams_caught_up(
+                install,
+                s,
+                &plan,
+                prefix,
+                work,
+                &format!("c{run}"),
+                s.events,
+                totals.clone(),
+                timeout,
+            )?;
+            let secs = (done - start).as_secs_f64();
+            let startup = (start - p.started).as_secs_f64();
+            let rss = p.peak_rss_kib();
+            r.ks_cores
+                .push(util::group_cpu_secs(p.pid()) / (done - p.started).as_secs_f64());
+            say(format!(
+                "[{}] Kafka Streams catch-up {}/{}: {} records in {secs:.2} s = {:.0}/s \
+                 (start-up {startup:.1} s), peak RSS {} MiB",
+                plan.name,
+                run + 1,
+                s.runs,
+                p.records,
+                p.records as f64 / secs,
+                rss / 1024
+            ));
+            r.ks_catchup.push(p.records as f64 / secs);
+            r.ks_startup.push(startup);
+            r.ks_rss_mib.push(rss as f64 / 1024.0);
+            p.stop();
+            if let Some(t) = totals {
+                let served = kstreams::read_totals(&t)?;
+                let check = report::check(&served, &reference);
+                say(format!(
+                    "[{}] Kafka Streams per-user totals vs HashMap fold: {check}",
+                    plan.name
+                ));
+                r.ks_check = Some(check);
+            }
+            let _ = std::fs::remove_dir_all(work.join(format!("kstreams-{}-c{run}", plan.name)));
+        }
+    }
+
+    // (b) Freshness at a steady rate: spendflow (each configuration), then Spark and Kafka
+    // Streams, each on one caught-up process.
     let plan_steady = SteadyPlan {
         rate: s.rate,
         duration: s.window,
@@ -664,45 +781,38 @@ fn measure_layout(
         let (in_topics, _) = kafka::partitions_of(&s.brokers, &topic_names)?;
         let (mut p, _, _) =
             start_spark_caught_up(install, repo, s, &plan, work, s.runs, in_topics, timeout)?;
-        let mut marks = Vec::new();
-        kafka::steady(&s.brokers, &plan.layout, &mut sim, &mut markers, warmup)?;
-        for run in 0..s.runs {
-            marks.clear();
-            let (sent, produced) = kafka::steady(
-                &s.brokers,
-                &plan.layout,
-                &mut sim,
-                &mut markers,
-                plan_steady,
-            )?;
-            let target = markers.sent;
-            let end = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < end && !marks.iter().any(|m: &(u64, i64)| m.0 >= target) {
-                p.collect_marks(Duration::from_millis(100), &mut marks)?;
-            }
-            let (lat, missing) = latencies(&sent, &marks);
-            let (p50, p99) = (percentile(&lat, 50.0), percentile(&lat, 99.0));
-            say(format!(
-                "[{}] Spark freshness {}/{}: {} markers over {produced} records, p50 {:?} ms, \
-                 p99 {:?} ms, {missing} not seen",
-                plan.name,
-                run + 1,
-                s.runs,
-                sent.len(),
-                p50,
-                p99
-            ));
-            r.spark_fresh.push(report::Freshness {
-                samples: lat.len(),
-                missing,
-                p50,
-                p99,
-                produced,
-                secs: s.window.as_secs_f64(),
-            });
-        }
+        r.spark_fresh = baseline_freshness(
+            &mut p,
+            "Spark",
+            s,
+            &plan,
+            &mut sim,
+            &mut markers,
+            warmup,
+            plan_steady,
+        )?;
         r.spark_rss_mib.push(p.peak_rss_kib() as f64 / 1024.0);
         p.stop();
+    }
+    if let Some(install) = kstreams {
+        check_stop()?;
+        let (in_topics, _) = kafka::partitions_of(&s.brokers, &topic_names)?;
+        let (mut p, _, _) = start_kstreams_caught_up(
+            install, s, &plan, prefix, work, "fresh", in_topics, None, timeout,
+        )?;
+        r.ks_fresh = baseline_freshness(
+            &mut p,
+            "Kafka Streams",
+            s,
+            &plan,
+            &mut sim,
+            &mut markers,
+            warmup,
+            plan_steady,
+        )?;
+        r.ks_rss_mib.push(p.peak_rss_kib() as f64 / 1024.0);
+        p.stop();
+        let _ = std::fs::remove_dir_all(work.join(format!("kstreams-{}-fresh", plan.name)));
     }
     Ok(r)
 }
@@ -769,7 +879,15 @@ impl EngineCtx<'_> {
         check_stop()?;
         let tag = format!("{}{run}", if sink { "c" } else { "m" });
         let log = self.work.join(format!("engine-{}-{tag}.log", self.layout));
-        let (args, keyspace) = self.prepare(sink, &tag)?;
+        let (mut args, keyspace) = self.prepare(sink, &tag)?;
+        // The sink's rows written come from the engine's Prometheus counter.
+        let metrics = if sink {
+            let addr = format!("127.0.0.1:{}", engine::free_port()?);
+            args.extend(["--metrics".into(), addr.clone()]);
+            Some(addr)
+        } else {
+            None
+        };
         let broker_cpu = self.broker.and_then(util::cpu_secs);
         let cassandra_cpu = self.cassandra.and_then(util::cpu_secs);
         let machine = util::machine_ticks();
@@ -779,6 +897,32 @@ impl EngineCtx<'_> {
         // CPU over the whole catch-up (to Cassandra when the sink is on).
         let wall = caught.cassandra_secs.unwrap_or(caught.served_secs);
         let cpu = util::cpu_secs(engine.pid()).unwrap_or(0.0);
+        let cassandra_after = self.cassandra.and_then(util::cpu_secs);
+        // Off-CPU share of the worker threads over the catch-up (to Cassandra with the sink).
+        if let Some(off) = util::workers_off_cpu(engine.pid(), s.workers, wall) {
+            f.off_cpu.push(off * 100.0);
+        }
+        if let Some(addr) = &metrics {
+            match util::scrape_counter(addr, "spendflow_sink_rows_written_total") {
+                Ok(rows) => {
+                    f.writes_per_event.push(rows / caught.records.max(1) as f64);
+                    if let (Some(a), Some(b)) = (cassandra_cpu, cassandra_after)
+                        && rows > 0.0
+                    {
+                        f.cassandra_us_per_row.push((b - a) * 1e6 / rows);
+                    }
+                    say(format!(
+                        "[{}] sink rows written: {rows:.0} = {:.3} per event",
+                        self.layout,
+                        rows / caught.records.max(1) as f64
+                    ));
+                }
+                Err(e) => say(format!(
+                    "[{}] could not read the sink's rows from {addr}: {e:#}",
+                    self.layout
+                )),
+            }
+        }
         let used =
             |pid: Option<u32>, before: Option<f64>| match (before, pid.and_then(util::cpu_secs)) {
                 (Some(a), Some(b)) => Some((b - a) / wall),
@@ -1015,4 +1159,247 @@ fn profile_catchup(
     let _ = std::fs::remove_file(&data);
     say(format!("[{layout}] profile:\n{}", profile.by_thread));
     Ok(profile)
+}
+
+/// Starts the Kafka Streams baseline with a fresh application id and state directory (`tag`
+/// names both) and waits until its per-user results cover `records` records; returns the
+/// process, when it was started (`READY`), and when it had caught up.
+#[allow(clippy::too_many_arguments)]
+fn start_kstreams_caught_up(
+    install: &KStreamsInstall,
+    s: &Settings,
+    plan: &Plan,
+    prefix: &str,
+    work: &Path,
+    tag: &str,
+    records: u64,
+    totals: Option<PathBuf>,
+    timeout: Duration,
+) -> Result<(SparkProcess, Instant, Instant)> {
+    let log = work.join(format!("kstreams-{}-{tag}.log", plan.name));
+    let run = KStreamsRun {
+        brokers: &s.brokers,
+        source: &plan.spark_source,
+        marker_user: plan.marker_user,
+        // Under the run's prefix: its internal topics are deleted with the run's topics.
+        app_id: format!("{prefix}kstreams-{}-{tag}", plan.name),
+        state_dir: work.join(format!("kstreams-{}-{tag}", plan.name)),
+        threads: s.workers,
+        expect: records,
+        totals,
+    };
+    let mut p = kstreams::start(install, &run, &log)?;
+    let start = p
+        .wait_ready(Duration::from_secs(120))
+        .with_context(|| format!("Kafka Streams log: {}", log.display()))?;
+    let mut marks = Vec::new();
+    let done = p
+        .wait_records(records, timeout, &mut marks)
+        .with_context(|| format!("Kafka Streams log: {}", log.display()))?;
+    Ok((p, start, done))
+}
+
+/// Freshness windows on a caught-up baseline (Spark or Kafka Streams): a warm-up, then
+/// `s.runs` windows, each marker timed to the first `MARK` line that includes it.
+#[allow(clippy::too_many_arguments)]
+fn baseline_freshness(
+    p: &mut SparkProcess,
+    who: &str,
+    s: &Settings,
+    plan: &Plan,
+    sim: &mut Simulator,
+    markers: &mut Markers,
+    warmup: SteadyPlan,
+    plan_steady: SteadyPlan,
+) -> Result<Vec<Freshness>> {
+    let mut out = Vec::new();
+    let mut marks = Vec::new();
+    kafka::steady(&s.brokers, &plan.layout, sim, markers, warmup)?;
+    for run in 0..s.runs {
+        marks.clear();
+        let (sent, produced) = kafka::steady(&s.brokers, &plan.layout, sim, markers, plan_steady)?;
+        let target = markers.sent;
+        let end = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < end && !marks.iter().any(|m: &(u64, i64)| m.0 >= target) {
+            p.collect_marks(Duration::from_millis(100), &mut marks)?;
+        }
+        let (lat, missing) = latencies(&sent, &marks);
+        let (p50, p99) = (percentile(&lat, 50.0), percentile(&lat, 99.0));
+        say(format!(
+            "[{}] {who} freshness {}/{}: {} markers over {produced} records, p50 {:?} ms, p99 \
+             {:?} ms, {missing} not seen",
+            plan.name,
+            run + 1,
+            s.runs,
+            sent.len(),
+            p50,
+            p99
+        ));
+        out.push(Freshness {
+            samples: lat.len(),
+            missing,
+            p50,
+            p99,
+            produced,
+            secs: s.window.as_secs_f64(),
+        });
+    }
+    Ok(out)
+}
+
+/// The scaling table's points, `(users, records)`: users at a fixed record count, then records
+/// at 10 k users (the 10 k-user, 2 M-record point is shared).
+fn scale_points(quick: bool) -> Vec<(u64, u64)> {
+    if quick {
+        vec![
+            (100, 50_000),
+            (1_000, 50_000),
+            (10_000, 50_000),
+            (1_000, 100_000),
+        ]
+    } else {
+        vec![
+            (1_000, 2_000_000),
+            (10_000, 2_000_000),
+            (100_000, 2_000_000),
+            (1_000_000, 2_000_000),
+            (10_000, 10_000_000),
+            (10_000, 20_000_000),
+        ]
+    }
+}
+
+/// A rough duration of the run, in minutes, from the rates of the last full run on this
+/// machine (load 600 K/s, fold 650 K/s, raw 2.9 M/s, spendflow 150 K/s and 70 K/s with the
+/// sink, Spark 130 K/s plus 25 s start-up, Kafka Streams 40 K/s plus 15 s (a guess: its first
+/// quick runs did 4-6 K/s on 50 K records, mostly start-up and rebalancing), the scaling table
+/// at spendflow's rate): printed at the start so a full run's length is no surprise.
+fn estimate_minutes(
+    s: &Settings,
+    layouts: usize,
+    spark: bool,
+    kstreams: bool,
+    cassandra: bool,
+    scaling: Option<&[(u64, u64)]>,
+) -> f64 {
+    let n = s.events as f64;
+    let runs = s.runs as f64;
+    let window = s.window.as_secs_f64() + 4.0;
+    let mut secs_per_layout = n / 600e3 + runs * (n / 650e3 + n / 2.9e6);
+    let mut systems = 1.0;
+    secs_per_layout += runs * (2.0 + n / 150e3);
+    if cassandra {
+        secs_per_layout += runs * (4.0 + n / 70e3);
+        systems += 1.0;
+    }
+    if spark {
+        secs_per_layout += runs * (25.0 + n / 130e3);
+        systems += 1.0;
+    }
+    if kstreams {
+        secs_per_layout += runs * (15.0 + n / 40e3);
+        systems += 1.0;
+    }
+    // Freshness: each system catches up once more, then a warm-up and the windows.
+    secs_per_layout += systems * (n / 120e3 + 2.0 + runs * window);
+    let mut total = secs_per_layout * layouts as f64;
+    for &(_, records) in scaling.unwrap_or_default() {
+        let r = records as f64;
+        total += r / 600e3 + r / 1e6 + 2.0 + r / 150e3;
+    }
+    total / 60.0
+}
+
+/// The in-memory dataflow alone, one worker: criterion's `dataflow/epoch_100k/w1` workload
+/// (1 M records of 10 k users in epochs of 100 k, `bench/benches/dataflow.rs`), run `s.runs`
+/// times in this process; records/s per run.
+fn in_memory(s: &Settings) -> Result<Vec<f64>> {
+    let n = if s.quick { 100_000 } else { 1_000_000 };
+    let records = spendflow_bench::records(spendflow_bench::config(10_000, 0.0), n);
+    let input = spendflow_bench::split_by_worker(&spendflow_bench::epochs(&records, n / 10), 1);
+    drop(records);
+    let mut out = Vec::new();
+    for run in 0..s.runs {
+        check_stop()?;
+        let took = spendflow_bench::run_dataflow(input.clone()).elapsed;
+        let rate = n as f64 / took.as_secs_f64();
+        say(format!(
+            "in-memory dataflow, one worker {}/{}: {n} records in {:.2} s = {rate:.0}/s",
+            run + 1,
+            s.runs,
+            took.as_secs_f64()
+        ));
+        out.push(rate);
+    }
+    Ok(out)
+}
+
+/// One point of the scaling table: `records` records of `users` users loaded into a fresh
+/// keyed topic, one catch-up of a fresh engine without a durable sink, its peak RSS, and the
+/// live expenses at the end (regenerated from the same seed); the topic is deleted after.
+#[allow(clippy::too_many_arguments)]
+fn measure_scale_point(
+    s: &Settings,
+    prefix: &str,
+    work: &Path,
+    spendflow: &Path,
+    extra_engine_args: &[String],
+    users: u64,
+    records: u64,
+    timeout: Duration,
+) -> Result<ScalePoint> {
+    let topic = format!("{prefix}scale-{users}u-{records}r");
+    let layout = Layout::Keyed {
+        topic: topic.clone(),
+        partitions: s.partitions,
+    };
+    say(format!(
+        "[scaling] {users} users, {records} records: loading"
+    ));
+    kafka::create_topics(&s.brokers, &[(topic.clone(), s.partitions)])?;
+    let config = GeneratorConfig {
+        seed: s.seed,
+        ..spendflow_bench::config(users, 0.0)
+    };
+    let result = (|| -> Result<ScalePoint> {
+        let mut sim = Simulator::new(config.clone())?;
+        kafka::load(&s.brokers, &layout, &mut sim, records)?;
+        drop(sim);
+        let live = fold::live_expenses(config, records)?;
+        let mut args = vec![
+            "--input".to_string(),
+            format!("kafka:{}", s.brokers),
+            "-w".into(),
+            s.workers.to_string(),
+            "--dead-letter-topic".into(),
+            format!("{prefix}dead-letter"),
+            "--topic".into(),
+            topic.clone(),
+        ];
+        args.extend(extra_engine_args.iter().cloned());
+        let log = work.join(format!("engine-scale-{users}-{records}.log"));
+        let mut engine = EngineProcess::start(spendflow, &args, &log)?;
+        let caught = catch_up(&mut engine, None, records, timeout)
+            .with_context(|| format!("engine log: {}", log.display()))?;
+        let rss_kib = engine.peak_rss_kib().unwrap_or(0);
+        engine.stop();
+        let rate = caught.records as f64 / caught.served_secs;
+        say(format!(
+            "[scaling] {users} users, {records} records: {rate:.0}/s, peak RSS {} MiB, {live} \
+             live expenses, {:.0} bytes per live expense",
+            rss_kib / 1024,
+            rss_kib as f64 * 1024.0 / live.max(1) as f64
+        ));
+        Ok(ScalePoint {
+            users,
+            records,
+            rate,
+            rss_mib: rss_kib as f64 / 1024.0,
+            live,
+        })
+    })();
+    if let Err(e) = kafka::delete_topics_with_prefix(&s.brokers, &topic) {
+        say(format!("could not delete {topic}: {e:#}"));
+    }
+    result
 }

@@ -13,6 +13,7 @@ use crate::Settings;
 use crate::cassandra::Availability;
 use crate::fold::UserTotals;
 use crate::kafka::LoadStats;
+use crate::kstreams::{JAVA_HEAP, KStreamsInstall};
 use crate::spark::SparkInstall;
 use crate::util::Spread;
 
@@ -49,6 +50,22 @@ pub struct EngineFigures {
     pub cass_fresh: Vec<Freshness>,
     pub check: Option<String>,
     pub profile: Option<Profile>,
+    /// Off-CPU share of the worker threads during catch-up (%).
+    pub off_cpu: Vec<f64>,
+    /// Rows the sink wrote (or deleted) per event read, during catch-up.
+    pub writes_per_event: Vec<f64>,
+    /// Cassandra's CPU time per row written during catch-up (µs).
+    pub cassandra_us_per_row: Vec<f64>,
+}
+
+/// One point of the scaling table.
+#[derive(Clone, Debug)]
+pub struct ScalePoint {
+    pub users: u64,
+    pub records: u64,
+    pub rate: f64,
+    pub rss_mib: f64,
+    pub live: u64,
 }
 
 /// Everything measured on one layout.
@@ -68,6 +85,12 @@ pub struct LayoutResult {
     pub spark_cores: Vec<f64>,
     pub spark_rss_mib: Vec<f64>,
     pub spark_fresh: Vec<Freshness>,
+    pub ks_catchup: Vec<f64>,
+    pub ks_startup: Vec<f64>,
+    pub ks_cores: Vec<f64>,
+    pub ks_rss_mib: Vec<f64>,
+    pub ks_fresh: Vec<Freshness>,
+    pub ks_check: Option<String>,
 }
 
 impl LayoutResult {
@@ -86,6 +109,12 @@ impl LayoutResult {
             spark_cores: Vec::new(),
             spark_rss_mib: Vec::new(),
             spark_fresh: Vec::new(),
+            ks_catchup: Vec::new(),
+            ks_startup: Vec::new(),
+            ks_cores: Vec::new(),
+            ks_rss_mib: Vec::new(),
+            ks_fresh: Vec::new(),
+            ks_check: None,
         }
     }
 
@@ -135,9 +164,14 @@ pub struct Report {
     versions: Vec<(String, String)>,
     cassandra: String,
     spark: bool,
+    kstreams: bool,
     pub load_start: Option<String>,
     pub load_end: Option<String>,
     pub layouts: Vec<LayoutResult>,
+    /// The in-memory dataflow, one worker (records/s per run).
+    pub in_memory: Vec<f64>,
+    pub scaling: Vec<ScalePoint>,
+    pub scaling_note: Option<String>,
 }
 
 fn command_line(program: &str, args: &[&str]) -> Option<String> {
@@ -166,6 +200,7 @@ impl Report {
         spendflow: &Path,
         repo: &Path,
         spark: Option<&SparkInstall>,
+        kstreams: Option<&KStreamsInstall>,
         cassandra: &Availability,
     ) -> Self {
         let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -258,6 +293,16 @@ impl Report {
                 ),
             ));
         }
+        if let Some(ks) = kstreams {
+            versions.push((
+                "Kafka Streams".into(),
+                format!(
+                    "kafka-streams {} (`bench/kstreams`), exactly_once_v2, RocksDB stores, \
+                     {JAVA_HEAP}, threads = engine workers",
+                    ks.version
+                ),
+            ));
+        }
         let cassandra = match cassandra {
             Availability::Available(addr) => format!("on, `--sink cassandra` to {addr}"),
             Availability::Unavailable(why) => why.clone(),
@@ -274,9 +319,13 @@ impl Report {
             versions,
             cassandra,
             spark: spark.is_some(),
+            kstreams: kstreams.is_some(),
             load_start: None,
             load_end: None,
             layouts: Vec::new(),
+            in_memory: Vec::new(),
+            scaling: Vec::new(),
+            scaling_note: None,
         }
     }
 
@@ -297,12 +346,46 @@ impl Report {
                 ratio(LayoutResult::median(&l.spark_catchup)),
             ),
             (
+                "spendflow/Kafka Streams".into(),
+                ratio(LayoutResult::median(&l.ks_catchup)),
+            ),
+            (
                 "spendflow/raw-Kafka".into(),
                 ratio(LayoutResult::median(&l.raw)),
             ),
             (
                 "spendflow/HashMap".into(),
                 ratio(LayoutResult::median(&l.fold)),
+            ),
+        ]
+    }
+
+    /// Freshness and memory: the other side's median p99 (peak RSS) / spendflow's.
+    fn other_ratios(l: &LayoutResult) -> Vec<(String, Option<f64>)> {
+        let over = |theirs: &[f64], ours: &[f64]| match (
+            LayoutResult::median(theirs),
+            LayoutResult::median(ours),
+        ) {
+            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+            _ => None,
+        };
+        let ours_p99 = LayoutResult::p99s(&l.sf.fresh);
+        vec![
+            (
+                "spendflow/Spark (freshness p99)".into(),
+                over(&LayoutResult::p99s(&l.spark_fresh), &ours_p99),
+            ),
+            (
+                "spendflow/Kafka Streams (freshness p99)".into(),
+                over(&LayoutResult::p99s(&l.ks_fresh), &ours_p99),
+            ),
+            (
+                "spendflow/Spark (peak RSS)".into(),
+                over(&l.spark_rss_mib, &l.sf.rss_mib),
+            ),
+            (
+                "spendflow/Kafka Streams (peak RSS)".into(),
+                over(&l.ks_rss_mib, &l.sf.rss_mib),
             ),
         ]
     }
@@ -327,7 +410,11 @@ impl Report {
         let mut out = String::new();
         for l in &self.layouts {
             let _ = writeln!(out, "{} layout:", l.name);
-            for (name, v) in self.ratios(l, &l.sf.catchup) {
+            for (name, v) in self
+                .ratios(l, &l.sf.catchup)
+                .into_iter()
+                .chain(Self::other_ratios(l))
+            {
                 let _ = writeln!(out, "  {name}: {}", Self::ratio_text(v));
             }
             let _ = writeln!(
@@ -389,7 +476,16 @@ impl Report {
             for (name, v) in self.ratios(first, &first.sf.catchup) {
                 let _ = writeln!(w, "{name}: {}", Self::ratio_text(v));
             }
+            for (name, v) in Self::other_ratios(first) {
+                let _ = writeln!(w, "{name}: {}", Self::ratio_text(v));
+            }
             let _ = writeln!(w, "```\n");
+            let _ = writeln!(
+                w,
+                "Freshness and memory ratios are the other side's median p99 freshness (or peak \
+                 RSS) divided by spendflow's (no durable sink): above 1 means spendflow is \
+                 fresher (or smaller).\n"
+            );
         }
 
         let _ = writeln!(w, "## Machine\n");
@@ -463,9 +559,10 @@ impl Report {
         for l in &self.layouts {
             self.render_layout(w, l);
         }
+        self.render_extra(w);
         self.render_targets(w);
         self.render_profile(w);
-        render_notes(w, self.spark);
+        render_notes(w, self.spark, self.kstreams);
         o
     }
 
@@ -513,6 +610,26 @@ impl Report {
             &f.machine_busy,
             0,
         );
+        row(
+            w,
+            &format!("{who}: worker threads off-CPU during catch-up (%, schedstat)"),
+            &f.off_cpu,
+            0,
+        );
+        if sink {
+            row(
+                w,
+                &format!("{who}: Cassandra writes per event during catch-up (rows / events)"),
+                &f.writes_per_event,
+                3,
+            );
+            row(
+                w,
+                &format!("{who}: Cassandra CPU per written row during catch-up (µs)"),
+                &f.cassandra_us_per_row,
+                1,
+            );
+        }
         row(
             w,
             &format!("{who}: freshness p50, produce → gRPC Subscribe (ms)"),
@@ -595,6 +712,50 @@ impl Report {
         } else {
             row_text(w, "Spark (catch-up, freshness)", "n/a (--skip-spark)");
         }
+        if self.kstreams {
+            row(
+                w,
+                "Kafka Streams: catch-up, Kafka → per-user results, from start() (events/s)",
+                &l.ks_catchup,
+                0,
+            );
+            row(
+                w,
+                "Kafka Streams: start-up, process to start() (s)",
+                &l.ks_startup,
+                1,
+            );
+            row(
+                w,
+                "Kafka Streams: CPU, start to caught up (cores busy, of 2)",
+                &l.ks_cores,
+                2,
+            );
+            row(
+                w,
+                "Kafka Streams: freshness p50, produce → per-user result (ms)",
+                &LayoutResult::p50s(&l.ks_fresh),
+                0,
+            );
+            row(
+                w,
+                "Kafka Streams: freshness p99, produce → per-user result (ms)",
+                &LayoutResult::p99s(&l.ks_fresh),
+                0,
+            );
+            row(
+                w,
+                "Kafka Streams: peak RSS (MiB, JVM VmHWM)",
+                &l.ks_rss_mib,
+                0,
+            );
+        } else {
+            row_text(
+                w,
+                "Kafka Streams (catch-up, freshness)",
+                "n/a (--no-kstreams)",
+            );
+        }
         row(
             w,
             "raw librdkafka consume-and-discard (events/s)",
@@ -621,17 +782,8 @@ impl Report {
                 );
             }
         }
-        if let (Some(a), Some(b)) = (
-            LayoutResult::median(&LayoutResult::p99s(&l.spark_fresh)),
-            LayoutResult::median(&LayoutResult::p99s(&l.sf.fresh)),
-        ) && b > 0.0
-        {
-            let _ = writeln!(
-                w,
-                "- p99 freshness, Spark/spendflow ({} layout): {}",
-                l.name,
-                Self::ratio_text(Some(a / b))
-            );
+        for (name, v) in Self::other_ratios(l) {
+            let _ = writeln!(w, "- {name} ({} layout): {}", l.name, Self::ratio_text(v));
         }
         let mut windows = vec![("spendflow (gRPC)", &l.sf.fresh)];
         if let Some(f) = &l.sfc {
@@ -639,6 +791,7 @@ impl Report {
             windows.push(("spendflow with the sink (Cassandra)", &f.cass_fresh));
         }
         windows.push(("Spark", &l.spark_fresh));
+        windows.push(("Kafka Streams", &l.ks_fresh));
         for (who, f) in windows {
             if f.is_empty() {
                 continue;
@@ -672,6 +825,61 @@ impl Report {
                 );
             }
         }
+        if let Some(check) = &l.ks_check {
+            let _ = writeln!(
+                w,
+                "- check, Kafka Streams: per-user totals after the first catch-up vs the \
+                 HashMap fold of the same records: {check}"
+            );
+        }
+    }
+
+    /// The in-memory figure and the scaling table.
+    fn render_extra(&self, w: &mut String) {
+        let _ = writeln!(w, "\n## In-memory dataflow, one worker\n");
+        let _ = writeln!(w, "| figure | min | median | max | runs |");
+        let _ = writeln!(w, "|---|---:|---:|---:|---:|");
+        row(
+            w,
+            if self.settings.quick {
+                "dataflow alone, 1 worker, 100 k records (--quick; the full run: 1 M), 10 k \
+                 users, 10 epochs (criterion's `dataflow/epoch_100k/w1` workload, in the \
+                 harness's process) (events/s)"
+            } else {
+                "dataflow alone, 1 worker, 1 M records, 10 k users, epochs of 100 k (criterion's \
+                 `dataflow/epoch_100k/w1` workload, in the harness's process) (events/s)"
+            },
+            &self.in_memory,
+            0,
+        );
+        if self.scaling.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            w,
+            "\n## Scaling: catch-up and memory by users and by records\n\n{}. Bytes per live \
+             expense = peak RSS / the expenses live at the end (the fold of the same \
+             records).\n",
+            self.scaling_note.as_deref().unwrap_or_default()
+        );
+        let _ = writeln!(
+            w,
+            "| users | records | catch-up (events/s) | peak RSS (MiB) | live expenses | bytes \
+             per live expense |"
+        );
+        let _ = writeln!(w, "|---:|---:|---:|---:|---:|---:|");
+        for p in &self.scaling {
+            let _ = writeln!(
+                w,
+                "| {} | {} | {} | {} | {} | {} |",
+                fmt_num(p.users as f64, 0),
+                fmt_num(p.records as f64, 0),
+                fmt_num(p.rate, 0),
+                fmt_num(p.rss_mib, 0),
+                fmt_num(p.live as f64, 0),
+                fmt_num(p.rss_mib * 1024.0 * 1024.0 / p.live.max(1) as f64, 0)
+            );
+        }
     }
 
     fn render_targets(&self, w: &mut String) {
@@ -680,75 +888,124 @@ impl Report {
         };
         let _ = writeln!(
             w,
-            "\n## Targets ({} layout; reported, never asserted)\n",
+            "\n## Targets of issue 14 ({} layout, medians; reported, never asserted)\n",
             l.name
         );
-        let _ = writeln!(w, "| target | measured (median) | |");
-        let _ = writeln!(w, "|---|---:|---|");
+        let _ = writeln!(w, "| figure | target | measured | |");
+        let _ = writeln!(w, "|---|---:|---:|---|");
         let verdict = |ok: Option<bool>| match ok {
             Some(true) => "met",
             Some(false) => "**missed**",
             None => "n/a",
         };
-        let sf = LayoutResult::median(&l.sf.catchup);
-        let _ = writeln!(
-            w,
-            "| end to end ≥ 200 K events/s, Kafka → served state (no durable sink) | {} | {} |",
+        let mut target = |name: &str, goal: &str, value: String, ok: Option<bool>| {
+            let _ = writeln!(w, "| {name} | {goal} | {value} | {} |", verdict(ok));
+        };
+        let med = LayoutResult::median;
+        let sf = med(&l.sf.catchup);
+        target(
+            "catch-up Kafka → served state (events/s)",
+            "≥ 1,000,000",
             fmt_opt(sf, 0),
-            verdict(sf.map(|v| v >= 200_000.0))
-        );
-        let with_sink = l
-            .sfc
-            .as_ref()
-            .and_then(|f| LayoutResult::median(&f.catchup));
-        let stored = l
-            .sfc
-            .as_ref()
-            .and_then(|f| LayoutResult::median(&f.cass_catchup));
-        let _ = writeln!(
-            w,
-            "| end to end ≥ 200 K events/s with the Cassandra sink: Kafka → served state | {} | {} |",
-            fmt_opt(with_sink, 0),
-            verdict(with_sink.map(|v| v >= 200_000.0))
-        );
-        let _ = writeln!(
-            w,
-            "| end to end ≥ 200 K events/s with the Cassandra sink: Kafka → Cassandra | {} | {} |",
-            fmt_opt(stored, 0),
-            verdict(stored.map(|v| v >= 200_000.0))
+            sf.map(|v| v >= 1e6),
         );
         let ratios = self.ratios(l, &l.sf.catchup);
-        let _ = writeln!(
-            w,
-            "| ≥ 10× Spark's throughput | {} | {} |",
-            Self::ratio_text(ratios[0].1),
-            verdict(ratios[0].1.map(|v| v >= 10.0))
+        let ratio = |name: &str| ratios.iter().find(|r| r.0 == name).and_then(|r| r.1);
+        for (name, goal, min) in [
+            ("spendflow/Spark", "≥ 10x", 10.0),
+            ("spendflow/raw-Kafka", "≥ 0.35x", 0.35),
+            ("spendflow/HashMap", "≥ 1.0x", 1.0),
+        ] {
+            let v = ratio(name);
+            target(name, goal, Self::ratio_text(v), v.map(|v| v >= min));
+        }
+        let sfc = l.sfc.as_ref();
+        let stored = sfc.and_then(|f| med(&f.cass_catchup));
+        target(
+            "with the Cassandra sink: catch-up Kafka → Cassandra (events/s)",
+            "≥ 250,000",
+            fmt_opt(stored, 0),
+            stored.map(|v| v >= 250e3),
         );
-        let p99 = LayoutResult::median(&LayoutResult::p99s(&l.sf.fresh));
-        let _ = writeln!(
-            w,
-            "| p99 freshness to gRPC ≤ 100 ms at {} events/s (no durable sink) | {} ms | {} |",
-            self.settings.rate,
-            fmt_opt(p99, 0),
-            verdict(p99.map(|v| v <= 100.0))
+        let writes = sfc.and_then(|f| med(&f.writes_per_event));
+        target(
+            "Cassandra writes per event during catch-up",
+            "≤ 0.2",
+            fmt_opt(writes, 3),
+            writes.map(|v| v <= 0.2),
         );
-        let p99c = l
-            .sfc
-            .as_ref()
-            .and_then(|f| LayoutResult::median(&LayoutResult::p99s(&f.fresh)));
-        let _ = writeln!(
-            w,
-            "| p99 freshness to gRPC ≤ 100 ms at {} events/s with the Cassandra sink | {} ms | {} |",
-            self.settings.rate,
+        let p99c = sfc.and_then(|f| med(&LayoutResult::p99s(&f.fresh)));
+        target(
+            &format!(
+                "freshness p99 @ {} events/s to gRPC, sink on (ms)",
+                self.settings.rate
+            ),
+            "≤ 100",
             fmt_opt(p99c, 0),
-            verdict(p99c.map(|v| v <= 100.0))
+            p99c.map(|v| v <= 100.0),
         );
-        let _ = writeln!(
-            w,
-            "| ≥ 50 % of the raw Kafka consume ceiling | {} | {} |",
-            Self::ratio_text(ratios[1].1),
-            verdict(ratios[1].1.map(|v| v >= 0.5))
+        let p99s = sfc.and_then(|f| med(&LayoutResult::p99s(&f.cass_fresh)));
+        target(
+            &format!(
+                "freshness p99 @ {} events/s to the Cassandra row (ms)",
+                self.settings.rate
+            ),
+            "≤ 500",
+            fmt_opt(p99s, 0),
+            p99s.map(|v| v <= 500.0),
         );
+        let rss = med(&l.sf.rss_mib);
+        target(
+            &format!(
+                "peak RSS, {} records (MiB, no durable sink)",
+                fmt_num(self.settings.events as f64, 0)
+            ),
+            "≤ 300",
+            fmt_opt(rss, 0),
+            rss.map(|v| v <= 300.0),
+        );
+        let mem = med(&self.in_memory);
+        target(
+            "in-memory graph, one worker (events/s)",
+            "≥ 2,000,000",
+            fmt_opt(mem, 0),
+            mem.map(|v| v >= 2e6),
+        );
+        if let Some(p) = self.layouts.iter().find(|l| l.name == "per-user") {
+            let v = med(&p.sf.catchup);
+            target(
+                "per-user layout catch-up does not regress (events/s)",
+                "≥ 357,000",
+                fmt_opt(v, 0),
+                v.map(|v| v >= 357e3),
+            );
+        }
+        let at = |users: u64| {
+            self.scaling
+                .iter()
+                .filter(|p| p.users == users)
+                .min_by_key(|p| p.records)
+        };
+        if let (Some(small), Some(big)) = (at(1_000), at(1_000_000))
+            && small.records == big.records
+        {
+            let share = big.rate / small.rate;
+            target(
+                "scaling: catch-up at 1 M users / at 1 k users",
+                "≥ 0.5x",
+                format!("{share:.2}x"),
+                Some(share >= 0.5),
+            );
+            target(
+                &format!(
+                    "scaling: peak RSS at 1 M users, {} records (MiB)",
+                    fmt_num(big.records as f64, 0)
+                ),
+                "≤ 600",
+                fmt_num(big.rss_mib, 0),
+                Some(big.rss_mib <= 600.0),
+            );
+        }
         let _ = writeln!(
             w,
             "\nWhere a target is missed, `bench/README.md` (\"End-to-end results and where the time \
@@ -780,7 +1037,7 @@ impl Report {
     }
 }
 
-fn render_notes(w: &mut String, spark: bool) {
+fn render_notes(w: &mut String, spark: bool, kstreams: bool) {
     let _ = writeln!(
         w,
         "\n## How each figure is measured\n\n\
@@ -811,8 +1068,40 @@ fn render_notes(w: &mut String, spark: bool) {
          state caught up). Freshness to Cassandra: the marker user's `user_totals` row, read \
          every 5 ms during the windows.\n\
          - **CPU**: user + system time of the process (and of the Kafka broker) during the \
-         catch-up, divided by its wall time."
+         catch-up, divided by its wall time.\n\
+         - **Off-CPU share**: 1 − (run time of the engine's `-w` worker threads, from \
+         `/proc/PID/task/TID/schedstat`) / (`-w` × the wall time from process start to caught \
+         up); the threads start a few ms after the process, so this slightly overstates it.\n\
+         - **Cassandra writes per event**: the engine's `spendflow_sink_rows_written_total` \
+         (rows written or deleted, from its `--metrics` endpoint) when Cassandra covered the \
+         N records, divided by N. **Cassandra CPU per row**: Cassandra's CPU time over the \
+         catch-up / those rows (other helpers' use of Cassandra during the run counts too).\n\
+         - **In-memory dataflow**: `spendflow_bench::run_dataflow` on criterion's \
+         `dataflow/epoch_100k/w1` input, in the harness's process, no Kafka, no serving.\n\
+         - **Scaling table**: per point a fresh keyed topic, one catch-up of a fresh engine \
+         without the durable sink (one run per point: single measurements), the topic \
+         deleted after."
     );
+    if kstreams {
+        let _ = writeln!(
+            w,
+            "- **Kafka Streams baseline** (`bench/kstreams`, one Java class, built with Maven by \
+             `bench/kstreams/build.sh`): the same topic(s) from the earliest offset, JSON decoded \
+             with Jackson, re-keyed by `(user_id, expense_id)` and aggregated into a KTable of \
+             the latest version per expense (a delete is a retracted version), then `groupBy` \
+             user with an adder and a subtractor (a correction or delete retracts the old \
+             amount; refunds are negative amounts): per-user total and count, exactly as \
+             spendflow's user cell. `exactly_once_v2`, RocksDB stores with changelog topics, \
+             default caching and commit interval (100 ms under exactly-once), as many stream \
+             threads as engine workers, a fresh application id per run. Catch-up: from \
+             `KafkaStreams.start()` until the per-user results it has received add up to N \
+             records (each expense carries the count of records that reached it), JVM start-up \
+             reported apart. Freshness: the marker user's row as it leaves the per-user KTable \
+             (`toStream().foreach`). It computes less than spendflow (no category, merchant, \
+             day or month cells, no serving) and more than the Spark baseline (exact upserts). \
+             Peak RSS is the JVM's, with a 1 GiB heap cap; RocksDB's memory is outside it."
+        );
+    }
     if spark {
         let _ = writeln!(
             w,

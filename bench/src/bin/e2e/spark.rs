@@ -74,6 +74,8 @@ pub struct SparkProcess {
     pub started: Instant,
     /// Records the last batch covered.
     pub records: u64,
+    /// What the harness calls it in messages.
+    name: String,
 }
 
 impl SparkProcess {
@@ -100,13 +102,19 @@ impl SparkProcess {
             .arg("--marker-user")
             .arg(marker_user.to_string())
             .env("PYTHONUNBUFFERED", "1");
+        Self::spawn("the Spark baseline", command, log)
+    }
+
+    /// Starts `command`, a program that prints the lines `aggregate.py` prints (the Kafka
+    /// Streams baseline prints the same ones), and reads them on a thread of its own.
+    pub fn spawn(name: &str, command: Command, log: &Path) -> Result<Self> {
         let started = Instant::now();
-        let mut guard = ChildGuard::spawn("the Spark baseline", command, log, Stdio::piped())?;
+        let mut guard = ChildGuard::spawn(name, command, log, Stdio::piped())?;
         let stdout = guard
             .child_mut()
             .stdout
             .take()
-            .context("no stdout from the Spark script")?;
+            .with_context(|| format!("no stdout from {name}"))?;
         let (tx, events) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
@@ -136,6 +144,7 @@ impl SparkProcess {
             ready: None,
             started,
             records: 0,
+            name: name.to_string(),
         })
     }
 
@@ -166,13 +175,13 @@ impl SparkProcess {
                 Err(mpsc::RecvTimeoutError::Timeout) => self.guard.check_alive()?,
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     self.guard.check_alive()?;
-                    bail!("the Spark script closed its output");
+                    bail!("{} closed its output", self.name);
                 }
             }
             if Instant::now() > deadline {
                 bail!(
-                    "timed out after {timeout:?} waiting for the Spark baseline (it has read {} \
-                     records)",
+                    "timed out after {timeout:?} waiting for {} (it has read {} records)",
+                    self.name,
                     self.records
                 );
             }

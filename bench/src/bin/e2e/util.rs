@@ -231,6 +231,66 @@ pub fn machine_busy(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> Op
     (t1 > t0).then(|| (b1 - b0) as f64 / (t1 - t0) as f64)
 }
 
+/// The off-CPU share (0 to 1) of a process's `workers` worker threads over `wall_secs`: 1 −
+/// their run time (`/proc/PID/task/TID/schedstat`, first field, ns) / (`workers` × wall).
+/// The workers are the `workers` busiest threads whose name starts with `spendflow-work`
+/// (timely's threads inherit the name of the `spendflow-workers` thread that starts them);
+/// when no thread has that name, the `workers` busiest threads of the process.
+pub fn workers_off_cpu(pid: u32, workers: usize, wall_secs: f64) -> Option<f64> {
+    let mut named = Vec::new();
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let dir = entry.path();
+        let Some(run_ns) = std::fs::read_to_string(dir.join("schedstat"))
+            .ok()
+            .and_then(|t| t.split_whitespace().next()?.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.starts_with("spendflow-work") {
+            named.push(run_ns);
+        }
+        all.push(run_ns);
+    }
+    let mut threads = if named.len() >= workers { named } else { all };
+    threads.sort_unstable_by(|a, b| b.cmp(a));
+    threads.truncate(workers);
+    if threads.is_empty() || wall_secs <= 0.0 {
+        return None;
+    }
+    let run_secs = threads.iter().sum::<u64>() as f64 / 1e9;
+    Some((1.0 - run_secs / (threads.len() as f64 * wall_secs)).clamp(0.0, 1.0))
+}
+
+/// The value of an unlabelled Prometheus counter `name` at `http://ADDR/metrics` (a local
+/// child's endpoint: one plain HTTP/1.0 GET).
+pub fn scrape_counter(addr: &str, name: &str) -> Result<f64> {
+    use std::io::{Read, Write};
+    let mut stream =
+        std::net::TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body)?;
+    // Summed over the series of that name (with or without labels).
+    let values: Vec<f64> = body
+        .lines()
+        .filter_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            let series = key.split('{').next()?;
+            (series == name).then(|| value.trim().parse::<f64>().ok())?
+        })
+        .collect();
+    if values.is_empty() {
+        bail!("no {name} in the metrics at {addr}");
+    }
+    Ok(values.iter().sum())
+}
+
 /// The 1-minute load average.
 pub fn load_average() -> Option<String> {
     let text = std::fs::read_to_string("/proc/loadavg").ok()?;
