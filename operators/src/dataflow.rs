@@ -29,6 +29,9 @@ use crate::aggregate::{
 };
 use crate::model::{CellChange, LastSeen, Record};
 use crate::model::{ExpenseId, Fact, LiveFact};
+use crate::reference::{
+    AlertEvent, Converted, DataflowOptions, RefChange, RefKey, RefValue, UserRef,
+};
 use crate::upsert::{Instruction, LiveSnapshot, UpsertByExpense, UpsertSnapshots};
 
 /// The changes of this worker's cells when one epoch closed.
@@ -42,12 +45,24 @@ pub struct ClosedEpoch {
     pub cells: Vec<CellChange>,
     /// Users whose last event time changed in this epoch, with the new value; sorted by user.
     pub last_seen: Vec<LastSeen>,
+    /// Users whose reference row (budget, currency) changed in this epoch, as it now is;
+    /// sorted by user. See [`crate::reference`].
+    pub users: Vec<UserRef>,
+    /// Alerts that changed state in this epoch, sorted by `(user, month, threshold)`.
+    pub alerts: Vec<AlertEvent>,
+    /// Users whose total in the reporting currency changed in this epoch; sorted by user.
+    /// Always empty without a reporting currency.
+    pub converted: Vec<Converted>,
 }
 
 impl ClosedEpoch {
     /// True if nothing changed.
     pub fn is_empty(&self) -> bool {
-        self.cells.is_empty() && self.last_seen.is_empty()
+        self.cells.is_empty()
+            && self.last_seen.is_empty()
+            && self.users.is_empty()
+            && self.alerts.is_empty()
+            && self.converted.is_empty()
     }
 }
 
@@ -73,6 +88,17 @@ impl ExpenseDataflow {
     /// Like [`ExpenseDataflow::new`], reporting the cells touched in the replay epochs of
     /// `replay` as zero changes (an engine with a durable sink, after a restart).
     pub fn with_replay(worker: &mut Worker, replay: ReplayTouch) -> Self {
+        Self::with_options(worker, replay, DataflowOptions::default())
+    }
+
+    /// Like [`ExpenseDataflow::with_replay`], with `options` (the reporting currency).
+    pub fn with_options(
+        worker: &mut Worker,
+        replay: ReplayTouch,
+        options: DataflowOptions,
+    ) -> Self {
+        // TODO(issue 16, operators lane): the reference input, alerts and conversion.
+        let _ = options;
         let captured = CapturedChanges::default();
         let touched = CapturedTouches::default();
         let last_seen = CapturedLastSeen::default();
@@ -111,6 +137,19 @@ impl ExpenseDataflow {
             },
             1,
         );
+    }
+
+    /// Adds a change of reference data (a budget, a currency, a rate) to the current epoch.
+    /// Changes of one key must come in source order, all from one worker.
+    pub fn push_reference(&mut self, change: RefChange) {
+        // TODO(issue 16, operators lane).
+        let _ = change;
+    }
+
+    /// Adds a reference row as it was at a checkpoint (restore), in the current epoch.
+    pub fn push_live_reference(&mut self, key: RefKey, value: RefValue) {
+        // TODO(issue 16, operators lane).
+        let _ = (key, value);
     }
 
     /// Asks for a copy of this worker's live expenses as of the end of `epoch`, which must not

@@ -13,6 +13,9 @@
 //! 4. [`dataflow`]: the graph on one worker, and the consolidated changes per closed epoch.
 //! 5. [`runtime`]: starting worker threads.
 //!
+//! Beside the expenses, [`reference`] data (budgets, currencies, exchange rates) joins them:
+//! budget alerts and totals in a reporting currency.
+//!
 //! [`oracle`] recomputes every aggregate from scratch; tests compare the dataflow with it.
 
 pub mod aggregate;
@@ -22,6 +25,7 @@ pub mod id;
 pub mod model;
 pub mod name;
 pub mod oracle;
+pub mod reference;
 pub mod runtime;
 pub mod upsert;
 

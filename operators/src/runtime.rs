@@ -40,6 +40,16 @@ impl WorkerContext<'_> {
         ExpenseDataflow::with_replay(self.worker, replay)
     }
 
+    /// Like [`WorkerContext::build_dataflow_with_replay`], with `options` (the reporting
+    /// currency). Every worker must call it once, with the same arguments.
+    pub fn build_dataflow_with_options(
+        &mut self,
+        replay: ReplayTouch,
+        options: crate::reference::DataflowOptions,
+    ) -> ExpenseDataflow {
+        ExpenseDataflow::with_options(self.worker, replay, options)
+    }
+
     /// Does one round of dataflow work without blocking. Returns false when no dataflow is
     /// left to run.
     pub fn step(&mut self) -> bool {

@@ -109,6 +109,8 @@ pub struct LiveSnapshot {
     /// `(expense_id, live fact)` of every live expense this worker owns, in no order. (The
     /// fact carries the user, the other half of the expense's identity.)
     pub live: Vec<(ExpenseId, Fact)>,
+    /// The reference rows this worker owns (see [`crate::reference`]), in no order.
+    pub reference: Vec<(crate::reference::RefKey, crate::reference::RefValue)>,
 }
 
 /// Shared between the upsert operator and its driver: the epochs to copy the live set at, and
@@ -199,6 +201,7 @@ impl<'scope> UpsertByExpense<'scope> for VecCollection<'scope, Epoch, Instructio
                                             .iter()
                                             .map(|((user, id), f)| (id.clone(), f.of(*user)))
                                             .collect(),
+                                        reference: Vec::new(),
                                     };
                                     let mut state = snapshots.borrow_mut();
                                     state.requested.remove(&epoch);

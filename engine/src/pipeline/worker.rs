@@ -208,6 +208,10 @@ impl<'a> Worker<'a> {
                 idle = false;
                 self.read += 1;
                 self.in_epoch += 1;
+                if let Payload::Reference(change) = record.payload {
+                    self.dataflow.push_reference(change);
+                    continue;
+                }
                 match admit(record.payload, record.expected_user) {
                     Ok(decoded) => {
                         self.dataflow.push(decoded);
@@ -372,6 +376,7 @@ fn admit(
 ) -> Result<spendflow_operators::Record, (Rejection, Vec<u8>)> {
     let (record, bytes) = match payload {
         Payload::Record(record) => (record, None),
+        Payload::Reference(_) => unreachable!("reference changes are pushed before admit"),
         Payload::Bytes(bytes) => match decode(&bytes) {
             Ok(record) => (record, Some(bytes)),
             Err(rejection) => return Err((rejection, bytes)),

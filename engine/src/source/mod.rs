@@ -27,6 +27,7 @@ pub mod input;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 
+use spendflow_operators::reference::RefChange;
 use spendflow_operators::{Record, UserId};
 
 use std::collections::BTreeMap;
@@ -44,6 +45,9 @@ pub enum Payload {
     Bytes(Vec<u8>),
     /// A record built in process; it skips decoding.
     Record(Record),
+    /// A change of reference data (a user's budget or currency, an exchange rate), from a CDC
+    /// source or the simulator; it joins the expenses (see `spendflow_operators::reference`).
+    Reference(RefChange),
 }
 
 /// One record as a source returns it.

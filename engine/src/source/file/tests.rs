@@ -10,7 +10,7 @@ fn lines(source: &mut FileSource) -> (Vec<(i64, Vec<u8>)>, Poll) {
         .into_iter()
         .map(|r| match r.payload {
             Payload::Bytes(b) => (r.offset, b),
-            Payload::Record(_) => panic!("files hold bytes"),
+            Payload::Record(_) | Payload::Reference(_) => panic!("files hold bytes"),
         })
         .collect();
     (got, poll)

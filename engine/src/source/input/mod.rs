@@ -60,7 +60,7 @@ impl InputHandle {
         match self.tx.try_send(Payload::Record(record)) {
             Ok(()) => Ok(None),
             Err(TrySendError::Full(Payload::Record(r))) => Ok(Some(r)),
-            Err(TrySendError::Full(Payload::Bytes(_))) => unreachable!("sent a record"),
+            Err(TrySendError::Full(_)) => unreachable!("sent a record"),
             Err(TrySendError::Disconnected(_)) => Err(EngineError::ShutDown),
         }
     }
