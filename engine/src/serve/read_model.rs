@@ -24,6 +24,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use imbl::{OrdMap, OrdSet};
 use rustc_hash::FxHashMap;
+use spendflow_operators::reference::{AlertEvent, Converted, Currency, UserRef, UserRow};
 use spendflow_operators::{AggKey, CellChange, Epoch, LastSeen, Name, UserId};
 use tokio::sync::{broadcast, watch};
 
@@ -43,6 +44,13 @@ pub struct EpochDelta {
     pub last_seen: Vec<LastSeen>,
     /// Records read by the sources that the state now covers (accepted and rejected).
     pub records_covered: u64,
+    /// Users' reference rows (budget, currency) as they now are, later entries overriding
+    /// earlier ones for a user.
+    pub users: Vec<UserRef>,
+    /// Alerts that changed state, in epoch order.
+    pub alerts: Vec<(Epoch, AlertEvent)>,
+    /// Users' totals in the reporting currency, later entries overriding earlier ones.
+    pub converted: Vec<Converted>,
 }
 
 /// All aggregates of one user.
@@ -381,6 +389,35 @@ pub struct Snapshot {
     by_total: OrdSet<(Reverse<i128>, UserId)>,
     live_expenses: i64,
     records_covered: u64,
+    /// The engine's reporting currency, if any.
+    reporting_currency: Option<Currency>,
+    /// Users' reference rows (also of users without a live expense).
+    refs: OrdMap<UserId, UserRow>,
+    /// The fired alerts, by `(user, month, threshold)`.
+    alerts: OrdMap<(UserId, i32, u8), AlertView>,
+    /// Users' totals in the reporting currency.
+    converted: OrdMap<UserId, i128>,
+    /// The same, largest first (ties by user id).
+    by_converted: OrdSet<(Reverse<i128>, UserId)>,
+}
+
+/// A fired alert as the read model holds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AlertView {
+    /// The user.
+    pub user_id: UserId,
+    /// The UTC month, `year * 12 + month - 1`.
+    pub month: i32,
+    /// 80 or 100.
+    pub threshold_pct: u8,
+    /// The month's spend now, minor units.
+    pub spent_minor: i128,
+    /// The budget now, minor units.
+    pub budget_minor: i64,
+    /// The user's currency.
+    pub currency: Currency,
+    /// The epoch at which it fired.
+    pub since_epoch: Epoch,
 }
 
 impl Snapshot {
@@ -421,6 +458,57 @@ impl Snapshot {
     /// Records read from the sources that this snapshot covers.
     pub fn records_covered(&self) -> u64 {
         self.records_covered
+    }
+
+    /// The currency totals are converted to (`--reporting-currency`), if any.
+    pub fn reporting_currency(&self) -> Option<Currency> {
+        self.reporting_currency
+    }
+
+    /// A user's reference row (budget, currency), if the reference data has one.
+    pub fn user_ref(&self, user_id: UserId) -> Option<&UserRow> {
+        self.refs.get(&user_id)
+    }
+
+    /// A user's spend in one UTC month (`year * 12 + month - 1`), minor units; 0 without any.
+    pub fn month_spend(&self, user_id: UserId, month: i32) -> i128 {
+        self.user(user_id)
+            .and_then(|u| u.months.get(&month))
+            .map_or(0, |(_, sum)| sum)
+    }
+
+    /// The fired alerts of one user (all users with `None`), by user, month and threshold.
+    pub fn alerts(&self, user_id: Option<UserId>) -> impl Iterator<Item = &AlertView> {
+        use std::ops::Bound::{Included, Unbounded};
+        let (lower, upper) = match user_id {
+            Some(u) => (Included((u, i32::MIN, 0)), Included((u, i32::MAX, u8::MAX))),
+            None => (Unbounded, Unbounded),
+        };
+        self.alerts.range((lower, upper)).map(|(_, a)| a)
+    }
+
+    /// Users with at least one fired alert.
+    pub fn alerted_users(&self) -> usize {
+        let mut users = 0;
+        let mut last = None;
+        for (user, _, _) in self.alerts.keys() {
+            if last != Some(*user) {
+                users += 1;
+                last = Some(*user);
+            }
+        }
+        users
+    }
+
+    /// A user's total in the reporting currency, if it can be converted.
+    pub fn converted(&self, user_id: UserId) -> Option<i128> {
+        self.converted.get(&user_id).copied()
+    }
+
+    /// Users by converted total, largest first (ties by user id); users that cannot be
+    /// converted are left out. Empty without a reporting currency.
+    pub fn top_converted(&self) -> impl Iterator<Item = (UserId, i128)> + '_ {
+        self.by_converted.iter().map(|(Reverse(t), u)| (*u, *t))
     }
 
     /// Every cell of the selected users (all users if `users` is empty), for snapshots sent to

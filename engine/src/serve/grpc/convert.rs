@@ -122,6 +122,7 @@ pub fn summary(user: SummaryData) -> Result<pb::UserSummary, Status> {
             .map(spendflow_operators::decode::format_event_time)
             .unwrap_or_default(),
         last_event_ms: user.last_event_ms.unwrap_or(0),
+        ..pb::UserSummary::default()
     })
 }
 

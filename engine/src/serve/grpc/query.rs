@@ -205,12 +205,14 @@ impl<B: QueryBackend> ExpenseQuery for QueryService<B> {
                     user_id: u.user_id,
                     total_minor: convert::fit(u.total_minor, u.user_id, "user total")?,
                     expense_count: u.expense_count,
+                    ..pb::Spender::default()
                 })
             })
             .collect::<Result<_, Status>>()?;
         Ok(Response::new(pb::TopSpendersResponse {
             spenders,
             as_of: Some(convert::as_of(&answer.as_of)),
+            ..pb::TopSpendersResponse::default()
         }))
     }
 

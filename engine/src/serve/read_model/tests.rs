@@ -18,6 +18,7 @@ fn delta(epoch: Epoch, cells: Vec<CellChange>, last_seen: Vec<LastSeen>) -> Epoc
         cells,
         last_seen,
         records_covered: epoch,
+        ..EpochDelta::default()
     }
 }
 

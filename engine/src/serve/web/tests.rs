@@ -114,6 +114,7 @@ fn categories_are_summed_over_users() {
         ],
         last_seen: Vec::new(),
         records_covered: 3,
+        ..EpochDelta::default()
     });
     let totals = category_totals(&model.snapshot());
     let rows: Vec<_> = totals
