@@ -98,6 +98,7 @@ fn inverse(delta: &EpochDelta, before: &spendflow_engine::Snapshot) -> EpochDelt
             })
             .collect(),
         records_covered: before.records_covered(),
+        ..EpochDelta::default()
     }
 }
 
