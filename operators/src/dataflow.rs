@@ -53,6 +53,9 @@ pub struct ClosedEpoch {
     /// Users whose total in the reporting currency changed in this epoch; sorted by user.
     /// Always empty without a reporting currency.
     pub converted: Vec<Converted>,
+    /// Exchange rates that changed in this epoch, as they now are; sorted by currency. Each
+    /// is reported by one worker.
+    pub rates: Vec<RateChange>,
 }
 
 impl ClosedEpoch {
@@ -63,6 +66,7 @@ impl ClosedEpoch {
             && self.users.is_empty()
             && self.alerts.is_empty()
             && self.converted.is_empty()
+            && self.rates.is_empty()
     }
 }
 

@@ -146,6 +146,16 @@ pub struct Converted {
     pub total_minor: Option<i128>,
 }
 
+/// An exchange rate changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RateChange {
+    /// The currency converted from.
+    pub currency: Currency,
+    /// Reporting-currency micro-units per unit of `currency`, or `None` when the row was
+    /// removed.
+    pub rate_micros: Option<i64>,
+}
+
 /// Options of the dataflow that do not change while it runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DataflowOptions {

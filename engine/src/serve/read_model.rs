@@ -24,7 +24,9 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use imbl::{OrdMap, OrdSet};
 use rustc_hash::FxHashMap;
-use spendflow_operators::reference::{AlertEvent, Converted, Currency, UserRef, UserRow};
+use spendflow_operators::reference::{
+    AlertEvent, Converted, Currency, RateChange, UserRef, UserRow,
+};
 use spendflow_operators::{AggKey, CellChange, Epoch, LastSeen, Name, UserId};
 use tokio::sync::{broadcast, watch};
 
@@ -51,6 +53,8 @@ pub struct EpochDelta {
     pub alerts: Vec<(Epoch, AlertEvent)>,
     /// Users' totals in the reporting currency, later entries overriding earlier ones.
     pub converted: Vec<Converted>,
+    /// Exchange rates, later entries overriding earlier ones.
+    pub rates: Vec<RateChange>,
 }
 
 /// All aggregates of one user.
@@ -399,6 +403,8 @@ pub struct Snapshot {
     converted: OrdMap<UserId, i128>,
     /// The same, largest first (ties by user id).
     by_converted: OrdSet<(Reverse<i128>, UserId)>,
+    /// Exchange rates: reporting-currency micro-units per unit.
+    rates: OrdMap<Currency, i64>,
 }
 
 /// A fired alert as the read model holds it.
@@ -468,6 +474,11 @@ impl Snapshot {
     /// A user's reference row (budget, currency), if the reference data has one.
     pub fn user_ref(&self, user_id: UserId) -> Option<&UserRow> {
         self.refs.get(&user_id)
+    }
+
+    /// The exchange rate of `currency` (reporting-currency micro-units per unit), if known.
+    pub fn fx_rate(&self, currency: Currency) -> Option<i64> {
+        self.rates.get(&currency).copied()
     }
 
     /// A user's spend in one UTC month (`year * 12 + month - 1`), minor units; 0 without any.
