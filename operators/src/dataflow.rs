@@ -30,7 +30,7 @@ use crate::aggregate::{
 use crate::model::{CellChange, LastSeen, Record};
 use crate::model::{ExpenseId, Fact, LiveFact};
 use crate::reference::{
-    AlertEvent, Converted, DataflowOptions, RefChange, RefKey, RefValue, UserRef,
+    AlertEvent, Converted, DataflowOptions, RateChange, RefChange, RefKey, RefValue, UserRef,
 };
 use crate::upsert::{Instruction, LiveSnapshot, UpsertByExpense, UpsertSnapshots};
 
