@@ -138,10 +138,10 @@ pub(crate) fn open_sources(
             index,
             count: config.workers,
         };
-        let mut readers = match &config.source {
-            Some(source) => source.open_readers(place, restored)?,
-            None => Vec::new(),
-        };
+        let mut readers = Vec::new();
+        for source in config.source.iter().chain(&config.reference) {
+            readers.extend(source.open_readers(place, restored)?);
+        }
         if let Some(input) = input_source.take() {
             readers.push(Box::new(input));
         }
@@ -216,6 +216,7 @@ pub(crate) fn shared_state(
     }
     shared.checkpoints_enabled = config.checkpoint.is_some();
     shared.incarnation = incarnation;
+    shared.dataflow_options = config.dataflow_options();
     if let Some(restored) = recovered.restored.take() {
         shared = shared.restore_from(restored);
     }
