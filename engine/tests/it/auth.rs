@@ -220,6 +220,17 @@ fn grpc_statuses_follow_the_token() {
             serving.status,
             tonic_health::pb::health_check_response::ServingStatus::Serving as i32
         );
+        let serving = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "spendflow.v1.Alerts".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            serving.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        );
         wait_caught_up(&channel, &admin).await;
         let mut query = ExpenseQueryClient::new(channel.clone());
         let mut admin_client = AdminClient::new(channel.clone());

@@ -77,12 +77,18 @@ pub async fn router(
     let alerts = AlertsService::new(read_model);
     let (routes, health) =
         router_with(query, alerts, AdminService::new(status), auth.clone()).await?;
+    // Only the engine serves alerts (`serve --from cassandra` answers UNIMPLEMENTED, and its
+    // health does not list them).
+    health
+        .set_serving::<AlertsServer<AlertsService>>()
+        .await;
     personnel::report_health(&health, personnel.is_some()).await;
     let personnel = PersonnelService::new(personnel).server();
     Ok(routes.add_service(intercept(personnel, auth.as_ref())))
 }
 
-/// Builds routes serving `query`, `alerts` and `admin`, with health (all reported serving) and
+/// Builds routes serving `query`, `alerts` and `admin`, with health (`query` and `admin`
+/// reported serving; the caller reports `alerts` if it really serves them) and
 /// reflection (v1 and v1alpha). With `auth`, `query`, `alerts` and `admin` need a valid bearer
 /// token ([`crate::serve::auth`]); health and reflection stay open. The health reporter is returned so a server can report
 /// `NOT_SERVING` while its store is unreachable.
@@ -103,7 +109,6 @@ where
 {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<ExpenseQueryServer<Q>>().await;
-    health_reporter.set_serving::<AlertsServer<L>>().await;
     health_reporter.set_serving::<AdminServer<A>>().await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()

@@ -957,7 +957,7 @@ mod reference {
         let (start, _) = model.subscribe_alerts(Some(1));
         assert!(matches!(start, AlertSubscriptionStart::Snapshot(_)));
         let (start, _) = model.subscribe_alerts(Some(20));
-        assert!(matches!(start, AlertSubscriptionStart::Replay(r) if r.len() == HISTORY_EPOCHS - 9));
+        assert!(matches!(start, AlertSubscriptionStart::Replay(r) if r.len() == HISTORY_EPOCHS + 10 - 20));
     }
 
     #[test]
