@@ -450,13 +450,8 @@ async fn setup(config: &CassandraServeConfig) -> Result<Setup, ServeError> {
         (l, backend)
     });
     // No alerts in the tables: `Alerts` says to call the engine (UNIMPLEMENTED).
-    let (routes, health) = router_with(
-        QueryService::new(backend),
-        AlertsUnimplemented,
-        admin,
-        auth,
-    )
-    .await?;
+    let (routes, health) =
+        router_with(QueryService::new(backend), AlertsUnimplemented, admin, auth).await?;
     let health_task = tokio::spawn(report_health(progress, health));
     Ok(Setup {
         listener,

@@ -65,7 +65,10 @@ impl AlertsService {
     }
 
     /// The snapshot to answer from, after waiting for `consistency.min_epoch` if asked.
-    async fn snapshot(&self, consistency: Option<&pb::Consistency>) -> Result<Arc<Snapshot>, Status> {
+    async fn snapshot(
+        &self,
+        consistency: Option<&pb::Consistency>,
+    ) -> Result<Arc<Snapshot>, Status> {
         let latest = self.read_model.published_epoch();
         let (min_epoch, timeout) =
             convert::consistency(consistency, self.read_model.incarnation(), latest)?;

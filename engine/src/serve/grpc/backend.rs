@@ -25,8 +25,8 @@ use tonic::Status;
 
 use super::query::SubscriberGuard;
 pub use crate::serve::read_model::Amount;
-pub use spendflow_operators::reference::Currency;
 use crate::serve::read_model::AsOf;
+pub use spendflow_operators::reference::Currency;
 
 /// A read-your-writes requirement: answer from epoch `min_epoch` or later, waiting at most
 /// `timeout` for it (`min_epoch == 0`: whatever is current, no wait).

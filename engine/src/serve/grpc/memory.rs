@@ -724,12 +724,12 @@ mod tests {
             .unwrap();
         let summary = |user| {
             runtime
-                .block_on(
-                    service.get_user_summary(tonic::Request::new(pb::GetUserSummaryRequest {
+                .block_on(service.get_user_summary(tonic::Request::new(
+                    pb::GetUserSummaryRequest {
                         user_id: user,
                         consistency: None,
-                    })),
-                )
+                    },
+                )))
                 .unwrap()
                 .into_inner()
                 .summary
@@ -738,19 +738,31 @@ mod tests {
         now.store(at(2026, 11, 30), Ordering::Relaxed);
         let s = summary(7);
         assert_eq!(
-            (s.monthly_budget_minor, s.month_to_date_minor, s.currency.as_str()),
+            (
+                s.monthly_budget_minor,
+                s.month_to_date_minor,
+                s.currency.as_str()
+            ),
             (2_000, 250, "GBP")
         );
         assert_eq!(s.total_minor, 1_250);
         now.store(at(2026, 10, 1), Ordering::Relaxed);
-        assert_eq!(summary(7).month_to_date_minor, 1_000, "October by the clock");
+        assert_eq!(
+            summary(7).month_to_date_minor,
+            1_000,
+            "October by the clock"
+        );
         now.store(at(2026, 12, 1), Ordering::Relaxed);
         assert_eq!(summary(7).month_to_date_minor, 0, "nothing in December yet");
         // A user without a reference row: 0 and empty.
         now.store(at(2026, 11, 2), Ordering::Relaxed);
         let s = summary(8);
         assert_eq!(
-            (s.monthly_budget_minor, s.month_to_date_minor, s.currency.as_str()),
+            (
+                s.monthly_budget_minor,
+                s.month_to_date_minor,
+                s.currency.as_str()
+            ),
             (0, 5, "")
         );
     }
@@ -837,7 +849,12 @@ mod tests {
             EpochDelta {
                 // In their own currencies 3 > 2 > 1 > 4; converted 1 > 2 = 3 (ties by user);
                 // 4's currency has no rate.
-                cells: vec![cell(1, 1_000), cell(2, 2_000), cell(3, 90_000), cell(4, 500)],
+                cells: vec![
+                    cell(1, 1_000),
+                    cell(2, 2_000),
+                    cell(3, 90_000),
+                    cell(4, 500),
+                ],
                 users: vec![
                     row(1, b"GBP"),
                     row(2, b"EUR"),

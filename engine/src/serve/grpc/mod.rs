@@ -34,9 +34,9 @@ use tower_http::trace::TraceLayer;
 
 pub use admin::AdminService;
 pub use alerts::{ALERTS_UNIMPLEMENTED, AlertsService, AlertsUnimplemented};
-pub use memory::{Clock, ReadModelBackend};
 #[cfg(test)]
 pub(crate) use memory::category_totals;
+pub use memory::{Clock, ReadModelBackend};
 pub use personnel::PersonnelService;
 pub use query::{QueryService, SubscriberGuard};
 
@@ -79,9 +79,7 @@ pub async fn router(
         router_with(query, alerts, AdminService::new(status), auth.clone()).await?;
     // Only the engine serves alerts (`serve --from cassandra` answers UNIMPLEMENTED, and its
     // health does not list them).
-    health
-        .set_serving::<AlertsServer<AlertsService>>()
-        .await;
+    health.set_serving::<AlertsServer<AlertsService>>().await;
     personnel::report_health(&health, personnel.is_some()).await;
     let personnel = PersonnelService::new(personnel).server();
     Ok(routes.add_service(intercept(personnel, auth.as_ref())))

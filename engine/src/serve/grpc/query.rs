@@ -208,9 +208,7 @@ impl<B: QueryBackend> ExpenseQuery for QueryService<B> {
                     expense_count: u.expense_count,
                     currency: u.currency.map(convert::currency).unwrap_or_default(),
                     converted_minor: match u.converted_minor {
-                        Some(converted) => {
-                            convert::fit(converted, u.user_id, "converted total")?
-                        }
+                        Some(converted) => convert::fit(converted, u.user_id, "converted total")?,
                         None => 0,
                     },
                 })

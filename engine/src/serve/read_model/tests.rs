@@ -798,7 +798,11 @@ mod reference {
         });
         let snapshot = model.snapshot();
         assert_eq!(snapshot.reporting_currency(), Some(*b"EUR"));
-        assert_eq!(snapshot.user_ref(1), Some(&row(Some(1000), b"USD")), "later wins");
+        assert_eq!(
+            snapshot.user_ref(1),
+            Some(&row(Some(1000), b"USD")),
+            "later wins"
+        );
         assert_eq!(snapshot.user_ref(2), Some(&row(None, b"EUR")));
         assert_eq!(snapshot.fx_rate(*b"USD"), Some(900_000));
         assert_eq!(snapshot.converted(2), Some(300));
@@ -934,7 +938,10 @@ mod reference {
         };
         let epochs: Vec<Epoch> = replay.iter().map(|p| p.as_of.epoch).collect();
         assert_eq!(epochs, vec![2, 3]);
-        assert_eq!(replay[0].alerts, vec![(2, event(2, 100, 80, AlertState::Fired))]);
+        assert_eq!(
+            replay[0].alerts,
+            vec![(2, event(2, 100, 80, AlertState::Fired))]
+        );
         writer.apply(delta(4, vec![], vec![]));
         let next = receiver.try_recv().unwrap();
         assert_eq!(
@@ -957,7 +964,9 @@ mod reference {
         let (start, _) = model.subscribe_alerts(Some(1));
         assert!(matches!(start, AlertSubscriptionStart::Snapshot(_)));
         let (start, _) = model.subscribe_alerts(Some(20));
-        assert!(matches!(start, AlertSubscriptionStart::Replay(r) if r.len() == HISTORY_EPOCHS + 10 - 20));
+        assert!(
+            matches!(start, AlertSubscriptionStart::Replay(r) if r.len() == HISTORY_EPOCHS + 10 - 20)
+        );
     }
 
     #[test]
@@ -979,7 +988,10 @@ mod reference {
                 .collect::<Vec<_>>()
         };
         assert_eq!(keys(None, Some((1, 6, 80))), vec![(2, 5, 80), (3, 1, 100)]);
-        assert_eq!(keys(Some(1), Some((1, 5, 80))), vec![(1, 5, 100), (1, 6, 80)]);
+        assert_eq!(
+            keys(Some(1), Some((1, 5, 80))),
+            vec![(1, 5, 100), (1, 6, 80)]
+        );
         assert_eq!(keys(Some(2), Some((1, 6, 80))), vec![(2, 5, 80)]);
         assert_eq!(keys(Some(1), Some((1, 6, 80))), vec![]);
         assert_eq!(keys(Some(1), Some((2, 0, 0))), vec![]);
@@ -1093,8 +1105,7 @@ mod reference {
                     expected,
                     "seed {seed}"
                 );
-                let users: std::collections::BTreeSet<UserId> =
-                    fired.keys().map(|k| k.0).collect();
+                let users: std::collections::BTreeSet<UserId> = fired.keys().map(|k| k.0).collect();
                 assert_eq!(snapshot.alerted_users(), users.len(), "seed {seed}");
             }
         }

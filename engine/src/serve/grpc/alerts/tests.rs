@@ -138,7 +138,11 @@ fn list_alerts_pages_through_the_fired_alerts_and_filters_by_user() {
     let first = &all[0];
     assert_eq!(first.state, pb::AlertState::Fired as i32);
     assert_eq!(
-        (first.spent_minor, first.budget_minor, first.currency.as_str()),
+        (
+            first.spent_minor,
+            first.budget_minor,
+            first.currency.as_str()
+        ),
         (1000, 1000, "EUR"),
         "the current month spend, not the event's"
     );
@@ -224,7 +228,11 @@ fn a_self_token_lists_only_its_own_alerts() {
         let status = runtime
             .block_on(service.list_alerts(as_caller(list(user, 0, ""), "expenses:read:self")))
             .unwrap_err();
-        assert_eq!(status.code(), Code::PermissionDenied, "user {user}: {status:?}");
+        assert_eq!(
+            status.code(),
+            Code::PermissionDenied,
+            "user {user}: {status:?}"
+        );
         assert!(status.message().contains("expenses:read"), "{status:?}");
     }
     let all = runtime
@@ -254,7 +262,11 @@ fn a_self_token_lists_only_its_own_alerts() {
     assert!(subscribe(2).is_ok());
     for user in [1, 0] {
         let status = subscribe(user).err().unwrap();
-        assert_eq!(status.code(), Code::PermissionDenied, "user {user}: {status:?}");
+        assert_eq!(
+            status.code(),
+            Code::PermissionDenied,
+            "user {user}: {status:?}"
+        );
     }
 }
 
@@ -316,27 +328,41 @@ async fn subscribe_sends_the_fired_alerts_then_changes_and_resumes_without_a_sna
     assert_eq!(changes.alerts.len(), 1);
     assert_eq!(changes.alerts[0].state, pb::AlertState::Cleared as i32);
     assert_eq!(changes.alerts[0].epoch, 2);
-    assert!(matches!(next_event(&mut stream).await, Event::Progress(p) if p.as_of.as_ref().unwrap().epoch == 2));
+    assert!(
+        matches!(next_event(&mut stream).await, Event::Progress(p) if p.as_of.as_ref().unwrap().epoch == 2)
+    );
 
     // Epoch 3 changes nothing of user 1: a progress mark only.
-    writer.apply(delta(3, vec![(3, event(2, MONTH, 80, AlertState::Cleared))]));
-    assert!(matches!(next_event(&mut stream).await, Event::Progress(p) if p.as_of.as_ref().unwrap().epoch == 3));
+    writer.apply(delta(
+        3,
+        vec![(3, event(2, MONTH, 80, AlertState::Cleared))],
+    ));
+    assert!(
+        matches!(next_event(&mut stream).await, Event::Progress(p) if p.as_of.as_ref().unwrap().epoch == 3)
+    );
     drop(stream);
 
     // The client comes back after epoch 2 while epoch 4 is published: epochs 3 and 4 from
     // history, no snapshot.
-    writer.apply(delta(4, vec![(4, event(1, MONTH, 80, AlertState::Cleared))]));
+    writer.apply(delta(
+        4,
+        vec![(4, event(1, MONTH, 80, AlertState::Cleared))],
+    ));
     let mut stream = service
         .subscribe(subscribe_request(1, 2, &incarnation))
         .await
         .unwrap()
         .into_inner();
-    assert!(matches!(next_event(&mut stream).await, Event::Progress(p) if p.as_of.as_ref().unwrap().epoch == 3));
+    assert!(
+        matches!(next_event(&mut stream).await, Event::Progress(p) if p.as_of.as_ref().unwrap().epoch == 3)
+    );
     let Event::Changes(changes) = next_event(&mut stream).await else {
         panic!("epoch 4's changes, not a snapshot");
     };
     assert_eq!(keys(&changes.alerts), vec![(1, "2026-11".into(), 80)]);
-    assert!(matches!(next_event(&mut stream).await, Event::Progress(p) if p.as_of.as_ref().unwrap().epoch == 4));
+    assert!(
+        matches!(next_event(&mut stream).await, Event::Progress(p) if p.as_of.as_ref().unwrap().epoch == 4)
+    );
 
     // Another incarnation's epoch: a snapshot (user 1 has no alert left).
     let mut stream = service
@@ -357,7 +383,10 @@ async fn subscribe_sends_the_fired_alerts_then_changes_and_resumes_without_a_sna
         .err()
         .unwrap();
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
-    assert!(status.message().contains("resume_after_epoch"), "{status:?}");
+    assert!(
+        status.message().contains("resume_after_epoch"),
+        "{status:?}"
+    );
 }
 
 #[tokio::test]
@@ -386,7 +415,10 @@ async fn a_large_alert_snapshot_comes_in_pages() {
             break;
         }
     }
-    assert_eq!(users, (1..=(2 * SNAPSHOT_CHUNK as u64 + 5)).collect::<Vec<_>>());
+    assert_eq!(
+        users,
+        (1..=(2 * SNAPSHOT_CHUNK as u64 + 5)).collect::<Vec<_>>()
+    );
 }
 
 #[tokio::test]
