@@ -436,3 +436,36 @@ async fn alerts_are_unimplemented_from_cassandra_with_a_pointer_to_the_engine() 
         .unwrap();
     assert_eq!(status.code(), Code::Unimplemented);
 }
+
+/// A subscriber that falls further behind than the broadcast holds gets a fresh snapshot
+/// (which replaces what it holds), never a stream with a gap.
+#[tokio::test]
+async fn a_subscriber_too_slow_to_follow_gets_a_new_snapshot() {
+    use pb::subscribe_alerts_response::Event;
+
+    let (model, mut writer) = model_with_alerts();
+    let service = AlertsService::new(Arc::clone(&model));
+    let mut stream = service
+        .subscribe(subscribe_request(0, 0, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(next_event(&mut stream).await, Event::Snapshot(s) if s.last));
+    // Far more epochs than the broadcast keeps, while the client reads nothing; the last one
+    // clears user 2's alert.
+    let last = 2 + 2000;
+    for epoch in 2..last {
+        writer.apply(delta(epoch, vec![]));
+    }
+    writer.apply(delta(
+        last,
+        vec![(last, event(2, MONTH, 80, AlertState::Cleared))],
+    ));
+    let Event::Snapshot(snapshot) = next_event(&mut stream).await else {
+        panic!("a new snapshot after lagging");
+    };
+    assert!(snapshot.last);
+    assert_eq!(snapshot.as_of.unwrap().epoch, last);
+    assert_eq!(snapshot.alerts.len(), 4, "user 2's alert is gone");
+    assert!(snapshot.alerts.iter().all(|a| a.user_id != 2));
+}
