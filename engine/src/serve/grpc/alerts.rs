@@ -64,6 +64,14 @@ impl AlertsService {
         }
     }
 
+    /// The same service counting its subscriptions in `count`, shared with `ExpenseQuery`'s
+    /// ([`super::QueryService::subscriber_count`]), so [`super::MAX_SUBSCRIBERS`] bounds the
+    /// streams of both together.
+    pub fn sharing_subscribers(mut self, count: Arc<AtomicUsize>) -> Self {
+        self.subscribers = count;
+        self
+    }
+
     /// The snapshot to answer from, after waiting for `consistency.min_epoch` if asked.
     async fn snapshot(
         &self,
@@ -215,7 +223,7 @@ impl Alerts for AlertsService {
         let request = request.into_inner();
         let guard = SubscriberGuard::acquire(&self.subscribers).ok_or_else(|| {
             Status::resource_exhausted(format!(
-                "{} alert subscriptions are open already; retry later",
+                "{} subscriptions are open already; retry later",
                 super::MAX_SUBSCRIBERS
             ))
         })?;

@@ -74,7 +74,7 @@ pub async fn router(
     auth: Option<Arc<Authenticator>>,
 ) -> Result<Routes, GrpcError> {
     let query = QueryService::over_read_model(Arc::clone(&read_model));
-    let alerts = AlertsService::new(read_model);
+    let alerts = AlertsService::new(read_model).sharing_subscribers(query.subscriber_count());
     let (routes, health) =
         router_with(query, alerts, AdminService::new(status), auth.clone()).await?;
     // Only the engine serves alerts (`serve --from cassandra` answers UNIMPLEMENTED, and its

@@ -48,6 +48,12 @@ impl<B: QueryBackend> QueryService<B> {
 }
 
 impl<B: QueryBackend> QueryService<B> {
+    /// The count of open subscriptions, for other streaming services to share
+    /// ([`super::MAX_SUBSCRIBERS`] bounds them all together).
+    pub fn subscriber_count(&self) -> Arc<AtomicUsize> {
+        Arc::clone(&self.subscribers)
+    }
+
     fn wait(&self, consistency: Option<&pb::Consistency>) -> Result<Wait, Status> {
         let (incarnation, latest) = self.backend.timeline();
         let (min_epoch, timeout) = convert::consistency(consistency, &incarnation, latest)?;

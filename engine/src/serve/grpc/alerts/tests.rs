@@ -469,3 +469,33 @@ async fn a_subscriber_too_slow_to_follow_gets_a_new_snapshot() {
     assert_eq!(snapshot.alerts.len(), 4, "user 2's alert is gone");
     assert!(snapshot.alerts.iter().all(|a| a.user_id != 2));
 }
+
+/// Alert streams and `ExpenseQuery` streams share one bound.
+#[tokio::test]
+async fn alert_subscriptions_count_against_the_servers_subscription_limit() {
+    let (model, _writer) = model_with_alerts();
+    let query = super::super::QueryService::over_read_model(Arc::clone(&model));
+    let service = AlertsService::new(model).sharing_subscribers(query.subscriber_count());
+    let count = query.subscriber_count();
+    let held: Vec<SubscriberGuard> = (0..super::super::MAX_SUBSCRIBERS)
+        .map(|_| SubscriberGuard::acquire(&count).unwrap())
+        .collect();
+    let status = service
+        .subscribe(subscribe_request(1, 0, ""))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("subscriptions are open"),
+        "{status:?}"
+    );
+    drop(held);
+    let stream = service
+        .subscribe(subscribe_request(1, 0, ""))
+        .await
+        .unwrap();
+    assert_eq!(count.load(std::sync::atomic::Ordering::Relaxed), 1);
+    drop(stream);
+    assert_eq!(count.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
