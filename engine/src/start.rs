@@ -166,7 +166,8 @@ pub(crate) fn shared_state(
         .unwrap_or_else(read_model::new_incarnation)
         .into();
     tracing::info!(%incarnation, "Incarnation of this run's epochs.");
-    let (read_model, writer) = ReadModel::with_incarnation(Arc::clone(&incarnation));
+    let (read_model, mut writer) = ReadModel::with_incarnation(Arc::clone(&incarnation));
+    writer.set_reporting_currency(config.dataflow_options().reporting_currency);
 
     #[cfg_attr(not(feature = "kafka"), allow(unused_mut))]
     let mut dead_letters = DeadLetters::with_capacity(config.dead_letter_capacity);
