@@ -70,6 +70,9 @@ pub use config::AlertsTopicConfig;
 #[cfg(feature = "kafka")]
 pub use kafka::AlertsOutput;
 
+/// While the gate stays shut, a warning every this many epochs.
+const HELD_WARN_EVERY: u64 = 1000;
+
 /// The header holding the input positions of a record's epoch.
 pub const POSITIONS_HEADER: &str = "spendflow-positions";
 
@@ -268,6 +271,8 @@ pub struct AlertGate {
     recorded: Option<BTreeMap<(String, i32), i64>>,
     /// The newest event of each alert seen in this run; the fired ones are the fired set.
     seen: BTreeMap<AlertKey, AlertEvent>,
+    /// Epochs held so far (for the warning while the gate stays shut).
+    held: u64,
 }
 
 impl AlertGate {
@@ -290,6 +295,7 @@ impl AlertGate {
             topic,
             recorded,
             seen: BTreeMap::new(),
+            held: 0,
         }
     }
 
@@ -331,7 +337,20 @@ impl AlertGate {
         for event in events {
             self.seen.insert(key_of(event), *event);
         }
-        if !self.covers(positions) {
+        let behind = self.behind(positions);
+        if !behind.is_empty() {
+            if self.held.is_multiple_of(HELD_WARN_EVERY) {
+                tracing::warn!(
+                    epoch,
+                    held_epochs = self.held,
+                    behind = ?&behind[..behind.len().min(5)],
+                    partitions_behind = behind.len(),
+                    "Alerts: the alerts topic was written from input positions this engine has not \
+                     reached yet; alert changes are tracked and written once it has. (If the input \
+                     changed, those positions are never reached: use a new alerts topic.)"
+                );
+            }
+            self.held += 1;
             return Vec::new();
         }
         self.recorded = None;
@@ -404,13 +423,12 @@ impl AlertGate {
         Some(record)
     }
 
-    /// True if `positions` are at or past every recorded position of a source the engine
-    /// reads. A recorded source the engine does not read at all (the input changed) is left
-    /// out, so that the gate cannot stay shut for ever; a partition of a source it reads but
-    /// does not list (yet) is not covered.
-    fn covers(&self, positions: &[PartitionPosition]) -> bool {
+    /// The recorded positions that `positions` do not reach: `(source, partition, recorded,
+    /// now)`. A partition not listed (not assigned yet, a topic not discovered yet) is behind:
+    /// opening the gate before the engine has read it again could write a change twice.
+    fn behind(&self, positions: &[PartitionPosition]) -> Vec<(String, i32, i64, Option<i64>)> {
         let Some(recorded) = &self.recorded else {
-            return true;
+            return Vec::new();
         };
         let mut now: BTreeMap<(&str, i32), i64> = BTreeMap::new();
         for p in positions {
@@ -418,13 +436,14 @@ impl AlertGate {
             // Listed twice: the lower one counts.
             *at = (*at).min(p.position);
         }
-        recorded.iter().all(|((source, partition), &want)| {
-            if !positions.iter().any(|p| &*p.source == source.as_str()) {
-                return true;
-            }
-            now.get(&(source.as_str(), *partition))
-                .is_some_and(|&have| have >= want)
-        })
+        recorded
+            .iter()
+            .filter_map(|((source, partition), &want)| {
+                let have = now.get(&(source.as_str(), *partition)).copied();
+                (have.is_none_or(|have| have < want))
+                    .then(|| (source.clone(), *partition, want, have))
+            })
+            .collect()
     }
 }
 

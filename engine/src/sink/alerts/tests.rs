@@ -257,7 +257,10 @@ fn a_flip_during_replay_is_not_written_again() {
     assert_consistent(&topic, &input.fired_at(10));
     assert_eq!(states(&topic), states(&reference()));
     // Only what came after 6 is new.
-    assert!(topic[before..].iter().all(|(r, _)| r.epoch >= 4));
+    assert!(
+        topic[before..].iter().all(|(_, p)| p[0].position > 6),
+        "{topic:?}"
+    );
 }
 
 #[test]
@@ -317,18 +320,27 @@ fn two_crashes_in_a_row_converge() {
 }
 
 #[test]
-fn a_source_the_engine_no_longer_reads_does_not_hold_the_gate() {
+fn a_source_not_listed_holds_the_gate() {
+    // Per-user topics are sources of their own, discovered a few at a time: one the engine
+    // does not list yet may still hold records it has to read again.
     let record = AlertRecord::of(&event(key(1), AlertState::Fired), 3);
-    let old = HeaderPosition {
-        source: "old-topic".into(),
+    let other = HeaderPosition {
+        source: "expenses.user.7".into(),
         partition: 0,
         position: 99,
     };
-    let mut gate = AlertGate::new([(record, vec![old])]);
+    let mut gate = AlertGate::new([(record, vec![other])]);
+    assert!(gate.epoch(1, &positions(0), &[], false).is_empty());
     assert!(!gate.is_open());
-    let out = gate.epoch(1, &positions(0), &[], false);
+    let mut both = positions(0);
+    both.push(PartitionPosition {
+        source: Arc::from("expenses.user.7"),
+        position: 99,
+        ..both[0].clone()
+    });
+    // Caught up: nothing fired now, so the topic's fired alert is cleared.
+    let out = gate.epoch(2, &both, &[], false);
     assert!(gate.is_open());
-    // Nothing fired now: the topic's fired alert is cleared.
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].state, AlertState::Cleared);
 }
