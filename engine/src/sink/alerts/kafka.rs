@@ -301,8 +301,12 @@ impl Writer {
                 self.send_uncommitted(&records);
                 return Ok(());
             }
-            if !records.is_empty() {
-                self.write(&records)?;
+            if !records.is_empty()
+                && let Err(e) = self.write(&records)
+            {
+                // Before the flushes waiting on this batch hear of it (their answers drop).
+                self.shared.failed.store(true, Ordering::Release);
+                return Err(e);
             }
             if let Some(epoch) = last_epoch {
                 self.shared.committed.fetch_max(epoch + 1, Ordering::AcqRel);
@@ -539,31 +543,19 @@ fn read_topic(
     let consumer: BaseConsumer = client
         .create()
         .map_err(|e| retriable("creating a reader", e))?;
-    let metadata = consumer
-        .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
-        .map_err(|e| retriable("listing partitions", e))?;
-    let Some(meta) = metadata.topics().iter().find(|t| t.name() == topic) else {
-        return Err(fatal("not in the cluster's metadata".into()));
-    };
-    if let Some(e) = meta.error() {
-        return Err(fatal(format!(
-            "cannot be read: {:?}",
-            RDKafkaErrorCode::from(e)
-        )));
-    }
-    let mut assignment = TopicPartitionList::new();
-    let mut pending = BTreeMap::new();
-    for partition in meta.partitions() {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, partition.id(), REQUEST_TIMEOUT)
-            .map_err(|e| retriable("reading partition ends", e))?;
-        if high > low {
-            pending.insert(partition.id(), high);
-            assignment
-                .add_partition_offset(topic, partition.id(), Offset::Beginning)
-                .map_err(|e| retriable("assigning", e))?;
+    let deadline = Instant::now() + READ_TIMEOUT;
+    // A topic just created may have no leader yet for a moment: asked again until it has.
+    let (assignment, mut pending) = loop {
+        match partitions(&consumer, topic) {
+            Ok(found) => break found,
+            Err(Listing::Fatal(message)) => return Err(fatal(message)),
+            Err(Listing::Retriable(e)) if Instant::now() > deadline => return Err(e),
+            Err(Listing::Retriable(e)) => {
+                tracing::debug!(error = %e, "Alerts topic not readable yet; asking again.");
+                std::thread::sleep(Duration::from_millis(200));
+            }
         }
-    }
+    };
     let mut records = Vec::new();
     if pending.is_empty() {
         return Ok(records);
@@ -571,7 +563,6 @@ fn read_topic(
     consumer
         .assign(&assignment)
         .map_err(|e| retriable("assigning", e))?;
-    let deadline = Instant::now() + READ_TIMEOUT;
     while !pending.is_empty() {
         if Instant::now() > deadline {
             return Err(AlertsError::Retriable {
@@ -614,4 +605,58 @@ fn read_topic(
         records.push((record, positions));
     }
     Ok(records)
+}
+
+enum Listing {
+    Retriable(AlertsError),
+    Fatal(String),
+}
+
+/// The topic's partitions that hold records, assigned from their beginning, and their ends.
+fn partitions(
+    consumer: &BaseConsumer,
+    topic: &str,
+) -> Result<(TopicPartitionList, BTreeMap<i32, i64>), Listing> {
+    let retriable = |doing: &str, e: KafkaError| Listing::Retriable(kafka_error(topic, doing, e));
+    let metadata = consumer
+        .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
+        .map_err(|e| retriable("listing partitions", e))?;
+    let Some(meta) = metadata.topics().iter().find(|t| t.name() == topic) else {
+        return Err(Listing::Retriable(AlertsError::Retriable {
+            topic: topic.to_string(),
+            message: "not in the cluster's metadata yet".into(),
+        }));
+    };
+    if let Some(e) = meta.error() {
+        let code = RDKafkaErrorCode::from(e);
+        return Err(match code {
+            RDKafkaErrorCode::LeaderNotAvailable
+            | RDKafkaErrorCode::UnknownTopicOrPartition
+            | RDKafkaErrorCode::UnknownTopic => Listing::Retriable(AlertsError::Retriable {
+                topic: topic.to_string(),
+                message: format!("listing partitions: {code}"),
+            }),
+            _ => Listing::Fatal(format!("cannot be read: {code}")),
+        });
+    }
+    if meta.partitions().is_empty() {
+        return Err(Listing::Retriable(AlertsError::Retriable {
+            topic: topic.to_string(),
+            message: "no partitions listed yet".into(),
+        }));
+    }
+    let mut assignment = TopicPartitionList::new();
+    let mut pending = BTreeMap::new();
+    for partition in meta.partitions() {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, partition.id(), REQUEST_TIMEOUT)
+            .map_err(|e| retriable("reading partition ends", e))?;
+        if high > low {
+            pending.insert(partition.id(), high);
+            assignment
+                .add_partition_offset(topic, partition.id(), Offset::Beginning)
+                .map_err(|e| retriable("assigning", e))?;
+        }
+    }
+    Ok((assignment, pending))
 }
