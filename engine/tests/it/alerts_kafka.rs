@@ -502,3 +502,114 @@ fn a_budget_change_fires_and_clears_once_across_kill_9_and_a_rate_change_reranks
     drop(db);
     setup.clean_up(&runtime);
 }
+
+// ---- verify's SQL for alerts and converted totals, against real MariaDB. ----
+
+#[test]
+fn verify_computes_alerts_and_converted_totals_in_sql_like_the_rules() {
+    use spendflow_engine::verify::Truth;
+    use spendflow_engine::verify::mysql::MySqlTruth;
+    use spendflow_engine::verify::reference::convert;
+
+    let base = service_env("SPENDFLOW_MYSQL");
+    let name = unique_name("spendflow_it_verify_ref");
+    let (head, _) = base.rsplit_once('/').unwrap();
+    let url = format!("{head}/{name}");
+    let (mut db, _) = spendflow_engine::mysql_client::connect(&url, true).unwrap();
+    db.query_drop(
+        "CREATE TABLE users (user_id BIGINT UNSIGNED PRIMARY KEY, \
+         monthly_budget_minor BIGINT NULL, currency CHAR(3) NOT NULL)",
+    )
+    .unwrap();
+    db.query_drop(
+        "CREATE TABLE expenses (expense_id VARCHAR(32) PRIMARY KEY, user_id BIGINT UNSIGNED, \
+         category VARCHAR(32) NOT NULL, amount_minor BIGINT NOT NULL, event_time DATETIME(3) NOT NULL)",
+    )
+    .unwrap();
+    // Without fx_rates: no reference data in the truth.
+    let mut truth = MySqlTruth::connect(&url).unwrap();
+    assert_eq!(truth.reference(Some("EUR")).unwrap(), None);
+    drop(truth);
+    db.query_drop(
+        "CREATE TABLE fx_rates (currency CHAR(3) PRIMARY KEY, rate_micros BIGINT NOT NULL)",
+    )
+    .unwrap();
+    db.query_drop(
+        "INSERT INTO fx_rates VALUES ('SEK', 87654), ('GBP', 1500000), ('NOK', 500000), ('EUR', 999)",
+    )
+    .unwrap();
+    // (user, budget, currency)
+    let users: [(u64, Option<i64>, &str); 7] = [
+        (1, Some(1_000), "EUR"),
+        (2, Some(0), "SEK"),
+        (3, None, "USD"),
+        (4, Some(10), "GBP"),
+        (5, Some(i64::MAX), "NOK"),
+        (6, Some(3), "NOK"),
+        (7, Some(100), "SEK"),
+    ];
+    for (u, b, c) in users {
+        db.exec_drop("INSERT INTO users VALUES (?, ?, ?)", (u, b, c))
+            .unwrap();
+    }
+    // (user, amount, event_time)
+    let expenses: [(u64, i64, &str); 12] = [
+        // 1: November at exactly 80 %, December at 100 % (a refund included), January under.
+        (1, 800, "2026-11-03 10:00:00.000"),
+        (1, 1_200, "2026-12-31 23:59:59.999"),
+        (1, -200, "2026-12-01 00:00:00.000"),
+        (1, 799, "2027-01-01 00:00:00.000"),
+        // 2: budget 0, no alert; converted at the SEK rate.
+        (2, 123_456_789, "2026-11-05 00:00:00.000"),
+        // 3: no budget, no rate: neither.
+        (3, 50, "2026-11-05 00:00:00.000"),
+        // 4: a net refund, -15 GBP minor units at 1.5: -22.5 rounds to -23.
+        (4, -15, "2026-11-05 00:00:00.000"),
+        // 5: a huge budget; 9e15 at 0.5.
+        (5, 9_000_000_000_000_000, "2026-11-05 00:00:00.000"),
+        // 6: one minor unit at 0.5 rounds half away from zero, to 1; 3 of 3: both fire.
+        (6, 1, "2026-11-05 00:00:00.000"),
+        (6, 2, "2026-11-06 00:00:00.000"),
+        // 7: 99 of 100 crosses 80 only.
+        (7, 99, "2026-10-31 23:59:59.999"),
+        // A user without a row: no alert, no conversion.
+        (8, 1_000, "2026-11-05 00:00:00.000"),
+    ];
+    for (i, (u, a, t)) in expenses.iter().enumerate() {
+        db.exec_drop(
+            "INSERT INTO expenses VALUES (?, ?, 'c', ?, ?)",
+            (format!("e{i}"), u, a, t),
+        )
+        .unwrap();
+    }
+    let mut truth = MySqlTruth::connect(&url).unwrap();
+    let reference = truth.reference(Some("EUR")).unwrap().unwrap();
+    let m = |y: i32, mo: i32| y * 12 + mo - 1;
+    assert_eq!(
+        reference.fired.iter().copied().collect::<Vec<_>>(),
+        [
+            (1, m(2026, 11), 80),
+            (1, m(2026, 12), 80),
+            (1, m(2026, 12), 100),
+            (6, m(2026, 11), 80),
+            (6, m(2026, 11), 100),
+            (7, m(2026, 10), 80),
+        ]
+    );
+    let converted = reference.converted.unwrap();
+    let want: BTreeMap<u64, i128> = BTreeMap::from([
+        // EUR is the reporting currency: exactly 1, whatever fx_rates says of it.
+        (1, 2_599),
+        (2, convert(123_456_789, 87_654)),
+        (4, -23),
+        (5, 4_500_000_000_000_000),
+        (6, convert(3, 500_000)),
+        (7, convert(99, 87_654)),
+    ]);
+    assert_eq!(converted, want);
+    assert_eq!(convert(3, 500_000), 2);
+    // Without a reporting currency: alerts only.
+    assert_eq!(truth.reference(None).unwrap().unwrap().converted, None);
+    drop(truth);
+    db.query_drop(format!("DROP DATABASE `{name}`")).unwrap();
+}

@@ -128,9 +128,12 @@ impl AlertsOutput {
         })
     }
 
-    /// Hands over one published epoch: its number, the input positions it covers, its alert
-    /// events (in epoch order) and whether it is a restored checkpoint's epoch. Waits only
-    /// while the queue is full. False once the output has stopped on an error (logged); the
+    /// Hands over one published epoch (or a delta of several): its number, the input
+    /// positions it covers, its alert events in epoch order (`EpochDelta::alerts`) and
+    /// `restore`: true for the first delta of a run that restored a checkpoint (its events
+    /// are the restored fired set, as `Fired`). Every delta must be handed over, also those
+    /// without events, so that the output sees the positions (it skips them cheaply once it
+    /// writes transitions as they come). Waits only while the queue is full. False once the output has stopped on an error (logged); the
     /// engine keeps serving, and the next start writes what this run did not (the topic is
     /// compared with).
     pub fn publish(
