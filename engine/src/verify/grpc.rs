@@ -92,6 +92,8 @@ pub struct GrpcServed {
     token: String,
     first_epoch: Option<u64>,
     last_epoch: Option<u64>,
+    /// Budget and currency of every user paged so far.
+    budgets: std::collections::BTreeMap<u64, (i64, String)>,
 }
 
 impl std::fmt::Debug for GrpcServed {
@@ -140,6 +142,7 @@ impl GrpcServed {
             token: String::new(),
             first_epoch: None,
             last_epoch: None,
+            budgets: Default::default(),
         })
     }
 
@@ -215,6 +218,10 @@ impl Served for GrpcServed {
             .into_inner();
         self.saw(page.as_of.as_ref());
         let consistency = self.consistency();
+        for s in &page.summaries {
+            self.budgets
+                .insert(s.user_id, (s.monthly_budget_minor, s.currency.clone()));
+        }
 
         let mut users: Vec<UserAggregates> = page
             .summaries
@@ -348,8 +355,9 @@ impl Served for GrpcServed {
             }
             token = page.next_page_token;
         }
-        let has_reference =
-            !fired.is_empty() || top.spenders.iter().any(|s| !s.currency.is_empty());
+        let has_reference = !fired.is_empty()
+            || top.spenders.iter().any(|s| !s.currency.is_empty())
+            || self.budgets.values().any(|(_, c)| !c.is_empty());
         let reporting_currency =
             (!top.reporting_currency.is_empty()).then_some(top.reporting_currency);
         Ok(Some(ReferenceServed {
@@ -368,6 +376,7 @@ impl Served for GrpcServed {
             has_reference,
             fired,
             limit: TOP_SPENDERS as usize,
+            budgets: std::mem::take(&mut self.budgets),
         }))
     }
 

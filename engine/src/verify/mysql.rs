@@ -197,7 +197,22 @@ impl Truth for MySqlTruth {
                 Some(out)
             }
         };
-        Ok(Some(ReferenceTruth { fired, converted }))
+        let budgets: Vec<(u64, i64, String)> = self
+            .conn
+            .query(
+                "SELECT u.user_id, COALESCE(u.monthly_budget_minor, 0), u.currency FROM users u \
+                 WHERE EXISTS (SELECT 1 FROM expenses e WHERE e.user_id = u.user_id)",
+            )
+            .map_err(mysql_error("read the users' budgets"))?;
+        let budgets = budgets
+            .into_iter()
+            .map(|(user, budget, currency)| (user, (budget, currency)))
+            .collect();
+        Ok(Some(ReferenceTruth {
+            fired,
+            converted,
+            budgets,
+        }))
     }
 }
 

@@ -12,6 +12,11 @@
 //!   Each served spender's amount must be the truth's, and the served amounts, in rank order,
 //!   must be the truth's largest amounts in order (ties may list users in either order).
 //!
+//! * **Budgets**: each served user's `monthly_budget_minor` and `currency`
+//!   (`ListUserSummaries`) against `users` (no row, `NULL` or a budget at or below 0: no
+//!   budget, served as 0). `month_to_date_minor` is not compared: it depends on the server's
+//!   clock at the moment it answers.
+//!
 //! Skipped, with a note, when MySQL has no `fx_rates` table (a database from before reference
 //! data), when the engine serves no reference data (run without `--mysql-cdc`), and, for the
 //! converted totals, when the engine has no reporting currency.
@@ -34,6 +39,8 @@ pub struct ReferenceTruth {
     /// Each user's converted total (users with a live expense and a rate), if a reporting
     /// currency was asked for.
     pub converted: Option<BTreeMap<UserId, i128>>,
+    /// Budget (0: none) and currency of each user with a row and a live expense.
+    pub budgets: BTreeMap<UserId, (i64, String)>,
 }
 
 /// One spender of the served ranking.
@@ -59,6 +66,8 @@ pub struct ReferenceServed {
     pub ranking: Vec<RankedSpender>,
     /// The limit `TopSpenders` was asked with.
     pub limit: usize,
+    /// Budget and currency of each served user (`0` and `""` when unknown).
+    pub budgets: BTreeMap<UserId, (i64, String)>,
 }
 
 /// One difference in reference data.
@@ -79,6 +88,15 @@ pub enum ReferenceMismatch {
         truth: Option<i128>,
         /// The served.
         served: i64,
+    },
+    /// A user's budget or currency differs (`None`: the truth has no row for the user).
+    Budget {
+        /// The user.
+        user_id: UserId,
+        /// The truth's budget and currency.
+        truth: Option<(i64, String)>,
+        /// The served.
+        served: (i64, String),
     },
     /// The amount at a rank differs (`None`: no one at that rank on that side).
     Rank {
@@ -116,6 +134,16 @@ impl ReferenceMismatch {
                 "user {user_id} converted total: {truth} {} | {served} {s}",
                 said(t.map(|t| t.to_string()))
             ),
+            ReferenceMismatch::Budget {
+                user_id,
+                truth: t,
+                served: s,
+            } => format!(
+                "user {user_id} budget: {truth} {} | {served} {} {:?}",
+                said(t.as_ref().map(|(b, c)| format!("{b} {c:?}"))),
+                s.0,
+                s.1
+            ),
             ReferenceMismatch::Rank {
                 rank,
                 truth: t,
@@ -136,6 +164,8 @@ pub struct ReferenceReport {
     pub alerts_checked: Option<u64>,
     /// Spenders compared, when converted totals were.
     pub spenders_checked: Option<u64>,
+    /// Users whose budget and currency were compared.
+    pub budgets_checked: Option<u64>,
     /// Every mismatch found.
     pub mismatch_count: u64,
     /// The first mismatches.
@@ -159,6 +189,9 @@ impl ReferenceReport {
         }
         if let Some(n) = self.spenders_checked {
             write!(f, "\n  converted totals: {n} ranked spenders checked")?;
+        }
+        if let Some(n) = self.budgets_checked {
+            write!(f, "\n  budgets: {n} users' budget and currency checked")?;
         }
         for note in &self.notes {
             write!(f, "\n  note: {note}")?;
@@ -194,6 +227,30 @@ pub fn compare_alerts(
             },
             max_reported,
         );
+    }
+}
+
+/// Compares each served user's budget and currency with the truth's.
+pub fn compare_budgets(
+    truth: &BTreeMap<UserId, (i64, String)>,
+    served: &BTreeMap<UserId, (i64, String)>,
+    max_reported: usize,
+    report: &mut ReferenceReport,
+) {
+    report.budgets_checked = Some(served.len() as u64);
+    for (user_id, (budget, currency)) in served {
+        let t = truth.get(user_id).map(|(b, c)| ((*b).max(0), c.clone()));
+        let s = ((*budget).max(0), currency.clone());
+        if t.clone().unwrap_or((0, String::new())) != s {
+            report.push(
+                ReferenceMismatch::Budget {
+                    user_id: *user_id,
+                    truth: t,
+                    served: s,
+                },
+                max_reported,
+            );
+        }
     }
 }
 
@@ -269,6 +326,7 @@ pub fn compare(
         return Some(report);
     }
     compare_alerts(&truth.fired, &served.fired, max_reported, &mut report);
+    compare_budgets(&truth.budgets, &served.budgets, max_reported, &mut report);
     match (&served.reporting_currency, &truth.converted) {
         (Some(_), Some(converted)) => compare_converted(
             converted,

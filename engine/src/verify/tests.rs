@@ -334,6 +334,7 @@ mod reference {
         ReferenceTruth {
             fired: BTreeSet::from([(1, NOV_2026, 80), (1, NOV_2026, 100), (2, NOV_2026, 80)]),
             converted: Some(BTreeMap::from([(1, 500), (2, 900), (3, 500), (4, -20)])),
+            budgets: budgets(),
         }
     }
 
@@ -345,7 +346,39 @@ mod reference {
             // Users 1 and 3 tie: either order is right.
             ranking: ranked(&[(2, 900), (3, 500), (1, 500), (4, -20)]),
             limit: 1000,
+            budgets: budgets(),
         }
+    }
+
+    fn budgets() -> BTreeMap<UserId, (i64, String)> {
+        BTreeMap::from([(1, (1_000, "EUR".to_string())), (2, (0, "SEK".to_string()))])
+    }
+
+    #[test]
+    fn a_budget_or_currency_that_differs_is_a_mismatch() {
+        let mut served = served();
+        // A user with no row in the truth is served without budget or currency: agrees.
+        served.budgets.insert(9, (0, String::new()));
+        let report = compare(Some(&truth()), Some(&served), 20).unwrap();
+        assert_eq!(report.mismatch_count, 0, "{report:?}");
+        assert_eq!(report.budgets_checked, Some(3));
+        served.budgets.insert(1, (999, "EUR".into()));
+        served.budgets.insert(2, (0, "NOK".into()));
+        served.budgets.insert(9, (5, "EUR".into()));
+        let report = compare(Some(&truth()), Some(&served), 20).unwrap();
+        let text: Vec<String> = report
+            .mismatches
+            .iter()
+            .map(|m| m.describe("mysql", "grpc"))
+            .collect();
+        assert_eq!(
+            text,
+            [
+                "user 1 budget: mysql 1000 \"EUR\" | grpc 999 \"EUR\"",
+                "user 2 budget: mysql 0 \"SEK\" | grpc 0 \"NOK\"",
+                "user 9 budget: mysql absent | grpc 5 \"EUR\"",
+            ]
+        );
     }
 
     #[test]

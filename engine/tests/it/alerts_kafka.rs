@@ -596,7 +596,7 @@ fn verify_computes_alerts_and_converted_totals_in_sql_like_the_rules() {
             (7, m(2026, 10), 80),
         ]
     );
-    let converted = reference.converted.unwrap();
+    let converted = reference.converted.clone().unwrap();
     let want: BTreeMap<u64, i128> = BTreeMap::from([
         // EUR is the reporting currency: exactly 1, whatever fx_rates says of it.
         (1, 2_599),
@@ -607,6 +607,24 @@ fn verify_computes_alerts_and_converted_totals_in_sql_like_the_rules() {
         (7, convert(99, 87_654)),
     ]);
     assert_eq!(converted, want);
+    // Budgets of the users with a row and a live expense; NULL is no budget (0).
+    let budgets: Vec<(u64, i64, &str)> = reference
+        .budgets
+        .iter()
+        .map(|(u, (b, c))| (*u, *b, c.as_str()))
+        .collect();
+    assert_eq!(
+        budgets,
+        [
+            (1, 1_000, "EUR"),
+            (2, 0, "SEK"),
+            (3, 0, "USD"),
+            (4, 10, "GBP"),
+            (5, i64::MAX, "NOK"),
+            (6, 3, "NOK"),
+            (7, 100, "SEK"),
+        ]
+    );
     assert_eq!(convert(3, 500_000), 2);
     // Without a reporting currency: alerts only.
     assert_eq!(truth.reference(None).unwrap().unwrap().converted, None);
