@@ -429,19 +429,52 @@ fn a_budget_change_fires_and_clears_once_across_kill_9_and_a_rate_change_reranks
             q
         }
     };
+    // Spenders below the leader, in other currencies, that its new amount falls under: they
+    // must rank above it afterwards.
+    let new_amount = converted(leader.total_minor);
+    assert_ne!(
+        leader.converted_minor, new_amount,
+        "the rate change changes nothing"
+    );
+    let overtaking: Vec<u64> = top
+        .spenders
+        .iter()
+        .filter(|o| o.rank > leader.rank && o.currency != leader.currency)
+        .filter(|o| o.converted_minor > new_amount)
+        .map(|o| o.user_id)
+        .collect();
+    assert!(
+        !overtaking.is_empty(),
+        "no spender for the rate change to re-rank: {top:?}"
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let now = top_spenders(&runtime, &setup.grpc);
-        let mine = now.spenders.iter().find(|s| s.user_id == leader.user_id);
-        // The leader's amount converted at the new rate (or left out, if the ranking is
-        // full of larger ones), and the list still ranked by converted amount.
-        let reranked = mine.is_none_or(|s| s.converted_minor == converted(s.total_minor))
-            && mine.is_none_or(|s| s.rank >= leader.rank);
+        let rank_of = |user: u64| {
+            now.spenders
+                .iter()
+                .find(|s| s.user_id == user)
+                .map(|s| s.rank)
+        };
+        let mine = now
+            .spenders
+            .iter()
+            .find(|s| s.user_id == leader.user_id)
+            .expect("the leader is still ranked (30 users, limit 1000)");
+        let reranked = mine.converted_minor == new_amount
+            && overtaking
+                .iter()
+                .all(|o| rank_of(*o).is_some_and(|r| r < mine.rank));
+        // Ranked by converted amount.
         let ordered = now
             .spenders
             .windows(2)
             .all(|w| w[0].converted_minor >= w[1].converted_minor);
         if reranked && ordered {
+            eprintln!(
+                "rate change: user {} ({}) from rank {} to {}",
+                leader.user_id, leader.currency, leader.rank, mine.rank
+            );
             break;
         }
         assert!(
