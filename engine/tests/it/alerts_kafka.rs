@@ -665,3 +665,43 @@ fn verify_computes_alerts_and_converted_totals_in_sql_like_the_rules() {
     drop(truth);
     db.query_drop(format!("DROP DATABASE `{name}`")).unwrap();
 }
+
+#[test]
+fn the_output_works_through_the_sasl_ssl_listener_with_the_engines_options() {
+    use spendflow_engine::kafka_client::KafkaOptions;
+
+    // Every client of the output (topic creation, the transactional producer, the reader at
+    // open) takes the options: the SASL_SSL listener accepts nothing else.
+    let brokers = service_env("SPENDFLOW_KAFKA_SASL_SSL");
+    let mut options = KafkaOptions::new();
+    for (k, v) in [
+        ("security.protocol", "SASL_SSL".to_string()),
+        ("sasl.mechanisms", "PLAIN".to_string()),
+        ("sasl.username", service_env("SPENDFLOW_KAFKA_SASL_USER")),
+        (
+            "sasl.password",
+            service_env("SPENDFLOW_KAFKA_SASL_PASSWORD"),
+        ),
+        ("ssl.ca.location", service_env("SPENDFLOW_SERVICES_CA")),
+    ] {
+        options.insert(k, v).unwrap();
+    }
+    let topic = unique_name("sf_alerts_sasl");
+    let config = AlertsTopicConfig {
+        librdkafka_options: options,
+        ..AlertsTopicConfig::new(&brokers, &topic)
+    };
+    let out = AlertsOutput::open(&config).unwrap();
+    assert!(out.publish(1, &at(1), &[event(1, Fired)], false));
+    assert!(out.flush(Duration::from_secs(60)));
+    out.close(Duration::from_secs(30)).unwrap();
+    // Opened again (read through SASL_SSL): the fired alert is known, not written twice.
+    let out = AlertsOutput::open(&config).unwrap();
+    assert!(out.publish(1, &at(1), &[event(1, Fired)], true));
+    assert!(out.flush(Duration::from_secs(60)));
+    assert_eq!(out.written(), (0, 0));
+    out.close(Duration::from_secs(30)).unwrap();
+    // The plain listener is the same cluster.
+    let records = read_alerts(&service_env("SPENDFLOW_KAFKA"), &topic);
+    assert_eq!(records.len(), 1, "{records:?}");
+}
