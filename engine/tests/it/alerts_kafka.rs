@@ -215,10 +215,8 @@ fn a_second_engine_on_the_topic_fences_the_first() {
     let new = AlertsOutput::open(&config).unwrap();
     // The old engine's next transaction is refused for good.
     old.publish(2, &at(2), &[event(2, Fired)], false);
-    assert!(
-        !old.flush(Duration::from_secs(60)),
-        "the fenced output wrote"
-    );
+    let flushed = old.flush(Duration::from_secs(60));
+    assert!(!flushed, "the fenced output wrote");
     assert!(old.failed());
     let error = old.close(Duration::from_secs(10)).unwrap_err();
     assert!(!error.is_retriable(), "{error}");

@@ -174,11 +174,23 @@ impl AlertsOutput {
         let Some(tx) = &self.tx else {
             return false;
         };
+        let deadline = Instant::now() + timeout;
         let (ack, done) = crossbeam_channel::bounded(1);
         if tx.send_timeout(Msg::Flush(ack), timeout).is_err() {
             return false;
         }
-        done.recv_timeout(timeout).is_ok()
+        // The answer, or the thread's failure (a request it never took is never answered).
+        loop {
+            match done.recv_timeout(Duration::from_millis(50)) {
+                Ok(()) => return true,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return false,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    if self.failed() || Instant::now() >= deadline {
+                        return false;
+                    }
+                }
+            }
+        }
     }
 
     /// The newest epoch such that the records of it and of every epoch before it are
@@ -259,6 +271,8 @@ impl Writer {
         let result = self.serve(&rx);
         if let Err(e) = &result {
             self.shared.failed.store(true, Ordering::Release);
+            // Flushes queued behind the failure hear of it now (their answers drop).
+            while rx.try_recv().is_ok() {}
             tracing::error!(
                 topic = %self.topic,
                 error = %e,
