@@ -6,6 +6,7 @@
 //!   [`EpochGroup`]s, from the sink driver thread (`pipeline::sink_driver`): [`cassandra`], or
 //!   any implementation an embedding program hands to `EngineBuilder::sink`. [`memory`] keeps
 //!   them in memory (tests, examples).
+//! * [`alerts`]: budget alert changes, once each, on a Kafka topic.
 //! * [`dead_letter`]: rejected records, kept in a bounded collection with counts by reason, and
 //!   sent to a dead-letter topic where there is one.
 //!
@@ -31,6 +32,7 @@
 //! A new sink is one folder here (config, the `Sink` impl, tests) and one [`SinkConfig`]
 //! variant.
 
+pub mod alerts;
 #[cfg(feature = "cassandra")]
 pub mod cassandra;
 pub mod dead_letter;

@@ -12,10 +12,15 @@ use futures::StreamExt;
 use spendflow_operators::model::split_month;
 use spendflow_proto::v1 as pb;
 use spendflow_proto::v1::admin_client::AdminClient;
+use spendflow_proto::v1::alerts_client::AlertsClient;
 use spendflow_proto::v1::expense_query_client::ExpenseQueryClient;
 use tonic::transport::{Channel, Endpoint};
 
+use super::reference::{RankedSpender, ReferenceServed};
 use super::{MonthRange, Served, ServedPage, UserAggregates, VerifyError};
+
+/// Spenders asked of `TopSpenders` (the service's limit).
+const TOP_SPENDERS: u32 = 1000;
 
 /// Widest month range of one `GetUserWindows` request (the service's limit).
 const MAX_MONTHS_PER_REQUEST: i32 = 1200;
@@ -82,10 +87,13 @@ pub struct GrpcServed {
     runtime: tokio::runtime::Runtime,
     query: ExpenseQueryClient<Channel>,
     admin: AdminClient<Channel>,
+    alerts: AlertsClient<Channel>,
     addr: String,
     token: String,
     first_epoch: Option<u64>,
     last_epoch: Option<u64>,
+    /// Budget and currency of every user paged so far.
+    budgets: std::collections::BTreeMap<u64, (i64, String)>,
 }
 
 impl std::fmt::Debug for GrpcServed {
@@ -128,11 +136,13 @@ impl GrpcServed {
             runtime,
             query: ExpenseQueryClient::new(channel.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
-            admin: AdminClient::new(channel),
+            admin: AdminClient::new(channel.clone()),
+            alerts: AlertsClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES),
             addr: uri,
             token: String::new(),
             first_epoch: None,
             last_epoch: None,
+            budgets: Default::default(),
         })
     }
 
@@ -208,6 +218,10 @@ impl Served for GrpcServed {
             .into_inner();
         self.saw(page.as_of.as_ref());
         let consistency = self.consistency();
+        for s in &page.summaries {
+            self.budgets
+                .insert(s.user_id, (s.monthly_budget_minor, s.currency.clone()));
+        }
 
         let mut users: Vec<UserAggregates> = page
             .summaries
@@ -285,6 +299,85 @@ impl Served for GrpcServed {
         let more = !page.next_page_token.is_empty();
         self.token = page.next_page_token;
         Ok(ServedPage { users, more })
+    }
+
+    fn reference(&mut self) -> Result<Option<ReferenceServed>, VerifyError> {
+        let mut query = self.query.clone();
+        let top = self
+            .runtime
+            .block_on(query.top_spenders(pb::TopSpendersRequest {
+                limit: TOP_SPENDERS,
+                consistency: self.consistency(),
+            }))
+            .map_err(grpc_error("ExpenseQuery/TopSpenders"))?
+            .into_inner();
+        self.saw(top.as_of.as_ref());
+        let mut fired = std::collections::BTreeSet::new();
+        let mut token = String::new();
+        loop {
+            let mut alerts = self.alerts.clone();
+            let page = self
+                .runtime
+                .block_on(alerts.list_alerts(pb::ListAlertsRequest {
+                    user_id: 0,
+                    consistency: self.consistency(),
+                    page_size: 1000,
+                    page_token: token.clone(),
+                }));
+            let page = match page {
+                Ok(page) => page.into_inner(),
+                Err(status) if status.code() == tonic::Code::Unimplemented => {
+                    tracing::warn!(
+                        "The engine has no Alerts service (an older engine): alerts and converted totals are not checked."
+                    );
+                    return Ok(None);
+                }
+                Err(status) => return Err(grpc_error("Alerts/ListAlerts")(status)),
+            };
+            self.saw(page.as_of.as_ref());
+            for a in &page.alerts {
+                let month = parse_month(&a.month).ok_or_else(|| VerifyError::Grpc {
+                    call: "Alerts/ListAlerts".into(),
+                    message: format!("an alert's month is not YYYY-MM: {:?}", a.month),
+                    retriable: false,
+                })?;
+                let pct = u8::try_from(a.threshold_pct).map_err(|_| VerifyError::Grpc {
+                    call: "Alerts/ListAlerts".into(),
+                    message: format!("an alert's threshold is {}", a.threshold_pct),
+                    retriable: false,
+                })?;
+                if a.state != pb::AlertState::Cleared as i32 {
+                    fired.insert((a.user_id, month, pct));
+                }
+            }
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        let has_reference = !fired.is_empty()
+            || top.spenders.iter().any(|s| !s.currency.is_empty())
+            || self.budgets.values().any(|(_, c)| !c.is_empty());
+        let reporting_currency =
+            (!top.reporting_currency.is_empty()).then_some(top.reporting_currency);
+        Ok(Some(ReferenceServed {
+            ranking: if reporting_currency.is_some() {
+                top.spenders
+                    .iter()
+                    .map(|s| RankedSpender {
+                        user_id: s.user_id,
+                        converted_minor: s.converted_minor,
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            reporting_currency,
+            has_reference,
+            fired,
+            limit: TOP_SPENDERS as usize,
+            budgets: std::mem::take(&mut self.budgets),
+        }))
     }
 
     fn notes(&self) -> Vec<String> {

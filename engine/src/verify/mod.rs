@@ -21,6 +21,10 @@
 //! [`grpc::GrpcServed`], [`cassandra::CassandraServed`] and [`mysql::MySqlTruth`] are the ones
 //! the command line uses. The comparison itself ([`compare_users`]) is a pure function.
 //!
+//! Besides, where both sides have reference data (issue 16), the alerts fired now and the
+//! totals converted to the reporting currency ([`reference`]): [`Truth::reference`] computes
+//! them with SQL, [`Served::reference`] reads them (`Alerts/ListAlerts`, `TopSpenders`).
+//!
 //! The check is meaningful once the engine has caught up with everything the generator wrote:
 //! [`Served::wait_ready`] waits for that (gRPC: `Admin/GetStatus` reports `caught_up`;
 //! Cassandra: the sink has been quiet for a while), and the report notes when the served epoch
@@ -29,6 +33,7 @@
 pub mod cassandra;
 pub mod grpc;
 pub mod mysql;
+pub mod reference;
 
 #[cfg(test)]
 mod tests;
@@ -96,6 +101,18 @@ pub trait Truth {
         after: Option<UserId>,
         upto: Option<UserId>,
     ) -> Result<Vec<UserAggregates>, VerifyError>;
+    /// The alerts fired now and, with `reporting_currency`, the converted totals; `None` if
+    /// the truth has no reference data (no `fx_rates` table).
+    ///
+    /// # Errors
+    ///
+    /// The backend's error.
+    fn reference(
+        &mut self,
+        _reporting_currency: Option<&str>,
+    ) -> Result<Option<reference::ReferenceTruth>, VerifyError> {
+        Ok(None)
+    }
 }
 
 /// What is served (the engine over gRPC; the Cassandra sink's tables).
@@ -125,6 +142,14 @@ pub trait Served {
     /// from).
     fn notes(&self) -> Vec<String> {
         Vec::new()
+    }
+    /// The alerts fired now and the converted ranking; `None` if this side serves neither.
+    ///
+    /// # Errors
+    ///
+    /// The backend's error.
+    fn reference(&mut self) -> Result<Option<reference::ReferenceServed>, VerifyError> {
+        Ok(None)
     }
 }
 
@@ -289,12 +314,18 @@ pub struct Report {
     pub notes: Vec<String>,
     /// Live expenses in the truth, summed over users.
     pub expenses_truth: i64,
+    /// The checks of alerts and converted totals, where the served side has them.
+    pub reference: Option<reference::ReferenceReport>,
 }
 
 impl Report {
     /// True if both sides agree everywhere.
     pub fn is_ok(&self) -> bool {
         self.mismatch_count == 0
+            && self
+                .reference
+                .as_ref()
+                .is_none_or(|r| r.mismatch_count == 0)
     }
 }
 
@@ -314,13 +345,24 @@ impl fmt::Display for Report {
         for note in &self.notes {
             writeln!(f, "  note: {note}")?;
         }
-        if self.is_ok() {
-            return write!(
+        if self.mismatch_count == 0 {
+            write!(
                 f,
                 "  0 mismatches: {} and {} agree",
                 self.truth, self.served
-            );
+            )?;
+        } else {
+            self.write_mismatches(f)?;
         }
+        if let Some(reference) = &self.reference {
+            reference.write(f, &self.truth, &self.served)?;
+        }
+        Ok(())
+    }
+}
+
+impl Report {
+    fn write_mismatches(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
             "  {} mismatches in {} users; the first {}:",
@@ -507,5 +549,14 @@ pub fn verify(
         }
     }
     report.notes = served.notes();
+    let served_reference = served.reference()?;
+    if let Some(served_reference) = &served_reference {
+        let truth_reference = truth.reference(served_reference.reporting_currency.as_deref())?;
+        report.reference = reference::compare(
+            truth_reference.as_ref(),
+            Some(served_reference),
+            options.max_reported,
+        );
+    }
     Ok(report)
 }

@@ -13,6 +13,7 @@ use ::mysql::Conn;
 use ::mysql::prelude::Queryable;
 use spendflow_operators::UserId;
 
+use super::reference::ReferenceTruth;
 use super::{MonthRange, Truth, UserAggregates, VerifyError};
 use crate::mysql_client::MySqlError;
 
@@ -127,4 +128,93 @@ impl Truth for MySqlTruth {
         }
         Ok(users.into_values().collect())
     }
+
+    fn reference(
+        &mut self,
+        reporting_currency: Option<&str>,
+    ) -> Result<Option<ReferenceTruth>, VerifyError> {
+        let tables: Option<i64> = self
+            .conn
+            .query_first(
+                "SELECT COUNT(*) FROM information_schema.tables \
+                 WHERE table_schema = DATABASE() AND table_name = 'fx_rates'",
+            )
+            .map_err(mysql_error("look for the fx_rates table"))?;
+        if tables.unwrap_or(0) == 0 {
+            return Ok(None);
+        }
+        // The alert rule in SQL: per user and month with a live expense, each threshold whose
+        // `spend * 100 >= budget * threshold` (exact DECIMAL arithmetic), budget above 0.
+        let fired: Vec<(u64, i64, u8)> = self
+            .conn
+            .query(format!(
+                "SELECT s.user_id, s.month, t.pct FROM ( \
+                   SELECT e.user_id, {MONTH_SQL_E} AS month, SUM(e.amount_minor) AS spent, \
+                     u.monthly_budget_minor AS budget \
+                   FROM expenses e JOIN users u ON u.user_id = e.user_id \
+                   WHERE u.monthly_budget_minor > 0 \
+                   GROUP BY e.user_id, month, u.monthly_budget_minor) s \
+                 JOIN (SELECT 80 AS pct UNION ALL SELECT 100) t \
+                   ON s.spent * 100 >= CAST(s.budget AS DECIMAL(40, 0)) * t.pct \
+                 ORDER BY s.user_id, s.month, t.pct"
+            ))
+            .map_err(mysql_error("compute the fired alerts"))?;
+        let fired = fired
+            .into_iter()
+            .map(|(user, month, pct)| (user, month as i32, pct))
+            .collect();
+        let converted = match reporting_currency {
+            None => None,
+            Some(reporting) => {
+                // The conversion rule in SQL, exactly: p = total * rate (DECIMAL), then p / 10^6
+                // rounded half away from zero with DIV (truncates) and MOD (sign of p). (Not
+                // ROUND(p / 1000000): the division keeps only div_precision_increment
+                // decimals, which would round twice.)
+                let rows: Vec<(u64, String)> = self
+                    .conn
+                    .exec(
+                        "SELECT x.user_id, CAST(x.p DIV 1000000 \
+                           + CASE WHEN ABS(x.p MOD 1000000) * 2 >= 1000000 THEN SIGN(x.p) ELSE 0 END \
+                           AS CHAR) FROM ( \
+                           SELECT e.user_id, SUM(e.amount_minor) * \
+                             (CASE WHEN u.currency = ? THEN 1000000 ELSE f.rate_micros END) AS p \
+                           FROM expenses e JOIN users u ON u.user_id = e.user_id \
+                           LEFT JOIN fx_rates f ON f.currency = u.currency \
+                           GROUP BY e.user_id, u.currency, f.rate_micros) x \
+                         WHERE x.p IS NOT NULL",
+                        (reporting,),
+                    )
+                    .map_err(mysql_error("convert the users' totals"))?;
+                let mut out = BTreeMap::new();
+                for (user, amount) in rows {
+                    let amount: i128 = amount.trim().parse().map_err(|_| {
+                        VerifyError::Config(format!(
+                            "MySQL returned {amount:?} as user {user}'s converted total"
+                        ))
+                    })?;
+                    out.insert(user, amount);
+                }
+                Some(out)
+            }
+        };
+        let budgets: Vec<(u64, i64, String)> = self
+            .conn
+            .query(
+                "SELECT u.user_id, COALESCE(u.monthly_budget_minor, 0), u.currency FROM users u \
+                 WHERE EXISTS (SELECT 1 FROM expenses e WHERE e.user_id = u.user_id)",
+            )
+            .map_err(mysql_error("read the users' budgets"))?;
+        let budgets = budgets
+            .into_iter()
+            .map(|(user, budget, currency)| (user, (budget, currency)))
+            .collect();
+        Ok(Some(ReferenceTruth {
+            fired,
+            converted,
+            budgets,
+        }))
+    }
 }
+
+/// [`MONTH_SQL`] of the expenses aliased `e`.
+const MONTH_SQL_E: &str = "(YEAR(e.event_time) * 12 + MONTH(e.event_time) - 1)";

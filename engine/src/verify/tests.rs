@@ -312,3 +312,252 @@ fn months_format_and_parse_like_the_service() {
         assert_eq!(parse_month(&format_month(m)), Some(m));
     }
 }
+
+mod reference {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::super::reference::{
+        RankedSpender, ReferenceMismatch, ReferenceServed, ReferenceTruth, compare, convert,
+    };
+    use super::*;
+
+    fn ranked(list: &[(UserId, i64)]) -> Vec<RankedSpender> {
+        list.iter()
+            .map(|&(user_id, converted_minor)| RankedSpender {
+                user_id,
+                converted_minor,
+            })
+            .collect()
+    }
+
+    fn truth() -> ReferenceTruth {
+        ReferenceTruth {
+            fired: BTreeSet::from([(1, NOV_2026, 80), (1, NOV_2026, 100), (2, NOV_2026, 80)]),
+            converted: Some(BTreeMap::from([(1, 500), (2, 900), (3, 500), (4, -20)])),
+            budgets: budgets(),
+        }
+    }
+
+    fn served() -> ReferenceServed {
+        ReferenceServed {
+            reporting_currency: Some("EUR".into()),
+            has_reference: true,
+            fired: truth().fired,
+            // Users 1 and 3 tie: either order is right.
+            ranking: ranked(&[(2, 900), (3, 500), (1, 500), (4, -20)]),
+            limit: 1000,
+            budgets: budgets(),
+        }
+    }
+
+    fn budgets() -> BTreeMap<UserId, (i64, String)> {
+        BTreeMap::from([(1, (1_000, "EUR".to_string())), (2, (0, "SEK".to_string()))])
+    }
+
+    #[test]
+    fn a_budget_or_currency_that_differs_is_a_mismatch() {
+        let mut served = served();
+        // A user with no row in the truth is served without budget or currency: agrees.
+        served.budgets.insert(9, (0, String::new()));
+        let report = compare(Some(&truth()), Some(&served), 20).unwrap();
+        assert_eq!(report.mismatch_count, 0, "{report:?}");
+        assert_eq!(report.budgets_checked, Some(3));
+        served.budgets.insert(1, (999, "EUR".into()));
+        served.budgets.insert(2, (0, "NOK".into()));
+        served.budgets.insert(9, (5, "EUR".into()));
+        let report = compare(Some(&truth()), Some(&served), 20).unwrap();
+        let text: Vec<String> = report
+            .mismatches
+            .iter()
+            .map(|m| m.describe("mysql", "grpc"))
+            .collect();
+        assert_eq!(
+            text,
+            [
+                "user 1 budget: mysql 1000 \"EUR\" | grpc 999 \"EUR\"",
+                "user 2 budget: mysql 0 \"SEK\" | grpc 0 \"NOK\"",
+                "user 9 budget: mysql absent | grpc 5 \"EUR\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn equal_sides_agree_and_ties_may_rank_either_way() {
+        let report = compare(Some(&truth()), Some(&served()), 20).unwrap();
+        assert_eq!(report.mismatch_count, 0, "{report:?}");
+        assert_eq!(report.alerts_checked, Some(3));
+        assert_eq!(report.spenders_checked, Some(4));
+    }
+
+    #[test]
+    fn an_alert_on_one_side_only_is_a_mismatch_each_way() {
+        let mut served = served();
+        served.fired.remove(&(1, NOV_2026, 100));
+        served.fired.insert((3, NOV_2026, 80));
+        let report = compare(Some(&truth()), Some(&served), 20).unwrap();
+        assert_eq!(report.mismatch_count, 2);
+        assert_eq!(
+            report.mismatches,
+            [
+                ReferenceMismatch::Alert {
+                    key: (1, NOV_2026, 100),
+                    truth: true
+                },
+                ReferenceMismatch::Alert {
+                    key: (3, NOV_2026, 80),
+                    truth: false
+                },
+            ]
+        );
+        assert_eq!(
+            report.mismatches[0].describe("mysql", "grpc"),
+            "user 1 alert 2026-11 100%: fired in mysql, not in grpc"
+        );
+    }
+
+    #[test]
+    fn a_wrong_amount_and_a_wrong_order_are_mismatches() {
+        let mut served = served();
+        // User 3 converted wrong (and so ranked wrong), user 4 missing from the ranking.
+        served.ranking = ranked(&[(3, 950), (2, 900), (1, 500)]);
+        let report = compare(Some(&truth()), Some(&served), 20).unwrap();
+        let text: Vec<String> = report
+            .mismatches
+            .iter()
+            .map(|m| m.describe("mysql", "grpc"))
+            .collect();
+        assert!(
+            text.contains(&"user 3 converted total: mysql 500 | grpc 950".to_string()),
+            "{text:?}"
+        );
+        assert!(
+            text.contains(&"converted ranking, rank 1: mysql 900 | grpc 950".to_string()),
+            "{text:?}"
+        );
+        assert!(
+            text.contains(&"converted ranking, rank 4: mysql -20 | grpc absent".to_string()),
+            "{text:?}"
+        );
+        // A user the truth cannot convert (no rate) must not be ranked.
+        let mut served = self::served();
+        served.ranking.push(RankedSpender {
+            user_id: 9,
+            converted_minor: -30,
+        });
+        let report = compare(Some(&truth()), Some(&served), 20).unwrap();
+        assert!(report.mismatches.contains(&ReferenceMismatch::Converted {
+            user_id: 9,
+            truth: None,
+            served: -30
+        }));
+    }
+
+    #[test]
+    fn a_full_page_ranks_only_the_top() {
+        let mut served = served();
+        served.limit = 2;
+        served.ranking.truncate(2);
+        let report = compare(Some(&truth()), Some(&served), 20).unwrap();
+        assert_eq!(report.mismatch_count, 0, "{report:?}");
+        served.ranking = ranked(&[(2, 900), (4, -20)]);
+        let report = compare(Some(&truth()), Some(&served), 20).unwrap();
+        assert!(report.mismatch_count > 0);
+    }
+
+    #[test]
+    fn checks_are_skipped_with_a_note() {
+        let report = compare(None, Some(&served()), 20).unwrap();
+        assert!(report.notes[0].contains("no fx_rates table"), "{report:?}");
+        assert_eq!(report.alerts_checked, None);
+        let no_ref = ReferenceServed {
+            has_reference: false,
+            ..served()
+        };
+        let report = compare(Some(&truth()), Some(&no_ref), 20).unwrap();
+        assert!(report.notes[0].contains("--mysql-cdc"), "{report:?}");
+        let no_currency = ReferenceServed {
+            reporting_currency: None,
+            ranking: Vec::new(),
+            ..served()
+        };
+        let report = compare(Some(&truth()), Some(&no_currency), 20).unwrap();
+        assert_eq!(report.alerts_checked, Some(3));
+        assert_eq!(report.spenders_checked, None);
+        assert!(
+            report.notes[0].contains("no reporting currency"),
+            "{report:?}"
+        );
+        assert!(compare(Some(&truth()), None, 20).is_none());
+    }
+
+    #[test]
+    fn reference_mismatches_fail_the_report_and_are_printed() {
+        let mut served_side = WithReference(FakeServed::new(vec![user(1, 1, 100)]), served());
+        let mut truth_side = WithTruth(FakeTruth(vec![user(1, 1, 100)]), {
+            let mut t = truth();
+            t.fired.insert((4, NOV_2026, 100));
+            t
+        });
+        let report = verify(&mut truth_side, &mut served_side, &options(10)).unwrap();
+        assert!(!report.is_ok());
+        assert_eq!(report.mismatch_count, 0);
+        let text = report.to_string();
+        assert!(
+            text.contains("user 4 alert 2026-11 100%: fired in mysql, not in grpc"),
+            "{text}"
+        );
+        assert!(text.contains("alerts: 4 fired alerts checked"), "{text}");
+    }
+
+    #[test]
+    fn conversion_rounds_half_away_from_zero() {
+        assert_eq!(convert(1, 500_000), 1);
+        assert_eq!(convert(-1, 500_000), -1);
+        assert_eq!(convert(1, 499_999), 0);
+        assert_eq!(convert(12_345, 1_000_000), 12_345);
+        assert_eq!(convert(-3, 1_500_000), -5);
+    }
+
+    struct WithTruth(FakeTruth, ReferenceTruth);
+
+    impl Truth for WithTruth {
+        fn name(&self) -> &str {
+            self.0.name()
+        }
+        fn month_range(&mut self) -> Result<Option<MonthRange>, VerifyError> {
+            self.0.month_range()
+        }
+        fn users(
+            &mut self,
+            after: Option<UserId>,
+            upto: Option<UserId>,
+        ) -> Result<Vec<UserAggregates>, VerifyError> {
+            self.0.users(after, upto)
+        }
+        fn reference(
+            &mut self,
+            reporting_currency: Option<&str>,
+        ) -> Result<Option<ReferenceTruth>, VerifyError> {
+            assert_eq!(reporting_currency, Some("EUR"));
+            Ok(Some(self.1.clone()))
+        }
+    }
+
+    struct WithReference(FakeServed, ReferenceServed);
+
+    impl Served for WithReference {
+        fn name(&self) -> &str {
+            self.0.name()
+        }
+        fn next_page(
+            &mut self,
+            page_size: usize,
+            months: Option<MonthRange>,
+        ) -> Result<ServedPage, VerifyError> {
+            self.0.next_page(page_size, months)
+        }
+        fn reference(&mut self) -> Result<Option<ReferenceServed>, VerifyError> {
+            Ok(Some(self.1.clone()))
+        }
+    }
+}

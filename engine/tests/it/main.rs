@@ -9,6 +9,7 @@
 mod support;
 mod web;
 
+mod alerts_kafka;
 mod auth;
 mod cassandra_read;
 mod cassandra_sink;
