@@ -186,6 +186,8 @@ pub struct OutboxRow {
 #[derive(Debug, Default)]
 pub struct Batch {
     outbox: Vec<OutboxRow>,
+    /// Budget and rate changes committed with the batch.
+    reference: Vec<ReferenceUpdate>,
     /// `(expense_id, Some(row) for an upsert | None for a delete)`, first appearance order.
     changes: Vec<(ExpenseId, Option<Expense>)>,
     index: HashMap<ExpenseId, usize>,
@@ -196,6 +198,7 @@ impl Batch {
     pub fn with_capacity(records: usize) -> Self {
         Batch {
             outbox: Vec::with_capacity(records),
+            reference: Vec::new(),
             changes: Vec::with_capacity(records),
             index: HashMap::with_capacity(records),
         }
@@ -221,6 +224,16 @@ impl Batch {
                 self.changes.push((expense_id, state));
             }
         }
+    }
+
+    /// Adds a budget or rate change, committed with the batch.
+    pub fn push_reference(&mut self, update: ReferenceUpdate) {
+        self.reference.push(update);
+    }
+
+    /// The budget and rate changes of the batch, in order.
+    pub fn reference_updates(&self) -> &[ReferenceUpdate] {
+        &self.reference
     }
 
     /// The messages to publish, in stream order.
@@ -254,6 +267,92 @@ impl Batch {
     /// Whether the batch has no record.
     pub fn is_empty(&self) -> bool {
         self.outbox.is_empty()
+    }
+}
+
+/// A change of reference data `generate` makes while it generates (`--budget-change-rate`,
+/// `--fx-change-rate`); the CDC source reads it from the binlog.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReferenceUpdate {
+    /// `users.monthly_budget_minor` of a user.
+    Budget {
+        /// The user.
+        user_id: u64,
+        /// The new budget, minor units of the user's currency.
+        budget_minor: i64,
+    },
+    /// `fx_rates.rate_micros` of a currency.
+    Rate {
+        /// The currency.
+        currency: &'static str,
+        /// The new rate.
+        rate_micros: i64,
+    },
+}
+
+/// Draws the budget and rate changes owed per batch, at the configured rates (changes per
+/// 1,000 records; fractions carry over to the next batch). Seeded from the run's seed and the
+/// records already generated, so a run is reproducible. A new budget is the user's base budget
+/// times 50% to 150% (rounded to 1,000 minor units); a new rate is the currency's base rate
+/// within ±2%, so neither drifts away over a long run.
+struct ReferenceChanges {
+    rng: rand_chacha::ChaCha8Rng,
+    budget_owed: f64,
+    fx_owed: f64,
+}
+
+impl ReferenceChanges {
+    fn new(seed: u64, records: u64) -> Self {
+        use rand::SeedableRng;
+        ReferenceChanges {
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(
+                seed ^ records.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            ),
+            budget_owed: 0.0,
+            fx_owed: 0.0,
+        }
+    }
+
+    fn add_to(
+        &mut self,
+        batch: &mut Batch,
+        records: usize,
+        config: &GenerateConfig,
+        simulator: &Simulator,
+    ) {
+        use rand::Rng;
+        self.budget_owed += config.budget_change_rate * records as f64 / 1000.0;
+        self.fx_owed += config.fx_change_rate * records as f64 / 1000.0;
+        let users = simulator.config().users;
+        while self.budget_owed >= 1.0 {
+            self.budget_owed -= 1.0;
+            let user_id = self.rng.random_range(1..=users.max(1));
+            let Some(user) = simulator.user(user_id) else {
+                continue;
+            };
+            let percent = self.rng.random_range(50..=150_i64);
+            let budget_minor = (user.monthly_budget_minor.saturating_mul(percent) / 100)
+                .div_euclid(1000)
+                .saturating_add(1)
+                .saturating_mul(1000);
+            batch.push_reference(ReferenceUpdate::Budget {
+                user_id,
+                budget_minor,
+            });
+        }
+        let movable: Vec<&(&'static str, i64)> = mysql::FX_RATES
+            .iter()
+            .filter(|(code, _)| *code != "EUR")
+            .collect();
+        while self.fx_owed >= 1.0 {
+            self.fx_owed -= 1.0;
+            let &&(currency, base) = &movable[self.rng.random_range(0..movable.len())];
+            let per_mille = self.rng.random_range(-20..=20_i64);
+            batch.push_reference(ReferenceUpdate::Rate {
+                currency,
+                rate_micros: (base + base * per_mille / 1000).max(1),
+            });
+        }
     }
 }
 
@@ -575,6 +674,7 @@ pub(crate) fn run_with(
     // committed.
     let mut in_flight: Option<Batch> = None;
     let mut stopped = false;
+    let mut reference_changes = ReferenceChanges::new(config.simulator.seed, state.records);
     loop {
         let remaining = config
             .events
@@ -595,6 +695,7 @@ pub(crate) fn run_with(
             users.insert(generated.user_id);
             batch.push(seq, generated, &config.layout);
         }
+        reference_changes.add_to(&mut batch, n, config, &simulator);
         let commit_started = Instant::now();
         store.commit_batch(&batch, simulator.produced(), confirmed_below)?;
         let commit_ms = commit_started.elapsed().as_millis() as u64;

@@ -8,6 +8,7 @@
 //! | `users` | `user_id` | name, email, country, currency, `monthly_budget_minor`, `image_ref` (NULL until an image is uploaded) |
 //! | `cards` | `card_id` | the owning `user_id` |
 //! | `merchants` | `name` | its `category` |
+//! | `fx_rates` (migration 2) | `currency` | `rate_micros`: EUR micro-units per unit, one row per currency the simulator uses ([`FX_RATES`]) |
 //! | `expenses` | `expense_id` | one row per **live** expense: user, card, merchant, category, `amount_minor`, currency, `event_ms` (exact, ms since the epoch) and `event_time` (`DATETIME(3)`, UTC, the same instant for SQL) |
 //! | `outbox` | `seq` | messages committed but not yet acknowledged by Kafka: topic, key, payload |
 //! | `generator_state` | `id = 1` | the run's fingerprint, records generated so far, whether users/cards/merchants are written |
@@ -30,7 +31,7 @@ use ::mysql::prelude::Queryable;
 use ::mysql::{Conn, Params, TxOpts, Value};
 use spendflow_operators::model::{Expense, MS_PER_DAY, civil_from_days};
 
-use super::{Batch, GenerateError, OutboxRow, RunState, Store};
+use super::{Batch, GenerateError, OutboxRow, ReferenceUpdate, RunState, Store};
 use crate::source::generator::Simulator;
 
 pub use crate::mysql_client::DEFAULT_DATABASE;
@@ -105,7 +106,31 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             updated_at DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3)
         ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
     ],
+},
+Migration {
+    version: 2,
+    description: "fx_rates",
+    statements: &["CREATE TABLE IF NOT EXISTS fx_rates (
+        currency CHAR(3) CHARACTER SET ascii NOT NULL PRIMARY KEY,
+        rate_micros BIGINT NOT NULL
+    ) ENGINE=InnoDB"],
 }];
+
+/// The exchange rates `generate` writes to `fx_rates`, for every currency the simulator uses:
+/// reporting-currency (EUR) micro-units per unit of the currency, applied to minor units as
+/// they are (see `spendflow_operators::reference`). They match the simulator's own conversion
+/// of euro amounts (for the yen, one minor unit is one yen: 0.625 euro cents).
+pub const FX_RATES: &[(&str, i64)] = &[
+    ("EUR", 1_000_000),
+    ("USD", 925_926),
+    ("GBP", 1_176_471),
+    ("CHF", 1_052_632),
+    ("SEK", 86_957),
+    ("PLN", 232_558),
+    ("JPY", 625_000),
+    ("CAD", 675_676),
+    ("AUD", 606_061),
+];
 
 pub use crate::mysql_client::{connect, database_of, is_retriable, validate_database_name};
 
@@ -343,6 +368,20 @@ impl Store for MySqlStore {
             }
         }
         flush_reference(&mut self.conn, &mut user_rows, &mut card_rows)?;
+        let rates: Vec<Value> = FX_RATES
+            .iter()
+            .flat_map(|(code, rate)| [Value::from(*code), Value::Int(*rate)])
+            .collect();
+        self.conn
+            .exec_drop(
+                format!(
+                    "INSERT INTO fx_rates (currency, rate_micros) VALUES {} \
+                     ON DUPLICATE KEY UPDATE rate_micros = VALUES(rate_micros)",
+                    placeholders(FX_RATES.len(), 2)
+                ),
+                Params::Positional(rates),
+            )
+            .map_err(GenerateError::mysql("write fx_rates"))?;
         for chunk in simulator.merchants().chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "INSERT INTO merchants (name, category) VALUES {} \
@@ -424,6 +463,26 @@ impl Store for MySqlStore {
                 ]);
             }
             Self::exec(&mut tx, insert_outbox_sql(chunk.len()), values)?;
+        }
+        for update in batch.reference_updates() {
+            match update {
+                ReferenceUpdate::Budget {
+                    user_id,
+                    budget_minor,
+                } => tx.exec_drop(
+                    "UPDATE users SET monthly_budget_minor = ? WHERE user_id = ?",
+                    (budget_minor, user_id),
+                ),
+                ReferenceUpdate::Rate {
+                    currency,
+                    rate_micros,
+                } => tx.exec_drop(
+                    "INSERT INTO fx_rates (currency, rate_micros) VALUES (?, ?) \
+                     ON DUPLICATE KEY UPDATE rate_micros = VALUES(rate_micros)",
+                    (currency, rate_micros),
+                ),
+            }
+            .map_err(GenerateError::mysql("change a budget or rate"))?;
         }
         tx.exec_drop(
             "UPDATE generator_state SET records = ?, updated_at = CURRENT_TIMESTAMP(3) WHERE id = 1",

@@ -790,3 +790,41 @@ fn the_summary_names_counts_topics_and_rate() {
     kinds.add(crate::source::generator::GeneratedKind::New);
     assert_eq!((kinds.total(), kinds.malformed_total()), (2, 1));
 }
+
+#[test]
+fn fx_rates_cover_every_currency_the_simulator_uses() {
+    use super::mysql::FX_RATES;
+    use spendflow_operators::reference::RATE_ONE;
+
+    let sim = Simulator::new(GeneratorConfig {
+        seed: 7,
+        users: 5000,
+        ..GeneratorConfig::default()
+    })
+    .unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for user_id in 1..=sim.config().users {
+        let user = sim.user(user_id).expect("a user");
+        assert!(
+            FX_RATES.iter().any(|(code, _)| *code == user.currency),
+            "no rate for {}",
+            user.currency
+        );
+        seen.insert(user.currency);
+    }
+    // Every country's currency shows up among 5000 users.
+    assert_eq!(seen.len(), FX_RATES.len(), "{seen:?}");
+    assert!(FX_RATES.contains(&("EUR", RATE_ONE)));
+    for (code, rate) in FX_RATES {
+        assert_eq!(code.len(), 3);
+        assert!(code.bytes().all(|b| b.is_ascii_uppercase()), "{code}");
+        assert!(*rate > 0, "{code}");
+    }
+    // A migration creates the table the CDC source reads.
+    assert!(
+        MIGRATIONS
+            .iter()
+            .flat_map(|m| m.statements)
+            .any(|s| s.contains("CREATE TABLE IF NOT EXISTS fx_rates"))
+    );
+}
