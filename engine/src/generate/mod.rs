@@ -67,6 +67,7 @@
 //! counts) on a terminal and logs a plain line every few seconds otherwise; a [`Summary`] ends
 //! the run.
 
+pub mod budgets;
 pub mod config;
 mod kafka;
 pub mod mysql;
@@ -291,14 +292,21 @@ pub enum ReferenceUpdate {
 }
 
 /// Draws the budget and rate changes owed per batch, at the configured rates (changes per
-/// 1,000 records; fractions carry over to the next batch). Seeded from the run's seed and the
-/// records already generated, so a run is reproducible. A new budget is the user's base budget
-/// times 50% to 150% (rounded to 1,000 minor units); a new rate is the currency's base rate
+/// 1,000 records, to a thousandth; fractions carry over to the next batch, counted in integer
+/// millionths of a change so that 0.3 per 1,000 over 10,000 records is exactly 3). Seeded from
+/// the run's seed and the records already generated, so a run is reproducible. A new budget is
+/// the user's calibrated budget ([`budgets`]) times 50% to 150% (rounded up to 1,000 minor units); a new rate is the currency's base rate
 /// within ±2%, so neither drifts away over a long run.
 struct ReferenceChanges {
     rng: rand_chacha::ChaCha8Rng,
-    budget_owed: f64,
-    fx_owed: f64,
+    /// Millionths of a change owed.
+    budget_owed: u64,
+    fx_owed: u64,
+}
+
+/// A rate per 1,000 records as millionths of a change per record.
+fn micro_per_record(rate: f64) -> u64 {
+    (rate * 1000.0).round().max(0.0) as u64
 }
 
 impl ReferenceChanges {
@@ -308,8 +316,8 @@ impl ReferenceChanges {
             rng: rand_chacha::ChaCha8Rng::seed_from_u64(
                 seed ^ records.wrapping_mul(0x9e37_79b9_7f4a_7c15),
             ),
-            budget_owed: 0.0,
-            fx_owed: 0.0,
+            budget_owed: 0,
+            fx_owed: 0,
         }
     }
 
@@ -319,19 +327,22 @@ impl ReferenceChanges {
         records: usize,
         config: &GenerateConfig,
         simulator: &Simulator,
+        budgets: &budgets::Budgets,
     ) {
         use rand::Rng;
-        self.budget_owed += config.budget_change_rate * records as f64 / 1000.0;
-        self.fx_owed += config.fx_change_rate * records as f64 / 1000.0;
+        const ONE: u64 = 1_000_000;
+        self.budget_owed += micro_per_record(config.budget_change_rate) * records as u64;
+        self.fx_owed += micro_per_record(config.fx_change_rate) * records as u64;
         let users = simulator.config().users;
-        while self.budget_owed >= 1.0 {
-            self.budget_owed -= 1.0;
+        while self.budget_owed >= ONE {
+            self.budget_owed -= ONE;
             let user_id = self.rng.random_range(1..=users.max(1));
             let Some(user) = simulator.user(user_id) else {
                 continue;
             };
+            let base = budgets.of(user_id, user.monthly_budget_minor);
             let percent = self.rng.random_range(50..=150_i64);
-            let budget_minor = (user.monthly_budget_minor.saturating_mul(percent) / 100)
+            let budget_minor = (base.saturating_mul(percent) / 100)
                 .div_euclid(1000)
                 .saturating_add(1)
                 .saturating_mul(1000);
@@ -344,8 +355,8 @@ impl ReferenceChanges {
             .iter()
             .filter(|(code, _)| *code != "EUR")
             .collect();
-        while self.fx_owed >= 1.0 {
-            self.fx_owed -= 1.0;
+        while self.fx_owed >= ONE {
+            self.fx_owed -= ONE;
             let &&(currency, base) = &movable[self.rng.random_range(0..movable.len())];
             let per_mille = self.rng.random_range(-20..=20_i64);
             batch.push_reference(ReferenceUpdate::Rate {
@@ -562,7 +573,11 @@ pub(crate) trait Store {
     /// how far it got.
     fn begin_run(&mut self, fingerprint: &str) -> Result<RunState, GenerateError>;
     /// Writes users, cards and merchants, and marks them written.
-    fn write_reference(&mut self, simulator: &Simulator) -> Result<(), GenerateError>;
+    fn write_reference(
+        &mut self,
+        simulator: &Simulator,
+        budgets: &budgets::Budgets,
+    ) -> Result<(), GenerateError>;
     /// Every unpublished outbox row, in `seq` order.
     fn pending_outbox(&mut self) -> Result<Vec<OutboxRow>, GenerateError>;
     /// In one transaction: deletes outbox rows below `published_below`, applies the batch to
@@ -633,8 +648,9 @@ pub(crate) fn run_with(
 ) -> Result<Summary, GenerateError> {
     let mut simulator = Simulator::new(config.simulator.clone())?;
     let state = store.begin_run(&config.fingerprint())?;
+    let budgets = budgets::Budgets::calibrate(&config.simulator, config.events)?;
     if !state.reference_done {
-        store.write_reference(&simulator)?;
+        store.write_reference(&simulator, &budgets)?;
     }
 
     // Anything committed but not acknowledged by an earlier start goes out first, in order,
@@ -695,7 +711,7 @@ pub(crate) fn run_with(
             users.insert(generated.user_id);
             batch.push(seq, generated, &config.layout);
         }
-        reference_changes.add_to(&mut batch, n, config, &simulator);
+        reference_changes.add_to(&mut batch, n, config, &simulator, &budgets);
         let commit_started = Instant::now();
         store.commit_batch(&batch, simulator.produced(), confirmed_below)?;
         let commit_ms = commit_started.elapsed().as_millis() as u64;

@@ -5,7 +5,7 @@
 //!
 //! | table | key | what |
 //! |---|---|---|
-//! | `users` | `user_id` | name, email, country, currency, `monthly_budget_minor`, `image_ref` (NULL until an image is uploaded) |
+//! | `users` | `user_id` | name, email, country, currency, `monthly_budget_minor` (calibrated to the run's spending, see [`super::budgets`]), `image_ref` (NULL until an image is uploaded) |
 //! | `cards` | `card_id` | the owning `user_id` |
 //! | `merchants` | `name` | its `category` |
 //! | `fx_rates` (migration 2) | `currency` | `rate_micros`: EUR micro-units per unit, one row per currency the simulator uses ([`FX_RATES`]) |
@@ -31,6 +31,7 @@ use ::mysql::prelude::Queryable;
 use ::mysql::{Conn, Params, TxOpts, Value};
 use spendflow_operators::model::{Expense, MS_PER_DAY, civil_from_days};
 
+use super::budgets::Budgets;
 use super::{Batch, GenerateError, OutboxRow, ReferenceUpdate, RunState, Store};
 use crate::source::generator::Simulator;
 
@@ -344,7 +345,11 @@ impl Store for MySqlStore {
         }
     }
 
-    fn write_reference(&mut self, simulator: &Simulator) -> Result<(), GenerateError> {
+    fn write_reference(
+        &mut self,
+        simulator: &Simulator,
+        budgets: &Budgets,
+    ) -> Result<(), GenerateError> {
         let users = simulator.config().users;
         let mut user_rows = Vec::new();
         let mut card_rows = Vec::new();
@@ -358,7 +363,7 @@ impl Store for MySqlStore {
                 Value::from(user.email),
                 Value::from(user.country),
                 Value::from(user.currency),
-                Value::Int(user.monthly_budget_minor),
+                Value::Int(budgets.of(user_id, user.monthly_budget_minor)),
             ]);
             for card in user.cards {
                 card_rows.extend([Value::Bytes(card.into_bytes()), Value::UInt(user_id)]);
