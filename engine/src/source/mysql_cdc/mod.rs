@@ -81,7 +81,7 @@ mod tests;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use crossbeam_channel::{Receiver, TryRecvError};
 use spendflow_operators::reference::RefChange;
@@ -172,6 +172,8 @@ pub struct MysqlCdcSource {
     snapshot_done: bool,
     /// False while the thread is reconnecting.
     connected: Arc<AtomicBool>,
+    /// The server's id of the connection streaming the binlog (its `Binlog Dump` thread).
+    dump_connection: Arc<AtomicU32>,
     stop: Arc<AtomicBool>,
     failed: bool,
 }
@@ -183,6 +185,7 @@ impl std::fmt::Debug for MysqlCdcSource {
             .field("position", &self.position)
             .field("end", &self.end)
             .field("snapshot_done", &self.snapshot_done)
+            .field("dump_connection", &self.dump_connection.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
 }
@@ -207,6 +210,7 @@ impl MysqlCdcSource {
             .and_then(BinlogPosition::decode);
         let opened = stream::open(&config, start)?;
         let connected = Arc::new(AtomicBool::new(true));
+        let dump_connection = Arc::new(AtomicU32::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = crossbeam_channel::bounded(BATCHES_AHEAD);
         let end = opened.end.encode();
@@ -216,6 +220,7 @@ impl MysqlCdcSource {
             start,
             tx,
             Arc::clone(&connected),
+            Arc::clone(&dump_connection),
             Arc::clone(&stop),
         );
         std::thread::Builder::new()
@@ -233,6 +238,7 @@ impl MysqlCdcSource {
             end,
             snapshot_done: start.is_some(),
             connected,
+            dump_connection,
             stop,
             failed: false,
         })
@@ -241,6 +247,11 @@ impl MysqlCdcSource {
     /// The source name positions are recorded under.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The server's id of the connection streaming the binlog now (0 before it is open).
+    pub fn dump_connection_id(&self) -> u32 {
+        self.dump_connection.load(Ordering::Relaxed)
     }
 
     fn caught_up(&self) -> bool {

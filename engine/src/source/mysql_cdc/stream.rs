@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use ::mysql::binlog::events::{Event, EventData, TableMapEvent};
@@ -308,6 +308,7 @@ pub(super) struct Reader {
     start: Option<BinlogPosition>,
     tx: Sender<Vec<Item>>,
     connected: Arc<AtomicBool>,
+    dump_connection: Arc<AtomicU32>,
     stop: Arc<AtomicBool>,
 }
 
@@ -318,6 +319,7 @@ impl Reader {
         start: Option<BinlogPosition>,
         tx: Sender<Vec<Item>>,
         connected: Arc<AtomicBool>,
+        dump_connection: Arc<AtomicU32>,
         stop: Arc<AtomicBool>,
     ) -> Self {
         Reader {
@@ -327,6 +329,7 @@ impl Reader {
             start,
             tx,
             connected,
+            dump_connection,
             stop,
         }
     }
@@ -409,6 +412,8 @@ impl Reader {
         let request = BinlogRequest::new(self.config.server_id)
             .with_filename(file.clone().into_bytes())
             .with_pos(u64::from(start.pos));
+        self.dump_connection
+            .store(conn.connection_id(), Ordering::Relaxed);
         let stream = conn
             .get_binlog_stream(request)
             .map_err(|e| stream_error(e, &file, start.pos))?;

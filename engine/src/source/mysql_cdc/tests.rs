@@ -394,3 +394,47 @@ fn a_missing_binlog_file_is_fatal_and_says_what_to_do() {
     assert!(message.contains("no longer on the server"), "{message}");
     assert!(message.contains("empty checkpoint"), "{message}");
 }
+
+#[test]
+fn a_dropped_connection_is_retried_from_the_last_position_taken() {
+    let Some(base) = service_url() else { return };
+    let mut db = TestDb::create(&base, "reconnect");
+    db.run(&["INSERT INTO users VALUES (1, 'Ann', 'EUR', 50000)"]);
+    let mut source = MysqlCdcSource::resume(db.config(), &RestoredPositions::new()).unwrap();
+    let end = db.end();
+    let (snapshot, _) = read_until(&mut source, end);
+    assert_eq!(snapshot, vec![set_user(1, Some(50_000), b"EUR")]);
+    db.run(&["UPDATE users SET monthly_budget_minor = 51000 WHERE user_id = 1"]);
+    let end = db.end();
+    let (changes, _) = read_until(&mut source, end);
+    assert_eq!(changes, vec![set_user(1, Some(51_000), b"EUR")]);
+    let taken = source.partitions()[0].position;
+
+    // The server drops the reader's binlog connection.
+    let dump = source.dump_connection_id();
+    assert_ne!(dump, 0);
+    db.run(&[&format!("KILL CONNECTION {dump}")]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut out = Vec::new();
+    let error = loop {
+        assert!(Instant::now() < deadline, "no error after the kill: {source:?}");
+        match source.poll(&mut out, 100) {
+            Err(e) => break e,
+            Ok(answer) => {
+                assert!(out.is_empty(), "{out:?}");
+                assert_ne!(answer, Poll::Finished);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    };
+    assert!(error.is_retriable(), "{error}");
+    assert_eq!(source.partitions()[0].position, taken);
+
+    // It reconnects and resumes where it stood: the next change once, nothing again.
+    db.run(&["UPDATE users SET monthly_budget_minor = 52000 WHERE user_id = 1"]);
+    let end = db.end();
+    let (changes, _) = read_until(&mut source, end);
+    assert_eq!(changes, vec![set_user(1, Some(52_000), b"EUR")]);
+    assert_ne!(source.dump_connection_id(), dump);
+    assert_eq!(source.poll(&mut out, 100).unwrap(), Poll::Idle);
+}
