@@ -949,3 +949,69 @@ fn budgets_put_most_users_under_some_near_and_a_few_over() {
     assert!(over * 100 >= all * 3, "under {under}, near {near}, over {over}");
     assert!(over < near && near < under, "under {under}, near {near}, over {over}");
 }
+
+/// Against the services kit's MariaDB (`SPENDFLOW_MYSQL`; skipped when unset): `fx_rates` and
+/// the calibrated budgets are written, and a batch's budget and rate changes are committed.
+#[test]
+fn mysql_store_writes_rates_budgets_and_changes() {
+    use ::mysql::prelude::Queryable;
+
+    use super::mysql::{FX_RATES, MySqlStore};
+
+    let Some(base) = std::env::var("SPENDFLOW_MYSQL")
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+    else {
+        eprintln!("SPENDFLOW_MYSQL is not set: skipping (docker/native/services env)");
+        return;
+    };
+    let (prefix, query) = match base.trim().split_once('?') {
+        Some((p, q)) => (p.to_string(), format!("?{q}")),
+        None => (base.trim().to_string(), String::new()),
+    };
+    let server = prefix.trim_start_matches("mysql://");
+    let server = server.split_once('/').map_or(server, |(s, _)| s);
+    let database = format!("spendflow_gen_fx_{:08x}", rand::random::<u32>());
+    let url = format!("mysql://{server}/{database}{query}");
+
+    let sim = simulator(3, 0.0);
+    let budgets = Budgets::calibrate(sim.config(), Some(2000)).unwrap();
+    let mut store = MySqlStore::open(&url).unwrap();
+    store.begin_run("fingerprint").unwrap();
+    store.write_reference(&sim, &budgets).unwrap();
+    let mut batch = Batch::with_capacity(0);
+    batch.push_reference(ReferenceUpdate::Budget {
+        user_id: 2,
+        budget_minor: 123_000,
+    });
+    batch.push_reference(ReferenceUpdate::Rate {
+        currency: "USD",
+        rate_micros: 930_000,
+    });
+    store.commit_batch(&batch, 0, None).unwrap();
+    drop(store);
+
+    let (mut conn, _) = crate::mysql_client::connect(&url, false).unwrap();
+    let rates: Vec<(String, i64)> = conn
+        .query("SELECT currency, rate_micros FROM fx_rates ORDER BY currency")
+        .unwrap();
+    let mut expected: Vec<(String, i64)> = FX_RATES
+        .iter()
+        .map(|(c, r)| (c.to_string(), if *c == "USD" { 930_000 } else { *r }))
+        .collect();
+    expected.sort();
+    let users: Vec<(u64, i64)> = conn
+        .query("SELECT user_id, monthly_budget_minor FROM users ORDER BY user_id")
+        .unwrap();
+    conn.query_drop(format!("DROP DATABASE `{database}`")).unwrap();
+    assert_eq!(rates, expected);
+    assert_eq!(users.len() as u64, sim.config().users);
+    for (user_id, budget) in users {
+        let wanted = if user_id == 2 {
+            123_000
+        } else {
+            budgets.of(user_id, sim.user(user_id).unwrap().monthly_budget_minor)
+        };
+        assert_eq!(budget, wanted, "user {user_id}");
+    }
+}

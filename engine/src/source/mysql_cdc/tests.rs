@@ -438,3 +438,31 @@ fn a_dropped_connection_is_retried_from_the_last_position_taken() {
     assert_ne!(source.dump_connection_id(), dump);
     assert_eq!(source.poll(&mut out, 100).unwrap(), Poll::Idle);
 }
+
+#[test]
+fn the_config_defaults_its_server_id_and_only_worker_0_reads() {
+    use crate::source::{SourceConfig, WorkerPlace};
+
+    let config: SourceConfig =
+        toml::from_str("kind = \"mysql_cdc\"\nurl = \"mysql://u:p@127.0.0.1:1/db\"\n").unwrap();
+    let SourceConfig::MysqlCdc(cdc) = &config else {
+        panic!("{config:?}")
+    };
+    assert_eq!(cdc.server_id, DEFAULT_SERVER_ID);
+    assert_ne!(DEFAULT_SERVER_ID, 1, "the kit's server is 1");
+    let with_id: MysqlCdcSourceConfig =
+        toml::from_str("url = \"mysql://u:p@h/db\"\nserver_id = 77\n").unwrap();
+    assert_eq!(with_id.server_id, 77);
+    assert!(toml::from_str::<MysqlCdcSourceConfig>("url = \"x\"\nserverid = 7\n").is_err());
+    // Other workers get no reader (and never connect: port 1 would refuse).
+    let readers = config
+        .open_readers(WorkerPlace { index: 1, count: 2 }, &RestoredPositions::new())
+        .unwrap();
+    assert!(readers.is_empty());
+    // Worker 0 connects; here it cannot, and says so as a retriable error.
+    let error = config
+        .open_readers(WorkerPlace { index: 0, count: 2 }, &RestoredPositions::new())
+        .err()
+        .expect("no server on port 1");
+    assert!(error.is_retriable(), "{error}");
+}
