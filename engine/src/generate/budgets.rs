@@ -57,7 +57,10 @@ impl Budgets {
         for _ in 0..horizon {
             match simulator.next_record().record {
                 Some(Record::Upsert(e)) => {
-                    live.insert(e.expense_id, (e.user_id, month_of(e.event_ms), e.amount_minor));
+                    live.insert(
+                        e.expense_id,
+                        (e.user_id, month_of(e.event_ms), e.amount_minor),
+                    );
                 }
                 Some(Record::Delete { expense_id, .. }) => {
                     live.remove(&expense_id);

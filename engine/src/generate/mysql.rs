@@ -59,11 +59,12 @@ pub const MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4";
 
 /// Every migration, oldest first.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "users, cards, merchants, expenses, outbox, generator_state",
-    statements: &[
-        "CREATE TABLE IF NOT EXISTS users (
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "users, cards, merchants, expenses, outbox, generator_state",
+        statements: &[
+            "CREATE TABLE IF NOT EXISTS users (
             user_id BIGINT UNSIGNED NOT NULL PRIMARY KEY,
             name VARCHAR(128) NOT NULL,
             email VARCHAR(255) NOT NULL,
@@ -72,16 +73,16 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             monthly_budget_minor BIGINT NOT NULL,
             image_ref VARCHAR(512) NULL
         ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
-        "CREATE TABLE IF NOT EXISTS cards (
+            "CREATE TABLE IF NOT EXISTS cards (
             card_id VARBINARY(128) NOT NULL PRIMARY KEY,
             user_id BIGINT UNSIGNED NOT NULL,
             KEY cards_by_user (user_id)
         ) ENGINE=InnoDB",
-        "CREATE TABLE IF NOT EXISTS merchants (
+            "CREATE TABLE IF NOT EXISTS merchants (
             name VARBINARY(256) NOT NULL PRIMARY KEY,
             category VARBINARY(256) NOT NULL
         ) ENGINE=InnoDB",
-        "CREATE TABLE IF NOT EXISTS expenses (
+            "CREATE TABLE IF NOT EXISTS expenses (
             expense_id VARBINARY(128) NOT NULL PRIMARY KEY,
             user_id BIGINT UNSIGNED NOT NULL,
             card_id VARBINARY(128) NULL,
@@ -93,29 +94,30 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             event_time DATETIME(3) NOT NULL,
             KEY expenses_by_user (user_id)
         ) ENGINE=InnoDB",
-        "CREATE TABLE IF NOT EXISTS outbox (
+            "CREATE TABLE IF NOT EXISTS outbox (
             seq BIGINT UNSIGNED NOT NULL PRIMARY KEY,
             topic VARCHAR(255) CHARACTER SET ascii NOT NULL,
             msg_key VARBINARY(64) NULL,
             payload MEDIUMBLOB NOT NULL
         ) ENGINE=InnoDB",
-        "CREATE TABLE IF NOT EXISTS generator_state (
+            "CREATE TABLE IF NOT EXISTS generator_state (
             id TINYINT UNSIGNED NOT NULL PRIMARY KEY,
             fingerprint TEXT NOT NULL,
             records BIGINT UNSIGNED NOT NULL,
             reference_done BOOLEAN NOT NULL,
             updated_at DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3)
         ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
-    ],
-},
-Migration {
-    version: 2,
-    description: "fx_rates",
-    statements: &["CREATE TABLE IF NOT EXISTS fx_rates (
+        ],
+    },
+    Migration {
+        version: 2,
+        description: "fx_rates",
+        statements: &["CREATE TABLE IF NOT EXISTS fx_rates (
         currency CHAR(3) CHARACTER SET ascii NOT NULL PRIMARY KEY,
         rate_micros BIGINT NOT NULL
     ) ENGINE=InnoDB"],
-}];
+    },
+];
 
 /// The exchange rates `generate` writes to `fx_rates`, for every currency the simulator uses:
 /// reporting-currency (EUR) micro-units per unit of the currency, applied to minor units as

@@ -8,13 +8,13 @@ use std::time::Instant;
 use spendflow_operators::decode;
 use spendflow_operators::model::{Expense, ExpenseId, Record, days_from_civil};
 
+use super::budgets::Budgets;
 use super::config::{DEFAULT_TOPIC_PREFIX, GenerateConfig, Layout};
 use super::mysql::{
     DEFAULT_DATABASE, MIGRATIONS, database_of, datetime_value, delete_expenses_sql,
     insert_outbox_sql, pending_migrations, placeholders, upsert_expenses_sql,
     validate_database_name,
 };
-use super::budgets::Budgets;
 use super::{
     Batch, GenerateError, KindCounts, Observer, OutboxRow, Progress, Publish, ReferenceUpdate,
     RunState, Store, Summary, run_with,
@@ -891,7 +891,10 @@ fn budget_and_rate_changes_come_at_their_rates_interleaved_with_the_batches() {
     for (_, currency, rate) in &rates {
         assert_ne!(*currency, "EUR", "the reporting currency stays at 1");
         let base = FX_RATES.iter().find(|(c, _)| c == currency).unwrap().1;
-        assert!((rate - base).abs() * 50 <= base, "{currency}: {rate} from {base}");
+        assert!(
+            (rate - base).abs() * 50 <= base,
+            "{currency}: {rate} from {base}"
+        );
     }
     // Reproducible: the same run makes the same changes.
     let (again, _, _) = clean_run(&changing);
@@ -906,10 +909,14 @@ fn change_rates_are_validated() {
     for bad in [-1.0, 1000.5, f64::NAN, f64::INFINITY] {
         let mut c = config(10, 10);
         c.budget_change_rate = bad;
-        assert!(matches!(c.validate(), Err(GenerateError::Config(m)) if m.contains("--budget-change-rate")));
+        assert!(
+            matches!(c.validate(), Err(GenerateError::Config(m)) if m.contains("--budget-change-rate"))
+        );
         let mut c = config(10, 10);
         c.fx_change_rate = bad;
-        assert!(matches!(c.validate(), Err(GenerateError::Config(m)) if m.contains("--fx-change-rate")));
+        assert!(
+            matches!(c.validate(), Err(GenerateError::Config(m)) if m.contains("--fx-change-rate"))
+        );
     }
 }
 
@@ -936,7 +943,10 @@ fn budgets_put_most_users_under_some_near_and_a_few_over() {
         let budget = i128::from(store.budgets[user]);
         assert!(budget > 0);
         // Never the simulator's whole-month budget against a few hours of spending.
-        assert!(budget <= spent.max(&1) * 3, "user {user}: {spent} of {budget}");
+        assert!(
+            budget <= spent.max(&1) * 3,
+            "user {user}: {spent} of {budget}"
+        );
         match spent * 100 / budget {
             i128::MIN..80 => under += 1,
             80..100 => near += 1,
@@ -944,10 +954,22 @@ fn budgets_put_most_users_under_some_near_and_a_few_over() {
         }
     }
     let all = under + near + over;
-    assert!(under * 100 >= all * 55, "under {under}, near {near}, over {over}");
-    assert!(near * 100 >= all * 8, "under {under}, near {near}, over {over}");
-    assert!(over * 100 >= all * 3, "under {under}, near {near}, over {over}");
-    assert!(over < near && near < under, "under {under}, near {near}, over {over}");
+    assert!(
+        under * 100 >= all * 55,
+        "under {under}, near {near}, over {over}"
+    );
+    assert!(
+        near * 100 >= all * 8,
+        "under {under}, near {near}, over {over}"
+    );
+    assert!(
+        over * 100 >= all * 3,
+        "under {under}, near {near}, over {over}"
+    );
+    assert!(
+        over < near && near < under,
+        "under {under}, near {near}, over {over}"
+    );
 }
 
 /// Against the services kit's MariaDB (`SPENDFLOW_MYSQL`; skipped when unset): `fx_rates` and
@@ -1003,7 +1025,8 @@ fn mysql_store_writes_rates_budgets_and_changes() {
     let users: Vec<(u64, i64)> = conn
         .query("SELECT user_id, monthly_budget_minor FROM users ORDER BY user_id")
         .unwrap();
-    conn.query_drop(format!("DROP DATABASE `{database}`")).unwrap();
+    conn.query_drop(format!("DROP DATABASE `{database}`"))
+        .unwrap();
     assert_eq!(rates, expected);
     assert_eq!(users.len() as u64, sim.config().users);
     for (user_id, budget) in users {

@@ -111,7 +111,7 @@ impl BinlogPosition {
 
     /// The position an offset encodes; `None` for 0 and negative offsets (no position).
     pub fn decode(offset: i64) -> Option<Self> {
-        (offset > 0).then(|| BinlogPosition {
+        (offset > 0).then_some(BinlogPosition {
             seq: (offset >> 32) as u32,
             pos: (offset & 0xffff_ffff) as u32,
         })
@@ -185,7 +185,10 @@ impl std::fmt::Debug for MysqlCdcSource {
             .field("position", &self.position)
             .field("end", &self.end)
             .field("snapshot_done", &self.snapshot_done)
-            .field("dump_connection", &self.dump_connection.load(Ordering::Relaxed))
+            .field(
+                "dump_connection",
+                &self.dump_connection.load(Ordering::Relaxed),
+            )
             .finish_non_exhaustive()
     }
 }

@@ -90,9 +90,11 @@ pub(super) fn open(
             if log_bin == 1 { "ON" } else { "OFF" }
         )));
     }
-    let status: Option<Row> = conn.query_first("SHOW MASTER STATUS").map_err(driver_error(
-        "SHOW MASTER STATUS (the user needs REPLICATION CLIENT)",
-    ))?;
+    let status: Option<Row> = conn
+        .query_first("SHOW MASTER STATUS")
+        .map_err(driver_error(
+            "SHOW MASTER STATUS (the user needs REPLICATION CLIENT)",
+        ))?;
     let (file, pos) = status
         .and_then(|row| Some((column::<String>(&row, 0)?, column::<u64>(&row, 1)?)))
         .ok_or_else(|| {
@@ -456,7 +458,10 @@ impl Reader {
                 .find(|(n, _)| n.eq_ignore_ascii_case(name))
                 .map(|(_, v)| v.clone())
         };
-        let at = match (value("Binlog_snapshot_file"), value("Binlog_snapshot_position")) {
+        let at = match (
+            value("Binlog_snapshot_file"),
+            value("Binlog_snapshot_position"),
+        ) {
             (Some(file), Some(pos)) => pos
                 .parse()
                 .ok()
@@ -497,11 +502,15 @@ impl Reader {
                 let values: Vec<Value> = row.unwrap();
                 row_changes(table, None, Some(&values), &mut changes);
                 rows += 1;
-                items.extend(changes.drain(..).map(|change| Item::Change { change, offset }));
-                if items.len() >= BATCH {
-                    if self.stopped() || !self.send(std::mem::take(&mut items)) {
-                        return Ok(None);
-                    }
+                items.extend(
+                    changes
+                        .drain(..)
+                        .map(|change| Item::Change { change, offset }),
+                );
+                if items.len() >= BATCH
+                    && (self.stopped() || !self.send(std::mem::take(&mut items)))
+                {
+                    return Ok(None);
                 }
             }
             if !self.send(items) {
@@ -638,7 +647,8 @@ impl Decoder {
                     .flatten();
                 match table {
                     Some(table) => {
-                        self.tables.insert(map.table_id(), (table, map.into_owned()));
+                        self.tables
+                            .insert(map.table_id(), (table, map.into_owned()));
                     }
                     None => {
                         self.tables.remove(&map.table_id());

@@ -57,7 +57,10 @@ fn file_names_split_and_rebuild() {
         split_file_name("mariadb-bin.000042"),
         Some(("mariadb-bin", 42))
     );
-    assert_eq!(split_file_name("my.bin.log.1000000"), Some(("my.bin.log", 1_000_000)));
+    assert_eq!(
+        split_file_name("my.bin.log.1000000"),
+        Some(("my.bin.log", 1_000_000))
+    );
     assert_eq!(split_file_name("mariadb-bin"), None);
     assert_eq!(split_file_name("mariadb-bin."), None);
     assert_eq!(split_file_name(".000001"), None);
@@ -66,7 +69,11 @@ fn file_names_split_and_rebuild() {
     assert_eq!(p, BinlogPosition { seq: 42, pos: 1234 });
     assert_eq!(p.file_name("mariadb-bin"), "mariadb-bin.000042");
     assert_eq!(
-        BinlogPosition { seq: 1_234_567, pos: 4 }.file_name("b"),
+        BinlogPosition {
+            seq: 1_234_567,
+            pos: 4
+        }
+        .file_name("b"),
         "b.1234567"
     );
 }
@@ -133,12 +140,22 @@ fn row_images_become_changes() {
     // Bad currencies and rates are skipped.
     out.clear();
     for bad in ["eur", "EU", "EURO", "E1R", ""] {
-        row_changes(Table::Users, None, Some(&user_values(9, None, bad)), &mut out);
+        row_changes(
+            Table::Users,
+            None,
+            Some(&user_values(9, None, bad)),
+            &mut out,
+        );
         let fx = [Value::Bytes(bad.as_bytes().to_vec()), Value::Int(1_000_000)];
         row_changes(Table::Fx, None, Some(&fx), &mut out);
     }
     for rate in [Value::Int(0), Value::Int(-1), Value::NULL] {
-        row_changes(Table::Fx, None, Some(&[Value::Bytes(b"GBP".to_vec()), rate]), &mut out);
+        row_changes(
+            Table::Fx,
+            None,
+            Some(&[Value::Bytes(b"GBP".to_vec()), rate]),
+            &mut out,
+        );
     }
     assert!(out.is_empty(), "{out:?}");
 
@@ -146,7 +163,10 @@ fn row_images_become_changes() {
     row_changes(
         Table::Fx,
         None,
-        Some(&[Value::Bytes(b"GBP".to_vec()), Value::Bytes(b"1170000".to_vec())]),
+        Some(&[
+            Value::Bytes(b"GBP".to_vec()),
+            Value::Bytes(b"1170000".to_vec()),
+        ]),
         &mut out,
     );
     row_changes(
@@ -417,7 +437,10 @@ fn a_dropped_connection_is_retried_from_the_last_position_taken() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut out = Vec::new();
     let error = loop {
-        assert!(Instant::now() < deadline, "no error after the kill: {source:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no error after the kill: {source:?}"
+        );
         match source.poll(&mut out, 100) {
             Err(e) => break e,
             Ok(answer) => {
@@ -456,12 +479,18 @@ fn the_config_defaults_its_server_id_and_only_worker_0_reads() {
     assert!(toml::from_str::<MysqlCdcSourceConfig>("url = \"x\"\nserverid = 7\n").is_err());
     // Other workers get no reader (and never connect: port 1 would refuse).
     let readers = config
-        .open_readers(WorkerPlace { index: 1, count: 2 }, &RestoredPositions::new())
+        .open_readers(
+            WorkerPlace { index: 1, count: 2 },
+            &RestoredPositions::new(),
+        )
         .unwrap();
     assert!(readers.is_empty());
     // Worker 0 connects; here it cannot, and says so as a retriable error.
     let error = config
-        .open_readers(WorkerPlace { index: 0, count: 2 }, &RestoredPositions::new())
+        .open_readers(
+            WorkerPlace { index: 0, count: 2 },
+            &RestoredPositions::new(),
+        )
         .err()
         .expect("no server on port 1");
     assert!(error.is_retriable(), "{error}");
