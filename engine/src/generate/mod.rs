@@ -8,6 +8,11 @@
 //!   idempotently, see [`mysql`]): `users`, `cards`, `merchants` (written once per run), and
 //!   `expenses` with exactly one row per *live* expense: an upsert inserts or replaces the row, a
 //!   delete removes it, a duplicate changes nothing. Malformed records never reach MySQL.
+//!   `fx_rates` holds a rate for every currency the simulator uses (EUR, the reporting
+//!   currency, at 1), and `users.monthly_budget_minor` is calibrated to the run's own spending
+//!   ([`budgets`]). `--budget-change-rate` / `--fx-change-rate` (changes per 1,000 records)
+//!   update budgets and rates in the records' batch transactions, so the MySQL CDC source sees
+//!   them interleaved with the expenses.
 //! * **Kafka**: every record, malformed ones included, in generation order. Per-user layout:
 //!   topic `<prefix><user_id>` (1 partition, created when the user's first record is
 //!   published); keyed layout: one topic with N partitions, key = user id in decimal (so a
