@@ -285,6 +285,17 @@ struct GenerateArgs {
     #[arg(long, default_value_t = DEFAULT_BATCH)]
     batch: usize,
 
+    /// Budget changes per 1,000 generated records (0 to 1000; fractions accumulate, e.g. 0.5 is
+    /// one change per 2,000 records): UPDATE users SET monthly_budget_minor of a random user to
+    /// 50-150% of its base budget, committed with the records' batch.
+    #[arg(long, value_name = "R", default_value_t = 0.0)]
+    budget_change_rate: f64,
+
+    /// Exchange-rate changes per 1,000 generated records (0 to 1000): a random non-EUR rate in
+    /// fx_rates set within +-2% of its base rate, committed with the records' batch.
+    #[arg(long, value_name = "R", default_value_t = 0.0)]
+    fx_change_rate: f64,
+
     /// Also give every user a generated avatar (a PNG identicon, the same for a seed and user
     /// as in the demo), uploaded to HDFS (--hdfs) with its reference in MySQL. Users who have
     /// a picture keep it.
@@ -622,6 +633,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
     config.events = args.events;
     config.rate = (args.rate > 0).then_some(args.rate);
     config.batch = args.batch;
+    config.budget_change_rate = args.budget_change_rate;
+    config.fx_change_rate = args.fx_change_rate;
     config.simulator = GeneratorConfig::from(&args.simulator);
     args.kafka_client.add_to(&mut config.kafka_options)?;
     let runtime = io_runtime()?;

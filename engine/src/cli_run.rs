@@ -361,7 +361,7 @@ impl RunArgs {
                 }
             }
             Some(SourceConfig::Kafka(kafka)) => self.kafka(kafka, &take)?,
-            Some(SourceConfig::Generator(_)) => {}
+            Some(SourceConfig::Generator(_) | SourceConfig::MysqlCdc(_)) => {}
             None => bail!("give --input SOURCE, or a [source] table in the config file"),
         }
         let ignored_flags = self.ignored_flags(matches, &config);

@@ -83,6 +83,15 @@ pub enum SourceError {
         /// Whether a retry may succeed.
         retriable: bool,
     },
+    /// MySQL or MariaDB (the CDC source) failed; `retriable` says whether trying again can help
+    /// (a dropped connection) or not (the binlog is off, a position's file was purged).
+    #[error("mysql: {message}")]
+    Mysql {
+        /// What failed, why, and what to do about it.
+        message: String,
+        /// Whether a retry may succeed.
+        retriable: bool,
+    },
     /// The in-process input was closed by every handle.
     #[error("the in-process input is closed")]
     InputClosed,
@@ -96,7 +105,9 @@ impl SourceError {
                 source.kind(),
                 io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
             ),
-            SourceError::Kafka { retriable, .. } => *retriable,
+            SourceError::Kafka { retriable, .. } | SourceError::Mysql { retriable, .. } => {
+                *retriable
+            }
             SourceError::Generator(_) | SourceError::InputClosed => false,
         }
     }

@@ -48,7 +48,7 @@ pub mod images;
 #[cfg(feature = "kafka")]
 pub mod kafka_client;
 pub mod metrics;
-#[cfg(any(feature = "personnel", feature = "workload"))]
+#[cfg(any(feature = "personnel", feature = "workload", feature = "mysql-cdc"))]
 pub mod mysql_client;
 #[cfg(feature = "personnel")]
 pub mod personnel;

@@ -163,7 +163,17 @@ pub struct GenerateConfig {
     pub publish_retries: u32,
     /// librdkafka settings for the producer and the admin client (SASL, TLS, tuning).
     pub kafka_options: KafkaOptions,
+    /// Budget changes per 1,000 generated records: `UPDATE users SET monthly_budget_minor`
+    /// of a random user, committed with the records' batch (so interleaved with the expenses).
+    /// 0 (the default) changes none.
+    pub budget_change_rate: f64,
+    /// Exchange-rate changes per 1,000 generated records: a random non-EUR rate of `fx_rates`
+    /// set within ±2% of its base rate, committed with the records' batch. 0 changes none.
+    pub fx_change_rate: f64,
 }
+
+/// The largest accepted `--budget-change-rate` / `--fx-change-rate` (one change per record).
+pub const MAX_CHANGE_RATE: f64 = 1000.0;
 
 impl GenerateConfig {
     /// Settings with defaults for everything but the two addresses.
@@ -179,6 +189,8 @@ impl GenerateConfig {
             publish_timeout: Duration::from_secs(60),
             publish_retries: 8,
             kafka_options: KafkaOptions::new(),
+            budget_change_rate: 0.0,
+            fx_change_rate: 0.0,
         }
     }
 
@@ -200,6 +212,17 @@ impl GenerateConfig {
                 "the batch size must be 1 to {MAX_BATCH}, got {}",
                 self.batch
             )));
+        }
+        for (flag, rate) in [
+            ("--budget-change-rate", self.budget_change_rate),
+            ("--fx-change-rate", self.fx_change_rate),
+        ] {
+            if !(rate.is_finite() && (0.0..=MAX_CHANGE_RATE).contains(&rate)) {
+                return Err(GenerateError::Config(format!(
+                    "{flag} is changes per 1,000 generated records, 0 to {MAX_CHANGE_RATE}, \
+                     got {rate}"
+                )));
+            }
         }
         if self.publish_timeout.is_zero() {
             return Err(GenerateError::Config(

@@ -8,6 +8,11 @@
 //!   idempotently, see [`mysql`]): `users`, `cards`, `merchants` (written once per run), and
 //!   `expenses` with exactly one row per *live* expense: an upsert inserts or replaces the row, a
 //!   delete removes it, a duplicate changes nothing. Malformed records never reach MySQL.
+//!   `fx_rates` holds a rate for every currency the simulator uses (EUR, the reporting
+//!   currency, at 1), and `users.monthly_budget_minor` is calibrated to the run's own spending
+//!   ([`budgets`]). `--budget-change-rate` / `--fx-change-rate` (changes per 1,000 records)
+//!   update budgets and rates in the records' batch transactions, so the MySQL CDC source sees
+//!   them interleaved with the expenses.
 //! * **Kafka**: every record, malformed ones included, in generation order. Per-user layout:
 //!   topic `<prefix><user_id>` (1 partition, created when the user's first record is
 //!   published); keyed layout: one topic with N partitions, key = user id in decimal (so a
@@ -67,6 +72,7 @@
 //! counts) on a terminal and logs a plain line every few seconds otherwise; a [`Summary`] ends
 //! the run.
 
+pub mod budgets;
 pub mod config;
 mod kafka;
 pub mod mysql;
@@ -186,6 +192,8 @@ pub struct OutboxRow {
 #[derive(Debug, Default)]
 pub struct Batch {
     outbox: Vec<OutboxRow>,
+    /// Budget and rate changes committed with the batch.
+    reference: Vec<ReferenceUpdate>,
     /// `(expense_id, Some(row) for an upsert | None for a delete)`, first appearance order.
     changes: Vec<(ExpenseId, Option<Expense>)>,
     index: HashMap<ExpenseId, usize>,
@@ -196,6 +204,7 @@ impl Batch {
     pub fn with_capacity(records: usize) -> Self {
         Batch {
             outbox: Vec::with_capacity(records),
+            reference: Vec::new(),
             changes: Vec::with_capacity(records),
             index: HashMap::with_capacity(records),
         }
@@ -221,6 +230,16 @@ impl Batch {
                 self.changes.push((expense_id, state));
             }
         }
+    }
+
+    /// Adds a budget or rate change, committed with the batch.
+    pub fn push_reference(&mut self, update: ReferenceUpdate) {
+        self.reference.push(update);
+    }
+
+    /// The budget and rate changes of the batch, in order.
+    pub fn reference_updates(&self) -> &[ReferenceUpdate] {
+        &self.reference
     }
 
     /// The messages to publish, in stream order.
@@ -254,6 +273,102 @@ impl Batch {
     /// Whether the batch has no record.
     pub fn is_empty(&self) -> bool {
         self.outbox.is_empty()
+    }
+}
+
+/// A change of reference data `generate` makes while it generates (`--budget-change-rate`,
+/// `--fx-change-rate`); the CDC source reads it from the binlog.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReferenceUpdate {
+    /// `users.monthly_budget_minor` of a user.
+    Budget {
+        /// The user.
+        user_id: u64,
+        /// The new budget, minor units of the user's currency.
+        budget_minor: i64,
+    },
+    /// `fx_rates.rate_micros` of a currency.
+    Rate {
+        /// The currency.
+        currency: &'static str,
+        /// The new rate.
+        rate_micros: i64,
+    },
+}
+
+/// Draws the budget and rate changes owed per batch, at the configured rates (changes per
+/// 1,000 records, to a thousandth; fractions carry over to the next batch, counted in integer
+/// millionths of a change so that 0.3 per 1,000 over 10,000 records is exactly 3). Seeded from
+/// the run's seed and the records already generated, so a run is reproducible. A new budget is
+/// the user's calibrated budget ([`budgets`]) times 50% to 150% (rounded up to 1,000 minor units); a new rate is the currency's base rate
+/// within ±2%, so neither drifts away over a long run.
+struct ReferenceChanges {
+    rng: rand_chacha::ChaCha8Rng,
+    /// Millionths of a change owed.
+    budget_owed: u64,
+    fx_owed: u64,
+}
+
+/// A rate per 1,000 records as millionths of a change per record.
+fn micro_per_record(rate: f64) -> u64 {
+    (rate * 1000.0).round().max(0.0) as u64
+}
+
+impl ReferenceChanges {
+    fn new(seed: u64, records: u64) -> Self {
+        use rand::SeedableRng;
+        ReferenceChanges {
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(
+                seed ^ records.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            ),
+            budget_owed: 0,
+            fx_owed: 0,
+        }
+    }
+
+    fn add_to(
+        &mut self,
+        batch: &mut Batch,
+        records: usize,
+        config: &GenerateConfig,
+        simulator: &Simulator,
+        budgets: &budgets::Budgets,
+    ) {
+        use rand::Rng;
+        const ONE: u64 = 1_000_000;
+        self.budget_owed += micro_per_record(config.budget_change_rate) * records as u64;
+        self.fx_owed += micro_per_record(config.fx_change_rate) * records as u64;
+        let users = simulator.config().users;
+        while self.budget_owed >= ONE {
+            self.budget_owed -= ONE;
+            let user_id = self.rng.random_range(1..=users.max(1));
+            let Some(user) = simulator.user(user_id) else {
+                continue;
+            };
+            let base = budgets.of(user_id, user.monthly_budget_minor);
+            let percent = self.rng.random_range(50..=150_i64);
+            let budget_minor = (base.saturating_mul(percent) / 100)
+                .div_euclid(1000)
+                .saturating_add(1)
+                .saturating_mul(1000);
+            batch.push_reference(ReferenceUpdate::Budget {
+                user_id,
+                budget_minor,
+            });
+        }
+        let movable: Vec<&(&'static str, i64)> = mysql::FX_RATES
+            .iter()
+            .filter(|(code, _)| *code != "EUR")
+            .collect();
+        while self.fx_owed >= ONE {
+            self.fx_owed -= ONE;
+            let &&(currency, base) = &movable[self.rng.random_range(0..movable.len())];
+            let per_mille = self.rng.random_range(-20..=20_i64);
+            batch.push_reference(ReferenceUpdate::Rate {
+                currency,
+                rate_micros: (base + base * per_mille / 1000).max(1),
+            });
+        }
     }
 }
 
@@ -463,7 +578,11 @@ pub(crate) trait Store {
     /// how far it got.
     fn begin_run(&mut self, fingerprint: &str) -> Result<RunState, GenerateError>;
     /// Writes users, cards and merchants, and marks them written.
-    fn write_reference(&mut self, simulator: &Simulator) -> Result<(), GenerateError>;
+    fn write_reference(
+        &mut self,
+        simulator: &Simulator,
+        budgets: &budgets::Budgets,
+    ) -> Result<(), GenerateError>;
     /// Every unpublished outbox row, in `seq` order.
     fn pending_outbox(&mut self) -> Result<Vec<OutboxRow>, GenerateError>;
     /// In one transaction: deletes outbox rows below `published_below`, applies the batch to
@@ -534,8 +653,9 @@ pub(crate) fn run_with(
 ) -> Result<Summary, GenerateError> {
     let mut simulator = Simulator::new(config.simulator.clone())?;
     let state = store.begin_run(&config.fingerprint())?;
+    let budgets = budgets::Budgets::calibrate(&config.simulator, config.events)?;
     if !state.reference_done {
-        store.write_reference(&simulator)?;
+        store.write_reference(&simulator, &budgets)?;
     }
 
     // Anything committed but not acknowledged by an earlier start goes out first, in order,
@@ -575,6 +695,7 @@ pub(crate) fn run_with(
     // committed.
     let mut in_flight: Option<Batch> = None;
     let mut stopped = false;
+    let mut reference_changes = ReferenceChanges::new(config.simulator.seed, state.records);
     loop {
         let remaining = config
             .events
@@ -595,6 +716,7 @@ pub(crate) fn run_with(
             users.insert(generated.user_id);
             batch.push(seq, generated, &config.layout);
         }
+        reference_changes.add_to(&mut batch, n, config, &simulator, &budgets);
         let commit_started = Instant::now();
         store.commit_batch(&batch, simulator.produced(), confirmed_below)?;
         let commit_ms = commit_started.elapsed().as_millis() as u64;

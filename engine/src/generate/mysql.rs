@@ -5,9 +5,10 @@
 //!
 //! | table | key | what |
 //! |---|---|---|
-//! | `users` | `user_id` | name, email, country, currency, `monthly_budget_minor`, `image_ref` (NULL until an image is uploaded) |
+//! | `users` | `user_id` | name, email, country, currency, `monthly_budget_minor` (calibrated to the run's spending, see [`super::budgets`]), `image_ref` (NULL until an image is uploaded) |
 //! | `cards` | `card_id` | the owning `user_id` |
 //! | `merchants` | `name` | its `category` |
+//! | `fx_rates` (migration 2) | `currency` | `rate_micros`: EUR micro-units per unit, one row per currency the simulator uses ([`FX_RATES`]) |
 //! | `expenses` | `expense_id` | one row per **live** expense: user, card, merchant, category, `amount_minor`, currency, `event_ms` (exact, ms since the epoch) and `event_time` (`DATETIME(3)`, UTC, the same instant for SQL) |
 //! | `outbox` | `seq` | messages committed but not yet acknowledged by Kafka: topic, key, payload |
 //! | `generator_state` | `id = 1` | the run's fingerprint, records generated so far, whether users/cards/merchants are written |
@@ -30,7 +31,8 @@ use ::mysql::prelude::Queryable;
 use ::mysql::{Conn, Params, TxOpts, Value};
 use spendflow_operators::model::{Expense, MS_PER_DAY, civil_from_days};
 
-use super::{Batch, GenerateError, OutboxRow, RunState, Store};
+use super::budgets::Budgets;
+use super::{Batch, GenerateError, OutboxRow, ReferenceUpdate, RunState, Store};
 use crate::source::generator::Simulator;
 
 pub use crate::mysql_client::DEFAULT_DATABASE;
@@ -57,11 +59,12 @@ pub const MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4";
 
 /// Every migration, oldest first.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "users, cards, merchants, expenses, outbox, generator_state",
-    statements: &[
-        "CREATE TABLE IF NOT EXISTS users (
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "users, cards, merchants, expenses, outbox, generator_state",
+        statements: &[
+            "CREATE TABLE IF NOT EXISTS users (
             user_id BIGINT UNSIGNED NOT NULL PRIMARY KEY,
             name VARCHAR(128) NOT NULL,
             email VARCHAR(255) NOT NULL,
@@ -70,16 +73,16 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             monthly_budget_minor BIGINT NOT NULL,
             image_ref VARCHAR(512) NULL
         ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
-        "CREATE TABLE IF NOT EXISTS cards (
+            "CREATE TABLE IF NOT EXISTS cards (
             card_id VARBINARY(128) NOT NULL PRIMARY KEY,
             user_id BIGINT UNSIGNED NOT NULL,
             KEY cards_by_user (user_id)
         ) ENGINE=InnoDB",
-        "CREATE TABLE IF NOT EXISTS merchants (
+            "CREATE TABLE IF NOT EXISTS merchants (
             name VARBINARY(256) NOT NULL PRIMARY KEY,
             category VARBINARY(256) NOT NULL
         ) ENGINE=InnoDB",
-        "CREATE TABLE IF NOT EXISTS expenses (
+            "CREATE TABLE IF NOT EXISTS expenses (
             expense_id VARBINARY(128) NOT NULL PRIMARY KEY,
             user_id BIGINT UNSIGNED NOT NULL,
             card_id VARBINARY(128) NULL,
@@ -91,21 +94,46 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             event_time DATETIME(3) NOT NULL,
             KEY expenses_by_user (user_id)
         ) ENGINE=InnoDB",
-        "CREATE TABLE IF NOT EXISTS outbox (
+            "CREATE TABLE IF NOT EXISTS outbox (
             seq BIGINT UNSIGNED NOT NULL PRIMARY KEY,
             topic VARCHAR(255) CHARACTER SET ascii NOT NULL,
             msg_key VARBINARY(64) NULL,
             payload MEDIUMBLOB NOT NULL
         ) ENGINE=InnoDB",
-        "CREATE TABLE IF NOT EXISTS generator_state (
+            "CREATE TABLE IF NOT EXISTS generator_state (
             id TINYINT UNSIGNED NOT NULL PRIMARY KEY,
             fingerprint TEXT NOT NULL,
             records BIGINT UNSIGNED NOT NULL,
             reference_done BOOLEAN NOT NULL,
             updated_at DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3)
         ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
-    ],
-}];
+        ],
+    },
+    Migration {
+        version: 2,
+        description: "fx_rates",
+        statements: &["CREATE TABLE IF NOT EXISTS fx_rates (
+        currency CHAR(3) CHARACTER SET ascii NOT NULL PRIMARY KEY,
+        rate_micros BIGINT NOT NULL
+    ) ENGINE=InnoDB"],
+    },
+];
+
+/// The exchange rates `generate` writes to `fx_rates`, for every currency the simulator uses:
+/// reporting-currency (EUR) micro-units per unit of the currency, applied to minor units as
+/// they are (see `spendflow_operators::reference`). They match the simulator's own conversion
+/// of euro amounts (for the yen, one minor unit is one yen: 0.625 euro cents).
+pub const FX_RATES: &[(&str, i64)] = &[
+    ("EUR", 1_000_000),
+    ("USD", 925_926),
+    ("GBP", 1_176_471),
+    ("CHF", 1_052_632),
+    ("SEK", 86_957),
+    ("PLN", 232_558),
+    ("JPY", 625_000),
+    ("CAD", 675_676),
+    ("AUD", 606_061),
+];
 
 pub use crate::mysql_client::{connect, database_of, is_retriable, validate_database_name};
 
@@ -319,7 +347,11 @@ impl Store for MySqlStore {
         }
     }
 
-    fn write_reference(&mut self, simulator: &Simulator) -> Result<(), GenerateError> {
+    fn write_reference(
+        &mut self,
+        simulator: &Simulator,
+        budgets: &Budgets,
+    ) -> Result<(), GenerateError> {
         let users = simulator.config().users;
         let mut user_rows = Vec::new();
         let mut card_rows = Vec::new();
@@ -333,7 +365,7 @@ impl Store for MySqlStore {
                 Value::from(user.email),
                 Value::from(user.country),
                 Value::from(user.currency),
-                Value::Int(user.monthly_budget_minor),
+                Value::Int(budgets.of(user_id, user.monthly_budget_minor)),
             ]);
             for card in user.cards {
                 card_rows.extend([Value::Bytes(card.into_bytes()), Value::UInt(user_id)]);
@@ -343,6 +375,20 @@ impl Store for MySqlStore {
             }
         }
         flush_reference(&mut self.conn, &mut user_rows, &mut card_rows)?;
+        let rates: Vec<Value> = FX_RATES
+            .iter()
+            .flat_map(|(code, rate)| [Value::from(*code), Value::Int(*rate)])
+            .collect();
+        self.conn
+            .exec_drop(
+                format!(
+                    "INSERT INTO fx_rates (currency, rate_micros) VALUES {} \
+                     ON DUPLICATE KEY UPDATE rate_micros = VALUES(rate_micros)",
+                    placeholders(FX_RATES.len(), 2)
+                ),
+                Params::Positional(rates),
+            )
+            .map_err(GenerateError::mysql("write fx_rates"))?;
         for chunk in simulator.merchants().chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "INSERT INTO merchants (name, category) VALUES {} \
@@ -424,6 +470,26 @@ impl Store for MySqlStore {
                 ]);
             }
             Self::exec(&mut tx, insert_outbox_sql(chunk.len()), values)?;
+        }
+        for update in batch.reference_updates() {
+            match update {
+                ReferenceUpdate::Budget {
+                    user_id,
+                    budget_minor,
+                } => tx.exec_drop(
+                    "UPDATE users SET monthly_budget_minor = ? WHERE user_id = ?",
+                    (budget_minor, user_id),
+                ),
+                ReferenceUpdate::Rate {
+                    currency,
+                    rate_micros,
+                } => tx.exec_drop(
+                    "INSERT INTO fx_rates (currency, rate_micros) VALUES (?, ?) \
+                     ON DUPLICATE KEY UPDATE rate_micros = VALUES(rate_micros)",
+                    (currency, rate_micros),
+                ),
+            }
+            .map_err(GenerateError::mysql("change a budget or rate"))?;
         }
         tx.exec_drop(
             "UPDATE generator_state SET records = ?, updated_at = CURRENT_TIMESTAMP(3) WHERE id = 1",

@@ -8,6 +8,7 @@ use std::time::Instant;
 use spendflow_operators::decode;
 use spendflow_operators::model::{Expense, ExpenseId, Record, days_from_civil};
 
+use super::budgets::Budgets;
 use super::config::{DEFAULT_TOPIC_PREFIX, GenerateConfig, Layout};
 use super::mysql::{
     DEFAULT_DATABASE, MIGRATIONS, database_of, datetime_value, delete_expenses_sql,
@@ -15,8 +16,8 @@ use super::mysql::{
     validate_database_name,
 };
 use super::{
-    Batch, GenerateError, KindCounts, Observer, OutboxRow, Progress, Publish, RunState, Store,
-    Summary, run_with,
+    Batch, GenerateError, KindCounts, Observer, OutboxRow, Progress, Publish, ReferenceUpdate,
+    RunState, Store, Summary, run_with,
 };
 use crate::source::generator::{GeneratorConfig, Simulator};
 
@@ -391,6 +392,10 @@ struct MemStore {
     users: u64,
     expenses: BTreeMap<ExpenseId, Expense>,
     outbox: BTreeMap<u64, OutboxRow>,
+    /// The budgets written by `write_reference`.
+    budgets: BTreeMap<u64, i64>,
+    /// Budget and rate changes committed, with the records count of their batch.
+    reference: Vec<(u64, ReferenceUpdate)>,
     /// Commits that succeed before one fails.
     commits_before_failure: Option<usize>,
 }
@@ -417,8 +422,16 @@ impl Store for MemStore {
         }
     }
 
-    fn write_reference(&mut self, simulator: &Simulator) -> Result<(), GenerateError> {
+    fn write_reference(
+        &mut self,
+        simulator: &Simulator,
+        budgets: &Budgets,
+    ) -> Result<(), GenerateError> {
         self.users = simulator.config().users;
+        self.budgets = (1..=self.users)
+            .filter_map(|id| simulator.user(id))
+            .map(|u| (u.user_id, budgets.of(u.user_id, u.monthly_budget_minor)))
+            .collect();
         self.reference_done = true;
         Ok(())
     }
@@ -450,6 +463,9 @@ impl Store for MemStore {
         }
         for row in batch.outbox() {
             self.outbox.insert(row.seq, row.clone());
+        }
+        for update in batch.reference_updates() {
+            self.reference.push((records, update.clone()));
         }
         self.records = records;
         Ok(())
@@ -789,4 +805,236 @@ fn the_summary_names_counts_topics_and_rate() {
     ));
     kinds.add(crate::source::generator::GeneratedKind::New);
     assert_eq!((kinds.total(), kinds.malformed_total()), (2, 1));
+}
+
+#[test]
+fn fx_rates_cover_every_currency_the_simulator_uses() {
+    use super::mysql::FX_RATES;
+    use spendflow_operators::reference::RATE_ONE;
+
+    let sim = Simulator::new(GeneratorConfig {
+        seed: 7,
+        users: 5000,
+        ..GeneratorConfig::default()
+    })
+    .unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for user_id in 1..=sim.config().users {
+        let user = sim.user(user_id).expect("a user");
+        assert!(
+            FX_RATES.iter().any(|(code, _)| *code == user.currency),
+            "no rate for {}",
+            user.currency
+        );
+        seen.insert(user.currency);
+    }
+    // Every country's currency shows up among 5000 users.
+    assert_eq!(seen.len(), FX_RATES.len(), "{seen:?}");
+    assert!(FX_RATES.contains(&("EUR", RATE_ONE)));
+    for (code, rate) in FX_RATES {
+        assert_eq!(code.len(), 3);
+        assert!(code.bytes().all(|b| b.is_ascii_uppercase()), "{code}");
+        assert!(*rate > 0, "{code}");
+    }
+    // A migration creates the table the CDC source reads.
+    assert!(
+        MIGRATIONS
+            .iter()
+            .flat_map(|m| m.statements)
+            .any(|s| s.contains("CREATE TABLE IF NOT EXISTS fx_rates"))
+    );
+}
+
+#[test]
+fn budget_and_rate_changes_come_at_their_rates_interleaved_with_the_batches() {
+    use super::mysql::FX_RATES;
+
+    let mut changing = config(10_000, 250);
+    changing.budget_change_rate = 2.5;
+    changing.fx_change_rate = 0.3;
+    let (store, _, _) = clean_run(&changing);
+    let budgets: Vec<(u64, u64, i64)> = store
+        .reference
+        .iter()
+        .filter_map(|(at, u)| match u {
+            ReferenceUpdate::Budget {
+                user_id,
+                budget_minor,
+            } => Some((*at, *user_id, *budget_minor)),
+            ReferenceUpdate::Rate { .. } => None,
+        })
+        .collect();
+    let rates: Vec<(u64, &str, i64)> = store
+        .reference
+        .iter()
+        .filter_map(|(at, u)| match u {
+            ReferenceUpdate::Rate {
+                currency,
+                rate_micros,
+            } => Some((*at, *currency, *rate_micros)),
+            ReferenceUpdate::Budget { .. } => None,
+        })
+        .collect();
+    // 2.5 and 0.3 per 1,000 of 10,000 records.
+    assert_eq!(budgets.len(), 25);
+    assert_eq!(rates.len(), 3);
+    // Spread over the run, not all in one batch.
+    let batches: std::collections::BTreeSet<u64> = budgets.iter().map(|b| b.0).collect();
+    assert!(batches.len() >= 10, "{batches:?}");
+    for (_, user_id, budget) in &budgets {
+        let base = store.budgets[user_id];
+        assert!(
+            *budget >= base / 2 && *budget <= base * 3 / 2 + 1000 && budget % 1000 == 0,
+            "user {user_id}: {budget} from {base}"
+        );
+    }
+    for (_, currency, rate) in &rates {
+        assert_ne!(*currency, "EUR", "the reporting currency stays at 1");
+        let base = FX_RATES.iter().find(|(c, _)| c == currency).unwrap().1;
+        assert!(
+            (rate - base).abs() * 50 <= base,
+            "{currency}: {rate} from {base}"
+        );
+    }
+    // Reproducible: the same run makes the same changes.
+    let (again, _, _) = clean_run(&changing);
+    assert_eq!(again.reference, store.reference);
+    // None by default.
+    let (quiet, _, _) = clean_run(&config(10_000, 250));
+    assert!(quiet.reference.is_empty());
+}
+
+#[test]
+fn change_rates_are_validated() {
+    for bad in [-1.0, 1000.5, f64::NAN, f64::INFINITY] {
+        let mut c = config(10, 10);
+        c.budget_change_rate = bad;
+        assert!(
+            matches!(c.validate(), Err(GenerateError::Config(m)) if m.contains("--budget-change-rate"))
+        );
+        let mut c = config(10, 10);
+        c.fx_change_rate = bad;
+        assert!(
+            matches!(c.validate(), Err(GenerateError::Config(m)) if m.contains("--fx-change-rate"))
+        );
+    }
+}
+
+#[test]
+fn budgets_put_most_users_under_some_near_and_a_few_over() {
+    use spendflow_operators::model::civil_from_days;
+
+    let mut c = config(30_000, 1000);
+    c.simulator.users = 200;
+    let (store, _, _) = clean_run(&c);
+    // The truth after the run: live expenses per user and UTC month.
+    let mut months: BTreeMap<(u64, (i32, u32)), i128> = BTreeMap::new();
+    for e in store.expenses.values() {
+        let (y, m, _) = civil_from_days(e.event_ms.div_euclid(86_400_000) as i32);
+        *months.entry((e.user_id, (y, m))).or_default() += i128::from(e.amount_minor);
+    }
+    let mut busiest: BTreeMap<u64, i128> = BTreeMap::new();
+    for ((user, _), spent) in months {
+        let max = busiest.entry(user).or_insert(i128::MIN);
+        *max = (*max).max(spent);
+    }
+    let (mut under, mut near, mut over) = (0, 0, 0);
+    for (user, spent) in &busiest {
+        let budget = i128::from(store.budgets[user]);
+        assert!(budget > 0);
+        // Never the simulator's whole-month budget against a few hours of spending.
+        assert!(
+            budget <= spent.max(&1) * 3,
+            "user {user}: {spent} of {budget}"
+        );
+        match spent * 100 / budget {
+            i128::MIN..80 => under += 1,
+            80..100 => near += 1,
+            _ => over += 1,
+        }
+    }
+    let all = under + near + over;
+    assert!(
+        under * 100 >= all * 55,
+        "under {under}, near {near}, over {over}"
+    );
+    assert!(
+        near * 100 >= all * 8,
+        "under {under}, near {near}, over {over}"
+    );
+    assert!(
+        over * 100 >= all * 3,
+        "under {under}, near {near}, over {over}"
+    );
+    assert!(
+        over < near && near < under,
+        "under {under}, near {near}, over {over}"
+    );
+}
+
+/// Against the services kit's MariaDB (`SPENDFLOW_MYSQL`; skipped when unset): `fx_rates` and
+/// the calibrated budgets are written, and a batch's budget and rate changes are committed.
+#[test]
+fn mysql_store_writes_rates_budgets_and_changes() {
+    use ::mysql::prelude::Queryable;
+
+    use super::mysql::{FX_RATES, MySqlStore};
+
+    let Some(base) = std::env::var("SPENDFLOW_MYSQL")
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+    else {
+        eprintln!("SPENDFLOW_MYSQL is not set: skipping (docker/native/services env)");
+        return;
+    };
+    let (prefix, query) = match base.trim().split_once('?') {
+        Some((p, q)) => (p.to_string(), format!("?{q}")),
+        None => (base.trim().to_string(), String::new()),
+    };
+    let server = prefix.trim_start_matches("mysql://");
+    let server = server.split_once('/').map_or(server, |(s, _)| s);
+    let database = format!("spendflow_gen_fx_{:08x}", rand::random::<u32>());
+    let url = format!("mysql://{server}/{database}{query}");
+
+    let sim = simulator(3, 0.0);
+    let budgets = Budgets::calibrate(sim.config(), Some(2000)).unwrap();
+    let mut store = MySqlStore::open(&url).unwrap();
+    store.begin_run("fingerprint").unwrap();
+    store.write_reference(&sim, &budgets).unwrap();
+    let mut batch = Batch::with_capacity(0);
+    batch.push_reference(ReferenceUpdate::Budget {
+        user_id: 2,
+        budget_minor: 123_000,
+    });
+    batch.push_reference(ReferenceUpdate::Rate {
+        currency: "USD",
+        rate_micros: 930_000,
+    });
+    store.commit_batch(&batch, 0, None).unwrap();
+    drop(store);
+
+    let (mut conn, _) = crate::mysql_client::connect(&url, false).unwrap();
+    let rates: Vec<(String, i64)> = conn
+        .query("SELECT currency, rate_micros FROM fx_rates ORDER BY currency")
+        .unwrap();
+    let mut expected: Vec<(String, i64)> = FX_RATES
+        .iter()
+        .map(|(c, r)| (c.to_string(), if *c == "USD" { 930_000 } else { *r }))
+        .collect();
+    expected.sort();
+    let users: Vec<(u64, i64)> = conn
+        .query("SELECT user_id, monthly_budget_minor FROM users ORDER BY user_id")
+        .unwrap();
+    conn.query_drop(format!("DROP DATABASE `{database}`"))
+        .unwrap();
+    assert_eq!(rates, expected);
+    assert_eq!(users.len() as u64, sim.config().users);
+    for (user_id, budget) in users {
+        let wanted = if user_id == 2 {
+            123_000
+        } else {
+            budgets.of(user_id, sim.user(user_id).unwrap().monthly_budget_minor)
+        };
+        assert_eq!(budget, wanted, "user {user_id}");
+    }
 }

@@ -12,6 +12,7 @@
 //! | [`file`](mod@file) | one, offset = byte offset of the next line | worker 0 |
 //! | [`input`] | one, offset = records pushed | worker 0 |
 //! | [`kafka`] | every matching topic's partitions, offset = Kafka offset | divided by a stable hash |
+//! | `mysql_cdc` | one, offset = binlog position (`file seq << 32 \| byte`) | worker 0 |
 
 //!
 //! # Adding a source
@@ -26,6 +27,8 @@ pub mod generator;
 pub mod input;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+#[cfg(feature = "mysql-cdc")]
+pub mod mysql_cdc;
 
 use spendflow_operators::reference::RefChange;
 use spendflow_operators::{Record, UserId};
@@ -111,6 +114,9 @@ pub enum SourceConfig {
     /// Kafka topics, by name or pattern.
     #[cfg(feature = "kafka")]
     Kafka(kafka::KafkaSourceConfig),
+    /// Users' budgets and exchange rates from a MySQL/MariaDB binlog (reference data).
+    #[cfg(feature = "mysql-cdc")]
+    MysqlCdc(mysql_cdc::MysqlCdcSourceConfig),
 }
 
 /// Where a source resumes: the position of every `(source name, partition)` a restored
@@ -129,7 +135,7 @@ pub struct WorkerPlace {
 impl SourceConfig {
     /// The readers worker `place` runs for this source, resuming at `restored`.
     ///
-    /// Single-partition sources (generator, file) are read by worker 0 only; Kafka gives every
+    /// Single-partition sources (generator, file, MySQL CDC) are read by worker 0 only; Kafka gives every
     /// worker a reader of its own share of the partitions.
     ///
     /// # Errors
@@ -154,6 +160,12 @@ impl SourceConfig {
                 place.count,
                 restored.clone(),
             )?)]),
+            #[cfg(feature = "mysql-cdc")]
+            SourceConfig::MysqlCdc(m) if place.index == 0 => Ok(vec![Box::new(
+                mysql_cdc::MysqlCdcSource::resume(m.clone(), restored)?,
+            )]),
+            #[cfg(feature = "mysql-cdc")]
+            SourceConfig::MysqlCdc(_) => Ok(Vec::new()),
             SourceConfig::Generator(_) | SourceConfig::File(_) => Ok(Vec::new()),
         }
     }
