@@ -160,6 +160,18 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "fail")]
     on_data_loss: OnDataLossArg,
 
+    /// Join users' monthly budgets and currencies and the exchange rates (`fx_rates`) live from
+    /// this MariaDB/MySQL database's binlog (row format; the user needs REPLICATION SLAVE and
+    /// REPLICATION CLIENT): `mysql://user:password@host:port/database`. A consistent snapshot
+    /// on the first start, then every committed change; the binlog position is checkpointed.
+    #[arg(long, value_name = "URL")]
+    mysql_cdc: Option<String>,
+
+    /// With Kafka input: write every change of a budget alert's state (80 % and 100 % of the
+    /// monthly budget, per user and UTC month) to this topic, once, as JSON keyed by user id.
+    #[arg(long, value_name = "NAME")]
+    alerts_topic: Option<String>,
+
     /// Convert every user's total to this currency (ISO 4217, e.g. EUR) with the live
     /// exchange rates (`fx_rates`, through --mysql-cdc), and rank TopSpenders by the converted
     /// total: rate_micros reporting micro-units per unit, rounded half away from zero.
@@ -350,6 +362,11 @@ impl RunArgs {
         if let Some(code) = &self.reporting_currency {
             config.reporting_currency = Some(code.clone());
         }
+        if let Some(url) = &self.mysql_cdc {
+            config.reference = Some(SourceConfig::MysqlCdc(
+                spendflow_engine::source::mysql_cdc::MysqlCdcSourceConfig::new(url.clone()),
+            ));
+        }
 
         if let Some(input) = self.input.clone() {
             config.source = Some(locate(config.source.take(), input));
@@ -363,6 +380,19 @@ impl RunArgs {
             Some(SourceConfig::Kafka(kafka)) => self.kafka(kafka, &take)?,
             Some(SourceConfig::Generator(_) | SourceConfig::MysqlCdc(_)) => {}
             None => bail!("give --input SOURCE, or a [source] table in the config file"),
+        }
+        if let Some(topic) = &self.alerts_topic {
+            let Some(SourceConfig::Kafka(kafka)) = &config.source else {
+                bail!(
+                    "--alerts-topic needs Kafka input (--input kafka:HOST:PORT): alerts go to the same brokers"
+                );
+            };
+            let mut alerts = spendflow_engine::sink::alerts::AlertsTopicConfig::new(
+                kafka.brokers.clone(),
+                topic.clone(),
+            );
+            alerts.librdkafka_options = kafka.librdkafka_options.clone();
+            config.alerts = Some(alerts);
         }
         let ignored_flags = self.ignored_flags(matches, &config);
 

@@ -40,6 +40,11 @@ pub struct EngineConfig {
     /// with the others. (The simulator brings its own reference data.)
     #[serde(default)]
     pub reference: Option<SourceConfig>,
+    /// Write every change of a budget alert's state, once, to this Kafka topic
+    /// (`--alerts-topic`; see `sink::alerts`).
+    #[cfg(feature = "kafka")]
+    #[serde(default)]
+    pub alerts: Option<crate::sink::alerts::config::AlertsTopicConfig>,
     /// Convert every user's total to this currency (ISO 4217, e.g. `EUR`) with the live
     /// exchange rates, and rank top spenders by the converted total (`--reporting-currency`).
     #[serde(default)]
@@ -279,6 +284,8 @@ impl Default for EngineConfig {
             dead_letter_capacity: default_dead_letter_capacity(),
             source: None,
             reference: None,
+            #[cfg(feature = "kafka")]
+            alerts: None,
             reporting_currency: None,
             grpc: None,
             web: None,
@@ -352,6 +359,10 @@ impl EngineConfig {
             sink.validate()?;
         }
         self.reporting_currency()?;
+        #[cfg(feature = "kafka")]
+        if let Some(alerts) = &self.alerts {
+            alerts.validate().map_err(|e| EngineError::Config(e.0))?;
+        }
         if let Some(checkpoint) = &self.checkpoint {
             if !(100..=3_600_000).contains(&checkpoint.interval_ms) {
                 return Err(EngineError::Config(format!(

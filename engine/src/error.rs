@@ -38,6 +38,9 @@ pub enum EngineError {
     /// The durable sink could not start or failed for good.
     #[error(transparent)]
     Sink(#[from] crate::sink::SinkError),
+    /// The alerts topic could not be opened.
+    #[error(transparent)]
+    Alerts(#[from] crate::sink::alerts::AlertsError),
     /// The dataflow workers failed (a worker thread panicked or could not start).
     #[error("dataflow workers failed: {0}")]
     Workers(String),
@@ -53,6 +56,7 @@ impl EngineError {
             EngineError::Source(e) => e.is_retriable(),
             EngineError::Checkpoint(e) => e.is_retriable(),
             EngineError::Sink(e) => e.is_retriable(),
+            EngineError::Alerts(e) => e.is_retriable(),
             EngineError::Serve { .. } | EngineError::Web { .. } => true,
             EngineError::Config(_) | EngineError::Workers(_) | EngineError::ShutDown => false,
         }

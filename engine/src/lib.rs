@@ -212,14 +212,22 @@ impl Engine {
         let mut recovered = start::recover(&config, sink, &runtime.handle())?;
         let restored = recovered.positions();
         let (input, sources) = start::open_sources(&config, &restored)?;
+        let restoring = recovered.restored.is_some();
         let (shared, read_model, writer) = start::shared_state(&config, &mut recovered, &restored)?;
         let listeners = start::bind(&config)?;
         let start::Recovered {
             store,
             sink,
             sink_stop,
+            #[cfg(feature = "kafka")]
+            alerts,
             ..
         } = recovered;
+        let alerts = start::Alerts {
+            #[cfg(feature = "kafka")]
+            output: alerts,
+            restored: restoring,
+        };
         let (sink, sink_committed) = sink.unzip();
         let threads = start::spawn(
             config.workers,
@@ -229,6 +237,7 @@ impl Engine {
             sink_committed.flatten(),
             writer,
             sources,
+            alerts,
         )?;
         let servers = start::serve(
             listeners,

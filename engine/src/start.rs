@@ -40,6 +40,9 @@ pub(crate) struct Recovered {
     pub sink: Option<(Box<dyn Sink>, Option<Epoch>)>,
     /// Makes the sink's retries give up (at shutdown, after a grace period).
     pub sink_stop: Arc<AtomicBool>,
+    /// The alerts topic, opened and read (it is compared with before anything is written).
+    #[cfg(feature = "kafka")]
+    pub alerts: Option<crate::sink::alerts::kafka::AlertsOutput>,
 }
 
 impl Recovered {
@@ -117,11 +120,21 @@ pub(crate) fn recover(
         }
         None => None,
     };
+    #[cfg(feature = "kafka")]
+    let alerts = match &config.alerts {
+        Some(alerts) => {
+            tracing::info!(topic = %alerts.topic, "Opening the alerts topic.");
+            Some(crate::sink::alerts::kafka::AlertsOutput::open(alerts)?)
+        }
+        None => None,
+    };
     Ok(Recovered {
         store,
         restored,
         sink,
         sink_stop,
+        #[cfg(feature = "kafka")]
+        alerts,
     })
 }
 
@@ -224,6 +237,15 @@ pub(crate) fn shared_state(
     Ok((Arc::new(shared), read_model, writer))
 }
 
+/// The alerts output step 1 opened, for step 4.
+pub(crate) struct Alerts {
+    /// The alerts topic, if `--alerts-topic`.
+    #[cfg(feature = "kafka")]
+    pub output: Option<crate::sink::alerts::kafka::AlertsOutput>,
+    /// True when a checkpoint was restored (the first published delta is its state).
+    pub restored: bool,
+}
+
 /// The threads step 4 starts.
 pub(crate) struct Threads {
     pub workers: JoinHandle<Result<Vec<()>, spendflow_operators::runtime::WorkersFailed>>,
@@ -241,13 +263,21 @@ pub(crate) fn spawn(
     sink_committed: Option<Epoch>,
     writer: ReadModelWriter,
     sources: Vec<Vec<Box<dyn Source>>>,
+    alerts: Alerts,
 ) -> Result<Threads, EngineError> {
     let spawn_error = |e: std::io::Error| EngineError::Workers(e.to_string());
     let mut outputs = pipeline::Outputs {
         sink_committed,
         epoch_cuts: Arc::clone(&shared.clock.cuts),
+        restored: alerts.restored,
         ..pipeline::Outputs::default()
     };
+    let mut alerts_committed = None;
+    #[cfg(feature = "kafka")]
+    if let Some(output) = alerts.output {
+        alerts_committed = Some(Box::new(output.committed_probe()) as pipeline::AlertsCommitted);
+        outputs.alerts = Some(Box::new(output));
+    }
     let sink = match sink {
         Some(sink) => {
             let inbox = Arc::new(SinkInbox::new(sink.max_group_cells()));
@@ -278,6 +308,7 @@ pub(crate) fn spawn(
                             Box::new(store),
                             &shared,
                             wait_for_sink,
+                            alerts_committed,
                         )
                     })
                     .map_err(spawn_error)?,

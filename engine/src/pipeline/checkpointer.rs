@@ -10,6 +10,9 @@ use spendflow_operators::{Epoch, RejectReason};
 use super::*;
 use crate::checkpoint::{Checkpoint, CheckpointStore, SavedPosition};
 
+/// Reads the newest epoch the alerts topic holds every change of (`AlertsOutput::committed_probe`).
+pub type AlertsCommitted = Box<dyn Fn() -> Option<Epoch> + Send>;
+
 /// How long a checkpoint may wait for a worker's share before it is given up (a worker that
 /// missed the mark; the next checkpoint is then marked).
 const CHECKPOINT_PATIENCE: Duration = Duration::from_secs(120);
@@ -22,6 +25,7 @@ pub fn run_checkpointer(
     mut store: Box<dyn CheckpointStore>,
     shared: &Shared,
     wait_for_sink: bool,
+    alerts_committed: Option<AlertsCommitted>,
 ) {
     let mut pending: std::collections::BTreeMap<Epoch, (Instant, Vec<SnapshotPart>)> =
         Default::default();
@@ -59,6 +63,16 @@ pub fn run_checkpointer(
         }
         if wait_for_sink && shared.sink_committed.load(Ordering::Acquire) < epoch {
             break; // Stopping before the sink caught up: this checkpoint would claim too much.
+        }
+        // Likewise the alerts topic: a checkpoint ahead of it would make a restart skip the
+        // input behind changes the topic never got (see `sink::alerts`).
+        if let Some(committed) = &alerts_committed {
+            while committed().is_none_or(|c| c < epoch) && !shared.stop.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if committed().is_none_or(|c| c < epoch) {
+                break;
+            }
         }
         let started = Instant::now();
         let progress = || shared.checkpoints.lock();
@@ -229,7 +243,9 @@ mod checkpointer_tests {
         let (tx, rx) = crossbeam_channel::unbounded();
         let thread = {
             let shared = Arc::clone(&shared);
-            std::thread::spawn(move || run_checkpointer(rx, 1, Box::new(store), &shared, false))
+            std::thread::spawn(move || {
+                run_checkpointer(rx, 1, Box::new(store), &shared, false, None)
+            })
         };
         let progress = || shared.checkpoints.lock().clone();
         let wait_failures = |n: u64| {

@@ -41,7 +41,7 @@ mod publisher;
 mod sink_driver;
 mod worker;
 
-pub use checkpointer::run_checkpointer;
+pub use checkpointer::{AlertsCommitted, run_checkpointer};
 pub use clock::EpochClock;
 pub use publisher::{Outputs, run_publisher};
 pub use sink_driver::run_sink;

@@ -12,6 +12,9 @@ use crate::core::PartitionPosition;
 use crate::serve::read_model::{AsOf, EpochDelta, ReadModelWriter};
 use crate::sink::SinkInbox;
 
+/// How long a stopping engine waits for the alerts topic to take what is queued.
+const ALERTS_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Where the publisher sends what it publishes, besides the read model.
 #[derive(Debug, Default)]
 pub struct Outputs {
@@ -26,6 +29,10 @@ pub struct Outputs {
     pub sink_committed: Option<Epoch>,
     /// When the clock cut each epoch (publishing one records how long it took).
     pub epoch_cuts: Arc<crate::metrics::EpochCuts>,
+    /// Where alert changes go besides the read model (`--alerts-topic`).
+    pub alerts: Option<Box<dyn crate::sink::alerts::AlertsSink>>,
+    /// True when this run restored a checkpoint: its first delta is the restored state.
+    pub restored: bool,
 }
 
 /// Steps 5–6: merges worker reports into whole epochs, publishes them to the read model and
@@ -51,6 +58,16 @@ pub fn run_publisher(
         }
         if let Some(delta) = merger.push(report) {
             let epoch = delta.as_of.epoch;
+            // Alert changes go out for every delta (the output compares positions), before the
+            // read model takes the delta; the restored state is the first delta of a restore.
+            if let Some(alerts) = &outputs.alerts {
+                let events: Vec<_> = delta.alerts.iter().map(|(_, event)| *event).collect();
+                let restore = std::mem::take(&mut outputs.restored);
+                if !alerts.publish(epoch, &delta.as_of.positions, &events, restore) {
+                    // It logged why; the next start writes what this run did not.
+                    outputs.alerts = None;
+                }
+            }
             let cells = delta.cells.len();
             let records_covered = delta.records_covered;
             let published = writer.apply(delta);
@@ -74,6 +91,9 @@ pub fn run_publisher(
     }
     if let Some(sink) = &outputs.sink {
         sink.close();
+    }
+    if let Some(alerts) = outputs.alerts.take() {
+        alerts.close_within(ALERTS_GRACE);
     }
     tracing::debug!("Publisher finished.");
 }

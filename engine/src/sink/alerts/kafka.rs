@@ -200,6 +200,13 @@ impl AlertsOutput {
         self.shared.committed.load(Ordering::Acquire).checked_sub(1)
     }
 
+    /// A handle that reads [`AlertsOutput::committed_epoch`] from another thread (the
+    /// checkpointer's wait).
+    pub fn committed_probe(&self) -> impl Fn() -> Option<Epoch> + Send + Sync + 'static {
+        let shared = Arc::clone(&self.shared);
+        move || shared.committed.load(Ordering::Acquire).checked_sub(1)
+    }
+
     /// Records committed in this run: `(fired, cleared)`.
     pub fn written(&self) -> (u64, u64) {
         (
@@ -676,4 +683,29 @@ fn partitions(
         }
     }
     Ok((assignment, pending))
+}
+
+impl super::AlertsSink for AlertsOutput {
+    fn publish(
+        &self,
+        epoch: Epoch,
+        positions: &[PartitionPosition],
+        events: &[AlertEvent],
+        restore: bool,
+    ) -> bool {
+        AlertsOutput::publish(self, epoch, positions, events, restore)
+    }
+
+    fn close_within(self: Box<Self>, grace: Duration) {
+        let topic = self.topic.clone();
+        let (fired, cleared) = self.written();
+        match (*self).close(grace) {
+            Ok(()) => tracing::info!(topic = %topic, fired, cleared, "Alerts topic closed."),
+            Err(e) => tracing::error!(
+                topic = %topic,
+                error = %e,
+                "Alerts output stopped on an error; the next start writes what this run did not."
+            ),
+        }
+    }
 }

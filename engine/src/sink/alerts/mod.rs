@@ -70,6 +70,24 @@ pub use config::AlertsTopicConfig;
 #[cfg(feature = "kafka")]
 pub use kafka::AlertsOutput;
 
+/// Where the publisher hands every published epoch's alert changes (the Kafka topic,
+/// [`AlertsOutput`], is the one the engine has; the trait keeps the pipeline free of Kafka).
+pub trait AlertsSink: Send + std::fmt::Debug {
+    /// Hands over one published delta: its epoch, the input positions it covers, its alert
+    /// changes in epoch order, and whether it is the restored checkpoint's epoch. Called for
+    /// every delta, also those without changes. False once the output has stopped on an error.
+    fn publish(
+        &self,
+        epoch: Epoch,
+        positions: &[PartitionPosition],
+        events: &[AlertEvent],
+        restore: bool,
+    ) -> bool;
+
+    /// Writes what is queued, waiting at most `grace`, and stops.
+    fn close_within(self: Box<Self>, grace: std::time::Duration);
+}
+
 /// While the gate stays shut, a warning every this many epochs.
 const HELD_WARN_EVERY: u64 = 1000;
 
