@@ -20,6 +20,7 @@
 
 pub mod aggregate;
 pub mod dataflow;
+pub mod enrich;
 pub mod decode;
 pub mod id;
 pub mod model;
