@@ -14,8 +14,7 @@ use std::collections::BTreeMap;
 use crate::ClosedEpoch;
 use crate::model::{AggKey, CountSum, ExpenseId, Fact, Record, UserId};
 use crate::reference::{
-    Currency, RefChange, RefKey, RefValue, THRESHOLDS_PCT, UNKNOWN_CURRENCY, UserRow,
-    alert_fired, convert, rate_for,
+    Currency, RATE_ONE, RefChange, RefKey, RefValue, THRESHOLDS_PCT, UNKNOWN_CURRENCY, UserRow,
 };
 
 /// All aggregates at one point of the input: `(count, sum)` per cell, and the newest event time
@@ -187,8 +186,14 @@ pub fn joined<'a>(inputs: impl IntoIterator<Item = &'a Input>, reporting: Option
         let row = out.users.get(&key.user_id());
         match (key, row) {
             (AggKey::Month(user, month), Some(row)) if *count > 0 => {
+                // The rule written out again, not `reference::alert_fired`: the oracle must not
+                // share the code it checks.
+                let budget = row.budget_minor.unwrap_or(0);
                 for threshold_pct in THRESHOLDS_PCT {
-                    if alert_fired(Some(i128::from(*sum)), row.budget_minor, threshold_pct) {
+                    if budget > 0
+                        && i128::from(*sum) * 100
+                            >= i128::from(budget) * i128::from(threshold_pct)
+                    {
                         out.fired.insert(
                             (*user, *month, threshold_pct),
                             FiredAlert {
@@ -201,11 +206,17 @@ pub fn joined<'a>(inputs: impl IntoIterator<Item = &'a Input>, reporting: Option
                 }
             }
             (AggKey::User(user), Some(row)) if *count > 0 => {
-                if let Some(reporting) = reporting
-                    && let Some(rate) =
-                        rate_for(row.currency, reporting, |c| out.rates.get(c).copied())
-                {
-                    out.converted.insert(*user, convert(i128::from(*sum), rate));
+                let rate = match reporting {
+                    Some(reporting) if row.currency == reporting => Some(RATE_ONE),
+                    Some(_) => out.rates.get(&row.currency).copied(),
+                    None => None,
+                };
+                if let Some(rate) = rate {
+                    // Half away from zero: round the magnitude half up, then restore the sign.
+                    let product = i128::from(*sum) * i128::from(rate);
+                    let one = i128::from(RATE_ONE);
+                    let converted = (product.abs() + one / 2) / one * product.signum();
+                    out.converted.insert(*user, converted);
                 }
             }
             _ => {}

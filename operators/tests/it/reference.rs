@@ -20,7 +20,8 @@ use std::sync::Arc;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use spendflow_operators::model::{Expense, ExpenseId, MS_PER_DAY, Record, UserId};
-use spendflow_operators::oracle::{Aggregates, Input, Joined, joined, ranking};
+use spendflow_operators::AggKey;
+use spendflow_operators::oracle::{Aggregates, Input, Joined, joined, ranking, recompute};
 use spendflow_operators::reference::{
     AlertState, Currency, DataflowOptions, RefChange, RefKey, RefValue, UserRow,
 };
@@ -77,8 +78,28 @@ fn random_stream(seed: u64, inputs: usize, users: u64) -> Vec<Vec<Input>> {
         let input = if roll < 8 && !sent.is_empty() {
             // Duplicate delivery of anything sent earlier.
             sent[rng.random_range(0..sent.len())].clone()
-        } else if roll < 20 {
+        } else if roll < 18 {
             Input::Reference(random_user_change(&mut rng, users))
+        } else if roll < 20 && !records.is_empty() {
+            // A budget exactly at a month's spend: the 100% threshold sits on its boundary.
+            let cells = recompute(records.iter().copied()).cells;
+            let months: Vec<_> = cells
+                .iter()
+                .filter_map(|(key, (count, sum))| match key {
+                    AggKey::Month(user, _) if *count > 0 && *sum > 0 => Some((*user, *sum)),
+                    _ => None,
+                })
+                .collect();
+            match months.get(rng.random_range(0..months.len().max(1))) {
+                Some((user, sum)) => Input::Reference(RefChange {
+                    key: RefKey::User(*user),
+                    value: Some(RefValue::User {
+                        budget_minor: Some(*sum),
+                        currency: REPORTING,
+                    }),
+                }),
+                None => Input::Reference(random_user_change(&mut rng, users)),
+            }
         } else if roll < 25 {
             Input::Reference(random_rate_change(&mut rng))
         } else if roll < 40 && !records.is_empty() {
@@ -142,9 +163,13 @@ fn random_rate_change(rng: &mut ChaCha8Rng) -> RefChange {
     let value = if rng.random_bool(0.2) {
         None
     } else {
-        Some(RefValue::Fx {
-            rate_micros: rng.random_range(1..3_000_000),
-        })
+        // Half-unit rates put odd totals exactly halfway between two minor units.
+        let rate_micros = if rng.random_bool(0.4) {
+            [500_000, 1_500_000, 2_500_000][rng.random_range(0..3)]
+        } else {
+            rng.random_range(1..3_000_000)
+        };
+        Some(RefValue::Fx { rate_micros })
     };
     RefChange {
         key: RefKey::Fx(currency),
