@@ -435,3 +435,155 @@ fn checkpoint_restores_at_other_parallelism_and_continues_like_the_oracle() {
         }
     }
 }
+
+#[test]
+fn one_drain_over_many_epochs_splits_reference_outputs_by_epoch() {
+    let options = DataflowOptions {
+        reporting_currency: Some(REPORTING),
+    };
+    let epochs = Arc::new(random_stream(11, 2_000, 10));
+    let input = epochs.clone();
+    let per_worker = execute(2, move |ctx| {
+        let mut dataflow = ctx.build_dataflow_with_options(Default::default(), options);
+        let (index, peers) = (ctx.index() as u64, ctx.peers() as u64);
+        // Push every epoch before stepping at all: the first drain sees many closed epochs.
+        for (epoch, inputs) in input.iter().enumerate() {
+            for input in inputs {
+                match input {
+                    Input::Record(r) if r.user_id() % peers == index => dataflow.push(r.clone()),
+                    Input::Reference(change) if index == 0 => dataflow.push_reference(*change),
+                    _ => {}
+                }
+            }
+            dataflow.advance_to(epoch as Epoch + 1);
+        }
+        while dataflow.is_behind() {
+            ctx.step();
+        }
+        (dataflow.drain_closed(), Vec::new())
+    })
+    .unwrap();
+    let last = epochs.len() as Epoch - 1;
+    for (drained, _) in &per_worker {
+        assert!(drained.windows(2).all(|w| w[0].epoch < w[1].epoch));
+        assert_eq!(drained.last().map(|c| c.epoch), Some(last));
+        assert!(drained[..drained.len() - 1].iter().all(|c| !c.is_empty()));
+    }
+    check(&epochs, &per_worker, Some(REPORTING), 0);
+}
+
+/// The events of a hand-made story, exactly.
+#[test]
+fn alert_and_conversion_events_of_a_budget_story() {
+    use spendflow_operators::reference::{AlertEvent, Converted, RateChange, UserRef};
+    let day_ms = |day: i64| (20_789 + day) * MS_PER_DAY; // 2026-12-02 + day
+    let month = 2026 * 12 + 11; // December 2026
+    let spend = |id: &str, amount: i64| {
+        Input::Record(Record::Upsert(Expense {
+            expense_id: eid(id),
+            user_id: 1,
+            card_id: None,
+            merchant: Arc::from("Tesco"),
+            category: Arc::from("groceries"),
+            amount_minor: amount,
+            currency: *b"USD",
+            event_ms: day_ms(1),
+        }))
+    };
+    let user = |budget_minor: Option<i64>, currency: Currency| {
+        Input::Reference(RefChange {
+            key: RefKey::User(1),
+            value: Some(RefValue::User {
+                budget_minor,
+                currency,
+            }),
+        })
+    };
+    let rate = |rate_micros: Option<i64>| {
+        Input::Reference(RefChange {
+            key: RefKey::Fx(*b"USD"),
+            value: rate_micros.map(|rate_micros| RefValue::Fx { rate_micros }),
+        })
+    };
+    let epochs = Arc::new(vec![
+        // 0: budget 1000 USD, spend 700: no alert; no rate yet, so no converted total.
+        vec![user(Some(1_000), *b"USD"), spend("a", 700)],
+        // 1: spend 800: the 80% alert fires; a rate arrives: 800 USD at 0.9 = 720 EUR.
+        vec![spend("b", 100), rate(Some(900_000))],
+        // 2: spend 850: still fired at 80%, no event; converted 765.
+        vec![spend("c", 50)],
+        // 3: budget 800: 850 >= 800, the 100% alert fires too (budget change alone).
+        vec![user(Some(800), *b"USD")],
+        // 4: set and reset in one epoch: no change at all.
+        vec![user(None, *b"USD"), user(Some(800), *b"USD")],
+        // 5: budget NULL: both alerts clear, reporting budget 0.
+        vec![user(None, *b"USD")],
+        // 6: the rate goes: no converted total any more.
+        vec![rate(None)],
+        // 7: the user moves to EUR with budget 1000: converts at 1, 80% fires again.
+        vec![user(Some(1_000), *b"EUR")],
+    ]);
+    let options = DataflowOptions {
+        reporting_currency: Some(REPORTING),
+    };
+    let per_worker = run(epochs.clone(), 1, options, None, None);
+    check(&epochs, &per_worker, Some(REPORTING), 0);
+    let closed = &per_worker[0].0;
+    let alert = |threshold_pct, state, spent_minor, budget_minor, currency| AlertEvent {
+        user_id: 1,
+        month,
+        threshold_pct,
+        state,
+        spent_minor,
+        budget_minor,
+        currency,
+    };
+    let converted = |total_minor| Converted {
+        user_id: 1,
+        total_minor,
+    };
+    let row = |budget_minor, currency| UserRef {
+        user_id: 1,
+        row: Some(UserRow {
+            budget_minor,
+            currency,
+        }),
+    };
+    let usd = *b"USD";
+    assert_eq!(closed[0].alerts, vec![]);
+    assert_eq!(closed[0].converted, vec![]);
+    assert_eq!(closed[0].users, vec![row(Some(1_000), usd)]);
+    assert_eq!(
+        closed[1].alerts,
+        vec![alert(80, AlertState::Fired, 800, 1_000, usd)]
+    );
+    assert_eq!(closed[1].converted, vec![converted(Some(720))]);
+    assert_eq!(
+        closed[1].rates,
+        vec![RateChange {
+            currency: usd,
+            rate_micros: Some(900_000)
+        }]
+    );
+    assert_eq!(closed[2].alerts, vec![]);
+    assert_eq!(closed[2].converted, vec![converted(Some(765))]);
+    assert_eq!(
+        closed[3].alerts,
+        vec![alert(100, AlertState::Fired, 850, 800, usd)]
+    );
+    assert!(closed[4].is_empty(), "{:?}", closed[4]);
+    assert_eq!(
+        closed[5].alerts,
+        vec![
+            alert(80, AlertState::Cleared, 850, 0, usd),
+            alert(100, AlertState::Cleared, 850, 0, usd)
+        ]
+    );
+    assert_eq!(closed[5].users, vec![row(None, usd)]);
+    assert_eq!(closed[6].converted, vec![converted(None)]);
+    assert_eq!(
+        closed[7].alerts,
+        vec![alert(80, AlertState::Fired, 850, 1_000, REPORTING)]
+    );
+    assert_eq!(closed[7].converted, vec![converted(Some(850))]);
+}
