@@ -3,15 +3,24 @@
 //! ```text
 //! push(Record) ──> Instruction ──(exchange by user_id, expense_id)──> UpsertByExpense ──> live facts
 //!     ├──> AggregateCells ──(exchange by user_id)──> arrangement of AggKey -> (count, sum)
-//!     │        ──> CaptureChanges ──> probe
-//!     └──(exchange by user_id)──> LastSeenByUser ──> probe
+//!     │        ──> CaptureChanges ──(user total and month changes)──┐
+//!     └──(exchange by user_id)──> LastSeenByUser ──> probe          │
+//!                                                                   v
+//! push_reference(RefChange) ──(exchange: user rows by user_id,   JoinReference ──> probe
+//!     rates by currency)──> UpsertReference ──(user rows: ────>  (alerts, converted totals)
+//!                  (users, rates)    same worker; rates: every worker)
 //! ```
+//!
+//! Cells, last-seen times, user rows, rates, alerts and converted totals all reach the worker
+//! through captures ("sinks") the operators fill when an epoch closes; see [`crate::enrich`]
+//! for the reference half.
 //!
 //! The dataflow time is an [`Epoch`]. A caller pushes records at the current epoch, advances to
 //! a later epoch to close the current one, and steps the worker. Once every worker has closed
 //! an epoch and the probe has passed it, [`ExpenseDataflow::drain_closed`] returns, per newly
 //! closed epoch, the consolidated changes of this worker's cells plus the new last-event time of
-//! every user whose events changed. Each worker owns a share of the users,
+//! every user whose events changed, and the reference outputs (user rows, rates, alert events,
+//! converted totals) of the users and rows it owns. Each worker owns a share of the users,
 //! so the union over workers of what they drain is the complete change of the aggregates.
 //!
 //! The worker holds no trace handle: everything it reports comes out of the operators as
@@ -27,8 +36,7 @@ use timely::worker::Worker;
 
 use crate::Epoch;
 use crate::aggregate::{
-    AggregateCells, CapturedChanges, CapturedLastSeen, CapturedTouches, LastSeenByUser,
-    ReplayTouch,
+    AggregateCells, CapturedChanges, CapturedLastSeen, CapturedTouches, LastSeenByUser, ReplayTouch,
 };
 use crate::enrich::{
     CapturedAlerts, CapturedConverted, CapturedRates, CapturedUsers, JoinReference, RefRows,
@@ -133,7 +141,8 @@ impl ExpenseDataflow {
                 .last_seen_by_user(last_seen.clone())
                 .probe_with(&probe);
             let cells = facts.aggregate_cells(replay, touched.clone());
-            let rows = changes.upsert_reference(ref_snapshots.clone(), users.clone(), rates.clone());
+            let rows =
+                changes.upsert_reference(ref_snapshots.clone(), users.clone(), rates.clone());
             capture_and_forward_spend(&cells, captured.clone())
                 .join_reference(
                     rows,
@@ -376,10 +385,9 @@ fn drain_sorted<T, K: Ord>(
     key: impl Fn(&T) -> K,
 ) -> Vec<(Epoch, T)> {
     let mut sink = sink.borrow_mut();
-    let (mut now, later): (Vec<_>, Vec<_>) =
-        sink.drain(..).partition(|(time, _)| *time <= through);
+    let (mut now, later): (Vec<_>, Vec<_>) = sink.drain(..).partition(|(time, _)| *time <= through);
     *sink = later;
-    now.sort_by(|a, b| (a.0, key(&a.1)).cmp(&(b.0, key(&b.1))));
+    now.sort_by_key(|(epoch, value)| (*epoch, key(value)));
     now
 }
 

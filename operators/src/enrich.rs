@@ -526,7 +526,9 @@ impl Join {
                 let total = state
                     .row
                     .filter(|_| state.total.0 > 0)
-                    .and_then(|row| rate_for(row.currency, reporting, |c| self.rates.get(c).copied()))
+                    .and_then(|row| {
+                        rate_for(row.currency, reporting, |c| self.rates.get(c).copied())
+                    })
                     .map(|rate| convert(i128::from(state.total.1), rate));
                 if total != state.converted {
                     state.converted = total;

@@ -154,7 +154,10 @@ pub fn ranking(totals: &BTreeMap<UserId, i128>) -> Vec<(UserId, i128)> {
 /// The aggregates, current reference rows, fired alerts and converted totals (in `reporting`,
 /// if given) after replaying `inputs` in order: the rules of [`crate::reference`], applied
 /// directly to the final state.
-pub fn joined<'a>(inputs: impl IntoIterator<Item = &'a Input>, reporting: Option<Currency>) -> Joined {
+pub fn joined<'a>(
+    inputs: impl IntoIterator<Item = &'a Input>,
+    reporting: Option<Currency>,
+) -> Joined {
     let mut records = Vec::new();
     let mut rows: BTreeMap<RefKey, RefValue> = BTreeMap::new();
     for input in inputs {
@@ -178,7 +181,8 @@ pub fn joined<'a>(inputs: impl IntoIterator<Item = &'a Input>, reporting: Option
                 out.users.extend(value.user_row().map(|row| (user, row)));
             }
             (RefKey::Fx(currency), value) => {
-                out.rates.extend(value.rate_micros().map(|rate| (currency, rate)));
+                out.rates
+                    .extend(value.rate_micros().map(|rate| (currency, rate)));
             }
         }
     }
@@ -191,8 +195,7 @@ pub fn joined<'a>(inputs: impl IntoIterator<Item = &'a Input>, reporting: Option
                 let budget = row.budget_minor.unwrap_or(0);
                 for threshold_pct in THRESHOLDS_PCT {
                     if budget > 0
-                        && i128::from(*sum) * 100
-                            >= i128::from(budget) * i128::from(threshold_pct)
+                        && i128::from(*sum) * 100 >= i128::from(budget) * i128::from(threshold_pct)
                     {
                         out.fired.insert(
                             (*user, *month, threshold_pct),

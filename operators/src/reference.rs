@@ -11,6 +11,32 @@
 //! * [`AlertEvent`]s: a `(user, month, threshold)` alert changed state (fired or cleared);
 //! * [`Converted`] changes: a user's total in the reporting currency.
 //!
+//! # How it works
+//!
+//! The operators are in [`crate::enrich`]; this module has the types and the rules.
+//!
+//! * **Rows.** [`RefChange`]s enter through a second input
+//!   ([`crate::ExpenseDataflow::push_reference`]), are exchanged to the key's owner and applied
+//!   epoch by epoch in arrival order, last write wins (the expense upsert's scheme, and for
+//!   its reason: differential's upsert arrangement would keep an epoch's *greatest* value).
+//!   Only a row that differs at the end of an epoch from its start is a change: a row set and
+//!   reset within an epoch reports nothing. A user's row is owned by the worker that owns the
+//!   user's aggregate cells, so the join below needs no further exchange for users; a
+//!   checkpoint copies each row from its owner, so it holds every row once.
+//! * **Alerts.** Fed the changes of users' month and total cells straight from the cell
+//!   arrangement (no second aggregation: the arrangement's output already is the per-epoch
+//!   change of those sums), the join keeps each user's month sums, row and fired alerts, and at
+//!   each closed epoch re-evaluates the rule for the months the epoch touched (all months of a
+//!   user whose row changed) and reports only the changes of the fired set. Event values are
+//!   those at the end of the epoch: the engine publishes epochs, never states inside one.
+//! * **Conversion.** With [`DataflowOptions::reporting_currency`], the same join converts the
+//!   total of every user whose total, row or rate changed, and reports it if it differs from
+//!   what it last reported. Rates are few: each is broadcast to every worker.
+//! * **Restore.** A restored dataflow starts from nothing: the rows and live expenses pushed
+//!   in the restore epoch come out as changes of that epoch, so alerts fired at the
+//!   checkpoint are `Fired` events of the restore epoch (outputs that already published them
+//!   know that epoch and can tell a re-fire from a new one).
+//!
 //! # Alert rule
 //!
 //! For every user with a budget `b > 0` and every UTC month `m` of `event_time` in which the
@@ -272,11 +298,7 @@ mod tests {
         assert!(!alert_fired(Some(0), Some(1), 80));
         assert!(!alert_fired(Some(-5), Some(1), 80));
         // 128 bits: no overflow near the i64 limits.
-        assert!(alert_fired(
-            Some(i128::from(i64::MAX)),
-            Some(i64::MAX),
-            100
-        ));
+        assert!(alert_fired(Some(i128::from(i64::MAX)), Some(i64::MAX), 100));
     }
 
     #[test]

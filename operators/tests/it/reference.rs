@@ -19,8 +19,8 @@ use std::sync::Arc;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use spendflow_operators::model::{Expense, ExpenseId, MS_PER_DAY, Record, UserId};
 use spendflow_operators::AggKey;
+use spendflow_operators::model::{Expense, ExpenseId, MS_PER_DAY, Record, UserId};
 use spendflow_operators::oracle::{Aggregates, Input, Joined, joined, ranking, recompute};
 use spendflow_operators::reference::{
     AlertState, Currency, DataflowOptions, RefChange, RefKey, RefValue, UserRow,
@@ -104,7 +104,11 @@ fn random_stream(seed: u64, inputs: usize, users: u64) -> Vec<Vec<Input>> {
             Input::Reference(random_rate_change(&mut rng))
         } else if roll < 40 && !records.is_empty() {
             let earlier = records[rng.random_range(0..records.len())];
-            Input::Record(fresh(&mut rng, eid(earlier.expense_id()), earlier.user_id()))
+            Input::Record(fresh(
+                &mut rng,
+                eid(earlier.expense_id()),
+                earlier.user_id(),
+            ))
         } else if roll < 50 && !records.is_empty() {
             let earlier = records[rng.random_range(0..records.len())];
             Input::Record(Record::Delete {
@@ -261,8 +265,12 @@ struct Served {
 impl Served {
     /// Applies every worker's entry of `epoch` and checks it against the oracle at `epoch`.
     fn apply_and_check(&mut self, epoch: Epoch, entries: &[&ClosedEpoch], oracle: &Joined) {
-        let (mut users, mut rates, mut alerts, mut converted) =
-            (BTreeSet::new(), BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+        let (mut users, mut rates, mut alerts, mut converted) = (
+            BTreeSet::new(),
+            BTreeSet::new(),
+            BTreeSet::new(),
+            BTreeSet::new(),
+        );
         for closed in entries {
             self.aggregates.apply(closed);
             for change in &closed.users {
@@ -288,23 +296,36 @@ impl Served {
                 assert!(alerts.insert(key), "epoch {epoch}: alert twice");
                 match event.state {
                     AlertState::Fired => {
-                        assert!(self.fired.insert(key), "epoch {epoch}: fired twice {event:?}");
+                        assert!(
+                            self.fired.insert(key),
+                            "epoch {epoch}: fired twice {event:?}"
+                        );
                         self.fired_events += 1;
                     }
                     AlertState::Cleared => {
-                        assert!(self.fired.remove(&key), "epoch {epoch}: cleared unfired {event:?}");
+                        assert!(
+                            self.fired.remove(&key),
+                            "epoch {epoch}: cleared unfired {event:?}"
+                        );
                         self.cleared_events += 1;
                     }
                 }
                 let expected = oracle.alert_values(event.user_id, event.month);
                 assert_eq!(
                     (event.spent_minor, event.budget_minor, event.currency),
-                    (expected.spent_minor, expected.budget_minor, expected.currency),
+                    (
+                        expected.spent_minor,
+                        expected.budget_minor,
+                        expected.currency
+                    ),
                     "epoch {epoch}: values of {event:?}"
                 );
             }
             for change in &closed.converted {
-                assert!(converted.insert(change.user_id), "epoch {epoch}: converted twice");
+                assert!(
+                    converted.insert(change.user_id),
+                    "epoch {epoch}: converted twice"
+                );
                 let before = self.converted.get(&change.user_id).copied();
                 assert_ne!(before, change.total_minor, "epoch {epoch}: no change");
                 match change.total_minor {
@@ -313,7 +334,10 @@ impl Served {
                 };
             }
         }
-        assert_eq!(self.aggregates.cells, oracle.aggregates.cells, "epoch {epoch}: cells");
+        assert_eq!(
+            self.aggregates.cells, oracle.aggregates.cells,
+            "epoch {epoch}: cells"
+        );
         assert_eq!(self.users, oracle.users, "epoch {epoch}: users");
         assert_eq!(self.rates, oracle.rates, "epoch {epoch}: rates");
         let expected: BTreeSet<_> = oracle.fired.keys().copied().collect();
@@ -361,8 +385,16 @@ fn alerts_conversion_and_rows_match_the_oracle_at_every_epoch_with_one_and_two_w
                 0,
             );
             // The stream exercises what it claims to.
-            assert!(served.fired_events > 10, "seed {seed}: {}", served.fired_events);
-            assert!(served.cleared_events > 10, "seed {seed}: {}", served.cleared_events);
+            assert!(
+                served.fired_events > 10,
+                "seed {seed}: {}",
+                served.fired_events
+            );
+            assert!(
+                served.cleared_events > 10,
+                "seed {seed}: {}",
+                served.cleared_events
+            );
             assert!(!served.converted.is_empty(), "seed {seed}");
         }
     }
@@ -391,7 +423,9 @@ fn checkpoint_restores_at_other_parallelism_and_continues_like_the_oracle() {
             assert_eq!(copies.len(), 1, "one copy per worker");
             assert_eq!(copies[0].epoch, at);
             checkpoint.live.extend(copies[0].live.iter().cloned());
-            checkpoint.reference.extend(copies[0].reference.iter().copied());
+            checkpoint
+                .reference
+                .extend(copies[0].reference.iter().copied());
         }
         // Each row once, and all of them.
         checkpoint.reference.sort();
@@ -417,7 +451,10 @@ fn checkpoint_restores_at_other_parallelism_and_continues_like_the_oracle() {
             .collect();
         expected.sort();
         assert_eq!(checkpoint.reference, expected, "seed {seed}: rows at {at}");
-        assert!(!oracle.fired.is_empty(), "seed {seed}: something to restore");
+        assert!(
+            !oracle.fired.is_empty(),
+            "seed {seed}: something to restore"
+        );
 
         let checkpoint = Arc::new(checkpoint);
         for workers in [1, 3] {
