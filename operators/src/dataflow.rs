@@ -3,19 +3,31 @@
 //! ```text
 //! push(Record) ──> Instruction ──(exchange by user_id, expense_id)──> UpsertByExpense ──> live facts
 //!     ├──> AggregateCells ──(exchange by user_id)──> arrangement of AggKey -> (count, sum)
-//!     │        ──> CaptureChanges ──> probe
-//!     └──(exchange by user_id)──> LastSeenByUser ──> probe
+//!     │        ──> CaptureChanges ──(user total and month changes)──┐
+//!     └──(exchange by user_id)──> LastSeenByUser ──> probe          │
+//!                                                                   v
+//! push_reference(RefChange) ──(exchange: user rows by user_id,   JoinReference ──> probe
+//!     rates by currency)──> UpsertReference ──(user rows: ────>  (alerts, converted totals)
+//!                  (users, rates)    same worker; rates: every worker)
 //! ```
+//!
+//! Cells, last-seen times, user rows, rates, alerts and converted totals all reach the worker
+//! through captures ("sinks") the operators fill when an epoch closes; see [`crate::enrich`]
+//! for the reference half.
 //!
 //! The dataflow time is an [`Epoch`]. A caller pushes records at the current epoch, advances to
 //! a later epoch to close the current one, and steps the worker. Once every worker has closed
 //! an epoch and the probe has passed it, [`ExpenseDataflow::drain_closed`] returns, per newly
 //! closed epoch, the consolidated changes of this worker's cells plus the new last-event time of
-//! every user whose events changed. Each worker owns a share of the users,
+//! every user whose events changed, and the reference outputs (user rows, rates, alert events,
+//! converted totals) of the users and rows it owns. Each worker owns a share of the users,
 //! so the union over workers of what they drain is the complete change of the aggregates.
 //!
 //! The worker holds no trace handle: everything it reports comes out of the operators as
 //! changes, so the arrangement is free to compact its history as it goes.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 
 use differential_dataflow::input::{Input, InputSession};
 use timely::dataflow::ProbeHandle;
@@ -24,8 +36,11 @@ use timely::worker::Worker;
 
 use crate::Epoch;
 use crate::aggregate::{
-    AggregateCells, CapturedChanges, CapturedLastSeen, CapturedTouches, LastSeenByUser,
-    ReplayTouch, capture_changes,
+    AggregateCells, CapturedChanges, CapturedLastSeen, CapturedTouches, LastSeenByUser, ReplayTouch,
+};
+use crate::enrich::{
+    CapturedAlerts, CapturedConverted, CapturedRates, CapturedUsers, JoinReference, RefRows,
+    RefSnapshots, UpsertReference, capture_and_forward_spend,
 };
 use crate::model::{CellChange, LastSeen, Record};
 use crate::model::{ExpenseId, Fact, LiveFact};
@@ -73,11 +88,19 @@ impl ClosedEpoch {
 /// One worker's handle to the expense dataflow.
 pub struct ExpenseDataflow {
     input: InputSession<Epoch, Instruction, i64>,
+    reference: InputSession<Epoch, RefChange, i64>,
     probe: ProbeHandle<Epoch>,
     captured: CapturedChanges,
     touched: CapturedTouches,
     last_seen: CapturedLastSeen,
+    users: CapturedUsers,
+    rates: CapturedRates,
+    alerts: CapturedAlerts,
+    converted: CapturedConverted,
     snapshots: UpsertSnapshots,
+    ref_snapshots: RefSnapshots,
+    /// Halves of snapshots taken so far, until both halves of an epoch are there.
+    pending: BTreeMap<Epoch, (Option<LiveSnapshot>, Option<RefRows>)>,
     /// The epoch through which changes were last drained, if any.
     drained_through: Option<Epoch>,
 }
@@ -101,32 +124,50 @@ impl ExpenseDataflow {
         replay: ReplayTouch,
         options: DataflowOptions,
     ) -> Self {
-        // TODO(issue 16, operators lane): the reference input, alerts and conversion.
-        let _ = options;
         let captured = CapturedChanges::default();
         let touched = CapturedTouches::default();
         let last_seen = CapturedLastSeen::default();
+        let (users, rates) = (CapturedUsers::default(), CapturedRates::default());
+        let (alerts, converted) = (CapturedAlerts::default(), CapturedConverted::default());
         let snapshots = UpsertSnapshots::default();
+        let ref_snapshots = RefSnapshots::default();
         let probe = ProbeHandle::new();
-        let input = worker.dataflow::<Epoch, _, _>(|scope| {
+        let (input, reference) = worker.dataflow::<Epoch, _, _>(|scope| {
             let (input, instructions) = scope.new_collection::<Instruction, i64>();
+            let (reference, changes) = scope.new_collection::<RefChange, i64>();
             let facts = instructions.upsert_by_expense(snapshots.clone());
             facts
                 .clone()
                 .last_seen_by_user(last_seen.clone())
                 .probe_with(&probe);
             let cells = facts.aggregate_cells(replay, touched.clone());
-            capture_changes(&cells, captured.clone()).probe_with(&probe);
+            let rows =
+                changes.upsert_reference(ref_snapshots.clone(), users.clone(), rates.clone());
+            capture_and_forward_spend(&cells, captured.clone())
+                .join_reference(
+                    rows,
+                    options.reporting_currency,
+                    alerts.clone(),
+                    converted.clone(),
+                )
+                .probe_with(&probe);
             // The trace handle is dropped here: nobody reads the arrangement but the capture.
-            input
+            (input, reference)
         });
         ExpenseDataflow {
             input,
+            reference,
             probe,
             captured,
             touched,
             last_seen,
+            users,
+            rates,
+            alerts,
+            converted,
             snapshots,
+            ref_snapshots,
+            pending: BTreeMap::new(),
             drained_through: None,
         }
     }
@@ -145,15 +186,29 @@ impl ExpenseDataflow {
 
     /// Adds a change of reference data (a budget, a currency, a rate) to the current epoch.
     /// Changes of one key must come in source order, all from one worker.
+    ///
+    /// A value of the wrong kind for its key (a rate for a user) is a caller bug: it removes
+    /// the row (and fails debug builds).
     pub fn push_reference(&mut self, change: RefChange) {
-        // TODO(issue 16, operators lane).
-        let _ = change;
+        debug_assert!(
+            change.value.is_none_or(|v| matches!(
+                (change.key, v),
+                (RefKey::User(_), RefValue::User { .. }) | (RefKey::Fx(_), RefValue::Fx { .. })
+            )),
+            "a reference value of the wrong kind: {change:?}"
+        );
+        self.reference.update(change, 1);
     }
 
     /// Adds a reference row as it was at a checkpoint (restore), in the current epoch.
+    /// Like live expenses, restored rows may be pushed by any worker, each row by one (the
+    /// dataflow routes it to its owner); they come out as changes of the restore epoch (see
+    /// [`crate::enrich`]).
     pub fn push_live_reference(&mut self, key: RefKey, value: RefValue) {
-        // TODO(issue 16, operators lane).
-        let _ = (key, value);
+        self.push_reference(RefChange {
+            key,
+            value: Some(value),
+        });
     }
 
     /// Asks for a copy of this worker's live expenses as of the end of `epoch`, which must not
@@ -163,12 +218,33 @@ impl ExpenseDataflow {
     pub fn request_snapshot(&mut self, epoch: Epoch) {
         if epoch >= self.epoch() {
             self.snapshots.borrow_mut().requested.insert(epoch);
+            self.ref_snapshots.borrow_mut().requested.insert(epoch);
         }
     }
 
-    /// The copies taken since the last call, oldest first.
+    /// The copies taken since the last call, oldest first: each holds this worker's live
+    /// expenses and the reference rows it owns. (Two operators take the two halves; a copy is
+    /// returned once both have, which is at the latest when the epoch is no longer behind.)
     pub fn take_snapshots(&mut self) -> Vec<LiveSnapshot> {
-        std::mem::take(&mut self.snapshots.borrow_mut().taken)
+        for live in std::mem::take(&mut self.snapshots.borrow_mut().taken) {
+            let epoch = live.epoch;
+            self.pending.entry(epoch).or_default().0 = Some(live);
+        }
+        for (epoch, rows) in std::mem::take(&mut self.ref_snapshots.borrow_mut().taken) {
+            self.pending.entry(epoch).or_default().1 = Some(rows);
+        }
+        let mut copies = Vec::new();
+        while let Some(entry) = self.pending.first_entry() {
+            if !matches!(entry.get(), (Some(_), Some(_))) {
+                break;
+            }
+            let (Some(mut copy), Some(rows)) = entry.remove() else {
+                unreachable!("checked above")
+            };
+            copy.reference = rows;
+            copies.push(copy);
+        }
+        copies
     }
 
     /// Adds a record to the current epoch.
@@ -187,6 +263,8 @@ impl ExpenseDataflow {
         if epoch > *self.input.time() {
             self.input.advance_to(epoch);
             self.input.flush();
+            self.reference.advance_to(epoch);
+            self.reference.flush();
         }
     }
 
@@ -194,6 +272,7 @@ impl ExpenseDataflow {
     /// handle closes the input for good: the dataflow then drains and completes.)
     pub fn flush(&mut self) {
         self.input.flush();
+        self.reference.flush();
     }
 
     /// True while some closed epoch has not made it through the whole dataflow.
@@ -270,28 +349,24 @@ impl ExpenseDataflow {
                 .push(CellChange { key, count, sum });
         }
 
-        // Last-seen changes, each in the entry of its epoch (one per user and epoch, in user
-        // order within an epoch as the operator emits them; sorted here to be sure).
-        let mut seen = {
-            let mut captured = self.last_seen.borrow_mut();
-            let (now, later): (Vec<_>, Vec<_>) =
-                captured.drain(..).partition(|(time, _)| *time <= through);
-            *captured = later;
-            now
-        };
-        seen.sort_by_key(|(epoch, change)| (*epoch, change.user_id));
-        for (epoch, change) in seen {
-            let at = closed.partition_point(|c| c.epoch < epoch);
-            if closed.get(at).is_none_or(|c| c.epoch != epoch) {
-                closed.insert(
-                    at,
-                    ClosedEpoch {
-                        epoch,
-                        ..ClosedEpoch::default()
-                    },
-                );
-            }
-            closed[at].last_seen.push(change);
+        // The other outputs, each in the entry of its epoch, sorted by key within it (one per
+        // key and epoch, as the operators emit them).
+        for (epoch, change) in drain_sorted(&self.last_seen, through, |c| c.user_id) {
+            epoch_entry(&mut closed, epoch).last_seen.push(change);
+        }
+        for (epoch, user) in drain_sorted(&self.users, through, |u| u.user_id) {
+            epoch_entry(&mut closed, epoch).users.push(user);
+        }
+        for (epoch, alert) in drain_sorted(&self.alerts, through, |a| {
+            (a.user_id, a.month, a.threshold_pct)
+        }) {
+            epoch_entry(&mut closed, epoch).alerts.push(alert);
+        }
+        for (epoch, total) in drain_sorted(&self.converted, through, |c| c.user_id) {
+            epoch_entry(&mut closed, epoch).converted.push(total);
+        }
+        for (epoch, rate) in drain_sorted(&self.rates, through, |r| r.currency) {
+            epoch_entry(&mut closed, epoch).rates.push(rate);
         }
         if closed.last().is_none_or(|c| c.epoch != through) {
             closed.push(ClosedEpoch {
@@ -301,4 +376,32 @@ impl ExpenseDataflow {
         }
         closed
     }
+}
+
+/// Takes the entries of epochs up to `through` out of `sink`, sorted by epoch, then `key`.
+fn drain_sorted<T, K: Ord>(
+    sink: &RefCell<Vec<(Epoch, T)>>,
+    through: Epoch,
+    key: impl Fn(&T) -> K,
+) -> Vec<(Epoch, T)> {
+    let mut sink = sink.borrow_mut();
+    let (mut now, later): (Vec<_>, Vec<_>) = sink.drain(..).partition(|(time, _)| *time <= through);
+    *sink = later;
+    now.sort_by_key(|(epoch, value)| (*epoch, key(value)));
+    now
+}
+
+/// The entry of `epoch` in `closed` (sorted by epoch), inserted if missing.
+fn epoch_entry(closed: &mut Vec<ClosedEpoch>, epoch: Epoch) -> &mut ClosedEpoch {
+    let at = closed.partition_point(|c| c.epoch < epoch);
+    if closed.get(at).is_none_or(|c| c.epoch != epoch) {
+        closed.insert(
+            at,
+            ClosedEpoch {
+                epoch,
+                ..ClosedEpoch::default()
+            },
+        );
+    }
+    &mut closed[at]
 }

@@ -13,14 +13,20 @@
 //! 4. [`dataflow`]: the graph on one worker, and the consolidated changes per closed epoch.
 //! 5. [`runtime`]: starting worker threads.
 //!
-//! Beside the expenses, [`reference`] data (budgets, currencies, exchange rates) joins them:
+//! Beside the expenses, reference data (budgets, currencies, exchange rates) joins them:
 //! budget alerts and totals in a reporting currency.
 //!
-//! [`oracle`] recomputes every aggregate from scratch; tests compare the dataflow with it.
+//! 6. [`reference`](mod@reference): the reference rows, the alert and conversion rules, how it works.
+//! 7. [`enrich`]: the operators: reference rows upserted per key, joined with users' month
+//!    and total cells.
+//!
+//! [`oracle`] recomputes every aggregate, fired alert and converted total from scratch; tests
+//! compare the dataflow with it.
 
 pub mod aggregate;
 pub mod dataflow;
 pub mod decode;
+pub mod enrich;
 pub mod id;
 pub mod model;
 pub mod name;

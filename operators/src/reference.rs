@@ -11,6 +11,32 @@
 //! * [`AlertEvent`]s: a `(user, month, threshold)` alert changed state (fired or cleared);
 //! * [`Converted`] changes: a user's total in the reporting currency.
 //!
+//! # How it works
+//!
+//! The operators are in [`crate::enrich`]; this module has the types and the rules.
+//!
+//! * **Rows.** [`RefChange`]s enter through a second input
+//!   ([`crate::ExpenseDataflow::push_reference`]), are exchanged to the key's owner and applied
+//!   epoch by epoch in arrival order, last write wins (the expense upsert's scheme, and for
+//!   its reason: differential's upsert arrangement would keep an epoch's *greatest* value).
+//!   Only a row that differs at the end of an epoch from its start is a change: a row set and
+//!   reset within an epoch reports nothing. A user's row is owned by the worker that owns the
+//!   user's aggregate cells, so the join below needs no further exchange for users; a
+//!   checkpoint copies each row from its owner, so it holds every row once.
+//! * **Alerts.** Fed the changes of users' month and total cells straight from the cell
+//!   arrangement (no second aggregation: the arrangement's output already is the per-epoch
+//!   change of those sums), the join keeps each user's month sums, row and fired alerts, and at
+//!   each closed epoch re-evaluates the rule for the months the epoch touched (all months of a
+//!   user whose row changed) and reports only the changes of the fired set. Event values are
+//!   those at the end of the epoch: the engine publishes epochs, never states inside one.
+//! * **Conversion.** With [`DataflowOptions::reporting_currency`], the same join converts the
+//!   total of every user whose total, row or rate changed, and reports it if it differs from
+//!   what it last reported. Rates are few: each is broadcast to every worker.
+//! * **Restore.** A restored dataflow starts from nothing: the rows and live expenses pushed
+//!   in the restore epoch come out as changes of that epoch, so alerts fired at the
+//!   checkpoint are `Fired` events of the restore epoch (outputs that already published them
+//!   know that epoch and can tell a re-fire from a new one).
+//!
 //! # Alert rule
 //!
 //! For every user with a budget `b > 0` and every UTC month `m` of `event_time` in which the
@@ -161,4 +187,126 @@ pub struct RateChange {
 pub struct DataflowOptions {
     /// The currency totals are converted to; `None`: no conversion (no [`Converted`] output).
     pub reporting_currency: Option<Currency>,
+}
+
+impl RefValue {
+    /// The user row this value is, if it is one.
+    pub fn user_row(self) -> Option<UserRow> {
+        match self {
+            RefValue::User {
+                budget_minor,
+                currency,
+            } => Some(UserRow {
+                budget_minor,
+                currency,
+            }),
+            RefValue::Fx { .. } => None,
+        }
+    }
+
+    /// The rate this value is, if it is one.
+    pub fn rate_micros(self) -> Option<i64> {
+        match self {
+            RefValue::Fx { rate_micros } => Some(rate_micros),
+            RefValue::User { .. } => None,
+        }
+    }
+}
+
+impl UserRow {
+    /// The budget alerts are computed against: `Some(b)` only for a set budget `b > 0` (see
+    /// the alert rule).
+    pub fn effective_budget(&self) -> Option<i64> {
+        self.budget_minor.filter(|b| *b > 0)
+    }
+}
+
+/// The currency an [`AlertEvent`] reports for a user without a row.
+pub const UNKNOWN_CURRENCY: Currency = *b"???";
+
+/// The alert rule: is `(month, threshold_pct)` fired for a month whose live expenses sum to
+/// `spent_minor` (`None`: no live expense in the month), under `budget` (`None`: no budget)?
+pub fn alert_fired(spent_minor: Option<i128>, budget: Option<i64>, threshold_pct: u8) -> bool {
+    match (spent_minor, budget) {
+        (Some(spent), Some(budget)) if budget > 0 => {
+            spent * 100 >= i128::from(budget) * i128::from(threshold_pct)
+        }
+        _ => false,
+    }
+}
+
+/// The rate a user's total in `currency` converts at into `reporting`: exactly [`RATE_ONE`]
+/// for the reporting currency itself, otherwise the rate `rates` has for it, if any.
+pub fn rate_for(
+    currency: Currency,
+    reporting: Currency,
+    rates: impl FnOnce(&Currency) -> Option<i64>,
+) -> Option<i64> {
+    if currency == reporting {
+        Some(RATE_ONE)
+    } else {
+        rates(&currency)
+    }
+}
+
+/// The conversion rule: `total_minor * rate_micros / RATE_ONE`, rounded half away from zero,
+/// in 128 bits (an `i64` total times an `i64` rate cannot overflow it).
+pub fn convert(total_minor: i128, rate_micros: i64) -> i128 {
+    let product = total_minor * i128::from(rate_micros);
+    let one = i128::from(RATE_ONE);
+    let (quotient, remainder) = (product / one, product % one);
+    if remainder.abs() * 2 >= one {
+        quotient + product.signum()
+    } else {
+        quotient
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conversion_rounds_half_away_from_zero() {
+        // 0.5 minor units either way rounds away from zero; just under half rounds to zero.
+        assert_eq!(convert(1, 500_000), 1);
+        assert_eq!(convert(-1, 500_000), -1);
+        assert_eq!(convert(1, 499_999), 0);
+        assert_eq!(convert(-1, 499_999), 0);
+        assert_eq!(convert(3, 1_500_000), 5); // 4.5
+        assert_eq!(convert(-3, 1_500_000), -5);
+        assert_eq!(convert(12_345, RATE_ONE), 12_345);
+        assert_eq!(convert(0, 1_234_567), 0);
+        // No overflow at the extremes of i64.
+        assert_eq!(
+            convert(i128::from(i64::MAX), i64::MAX),
+            (i128::from(i64::MAX) * i128::from(i64::MAX) + 500_000) / 1_000_000
+        );
+    }
+
+    #[test]
+    fn alert_threshold_is_inclusive_and_needs_a_positive_budget() {
+        assert!(alert_fired(Some(800), Some(1_000), 80));
+        assert!(!alert_fired(Some(799), Some(1_000), 80));
+        assert!(alert_fired(Some(1_000), Some(1_000), 100));
+        assert!(!alert_fired(Some(999), Some(1_000), 100));
+        assert!(!alert_fired(None, Some(1_000), 80));
+        assert!(!alert_fired(Some(5), Some(0), 80));
+        assert!(!alert_fired(Some(5), Some(-10), 80));
+        assert!(!alert_fired(Some(5), None, 80));
+        // A month with live expenses that sum to zero or less fires nothing on a positive budget.
+        assert!(!alert_fired(Some(0), Some(1), 80));
+        assert!(!alert_fired(Some(-5), Some(1), 80));
+        // 128 bits: no overflow near the i64 limits.
+        assert!(alert_fired(Some(i128::from(i64::MAX)), Some(i64::MAX), 100));
+    }
+
+    #[test]
+    fn the_reporting_currency_converts_at_one_without_a_row() {
+        let rates = |_: &Currency| None;
+        assert_eq!(rate_for(*b"EUR", *b"EUR", rates), Some(RATE_ONE));
+        assert_eq!(rate_for(*b"USD", *b"EUR", rates), None);
+        assert_eq!(rate_for(*b"EUR", *b"EUR", |_| Some(7)), Some(RATE_ONE));
+        assert_eq!(rate_for(*b"USD", *b"EUR", |_| Some(7)), Some(7));
+    }
 }

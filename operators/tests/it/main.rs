@@ -2,4 +2,5 @@
 //! every closed epoch equals a from-scratch recomputation) and the replay rewrites.
 
 mod oracle;
+mod reference;
 mod replay_touch;
