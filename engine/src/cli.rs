@@ -465,6 +465,7 @@ fn demo(args: DemoArgs) -> Result<()> {
         simulator,
         rate: (args.rate > 0).then_some(args.rate),
         events: args.events,
+        ..GeneratorSourceConfig::default()
     });
     let engine = Engine::builder()
         .config(engine_config(&args.engine, source, Some(args.web))?)

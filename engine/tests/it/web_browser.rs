@@ -148,6 +148,7 @@ fn overview_and_user_page_show_the_grpc_answers_and_update_live() {
         },
         rate: Some(RATE),
         events: Some(EVENTS),
+        ..GeneratorSourceConfig::default()
     });
     let engine = Engine::builder()
         .epoch_interval(Duration::from_millis(20))
