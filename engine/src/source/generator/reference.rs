@@ -14,9 +14,13 @@
 //! * Between the expenses, at `budget_change_rate` per 1000 records, a budget change: a user who
 //!   spent in the current stream month revises the budget against what the stream has given
 //!   them this month so far (`s`, from the source's own totals of new, late and refund
-//!   expenses): 60 % of the revisions put `s` at 35-80 % of the new budget (under: clears any
-//!   alert), 25 % at 80-100 % (near: the 80 % alert), 15 % at 100-130 % (over: both alerts).
-//!   Budgets are rounded down to whole units (100 minor units) and are at least 100.
+//!   expenses): 65 % of the revisions put `s` at 30-75 % of the new budget (under: clears any
+//!   alert), 25 % at 80-100 % (near: the 80 % alert), 10 % at 100-125 % (over: both alerts).
+//!   Spending moves every user towards the budget during the month, so of three users drawn
+//!   the one with the largest share of the budget spent revises (those who reach their limit
+//!   revise first); this keeps most users under budget, some near it and a few over at any
+//!   time (see the tests). Budgets are rounded down to whole units (100 minor units) and are at
+//!   least 100.
 //! * At `fx_change_rate` per 1000 records, a rate change: a currency other than the base moves
 //!   to within ±3 % of its base rate.
 //!
@@ -56,6 +60,10 @@ pub const CURRENCY_VALUES: [(Currency, i64); 9] = [
     (*b"CAD", 1480),
     (*b"AUD", 1650),
 ];
+
+/// Users drawn for a budget revision; the one with the largest share of the budget spent
+/// revises.
+const REVISION_CANDIDATES: usize = 3;
 
 /// How far a rate change may move a rate from its base value, per mille.
 const FX_SWING_PER_MILLE: u64 = 30;
@@ -117,6 +125,8 @@ pub struct Stream {
     month: i32,
     /// Users with spend in `month`, in the order they first spent.
     active: Vec<UserId>,
+    /// Every user's budget as last sent.
+    budgets: FxHashMap<UserId, i64>,
     /// Records returned so far.
     produced: u64,
 }
@@ -136,6 +146,7 @@ impl Stream {
             spent: FxHashMap::default(),
             month,
             active: Vec::new(),
+            budgets: FxHashMap::default(),
             produced: 0,
         }
     }
@@ -199,6 +210,7 @@ impl Stream {
                 .div_euclid(1000)
                 .saturating_add(1)
                 .saturating_mul(1000);
+            self.budgets.insert(user, budget);
             self.pending.push_back(Item::Expense(generated));
             return Item::Reference(RefChange {
                 key: RefKey::User(user),
@@ -255,20 +267,34 @@ impl Stream {
         if self.active.is_empty() {
             return None;
         }
-        let user = self.active[below(self.rng.next_u64(), self.active.len() as u64) as usize];
+        // Of a few users drawn, the one furthest into the budget revises it: spending grows
+        // every budget towards its limit during a month, and those who reach it revise first.
+        let mut user = 0;
+        let mut share = (-1_i128, 1_i128);
+        for _ in 0..REVISION_CANDIDATES {
+            let candidate =
+                self.active[below(self.rng.next_u64(), self.active.len() as u64) as usize];
+            let spent = self.spent(candidate, self.month);
+            let budget = i128::from(self.budgets.get(&candidate).copied().unwrap_or(1).max(1));
+            if spent * share.1 > share.0 * budget {
+                user = candidate;
+                share = (spent, budget);
+            }
+        }
         let spent = self.spent(user, self.month);
         let profile = self.simulator.user(user)?;
         // Spend as a share of the new budget, percent.
         let roll = below(self.rng.next_u64(), 1000);
-        let percent = if roll < 600 {
-            35 + below(self.rng.next_u64(), 45)
-        } else if roll < 850 {
+        let percent = if roll < 650 {
+            30 + below(self.rng.next_u64(), 45)
+        } else if roll < 900 {
             80 + below(self.rng.next_u64(), 20)
         } else {
-            100 + below(self.rng.next_u64(), 30)
+            100 + below(self.rng.next_u64(), 25)
         };
         let budget = (spent.max(0) * 100 / i128::from(percent)) / 100 * 100;
         let budget = i64::try_from(budget).unwrap_or(i64::MAX).max(100);
+        self.budgets.insert(user, budget);
         Some(RefChange {
             key: RefKey::User(user),
             value: Some(RefValue::User {
