@@ -183,6 +183,8 @@
     document.getElementById('nav-overview').setAttribute('aria-current', 'page');
     document.title = 'Overview · spendflow';
     const badge = el('a', { class: 'badge', href: '#over-h', 'data-testid': 'over-budget-badge', hidden: true });
+    const categorySumHead = el('th', { class: 'num', scope: 'col', text: 'Sum of minor units' });
+    const topTotalHead = el('th', { class: 'num', scope: 'col', text: 'Total' });
     const heading = el('h1', {}, 'Live expenses ', badge);
     const stats = el('p', { class: 'stats', 'data-testid': 'overview-stats' });
     const notice = el('div');
@@ -205,8 +207,6 @@
         el('th', { class: 'num', scope: 'col', text: 'Users' }))),
       categoryBody);
     const categoriesNote = el('p', { class: 'muted small', 'data-testid': 'categories-note' });
-    const categorySumHead = el('th', { class: 'num', scope: 'col', text: 'Sum of minor units' });
-    const topTotalHead = el('th', { class: 'num', scope: 'col', text: 'Total' });
     const overBody = el('tbody');
     const overTable = el('table', { 'data-testid': 'over-budget' },
       el('thead', {}, el('tr', {},
@@ -518,7 +518,10 @@
             el('span', { 'data-testid': 'user-id', text: `user #${id}` }),
             el('span', { text: d.email }),
             el('span', { text: `${d.country} · ${d.currency}` }),
-            el('span', { text: `budget ${money(d.monthly_budget_minor, d.currency)} a month` })),
+            // The budget alerts use (the reference data), else the one in the user's details.
+            el('span', { 'data-testid': 'user-budget', text: data.budget
+              ? `budget ${money(data.budget.monthly_budget_minor, data.budget.currency)} a month`
+              : `budget ${money(d.monthly_budget_minor, d.currency)} a month` })),
           el('div', { class: 'cards', 'aria-label': 'Cards' }, ...d.cards.map((c) => el('span', { class: 'card', title: c.card_id, text: c.masked_number }))));
       } else {
         const why = {
