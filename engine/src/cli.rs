@@ -226,6 +226,11 @@ struct DemoArgs {
     /// Address of the live web report (overview and a page per user; port 0 picks one).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
     web: SocketAddr,
+
+    /// Convert every user's total to this currency with the simulator's exchange rates, and
+    /// rank top spenders by it; `none` keeps each user's own currency.
+    #[arg(long, value_name = "CODE", default_value = "EUR")]
+    reporting_currency: String,
 }
 
 /// Where `generate` puts records in Kafka.
@@ -467,8 +472,12 @@ fn demo(args: DemoArgs) -> Result<()> {
         events: args.events,
         ..GeneratorSourceConfig::default()
     });
+    let mut config = engine_config(&args.engine, source, Some(args.web))?;
+    if !args.reporting_currency.eq_ignore_ascii_case("none") {
+        config.reporting_currency = Some(args.reporting_currency.clone());
+    }
     let engine = Engine::builder()
-        .config(engine_config(&args.engine, source, Some(args.web))?)
+        .config(config)
         .runtime(runtime.handle().clone())
         // Names, e-mails, cards and generated avatars for the simulated users, in memory.
         .personnel(Arc::new(Personnel::demo(
@@ -515,9 +524,22 @@ Try (grpcurl: `make tools` installs it into target/tools/bin):
   grpcurl {g} {addr} spendflow.v1.Admin/GetStatus
   grpcurl {g} -d '{{\"limit\": 3}}' {addr} spendflow.v1.Admin/ListRejected
 
+Budget alerts (the simulator changes budgets and exchange rates as it goes; 80 % and 100 %):
+  grpcurl {g} -d '{{\"page_size\": 5}}' {addr} spendflow.v1.Alerts/ListAlerts
+  grpcurl {g} {addr} spendflow.v1.Alerts/Subscribe
+  {ranking}; the overview shows who is over budget.
+
 Ctrl-C stops.",
         users = args.simulator.users,
         seed = args.simulator.seed,
+        ranking = if args.reporting_currency.eq_ignore_ascii_case("none") {
+            "Top spenders are ranked by raw minor units (--reporting-currency EUR converts)".to_string()
+        } else {
+            format!(
+                "Top spenders are ranked in {} (converted_minor)",
+                args.reporting_currency
+            )
+        },
     )
 }
 

@@ -160,6 +160,12 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "fail")]
     on_data_loss: OnDataLossArg,
 
+    /// Convert every user's total to this currency (ISO 4217, e.g. EUR) with the live
+    /// exchange rates (`fx_rates`, through --mysql-cdc), and rank TopSpenders by the converted
+    /// total: rate_micros reporting micro-units per unit, rounded half away from zero.
+    #[arg(long, value_name = "CODE")]
+    reporting_currency: Option<String>,
+
     #[command(flatten)]
     kafka_client: KafkaClientArgs,
 
@@ -340,6 +346,9 @@ impl RunArgs {
         }
         if take("dead_letter_topic") {
             config.dead_letter_topic = self.dead_letter_topic.clone();
+        }
+        if let Some(code) = &self.reporting_currency {
+            config.reporting_currency = Some(code.clone());
         }
 
         if let Some(input) = self.input.clone() {

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
+use spendflow_operators::reference::{Currency, DataflowOptions};
 
 use crate::error::EngineError;
 pub use crate::sink::SinkConfig;
@@ -34,6 +35,15 @@ pub struct EngineConfig {
     /// Where records come from, besides the in-process input every engine has.
     #[serde(default)]
     pub source: Option<SourceConfig>,
+    /// Where reference data comes from (users' budgets and currencies, exchange rates): MySQL's
+    /// binlog (`--mysql-cdc`). Read by worker 0 beside `source`; its position is checkpointed
+    /// with the others. (The simulator brings its own reference data.)
+    #[serde(default)]
+    pub reference: Option<SourceConfig>,
+    /// Convert every user's total to this currency (ISO 4217, e.g. `EUR`) with the live
+    /// exchange rates, and rank top spenders by the converted total (`--reporting-currency`).
+    #[serde(default)]
+    pub reporting_currency: Option<String>,
     /// Serve gRPC on this address (port 0 picks a free port).
     #[serde(default)]
     pub grpc: Option<SocketAddr>,
@@ -268,6 +278,8 @@ impl Default for EngineConfig {
             epoch_budget: default_epoch_budget(),
             dead_letter_capacity: default_dead_letter_capacity(),
             source: None,
+            reference: None,
+            reporting_currency: None,
             grpc: None,
             web: None,
             dead_letter_topic: default_dead_letter_topic(),
@@ -283,6 +295,34 @@ impl EngineConfig {
     /// The epoch interval as a duration.
     pub fn epoch_interval(&self) -> Duration {
         Duration::from_millis(self.epoch_interval_ms)
+    }
+
+    /// The reporting currency as a code, if one is set and valid.
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::Config`] if it is not three uppercase ASCII letters.
+    pub fn reporting_currency(&self) -> Result<Option<Currency>, EngineError> {
+        self.reporting_currency
+            .as_deref()
+            .map(|code| {
+                <Currency>::try_from(code.as_bytes())
+                    .ok()
+                    .filter(|c| c.iter().all(u8::is_ascii_uppercase))
+                    .ok_or_else(|| {
+                        EngineError::Config(format!(
+                            "reporting currency must be an ISO 4217 code of three uppercase letters (e.g. EUR), got {code:?}"
+                        ))
+                    })
+            })
+            .transpose()
+    }
+
+    /// The dataflow's options (the reporting currency), once [`EngineConfig::validate`] passed.
+    pub fn dataflow_options(&self) -> DataflowOptions {
+        DataflowOptions {
+            reporting_currency: self.reporting_currency().ok().flatten(),
+        }
     }
 
     /// Checks every setting.
@@ -311,6 +351,7 @@ impl EngineConfig {
         if let Some(sink) = &self.sink {
             sink.validate()?;
         }
+        self.reporting_currency()?;
         if let Some(checkpoint) = &self.checkpoint {
             if !(100..=3_600_000).contains(&checkpoint.interval_ms) {
                 return Err(EngineError::Config(format!(
@@ -343,6 +384,24 @@ impl EngineConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_reporting_currency_is_an_iso_code_of_three_uppercase_letters() {
+        let with = |code: &str| EngineConfig {
+            reporting_currency: Some(code.into()),
+            ..EngineConfig::default()
+        };
+        assert_eq!(with("EUR").reporting_currency().unwrap(), Some(*b"EUR"));
+        assert_eq!(
+            with("SEK").dataflow_options().reporting_currency,
+            Some(*b"SEK")
+        );
+        for bad in ["eur", "EURO", "EU", "E1R", ""] {
+            let err = with(bad).validate().unwrap_err().to_string();
+            assert!(err.contains("reporting currency"), "{bad}: {err}");
+        }
+        assert_eq!(EngineConfig::default().reporting_currency().unwrap(), None);
+    }
 
     #[test]
     fn unknown_fields_are_rejected() {

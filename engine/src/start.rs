@@ -138,10 +138,10 @@ pub(crate) fn open_sources(
             index,
             count: config.workers,
         };
-        let mut readers = match &config.source {
-            Some(source) => source.open_readers(place, restored)?,
-            None => Vec::new(),
-        };
+        let mut readers = Vec::new();
+        for source in config.source.iter().chain(&config.reference) {
+            readers.extend(source.open_readers(place, restored)?);
+        }
         if let Some(input) = input_source.take() {
             readers.push(Box::new(input));
         }
@@ -166,7 +166,8 @@ pub(crate) fn shared_state(
         .unwrap_or_else(read_model::new_incarnation)
         .into();
     tracing::info!(%incarnation, "Incarnation of this run's epochs.");
-    let (read_model, writer) = ReadModel::with_incarnation(Arc::clone(&incarnation));
+    let (read_model, mut writer) = ReadModel::with_incarnation(Arc::clone(&incarnation));
+    writer.set_reporting_currency(config.dataflow_options().reporting_currency);
 
     #[cfg_attr(not(feature = "kafka"), allow(unused_mut))]
     let mut dead_letters = DeadLetters::with_capacity(config.dead_letter_capacity);
@@ -216,6 +217,7 @@ pub(crate) fn shared_state(
     }
     shared.checkpoints_enabled = config.checkpoint.is_some();
     shared.incarnation = incarnation;
+    shared.dataflow_options = config.dataflow_options();
     if let Some(restored) = recovered.restored.take() {
         shared = shared.restore_from(restored);
     }

@@ -25,6 +25,7 @@ mod tests;
 use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
+use spendflow_operators::reference::{RefKey, RefValue};
 use spendflow_operators::{Epoch, ExpenseId, Fact, Name};
 
 pub use local::LocalDirStore;
@@ -44,6 +45,10 @@ pub struct Checkpoint {
     pub names: Vec<String>,
     /// Every live expense: `(expense_id, fact)`.
     pub live: Vec<(ExpenseId, Fact)>,
+    /// Every reference row (users' budgets and currencies, exchange rates) the dataflow held at
+    /// the epoch: a CDC source resumes at its saved binlog position, so the rows it read before
+    /// come back from here (version 3 on; empty before).
+    pub reference: Vec<(RefKey, RefValue)>,
     /// The incarnation (timeline of epoch numbers) the checkpoint's epoch belongs to; empty in
     /// checkpoints written before incarnations existed. Kept by the serving layer (issue 11, 5b).
     pub incarnation: String,
@@ -93,6 +98,9 @@ struct Header {
     /// See [`Checkpoint::incarnation`]; absent in older checkpoints.
     #[serde(default)]
     incarnation: String,
+    /// Version 3 on: see [`Checkpoint::reference`].
+    #[serde(default)]
+    reference: Vec<(RefKey, RefValue)>,
 }
 
 /// What can go wrong reading or writing checkpoints.
@@ -168,12 +176,14 @@ pub trait CheckpointStore: Send + std::fmt::Debug {
 /// File format magic: these six bytes and a two-digit version.
 const MAGIC_PREFIX: &[u8; 6] = b"SPFCKP";
 
-/// The version written: 2 added [`Checkpoint::dead_letter_scan`]. Version 1 is still read
-/// (its restart reads the whole dead-letter topic, as version 1 engines did).
-const VERSION: &[u8; 2] = b"02";
+/// The version written: 2 added [`Checkpoint::dead_letter_scan`], 3 the reference rows
+/// ([`Checkpoint::reference`]). Versions 1 and 2 are still read (version 1's restart reads the
+/// whole dead-letter topic, as version 1 engines did; neither has reference rows, and their
+/// engines had no reference source).
+const VERSION: &[u8; 2] = b"03";
 
 /// Versions this binary reads.
-const READABLE_VERSIONS: [&[u8; 2]; 2] = [b"01", b"02"];
+const READABLE_VERSIONS: [&[u8; 2]; 3] = [b"01", b"02", b"03"];
 
 /// Bytes per live entry besides the id: user, category, merchant, amount, event time.
 const ENTRY_FIXED: usize = 8 * 5;
@@ -196,6 +206,7 @@ impl Checkpoint {
             live: self.live.len() as u64,
             dead_letter_scan: self.dead_letter_scan.clone(),
             incarnation: self.incarnation.clone(),
+            reference: self.reference.clone(),
         };
         let header = serde_json::to_vec(&header).map_err(io::Error::other)?;
         out.write_all(MAGIC_PREFIX)?;
@@ -235,7 +246,7 @@ impl Checkpoint {
         let version = &magic[6..];
         if !READABLE_VERSIONS.iter().any(|v| &v[..] == version) {
             return Err(format!(
-                "checkpoint format version {} is unknown to this binary (it reads versions 01 and 02); it was written by another spendflow version",
+                "checkpoint format version {} is unknown to this binary (it reads versions 01 to 03); it was written by another spendflow version",
                 String::from_utf8_lossy(version)
             ).into());
         }
@@ -299,6 +310,7 @@ impl Checkpoint {
             live,
             dead_letter_scan: header.dead_letter_scan,
             incarnation: header.incarnation,
+            reference: header.reference,
         })
     }
 }

@@ -34,6 +34,28 @@ fn sample(epoch: u64, live: usize) -> Checkpoint {
             topic: "expenses.dead-letter".into(),
             from: vec![(0, 17), (1, 4)],
         }),
+        reference: vec![
+            (
+                RefKey::User(7),
+                RefValue::User {
+                    budget_minor: Some(150_000),
+                    currency: *b"SEK",
+                },
+            ),
+            (
+                RefKey::User(8),
+                RefValue::User {
+                    budget_minor: None,
+                    currency: *b"EUR",
+                },
+            ),
+            (
+                RefKey::Fx(*b"SEK"),
+                RefValue::Fx {
+                    rate_micros: 87_000,
+                },
+            ),
+        ],
     }
 }
 
@@ -119,11 +141,14 @@ fn a_second_engine_is_fenced_out() {
 fn version_1_is_read_and_unknown_versions_are_refused_by_name() {
     let mut v1 = sample(4, 3);
     v1.dead_letter_scan = None;
+    v1.reference.clear();
     let mut bytes = Vec::new();
     v1.encode(&mut bytes).unwrap();
-    assert_eq!(&bytes[..8], b"SPFCKP02");
+    assert_eq!(&bytes[..8], b"SPFCKP03");
     let old = with_version(&bytes, b"01");
     assert_eq!(Checkpoint::decode(&old[..]).unwrap(), v1);
+    let v2 = with_version(&bytes, b"02");
+    assert_eq!(Checkpoint::decode(&v2[..]).unwrap(), v1);
     let future = with_version(&bytes, b"07");
     let err = Checkpoint::decode(&future[..]).unwrap_err();
     assert!(err.0.contains("version 07 is unknown"), "{err}");

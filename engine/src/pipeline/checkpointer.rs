@@ -147,6 +147,7 @@ fn join_shares(epoch: Epoch, shares: Vec<SnapshotPart>) -> Checkpoint {
         } else {
             checkpoint.live.extend(share.live);
         }
+        checkpoint.reference.extend(share.reference);
     }
     checkpoint.positions.sort();
     checkpoint.rejected = RejectReason::ALL_CODES
@@ -206,6 +207,7 @@ mod checkpointer_tests {
         SnapshotPart {
             epoch,
             live: Vec::new(),
+            reference: Vec::new(),
             positions: Arc::new(Vec::new()),
             read: epoch,
             rejected: Vec::new(),

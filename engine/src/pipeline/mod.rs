@@ -115,6 +115,8 @@ pub struct Shared {
     /// The read model's incarnation, written into every checkpoint (a restart that restores
     /// the checkpoint continues its epochs, and so its incarnation).
     pub incarnation: Arc<str>,
+    /// The dataflow's options (the reporting currency).
+    pub dataflow_options: spendflow_operators::reference::DataflowOptions,
 }
 
 impl Shared {
@@ -133,6 +135,7 @@ impl Shared {
             checkpoints_enabled: false,
             restore_pending: std::sync::atomic::AtomicUsize::new(workers),
             incarnation: Arc::default(),
+            dataflow_options: spendflow_operators::reference::DataflowOptions::default(),
             replay: ReplayTouch::default(),
             workers_were_idle: std::sync::atomic::AtomicUsize::new(0),
         }
@@ -238,6 +241,11 @@ pub struct SnapshotPart {
     pub epoch: Epoch,
     /// The live expenses this worker owns.
     pub live: Vec<(spendflow_operators::ExpenseId, spendflow_operators::Fact)>,
+    /// The reference rows this worker owns.
+    pub reference: Vec<(
+        spendflow_operators::reference::RefKey,
+        spendflow_operators::reference::RefValue,
+    )>,
     /// The worker's partition positions at the end of the epoch.
     pub positions: Arc<Vec<PartitionPosition>>,
     /// Records the worker had read by then.

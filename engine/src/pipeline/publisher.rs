@@ -114,18 +114,36 @@ impl Merger {
             return None;
         }
         let mut delta = EpochDelta::default();
-        for (w, pending) in self.pending.iter_mut().enumerate() {
-            while pending.front().is_some_and(|e| e.closed.epoch <= ready) {
-                let WorkerEpoch {
-                    closed,
-                    positions,
-                    read,
-                } = pending.pop_front().expect("checked");
-                delta.cells.extend(closed.cells);
-                delta.last_seen.extend(closed.last_seen);
-                self.positions[w] = positions;
-                self.read[w] = read;
-            }
+        // Epoch by epoch over all workers (the oldest pending epoch first, workers in order
+        // within one), so "later entries override earlier ones" holds across workers and the
+        // alerts come in epoch order.
+        loop {
+            let next = self
+                .pending
+                .iter()
+                .enumerate()
+                .filter_map(|(w, p)| p.front().map(|e| (e.closed.epoch, w)))
+                .filter(|(epoch, _)| *epoch <= ready)
+                .min();
+            let Some((_, w)) = next else {
+                break;
+            };
+            let WorkerEpoch {
+                closed,
+                positions,
+                read,
+            } = self.pending[w].pop_front().expect("checked");
+            delta.cells.extend(closed.cells);
+            delta.last_seen.extend(closed.last_seen);
+            delta.users.extend(closed.users);
+            let epoch = closed.epoch;
+            delta
+                .alerts
+                .extend(closed.alerts.into_iter().map(|alert| (epoch, alert)));
+            delta.converted.extend(closed.converted);
+            delta.rates.extend(closed.rates);
+            self.positions[w] = positions;
+            self.read[w] = read;
         }
         self.published = Some(ready);
         delta.as_of = AsOf {
@@ -141,5 +159,197 @@ impl Merger {
         };
         delta.records_covered = self.read.iter().sum();
         Some(delta)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use spendflow_operators::ClosedEpoch;
+    use spendflow_operators::reference::{
+        AlertEvent, AlertState, Converted, RateChange, UserRef, UserRow,
+    };
+
+    use super::*;
+
+    fn alert(user_id: u64, state: AlertState) -> AlertEvent {
+        AlertEvent {
+            user_id,
+            month: 24_310,
+            threshold_pct: 80,
+            state,
+            spent_minor: 900,
+            budget_minor: 1000,
+            currency: *b"EUR",
+        }
+    }
+
+    fn report(worker: usize, epochs: Vec<ClosedEpoch>) -> WorkerReport {
+        WorkerReport {
+            worker,
+            epochs: epochs
+                .into_iter()
+                .map(|closed| WorkerEpoch {
+                    closed,
+                    positions: Arc::default(),
+                    read: 0,
+                })
+                .collect(),
+            snapshots: Vec::new(),
+        }
+    }
+
+    /// Every merged epoch's reference rows, alerts (with their epoch), converted totals and
+    /// rates reach the delta, in epoch order across workers, so later values win.
+    #[test]
+    fn reference_alerts_converted_and_rates_are_merged_in_epoch_order() {
+        let mut merger = Merger::new(2);
+        let row = |budget| UserRef {
+            user_id: 1,
+            row: Some(UserRow {
+                budget_minor: Some(budget),
+                currency: *b"EUR",
+            }),
+        };
+        // Worker 0 reports epochs 1 and 2 at once; worker 1 only epoch 1, then epoch 2.
+        let w0 = vec![
+            ClosedEpoch {
+                epoch: 1,
+                users: vec![row(100)],
+                alerts: vec![alert(1, AlertState::Fired)],
+                ..ClosedEpoch::default()
+            },
+            ClosedEpoch {
+                epoch: 2,
+                users: vec![row(200)],
+                alerts: vec![alert(1, AlertState::Cleared)],
+                converted: vec![Converted {
+                    user_id: 1,
+                    total_minor: Some(7),
+                }],
+                ..ClosedEpoch::default()
+            },
+        ];
+        assert!(merger.push(report(0, w0)).is_none(), "worker 1 is behind");
+        let w1 = vec![ClosedEpoch {
+            epoch: 1,
+            alerts: vec![alert(2, AlertState::Fired)],
+            rates: vec![RateChange {
+                currency: *b"USD",
+                rate_micros: Some(900_000),
+            }],
+            ..ClosedEpoch::default()
+        }];
+        let delta = merger.push(report(1, w1)).expect("epoch 1 is whole");
+        assert_eq!(delta.as_of.epoch, 1);
+        assert_eq!(delta.users, vec![row(100)]);
+        assert_eq!(
+            delta.alerts,
+            vec![
+                (1, alert(1, AlertState::Fired)),
+                (1, alert(2, AlertState::Fired))
+            ]
+        );
+        assert_eq!(delta.rates.len(), 1);
+        assert!(delta.converted.is_empty());
+
+        // Epoch 2 of worker 1 and 3 of both, merged into one delta when worker 0 reports 3.
+        let w1 = vec![
+            ClosedEpoch {
+                epoch: 2,
+                alerts: vec![alert(2, AlertState::Cleared)],
+                ..ClosedEpoch::default()
+            },
+            ClosedEpoch {
+                epoch: 3,
+                alerts: vec![alert(2, AlertState::Fired)],
+                ..ClosedEpoch::default()
+            },
+        ];
+        let delta = merger.push(report(1, w1)).expect("epoch 2 is whole");
+        assert_eq!(delta.as_of.epoch, 2);
+        assert_eq!(delta.users, vec![row(200)]);
+        assert_eq!(
+            delta.alerts,
+            vec![
+                (2, alert(1, AlertState::Cleared)),
+                (2, alert(2, AlertState::Cleared))
+            ]
+        );
+        assert_eq!(delta.converted.len(), 1);
+        let w0 = vec![
+            ClosedEpoch {
+                epoch: 3,
+                users: vec![row(300)],
+                ..ClosedEpoch::default()
+            },
+            ClosedEpoch {
+                epoch: 4,
+                users: vec![row(400)],
+                alerts: vec![alert(1, AlertState::Fired)],
+                ..ClosedEpoch::default()
+            },
+        ];
+        let delta = merger.push(report(0, w0)).expect("epoch 3 is whole");
+        assert_eq!(delta.as_of.epoch, 3);
+        assert_eq!(delta.users, vec![row(300)], "epoch 4 is not whole yet");
+        assert_eq!(delta.alerts, vec![(3, alert(2, AlertState::Fired))]);
+        let w1 = vec![
+            ClosedEpoch {
+                epoch: 4,
+                ..ClosedEpoch::default()
+            },
+            ClosedEpoch {
+                epoch: 5,
+                alerts: vec![alert(2, AlertState::Cleared)],
+                ..ClosedEpoch::default()
+            },
+        ];
+        let delta = merger.push(report(1, w1)).expect("epoch 4 is whole");
+        assert_eq!(delta.as_of.epoch, 4);
+        assert_eq!(delta.alerts, vec![(4, alert(1, AlertState::Fired))]);
+        let w0 = vec![ClosedEpoch {
+            epoch: 6,
+            users: vec![row(600)],
+            ..ClosedEpoch::default()
+        }];
+        let delta = merger.push(report(0, w0)).expect("epoch 5 is whole");
+        assert_eq!(delta.as_of.epoch, 5);
+        assert!(delta.users.is_empty(), "worker 0's epoch 6 waits");
+        assert_eq!(delta.alerts, vec![(5, alert(2, AlertState::Cleared))]);
+    }
+
+    /// One delta spanning several epochs of several workers lists the alerts epoch by epoch
+    /// (not worker by worker) and a user's rows in the order they changed.
+    #[test]
+    fn a_delta_over_several_epochs_keeps_epoch_order_across_workers() {
+        let mut merger = Merger::new(2);
+        let row = |user_id, budget| UserRef {
+            user_id,
+            row: Some(UserRow {
+                budget_minor: Some(budget),
+                currency: *b"EUR",
+            }),
+        };
+        let epochs = |worker: u64| {
+            (1..=3)
+                .map(|epoch| ClosedEpoch {
+                    epoch,
+                    users: vec![row(worker, epoch as i64)],
+                    alerts: vec![alert(worker, AlertState::Fired)],
+                    ..ClosedEpoch::default()
+                })
+                .collect()
+        };
+        assert!(merger.push(report(0, epochs(10))).is_none());
+        let delta = merger.push(report(1, epochs(20))).unwrap();
+        assert_eq!(delta.as_of.epoch, 3);
+        let alert_epochs: Vec<(Epoch, u64)> =
+            delta.alerts.iter().map(|(e, a)| (*e, a.user_id)).collect();
+        assert_eq!(
+            alert_epochs,
+            vec![(1, 10), (1, 20), (2, 10), (2, 20), (3, 10), (3, 20)]
+        );
+        let last_of_10 = delta.users.iter().rev().find(|u| u.user_id == 10).unwrap();
+        assert_eq!(last_of_10.row.unwrap().budget_minor, Some(3));
     }
 }

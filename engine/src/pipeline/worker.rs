@@ -94,7 +94,8 @@ impl<'a> Worker<'a> {
             index,
             shared,
             status: &shared.workers[index],
-            dataflow: ctx.build_dataflow_with_replay(shared.replay.clone()),
+            dataflow: ctx
+                .build_dataflow_with_options(shared.replay.clone(), shared.dataflow_options),
             sources,
             reports,
             batch: Vec::with_capacity(POLL_BATCH),
@@ -137,6 +138,9 @@ impl<'a> Worker<'a> {
         let peers = ctx.peers();
         for (id, fact) in checkpoint.live.iter().skip(self.index).step_by(peers) {
             self.dataflow.push_live(id.clone(), *fact);
+        }
+        for (key, value) in checkpoint.reference.iter().skip(self.index).step_by(peers) {
+            self.dataflow.push_live_reference(*key, *value);
         }
         if self.index == 0 {
             self.read = checkpoint.records_read;
@@ -326,6 +330,7 @@ impl<'a> Worker<'a> {
                 Some(SnapshotPart {
                     epoch,
                     live: copy.live,
+                    reference: copy.reference,
                     positions,
                     read,
                     rejected,

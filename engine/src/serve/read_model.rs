@@ -25,7 +25,7 @@ use arc_swap::ArcSwap;
 use imbl::{OrdMap, OrdSet};
 use rustc_hash::FxHashMap;
 use spendflow_operators::reference::{
-    AlertEvent, Converted, Currency, RateChange, UserRef, UserRow,
+    AlertEvent, AlertState, Converted, Currency, RateChange, UserRef, UserRow,
 };
 use spendflow_operators::{AggKey, CellChange, Epoch, LastSeen, Name, UserId};
 use tokio::sync::{broadcast, watch};
@@ -498,6 +498,32 @@ impl Snapshot {
         self.alerts.range((lower, upper)).map(|(_, a)| a)
     }
 
+    /// The fired alerts of one user (all users with `None`) after the alert `after` (a
+    /// `(user, month, threshold)` key; from the first with `None`), in the order of
+    /// [`Snapshot::alerts`]: for paging.
+    pub fn alerts_after(
+        &self,
+        user_id: Option<UserId>,
+        after: Option<(UserId, i32, u8)>,
+    ) -> impl Iterator<Item = &AlertView> {
+        use std::ops::Bound::{Excluded, Included, Unbounded};
+        let first = user_id.map(|u| (u, i32::MIN, 0u8));
+        let last = user_id.map(|u| (u, i32::MAX, u8::MAX));
+        let lower = match (first, after) {
+            (Some(first), Some(after)) if after < first => Included(first),
+            (_, Some(after)) => Excluded(after),
+            (Some(first), None) => Included(first),
+            (None, None) => Unbounded,
+        };
+        let upper = last.map_or(Unbounded, Included);
+        // A cursor at or past the end of the user's alerts: nothing (never a reversed range).
+        let empty = matches!((after, last), (Some(after), Some(last)) if after >= last);
+        (!empty)
+            .then(|| self.alerts.range((lower, upper)).map(|(_, a)| a))
+            .into_iter()
+            .flatten()
+    }
+
     /// Users with at least one fired alert.
     pub fn alerted_users(&self) -> usize {
         let mut users = 0;
@@ -636,8 +662,32 @@ pub struct ReadModel {
     epoch: watch::Sender<Option<Epoch>>,
     changes: broadcast::Sender<Arc<Published>>,
     history: Mutex<VecDeque<Arc<Published>>>,
+    /// Alert changes per published epoch (empty ones too: they carry the progress), for
+    /// `Alerts/Subscribe`; bounded like `history`.
+    alert_changes: broadcast::Sender<Arc<PublishedAlerts>>,
+    alert_history: Mutex<VecDeque<Arc<PublishedAlerts>>>,
     closed: watch::Sender<bool>,
     incarnation: Arc<str>,
+}
+
+/// The alerts that changed state when an epoch (or several, merged) was published.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublishedAlerts {
+    /// The epoch published.
+    pub as_of: AsOf,
+    /// The state changes, in epoch order, each with the epoch it happened in and the spend,
+    /// budget and currency at the end of that epoch.
+    pub alerts: Vec<(Epoch, AlertEvent)>,
+}
+
+/// What a new alert subscriber starts from.
+#[derive(Debug)]
+pub enum AlertSubscriptionStart {
+    /// A snapshot (its fired alerts); changes after its epoch follow on the receiver.
+    Snapshot(Arc<Snapshot>),
+    /// The alert changes after the requested epoch, replayed from history; newer ones follow on
+    /// the receiver (skip any the replay already covered).
+    Replay(Vec<Arc<PublishedAlerts>>),
 }
 
 /// What a new subscriber starts from.
@@ -671,6 +721,8 @@ impl ReadModel {
             epoch: watch::Sender::new(None),
             changes: broadcast::Sender::new(1024),
             history: Mutex::new(VecDeque::with_capacity(HISTORY_EPOCHS)),
+            alert_changes: broadcast::Sender::new(1024),
+            alert_history: Mutex::new(VecDeque::with_capacity(HISTORY_EPOCHS)),
             closed: watch::Sender::new(false),
             incarnation,
         });
@@ -763,6 +815,35 @@ impl ReadModel {
         }
         (SubscriptionStart::Snapshot(self.snapshot()), receiver)
     }
+
+    /// Starts an alert subscription: where to begin, and a receiver of the alert changes of
+    /// every epoch published after. `resume_after` asks to replay the changes after that epoch
+    /// instead of a snapshot, which works while the alert history still holds them (as
+    /// [`ReadModel::subscribe`]).
+    pub fn subscribe_alerts(
+        &self,
+        resume_after: Option<Epoch>,
+    ) -> (
+        AlertSubscriptionStart,
+        broadcast::Receiver<Arc<PublishedAlerts>>,
+    ) {
+        // As in `subscribe`: the writer appends and broadcasts under this lock.
+        let history = self.alert_history.lock();
+        let receiver = self.alert_changes.subscribe();
+        if let Some(after) = resume_after {
+            let covered = history.front().is_some_and(|p| p.as_of.epoch <= after + 1)
+                || self.published_epoch().is_some_and(|e| e <= after);
+            if covered {
+                let replay = history
+                    .iter()
+                    .filter(|p| p.as_of.epoch > after)
+                    .cloned()
+                    .collect();
+                return (AlertSubscriptionStart::Replay(replay), receiver);
+            }
+        }
+        (AlertSubscriptionStart::Snapshot(self.snapshot()), receiver)
+    }
 }
 
 /// The single writer of a [`ReadModel`]; owned by the publisher thread.
@@ -773,6 +854,15 @@ pub struct ReadModelWriter {
 }
 
 impl ReadModelWriter {
+    /// Sets the engine's reporting currency (`--reporting-currency`; `None`: no conversion),
+    /// which [`Snapshot::reporting_currency`] reports from now on, the current snapshot
+    /// included. Call it before the first epoch is applied; it does not change while the
+    /// engine runs.
+    pub fn set_reporting_currency(&mut self, currency: Option<Currency>) {
+        self.state.reporting_currency = currency;
+        self.model.current.store(Arc::new(self.state.clone()));
+    }
+
     /// Applies a delta, publishes the new snapshot, and returns what changed.
     ///
     /// Each touched user is rebuilt once from its old aggregates and the net changes of its
@@ -827,9 +917,15 @@ impl ReadModelWriter {
         // One value per key: a user's cells are published once, the user cell included.
         cells.sort_unstable_by_key(|cell| cell.key);
 
+        state.apply_reference(&delta, &changes);
+
         state.as_of = delta.as_of.clone();
         state.records_covered = delta.records_covered;
 
+        let alerts = Arc::new(PublishedAlerts {
+            as_of: delta.as_of.clone(),
+            alerts: delta.alerts,
+        });
         let published = Arc::new(Published {
             as_of: delta.as_of,
             cells,
@@ -844,12 +940,105 @@ impl ReadModelWriter {
             // No receivers is fine: nobody is subscribed.
             let _ = self.model.changes.send(Arc::clone(&published));
         }
+        {
+            let mut history = self.model.alert_history.lock();
+            if history.len() == HISTORY_EPOCHS {
+                history.pop_front();
+            }
+            history.push_back(Arc::clone(&alerts));
+            let _ = self.model.alert_changes.send(alerts);
+        }
         self.model.epoch.send_replace(Some(published.as_of.epoch));
         published
     }
 }
 
 impl Snapshot {
+    /// Applies a delta's reference rows, rates, converted totals and alert changes (after its
+    /// cells, `changes`, so the alerts' spend is the month cells' new value).
+    fn apply_reference(&mut self, delta: &EpochDelta, changes: &[NetChange]) {
+        // Users whose alert views may need new spend, budget or currency.
+        let mut touched: Vec<UserId> = Vec::new();
+        for user in &delta.users {
+            match user.row {
+                Some(row) => self.refs.insert(user.user_id, row),
+                None => self.refs.remove(&user.user_id),
+            };
+            touched.push(user.user_id);
+        }
+        for rate in &delta.rates {
+            match rate.rate_micros {
+                Some(rate_micros) => self.rates.insert(rate.currency, rate_micros),
+                None => self.rates.remove(&rate.currency),
+            };
+        }
+        for converted in &delta.converted {
+            let user = converted.user_id;
+            let old = self.converted.get(&user).copied();
+            if old == converted.total_minor {
+                continue;
+            }
+            if let Some(total) = old {
+                self.by_converted.remove(&(Reverse(total), user));
+                self.converted.remove(&user);
+            }
+            if let Some(total) = converted.total_minor {
+                self.by_converted.insert((Reverse(total), user));
+                self.converted.insert(user, total);
+            }
+        }
+        for (epoch, event) in &delta.alerts {
+            let key = (event.user_id, event.month, event.threshold_pct);
+            match event.state {
+                AlertState::Fired => {
+                    self.alerts.insert(
+                        key,
+                        AlertView {
+                            user_id: event.user_id,
+                            month: event.month,
+                            threshold_pct: event.threshold_pct,
+                            spent_minor: event.spent_minor,
+                            budget_minor: event.budget_minor,
+                            currency: event.currency,
+                            since_epoch: *epoch,
+                        },
+                    );
+                }
+                AlertState::Cleared => {
+                    self.alerts.remove(&key);
+                }
+            }
+            touched.push(event.user_id);
+        }
+        if self.alerts.is_empty() {
+            return;
+        }
+        touched.extend(
+            changes
+                .iter()
+                .filter(|c| matches!(c.key, AggKey::Month(..)))
+                .map(|c| c.key.user_id()),
+        );
+        touched.sort_unstable();
+        touched.dedup();
+        // The fired alerts show the spend and budget as they are now, whichever changed.
+        for user in touched {
+            let row = self.refs.get(&user).copied();
+            let keys: Vec<(UserId, i32, u8)> = self
+                .alerts(Some(user))
+                .map(|a| (a.user_id, a.month, a.threshold_pct))
+                .collect();
+            for key in keys {
+                let spent_minor = self.month_spend(user, key.1);
+                if let Some(view) = self.alerts.get_mut(&key) {
+                    view.spent_minor = spent_minor;
+                    view.budget_minor = row.and_then(|r| r.budget_minor).unwrap_or(0);
+                    view.currency = row.map_or(*b"???", |r| r.currency);
+                }
+            }
+        }
+    }
+
     /// Applies one user's net changes and new last event time, keeps the order by total, and
     /// appends the changed cells' new values to `cells`.
     fn update_user(

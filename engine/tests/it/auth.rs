@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use spendflow_proto::v1 as pb;
 use spendflow_proto::v1::admin_client::AdminClient;
+use spendflow_proto::v1::alerts_client::AlertsClient;
 use spendflow_proto::v1::expense_query_client::ExpenseQueryClient;
 use spendflow_proto::v1::personnel_client::PersonnelClient;
 use tonic::Code;
@@ -201,11 +202,27 @@ fn grpc_statuses_follow_the_token() {
     let channel = runtime.block_on(channel(engine.grpc));
     // Health and reflection stay open.
     crate::support::grpc::assert_reflection_lists_services(&runtime, &channel);
+    let services = crate::support::grpc::reflected_services(&runtime, &channel);
+    assert!(
+        services.iter().any(|s| s == "spendflow.v1.Alerts"),
+        "{services:?}"
+    );
     runtime.block_on(async {
         let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
         let serving = health
             .check(tonic_health::pb::HealthCheckRequest {
                 service: "spendflow.v1.ExpenseQuery".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            serving.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        );
+        let serving = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "spendflow.v1.Alerts".into(),
             })
             .await
             .unwrap()
@@ -320,6 +337,93 @@ fn grpc_statuses_follow_the_token() {
         assert!(own_stream.message().await.unwrap().is_some());
         drop(own_stream);
 
+        // Alerts: the same rules. (This engine has no reference data, so no alerts: the
+        // statuses are what is checked.)
+        let mut alerts = AlertsClient::new(channel.clone());
+        let list = |user_id| pb::ListAlertsRequest {
+            user_id,
+            ..Default::default()
+        };
+        let subscribe_alerts = |user_id| pb::SubscribeAlertsRequest {
+            user_id,
+            ..Default::default()
+        };
+        assert_status(
+            alerts.list_alerts(with_token(list(1), None)).await,
+            Code::Unauthenticated,
+            "no token",
+        );
+        assert_status(
+            alerts.list_alerts(with_token(list(2), Some(&me))).await,
+            Code::PermissionDenied,
+            "expenses:read",
+        );
+        assert_status(
+            alerts.list_alerts(with_token(list(0), Some(&me))).await,
+            Code::PermissionDenied,
+            "ListAlerts of every user (user_id 0) needs the scope expenses:read",
+        );
+        assert_status(
+            alerts
+                .subscribe(with_token(subscribe_alerts(2), Some(&me)))
+                .await,
+            Code::PermissionDenied,
+            "expenses:read",
+        );
+        assert_status(
+            alerts
+                .subscribe(with_token(subscribe_alerts(0), Some(&me)))
+                .await,
+            Code::PermissionDenied,
+            "expenses:read",
+        );
+        assert_status(
+            alerts
+                .subscribe(with_token(subscribe_alerts(1), None))
+                .await,
+            Code::Unauthenticated,
+            "no token",
+        );
+        assert_status(
+            alerts
+                .list_alerts(with_token(
+                    pb::ListAlertsRequest {
+                        page_token: "not-a-token".into(),
+                        ..list(0)
+                    },
+                    Some(&reader),
+                ))
+                .await,
+            Code::InvalidArgument,
+            "page_token",
+        );
+        let own = alerts
+            .list_alerts(with_token(list(1), Some(&me)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(own.alerts.is_empty() && own.as_of.is_some(), "{own:?}");
+        let every = alerts
+            .list_alerts(with_token(list(0), Some(&reader)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(every.alerts.is_empty(), "{every:?}");
+        let mut own_alerts = alerts
+            .subscribe(with_token(subscribe_alerts(1), Some(&me)))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = own_alerts.message().await.unwrap().unwrap();
+        assert!(
+            matches!(
+                first.event,
+                Some(pb::subscribe_alerts_response::Event::Snapshot(ref s)) if s.last
+            ),
+            "{first:?}"
+        );
+        drop(own_alerts);
+
         // Admin needs `admin`; a reader has every user but no admin.
         assert_status(
             admin_client
@@ -414,6 +518,14 @@ fn grpc_statuses_follow_the_token() {
         assert_status(
             query
                 .subscribe(with_token(subscribe(&[]), Some(&reader)))
+                .await,
+            Code::ResourceExhausted,
+            "16 streams",
+        );
+        // Alert streams count against the same per-token cap.
+        assert_status(
+            alerts
+                .subscribe(with_token(subscribe_alerts(0), Some(&reader)))
                 .await,
             Code::ResourceExhausted,
             "16 streams",

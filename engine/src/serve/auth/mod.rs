@@ -13,7 +13,7 @@
 //!   HTTP 401).
 //! * The [`Principal`]'s checks ([`Principal::read_user`], [`Principal::require`], ...) answer
 //!   [`AuthError::Denied`] naming the scope needed (gRPC `PERMISSION_DENIED`, HTTP 403).
-//! * gRPC: [`grpc::Authenticate`], a tonic interceptor on `ExpenseQuery`, `Admin` and
+//! * gRPC: [`grpc::Authenticate`], a tonic interceptor on `ExpenseQuery`, `Alerts`, `Admin` and
 //!   `Personnel` (health and reflection stay open), puts the [`Principal`] into the request's
 //!   extensions; every handler checks it. Without auth configured no principal is there and
 //!   every handler answers as before.

@@ -35,6 +35,7 @@ fn spender(row: &crate::cassandra::reader::UserRow) -> SpenderData {
         user_id: row.user_id,
         total_minor: row.total_minor.into(),
         expense_count: row.expense_count,
+        ..SpenderData::default()
     }
 }
 
@@ -90,6 +91,9 @@ impl CassandraBackend {
             last_event_ms: row.last_event_ms,
             by_category: widen(categories),
             by_merchant: widen(merchants),
+            // No reference data nor month cells in the tables: budget, month to date and
+            // currency stay unknown (0 and empty on the wire).
+            ..SummaryData::default()
         }))
     }
 }

@@ -62,7 +62,7 @@ pub use backend::CassandraBackend;
 
 use self::index::IndexCache;
 use crate::cassandra::{CassandraClientSecurity, CassandraError, connect_with, schema};
-use crate::serve::grpc::{QueryService, router_with, serve_router};
+use crate::serve::grpc::{AlertsUnimplemented, QueryService, router_with, serve_router};
 use crate::serve::transport::Transport;
 use crate::serve::web::WebBackend;
 
@@ -449,7 +449,9 @@ async fn setup(config: &CassandraServeConfig) -> Result<Setup, ServeError> {
         let backend = WebBackend::new(backend.clone(), admin.clone()).with_auth(auth.clone());
         (l, backend)
     });
-    let (routes, health) = router_with(QueryService::new(backend), admin, auth).await?;
+    // No alerts in the tables: `Alerts` says to call the engine (UNIMPLEMENTED).
+    let (routes, health) =
+        router_with(QueryService::new(backend), AlertsUnimplemented, admin, auth).await?;
     let health_task = tokio::spawn(report_health(progress, health));
     Ok(Setup {
         listener,

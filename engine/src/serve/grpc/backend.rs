@@ -26,6 +26,7 @@ use tonic::Status;
 use super::query::SubscriberGuard;
 pub use crate::serve::read_model::Amount;
 use crate::serve::read_model::AsOf;
+pub use spendflow_operators::reference::Currency;
 
 /// A read-your-writes requirement: answer from epoch `min_epoch` or later, waiting at most
 /// `timeout` for it (`min_epoch == 0`: whatever is current, no wait).
@@ -61,6 +62,14 @@ pub struct SummaryData {
     pub by_category: Vec<(String, Amount)>,
     /// `(merchant, (count, sum))`.
     pub by_merchant: Vec<(String, Amount)>,
+    /// The user's monthly budget from the reference data, minor units of `currency`, if set.
+    /// (The Cassandra backend has no reference data: always `None` there.)
+    pub monthly_budget_minor: Option<i64>,
+    /// Sum of the live expenses in the current UTC month (by the server's clock), minor
+    /// units. (Always 0 from the Cassandra backend, which keeps no month cells.)
+    pub month_to_date_minor: i128,
+    /// The user's currency from the reference data, if known (`None` from Cassandra).
+    pub currency: Option<Currency>,
 }
 
 impl SummaryData {
@@ -92,7 +101,7 @@ pub struct SummaryPage {
 }
 
 /// One of the largest spenders.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SpenderData {
     /// The user.
     pub user_id: UserId,
@@ -100,6 +109,11 @@ pub struct SpenderData {
     pub total_minor: i128,
     /// The user's live expenses.
     pub expense_count: i64,
+    /// The user's currency from the reference data, if known.
+    pub currency: Option<Currency>,
+    /// With a reporting currency: the total converted to it, minor units (the ranking is by
+    /// this). `None` without one.
+    pub converted_minor: Option<i128>,
 }
 
 /// The population and the largest spenders, read together (one snapshot, one index).
@@ -223,7 +237,9 @@ pub trait QueryBackend: Send + Sync + 'static {
         to: i32,
     ) -> Result<Answer<Option<Vec<(i32, Amount)>>>, Status>;
 
-    /// The `limit` users with the largest totals, largest first, ties by user id.
+    /// The `limit` users with the largest totals, largest first, ties by user id. With a
+    /// reporting currency ([`QueryBackend::reporting_currency`]), by the converted totals
+    /// instead, leaving out users that cannot be converted.
     async fn top_spenders(
         &self,
         wait: Wait,
@@ -244,6 +260,12 @@ pub trait QueryBackend: Send + Sync + 'static {
 
     /// A subscription stream (snapshot, changes, progress marks).
     async fn subscribe(&self, spec: SubscribeSpec) -> Result<SubscribeStream, Status>;
+
+    /// The currency `top_spenders` ranks in (the engine's `--reporting-currency`); `None`:
+    /// totals in the users' own currencies. It does not change while a server runs.
+    fn reporting_currency(&self) -> Option<Currency> {
+        None
+    }
 }
 
 /// Backends for tests.

@@ -122,8 +122,15 @@ pub fn summary(user: SummaryData) -> Result<pb::UserSummary, Status> {
             .map(spendflow_operators::decode::format_event_time)
             .unwrap_or_default(),
         last_event_ms: user.last_event_ms.unwrap_or(0),
-        ..pb::UserSummary::default()
+        monthly_budget_minor: user.monthly_budget_minor.unwrap_or(0),
+        month_to_date_minor: fit(user.month_to_date_minor, id, "month to date")?,
+        currency: user.currency.map(currency).unwrap_or_default(),
     })
+}
+
+/// An ISO 4217 code as text.
+pub fn currency(code: [u8; 3]) -> String {
+    String::from_utf8_lossy(&code).into_owned()
 }
 
 /// `DEADLINE_EXCEEDED` for a read-your-writes wait that ran out: `latest` is the newest epoch

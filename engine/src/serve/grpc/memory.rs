@@ -34,22 +34,22 @@ const SNAPSHOT_CHUNK: usize = 1000;
 pub const SNAPSHOT_READ_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The snapshot a subscription is reading, which the backend's reaper may take away.
-struct SnapshotSlot {
-    snapshot: parking_lot::Mutex<Option<Arc<Snapshot>>>,
-    epoch: Epoch,
+pub(super) struct SnapshotSlot {
+    pub(super) snapshot: parking_lot::Mutex<Option<Arc<Snapshot>>>,
+    pub(super) epoch: Epoch,
     since: tokio::time::Instant,
 }
 
 /// Every snapshot subscriptions are reading, and the task that lets go of those held too long.
 #[derive(Debug, Default)]
-struct SnapshotHolds {
+pub(super) struct SnapshotHolds {
     slots: parking_lot::Mutex<Vec<std::sync::Weak<SnapshotSlot>>>,
     reaper: std::sync::OnceLock<()>,
 }
 
 impl SnapshotHolds {
     /// Registers a subscription's snapshot; starts the reaper on the first one.
-    fn hold(self: &Arc<Self>, snapshot: Arc<Snapshot>) -> Arc<SnapshotSlot> {
+    pub(super) fn hold(self: &Arc<Self>, snapshot: Arc<Snapshot>) -> Arc<SnapshotSlot> {
         let slot = Arc::new(SnapshotSlot {
             epoch: snapshot.as_of().epoch,
             snapshot: parking_lot::Mutex::new(Some(snapshot)),
@@ -101,10 +101,49 @@ impl std::fmt::Debug for SnapshotSlot {
     }
 }
 
+/// The server's clock, ms since the Unix epoch (month-to-date sums use its month).
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> i64 + Send + Sync>);
+
+impl Clock {
+    /// The system clock.
+    pub fn system() -> Self {
+        Clock(Arc::new(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        }))
+    }
+
+    /// A clock that reads `now` (tests).
+    pub fn new(now: impl Fn() -> i64 + Send + Sync + 'static) -> Self {
+        Clock(Arc::new(now))
+    }
+
+    /// Now, ms since the Unix epoch.
+    pub fn now_ms(&self) -> i64 {
+        (self.0)()
+    }
+
+    /// The current UTC month, `year * 12 + month - 1`.
+    pub fn month(&self) -> i32 {
+        use spendflow_operators::model::{day_of, month_of_day};
+        month_of_day(day_of(self.now_ms()))
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Clock").field(&self.now_ms()).finish()
+    }
+}
+
 /// Answers from the engine's read model.
 #[derive(Debug, Clone)]
 pub struct ReadModelBackend {
     read_model: Arc<ReadModel>,
+    /// For month-to-date sums.
+    clock: Clock,
     /// Snapshot cells made for subscribers so far (see [`ReadModelBackend::snapshot_cells`]).
     snapshot_cells: Arc<AtomicU64>,
     /// The snapshots subscribers are reading ([`SNAPSHOT_READ_DEADLINE`]).
@@ -116,9 +155,16 @@ impl ReadModelBackend {
     pub fn new(read_model: Arc<ReadModel>) -> Self {
         ReadModelBackend {
             read_model,
+            clock: Clock::system(),
             snapshot_cells: Arc::default(),
             holds: Arc::default(),
         }
+    }
+
+    /// The same backend reading the time from `clock` (tests pin the month this way).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// How many snapshot cells subscriptions have made so far: pages are made only as
@@ -163,14 +209,33 @@ pub fn summary_data(user: &UserAggregates) -> SummaryData {
         last_event_ms: user.last_event_ms,
         by_category: names(&user.categories),
         by_merchant: names(&user.merchants),
+        ..SummaryData::default()
     }
 }
 
-fn spender(user: &UserAggregates) -> SpenderData {
+/// [`summary_data`] with the user's reference row (budget, currency) and the spend of
+/// `month` (the current one), from `snapshot`.
+pub fn summary_with_reference(
+    snapshot: &Snapshot,
+    user: &UserAggregates,
+    month: i32,
+) -> SummaryData {
+    let row = snapshot.user_ref(user.user_id);
+    SummaryData {
+        monthly_budget_minor: row.and_then(|r| r.budget_minor),
+        currency: row.map(|r| r.currency),
+        month_to_date_minor: user.months.get(&month).map_or(0, |(_, sum)| sum),
+        ..summary_data(user)
+    }
+}
+
+fn spender(snapshot: &Snapshot, user: &UserAggregates) -> SpenderData {
     SpenderData {
         user_id: user.user_id,
         total_minor: user.total_minor,
         expense_count: user.expense_count,
+        currency: snapshot.user_ref(user.user_id).map(|r| r.currency),
+        converted_minor: snapshot.converted(user.user_id),
     }
 }
 
@@ -194,7 +259,10 @@ impl QueryBackend for ReadModelBackend {
         user: UserId,
     ) -> Result<Answer<Option<SummaryData>>, Status> {
         let snapshot = self.snapshot(wait).await?;
-        let summary = snapshot.user(user).map(|u| summary_data(u));
+        let month = self.clock.month();
+        let summary = snapshot
+            .user(user)
+            .map(|u| summary_with_reference(&snapshot, u, month));
         Ok(answer(&snapshot, summary))
     }
 
@@ -205,11 +273,12 @@ impl QueryBackend for ReadModelBackend {
         limit: usize,
     ) -> Result<Answer<SummaryPage>, Status> {
         let snapshot = self.snapshot(wait).await?;
+        let month = self.clock.month();
         let mut users = snapshot.users_after(after);
         let summaries: Vec<SummaryData> = users
             .by_ref()
             .take(limit)
-            .map(|u| summary_data(u))
+            .map(|u| summary_with_reference(&snapshot, u, month))
             .collect();
         let resume_after = match (users.next(), summaries.last()) {
             (Some(_), Some(last)) => Some(last.user_id),
@@ -249,11 +318,22 @@ impl QueryBackend for ReadModelBackend {
         limit: usize,
     ) -> Result<Answer<Vec<SpenderData>>, Status> {
         let snapshot = self.snapshot(wait).await?;
-        let spenders = snapshot
-            .top_spenders()
-            .take(limit)
-            .map(|u| spender(u))
-            .collect();
+        let spenders = if snapshot.reporting_currency().is_some() {
+            // By the converted totals; a user with one has live expenses (no such total
+            // otherwise), so the filter only guards against an inconsistent delta.
+            snapshot
+                .top_converted()
+                .filter_map(|(user, _)| snapshot.user(user))
+                .take(limit)
+                .map(|u| spender(&snapshot, u))
+                .collect()
+        } else {
+            snapshot
+                .top_spenders()
+                .take(limit)
+                .map(|u| spender(&snapshot, u))
+                .collect()
+        };
         Ok(answer(&snapshot, spenders))
     }
 
@@ -265,7 +345,7 @@ impl QueryBackend for ReadModelBackend {
             top: snapshot
                 .top_spenders()
                 .take(limit)
-                .map(|u| spender(u))
+                .map(|u| spender(&snapshot, u))
                 .collect(),
         };
         Ok(answer(&snapshot, overview))
@@ -279,6 +359,10 @@ impl QueryBackend for ReadModelBackend {
             .await
             .map_err(|e| Status::internal(format!("summing the categories failed: {e}")))?;
         Ok(answer(&snapshot, totals))
+    }
+
+    fn reporting_currency(&self) -> Option<spendflow_operators::reference::Currency> {
+        self.read_model.snapshot().reporting_currency()
     }
 
     fn timeline(&self) -> (Arc<str>, Option<Epoch>) {
@@ -595,6 +679,254 @@ mod tests {
             .unwrap()
             .into_inner();
         assert_eq!(answer.summary.unwrap().total_minor, 5);
+    }
+
+    /// GetUserSummary's budget fields: the reference row's budget and currency, and the spend
+    /// of the month the server's clock is in (injected, so the answer does not depend on when
+    /// the test runs).
+    #[test]
+    fn user_summary_carries_budget_currency_and_month_to_date_by_the_servers_clock() {
+        use spendflow_operators::model::days_from_civil;
+        use spendflow_operators::reference::{UserRef, UserRow};
+        use spendflow_proto::v1::expense_query_server::ExpenseQuery;
+
+        use super::super::QueryService;
+
+        let november = 2026 * 12 + 10;
+        let (model, mut writer) = ReadModel::new();
+        let cell = |key, sum| CellChange { key, count: 1, sum };
+        writer.apply(EpochDelta {
+            cells: vec![
+                cell(AggKey::User(7), 1_000 + 250),
+                cell(AggKey::Month(7, november - 1), 1_000),
+                cell(AggKey::Month(7, november), 250),
+                cell(AggKey::User(8), 5),
+                cell(AggKey::Month(8, november), 5),
+            ],
+            users: vec![UserRef {
+                user_id: 7,
+                row: Some(UserRow {
+                    budget_minor: Some(2_000),
+                    currency: *b"GBP",
+                }),
+            }],
+            ..EpochDelta::default()
+        });
+        let now = Arc::new(AtomicU64::new(0));
+        let at = |y, m, d| days_from_civil(y, m, d) as u64 * 86_400_000 + 3_600_000;
+        let clock = {
+            let now = Arc::clone(&now);
+            Clock::new(move || now.load(Ordering::Relaxed) as i64)
+        };
+        let service = QueryService::new(ReadModelBackend::new(model).with_clock(clock));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let summary = |user| {
+            runtime
+                .block_on(service.get_user_summary(tonic::Request::new(
+                    pb::GetUserSummaryRequest {
+                        user_id: user,
+                        consistency: None,
+                    },
+                )))
+                .unwrap()
+                .into_inner()
+                .summary
+                .unwrap()
+        };
+        now.store(at(2026, 11, 30), Ordering::Relaxed);
+        let s = summary(7);
+        assert_eq!(
+            (
+                s.monthly_budget_minor,
+                s.month_to_date_minor,
+                s.currency.as_str()
+            ),
+            (2_000, 250, "GBP")
+        );
+        assert_eq!(s.total_minor, 1_250);
+        now.store(at(2026, 10, 1), Ordering::Relaxed);
+        assert_eq!(
+            summary(7).month_to_date_minor,
+            1_000,
+            "October by the clock"
+        );
+        now.store(at(2026, 12, 1), Ordering::Relaxed);
+        assert_eq!(summary(7).month_to_date_minor, 0, "nothing in December yet");
+        // A user without a reference row: 0 and empty.
+        now.store(at(2026, 11, 2), Ordering::Relaxed);
+        let s = summary(8);
+        assert_eq!(
+            (
+                s.monthly_budget_minor,
+                s.month_to_date_minor,
+                s.currency.as_str()
+            ),
+            (0, 5, "")
+        );
+    }
+
+    /// A month-to-date sum outside int64 is OUT_OF_RANGE, like every other sum.
+    #[test]
+    fn a_month_to_date_outside_int64_is_out_of_range() {
+        use spendflow_proto::v1::expense_query_server::ExpenseQuery;
+
+        use super::super::QueryService;
+
+        let month = 2026 * 12 + 10;
+        let (model, mut writer) = ReadModel::new();
+        let cells = (0..2)
+            .flat_map(|_| {
+                [
+                    CellChange {
+                        key: AggKey::User(7),
+                        count: 1,
+                        sum: i64::MAX,
+                    },
+                    CellChange {
+                        key: AggKey::User(7),
+                        count: 1,
+                        sum: -i64::MAX,
+                    },
+                    CellChange {
+                        key: AggKey::Month(7, month),
+                        count: 1,
+                        sum: i64::MAX,
+                    },
+                ]
+            })
+            .collect();
+        writer.apply(EpochDelta {
+            cells,
+            ..EpochDelta::default()
+        });
+        let clock = Clock::new(move || {
+            i64::from(spendflow_operators::model::days_from_civil(2026, 11, 15)) * 86_400_000
+        });
+        let service = QueryService::new(ReadModelBackend::new(model).with_clock(clock));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let status = runtime
+            .block_on(
+                service.get_user_summary(tonic::Request::new(pb::GetUserSummaryRequest {
+                    user_id: 7,
+                    consistency: None,
+                })),
+            )
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+        assert!(status.message().contains("month to date"), "{status:?}");
+    }
+
+    /// With a reporting currency TopSpenders ranks by the converted totals, leaves out users
+    /// without one, and says the currency; without, it ranks by the users' own totals.
+    #[test]
+    fn top_spenders_rank_by_converted_totals_with_a_reporting_currency() {
+        use spendflow_operators::reference::{Converted, UserRef, UserRow};
+        use spendflow_proto::v1::expense_query_server::ExpenseQuery;
+
+        use super::super::QueryService;
+
+        let deltas = || {
+            let cell = |user, sum| CellChange {
+                key: AggKey::User(user),
+                count: 1,
+                sum,
+            };
+            let row = |user_id, currency: &[u8; 3]| UserRef {
+                user_id,
+                row: Some(UserRow {
+                    budget_minor: None,
+                    currency: *currency,
+                }),
+            };
+            let converted = |user_id, total| Converted {
+                user_id,
+                total_minor: total,
+            };
+            EpochDelta {
+                // In their own currencies 3 > 2 > 1 > 4; converted 1 > 2 = 3 (ties by user);
+                // 4's currency has no rate.
+                cells: vec![
+                    cell(1, 1_000),
+                    cell(2, 2_000),
+                    cell(3, 90_000),
+                    cell(4, 500),
+                ],
+                users: vec![
+                    row(1, b"GBP"),
+                    row(2, b"EUR"),
+                    row(3, b"JPY"),
+                    row(4, b"XXX"),
+                ],
+                converted: vec![
+                    converted(1, Some(2_500)),
+                    converted(2, Some(2_000)),
+                    converted(3, Some(2_000)),
+                ],
+                ..EpochDelta::default()
+            }
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let top = |service: &QueryService| {
+            runtime
+                .block_on(
+                    service.top_spenders(tonic::Request::new(pb::TopSpendersRequest {
+                        limit: 10,
+                        consistency: None,
+                    })),
+                )
+                .unwrap()
+                .into_inner()
+        };
+
+        let (model, mut writer) = ReadModel::new();
+        writer.set_reporting_currency(Some(*b"EUR"));
+        writer.apply(deltas());
+        let answer = top(&QueryService::over_read_model(model));
+        assert_eq!(answer.reporting_currency, "EUR");
+        let ranked: Vec<(u32, u64, i64, i64, &str)> = answer
+            .spenders
+            .iter()
+            .map(|s| {
+                (
+                    s.rank,
+                    s.user_id,
+                    s.converted_minor,
+                    s.total_minor,
+                    s.currency.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            ranked,
+            vec![
+                (1, 1, 2_500, 1_000, "GBP"),
+                (2, 2, 2_000, 2_000, "EUR"),
+                (3, 3, 2_000, 90_000, "JPY"),
+            ]
+        );
+
+        // No reporting currency: by the users' own totals, every user, no converted amount.
+        let (model, mut writer) = ReadModel::new();
+        let mut d = deltas();
+        d.converted.clear();
+        writer.apply(d);
+        let answer = top(&QueryService::over_read_model(model));
+        assert_eq!(answer.reporting_currency, "");
+        let ranked: Vec<(u64, i64, &str)> = answer
+            .spenders
+            .iter()
+            .map(|s| (s.user_id, s.converted_minor, s.currency.as_str()))
+            .collect();
+        assert_eq!(
+            ranked,
+            vec![(3, 0, "JPY"), (2, 0, "EUR"), (1, 0, "GBP"), (4, 0, "XXX")]
+        );
     }
 
     /// A subscriber that stops reading its snapshot holds the snapshot of its starting epoch,

@@ -1,4 +1,5 @@
-//! The gRPC services: `spendflow.v1.ExpenseQuery`, `spendflow.v1.Admin`, `grpc.health.v1`, and
+//! The gRPC services: `spendflow.v1.ExpenseQuery`, `spendflow.v1.Alerts`, `spendflow.v1.Admin`,
+//! `grpc.health.v1`, and
 //! server reflection (v1 and v1alpha, so both current and older `grpcurl` can list and
 //! describe everything without the `.proto` files).
 //!
@@ -13,6 +14,7 @@
 //! it bounds producing an answer, not a subscription's stream).
 
 mod admin;
+mod alerts;
 pub mod backend;
 pub(crate) mod convert;
 mod memory;
@@ -24,15 +26,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use spendflow_proto::v1::admin_server::{Admin, AdminServer};
+use spendflow_proto::v1::alerts_server::{Alerts, AlertsServer};
 use spendflow_proto::v1::expense_query_server::{ExpenseQuery, ExpenseQueryServer};
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 use tower_http::trace::TraceLayer;
 
 pub use admin::AdminService;
-pub use memory::ReadModelBackend;
+pub use alerts::{ALERTS_UNIMPLEMENTED, AlertsService, AlertsUnimplemented};
 #[cfg(test)]
 pub(crate) use memory::category_totals;
+pub use memory::{Clock, ReadModelBackend};
 pub use personnel::PersonnelService;
 pub use query::{QueryService, SubscriberGuard};
 
@@ -69,28 +73,36 @@ pub async fn router(
     personnel: Option<Arc<Personnel>>,
     auth: Option<Arc<Authenticator>>,
 ) -> Result<Routes, GrpcError> {
-    let query = QueryService::over_read_model(read_model);
-    let (routes, health) = router_with(query, AdminService::new(status), auth.clone()).await?;
+    let query = QueryService::over_read_model(Arc::clone(&read_model));
+    let alerts = AlertsService::new(read_model).sharing_subscribers(query.subscriber_count());
+    let (routes, health) =
+        router_with(query, alerts, AdminService::new(status), auth.clone()).await?;
+    // Only the engine serves alerts (`serve --from cassandra` answers UNIMPLEMENTED, and its
+    // health does not list them).
+    health.set_serving::<AlertsServer<AlertsService>>().await;
     personnel::report_health(&health, personnel.is_some()).await;
     let personnel = PersonnelService::new(personnel).server();
     Ok(routes.add_service(intercept(personnel, auth.as_ref())))
 }
 
-/// Builds routes serving `query` and `admin`, with health (both reported serving) and
-/// reflection (v1 and v1alpha). With `auth`, `query` and `admin` need a valid bearer token
-/// ([`crate::serve::auth`]); health and reflection stay open. The health reporter is returned so a server can report
+/// Builds routes serving `query`, `alerts` and `admin`, with health (`query` and `admin`
+/// reported serving; the caller reports `alerts` if it really serves them) and
+/// reflection (v1 and v1alpha). With `auth`, `query`, `alerts` and `admin` need a valid bearer
+/// token ([`crate::serve::auth`]); health and reflection stay open. The health reporter is returned so a server can report
 /// `NOT_SERVING` while its store is unreachable.
 ///
 /// # Errors
 ///
 /// A message if the reflection service could not be built from the descriptor sets.
-pub async fn router_with<Q, A>(
+pub async fn router_with<Q, L, A>(
     query: Q,
+    alerts: L,
     admin: A,
     auth: Option<Arc<Authenticator>>,
 ) -> Result<(Routes, tonic_health::server::HealthReporter), GrpcError>
 where
     Q: ExpenseQuery,
+    L: Alerts,
     A: Admin,
 {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -107,11 +119,13 @@ where
         .build_v1alpha()?;
 
     let query = ExpenseQueryServer::new(query).max_decoding_message_size(MAX_REQUEST_BYTES);
+    let alerts = AlertsServer::new(alerts).max_decoding_message_size(MAX_REQUEST_BYTES);
     let admin = AdminServer::new(admin).max_decoding_message_size(MAX_REQUEST_BYTES);
     let routes = Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(intercept(query, auth.as_ref()))
+        .add_service(intercept(alerts, auth.as_ref()))
         .add_service(intercept_requiring(admin, auth.as_ref(), Scope::Admin));
     Ok((routes, health_reporter))
 }
@@ -152,8 +166,9 @@ pub async fn serve_router(
 
 /// The services whose calls count against the per-service concurrency limit (health and
 /// reflection are not limited: they must answer while the others are busy).
-const LIMITED_SERVICES: [&str; 3] = [
+const LIMITED_SERVICES: [&str; 4] = [
     "spendflow.v1.ExpenseQuery",
+    "spendflow.v1.Alerts",
     "spendflow.v1.Admin",
     "spendflow.v1.Personnel",
 ];

@@ -48,6 +48,12 @@ impl<B: QueryBackend> QueryService<B> {
 }
 
 impl<B: QueryBackend> QueryService<B> {
+    /// The count of open subscriptions, for other streaming services to share
+    /// ([`super::MAX_SUBSCRIBERS`] bounds them all together).
+    pub fn subscriber_count(&self) -> Arc<AtomicUsize> {
+        Arc::clone(&self.subscribers)
+    }
+
     fn wait(&self, consistency: Option<&pb::Consistency>) -> Result<Wait, Status> {
         let (incarnation, latest) = self.backend.timeline();
         let (min_epoch, timeout) = convert::consistency(consistency, &incarnation, latest)?;
@@ -193,6 +199,7 @@ impl<B: QueryBackend> ExpenseQuery for QueryService<B> {
         let request = request.into_inner();
         let limit = convert::limit(request.limit, 10, 1000, "limit")?;
         let wait = self.wait(request.consistency.as_ref())?;
+        let reporting_currency = self.backend.reporting_currency();
         let answer = self.backend.top_spenders(wait, limit).await?;
         let spenders = answer
             .value
@@ -205,14 +212,20 @@ impl<B: QueryBackend> ExpenseQuery for QueryService<B> {
                     user_id: u.user_id,
                     total_minor: convert::fit(u.total_minor, u.user_id, "user total")?,
                     expense_count: u.expense_count,
-                    ..pb::Spender::default()
+                    currency: u.currency.map(convert::currency).unwrap_or_default(),
+                    converted_minor: match u.converted_minor {
+                        Some(converted) => convert::fit(converted, u.user_id, "converted total")?,
+                        None => 0,
+                    },
                 })
             })
             .collect::<Result<_, Status>>()?;
         Ok(Response::new(pb::TopSpendersResponse {
             spenders,
             as_of: Some(convert::as_of(&answer.as_of)),
-            ..pb::TopSpendersResponse::default()
+            reporting_currency: reporting_currency
+                .map(convert::currency)
+                .unwrap_or_default(),
         }))
     }
 

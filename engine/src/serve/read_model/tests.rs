@@ -721,3 +721,393 @@ fn thread_cpu_ns() -> Option<u64> {
     let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
     stat.split_whitespace().next()?.parse().ok()
 }
+
+mod reference {
+    use std::collections::BTreeMap;
+
+    use spendflow_operators::reference::{
+        AlertEvent, AlertState, Converted, RateChange, UserRef, UserRow,
+    };
+
+    use super::*;
+
+    fn row(budget: Option<i64>, currency: &[u8; 3]) -> UserRow {
+        UserRow {
+            budget_minor: budget,
+            currency: *currency,
+        }
+    }
+
+    fn event(user_id: UserId, month: i32, threshold_pct: u8, state: AlertState) -> AlertEvent {
+        AlertEvent {
+            user_id,
+            month,
+            threshold_pct,
+            state,
+            spent_minor: 850,
+            budget_minor: 1000,
+            currency: *b"EUR",
+        }
+    }
+
+    #[test]
+    fn refs_rates_and_converted_totals_are_applied_and_removed() {
+        let (model, mut writer) = ReadModel::new();
+        writer.set_reporting_currency(Some(*b"EUR"));
+        assert_eq!(model.snapshot().reporting_currency(), Some(*b"EUR"));
+        writer.apply(EpochDelta {
+            users: vec![
+                UserRef {
+                    user_id: 1,
+                    row: Some(row(Some(500), b"USD")),
+                },
+                UserRef {
+                    user_id: 2,
+                    row: Some(row(None, b"EUR")),
+                },
+                UserRef {
+                    user_id: 1,
+                    row: Some(row(Some(1000), b"USD")),
+                },
+            ],
+            rates: vec![
+                RateChange {
+                    currency: *b"USD",
+                    rate_micros: Some(900_000),
+                },
+                RateChange {
+                    currency: *b"GBP",
+                    rate_micros: Some(1_150_000),
+                },
+            ],
+            converted: vec![
+                Converted {
+                    user_id: 1,
+                    total_minor: Some(90),
+                },
+                Converted {
+                    user_id: 2,
+                    total_minor: Some(300),
+                },
+                Converted {
+                    user_id: 3,
+                    total_minor: Some(90),
+                },
+            ],
+            ..delta(1, vec![], vec![])
+        });
+        let snapshot = model.snapshot();
+        assert_eq!(snapshot.reporting_currency(), Some(*b"EUR"));
+        assert_eq!(
+            snapshot.user_ref(1),
+            Some(&row(Some(1000), b"USD")),
+            "later wins"
+        );
+        assert_eq!(snapshot.user_ref(2), Some(&row(None, b"EUR")));
+        assert_eq!(snapshot.fx_rate(*b"USD"), Some(900_000));
+        assert_eq!(snapshot.converted(2), Some(300));
+        assert_eq!(
+            snapshot.top_converted().collect::<Vec<_>>(),
+            vec![(2, 300), (1, 90), (3, 90)],
+            "largest first, ties by user"
+        );
+
+        writer.apply(EpochDelta {
+            users: vec![UserRef {
+                user_id: 2,
+                row: None,
+            }],
+            rates: vec![RateChange {
+                currency: *b"GBP",
+                rate_micros: None,
+            }],
+            converted: vec![
+                Converted {
+                    user_id: 2,
+                    total_minor: None,
+                },
+                Converted {
+                    user_id: 1,
+                    total_minor: Some(400),
+                },
+            ],
+            ..delta(2, vec![], vec![])
+        });
+        let snapshot = model.snapshot();
+        assert_eq!(snapshot.user_ref(2), None);
+        assert_eq!(snapshot.fx_rate(*b"GBP"), None);
+        assert_eq!(snapshot.fx_rate(*b"USD"), Some(900_000));
+        assert_eq!(snapshot.converted(2), None);
+        assert_eq!(
+            snapshot.top_converted().collect::<Vec<_>>(),
+            vec![(1, 400), (3, 90)]
+        );
+    }
+
+    #[test]
+    fn fired_alerts_are_kept_with_their_epoch_and_current_spend_and_budget() {
+        let (model, mut writer) = ReadModel::new();
+        let month = 2026 * 12 + 10;
+        writer.apply(EpochDelta {
+            users: vec![UserRef {
+                user_id: 7,
+                row: Some(row(Some(1000), b"EUR")),
+            }],
+            alerts: vec![(3, event(7, month, 80, AlertState::Fired))],
+            ..delta(
+                3,
+                vec![
+                    change(AggKey::User(7), 1, 850),
+                    change(AggKey::Month(7, month), 1, 850),
+                ],
+                vec![],
+            )
+        });
+        let snapshot = model.snapshot();
+        let alerts: Vec<AlertView> = snapshot.alerts(None).copied().collect();
+        assert_eq!(
+            alerts,
+            vec![AlertView {
+                user_id: 7,
+                month,
+                threshold_pct: 80,
+                spent_minor: 850,
+                budget_minor: 1000,
+                currency: *b"EUR",
+                since_epoch: 3,
+            }]
+        );
+        assert_eq!(snapshot.alerted_users(), 1);
+
+        // More spend (under 100 %) and then a higher budget, while the alert stays fired: the
+        // view follows both; its epoch stays the one it fired at.
+        writer.apply(delta(
+            4,
+            vec![
+                change(AggKey::User(7), 1, 100),
+                change(AggKey::Month(7, month), 1, 100),
+            ],
+            vec![],
+        ));
+        let view = *model.snapshot().alerts(Some(7)).next().unwrap();
+        assert_eq!((view.spent_minor, view.since_epoch), (950, 3));
+        writer.apply(EpochDelta {
+            users: vec![UserRef {
+                user_id: 7,
+                row: Some(row(Some(1150), b"EUR")),
+            }],
+            ..delta(5, vec![], vec![])
+        });
+        let view = *model.snapshot().alerts(Some(7)).next().unwrap();
+        assert_eq!((view.spent_minor, view.budget_minor), (950, 1150));
+
+        // The 100 % alert fires and the 80 % one is cleared in one delta of two epochs.
+        writer.apply(EpochDelta {
+            alerts: vec![
+                (6, event(7, month, 100, AlertState::Fired)),
+                (7, event(7, month, 80, AlertState::Cleared)),
+            ],
+            ..delta(7, vec![], vec![])
+        });
+        let snapshot = model.snapshot();
+        let keys: Vec<(UserId, u8, Epoch)> = snapshot
+            .alerts(None)
+            .map(|a| (a.user_id, a.threshold_pct, a.since_epoch))
+            .collect();
+        assert_eq!(keys, vec![(7, 100, 6)]);
+        assert_eq!(
+            snapshot.alerts(None).next().unwrap().spent_minor,
+            950,
+            "the month cell's value, not the event's"
+        );
+        assert!(snapshot.alerts(Some(8)).next().is_none());
+    }
+
+    #[test]
+    fn alert_changes_are_published_and_resumable_from_history() {
+        let (model, mut writer) = ReadModel::new();
+        for epoch in 1..=3u64 {
+            writer.apply(EpochDelta {
+                alerts: vec![(epoch, event(epoch, 100, 80, AlertState::Fired))],
+                ..delta(epoch, vec![], vec![])
+            });
+        }
+        let (start, mut receiver) = model.subscribe_alerts(Some(1));
+        let AlertSubscriptionStart::Replay(replay) = start else {
+            panic!("epoch 1 is in the history");
+        };
+        let epochs: Vec<Epoch> = replay.iter().map(|p| p.as_of.epoch).collect();
+        assert_eq!(epochs, vec![2, 3]);
+        assert_eq!(
+            replay[0].alerts,
+            vec![(2, event(2, 100, 80, AlertState::Fired))]
+        );
+        writer.apply(delta(4, vec![], vec![]));
+        let next = receiver.try_recv().unwrap();
+        assert_eq!(
+            (next.as_of.epoch, next.alerts.len()),
+            (4, 0),
+            "every epoch is published, with or without alert changes"
+        );
+        let (start, _) = model.subscribe_alerts(None);
+        assert!(matches!(start, AlertSubscriptionStart::Snapshot(s) if s.as_of().epoch == 4));
+    }
+
+    #[test]
+    fn the_alert_history_is_bounded() {
+        let (model, mut writer) = ReadModel::new();
+        for epoch in 1..=(HISTORY_EPOCHS as u64 + 10) {
+            writer.apply(delta(epoch, vec![], vec![]));
+        }
+        assert_eq!(model.alert_history.lock().len(), HISTORY_EPOCHS);
+        // Epoch 1's successors are gone: a snapshot, not a replay with a gap.
+        let (start, _) = model.subscribe_alerts(Some(1));
+        assert!(matches!(start, AlertSubscriptionStart::Snapshot(_)));
+        let (start, _) = model.subscribe_alerts(Some(20));
+        assert!(
+            matches!(start, AlertSubscriptionStart::Replay(r) if r.len() == HISTORY_EPOCHS + 10 - 20)
+        );
+    }
+
+    #[test]
+    fn alert_pages_resume_after_the_cursor_within_the_user() {
+        let (model, mut writer) = ReadModel::new();
+        let alerts = [(1, 5, 80), (1, 5, 100), (1, 6, 80), (2, 5, 80), (3, 1, 100)]
+            .into_iter()
+            .map(|(u, m, t)| (1, event(u, m, t, AlertState::Fired)))
+            .collect();
+        writer.apply(EpochDelta {
+            alerts,
+            ..delta(1, vec![], vec![])
+        });
+        let snapshot = model.snapshot();
+        let keys = |user, after| {
+            snapshot
+                .alerts_after(user, after)
+                .map(|a| (a.user_id, a.month, a.threshold_pct))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(keys(None, Some((1, 6, 80))), vec![(2, 5, 80), (3, 1, 100)]);
+        assert_eq!(
+            keys(Some(1), Some((1, 5, 80))),
+            vec![(1, 5, 100), (1, 6, 80)]
+        );
+        assert_eq!(keys(Some(2), Some((1, 6, 80))), vec![(2, 5, 80)]);
+        assert_eq!(keys(Some(1), Some((1, 6, 80))), vec![]);
+        assert_eq!(keys(Some(1), Some((2, 0, 0))), vec![]);
+        assert_eq!(keys(Some(4), None), vec![]);
+    }
+
+    /// Random deltas of cells, reference rows, converted totals and alert changes: the
+    /// converted ranking is a from-scratch sort of the converted map, and the fired alerts are
+    /// exactly the set the events leave fired, with the current month spend and budget.
+    #[test]
+    fn converted_ranking_and_fired_alerts_agree_with_a_from_scratch_model() {
+        use rand::{Rng, SeedableRng};
+
+        for seed in 0..40 {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let (model, mut writer) = ReadModel::new();
+            writer.set_reporting_currency(Some(*b"EUR"));
+            let mut converted: BTreeMap<UserId, i128> = BTreeMap::new();
+            let mut fired: BTreeMap<(UserId, i32, u8), Epoch> = BTreeMap::new();
+            let mut refs: BTreeMap<UserId, UserRow> = BTreeMap::new();
+            let mut months: BTreeMap<(UserId, i32), i128> = BTreeMap::new();
+            let mut epoch = 0;
+            for _ in 0..60 {
+                let first = epoch + 1;
+                epoch += rng.random_range(1..=3);
+                let mut d = delta(epoch, vec![], vec![]);
+                for _ in 0..rng.random_range(0..8) {
+                    let user = rng.random_range(1..=8);
+                    let total = rng
+                        .random_bool(0.8)
+                        .then(|| i128::from(rng.random_range(-5..50i64)));
+                    match total {
+                        Some(t) => converted.insert(user, t),
+                        None => converted.remove(&user),
+                    };
+                    d.converted.push(Converted {
+                        user_id: user,
+                        total_minor: total,
+                    });
+                }
+                for _ in 0..rng.random_range(0..4) {
+                    let user = rng.random_range(1..=8);
+                    let value = rng.random_bool(0.8).then(|| {
+                        row(
+                            rng.random_bool(0.7).then(|| rng.random_range(1..2000)),
+                            if rng.random_bool(0.5) { b"EUR" } else { b"USD" },
+                        )
+                    });
+                    match value {
+                        Some(r) => refs.insert(user, r),
+                        None => refs.remove(&user),
+                    };
+                    d.users.push(UserRef {
+                        user_id: user,
+                        row: value,
+                    });
+                }
+                for _ in 0..rng.random_range(0..6) {
+                    let user = rng.random_range(1..=8);
+                    let month = rng.random_range(0..3);
+                    let sum = rng.random_range(1..300);
+                    *months.entry((user, month)).or_default() += i128::from(sum);
+                    d.cells.push(change(AggKey::User(user), 1, sum));
+                    d.cells.push(change(AggKey::Month(user, month), 1, sum));
+                }
+                for e in first..=epoch {
+                    for _ in 0..rng.random_range(0..3) {
+                        let key = (
+                            rng.random_range(1..=8),
+                            rng.random_range(0..3),
+                            [80, 100][rng.random_range(0..2)],
+                        );
+                        // Events are changes: a fired alert can only clear and vice versa.
+                        let state = if fired.remove(&key).is_some() {
+                            AlertState::Cleared
+                        } else {
+                            fired.insert(key, e);
+                            AlertState::Fired
+                        };
+                        d.alerts.push((e, event(key.0, key.1, key.2, state)));
+                    }
+                }
+                writer.apply(d);
+
+                let snapshot = model.snapshot();
+                let mut expected: Vec<(UserId, i128)> =
+                    converted.iter().map(|(u, t)| (*u, *t)).collect();
+                expected.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+                assert_eq!(
+                    snapshot.top_converted().collect::<Vec<_>>(),
+                    expected,
+                    "seed {seed}"
+                );
+                let expected: Vec<AlertView> = fired
+                    .iter()
+                    .map(|(&(user_id, month, threshold_pct), &since_epoch)| {
+                        let r = refs.get(&user_id);
+                        AlertView {
+                            user_id,
+                            month,
+                            threshold_pct,
+                            spent_minor: months.get(&(user_id, month)).copied().unwrap_or(0),
+                            budget_minor: r.and_then(|r| r.budget_minor).unwrap_or(0),
+                            currency: r.map_or(*b"???", |r| r.currency),
+                            since_epoch,
+                        }
+                    })
+                    .collect();
+                assert_eq!(
+                    snapshot.alerts(None).copied().collect::<Vec<_>>(),
+                    expected,
+                    "seed {seed}"
+                );
+                let users: std::collections::BTreeSet<UserId> = fired.keys().map(|k| k.0).collect();
+                assert_eq!(snapshot.alerted_users(), users.len(), "seed {seed}");
+            }
+        }
+    }
+}

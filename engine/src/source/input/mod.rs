@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use spendflow_operators::Record;
+use spendflow_operators::reference::RefChange;
 
 use crate::error::{EngineError, SourceError};
 use crate::source::{PartitionPosition, Payload, Poll, Source, SourceRecord};
@@ -43,6 +44,20 @@ impl InputHandle {
     pub fn push(&self, record: Record) -> Result<(), EngineError> {
         self.tx
             .send(Payload::Record(record))
+            .map_err(|_| EngineError::ShutDown)
+    }
+
+    /// Pushes one change of reference data (a user's budget and currency, an exchange rate),
+    /// waiting while the input is full. Changes apply in push order with the records around
+    /// them: an embedding program that keeps budgets elsewhere feeds them here (see
+    /// `spendflow_operators::reference`).
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::ShutDown`] if the engine has stopped.
+    pub fn push_reference(&self, change: RefChange) -> Result<(), EngineError> {
+        self.tx
+            .send(Payload::Reference(change))
             .map_err(|_| EngineError::ShutDown)
     }
 
