@@ -527,7 +527,9 @@ fn requests_past_the_concurrency_limit_get_503_at_once() {
 mod budgets {
     use std::sync::Arc;
 
-    use spendflow_operators::reference::{AlertEvent, AlertState, RateChange, UserRef, UserRow};
+    use spendflow_operators::reference::{
+        AlertEvent, AlertState, Converted, RateChange, UserRef, UserRow,
+    };
     use spendflow_operators::{AggKey, CellChange, Name};
 
     use super::super::api::{
@@ -688,10 +690,97 @@ mod budgets {
         assert_eq!(user["converted_minor"], serde_json::Value::Null);
     }
 
+    #[test]
+    fn with_a_reporting_currency_the_overview_ranks_and_sums_converted_totals() {
+        let (model, mut writer) = ReadModel::new();
+        writer.set_reporting_currency(Some(*b"EUR"));
+        let groceries = Name::intern("groceries").0;
+        let fuel = Name::intern("fuel").0;
+        let row = |user_id, currency| UserRef {
+            user_id,
+            row: Some(UserRow {
+                budget_minor: None,
+                currency,
+            }),
+        };
+        writer.apply(EpochDelta {
+            as_of: AsOf {
+                epoch: 1,
+                ..AsOf::default()
+            },
+            cells: vec![
+                change(AggKey::User(1), 2, 1_000),
+                change(AggKey::Category(1, groceries), 1, 100),
+                change(AggKey::Category(1, fuel), 1, 900),
+                change(AggKey::User(2), 1, 1_150),
+                change(AggKey::Category(2, groceries), 1, 1_150),
+                change(AggKey::User(3), 1, 7),
+                change(AggKey::Category(3, groceries), 1, 7),
+            ],
+            users: vec![row(1, *b"EUR"), row(2, *b"SEK"), row(3, *b"XXX")],
+            rates: vec![RateChange {
+                currency: *b"SEK",
+                rate_micros: Some(86_957),
+            }],
+            converted: vec![
+                Converted {
+                    user_id: 1,
+                    total_minor: Some(1_000),
+                },
+                Converted {
+                    user_id: 2,
+                    total_minor: Some(100),
+                },
+            ],
+            ..EpochDelta::default()
+        });
+        let answers = serve(&model, &["/api/overview", "/api/users/2"]);
+        let overview = &answers[0];
+        assert_eq!(overview["reporting_currency"], "EUR");
+        assert_eq!(overview["ranking"], "converted");
+        let top: Vec<_> = overview["top_spenders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["user_id"].as_u64().unwrap(),
+                    s["converted_minor"].as_i64().unwrap(),
+                    s["total_minor"].as_i64().unwrap(),
+                    s["currency"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        // User 3's currency has no rate: not in the converted ranking.
+        assert_eq!(
+            top,
+            vec![
+                (1, 1_000, 1_000, "EUR".into()),
+                (2, 100, 1_150, "SEK".into())
+            ]
+        );
+        assert_eq!(overview["categories_currency"], "EUR");
+        assert_eq!(overview["categories_unconverted_users"], 1);
+        assert_eq!(
+            overview["categories"],
+            serde_json::json!([
+                {"key": "fuel", "total_minor": 900, "expense_count": 1, "users": 1},
+                {"key": "groceries", "total_minor": 200, "expense_count": 2, "users": 2},
+            ])
+        );
+        let note = overview["categories_note"].as_str().unwrap();
+        assert!(note.starts_with("in EUR"), "{note}");
+        assert!(note.contains("1 users left out"), "{note}");
+        let user = &answers[1];
+        assert_eq!(user["reporting_currency"], "EUR");
+        assert_eq!(user["converted_minor"], 100);
+        // No budget in the row: no meter.
+        assert_eq!(user["budget"], serde_json::Value::Null);
+    }
+
     /// Users 7 (EUR, budget 1000, spent 1200 in 2026-11: both alerts) and 8 (SEK, budget 10 000,
     /// spent 8 500: the 80 % alert), and their alert events, through the read model's writer.
     ///
-    /// Needs `ReadModelWriter::apply` to keep `users` and `alerts` (lane C of issue 16).
     fn alerted() -> Arc<ReadModel> {
         let (model, mut writer) = ReadModel::new();
         let fuel = Name::intern("fuel").0;
