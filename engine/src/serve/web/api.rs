@@ -25,7 +25,8 @@
 //!   currency).
 //! * `alerts`: `{available, as_of: {epoch}, over_budget_users, alerted_users, over_budget}`:
 //!   users with a fired 100 % alert, users with any fired alert, and at most
-//!   [`MAX_OVER_BUDGET`] fired 100 % alerts (largest share of the budget first) as
+//!   [`MAX_OVER_BUDGET`] fired 100 % alerts (the newest first, then the largest share of the
+//!   budget) as
 //!   `{user_id, name?, month: "2026-11", threshold_pct, spent_minor, budget_minor, currency,
 //!   since_epoch}`.
 //!
@@ -493,8 +494,7 @@ struct AlertsOverview {
     over_budget_users: usize,
     /// Users with any fired alert (80 % or 100 %).
     alerted_users: usize,
-    /// Fired 100 % alerts, the largest share of the budget first, at most
-    /// [`MAX_OVER_BUDGET`].
+    /// Fired 100 % alerts, the newest first, at most [`MAX_OVER_BUDGET`].
     over_budget: Vec<AlertJson>,
 }
 
@@ -638,14 +638,15 @@ fn alerts_overview(snapshot: Option<&Snapshot>) -> AlertsOverview {
         .collect();
     let mut users: Vec<UserId> = over.iter().map(|a| a.user_id).collect();
     users.dedup();
-    // The largest share of the budget first (exactly: spent_a / budget_a > spent_b / budget_b),
-    // then the newest month, then by user.
+    // The newest first (the epoch it fired at, then the month), then the largest share of the
+    // budget (exactly: spent_a / budget_a > spent_b / budget_b), then by user.
     over.sort_by(|a, b| {
         let left = a.spent_minor * i128::from(b.budget_minor.max(1));
         let right = b.spent_minor * i128::from(a.budget_minor.max(1));
-        right
-            .cmp(&left)
+        b.since_epoch
+            .cmp(&a.since_epoch)
             .then(b.month.cmp(&a.month))
+            .then(right.cmp(&left))
             .then(a.user_id.cmp(&b.user_id))
     });
     over.truncate(MAX_OVER_BUDGET);

@@ -838,6 +838,60 @@ mod budgets {
     }
 
     #[test]
+    fn users_over_budget_are_listed_newest_first_then_furthest_over() {
+        let (model, mut writer) = ReadModel::new();
+        let over = |user_id, spent_minor, budget_minor| AlertEvent {
+            user_id,
+            month: NOV,
+            threshold_pct: 100,
+            state: AlertState::Fired,
+            spent_minor,
+            budget_minor,
+            currency: *b"EUR",
+        };
+        writer.apply(EpochDelta {
+            as_of: AsOf {
+                epoch: 4,
+                ..AsOf::default()
+            },
+            // User 1 fired first; users 2 and 3 at epoch 4, user 3 further over (300 %). The
+            // read model shows the spend and budget as they are now: the month cells and rows.
+            cells: vec![
+                change(AggKey::User(1), 1, 5_000),
+                change(AggKey::Month(1, NOV), 1, 5_000),
+                change(AggKey::User(2), 1, 150),
+                change(AggKey::Month(2, NOV), 1, 150),
+                change(AggKey::User(3), 1, 300),
+                change(AggKey::Month(3, NOV), 1, 300),
+            ],
+            users: (1..=3)
+                .map(|user_id| UserRef {
+                    user_id,
+                    row: Some(UserRow {
+                        budget_minor: Some(100),
+                        currency: *b"EUR",
+                    }),
+                })
+                .collect(),
+            alerts: vec![
+                (1, over(1, 5_000, 100)),
+                (4, over(2, 150, 100)),
+                (4, over(3, 300, 100)),
+            ],
+            ..EpochDelta::default()
+        });
+        let answers = serve(&model, &["/api/overview"]);
+        let order: Vec<_> = answers[0]["alerts"]["over_budget"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["user_id"].as_u64().unwrap())
+            .collect();
+        assert_eq!(order, vec![3, 2, 1]);
+        assert_eq!(answers[0]["alerts"]["over_budget_users"], 3);
+    }
+
+    #[test]
     fn the_budget_meter_and_alerts_of_a_user_come_from_the_read_model() {
         let model = alerted();
         let snapshot = model.snapshot();

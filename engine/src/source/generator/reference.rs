@@ -14,12 +14,13 @@
 //! * Between the expenses, at `budget_change_rate` per 1000 records, a budget change: a user who
 //!   spent in the current stream month revises the budget against what the stream has given
 //!   them this month so far (`s`, from the source's own totals of new, late and refund
-//!   expenses): 65 % of the revisions put `s` at 30-75 % of the new budget (under: clears any
-//!   alert), 25 % at 80-100 % (near: the 80 % alert), 10 % at 100-125 % (over: both alerts).
-//!   Spending moves every user towards the budget during the month, so of three users drawn
-//!   the one with the largest share of the budget spent revises (those who reach their limit
-//!   revise first); this keeps most users under budget, some near it and a few over at any
-//!   time (see the tests). Budgets are rounded down to whole units (100 minor units) and are at
+//!   expenses): 60 % of the revisions put `s` at 30-75 % of the new budget (under: clears any
+//!   alert), 30 % at 80-100 % (near: the 80 % alert), 10 % at 100-125 % (over: both alerts).
+//!   Spending moves every user towards the budget during the month, so of four users drawn
+//!   (two who spent this month, two who made one of the last 1024 expenses: busy users revise
+//!   more often) the one with the largest share of the budget spent revises (those who reach
+//!   their limit revise first); this keeps most users under budget, some near it and a few over
+//!   at any time (see the tests). Budgets are rounded down to whole units (100 minor units) and are at
 //!   least 100.
 //! * At `fx_change_rate` per 1000 records, a rate change: a currency other than the base moves
 //!   to within ±3 % of its base rate.
@@ -61,9 +62,12 @@ pub const CURRENCY_VALUES: [(Currency, i64); 9] = [
     (*b"AUD", 1650),
 ];
 
-/// Users drawn for a budget revision; the one with the largest share of the budget spent
-/// revises.
-const REVISION_CANDIDATES: usize = 3;
+/// Users drawn for a budget revision, alternately any user who spent this month and the user
+/// of a recent expense; the one with the largest share of the budget spent revises.
+const REVISION_CANDIDATES: usize = 4;
+
+/// Recent spending expenses whose users are candidates for a revision.
+const RECENT: usize = 1024;
 
 /// How far a rate change may move a rate from its base value, per mille.
 const FX_SWING_PER_MILLE: u64 = 30;
@@ -127,6 +131,9 @@ pub struct Stream {
     active: Vec<UserId>,
     /// Every user's budget as last sent.
     budgets: FxHashMap<UserId, i64>,
+    /// The users of the last [`RECENT`] spending expenses, a ring.
+    recent: Vec<UserId>,
+    recent_next: usize,
     /// Records returned so far.
     produced: u64,
 }
@@ -147,6 +154,8 @@ impl Stream {
             month,
             active: Vec::new(),
             budgets: FxHashMap::default(),
+            recent: Vec::new(),
+            recent_next: 0,
             produced: 0,
         }
     }
@@ -250,6 +259,12 @@ impl Stream {
         ) && let Some(Record::Upsert(expense)) = &generated.record
         {
             let month = month_of_day(day_of(expense.event_ms));
+            if self.recent.len() < RECENT {
+                self.recent.push(expense.user_id);
+            } else {
+                self.recent[self.recent_next] = expense.user_id;
+                self.recent_next = (self.recent_next + 1) % RECENT;
+            }
             if month >= self.month - 1 {
                 let key = (expense.user_id, month);
                 if !self.spent.contains_key(&key) && month == self.month {
@@ -271,9 +286,13 @@ impl Stream {
         // every budget towards its limit during a month, and those who reach it revise first.
         let mut user = 0;
         let mut share = (-1_i128, 1_i128);
-        for _ in 0..REVISION_CANDIDATES {
-            let candidate =
-                self.active[below(self.rng.next_u64(), self.active.len() as u64) as usize];
+        for i in 0..REVISION_CANDIDATES {
+            // Half of the candidates are users of recent expenses: busy users revise more often.
+            let candidate = if i % 2 == 1 && !self.recent.is_empty() {
+                self.recent[below(self.rng.next_u64(), self.recent.len() as u64) as usize]
+            } else {
+                self.active[below(self.rng.next_u64(), self.active.len() as u64) as usize]
+            };
             let spent = self.spent(candidate, self.month);
             let budget = i128::from(self.budgets.get(&candidate).copied().unwrap_or(1).max(1));
             if spent * share.1 > share.0 * budget {
@@ -285,7 +304,7 @@ impl Stream {
         let profile = self.simulator.user(user)?;
         // Spend as a share of the new budget, percent.
         let roll = below(self.rng.next_u64(), 1000);
-        let percent = if roll < 650 {
+        let percent = if roll < 600 {
             30 + below(self.rng.next_u64(), 45)
         } else if roll < 900 {
             80 + below(self.rng.next_u64(), 20)
