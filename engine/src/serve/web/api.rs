@@ -20,7 +20,8 @@
 //!   (each user's category totals at the rate of the user's currency,
 //!   `round_half_away_from_zero(total * rate_micros / 1e6)` in 128 bits, then added up); `null`
 //!   when they are sums of minor units across currencies (meaningless unless all users share a
-//!   currency). `categories_unconverted_users`: users left out for want of a rate;
+//!   currency): without a reporting currency, or with one while no user's totals convert yet
+//!   (no rates or users' rows have arrived; `ranking` is then `minor_units` too). `categories_unconverted_users`: users left out for want of a rate;
 //!   `categories_note`: the same in words, for the page (it says how to set a reporting
 //!   currency).
 //! * `alerts`: `{available, as_of: {epoch}, over_budget_users, alerted_users, over_budget}`:
@@ -708,6 +709,9 @@ pub struct Categories {
     currency: Option<Currency>,
     /// Users left out for want of a currency or rate (converted totals only).
     unconverted_users: u64,
+    /// There is a reporting currency, but no user's totals could be converted yet (no rates
+    /// or users' rows have arrived): `totals` are sums of minor units.
+    no_rates: bool,
 }
 
 /// The last totals by category and the epoch they are of.
@@ -735,8 +739,9 @@ impl CategoryCache {
         {
             return Ok((*cached_epoch, Arc::clone(totals)));
         }
-        let (epoch, categories) = match live.and_then(|s| s.reporting_currency().map(|r| (s, r))) {
-            Some((snapshot, reporting)) => {
+        let converted = live
+            .and_then(|s| s.reporting_currency().map(|r| (s, r)))
+            .map(|(snapshot, reporting)| {
                 let (totals, unconverted_users) = converted_categories(
                     snapshot,
                     |user| snapshot.user_ref(user).map(|row| row.currency),
@@ -746,15 +751,25 @@ impl CategoryCache {
                     totals,
                     currency: Some(reporting),
                     unconverted_users,
+                    no_rates: false,
                 };
                 (snapshot.as_of().epoch, categories)
+            });
+        let (epoch, categories) = match converted {
+            // Somebody's totals converted (or there is nobody to convert).
+            Some((epoch, categories))
+                if !categories.totals.is_empty() || categories.unconverted_users == 0 =>
+            {
+                (epoch, categories)
             }
-            None => {
+            // Nobody's could: no rates or rows yet. The sums of minor units, said so.
+            no_rates => {
                 let answer = backend.category_totals(NOW).await?;
                 let categories = Categories {
                     totals: answer.value.into_iter().map(CategoryTotal::from).collect(),
                     currency: None,
                     unconverted_users: 0,
+                    no_rates: no_rates.is_some(),
                 };
                 (answer.as_of.epoch, categories)
             }
@@ -782,6 +797,9 @@ fn categories_note(categories: &Categories) -> String {
             }
             note
         }
+        None if categories.no_rates => "mixed currencies: each user's own minor units, added up \
+             as they are (no user's currency has an exchange rate to the reporting currency yet)"
+            .to_string(),
         None => "mixed currencies: each user's own minor units, added up as they are (start the \
                  engine with --reporting-currency EUR to convert them into one currency)"
             .to_string(),
@@ -829,8 +847,10 @@ pub async fn overview(
     let snapshot = snapshot.as_deref();
     let reporting = snapshot.and_then(Snapshot::reporting_currency);
     // With a reporting currency, the ranking by converted total (from the same snapshot).
+    // Without any converted total yet (no rates or rows have arrived), by minor units.
+    let converting = snapshot.is_some_and(|s| s.top_converted().next().is_some());
     let ranked: Vec<(UserId, i128, i64, Option<i128>)> = match (snapshot, reporting) {
-        (Some(snapshot), Some(_)) => snapshot
+        (Some(snapshot), Some(_)) if converting => snapshot
             .top_converted()
             .take(limit)
             .map(|(user, converted)| {
@@ -888,7 +908,7 @@ pub async fn overview(
             "not_configured"
         },
         reporting_currency: reporting.map(currency_text),
-        ranking: if reporting.is_some() && snapshot.is_some() {
+        ranking: if reporting.is_some() && converting {
             "converted"
         } else {
             "minor_units"

@@ -691,6 +691,35 @@ mod budgets {
     }
 
     #[test]
+    fn with_a_reporting_currency_but_no_rates_yet_the_overview_ranks_and_sums_minor_units() {
+        let (model, mut writer) = ReadModel::new();
+        writer.set_reporting_currency(Some(*b"EUR"));
+        let groceries = Name::intern("groceries").0;
+        writer.apply(EpochDelta {
+            as_of: AsOf {
+                epoch: 1,
+                ..AsOf::default()
+            },
+            cells: vec![
+                change(AggKey::User(1), 1, 500),
+                change(AggKey::Category(1, groceries), 1, 500),
+            ],
+            ..EpochDelta::default()
+        });
+        let overview = &serve(&model, &["/api/overview"])[0];
+        assert_eq!(overview["reporting_currency"], "EUR");
+        assert_eq!(overview["ranking"], "minor_units");
+        assert_eq!(overview["top_spenders"][0]["user_id"], 1);
+        assert_eq!(overview["categories_currency"], serde_json::Value::Null);
+        assert_eq!(overview["categories"][0]["total_minor"], 500);
+        let note = overview["categories_note"].as_str().unwrap();
+        assert!(
+            note.contains("no user's currency has an exchange rate"),
+            "{note}"
+        );
+    }
+
+    #[test]
     fn with_a_reporting_currency_the_overview_ranks_and_sums_converted_totals() {
         let (model, mut writer) = ReadModel::new();
         writer.set_reporting_currency(Some(*b"EUR"));
