@@ -481,6 +481,7 @@ fn demo(args: DemoArgs) -> Result<()> {
         simulator,
         rate: (args.rate > 0).then_some(args.rate),
         events: args.events,
+        ..GeneratorSourceConfig::default()
     });
     let mut config = engine_config(&args.engine, source, Some(args.web))?;
     if !args.reporting_currency.eq_ignore_ascii_case("none") {

@@ -148,6 +148,7 @@ fn overview_and_user_page_show_the_grpc_answers_and_update_live() {
         },
         rate: Some(RATE),
         events: Some(EVENTS),
+        ..GeneratorSourceConfig::default()
     });
     let engine = Engine::builder()
         .epoch_interval(Duration::from_millis(20))
@@ -227,6 +228,20 @@ fn overview_and_user_page_show_the_grpc_answers_and_update_live() {
         json!(expected),
         "the top spenders shown are gRPC's TopSpenders"
     );
+    // The budget alerts panel and the badge are drawn from the same answer; without a
+    // reporting currency the totals by category say they mix currencies.
+    let api = crate::web::get(engine.web_addr().unwrap(), "/api/overview").json();
+    let over_budget = api["alerts"]["over_budget_users"].as_u64().unwrap();
+    browser.wait_for(
+        "the over-budget panel and badge",
+        WAIT,
+        "const rows = document.querySelectorAll('[data-testid=over-budget] tbody tr').length;
+         const badge = document.querySelector('[data-testid=over-budget-badge]');
+         const note = document.querySelector('[data-testid=categories-note]').textContent;
+         return rows > 0 && note.includes('mixed currencies') && note.includes('--reporting-currency')
+           && (arguments[0] === 0 ? badge.hidden : Number(badge.dataset.count) === arguments[0]);",
+        json!([over_budget]),
+    );
     let overview_png = browser.screenshot(&out.join("overview.png"));
 
     // To the first spender's page with the keyboard: the "go to user id" box and Enter.
@@ -258,6 +273,25 @@ fn overview_and_user_page_show_the_grpc_answers_and_update_live() {
     assert!(
         page["bars"].as_u64().unwrap() >= 1,
         "the monthly chart has bars: {page}"
+    );
+    // The budget alerts and, where the reference data gives a budget, the meter with its
+    // 80 % and 100 % marks.
+    let api = crate::web::get(engine.web_addr().unwrap(), &format!("/api/users/{user}")).json();
+    let drawn = browser.execute(
+        "const meter = document.querySelector('[data-testid=budget-meter]');
+         return [!!document.querySelector('[data-testid=user-alerts]'),
+                 meter ? Number(meter.dataset.percent) : null,
+                 meter ? meter.querySelectorAll('.mark').length : 0];",
+        json!([]),
+    );
+    assert_eq!(
+        drawn,
+        json!([
+            true,
+            api["budget"]["percent"].as_i64(),
+            if api["budget"].is_null() { 0 } else { 2 }
+        ]),
+        "{api}"
     );
 
     // New expenses for this user: the page follows without a reload.

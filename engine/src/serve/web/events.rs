@@ -22,6 +22,10 @@
 //!   changed: its new total, count, last event, and changed categories, merchants and months
 //!   (`removed: true` for cells that no longer exist). Sent for every window with a published
 //!   epoch, even if the selected user did not change, so the page's epoch indicator ticks.
+//!   Every `changes` event also carries the alert state of the newest snapshot:
+//!   `over_budget_users` and `alerted_users` (the overview's badge), and with `?user=ID`
+//!   `user_alerts` (the user's fired alerts, as `GET /api/users/{id}` lists them) and
+//!   `user_budget_minor`, so a budget or rate change that moves no expense still shows.
 //! * `reset`: the stream skipped epochs; reload the state.
 //!
 //! A backend without a read model (`serve --from cassandra --web`) has no per-epoch changes
@@ -44,13 +48,14 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
+use spendflow_operators::reference::THRESHOLDS_PCT;
 use spendflow_operators::{AggKey, Epoch, UserId};
 use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 use tokio::time::Instant;
 
-use super::api::{Access, ApiError, Directory, parse_user_id};
+use super::api::{Access, AlertJson, ApiError, Directory, parse_user_id};
 use super::{App, MAX_EVENT_CLIENTS};
-use crate::serve::read_model::{CellValue, Published, ReadModel, format_month};
+use crate::serve::read_model::{CellValue, Published, ReadModel, Snapshot, format_month};
 
 /// Epochs published within this window go out as one event.
 pub const WINDOW: Duration = Duration::from_millis(250);
@@ -325,6 +330,7 @@ impl Feed {
                 change.currency = Some(details.currency().to_string());
             }
         }
+        add_alerts(&mut payload, &self.read_model.snapshot(), self.user);
         Some(json_event("changes", &payload))
     }
 
@@ -373,6 +379,36 @@ pub struct ChangesJson {
     pub changes: Vec<UserChange>,
     /// The selected user's changes, if they changed.
     pub user: Option<UserCells>,
+    /// Users with a fired 100 % alert now (the overview's badge).
+    pub over_budget_users: usize,
+    /// Users with any fired alert now.
+    pub alerted_users: usize,
+    /// With `?user=ID`: the user's fired alerts now (the page redraws its meter and alerts when
+    /// they differ from what it shows).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_alerts: Option<Vec<AlertJson>>,
+    /// With `?user=ID`: the user's monthly budget now, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_budget_minor: Option<i64>,
+}
+
+/// Adds the alert state of `snapshot` (the newest published) to a `changes` event: alerts and
+/// budgets change without any expense changing (a budget lowered or raised), and the pages
+/// must show that without a reload.
+pub fn add_alerts(payload: &mut ChangesJson, snapshot: &Snapshot, user: Option<UserId>) {
+    let top = *THRESHOLDS_PCT.last().expect("thresholds");
+    let mut over: Vec<UserId> = snapshot
+        .alerts(None)
+        .filter(|a| a.threshold_pct == top)
+        .map(|a| a.user_id)
+        .collect();
+    over.dedup();
+    payload.over_budget_users = over.len();
+    payload.alerted_users = snapshot.alerted_users();
+    if let Some(user) = user {
+        payload.user_alerts = Some(snapshot.alerts(Some(user)).map(AlertJson::from).collect());
+        payload.user_budget_minor = snapshot.user_ref(user).and_then(|row| row.budget_minor);
+    }
 }
 
 /// A user's new total.
@@ -468,5 +504,6 @@ pub fn merge(batch: &[Arc<Published>], selected: Option<UserId>) -> ChangesJson 
         changed_users: users.len(),
         changes,
         user,
+        ..ChangesJson::default()
     }
 }

@@ -182,7 +182,10 @@
   function overview() {
     document.getElementById('nav-overview').setAttribute('aria-current', 'page');
     document.title = 'Overview · spendflow';
-    const heading = el('h1', { text: 'Live expenses' });
+    const badge = el('a', { class: 'badge', href: '#over-h', 'data-testid': 'over-budget-badge', hidden: true });
+    const categorySumHead = el('th', { class: 'num', scope: 'col', text: 'Sum of minor units' });
+    const topTotalHead = el('th', { class: 'num', scope: 'col', text: 'Total' });
+    const heading = el('h1', {}, 'Live expenses ', badge);
     const stats = el('p', { class: 'stats', 'data-testid': 'overview-stats' });
     const notice = el('div');
     const topBody = el('tbody');
@@ -191,19 +194,29 @@
         el('th', { class: 'num', scope: 'col', text: '#' }),
         el('th', { scope: 'col', text: 'User' }),
         el('th', { scope: 'col', text: 'Name' }),
-        el('th', { class: 'num', scope: 'col', text: 'Total' }),
+        topTotalHead,
         el('th', { class: 'num', scope: 'col', text: 'Expenses' }))),
       topBody);
     const categoryBody = el('tbody');
     const categoryTable = el('table', { 'data-testid': 'categories' },
       el('thead', {}, el('tr', {},
         el('th', { scope: 'col', text: 'Category' }),
-        el('th', { class: 'num', scope: 'col', text: 'Sum of minor units' }),
+        categorySumHead,
         el('th', { class: 'barcell', scope: 'col', text: 'Share' }),
         el('th', { class: 'num', scope: 'col', text: 'Expenses' }),
         el('th', { class: 'num', scope: 'col', text: 'Users' }))),
       categoryBody);
-    const categoriesNote = el('p', { class: 'muted small' });
+    const categoriesNote = el('p', { class: 'muted small', 'data-testid': 'categories-note' });
+    const overBody = el('tbody');
+    const overTable = el('table', { 'data-testid': 'over-budget' },
+      el('thead', {}, el('tr', {},
+        el('th', { scope: 'col', text: 'User' }),
+        el('th', { scope: 'col', text: 'Month' }),
+        el('th', { class: 'num', scope: 'col', text: 'Spent' }),
+        el('th', { class: 'num', scope: 'col', text: 'Budget' }),
+        el('th', { class: 'num', scope: 'col', text: 'Share' }))),
+      overBody);
+    const overNote = el('p', { class: 'muted small', 'data-testid': 'over-budget-note' });
     const feed = el('ol', { class: 'feed', 'data-testid': 'feed', 'aria-live': 'polite', 'aria-relevant': 'additions' });
     const feedEmpty = el('li', { class: 'empty', text: 'Waiting for new expenses…' });
     feed.append(feedEmpty);
@@ -215,6 +228,12 @@
       notice,
       el('div', { class: 'grid overview' },
         el('div', { class: 'column' },
+          el('section', { class: 'panel', 'aria-labelledby': 'over-h', 'data-testid': 'over-budget-panel' },
+            el('div', { class: 'panel-head' },
+              el('h2', { id: 'over-h', text: 'Over budget now' }),
+              el('span', { class: 'muted small', text: 'fired 100 % alerts' })),
+            overTable,
+            overNote),
           el('section', { class: 'panel', 'aria-labelledby': 'top-h' },
             el('div', { class: 'panel-head' },
               el('h2', { id: 'top-h', text: 'Top spenders' }),
@@ -245,10 +264,17 @@
       notice.replaceChildren(data.details === 'ok' ? '' : el('p', { class: 'notice small',
         text: 'User details are not configured on this engine: pages show user ids and aggregates only.' }));
 
+      showAlerts(data.alerts);
+      const converted = data.ranking === 'converted';
+      topTotalHead.textContent = converted ? `Total (${data.reporting_currency})` : 'Total';
       const rows = data.top_spenders.map((s) => {
         remember(s.user_id, s.name, s.currency);
         const href = `/users/${s.user_id}`;
-        const totalCell = el('td', { class: 'num', text: money(s.total_minor, s.currency), title: `${s.total_minor} minor units` });
+        const totalCell = converted && s.converted_minor !== undefined
+          ? el('td', { class: 'num', title: `${s.converted_minor} minor units of ${data.reporting_currency}; ${s.total_minor} minor units of ${s.currency || 'the user\'s currency'}`, 'data-converted-minor': s.converted_minor },
+            money(s.converted_minor, data.reporting_currency),
+            el('div', { class: 'muted small', 'data-testid': 'own-currency', text: money(s.total_minor, s.currency) }))
+          : el('td', { class: 'num', text: money(s.total_minor, s.currency), title: `${s.total_minor} minor units` });
         if (shown.has(s.user_id) && shown.get(s.user_id) !== s.total_minor) totalCell.classList.add('flash');
         return el('tr', { 'data-user-id': s.user_id, 'data-total-minor': s.total_minor, 'data-rank': s.rank },
           el('td', { class: 'num', text: s.rank }),
@@ -267,12 +293,44 @@
         fill.style.width = `${(100 * Math.abs(c.total_minor)) / max}%`;
         return el('tr', { 'data-category': c.key, 'data-total-minor': c.total_minor },
           el('td', { text: c.key }),
-          el('td', { class: 'num', text: integer.format(c.total_minor) }),
+          el('td', { class: 'num', text: data.categories_currency ? money(c.total_minor, data.categories_currency) : integer.format(c.total_minor) }),
           el('td', { class: 'barcell' }, el('div', { class: 'hbar', role: 'img', 'aria-label': `${c.key}: ${Math.round((100 * Math.abs(c.total_minor)) / max)}% of the largest` }, fill)),
           el('td', { class: 'num', text: integer.format(c.expense_count) }),
           el('td', { class: 'num', text: integer.format(c.users) }));
       }));
-      categoriesNote.textContent = `as of epoch ${integer.format(data.categories_as_of.epoch)}; each user's own currency, summed as minor units`;
+      categorySumHead.textContent = data.categories_currency ? `Total (${data.categories_currency})` : 'Sum of minor units';
+      categoriesNote.textContent = `as of epoch ${integer.format(data.categories_as_of.epoch)}; ${data.categories_note}`;
+      categoriesNote.classList.toggle('warn', !data.categories_currency);
+    }
+
+    function showBadge(count) {
+      badge.hidden = !count;
+      badge.textContent = `${integer.format(count)} over budget`;
+      badge.dataset.count = String(count);
+      badge.setAttribute('aria-label', `${count} users over budget now`);
+    }
+
+    function showAlerts(alerts) {
+      if (!alerts || !alerts.available) {
+        showBadge(0);
+        overBody.replaceChildren(el('tr', {}, el('td', { colspan: 5, class: 'empty', text: 'Budget alerts are not available from this store.' })));
+        overNote.textContent = '';
+        return;
+      }
+      showBadge(alerts.over_budget_users);
+      overBody.replaceChildren(...(alerts.over_budget.length ? alerts.over_budget.map((a) => {
+        remember(a.user_id, a.name, a.currency);
+        const href = `/users/${a.user_id}`;
+        const share = a.budget_minor > 0 ? Math.floor((100 * a.spent_minor) / a.budget_minor) : 0;
+        return el('tr', { 'data-user-id': a.user_id, 'data-month': a.month, 'data-spent-minor': a.spent_minor, 'data-budget-minor': a.budget_minor },
+          el('td', {}, el('a', { href, text: userLabel(a.user_id, a.name) })),
+          el('td', { text: a.month }),
+          el('td', { class: 'num', text: money(a.spent_minor, a.currency) }),
+          el('td', { class: 'num', text: money(a.budget_minor, a.currency) }),
+          el('td', { class: 'num over', text: `${share} %` }));
+      }) : [el('tr', {}, el('td', { colspan: 5, class: 'empty', text: 'Nobody is over budget.' }))]));
+      const more = alerts.over_budget_users - new Set(alerts.over_budget.map((a) => a.user_id)).size;
+      overNote.textContent = `${integer.format(alerts.over_budget_users)} users over budget, ${integer.format(alerts.alerted_users)} with an alert (80 % or 100 %)${more > 0 ? `; ${integer.format(more)} more not listed` : ''}; as of epoch ${integer.format(alerts.as_of.epoch)}`;
     }
 
     const refresh = throttle(async () => {
@@ -304,6 +362,7 @@
         feed.prepend(item);
       }
       while (feed.children.length > 40) feed.lastElementChild.remove();
+      if (typeof data.over_budget_users === 'number') showBadge(data.over_budget_users);
       refresh();
     }
 
@@ -368,6 +427,57 @@
       el('tbody', {}, ...(body.length ? body : [el('tr', {}, el('td', { colspan: 4, class: 'empty', text: 'None.' }))])));
   }
 
+  /** What a user's alerts and budget are, as one comparable string. */
+  function alertKey(alerts, budgetMinor) {
+    return JSON.stringify([(alerts || []).map((a) => [a.month, a.threshold_pct, a.since_epoch]), budgetMinor === undefined ? null : budgetMinor]);
+  }
+
+  /** 100 or 80: the highest fired threshold in the meter's month; null without one. */
+  function alertLevel(alerts, budget) {
+    const month = budget ? budget.month : null;
+    let level = null;
+    for (const a of alerts || []) {
+      if (month && a.month !== month) continue;
+      if (level === null || a.threshold_pct > level) level = a.threshold_pct;
+    }
+    return level;
+  }
+
+  /** The budget meter: month-to-date spend against the monthly budget, marks at 80 % and 100 %. */
+  function budgetMeter(b, alerts) {
+    const scale = Math.max(125, Math.min(200, Number(b.percent) + 10)); // percent at the right end
+    const fill = el('span');
+    fill.style.width = `${Math.min(100, Math.max(0, (100 * Number(b.percent)) / scale))}%`;
+    const marks = b.thresholds_pct.map((t) => {
+      const mark = el('i', { class: 'mark', title: `${t} %`, 'data-threshold': t });
+      mark.style.left = `${(100 * t) / scale}%`;
+      return mark;
+    });
+    const level = alertLevel(alerts, b);
+    const state = Number(b.percent) >= 100 ? ' over' : (Number(b.percent) >= 80 ? ' near' : '');
+    return el('div', { class: 'small muted budget', 'data-testid': 'budget-meter', 'data-percent': b.percent, 'data-month-to-date-minor': b.month_to_date_minor, 'data-budget-minor': b.monthly_budget_minor, 'data-alert': level === null ? '' : level },
+      `${b.month || 'this month'}: ${money(b.month_to_date_minor, b.currency)} of ${money(b.monthly_budget_minor, b.currency)} budget (${b.percent} %)`,
+      el('div', { class: `meter${state}`, role: 'img', 'aria-label': `${b.percent}% of the monthly budget; alerts at 80% and 100%` }, fill, ...marks));
+  }
+
+  /** The user's fired alerts. */
+  function alertsTable(alerts) {
+    const rows = alerts.map((a) => el('tr', { 'data-month': a.month, 'data-threshold': a.threshold_pct },
+      el('td', { text: a.month }),
+      el('td', {}, el('span', { class: `badge ${a.threshold_pct >= 100 ? '' : 'near'}`, text: `${a.threshold_pct} %` })),
+      el('td', { class: 'num', text: money(a.spent_minor, a.currency) }),
+      el('td', { class: 'num', text: money(a.budget_minor, a.currency) }),
+      el('td', { class: 'num', text: `since epoch ${integer.format(a.since_epoch)}` })));
+    return el('table', { 'data-testid': 'user-alerts' },
+      el('thead', {}, el('tr', {},
+        el('th', { scope: 'col', text: 'Month' }),
+        el('th', { scope: 'col', text: 'Alert' }),
+        el('th', { class: 'num', scope: 'col', text: 'Spent' }),
+        el('th', { class: 'num', scope: 'col', text: 'Budget' }),
+        el('th', { class: 'num', scope: 'col', text: 'Fired' }))),
+      el('tbody', {}, ...(rows.length ? rows : [el('tr', {}, el('td', { colspan: 5, class: 'empty', text: 'No alert: under 80 % of the budget.' }))])));
+  }
+
   function userPage(id) {
     document.title = `User ${id} · spendflow`;
     const changes = el('ol', { class: 'changes', 'data-testid': 'user-changes', 'aria-live': 'polite' });
@@ -386,6 +496,7 @@
     let currency = null;
     let lastTotal = null;
     let firstRender = true;
+    let shownAlerts = null; // the alerts and budget drawn, to redraw when the events say otherwise
 
     function render(data) {
       if (!body.isConnected) main.replaceChildren(crumbs, body); // after an error message
@@ -407,7 +518,10 @@
             el('span', { 'data-testid': 'user-id', text: `user #${id}` }),
             el('span', { text: d.email }),
             el('span', { text: `${d.country} · ${d.currency}` }),
-            el('span', { text: `budget ${money(d.monthly_budget_minor, d.currency)} a month` })),
+            // The budget alerts use (the reference data), else the one in the user's details.
+            el('span', { 'data-testid': 'user-budget', text: data.budget
+              ? `budget ${money(data.budget.monthly_budget_minor, data.budget.currency)} a month`
+              : `budget ${money(d.monthly_budget_minor, d.currency)} a month` })),
           el('div', { class: 'cards', 'aria-label': 'Cards' }, ...d.cards.map((c) => el('span', { class: 'card', title: c.card_id, text: c.masked_number }))));
       } else {
         const why = {
@@ -426,7 +540,10 @@
       lastTotal = a ? a.total_minor : 0;
       const lastMonth = a && a.months.length ? a.months[a.months.length - 1] : null;
       let budget = null;
-      if (d && lastMonth && d.monthly_budget_minor > 0) {
+      shownAlerts = alertKey(data.alerts, data.budget ? data.budget.monthly_budget_minor : null);
+      if (data.budget) {
+        budget = budgetMeter(data.budget, data.alerts);
+      } else if (!data.alerts_available && d && lastMonth && d.monthly_budget_minor > 0) {
         const ratio = lastMonth.total_minor / d.monthly_budget_minor;
         const fill = el('span');
         fill.style.width = `${Math.min(100, Math.max(0, ratio * 100))}%`;
@@ -443,9 +560,23 @@
           el('span', { 'data-testid': 'as-of-epoch', 'data-epoch': data.as_of.epoch, text: `as of epoch ${integer.format(data.as_of.epoch)}` })),
         budget);
 
+      if (data.converted_minor !== null && data.converted_minor !== undefined && data.reporting_currency && data.reporting_currency !== currency) {
+        big.insertBefore(el('div', { class: 'muted small', 'data-testid': 'user-converted', 'data-converted-minor': data.converted_minor,
+          text: `≈ ${money(data.converted_minor, data.reporting_currency)} at the current rate` }), big.children[2]);
+      }
+      const level = alertLevel(data.alerts, data.budget);
+      if (level) who.querySelector('h1').append(' ', el('span', { class: `badge ${level === 100 ? '' : 'near'}`, 'data-testid': 'user-alert-badge', 'data-threshold': level, text: level === 100 ? 'over budget' : 'near budget' }));
+
       const sections = [
         el('section', { class: 'panel span2' }, el('div', { class: 'profile' }, photo, who, big)),
       ];
+      if (data.alerts_available) {
+        sections.push(el('section', { class: 'panel span2', 'aria-labelledby': 'alerts-h' },
+          el('div', { class: 'panel-head' },
+            el('h2', { id: 'alerts-h', text: 'Budget alerts' }),
+            el('span', { class: 'muted small', text: 'fired now, by month' })),
+          alertsTable(data.alerts)));
+      }
       if (a) {
         sections.push(
           el('section', { class: 'panel', 'aria-labelledby': 'cats-h' },
@@ -485,6 +616,8 @@
 
     let seenTotal = null;
     function onChanges(data) {
+      // A budget or an alert changed without any expense of the user changing: redraw.
+      if (data.user_alerts && alertKey(data.user_alerts, data.user_budget_minor === undefined ? null : data.user_budget_minor) !== shownAlerts) refresh();
       const u = data.user;
       if (!u) return;
       const parts = [];
