@@ -477,15 +477,21 @@ fn demo(args: DemoArgs) -> Result<()> {
     // Before anything starts: a SIGTERM from then on always stops the demo cleanly.
     let stop = stop_signal(runtime.handle())?;
     let simulator = GeneratorConfig::from(&args.simulator);
-    let source = SourceConfig::Generator(GeneratorSourceConfig {
+    let converts = !args.reporting_currency.eq_ignore_ascii_case("none");
+    let mut generator = GeneratorSourceConfig {
         simulator,
         rate: (args.rate > 0).then_some(args.rate),
         events: args.events,
         ..GeneratorSourceConfig::default()
-    });
+    };
+    if converts {
+        // The simulator's rates are quoted in the reporting currency.
+        generator.fx_base = args.reporting_currency.to_ascii_uppercase();
+    }
+    let source = SourceConfig::Generator(generator);
     let mut config = engine_config(&args.engine, source, Some(args.web))?;
-    if !args.reporting_currency.eq_ignore_ascii_case("none") {
-        config.reporting_currency = Some(args.reporting_currency.clone());
+    if converts {
+        config.reporting_currency = Some(args.reporting_currency.to_ascii_uppercase());
     }
     let engine = Engine::builder()
         .config(config)
@@ -535,7 +541,9 @@ Try (grpcurl: `make tools` installs it into target/tools/bin):
   grpcurl {g} {addr} spendflow.v1.Admin/GetStatus
   grpcurl {g} -d '{{\"limit\": 3}}' {addr} spendflow.v1.Admin/ListRejected
 
-Budget alerts (the simulator changes budgets and exchange rates as it goes; 80 % and 100 %):
+Budget alerts: every simulated user has a monthly budget, and about 10 users a second revise
+theirs, so alerts (80 % and 100 % of the budget, per UTC month) fire and clear as you watch.
+The overview lists the users over budget now; a user's page has the budget meter and alerts.
   grpcurl {g} -d '{{\"page_size\": 5}}' {addr} spendflow.v1.Alerts/ListAlerts
   grpcurl {g} {addr} spendflow.v1.Alerts/Subscribe
   {ranking}; the overview shows who is over budget.
