@@ -550,3 +550,75 @@ fn generator_killed_mid_run_and_restarted_still_agrees() {
     );
     setup.clean_up();
 }
+
+/// Issue 16: budgets, currencies and exchange rates joined live from MariaDB's binlog while
+/// the generator changes them; `verify` compares the alerts fired and the converted ranking
+/// with SQL over the same database.
+#[test]
+fn budgets_and_rates_from_the_binlog_agree_with_sql() {
+    let setup = Setup::new("spendflow_it_gen_cdc");
+    let events = 30_000;
+    let topic = setup.keyed_topic();
+    let mut config = setup.config(
+        Layout::Keyed {
+            topic: topic.clone(),
+            partitions: 2,
+        },
+        200,
+        events,
+    );
+    config.budget_change_rate = 2.0;
+    config.fx_change_rate = 0.5;
+    let summary = run_generate(&config);
+    assert_eq!(summary.records, events);
+
+    create_topics(&setup.brokers, &[(setup.dead_letter_topic.clone(), 1)]);
+    let mut source = KafkaSourceConfig::topic(&setup.brokers, &topic);
+    source.group_id = format!("{}.engine", setup.name);
+    let mut cdc = spendflow_engine::source::mysql_cdc::MysqlCdcSourceConfig::new(&setup.mysql_url);
+    // Apart from other tests' readers of the same server (a replica id is one connection).
+    cdc.server_id = 4_170_216;
+    let engine = Engine::builder()
+        .config(EngineConfig {
+            workers: 2,
+            epoch_interval_ms: 20,
+            source: Some(SourceConfig::Kafka(source)),
+            reference: Some(SourceConfig::MysqlCdc(cdc)),
+            reporting_currency: Some("EUR".into()),
+            grpc: Some("127.0.0.1:0".parse().unwrap()),
+            dead_letter_topic: setup.dead_letter_topic.clone(),
+            ..EngineConfig::default()
+        })
+        .start()
+        .unwrap();
+    // The binlog rows count as records read too: caught up, with at least the expenses read.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let status = engine.status();
+        if status.caught_up && status.records_read >= events {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not caught up in 120 s: {status:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let report = setup.verify(&engine);
+    eprintln!("{report}");
+    assert_agrees(&report, 200);
+    let reference = report.reference.as_ref().expect("the reference checks ran");
+    assert_eq!(reference.mismatch_count, 0, "{report}");
+    assert!(
+        reference.alerts_checked.is_some_and(|n| n > 0),
+        "calibrated budgets leave some users over: {report}"
+    );
+    assert!(
+        reference.spenders_checked.is_some_and(|n| n > 0),
+        "{report}"
+    );
+    assert!(reference.budgets_checked.is_some_and(|n| n > 0), "{report}");
+    engine.shutdown().unwrap();
+    setup.clean_up();
+}
