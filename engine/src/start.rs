@@ -266,18 +266,28 @@ pub(crate) fn spawn(
     alerts: Alerts,
 ) -> Result<Threads, EngineError> {
     let spawn_error = |e: std::io::Error| EngineError::Workers(e.to_string());
+    // The alerts topic (Kafka only): the publisher feeds it, the checkpointer waits for it.
+    type AlertsParts = (
+        Option<pipeline::AlertsCommitted>,
+        Option<Box<dyn crate::sink::alerts::AlertsSink>>,
+    );
+    #[cfg(feature = "kafka")]
+    let (alerts_committed, alerts_output): AlertsParts = match alerts.output {
+        Some(output) => (
+            Some(Box::new(output.committed_probe())),
+            Some(Box::new(output)),
+        ),
+        None => (None, None),
+    };
+    #[cfg(not(feature = "kafka"))]
+    let (alerts_committed, alerts_output): AlertsParts = (None, None);
     let mut outputs = pipeline::Outputs {
         sink_committed,
         epoch_cuts: Arc::clone(&shared.clock.cuts),
         restored: alerts.restored,
+        alerts: alerts_output,
         ..pipeline::Outputs::default()
     };
-    let mut alerts_committed = None;
-    #[cfg(feature = "kafka")]
-    if let Some(output) = alerts.output {
-        alerts_committed = Some(Box::new(output.committed_probe()) as pipeline::AlertsCommitted);
-        outputs.alerts = Some(Box::new(output));
-    }
     let sink = match sink {
         Some(sink) => {
             let inbox = Arc::new(SinkInbox::new(sink.max_group_cells()));
