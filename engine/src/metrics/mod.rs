@@ -164,7 +164,7 @@ pub fn describe() {
 }
 
 /// The source name of the in-process input (`crate::source::input`).
-const IN_PROCESS_INPUT: &str = "input";
+const IN_PROCESS_INPUT: &str = crate::source::input::INPUT_SOURCE;
 
 /// The engine whose counters are copied into the metrics at each scrape: weak references, so
 /// a stopped engine is not kept alive by its metrics. The newest engine started in this

@@ -63,7 +63,7 @@ pub fn run_publisher(
             if let Some(alerts) = &outputs.alerts {
                 let events: Vec<_> = delta.alerts.iter().map(|(_, event)| *event).collect();
                 let restore = std::mem::take(&mut outputs.restored);
-                if !alerts.publish(epoch, &delta.as_of.positions, &events, restore) {
+                if !alerts.publish(epoch, &replayable(&delta.as_of.positions), &events, restore) {
                     // It logged why; the next start writes what this run did not.
                     outputs.alerts = None;
                 }
@@ -96,6 +96,18 @@ pub fn run_publisher(
         alerts.close_within(ALERTS_GRACE);
     }
     tracing::debug!("Publisher finished.");
+}
+
+/// The positions of the input that a restart reads again: the alerts output compares them with
+/// what its topic was written at. The in-process input is left out: its position starts at 0
+/// in every run (its records are the embedding program's), so it would hold the comparison
+/// shut forever after a restart.
+fn replayable(positions: &[PartitionPosition]) -> Vec<PartitionPosition> {
+    positions
+        .iter()
+        .filter(|p| &*p.source != crate::source::input::INPUT_SOURCE)
+        .cloned()
+        .collect()
 }
 
 /// Collects per-worker closed epochs and cuts them into deltas that cover whole epochs of every
@@ -216,6 +228,77 @@ mod tests {
                 .collect(),
             snapshots: Vec::new(),
         }
+    }
+
+    /// An alerts output that records what it was handed.
+    #[derive(Debug, Default)]
+    struct Recorder(Arc<parking_lot::Mutex<Vec<(Epoch, Vec<String>, usize, bool)>>>);
+
+    impl crate::sink::alerts::AlertsSink for Recorder {
+        fn publish(
+            &self,
+            epoch: Epoch,
+            positions: &[PartitionPosition],
+            events: &[AlertEvent],
+            restore: bool,
+        ) -> bool {
+            let sources = positions.iter().map(|p| p.source.to_string()).collect();
+            self.0.lock().push((epoch, sources, events.len(), restore));
+            true
+        }
+
+        fn close_within(self: Box<Self>, _grace: std::time::Duration) {}
+    }
+
+    /// The alerts output gets every delta, with or without events, the first one of a restore
+    /// marked, and never the in-process input's position (it restarts at 0 in every run, so
+    /// the output's comparison with its topic would never open after a restart).
+    #[test]
+    fn the_alerts_output_gets_every_delta_without_the_in_process_input() {
+        let recorded = Recorder::default();
+        let seen = Arc::clone(&recorded.0);
+        let outputs = Outputs {
+            alerts: Some(Box::new(recorded)),
+            restored: true,
+            ..Outputs::default()
+        };
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let position = |source: &str, position| PartitionPosition {
+            source: Arc::from(source),
+            partition: 0,
+            position,
+            ..PartitionPosition::default()
+        };
+        let positions = Arc::new(vec![
+            position("expenses", 10),
+            position(crate::source::input::INPUT_SOURCE, 3),
+        ]);
+        for (epoch, alerts) in [(1, vec![alert(1, AlertState::Fired)]), (2, vec![])] {
+            tx.send(WorkerReport {
+                worker: 0,
+                epochs: vec![WorkerEpoch {
+                    closed: ClosedEpoch {
+                        epoch,
+                        alerts,
+                        ..ClosedEpoch::default()
+                    },
+                    positions: Arc::clone(&positions),
+                    read: 0,
+                }],
+                snapshots: Vec::new(),
+            })
+            .unwrap();
+        }
+        drop(tx);
+        let (_model, writer) = crate::serve::read_model::ReadModel::new();
+        run_publisher(rx, 1, writer, outputs);
+        assert_eq!(
+            *seen.lock(),
+            vec![
+                (1, vec!["expenses".to_string()], 1, true),
+                (2, vec!["expenses".to_string()], 0, false),
+            ]
+        );
     }
 
     /// Every merged epoch's reference rows, alerts (with their epoch), converted totals and

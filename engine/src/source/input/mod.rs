@@ -14,6 +14,11 @@ use spendflow_operators::reference::RefChange;
 use crate::error::{EngineError, SourceError};
 use crate::source::{PartitionPosition, Payload, Poll, Source, SourceRecord};
 
+/// The source name of the in-process input in positions and status. Its position counts the
+/// records taken in this run: it starts at 0 again after a restart (the records are the
+/// embedding program's, not re-readable from here).
+pub const INPUT_SOURCE: &str = "input";
+
 /// Records the channel holds before pushes block.
 pub const INPUT_CAPACITY: usize = 64 * 1024;
 
@@ -95,7 +100,7 @@ pub(crate) fn channel() -> (InputHandle, InputSource) {
         InputHandle { tx },
         InputSource {
             rx,
-            name: Arc::from("input"),
+            name: Arc::from(INPUT_SOURCE),
             position: 0,
         },
     )
