@@ -266,6 +266,7 @@ fn every_published_epoch_matches_recomputation_of_the_input_it_covers() {
             snapshot.as_of().epoch,
         );
         let end = lines.last().map(|(o, _)| *o).unwrap() + 1;
+        let mut last_epoch;
         loop {
             let published = changes.blocking_recv().expect("no lag at this size");
             if published.as_of.epoch <= snapshot.as_of().epoch {
@@ -274,13 +275,17 @@ fn every_published_epoch_matches_recomputation_of_the_input_it_covers() {
             apply(&mut state, published.cells.iter().cloned());
             let position = file_position(&published.as_of.positions);
             check(&state, position, published.as_of.epoch);
+            last_epoch = published.as_of.epoch;
             if position >= end {
                 break;
             }
         }
+        // The budget cuts at least 6,000 / 150 = 40 epochs. How many deltas they are
+        // published in depends on the machine (epochs that close together are published
+        // together), so the check asks for several deltas, not for one per epoch.
         assert!(
-            epochs_checked > 10,
-            "{workers} workers: only {epochs_checked} epochs"
+            last_epoch >= 40 && epochs_checked >= 4,
+            "{workers} workers: {epochs_checked} deltas checked, up to epoch {last_epoch}"
         );
         engine.shutdown().unwrap();
     }
