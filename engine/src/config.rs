@@ -74,6 +74,10 @@ pub struct EngineConfig {
     /// port's `/metrics` (port 0 picks a free port).
     #[serde(default)]
     pub metrics: Option<SocketAddr>,
+    /// Cluster mode (`--cluster FILE --process I`): this process is one of several that run one
+    /// dataflow together; `workers` is then the workers per process. `None`: a single engine.
+    #[serde(skip)]
+    pub cluster: Option<crate::cluster::ClusterSpec>,
 }
 
 /// Who may reach the servers (gRPC, the web report, metrics) and how. The default serves
@@ -294,6 +298,7 @@ impl Default for EngineConfig {
             checkpoint: None,
             security: SecurityConfig::default(),
             metrics: None,
+            cluster: None,
         }
     }
 }

@@ -38,6 +38,7 @@
 #[cfg(feature = "cassandra")]
 pub mod cassandra;
 pub mod checkpoint;
+pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod error;

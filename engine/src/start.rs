@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use spendflow_operators::Epoch;
 
-use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointStore, LocalDirStore};
+use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointStore};
 use crate::pipeline::{self, EpochClock, Shared};
 #[cfg(feature = "grpc")]
 use crate::serve;
@@ -33,7 +33,7 @@ use crate::{EngineConfig, EngineError, InputHandle};
 /// What step 1 found.
 pub(crate) struct Recovered {
     /// The checkpoint store, when checkpoints are on.
-    pub store: Option<LocalDirStore>,
+    pub store: Option<Box<dyn CheckpointStore>>,
     /// The newest readable checkpoint.
     pub restored: Option<Checkpoint>,
     /// The durable sink, opened, and the newest epoch it had committed.
@@ -75,16 +75,20 @@ pub(crate) fn recover(
 ) -> Result<Recovered, EngineError> {
     let (store, restored) = match &config.checkpoint {
         Some(c) => {
-            let mut store = LocalDirStore::open(&c.dir)?;
-            let latest = match CheckpointStore::latest(&store) {
+            let share = config
+                .cluster
+                .as_ref()
+                .map_or(crate::cluster::Share::SINGLE, |c| c.share());
+            let mut store = crate::checkpoint::open_store(&c.dir, share)?;
+            let latest = match store.latest() {
                 Err(CheckpointError::Unreadable { refused, .. }) if c.discard_unreadable => {
                     for (path, why) in &refused {
                         tracing::warn!(path = %path, reason = %why, "--discard-checkpoints: discarding an unreadable checkpoint.");
                     }
                     for (from, to) in store.discard_all()? {
                         tracing::warn!(
-                            from = %from.display(),
-                            to = %to.display(),
+                            %from,
+                            %to,
                             "Moved an unreadable checkpoint aside; all input is read again from the beginning."
                         );
                     }
@@ -112,6 +116,10 @@ pub(crate) fn recover(
                 owner: format!("spendflow pid {}", std::process::id()),
                 stop: Arc::clone(&sink_stop),
                 runtime: runtime.clone(),
+                share: config
+                    .cluster
+                    .as_ref()
+                    .map_or(crate::cluster::Share::SINGLE, |c| c.share()),
             };
             tracing::info!(sink = sink.name(), "Opening the durable sink.");
             let committed = sink.open(&ctx)?;
@@ -259,7 +267,7 @@ pub(crate) fn spawn(
     workers: usize,
     shared: &Arc<Shared>,
     sink: Option<Box<dyn Sink>>,
-    store: Option<LocalDirStore>,
+    store: Option<Box<dyn CheckpointStore>>,
     sink_committed: Option<Epoch>,
     writer: ReadModelWriter,
     sources: Vec<Vec<Box<dyn Source>>>,
@@ -315,7 +323,7 @@ pub(crate) fn spawn(
                         pipeline::run_checkpointer(
                             rx,
                             workers,
-                            Box::new(store),
+                            store,
                             &shared,
                             wait_for_sink,
                             alerts_committed,

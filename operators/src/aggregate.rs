@@ -43,6 +43,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use ahash::RandomState;
 
+use differential_dataflow::Hashable;
 use differential_dataflow::VecCollection;
 use differential_dataflow::collection::AsCollection;
 use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
@@ -262,7 +263,11 @@ pub trait LastSeenByUser<'scope> {
 
 impl<'scope> LastSeenByUser<'scope> for VecCollection<'scope, Epoch, Fact, i64> {
     fn last_seen_by_user(self, sink: CapturedLastSeen) -> Stream<'scope, Epoch, Vec<()>> {
-        let by_user = Exchange::new(|update: &(Fact, Epoch, i64)| update.0.user_id);
+        // The same owner as the cells' arrangement: a user's last-seen time and cells are
+        // published by one worker (one process, in a cluster).
+        let by_user = Exchange::new(|update: &(Fact, Epoch, i64)| {
+            AggKey::User(update.0.user_id).hashed()
+        });
         self.inner
             .unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
                 by_user,

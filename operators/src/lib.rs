@@ -43,5 +43,5 @@ pub use dataflow::{ClosedEpoch, ExpenseDataflow};
 pub use decode::{RejectReason, Rejection, decode};
 pub use model::{
     AggKey, CellChange, CountSum, Expense, ExpenseId, ExpenseIdError, Fact, LastSeen, LiveFact,
-    Name, Record, UserId,
+    Name, Record, UserId, owner_worker,
 };

@@ -220,6 +220,19 @@ impl AggKey {
     }
 }
 
+/// The worker (of `peers`, cluster-wide) that owns `user`: its cells, alerts, reference row and
+/// last-seen times all live there, because every stage that keeps per-user state exchanges by
+/// this same hash (differential's `Hashable` of [`AggKey::User`], which hashes the user only).
+/// A deterministic function of the user, so every process of a cluster derives the same owner
+/// (queries are forwarded with it).
+pub fn owner_worker(user: UserId, peers: usize) -> usize {
+    use differential_dataflow::Hashable;
+    let peers = peers.max(1) as u64;
+    // Timely's exchange takes `hash & (peers - 1)` for a power of two, `hash % peers`
+    // otherwise: the same number.
+    (AggKey::User(user).hashed() % peers) as usize
+}
+
 impl Hash for AggKey {
     fn hash<H: Hasher>(&self, state: &mut H) {
         // Only the user: see the type's docs for why.

@@ -193,6 +193,13 @@ impl CheckpointStore for LocalDirStore {
         }
     }
 
+    fn discard_all(&mut self) -> Result<Vec<(String, String)>, CheckpointError> {
+        Ok(LocalDirStore::discard_all(self)?
+            .into_iter()
+            .map(|(from, to)| (from.display().to_string(), to.display().to_string()))
+            .collect())
+    }
+
     fn save(&mut self, checkpoint: &Checkpoint) -> Result<(), CheckpointError> {
         let name = format!("{PREFIX}{:020}", checkpoint.epoch);
         let path = self.dir.join(&name);

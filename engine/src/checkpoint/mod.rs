@@ -171,6 +171,34 @@ pub trait CheckpointStore: Send + std::fmt::Debug {
     ///
     /// [`CheckpointError`] if it could not be written; the previous checkpoint stays valid.
     fn save(&mut self, checkpoint: &Checkpoint) -> Result<(), CheckpointError>;
+
+    /// Moves every checkpoint aside (nothing is deleted), for a start that gives them up
+    /// explicitly (`--discard-checkpoints`). Returns `(from, to)` of each.
+    ///
+    /// # Errors
+    ///
+    /// [`CheckpointError::Io`] if they cannot be listed or moved.
+    fn discard_all(&mut self) -> Result<Vec<(String, String)>, CheckpointError>;
+}
+
+/// Opens the checkpoint store at `dir` for this process's `share`: a local directory, or
+/// `hdfs://HOST:PORT/PATH`.
+///
+/// In a cluster every process saves its share of each checkpoint epoch (its workers' live
+/// expenses, its partitions' positions, its counters); [`CheckpointStore::latest`] returns the
+/// newest epoch whose shares are all present, merged, whatever share this process has, so a
+/// restart with another number of processes restores it too.
+///
+/// # Errors
+///
+/// [`CheckpointError`] if the store cannot be opened or locked.
+pub fn open_store(
+    dir: &std::path::Path,
+    share: crate::cluster::Share,
+) -> Result<Box<dyn CheckpointStore>, CheckpointError> {
+    // Lane: shares and HDFS (issue 15). Until then, a single engine's local directory.
+    let _ = share;
+    Ok(Box::new(LocalDirStore::open(dir)?))
 }
 
 /// File format magic: these six bytes and a two-digit version.

@@ -215,6 +215,9 @@ mod checkpointer_tests {
             self.saved.lock().push(checkpoint.epoch);
             Ok(())
         }
+        fn discard_all(&mut self) -> Result<Vec<(String, String)>, CheckpointError> {
+            Ok(Vec::new())
+        }
     }
 
     fn part(epoch: Epoch) -> SnapshotPart {

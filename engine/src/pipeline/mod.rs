@@ -117,6 +117,11 @@ pub struct Shared {
     pub incarnation: Arc<str>,
     /// The dataflow's options (the reporting currency).
     pub dataflow_options: spendflow_operators::reference::DataflowOptions,
+    /// Where this process stands in the computation: [`Shared::workers`] are its local
+    /// workers, `topology.global_worker(i)` their indices in the dataflow.
+    pub topology: crate::cluster::Topology,
+    /// The hostfile, in cluster mode (peers' gRPC addresses, for forwarding queries).
+    pub cluster: Option<Arc<crate::cluster::ClusterSpec>>,
 }
 
 impl Shared {
@@ -138,6 +143,8 @@ impl Shared {
             dataflow_options: spendflow_operators::reference::DataflowOptions::default(),
             replay: ReplayTouch::default(),
             workers_were_idle: std::sync::atomic::AtomicUsize::new(0),
+            topology: crate::cluster::Topology::single(workers),
+            cluster: None,
         }
     }
 

@@ -109,6 +109,9 @@ pub struct SinkContext {
     /// The engine's async runtime, for sinks with async clients: the sink driver thread is
     /// not one of its threads, so a sink may `block_on` it.
     pub runtime: tokio::runtime::Handle,
+    /// This process's share of the sink: in a cluster, every process writes the users it owns
+    /// and fences its own share (a single engine is share 0 of 1).
+    pub share: crate::cluster::Share,
 }
 
 impl SinkContext {
@@ -118,6 +121,7 @@ impl SinkContext {
             owner: owner.into(),
             stop: Arc::default(),
             runtime,
+            share: crate::cluster::Share::SINGLE,
         }
     }
 
