@@ -15,6 +15,7 @@ mod cassandra_read;
 mod cassandra_sink;
 mod chaos_checkpoint;
 mod cli;
+mod cluster;
 mod crash_recovery;
 mod dead_letter_delivery;
 mod file_pipeline;

@@ -8,6 +8,7 @@
 //! instructions; it never passes silently.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod cluster;
 pub mod grpc;
 pub mod stream;
 
