@@ -38,7 +38,12 @@ fn quick_run_writes_every_figure_and_ratio() {
     let output = dir.path().join("RESULTS.md");
     let out = Command::new(&e2e)
         .args(["--quick", "--skip-spark", "--layouts", "keyed,per-user"])
-        .args(["--no-kstreams", "--no-scaling", "--no-in-memory"])
+        .args([
+            "--no-kstreams",
+            "--no-scaling",
+            "--no-in-memory",
+            "--no-cluster",
+        ])
         .args([
             "--events",
             "4000",

@@ -32,6 +32,7 @@
 //!   end, also after an error or Ctrl-C.
 
 mod cassandra;
+mod cluster;
 mod engine;
 mod fold;
 mod kafka;
@@ -132,6 +133,21 @@ struct Args {
     /// Do not measure the scaling table (catch-up and peak RSS by users and by records).
     #[arg(long, alias = "skip-scaling")]
     no_scaling: bool,
+
+    /// Do not measure cluster mode (1, 2 and 3 processes of one worker on this host).
+    #[arg(long)]
+    no_cluster: bool,
+
+    /// Only measure cluster mode (1, 2 and 3 processes of one worker on this host, issue 15)
+    /// and put its section into the results file in place of the earlier one, leaving the
+    /// rest of the file as it is.
+    #[arg(long, conflicts_with = "no_cluster")]
+    cluster_only: bool,
+
+    /// Records in the cluster-mode input (one keyed topic, 6 partitions, --users users).
+    /// Default 1,000,000 (--quick: 50,000).
+    #[arg(long)]
+    cluster_events: Option<u64>,
 
     /// Do not run the in-memory dataflow figure (criterion's `dataflow/epoch_100k/w1` workload).
     #[arg(long)]
@@ -257,6 +273,10 @@ fn real_main(args: Args) -> Result<()> {
         );
     }
 
+    let cluster_events = args
+        .cluster_events
+        .unwrap_or(if quick { 50_000 } else { 1_000_000 });
+
     let run_id = format!(
         "{:08x}",
         (wall_ms() as u64 ^ u64::from(std::process::id())) as u32
@@ -283,6 +303,32 @@ fn real_main(args: Args) -> Result<()> {
         )
     })?;
 
+    if args.cluster_only {
+        let load = util::load_average().unwrap_or_default();
+        let points = cluster::measure(
+            &settings,
+            &prefix,
+            &work,
+            &spendflow,
+            &args.engine_arg,
+            cluster_events,
+            Duration::from_secs(args.timeout_secs),
+        )?;
+        let load = format!(
+            "{load} at the start, {} at the end",
+            util::load_average().unwrap_or_default()
+        );
+        let section = cluster::render(&points, &settings, cluster_events, &load);
+        cluster::splice(&output, &section)?;
+        say(format!(
+            "wrote the cluster-mode section of {}",
+            output.display()
+        ));
+        print!("{section}");
+        let _ = std::fs::remove_dir_all(&work);
+        return Ok(());
+    }
+
     let cassandra = cassandra::detect(
         &spendflow,
         (!args.no_cassandra).then_some(args.cassandra.as_str()),
@@ -308,6 +354,7 @@ fn real_main(args: Args) -> Result<()> {
             kstreams.is_some(),
             matches!(cassandra, Availability::Available(_)),
             scaling.as_deref(),
+            (!args.no_cluster).then_some(cluster_events),
         )
         .round()
     ));
@@ -369,6 +416,27 @@ fn real_main(args: Args) -> Result<()> {
     }
     report.load_end = util::load_average();
     report.write(&output)?;
+    if !args.no_cluster {
+        check_stop()?;
+        let load = util::load_average().unwrap_or_default();
+        let points = cluster::measure(
+            &settings,
+            &prefix,
+            &work,
+            &spendflow,
+            &args.engine_arg,
+            cluster_events,
+            Duration::from_secs(args.timeout_secs),
+        )?;
+        let load = format!(
+            "{load} at the start, {} at the end",
+            util::load_average().unwrap_or_default()
+        );
+        cluster::splice(
+            &output,
+            &cluster::render(&points, &settings, cluster_events, &load),
+        )?;
+    }
     say(format!("wrote {}", output.display()));
     print!("{}", report.summary());
     let _ = std::fs::remove_dir_all(&work);
@@ -1281,6 +1349,7 @@ fn estimate_minutes(
     kstreams: bool,
     cassandra: bool,
     scaling: Option<&[(u64, u64)]>,
+    cluster_events: Option<u64>,
 ) -> f64 {
     let n = s.events as f64;
     let runs = s.runs as f64;
@@ -1306,6 +1375,12 @@ fn estimate_minutes(
     for &(_, records) in scaling.unwrap_or_default() {
         let r = records as f64;
         total += r / 600e3 + r / 1e6 + 2.0 + r / 150e3;
+    }
+    // Cluster mode: one load, then 1, 2 and 3 processes `runs` times each (guessed at a third
+    // of the engine's rate: one worker each, and the exchange).
+    if let Some(events) = cluster_events {
+        let r = events as f64;
+        total += r / 600e3 + 3.0 * runs * (5.0 + r / 50e3);
     }
     total / 60.0
 }
