@@ -65,19 +65,11 @@ fn free_ports(n: usize) -> Result<Vec<u16>> {
         .collect()
 }
 
-/// The records the statuses say were read: every process reports the cluster's total (then
-/// they agree) or its own share (then they add up).
-fn read_total(statuses: &[pb::GetStatusResponse]) -> u64 {
-    match statuses.first() {
-        Some(first)
-            if statuses
-                .iter()
-                .all(|s| s.records_read == first.records_read) =>
-        {
-            first.records_read
-        }
-        _ => statuses.iter().map(|s| s.records_read).sum(),
-    }
+/// Whether the statuses account for at least `records` records read: every process reports
+/// the cluster's total, or its own share (then they add up).
+fn read_all(statuses: &[pb::GetStatusResponse], records: u64) -> bool {
+    statuses.iter().all(|s| s.records_read >= records)
+        || statuses.iter().map(|s| s.records_read).sum::<u64>() >= records
 }
 
 /// One started process: its guard, gRPC and metrics addresses.
@@ -234,7 +226,7 @@ fn catch_up(
         }
         if statuses.len() == processes
             && statuses.iter().all(|s| s.caught_up)
-            && read_total(&statuses) >= records
+            && read_all(&statuses, records)
         {
             break started.elapsed();
         }
@@ -370,12 +362,14 @@ mod tests {
     }
 
     #[test]
-    fn read_total_is_the_common_value_or_the_sum() {
+    fn read_all_takes_the_cluster_total_or_the_sum_of_shares() {
         let status = |read| pb::GetStatusResponse {
             records_read: read,
             ..Default::default()
         };
-        assert_eq!(read_total(&[status(10), status(10)]), 10);
-        assert_eq!(read_total(&[status(4), status(6)]), 10);
+        assert!(read_all(&[status(10), status(10)], 10));
+        assert!(read_all(&[status(4), status(6)], 10));
+        assert!(read_all(&[status(5), status(5)], 10));
+        assert!(!read_all(&[status(4), status(5)], 10));
     }
 }

@@ -217,19 +217,11 @@ pub fn log_tails(processes: &[Process]) -> String {
         .join("\n")
 }
 
-/// The records the statuses say the cluster has read: each process reports either the
-/// cluster's total (then they all say the same) or its own share (then they add up).
-pub fn read_total(statuses: &[pb::GetStatusResponse]) -> u64 {
-    match statuses.first() {
-        Some(first)
-            if statuses
-                .iter()
-                .all(|s| s.records_read == first.records_read) =>
-        {
-            first.records_read
-        }
-        _ => statuses.iter().map(|s| s.records_read).sum(),
-    }
+/// Whether the statuses account for exactly `expected` records read: every process reports
+/// the cluster's total (then each says `expected`) or its own share (then they add up to it).
+pub fn read_exactly(statuses: &[pb::GetStatusResponse], expected: u64) -> bool {
+    statuses.iter().all(|s| s.records_read == expected)
+        || statuses.iter().map(|s| s.records_read).sum::<u64>() == expected
 }
 
 /// The first process that has exited, with its status.
@@ -242,9 +234,14 @@ pub fn exited(processes: &mut [Process]) -> Option<(usize, ExitStatus)> {
     })
 }
 
+/// How long every process may say `caught_up` while the records read do not add up, before
+/// the wait fails (input read twice, or a count that is wrong).
+const SETTLE: Duration = Duration::from_secs(20);
+
 /// Waits (at most `secs`) until every process answers `Admin/GetStatus` with `caught_up` and
-/// [`read_total`] is `expected`; fails the test if a process exits meanwhile, or if more than
-/// `expected` records are read (input read twice). Returns the statuses.
+/// the records read add up to exactly `expected` ([`read_exactly`]); fails the test if a
+/// process exits meanwhile, or if all say `caught_up` for [`SETTLE`] without the count adding
+/// up. Returns the statuses.
 pub fn wait_caught_up(
     runtime: &tokio::runtime::Runtime,
     processes: &mut [Process],
@@ -253,6 +250,7 @@ pub fn wait_caught_up(
 ) -> Vec<pb::GetStatusResponse> {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(secs);
+    let mut caught_up_since: Option<Instant> = None;
     loop {
         if let Some((i, exit)) = exited(processes) {
             panic!(
@@ -262,28 +260,8 @@ pub fn wait_caught_up(
         }
         let statuses: Vec<Option<pb::GetStatusResponse>> =
             processes.iter().map(|p| status(runtime, &p.grpc)).collect();
-        if statuses
-            .iter()
-            .all(|s| s.as_ref().is_some_and(|s| s.caught_up))
-        {
-            let statuses: Vec<pb::GetStatusResponse> = statuses.iter().flatten().cloned().collect();
-            let read = read_total(&statuses);
-            assert!(
-                read <= expected,
-                "{read} records read of {expected}: some input was read twice\n{}",
-                log_tails(processes)
-            );
-            if read == expected {
-                eprintln!(
-                    "{} process(es) caught up with {expected} records in {:?}",
-                    processes.len(),
-                    started.elapsed()
-                );
-                return statuses;
-            }
-        }
-        if Instant::now() >= deadline {
-            let brief: Vec<String> = statuses
+        let brief = || -> Vec<String> {
+            statuses
                 .iter()
                 .map(|s| match s {
                     Some(s) => format!(
@@ -295,12 +273,38 @@ pub fn wait_caught_up(
                     ),
                     None => "no answer".into(),
                 })
-                .collect();
-            panic!(
-                "not caught up with {expected} records in {secs} s: {brief:?}\n{}",
+                .collect()
+        };
+        if statuses
+            .iter()
+            .all(|s| s.as_ref().is_some_and(|s| s.caught_up))
+        {
+            let all: Vec<pb::GetStatusResponse> = statuses.iter().flatten().cloned().collect();
+            if read_exactly(&all, expected) {
+                eprintln!(
+                    "{} process(es) caught up with {expected} records in {:?}",
+                    processes.len(),
+                    started.elapsed()
+                );
+                return all;
+            }
+            let since = *caught_up_since.get_or_insert_with(Instant::now);
+            assert!(
+                since.elapsed() < SETTLE,
+                "caught up for {SETTLE:?}, but the records read do not add up to {expected}: \
+                 {:?}\n{}",
+                brief(),
                 log_tails(processes)
             );
+        } else {
+            caught_up_since = None;
         }
+        assert!(
+            Instant::now() < deadline,
+            "not caught up with {expected} records in {secs} s: {:?}\n{}",
+            brief(),
+            log_tails(processes)
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
