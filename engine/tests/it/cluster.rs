@@ -326,8 +326,8 @@ fn a_process_killed_mid_stream_stops_the_others_and_a_restart_is_exact() {
     // About 8 s of stream at 3,000 records/s: the kill lands while records still arrive.
     let generation = Generation::messy(users, events, 15, 3_000);
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let hostfile = Hostfile::write(setup.checkpoints.path(), "cluster.hosts", 3);
     let logs = tempfile::tempdir().unwrap();
+    let hostfile = Hostfile::write(logs.path(), "cluster.hosts", 3);
     let args = stream_args(&setup);
 
     let mut generator = setup.generator(&generation);
