@@ -14,11 +14,24 @@
 //! durable sink, it is written only once the sink has committed `E`, so the sink never has to
 //! rewrite what a checkpoint already covers (see `sink::cassandra`).
 //!
-//! Stores implement [`CheckpointStore`]; [`local::LocalDirStore`] writes files atomically
-//! (temporary file, fsync, rename, fsync of the directory) and fences other engines with an
-//! exclusive lock on the directory. HDFS for clusters comes later behind the same trait.
+//! In a cluster (issue 15) every process writes its *share* of each checkpoint epoch: a normal
+//! [`Checkpoint`] holding its workers' live expenses, its partitions' positions, its counters,
+//! its names and reference rows. A restart restores the newest epoch for which every share is
+//! there, merged ([`Checkpoint::merge`]), whatever the number of processes now: see [`shares`]
+//! for the file names, completeness and retention.
+//!
+//! Stores implement [`CheckpointStore`] and are opened with [`open_store`]:
+//! - a local directory, [`local::LocalDirStore`]: files written atomically (temporary file,
+//!   fsync, rename, fsync of the directory), other engines fenced by an exclusive lock per
+//!   process index (the processes of one cluster on one host share the directory);
+//! - `hdfs://HOST:PORT/PATH` (cargo feature `hdfs`), `hdfs::HdfsStore`: the same files on
+//!   HDFS, so processes on several hosts restore from one place. HDFS has no `flock`: nothing
+//!   there fences a second engine started with the same process index (see its docs).
 
+#[cfg(feature = "hdfs")]
+pub mod hdfs;
 pub mod local;
+pub mod shares;
 #[cfg(test)]
 mod tests;
 
@@ -134,6 +147,15 @@ pub enum CheckpointError {
         /// Every checkpoint file and why it was refused, newest first.
         refused: Vec<(String, String)>,
     },
+    /// The checkpoint directory cannot be used by this binary (an `hdfs://` URL without the
+    /// `hdfs` feature, a malformed URL, or a share that is not one).
+    #[error("checkpoint directory {dir}: {message}")]
+    Unsupported {
+        /// The directory as given.
+        dir: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
     /// Another engine holds the store.
     #[error(
         "checkpoint directory {path} is in use by another engine ({holder}); stop it first, or use another --checkpoint-dir"
@@ -196,10 +218,26 @@ pub fn open_store(
     dir: &std::path::Path,
     share: crate::cluster::Share,
 ) -> Result<Box<dyn CheckpointStore>, CheckpointError> {
-    // Lane: shares and HDFS (issue 15). Until then, a single engine's local directory.
-    let _ = share;
-    Ok(Box::new(LocalDirStore::open(dir)?))
+    if share.processes == 0 || share.process >= share.processes {
+        return Err(CheckpointError::Unsupported {
+            dir: dir.display().to_string(),
+            message: format!("process {share} is not a share of a cluster"),
+        });
+    }
+    if let Some(url) = dir.to_str().filter(|d| d.starts_with(HDFS_SCHEME)) {
+        #[cfg(feature = "hdfs")]
+        return Ok(Box::new(hdfs::HdfsStore::open(url, share)?));
+        #[cfg(not(feature = "hdfs"))]
+        return Err(CheckpointError::Unsupported {
+            dir: url.to_string(),
+            message: "this spendflow was built without the `hdfs` cargo feature, which checkpoints on HDFS need (build with `--features hdfs`, part of the default `cli`), or use a local directory".into(),
+        });
+    }
+    Ok(Box::new(LocalDirStore::open_share(dir, share)?))
 }
+
+/// A checkpoint directory starting so is on HDFS.
+pub const HDFS_SCHEME: &str = "hdfs://";
 
 /// File format magic: these six bytes and a two-digit version.
 const MAGIC_PREFIX: &[u8; 6] = b"SPFCKP";
