@@ -23,7 +23,9 @@
 //! hdfs-native is asynchronous. The store owns a small runtime (one worker thread) on which
 //! every HDFS call runs; callers block on a channel until it is done, so the store works from a
 //! plain thread (the checkpointer) and from the main thread (recovery) alike, and never calls
-//! `block_on` inside another runtime. Every call is bounded by [`CALL_TIMEOUT`].
+//! `block_on` inside another runtime. Every call is bounded by [`CALL_TIMEOUT`], and an
+//! unreachable NameNode is given up after a few tries (`dfs.client.failover.max.attempts` is
+//! set to 4, over any Hadoop configuration files).
 
 use std::future::Future;
 use std::io::{self, Read, Write};
@@ -39,6 +41,12 @@ use crate::cluster::Share;
 
 /// The longest one HDFS call (one chunk written or read, a rename, a listing) may take.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How often a call to an unreachable NameNode is tried again (with a growing pause, 0.5 s
+/// to 8 s) before it fails: hdfs-native's default (15, pauses up to 15 s) keeps a start or a
+/// checkpoint waiting for minutes; a checkpoint that fails is tried again at the next one, and a
+/// start that fails is restarted by its supervisor.
+const FAILOVER_ATTEMPTS: u32 = 4;
 
 /// Bytes written or read per HDFS call.
 const CHUNK: usize = 8 << 20;
@@ -101,6 +109,10 @@ impl HdfsStore {
             })?;
         let client = ClientBuilder::new()
             .with_url(url.clone())
+            .with_config([(
+                "dfs.client.failover.max.attempts",
+                FAILOVER_ATTEMPTS.to_string(),
+            )])
             .with_io_runtime(runtime.handle().clone())
             .build()
             .map_err(|e| unsupported(format!("HDFS client: {e}")))?;
