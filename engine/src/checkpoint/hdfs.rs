@@ -401,10 +401,10 @@ impl Files for HdfsStore {
             self.call(async move { client.rename(&from, &to, true).await })
                 .map_err(self.error(&target))
         });
-        if written.is_err() {
-            if let Err(e) = self.delete(&tmp) {
-                tracing::warn!(path = %tmp, error = %e, "Could not remove a partly written checkpoint; the next start of this process removes it.");
-            }
+        if written.is_err()
+            && let Err(e) = self.delete(&tmp)
+        {
+            tracing::warn!(path = %tmp, error = %e, "Could not remove a partly written checkpoint; the next start of this process removes it.");
         }
         written
     }
