@@ -203,17 +203,25 @@ pub trait CheckpointStore: Send + std::fmt::Debug {
     fn discard_all(&mut self) -> Result<Vec<(String, String)>, CheckpointError>;
 }
 
-/// Opens the checkpoint store at `dir` for this process's `share`: a local directory, or
-/// `hdfs://HOST:PORT/PATH`.
+/// Opens the checkpoint store at `dir` for this process's `share`: a local directory
+/// ([`LocalDirStore`], locked for `share.process`), or `hdfs://HOST:PORT/PATH` (`hdfs::HdfsStore`,
+/// cargo feature `hdfs`; it runs its HDFS calls on a small runtime of its own, so it may be
+/// opened and used from any thread).
 ///
 /// In a cluster every process saves its share of each checkpoint epoch (its workers' live
-/// expenses, its partitions' positions, its counters); [`CheckpointStore::latest`] returns the
-/// newest epoch whose shares are all present, merged, whatever share this process has, so a
-/// restart with another number of processes restores it too.
+/// expenses, its partitions' positions, its counters) as
+/// `checkpoint-<epoch:020>-share-<p>-of-<n>`; a single engine (`Share::SINGLE`) keeps the name
+/// `checkpoint-<epoch:020>`. [`CheckpointStore::latest`] returns the newest epoch whose shares
+/// are all present and readable, merged ([`Checkpoint::merge`]), whatever share this process
+/// has, so a restart with another number of processes restores it too: every process gets the
+/// WHOLE merged checkpoint. See [`shares`].
 ///
 /// # Errors
 ///
-/// [`CheckpointError`] if the store cannot be opened or locked.
+/// [`CheckpointError::Locked`] if another engine holds this process index's lock on a local
+/// directory; [`CheckpointError::Unsupported`] for an `hdfs://` directory in a binary without
+/// the `hdfs` feature, a malformed URL, or a share outside its cluster;
+/// [`CheckpointError::Io`] if the store cannot be created or reached.
 pub fn open_store(
     dir: &std::path::Path,
     share: crate::cluster::Share,

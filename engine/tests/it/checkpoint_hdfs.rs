@@ -193,3 +193,16 @@ fn an_unreachable_namenode_is_a_retriable_io_error() {
     assert!(err.is_retriable(), "{err}");
     assert!(err.to_string().contains("hdfs://127.0.0.1:1"), "{err}");
 }
+
+/// The store runs hdfs-native on a runtime of its own: called from a thread that is inside
+/// another runtime (as a caller of `open_store` may be), it neither panics ("cannot start a
+/// runtime from within a runtime") nor waits for that runtime.
+#[tokio::test(flavor = "current_thread")]
+async fn the_store_works_from_inside_another_runtime() {
+    let (url, root) = hdfs_dir("ckpt_in_runtime");
+    let dir = std::path::PathBuf::from(format!("{url}{root}"));
+    let mut store = open_store(&dir, Share::SINGLE).unwrap();
+    store.save(&share_of(1, 0)).unwrap();
+    assert_eq!(store.latest().unwrap(), Some(share_of(1, 0)));
+    drop(store);
+}
