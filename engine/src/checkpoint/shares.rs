@@ -9,12 +9,12 @@
 //! ```
 //!
 //! An epoch of `n` shares is *complete* when the files of all `n` shares are there.
-//! [`latest`] restores the newest complete epoch whose shares all read, merged into one
+//! `latest` restores the newest complete epoch whose shares all read, merged into one
 //! [`Checkpoint`] ([`Checkpoint::merge`]), whatever this process's share is: a cluster of 3
 //! restarted as 2 restores the 3 shares. An incomplete epoch (a process died before writing
 //! its share) is never used; it is skipped, with a warning, for an older complete one.
 //!
-//! Retention ([`save`]): after writing its share, a process deletes the files (of any share or
+//! Retention (`save`): after writing its share, a process deletes the files (of any share or
 //! layout) of the epochs older than the second-newest complete epoch. Nothing another process
 //! may still need goes: the two newest complete epochs stay whole, and shares of newer epochs
 //! that others have not completed yet stay too. Two processes deleting the same file at once
