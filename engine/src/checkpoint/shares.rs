@@ -12,7 +12,10 @@
 //! `latest` restores the newest complete epoch whose shares all read, merged into one
 //! [`Checkpoint`] ([`Checkpoint::merge`]), whatever this process's share is: a cluster of 3
 //! restarted as 2 restores the 3 shares. An incomplete epoch (a process died before writing
-//! its share) is never used; it is skipped, with a warning, for an older complete one.
+//! its share) is never used: it is a checkpoint the cluster never finished, like a single
+//! engine's temporary file, so it is skipped, with a warning, for an older complete one, or for
+//! none (reading all input again is then exact: no complete checkpoint means no finished one).
+//! Only files that cannot be read make a start refuse (`Unreadable`).
 //!
 //! Retention (`save`): after writing its share, a process deletes the files (of any share or
 //! layout) of the epochs older than the second-newest complete epoch. Nothing another process
@@ -127,6 +130,7 @@ fn missing(processes: usize, present: &BTreeMap<usize, String>) -> Vec<usize> {
 pub(crate) fn latest(files: &dyn Files) -> Result<Option<Checkpoint>, CheckpointError> {
     let epochs = epochs(files)?;
     let mut refused: Vec<(String, String)> = Vec::new();
+    let mut unfinished: Vec<(String, String)> = Vec::new();
     for (&(epoch, processes), present) in epochs.iter().rev() {
         let lacking = missing(processes, present);
         if !lacking.is_empty() {
@@ -144,7 +148,7 @@ pub(crate) fn latest(files: &dyn Files) -> Result<Option<Checkpoint>, Checkpoint
                 .collect::<Vec<_>>()
                 .join(", ");
             for name in present.values() {
-                refused.push((
+                unfinished.push((
                     files.path_of(name),
                     format!(
                         "epoch {epoch} is incomplete (a process did not write its share): {lacking} missing"
@@ -155,7 +159,7 @@ pub(crate) fn latest(files: &dyn Files) -> Result<Option<Checkpoint>, Checkpoint
         }
         match read_epoch(files, epoch, present) {
             Ok(checkpoint) => {
-                for (newer, why) in &refused {
+                for (newer, why) in refused.iter().chain(&unfinished) {
                     tracing::warn!(
                         path = %newer,
                         reason = %why,
@@ -171,6 +175,13 @@ pub(crate) fn latest(files: &dyn Files) -> Result<Option<Checkpoint>, Checkpoint
         }
     }
     if refused.is_empty() {
+        for (path, why) in &unfinished {
+            tracing::warn!(
+                %path,
+                reason = %why,
+                "The cluster never finished a checkpoint: starting without one (all input is read again)."
+            );
+        }
         Ok(None)
     } else {
         Err(CheckpointError::Unreadable {
