@@ -182,6 +182,24 @@ impl LoadedTls {
         }
         config
     }
+
+    /// The TLS configuration a cluster process calls its peers with (they serve with the same
+    /// material): it trusts the client CA (`--tls-client-ca`) if one is set, else the server's
+    /// own certificate, and presents the server's certificate and key as its client identity
+    /// when clients must present one (mTLS).
+    #[cfg(feature = "grpc")]
+    pub fn grpc_client_config(&self) -> tonic::transport::ClientTlsConfig {
+        let root = self.client_ca_pem.as_ref().unwrap_or(&self.cert_pem);
+        let mut config = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(root));
+        if self.requires_client_certificates() {
+            config = config.identity(tonic::transport::Identity::from_pem(
+                &self.cert_pem,
+                &self.key_pem,
+            ));
+        }
+        config
+    }
 }
 
 #[cfg(test)]
