@@ -1292,3 +1292,7 @@ impl<F: Frames> Source<F> {
         self.as_of.clone()
     }
 }
+
+#[cfg(test)]
+#[path = "cluster_tests.rs"]
+mod tests;
