@@ -231,9 +231,7 @@ impl Peers {
 fn outgoing<T>(metadata: &MetadataMap, message: T, pin: bool) -> Request<T> {
     let mut request = Request::new(message);
     if let Some(auth) = metadata.get("authorization") {
-        request
-            .metadata_mut()
-            .insert("authorization", auth.clone());
+        request.metadata_mut().insert("authorization", auth.clone());
     }
     mark(request.metadata_mut(), pin);
     request
@@ -330,7 +328,11 @@ where
         if epochs.iter().all(|e| *e == newest) {
             return Ok((newest, answers));
         }
-        tracing::debug!(target, ?epochs, "Gathered answers of different epochs; asking again.");
+        tracing::debug!(
+            target,
+            ?epochs,
+            "Gathered answers of different epochs; asking again."
+        );
         seen = epochs;
         target = newest;
     }
@@ -373,7 +375,9 @@ impl ExpenseQuery for ClusterQuery {
         if forwarded(&request) {
             return self.local.get_user_summary(request).await;
         }
-        let owner = self.peers.owner(convert::user_id(request.get_ref().user_id)?);
+        let owner = self
+            .peers
+            .owner(convert::user_id(request.get_ref().user_id)?);
         if owner == self.peers.me() {
             return self.local.get_user_summary(request).await;
         }
@@ -454,7 +458,9 @@ impl ExpenseQuery for ClusterQuery {
         if forwarded(&request) {
             return self.local.get_user_windows(request).await;
         }
-        let owner = self.peers.owner(convert::user_id(request.get_ref().user_id)?);
+        let owner = self
+            .peers
+            .owner(convert::user_id(request.get_ref().user_id)?);
         if owner == self.peers.me() {
             return self.local.get_user_windows(request).await;
         }
@@ -707,7 +713,9 @@ impl Alerts for ClusterAlerts {
                 .map_err(|s| self.peers.status(owner, s))?;
             return Ok(Response::new(answer.into_inner()));
         }
-        check(&request, |p| p.read_all("ListAlerts of every user (user_id 0)"))?;
+        check(&request, |p| {
+            p.read_all("ListAlerts of every user (user_id 0)")
+        })?;
         let page_size = convert::limit(request.get_ref().page_size, 100, 1000, "page_size")?;
         let message = request.get_ref().clone();
         let (epoch, pages) = gather(
@@ -870,11 +878,7 @@ impl Admin for ClusterAdmin {
         for (process, answer) in asked.into_iter().enumerate() {
             let entry = match answer {
                 None => own.clone(),
-                Some(Ok(answer)) => answer
-                    .into_inner()
-                    .processes
-                    .pop()
-                    .unwrap_or_default(),
+                Some(Ok(answer)) => answer.into_inner().processes.pop().unwrap_or_default(),
                 Some(Err(error)) => pb::ProcessStatus {
                     reachable: false,
                     error: self.peers.status(process, error).message().to_string(),
@@ -1121,10 +1125,9 @@ fn merge<F: Frames>(streams: Vec<Inner<F::Message>>) -> Inner<F::Message> {
                 Frame::Empty => {}
                 Frame::Snapshot { items, last, as_of } => {
                     if !first && source.snapshot.is_none() {
-                        let after = state.sent_through.map_or_else(
-                            || "0 (a new snapshot)".to_string(),
-                            |e| e.to_string(),
-                        );
+                        let after = state
+                            .sent_through
+                            .map_or_else(|| "0 (a new snapshot)".to_string(), |e| e.to_string());
                         state.out.push_back(Err(Status::aborted(format!(
                             "cluster process {i} restarted its part of the subscription with a \
                              snapshot (it fell behind or no longer holds the epochs asked for); \
@@ -1217,8 +1220,7 @@ fn advance<F: Frames>(
                 let mut map = source.snapshot.take().unwrap_or_default();
                 let later = source.pending.split_off(&(target + 1));
                 let mut as_of = None;
-                for (_, (changes, changes_as_of)) in std::mem::replace(&mut source.pending, later)
-                {
+                for (_, (changes, changes_as_of)) in std::mem::replace(&mut source.pending, later) {
                     for item in changes {
                         let (key, removed) = F::key(&item);
                         if removed {

@@ -14,8 +14,8 @@ use tokio::sync::watch;
 
 use super::*;
 use crate::cluster::ProcessAddrs;
-use crate::serve::grpc::{GrpcError, cluster_peers, cluster_router, serve_router};
 use crate::pipeline::{EpochClock, Shared};
+use crate::serve::grpc::{GrpcError, cluster_peers, cluster_router, serve_router};
 use crate::serve::read_model::{AsOf, EpochDelta, ReadModelWriter};
 use crate::serve::status::StatusProbe;
 use crate::serve::transport::Transport;
@@ -118,6 +118,7 @@ struct Server {
 struct Fixture {
     runtime: tokio::runtime::Runtime,
     servers: Vec<Server>,
+    transport: Transport,
 }
 
 fn status(model: &Arc<ReadModel>, topology: Topology, spec: Option<ClusterSpec>) -> StatusProbe {
@@ -139,6 +140,11 @@ fn status(model: &Arc<ReadModel>, topology: Topology, spec: Option<ClusterSpec>)
 
 impl Fixture {
     fn start() -> Fixture {
+        Fixture::start_with(Transport::default())
+    }
+
+    /// Every server (and the peers' calls) with `transport`'s TLS.
+    fn start_with(transport: Transport) -> Fixture {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let incarnation: Arc<str> = Arc::from("test-incarnation");
         let listeners: Vec<TcpListener> = (0..=PROCESSES)
@@ -164,7 +170,7 @@ impl Fixture {
                         process: index,
                     };
                     let status = status(&model, topology(index), Some(spec));
-                    let peers = cluster_peers(&status, &Transport::default()).unwrap();
+                    let peers = cluster_peers(&status, &transport).unwrap();
                     assert!(peers.is_some());
                     (status, peers)
                 };
@@ -182,7 +188,7 @@ impl Fixture {
             let task = runtime.spawn(serve_router(
                 listener,
                 routes,
-                Transport::default(),
+                transport.clone(),
                 async move {
                     let _ = stopped.wait_for(|s| *s).await;
                 },
@@ -201,18 +207,32 @@ impl Fixture {
                 "process {process} owns no user"
             );
         }
-        Fixture { runtime, servers }
+        Fixture {
+            runtime,
+            servers,
+            transport,
+        }
     }
 
     fn single(&self) -> usize {
         PROCESSES
     }
 
-    fn query(&self, server: usize) -> ExpenseQueryClient<tonic::transport::Channel> {
+    /// A client of `server` (over TLS, presenting the servers' own certificate for mTLS, when
+    /// they serve TLS).
+    fn channel(&self, server: usize) -> tonic::transport::Channel {
         let addr = self.servers[server].addr;
-        self.runtime
-            .block_on(ExpenseQueryClient::connect(format!("http://{addr}")))
-            .unwrap()
+        let scheme = self.transport.scheme();
+        let mut endpoint =
+            tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}")).unwrap();
+        if let Some(tls) = &self.transport.tls {
+            endpoint = endpoint.tls_config(tls.grpc_client_config()).unwrap();
+        }
+        self.runtime.block_on(endpoint.connect()).unwrap()
+    }
+
+    fn query(&self, server: usize) -> ExpenseQueryClient<tonic::transport::Channel> {
+        ExpenseQueryClient::new(self.channel(server))
     }
 
     fn owner(&self, user: UserId) -> usize {
@@ -245,8 +265,12 @@ fn every_process_answers_every_user_like_one_engine() {
     for server in 0..PROCESSES {
         let mut client = fixture.query(server);
         for user in 1..=USERS + 1 {
-            let want = fixture.runtime.block_on(single.get_user_summary(summary(user)));
-            let got = fixture.runtime.block_on(client.get_user_summary(summary(user)));
+            let want = fixture
+                .runtime
+                .block_on(single.get_user_summary(summary(user)));
+            let got = fixture
+                .runtime
+                .block_on(client.get_user_summary(summary(user)));
             match (want, got) {
                 (Ok(want), Ok(got)) => {
                     let (want, got) = (want.into_inner(), got.into_inner());
@@ -418,13 +442,7 @@ fn a_process_ahead_answers_as_of_the_gathering_epoch() {
 #[test]
 fn a_dead_peer_gives_unavailable_naming_it_and_status_lists_every_process() {
     let mut fixture = Fixture::start();
-    let mut admin = fixture
-        .runtime
-        .block_on(AdminClient::connect(format!(
-            "http://{}",
-            fixture.servers[0].addr
-        )))
-        .unwrap();
+    let mut admin = AdminClient::new(fixture.channel(0));
     let status = fixture
         .runtime
         .block_on(admin.get_status(pb::GetStatusRequest {}))
@@ -574,13 +592,7 @@ fn subscriptions_work_from_every_process() {
 
     // Alerts: one user another process owns, and every user's (no alerts in this data: a
     // snapshot that is empty and complete, then the progress of epoch 4).
-    let mut alerts = fixture
-        .runtime
-        .block_on(AlertsClient::connect(format!(
-            "http://{}",
-            fixture.servers[0].addr
-        )))
-        .unwrap();
+    let mut alerts = AlertsClient::new(fixture.channel(0));
     for user in [remote, 0] {
         let mut stream = fixture
             .runtime
@@ -609,5 +621,78 @@ fn subscriptions_work_from_every_process() {
             .into_inner();
         assert!(listed.alerts.is_empty());
         assert_eq!(listed.as_of.unwrap().epoch, 3);
+    }
+}
+
+/// A CA and a certificate for 127.0.0.1 usable by a server and as a client (made with openssl
+/// in `dir`): a cluster process presents its server certificate to its peers under mTLS.
+/// `chain.pem` is the certificate followed by its CA (what a server without a client CA
+/// trusts its peers by).
+fn certificates(dir: &std::path::Path) {
+    let script = r#"set -e
+openssl ecparam -name prime256v1 -genkey -noout -out ca-key.pem
+openssl req -x509 -new -key ca-key.pem -sha256 -days 2 -subj "/CN=test CA" \
+  -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign -out ca.pem
+openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out server-key.pem
+openssl req -new -key server-key.pem -subj "/CN=engine" -out server.csr
+printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:127.0.0.1\n' > server.ext
+openssl x509 -req -in server.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial -sha256 \
+  -days 2 -extfile server.ext -out server.pem
+cat server.pem ca.pem > chain.pem
+"#;
+    let output = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        output.status.success(),
+        "openssl failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn peers_call_each_other_over_tls_and_mtls() {
+    let dir = tempfile::tempdir().unwrap();
+    certificates(dir.path());
+    for client_ca in [None, Some(dir.path().join("ca.pem"))] {
+        let mtls = client_ca.is_some();
+        let tls = crate::serve::transport::LoadedTls::load(&crate::config::TlsConfig {
+            cert: dir.path().join("chain.pem"),
+            key: dir.path().join("server-key.pem"),
+            client_ca,
+        })
+        .unwrap();
+        let fixture = Fixture::start_with(Transport {
+            tls: Some(Arc::new(tls)),
+            ..Transport::default()
+        });
+        let mut single = fixture.query(fixture.single());
+        let mut client = fixture.query(0);
+        let remote = (1..=USERS).find(|u| fixture.owner(*u) == 1).unwrap();
+        let want = fixture
+            .runtime
+            .block_on(single.get_user_summary(summary(remote)))
+            .unwrap()
+            .into_inner();
+        let got = fixture
+            .runtime
+            .block_on(client.get_user_summary(summary(remote)))
+            .unwrap_or_else(|e| panic!("mtls {mtls}: {e:?}"))
+            .into_inner();
+        assert_eq!(want.summary, got.summary, "mtls {mtls}");
+        let want = fixture
+            .runtime
+            .block_on(single.top_spenders(top(1000)))
+            .unwrap()
+            .into_inner();
+        let got = fixture
+            .runtime
+            .block_on(client.top_spenders(top(1000)))
+            .unwrap()
+            .into_inner();
+        assert_eq!(want.spenders, got.spenders, "mtls {mtls}");
     }
 }

@@ -186,11 +186,7 @@ impl ReadModelBackend {
                 .snapshot_at_least(wait.min_epoch, wait.timeout)
                 .await
                 .ok_or_else(|| {
-                    convert::epoch_not_reached(
-                        wait,
-                        self.read_model.published_epoch(),
-                        "published",
-                    )
+                    convert::epoch_not_reached(wait, self.read_model.published_epoch(), "published")
                 })?
         };
         if wait.pinned {

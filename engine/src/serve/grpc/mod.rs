@@ -104,8 +104,7 @@ pub async fn cluster_router(
         Some(peers) => {
             read_model.keep_recent_snapshots(cluster::KEPT_SNAPSHOTS);
             let query = ClusterQuery::new(query, Arc::clone(&peers), Arc::clone(&read_model));
-            let alerts =
-                ClusterAlerts::new(alerts, Arc::clone(&peers), read_model, subscribers);
+            let alerts = ClusterAlerts::new(alerts, Arc::clone(&peers), read_model, subscribers);
             let admin = ClusterAdmin::new(admin, peers);
             router_with(query, alerts, admin, auth.clone()).await?
         }

@@ -184,9 +184,11 @@ impl LoadedTls {
     }
 
     /// The TLS configuration a cluster process calls its peers with (they serve with the same
-    /// material): it trusts the client CA (`--tls-client-ca`) if one is set, else the server's
-    /// own certificate, and presents the server's certificate and key as its client identity
-    /// when clients must present one (mTLS).
+    /// kind of material): it trusts the client CA (`--tls-client-ca`) if one is set, else every
+    /// certificate of the server's own `--tls-cert` file (a self-signed certificate, or a chain
+    /// that ends with the CA that signed the peers' certificates), and presents the server's
+    /// certificate and key as its client identity when clients must present one (mTLS; the
+    /// certificate then needs the `clientAuth` extended key usage too).
     #[cfg(feature = "grpc")]
     pub fn grpc_client_config(&self) -> tonic::transport::ClientTlsConfig {
         let root = self.client_ca_pem.as_ref().unwrap_or(&self.cert_pem);
