@@ -211,10 +211,14 @@ impl Engine {
         config.validate()?;
         let runtime = start::EngineRuntime::new(runtime)?;
         let mut recovered = start::recover(&config, sink, &runtime.handle())?;
+        let placement = start::join_cluster(&config, &mut recovered)?;
         let restored = recovered.positions();
         let (input, sources) = start::open_sources(&config, &restored)?;
         let restoring = recovered.restored.is_some();
         let (shared, read_model, writer) = start::shared_state(&config, &mut recovered, &restored)?;
+        if let Some(spec) = &shared.cluster {
+            cluster::exit_when_a_peer_is_lost(Arc::clone(&shared), Arc::clone(spec));
+        }
         let listeners = start::bind(&config)?;
         let start::Recovered {
             store,
@@ -231,6 +235,7 @@ impl Engine {
         };
         let (sink, sink_committed) = sink.unzip();
         let threads = start::spawn(
+            placement,
             config.workers,
             &shared,
             sink,

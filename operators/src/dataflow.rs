@@ -30,8 +30,10 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 use differential_dataflow::input::{Input, InputSession};
+use timely::container::CapacityContainerBuilder;
 use timely::dataflow::ProbeHandle;
-use timely::dataflow::operators::Probe;
+use timely::dataflow::operators::vec::Broadcast;
+use timely::dataflow::operators::{Input as _, Inspect, Probe};
 use timely::worker::Worker;
 
 use crate::Epoch;
@@ -42,7 +44,7 @@ use crate::enrich::{
     CapturedAlerts, CapturedConverted, CapturedRates, CapturedUsers, JoinReference, RefRows,
     RefSnapshots, UpsertReference, capture_and_forward_spend,
 };
-use crate::model::{CellChange, LastSeen, Record};
+use crate::model::{CellChange, LastSeen, Name, Record};
 use crate::model::{ExpenseId, Fact, LiveFact};
 use crate::reference::{
     AlertEvent, Converted, DataflowOptions, RateChange, RefChange, RefKey, RefValue, UserRef,
@@ -85,9 +87,16 @@ impl ClosedEpoch {
     }
 }
 
+/// The input of name texts (see [`ExpenseDataflow`]'s `names`).
+type NamesInput = timely::dataflow::InputHandle<Epoch, CapacityContainerBuilder<Vec<String>>>;
+
 /// One worker's handle to the expense dataflow.
 pub struct ExpenseDataflow {
     input: InputSession<Epoch, Instruction, i64>,
+    /// Texts of names this worker interned first, sent to every worker (see
+    /// [`Name::collect_fresh`]): in a cluster, the process that owns a user may never have
+    /// read the records naming its categories and merchants.
+    names: NamesInput,
     reference: InputSession<Epoch, RefChange, i64>,
     probe: ProbeHandle<Epoch>,
     captured: CapturedChanges,
@@ -132,7 +141,15 @@ impl ExpenseDataflow {
         let snapshots = UpsertSnapshots::default();
         let ref_snapshots = RefSnapshots::default();
         let probe = ProbeHandle::new();
-        let (input, reference) = worker.dataflow::<Epoch, _, _>(|scope| {
+        Name::collect_fresh();
+        let (input, reference, names) = worker.dataflow::<Epoch, _, _>(|scope| {
+            let (names, texts) = scope.new_input::<Vec<String>>();
+            // Learned before the epoch passes the probe, so before anything of it is
+            // published.
+            texts
+                .broadcast()
+                .inspect(|text: &String| Name::learn(text))
+                .probe_with(&probe);
             let (input, instructions) = scope.new_collection::<Instruction, i64>();
             let (reference, changes) = scope.new_collection::<RefChange, i64>();
             let facts = instructions.upsert_by_expense(snapshots.clone());
@@ -152,10 +169,11 @@ impl ExpenseDataflow {
                 )
                 .probe_with(&probe);
             // The trace handle is dropped here: nobody reads the arrangement but the capture.
-            (input, reference)
+            (input, reference, names)
         });
         ExpenseDataflow {
             input,
+            names,
             reference,
             probe,
             captured,
@@ -250,6 +268,9 @@ impl ExpenseDataflow {
     /// Adds a record to the current epoch.
     pub fn push(&mut self, record: Record) {
         self.input.update(Instruction::from(record), 1);
+        for text in Name::take_fresh() {
+            self.names.send(text.to_string());
+        }
     }
 
     /// The epoch records are currently pushed at.
@@ -263,6 +284,8 @@ impl ExpenseDataflow {
         if epoch > *self.input.time() {
             self.input.advance_to(epoch);
             self.input.flush();
+            self.names.advance_to(epoch);
+            self.names.flush();
             self.reference.advance_to(epoch);
             self.reference.flush();
         }
@@ -272,6 +295,7 @@ impl ExpenseDataflow {
     /// handle closes the input for good: the dataflow then drains and completes.)
     pub fn flush(&mut self) {
         self.input.flush();
+        self.names.flush();
         self.reference.flush();
     }
 

@@ -57,7 +57,10 @@ type Close = (Epoch, Arc<Vec<PartitionPosition>>, u64);
 
 /// One worker's state between the steps.
 struct Worker<'a> {
+    /// This worker's index among the workers of this process (its status and reports).
     index: usize,
+    /// Its index in the whole computation (in a cluster, across processes).
+    global: usize,
     shared: &'a Shared,
     status: &'a WorkerStatus,
     dataflow: ExpenseDataflow,
@@ -89,9 +92,11 @@ impl<'a> Worker<'a> {
         sources: Vec<Box<dyn Source>>,
         reports: Sender<WorkerReport>,
     ) -> Self {
-        let index = ctx.index();
+        let global = ctx.index();
+        let index = shared.topology.local_worker(global);
         Worker {
             index,
+            global,
             shared,
             status: &shared.workers[index],
             dataflow: ctx
@@ -136,13 +141,15 @@ impl<'a> Worker<'a> {
         };
         self.dataflow.advance_to(checkpoint.epoch);
         let peers = ctx.peers();
-        for (id, fact) in checkpoint.live.iter().skip(self.index).step_by(peers) {
+        // Every process holds the whole checkpoint (all shares, merged): each worker of the
+        // computation pushes its slice, and the dataflow routes every entry to its owner.
+        for (id, fact) in checkpoint.live.iter().skip(self.global).step_by(peers) {
             self.dataflow.push_live(id.clone(), *fact);
         }
-        for (key, value) in checkpoint.reference.iter().skip(self.index).step_by(peers) {
+        for (key, value) in checkpoint.reference.iter().skip(self.global).step_by(peers) {
             self.dataflow.push_live_reference(*key, *value);
         }
-        if self.index == 0 {
+        if self.global == 0 {
             self.read = checkpoint.records_read;
             for (code, n) in &checkpoint.rejected {
                 if let Some(i) = RejectReason::ALL_CODES.iter().position(|c| c == code) {
