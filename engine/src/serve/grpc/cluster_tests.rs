@@ -168,6 +168,7 @@ impl Fixture {
                             })
                             .collect(),
                         process: index,
+                        wait: crate::cluster::DEFAULT_WAIT,
                     };
                     let status = status(&model, topology(index), Some(spec));
                     let peers = cluster_peers(&status, &transport).unwrap();
