@@ -214,14 +214,19 @@ impl Peers {
     /// A peer's status as the caller sees it: `UNAVAILABLE` names the peer (it is down or
     /// unreachable, or its own store is); any other status is the peer's answer, unchanged.
     fn status(&self, process: usize, status: Status) -> Status {
-        if status.code() == Code::Unavailable {
-            Status::unavailable(format!(
+        match status.code() {
+            Code::Unavailable => Status::unavailable(format!(
                 "cluster process {process} ({}) is unavailable: {}",
                 self.addrs[process],
                 status.message()
-            ))
-        } else {
-            status
+            )),
+            // Which process did not reach the epoch (or did not answer in time).
+            Code::DeadlineExceeded => Status::deadline_exceeded(format!(
+                "cluster process {process} ({}): {}",
+                self.addrs[process],
+                status.message()
+            )),
+            _ => status,
         }
     }
 }
@@ -556,6 +561,14 @@ impl ExpenseQuery for ClusterQuery {
     ) -> Result<Response<SubscribeStream>, Status> {
         if forwarded(&request) {
             return self.local.subscribe(request).await;
+        }
+        // The limit is on the whole request (each owner would see only its part).
+        let listed = request.get_ref().user_ids.len();
+        if listed > super::query::MAX_SUBSCRIBED_USERS {
+            return Err(Status::invalid_argument(format!(
+                "user_ids may name at most {} users, got {listed}",
+                super::query::MAX_SUBSCRIBED_USERS
+            )));
         }
         let users = request
             .get_ref()
@@ -1073,15 +1086,16 @@ impl<F: Frames> Source<F> {
 /// progress mark received replays the changes without a snapshot).
 fn merge<F: Frames>(streams: Vec<Inner<F::Message>>) -> Inner<F::Message> {
     let n = streams.len();
-    let tagged = futures::stream::select_all(
-        streams
-            .into_iter()
-            .enumerate()
-            .map(|(i, s)| s.map(move |m| (i, m)).boxed()),
-    );
+    // Each stream ends with a `None`, so the end of one (its process is shutting down) is seen.
+    let tagged = futures::stream::select_all(streams.into_iter().enumerate().map(|(i, s)| {
+        s.map(Some)
+            .chain(futures::stream::once(async { None }))
+            .map(move |m| (i, m))
+            .boxed()
+    }));
     struct State<F: Frames> {
         inputs: futures::stream::SelectAll<
-            Pin<Box<dyn Stream<Item = (usize, Result<F::Message, Status>)> + Send>>,
+            Pin<Box<dyn Stream<Item = (usize, Option<Result<F::Message, Status>>)> + Send>>,
         >,
         sources: Vec<Source<F>>,
         /// Messages ready to send.
@@ -1105,7 +1119,7 @@ fn merge<F: Frames>(streams: Vec<Inner<F::Message>>) -> Inner<F::Message> {
             if state.done {
                 return None;
             }
-            let Some((i, message)) = state.inputs.next().await else {
+            let Some((i, Some(message))) = state.inputs.next().await else {
                 // A process ended its stream (it is shutting down): so does the merge.
                 return None;
             };

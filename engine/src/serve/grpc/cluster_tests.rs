@@ -697,3 +697,31 @@ fn peers_call_each_other_over_tls_and_mtls() {
         assert_eq!(want.spenders, got.spenders, "mtls {mtls}");
     }
 }
+
+#[test]
+fn a_merged_subscription_starts_from_one_epoch_when_a_process_is_ahead() {
+    let mut fixture = Fixture::start();
+    // Process 1 has published epoch 3, the others not yet: the merged snapshot is of epoch 3
+    // (the others' snapshots of epoch 2 brought forward with their changes of epoch 3), like
+    // one engine's snapshot of epoch 3, not a mix of epochs.
+    fixture.epoch_3(&[1]);
+    let mut client = fixture.query(0);
+    let mut got = fixture
+        .runtime
+        .block_on(client.subscribe(pb::SubscribeRequest::default()))
+        .unwrap()
+        .into_inner();
+    fixture.epoch_3(&[0, 2, fixture.single()]);
+    let mut single = fixture.query(fixture.single());
+    let mut want = fixture
+        .runtime
+        .block_on(single.subscribe(pb::SubscribeRequest::default()))
+        .unwrap()
+        .into_inner();
+    let want = snapshot_cells(&fixture.runtime, &mut want);
+    let got = snapshot_cells(&fixture.runtime, &mut got);
+    assert_eq!(want.1, 3);
+    assert_eq!(want, got);
+    // User 9's cells went away in epoch 3: none is in the snapshot.
+    assert!(!got.0.iter().any(|c| c.user_id == 9));
+}

@@ -17,7 +17,7 @@ use crate::serve::auth::grpc::{caller, check};
 use crate::serve::read_model::{AsOf, ReadModel, format_day, format_month};
 
 /// Users one subscription may select.
-const MAX_SUBSCRIBED_USERS: usize = 1000;
+pub(super) const MAX_SUBSCRIBED_USERS: usize = 1000;
 /// Widest day range of `GetUserWindows`.
 const MAX_DAYS: i32 = 3660;
 /// Widest month range of `GetUserWindows`.
