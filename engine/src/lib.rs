@@ -80,6 +80,9 @@ use crate::serve::status::StatusProbe;
 /// connections.
 const SERVERS_SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
+/// How long a stopping cluster process waits for the other processes to stop too.
+const CLUSTER_STOP_GRACE: Duration = Duration::from_secs(30);
+
 /// How long shutdown waits for the durable sink to write what is queued.
 const SINK_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
@@ -356,6 +359,28 @@ impl Engine {
         self.shared.dead_letters.close();
         let mut result = Ok(());
         if let Some(workers) = self.workers.take() {
+            if self.shared.cluster.is_some() {
+                // The dataflow ends only when every process's input has ended: a process asked to
+                // stop alone would wait for the others for ever.
+                let deadline = Instant::now() + CLUSTER_STOP_GRACE;
+                while !workers.is_finished() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                if !workers.is_finished() {
+                    let message = format!(
+                        "the other processes of the cluster did not stop within {}s: stop every process of the cluster together (e.g. SIGTERM to each); this process exits without a clean end (a restart resumes from the newest complete checkpoint)",
+                        CLUSTER_STOP_GRACE.as_secs()
+                    );
+                    tracing::error!("{message}");
+                    self.read_model.close();
+                    self.servers
+                        .stop(&self.runtime.handle(), SERVERS_SHUTDOWN_GRACE);
+                    return Err(EngineError::Cluster {
+                        message,
+                        retriable: false,
+                    });
+                }
+            }
             match workers.join() {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => result = Err(EngineError::Workers(e.0)),

@@ -281,6 +281,11 @@ pub(crate) fn shared_state(
             .as_ref()
             .map(|c| Duration::from_millis(c.interval_ms)),
     );
+    let clock = if topology.process > 0 {
+        clock.follow_the_leader()
+    } else {
+        clock
+    };
     let mut shared = Shared::new(config.workers, clock, Arc::new(dead_letters));
     if recovered.sink.is_some() {
         // What an earlier run wrote may be ahead of its checkpoint (and of its committed

@@ -28,6 +28,7 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
 use differential_dataflow::input::{Input, InputSession};
 use timely::container::CapacityContainerBuilder;
@@ -87,6 +88,23 @@ impl ClosedEpoch {
     }
 }
 
+/// What a worker tells every other worker about epochs, in a cluster: the processes cut epochs
+/// together (one leads, the others follow; see the engine's epoch clock). The dataflow only
+/// carries these; it gives them no meaning.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClockSignal {
+    /// The process that sent it.
+    pub process: u32,
+    /// The epoch the sender's input moved to (0: none).
+    pub epoch: Epoch,
+    /// A checkpoint epoch the sender decided on (0: none).
+    pub checkpoint: Epoch,
+    /// The sender read input since its last signal.
+    pub input: bool,
+    /// The sender has taken a whole epoch budget of records into its current epoch.
+    pub full: bool,
+}
+
 /// The input of name texts (see [`ExpenseDataflow`]'s `names`).
 type NamesInput = timely::dataflow::InputHandle<Epoch, CapacityContainerBuilder<Vec<String>>>;
 
@@ -97,6 +115,9 @@ pub struct ExpenseDataflow {
     /// [`Name::collect_fresh`]): in a cluster, the process that owns a user may never have
     /// read the records naming its categories and merchants.
     names: NamesInput,
+    /// Clock signals to every worker, and those received (see [`ClockSignal`]).
+    signals: timely::dataflow::InputHandle<Epoch, CapacityContainerBuilder<Vec<ClockSignal>>>,
+    received: Rc<RefCell<Vec<ClockSignal>>>,
     reference: InputSession<Epoch, RefChange, i64>,
     probe: ProbeHandle<Epoch>,
     captured: CapturedChanges,
@@ -142,7 +163,13 @@ impl ExpenseDataflow {
         let ref_snapshots = RefSnapshots::default();
         let probe = ProbeHandle::new();
         Name::collect_fresh();
-        let (input, reference, names) = worker.dataflow::<Epoch, _, _>(|scope| {
+        let received = Rc::new(RefCell::new(Vec::new()));
+        let (input, reference, names, signals) = worker.dataflow::<Epoch, _, _>(|scope| {
+            let (signals, sent) = scope.new_input::<Vec<ClockSignal>>();
+            let inbox = Rc::clone(&received);
+            // Not probed: signals are read as they arrive, whatever the epochs.
+            sent.broadcast()
+                .inspect(move |signal: &ClockSignal| inbox.borrow_mut().push(*signal));
             let (names, texts) = scope.new_input::<Vec<String>>();
             // Learned before the epoch passes the probe, so before anything of it is
             // published.
@@ -169,11 +196,13 @@ impl ExpenseDataflow {
                 )
                 .probe_with(&probe);
             // The trace handle is dropped here: nobody reads the arrangement but the capture.
-            (input, reference, names)
+            (input, reference, names, signals)
         });
         ExpenseDataflow {
             input,
             names,
+            signals,
+            received,
             reference,
             probe,
             captured,
@@ -273,6 +302,17 @@ impl ExpenseDataflow {
         }
     }
 
+    /// Sends `signal` to every worker of the computation (this one included), now.
+    pub fn signal(&mut self, signal: ClockSignal) {
+        self.signals.send(signal);
+        self.signals.flush();
+    }
+
+    /// The signals received from workers since the last call.
+    pub fn take_signals(&mut self) -> Vec<ClockSignal> {
+        std::mem::take(&mut *self.received.borrow_mut())
+    }
+
     /// The epoch records are currently pushed at.
     pub fn epoch(&self) -> Epoch {
         *self.input.time()
@@ -286,6 +326,8 @@ impl ExpenseDataflow {
             self.input.flush();
             self.names.advance_to(epoch);
             self.names.flush();
+            self.signals.advance_to(epoch);
+            self.signals.flush();
             self.reference.advance_to(epoch);
             self.reference.flush();
         }

@@ -246,7 +246,7 @@ pub fn connect(
     let mut sockets: Vec<Option<Counted>> = (0..processes).map(|_| None).collect();
     let mut hellos: Vec<Vec<u8>> = vec![Vec::new(); processes];
     hellos[process] = hello.to_vec();
-    let mut last_error = String::from("no error seen");
+    let mut last_error = String::from("no connection from it arrived");
     // Lower-indexed peers: connect to them, in a thread of their own, while this thread
     // accepts the higher-indexed ones (a lower peer may be waiting for this one's accept too).
     let lower: Vec<(usize, String)> = addresses[..process].iter().cloned().enumerate().collect();

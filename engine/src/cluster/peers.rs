@@ -27,6 +27,11 @@ pub(crate) fn exit_when_a_peer_is_lost(shared: Arc<Shared>, spec: Arc<ClusterSpe
     static LOST: AtomicBool = AtomicBool::new(false);
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
+        if LOST.load(Ordering::Acquire) {
+            // The workers and network threads fall one after the other once a peer is lost;
+            // the first panic said why.
+            return;
+        }
         let message = info
             .payload()
             .downcast_ref::<&str>()
