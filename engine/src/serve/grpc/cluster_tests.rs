@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use super::*;
 use crate::cluster::ProcessAddrs;
 use crate::pipeline::{EpochClock, Shared};
+use crate::serve::auth::{AuthKey, Authenticator, Scopes, mint_hs256};
 use crate::serve::grpc::{GrpcError, cluster_peers, cluster_router, serve_router};
 use crate::serve::read_model::{AsOf, EpochDelta, ReadModelWriter};
 use crate::serve::status::StatusProbe;
@@ -140,11 +141,11 @@ fn status(model: &Arc<ReadModel>, topology: Topology, spec: Option<ClusterSpec>)
 
 impl Fixture {
     fn start() -> Fixture {
-        Fixture::start_with(Transport::default())
+        Fixture::start_with(Transport::default(), None)
     }
 
-    /// Every server (and the peers' calls) with `transport`'s TLS.
-    fn start_with(transport: Transport) -> Fixture {
+    /// Every server (and the peers' calls) with `transport`'s TLS, and `auth` if given.
+    fn start_with(transport: Transport, auth: Option<Arc<Authenticator>>) -> Fixture {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let incarnation: Arc<str> = Arc::from("test-incarnation");
         let listeners: Vec<TcpListener> = (0..=PROCESSES)
@@ -175,7 +176,7 @@ impl Fixture {
                     assert!(peers.is_some());
                     (status, peers)
                 };
-                let routes = cluster_router(Arc::clone(&model), status, None, None, peers)
+                let routes = cluster_router(Arc::clone(&model), status, None, auth.clone(), peers)
                     .await
                     .unwrap();
                 (routes, watch::channel(false).0)
@@ -666,10 +667,13 @@ fn peers_call_each_other_over_tls_and_mtls() {
             client_ca,
         })
         .unwrap();
-        let fixture = Fixture::start_with(Transport {
-            tls: Some(Arc::new(tls)),
-            ..Transport::default()
-        });
+        let fixture = Fixture::start_with(
+            Transport {
+                tls: Some(Arc::new(tls)),
+                ..Transport::default()
+            },
+            None,
+        );
         let mut single = fixture.query(fixture.single());
         let mut client = fixture.query(0);
         let remote = (1..=USERS).find(|u| fixture.owner(*u) == 1).unwrap();
@@ -724,4 +728,106 @@ fn a_merged_subscription_starts_from_one_epoch_when_a_process_is_ahead() {
     assert_eq!(want, got);
     // User 9's cells went away in epoch 3: none is in the snapshot.
     assert!(!got.0.iter().any(|c| c.user_id == 9));
+}
+
+#[test]
+fn a_forwarded_call_is_answered_from_the_receivers_own_read_model() {
+    let fixture = Fixture::start();
+    let remote = (1..=USERS).find(|u| fixture.owner(*u) == 1).unwrap();
+    let mut client = fixture.query(0);
+    let mut request = tonic::Request::new(summary(remote));
+    request
+        .metadata_mut()
+        .insert(FORWARDED, "1".parse().unwrap());
+    // Process 0 does not hold the user and does not forward again.
+    let status = fixture
+        .runtime
+        .block_on(client.get_user_summary(request))
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    fixture
+        .runtime
+        .block_on(client.get_user_summary(summary(remote)))
+        .unwrap();
+}
+
+#[test]
+fn forwarded_and_gathered_calls_carry_the_callers_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, b"0123456789abcdef0123456789abcdef-cluster-secret").unwrap();
+    let auth = Arc::new(Authenticator::new(AuthKey::hs256_file(&secret).unwrap()));
+    let fixture = Fixture::start_with(Transport::default(), Some(auth));
+    let token = |sub: Option<UserId>, scopes: &str| {
+        let token = mint_hs256(
+            &secret,
+            sub.map(|u| u.to_string()).as_deref(),
+            Scopes::parse_strict(scopes).unwrap(),
+            Duration::from_secs(600),
+        )
+        .unwrap();
+        format!("Bearer {token}")
+            .parse::<tonic::metadata::MetadataValue<_>>()
+            .unwrap()
+    };
+    let remote = (1..=USERS).find(|u| fixture.owner(*u) == 1).unwrap();
+    let other = (1..=USERS).find(|u| fixture.owner(*u) == 2).unwrap();
+    let own = token(Some(remote), "expenses:read:self");
+    let all = token(None, "expenses:read");
+    let admin = token(None, "admin");
+    let mut client = fixture.query(0);
+    let rt = &fixture.runtime;
+
+    // A token of the user another process owns reads that user there.
+    let got = rt
+        .block_on(client.get_user_summary(with(&own, summary(remote))))
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.summary.unwrap().user_id, remote);
+    // ...and nobody else, wherever they are.
+    let status = rt
+        .block_on(client.get_user_summary(with(&own, summary(other))))
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    let status = rt
+        .block_on(client.top_spenders(with(&own, top(5))))
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    // Without a token, nothing.
+    let status = rt
+        .block_on(client.get_user_summary(summary(remote)))
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    // A token that reads everything gathers from every process.
+    let got = rt
+        .block_on(client.top_spenders(with(&all, top(1000))))
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.spenders.len(), USERS as usize);
+    // GetStatus asks the others with the caller's admin token.
+    let mut admin_client = AdminClient::new(fixture.channel(0));
+    let status = fixture
+        .runtime
+        .block_on(admin_client.get_status(with(&admin, pb::GetStatusRequest {})))
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.processes.len(), PROCESSES);
+    assert!(status.processes.iter().all(|p| p.reachable), "{status:?}");
+    let status = fixture
+        .runtime
+        .block_on(admin_client.get_status(with(&all, pb::GetStatusRequest {})))
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+}
+
+/// `message` with `authorization: token`.
+fn with<T>(
+    token: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    message: T,
+) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", token.clone());
+    request
 }
