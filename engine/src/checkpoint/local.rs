@@ -1,44 +1,51 @@
 //! Checkpoints as files in a local directory.
 //!
 //! ```text
-//! <dir>/LOCK                               held (flock) by the engine using the directory
-//! <dir>/checkpoint-00000000000000001234    one file per checkpoint, named by epoch
-//! <dir>/.tmp-checkpoint-<random>           a checkpoint being written
+//! <dir>/LOCK                               held (flock) by a single engine, or process 0 of a cluster
+//! <dir>/LOCK-<p>                           held by process p (p >= 1) of a cluster
+//! <dir>/checkpoint-00000000000000001234    a single engine's checkpoint, named by epoch
+//! <dir>/checkpoint-00000000000000001234-share-<p>-of-<n>
+//!                                          process p's share of a cluster of n (see `shares`)
+//! <dir>/.tmp-checkpoint-<random>           a checkpoint being written (process 0 / single)
+//! <dir>/.tmp-p<p>-checkpoint-<random>      a share being written by process p >= 1
+//! <dir>/discarded-<unix secs>/             checkpoints moved aside by --discard-checkpoints
 //! ```
 //!
 //! A checkpoint is written to a temporary file, fsynced, renamed to its final name and the
 //! directory fsynced: a crash at any point leaves either the complete new file or none, and the
-//! previous checkpoint untouched. The two newest checkpoints are kept.
+//! previous checkpoint untouched. The two newest complete checkpoint epochs are kept (see
+//! [`super::shares`] for shares, completeness and retention).
 //!
 //! Checkpoints hold people's spending: the directory is created owner-only (0700), every file
 //! owner-only (0600), and nothing is written through a symbolic link someone planted in the
 //! directory. The temporary file gets a random name and is created exclusively (`O_EXCL`,
 //! the `tempfile` crate), the rename replaces whatever link sits at the final name (its target
 //! is never touched), and the lock file is opened with `O_NOFOLLOW` (a link there is refused).
-//! Leftover temporary files of a crashed engine are removed when the directory is opened.
+//! Leftover temporary files of a crashed engine (of this process index only: the other
+//! processes of a cluster share the directory) are removed when the directory is opened.
 //!
-//! Fencing: the engine holds an exclusive lock on `LOCK` for as long as it runs. The kernel
-//! releases it when the process dies (also on `kill -9`), so a restarted engine takes over at
-//! once, while a second engine started against the same directory — a zombie and its
-//! replacement — is refused.
+//! Fencing: the engine holds an exclusive lock on its process index's lock file for as long as
+//! it runs. The kernel releases it when the process dies (also on `kill -9`), so a restarted
+//! engine takes over at once, while a second engine started against the same directory with the
+//! same process index — a zombie and its replacement — is refused. The processes of one
+//! cluster (different indices) share the directory; so the lock fences engines on one host
+//! only: processes on several hosts need a directory all of them reach, such as HDFS.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use super::{Checkpoint, CheckpointError, CheckpointStore};
+use super::shares::{self, Files};
+use super::{Checkpoint, CheckpointError, CheckpointStore, DecodeError};
+use crate::cluster::Share;
 
-/// Checkpoints kept: the newest, and one before it.
-const KEEP: usize = 2;
-
-const PREFIX: &str = "checkpoint-";
-/// Temporary files start so (then a random part).
-const TMP_PREFIX: &str = ".tmp-checkpoint-";
-
-/// A directory of checkpoint files, locked by this engine.
+/// A directory of checkpoint files, locked by this engine (for its process index).
 #[derive(Debug)]
 pub struct LocalDirStore {
     dir: PathBuf,
+    share: Share,
+    /// Temporary files of this process index start so (then a random part).
+    tmp_prefix: String,
     /// Held for the store's lifetime; the lock goes with the file handle.
     _lock: File,
 }
@@ -50,17 +57,47 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ 
     }
 }
 
+/// The lock file of a process index: `LOCK` for process 0 (and a single engine), `LOCK-<p>`
+/// for the others.
+pub fn lock_file_name(process: usize) -> String {
+    if process == 0 {
+        "LOCK".to_string()
+    } else {
+        format!("LOCK-{process}")
+    }
+}
+
+/// The prefix of the temporary files of a process index.
+fn tmp_prefix(process: usize) -> String {
+    if process == 0 {
+        ".tmp-checkpoint-".to_string()
+    } else {
+        format!(".tmp-p{process}-checkpoint-")
+    }
+}
+
 impl LocalDirStore {
-    /// Opens (creating if needed) `dir` and locks it.
+    /// Opens (creating if needed) `dir` for a single engine and locks it.
     ///
     /// # Errors
     ///
     /// [`CheckpointError::Locked`] if another engine holds it, [`CheckpointError::Io`] if it
     /// cannot be created or locked.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, CheckpointError> {
+        Self::open_share(dir, Share::SINGLE)
+    }
+
+    /// Opens (creating if needed) `dir` for process `share.process` of a cluster of
+    /// `share.processes` and takes that process index's lock.
+    ///
+    /// # Errors
+    ///
+    /// [`CheckpointError::Locked`] if another engine holds this process index's lock,
+    /// [`CheckpointError::Io`] if it cannot be created or locked.
+    pub fn open_share(dir: impl Into<PathBuf>, share: Share) -> Result<Self, CheckpointError> {
         let dir = dir.into();
         create_private_dir(&dir)?;
-        let lock_path = dir.join("LOCK");
+        let lock_path = dir.join(lock_file_name(share.process));
         let mut lock = open_lock(&lock_path)?;
         match lock.try_lock() {
             Ok(()) => {}
@@ -74,13 +111,20 @@ impl LocalDirStore {
             Err(fs::TryLockError::Error(e)) => return Err(io_error(&lock_path)(e)),
         }
         lock.set_len(0).map_err(io_error(&lock_path))?;
-        writeln!(lock, "pid {}", std::process::id()).map_err(io_error(&lock_path))?;
-        let store = LocalDirStore { dir, _lock: lock };
+        writeln!(lock, "pid {} process {share}", std::process::id())
+            .map_err(io_error(&lock_path))?;
+        let store = LocalDirStore {
+            dir,
+            share,
+            tmp_prefix: tmp_prefix(share.process),
+            _lock: lock,
+        };
         store.remove_leftovers();
         Ok(store)
     }
 
-    /// Removes temporary files a crashed engine left (the lock is ours: nobody writes them).
+    /// Removes temporary files a crashed engine of this process index left (the lock is ours:
+    /// nobody else writes them).
     fn remove_leftovers(&self) {
         let Ok(entries) = fs::read_dir(&self.dir) else {
             return;
@@ -89,7 +133,7 @@ impl LocalDirStore {
             if entry
                 .file_name()
                 .to_str()
-                .is_some_and(|n| n.starts_with(TMP_PREFIX))
+                .is_some_and(|n| n.starts_with(&self.tmp_prefix))
             {
                 let path = entry.path();
                 match fs::remove_file(&path) {
@@ -109,125 +153,119 @@ impl LocalDirStore {
         &self.dir
     }
 
-    /// Checkpoint files, newest first.
-    fn files(&self) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
-        let mut files = Vec::new();
-        for entry in fs::read_dir(&self.dir).map_err(io_error(&self.dir))? {
-            let entry = entry.map_err(io_error(&self.dir))?;
-            let name = entry.file_name();
-            let Some(epoch) = name
-                .to_str()
-                .and_then(|n| n.strip_prefix(PREFIX))
-                .and_then(|e| e.parse::<u64>().ok())
-            else {
-                continue;
-            };
-            files.push((epoch, entry.path()));
-        }
-        files.sort_by_key(|f| std::cmp::Reverse(f.0));
-        Ok(files)
+    /// The share this store writes.
+    pub fn share(&self) -> Share {
+        self.share
     }
-}
 
-impl LocalDirStore {
-    /// Moves every checkpoint file into `<dir>/discarded-<unix seconds>/` (nothing is
-    /// deleted), for a start that gives them up explicitly (`--discard-checkpoints`). Returns
-    /// where each went.
+    /// Moves every checkpoint file (of every share) into `<dir>/discarded-<unix seconds>/`
+    /// (nothing is deleted), for a start that gives them up explicitly
+    /// (`--discard-checkpoints`). Returns where each went.
     ///
     /// # Errors
     ///
     /// [`CheckpointError::Io`] if they cannot be listed or moved.
     pub fn discard_all(&mut self) -> Result<Vec<(PathBuf, PathBuf)>, CheckpointError> {
-        let files = self.files()?;
-        if files.is_empty() {
-            return Ok(Vec::new());
-        }
-        let secs = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let aside = self.dir.join(format!("discarded-{secs}"));
-        create_private_dir(&aside)?;
-        let mut moved = Vec::new();
-        for (_, path) in files {
-            let to = aside.join(path.file_name().expect("a file name"));
-            fs::rename(&path, &to).map_err(io_error(&path))?;
-            moved.push((path, to));
-        }
+        Ok(shares::discard_all(self)?
+            .into_iter()
+            .map(|(from, to)| (PathBuf::from(from), PathBuf::from(to)))
+            .collect())
+    }
+
+    fn sync_dir(&self) -> Result<(), CheckpointError> {
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
-            .map_err(io_error(&self.dir))?;
+            .map_err(io_error(&self.dir))
+    }
+}
+
+impl Files for LocalDirStore {
+    fn location(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    fn path_of(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+
+    fn list(&self) -> Result<Vec<String>, CheckpointError> {
+        let mut names = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(io_error(&self.dir))? {
+            let entry = entry.map_err(io_error(&self.dir))?;
+            if let Ok(name) = entry.file_name().into_string() {
+                names.push(name);
+            }
+        }
+        Ok(names)
+    }
+
+    fn read(&self, name: &str) -> Result<Checkpoint, DecodeError> {
+        let file = File::open(self.dir.join(name))
+            .map_err(|e| DecodeError(format!("cannot be opened: {e}")))?;
+        Checkpoint::decode(BufReader::with_capacity(1 << 20, file))
+    }
+
+    fn write(&mut self, name: &str, checkpoint: &Checkpoint) -> Result<(), CheckpointError> {
+        let path = self.dir.join(name);
+        // Whatever fails, the temporary file is removed when it drops (a full disk stays full
+        // of half-written checkpoints otherwise).
+        let tmp = write_file(&self.dir, &self.tmp_prefix, checkpoint)?;
+        // A rename replaces a link at `path` itself, never its target.
+        tmp.persist(&path).map_err(|e| io_error(&path)(e.error))?;
+        crate::metrics::checkpoint_file(&path);
+        self.sync_dir()
+    }
+
+    fn remove(&self, name: &str) -> Result<(), CheckpointError> {
+        let path = self.dir.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_error(&path)(e)),
+        }
+    }
+
+    fn move_aside(&mut self, names: &[String]) -> Result<Vec<(String, String)>, CheckpointError> {
+        let aside = self.dir.join(format!("discarded-{}", shares::unix_secs()));
+        create_private_dir(&aside)?;
+        let mut moved = Vec::new();
+        for name in names {
+            let (from, to) = (self.dir.join(name), aside.join(name));
+            match fs::rename(&from, &to) {
+                Ok(()) => moved.push((from.display().to_string(), to.display().to_string())),
+                // Another process of the cluster moved it first.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error(&from)(e)),
+            }
+        }
+        self.sync_dir()?;
         Ok(moved)
     }
 }
 
 impl CheckpointStore for LocalDirStore {
     fn latest(&self) -> Result<Option<Checkpoint>, CheckpointError> {
-        let mut refused = Vec::new();
-        for (_, path) in self.files()? {
-            let decoded = File::open(&path)
-                .map_err(|e| super::DecodeError(format!("cannot be opened: {e}")))
-                .and_then(|file| Checkpoint::decode(BufReader::with_capacity(1 << 20, file)));
-            match decoded {
-                Ok(checkpoint) => {
-                    for (newer, why) in &refused {
-                        tracing::warn!(
-                            path = %newer,
-                            reason = %why,
-                            used = %path.display(),
-                            epoch = checkpoint.epoch,
-                            "A newer checkpoint cannot be read; restoring an older one (more input is read again)."
-                        );
-                    }
-                    return Ok(Some(checkpoint));
-                }
-                Err(message) => refused.push((path.display().to_string(), message.0)),
-            }
-        }
-        if refused.is_empty() {
-            Ok(None)
-        } else {
-            Err(CheckpointError::Unreadable {
-                dir: self.dir.display().to_string(),
-                refused,
-            })
-        }
+        shares::latest(self)
     }
 
     fn discard_all(&mut self) -> Result<Vec<(String, String)>, CheckpointError> {
-        Ok(LocalDirStore::discard_all(self)?
-            .into_iter()
-            .map(|(from, to)| (from.display().to_string(), to.display().to_string()))
-            .collect())
+        shares::discard_all(self)
     }
 
     fn save(&mut self, checkpoint: &Checkpoint) -> Result<(), CheckpointError> {
-        let name = format!("{PREFIX}{:020}", checkpoint.epoch);
-        let path = self.dir.join(&name);
-        // Whatever fails, the temporary file is removed when it drops (a full disk stays full
-        // of half-written checkpoints otherwise).
-        let tmp = write_file(&self.dir, checkpoint)?;
-        // A rename replaces a link at `path` itself, never its target.
-        tmp.persist(&path).map_err(|e| io_error(&path)(e.error))?;
-        crate::metrics::checkpoint_file(&path);
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_error(&self.dir))?;
-        for (_, old) in self.files()?.into_iter().skip(KEEP) {
-            if let Err(e) = fs::remove_file(&old) {
-                tracing::warn!(path = %old.display(), error = %e, "Could not remove an old checkpoint.");
-            }
-        }
-        Ok(())
+        let share = self.share;
+        shares::save(self, share, checkpoint)
     }
 }
 
 /// Writes `checkpoint` to a new owner-only temporary file in `dir` and syncs it.
 fn write_file(
     dir: &Path,
+    prefix: &str,
     checkpoint: &Checkpoint,
 ) -> Result<tempfile::NamedTempFile, CheckpointError> {
     let tmp = tempfile::Builder::new()
-        .prefix(TMP_PREFIX)
+        .prefix(prefix)
         // Created exclusively under a random name, 0600 on Unix.
         .tempfile_in(dir)
         .map_err(io_error(dir))?;

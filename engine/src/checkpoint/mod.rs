@@ -14,11 +14,24 @@
 //! durable sink, it is written only once the sink has committed `E`, so the sink never has to
 //! rewrite what a checkpoint already covers (see `sink::cassandra`).
 //!
-//! Stores implement [`CheckpointStore`]; [`local::LocalDirStore`] writes files atomically
-//! (temporary file, fsync, rename, fsync of the directory) and fences other engines with an
-//! exclusive lock on the directory. HDFS for clusters comes later behind the same trait.
+//! In a cluster (issue 15) every process writes its *share* of each checkpoint epoch: a normal
+//! [`Checkpoint`] holding its workers' live expenses, its partitions' positions, its counters,
+//! its names and reference rows. A restart restores the newest epoch for which every share is
+//! there, merged ([`Checkpoint::merge`]), whatever the number of processes now: see [`shares`]
+//! for the file names, completeness and retention.
+//!
+//! Stores implement [`CheckpointStore`] and are opened with [`open_store`]:
+//! - a local directory, [`local::LocalDirStore`]: files written atomically (temporary file,
+//!   fsync, rename, fsync of the directory), other engines fenced by an exclusive lock per
+//!   process index (the processes of one cluster on one host share the directory);
+//! - `hdfs://HOST:PORT/PATH` (cargo feature `hdfs`), `hdfs::HdfsStore`: the same files on
+//!   HDFS, so processes on several hosts restore from one place. HDFS has no `flock`: nothing
+//!   there fences a second engine started with the same process index (see its docs).
 
+#[cfg(feature = "hdfs")]
+pub mod hdfs;
 pub mod local;
+pub mod shares;
 #[cfg(test)]
 mod tests;
 
@@ -134,6 +147,15 @@ pub enum CheckpointError {
         /// Every checkpoint file and why it was refused, newest first.
         refused: Vec<(String, String)>,
     },
+    /// The checkpoint directory cannot be used by this binary (an `hdfs://` URL without the
+    /// `hdfs` feature, a malformed URL, or a share that is not one).
+    #[error("checkpoint directory {dir}: {message}")]
+    Unsupported {
+        /// The directory as given.
+        dir: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
     /// Another engine holds the store.
     #[error(
         "checkpoint directory {path} is in use by another engine ({holder}); stop it first, or use another --checkpoint-dir"
@@ -181,25 +203,49 @@ pub trait CheckpointStore: Send + std::fmt::Debug {
     fn discard_all(&mut self) -> Result<Vec<(String, String)>, CheckpointError>;
 }
 
-/// Opens the checkpoint store at `dir` for this process's `share`: a local directory, or
-/// `hdfs://HOST:PORT/PATH`.
+/// Opens the checkpoint store at `dir` for this process's `share`: a local directory
+/// ([`LocalDirStore`], locked for `share.process`), or `hdfs://HOST:PORT/PATH` (`hdfs::HdfsStore`,
+/// cargo feature `hdfs`; it runs its HDFS calls on a small runtime of its own, so it may be
+/// opened and used from any thread).
 ///
 /// In a cluster every process saves its share of each checkpoint epoch (its workers' live
-/// expenses, its partitions' positions, its counters); [`CheckpointStore::latest`] returns the
-/// newest epoch whose shares are all present, merged, whatever share this process has, so a
-/// restart with another number of processes restores it too.
+/// expenses, its partitions' positions, its counters) as
+/// `checkpoint-<epoch:020>-share-<p>-of-<n>`; a single engine (`Share::SINGLE`) keeps the name
+/// `checkpoint-<epoch:020>`. [`CheckpointStore::latest`] returns the newest epoch whose shares
+/// are all present and readable, merged ([`Checkpoint::merge`]), whatever share this process
+/// has, so a restart with another number of processes restores it too: every process gets the
+/// WHOLE merged checkpoint. See [`shares`].
 ///
 /// # Errors
 ///
-/// [`CheckpointError`] if the store cannot be opened or locked.
+/// [`CheckpointError::Locked`] if another engine holds this process index's lock on a local
+/// directory; [`CheckpointError::Unsupported`] for an `hdfs://` directory in a binary without
+/// the `hdfs` feature, a malformed URL, or a share outside its cluster;
+/// [`CheckpointError::Io`] if the store cannot be created or reached.
 pub fn open_store(
     dir: &std::path::Path,
     share: crate::cluster::Share,
 ) -> Result<Box<dyn CheckpointStore>, CheckpointError> {
-    // Lane: shares and HDFS (issue 15). Until then, a single engine's local directory.
-    let _ = share;
-    Ok(Box::new(LocalDirStore::open(dir)?))
+    if share.processes == 0 || share.process >= share.processes {
+        return Err(CheckpointError::Unsupported {
+            dir: dir.display().to_string(),
+            message: format!("process {share} is not a share of a cluster"),
+        });
+    }
+    if let Some(url) = dir.to_str().filter(|d| d.starts_with(HDFS_SCHEME)) {
+        #[cfg(feature = "hdfs")]
+        return Ok(Box::new(hdfs::HdfsStore::open(url, share)?));
+        #[cfg(not(feature = "hdfs"))]
+        return Err(CheckpointError::Unsupported {
+            dir: url.to_string(),
+            message: "this spendflow was built without the `hdfs` cargo feature, which checkpoints on HDFS need (build with `--features hdfs`, part of the default `cli`), or use a local directory".into(),
+        });
+    }
+    Ok(Box::new(LocalDirStore::open_share(dir, share)?))
 }
+
+/// A checkpoint directory starting so is on HDFS.
+pub const HDFS_SCHEME: &str = "hdfs://";
 
 /// File format magic: these six bytes and a two-digit version.
 const MAGIC_PREFIX: &[u8; 6] = b"SPFCKP";

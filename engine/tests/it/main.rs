@@ -14,6 +14,7 @@ mod auth;
 mod cassandra_read;
 mod cassandra_sink;
 mod chaos_checkpoint;
+mod checkpoint_hdfs;
 mod cli;
 mod crash_recovery;
 mod dead_letter_delivery;
