@@ -668,6 +668,10 @@ pub struct ReadModel {
     alert_history: Mutex<VecDeque<Arc<PublishedAlerts>>>,
     closed: watch::Sender<bool>,
     incarnation: Arc<str>,
+    /// The newest snapshots, oldest first, at most `keep_recent` (0 unless a cluster asks:
+    /// [`ReadModel::keep_recent_snapshots`]).
+    recent: Mutex<VecDeque<Arc<Snapshot>>>,
+    keep_recent: std::sync::atomic::AtomicUsize,
 }
 
 /// The alerts that changed state when an epoch (or several, merged) was published.
@@ -725,6 +729,8 @@ impl ReadModel {
             alert_history: Mutex::new(VecDeque::with_capacity(HISTORY_EPOCHS)),
             closed: watch::Sender::new(false),
             incarnation,
+            recent: Mutex::new(VecDeque::new()),
+            keep_recent: std::sync::atomic::AtomicUsize::new(0),
         });
         let writer = ReadModelWriter {
             state: empty,
@@ -741,6 +747,30 @@ impl ReadModel {
     /// The current snapshot. Never blocks.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.current.load_full()
+    }
+
+    /// Keeps the `n` newest snapshots (not only the current one) from the next published epoch
+    /// on, so that [`ReadModel::snapshot_from`] can answer as of a slightly older epoch. A
+    /// cluster needs it: every process answers a gathered query (`TopSpenders`,
+    /// `ListUserSummaries`) as of the same epoch although they publish it at slightly
+    /// different times. Snapshots share structure, so one costs the users its epoch changed.
+    pub fn keep_recent_snapshots(&self, n: usize) {
+        self.keep_recent
+            .store(n, std::sync::atomic::Ordering::Relaxed);
+        let mut recent = self.recent.lock();
+        while recent.len() > n {
+            recent.pop_front();
+        }
+    }
+
+    /// The oldest kept snapshot of epoch `epoch` or later; the current snapshot if none is
+    /// kept (see [`ReadModel::keep_recent_snapshots`]) or all kept ones are older.
+    pub fn snapshot_from(&self, epoch: Epoch) -> Arc<Snapshot> {
+        let recent = self.recent.lock();
+        match recent.iter().find(|s| s.as_of.epoch >= epoch) {
+            Some(snapshot) => Arc::clone(snapshot),
+            None => self.snapshot(),
+        }
     }
 
     /// Marks the model closed: no epoch will be published any more.
@@ -930,7 +960,19 @@ impl ReadModelWriter {
             as_of: delta.as_of,
             cells,
         });
-        self.model.current.store(Arc::new(state.clone()));
+        let snapshot = Arc::new(state.clone());
+        self.model.current.store(Arc::clone(&snapshot));
+        let keep = self
+            .model
+            .keep_recent
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if keep > 0 {
+            let mut recent = self.model.recent.lock();
+            recent.push_back(snapshot);
+            while recent.len() > keep {
+                recent.pop_front();
+            }
+        }
         {
             let mut history = self.model.history.lock();
             if history.len() == HISTORY_EPOCHS {

@@ -37,6 +37,13 @@ pub struct Status {
     pub interned_names: usize,
     /// Checkpoints, when the engine writes them.
     pub checkpoint: Option<crate::core::CheckpointProgress>,
+    /// Where this process stands in the computation (a single process: 0 of 1).
+    pub topology: crate::cluster::Topology,
+    /// Each local worker's partition positions, in local worker order (global index:
+    /// `topology.global_worker(i)`).
+    pub worker_partitions: Vec<Vec<PartitionPosition>>,
+    /// The newest published epoch, if any.
+    pub published_epoch: Option<spendflow_operators::Epoch>,
 }
 
 /// Computes [`Status`] from the shared pipeline state and the read model.
@@ -71,6 +78,14 @@ impl StatusProbe {
                 .shared
                 .checkpoints_enabled
                 .then(|| self.shared.checkpoints.lock().clone()),
+            topology: self.shared.topology,
+            worker_partitions: self
+                .shared
+                .workers
+                .iter()
+                .map(|w| w.partitions.lock().clone())
+                .collect(),
+            published_epoch: self.read_model.published_epoch(),
         }
     }
 }

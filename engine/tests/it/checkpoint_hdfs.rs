@@ -7,9 +7,7 @@
 
 use hdfs_native::{Client, ClientBuilder};
 use spendflow_engine::checkpoint::shares::file_name;
-use spendflow_engine::checkpoint::{
-    Checkpoint, CheckpointError, DeadLetterScan, SavedPosition, open_store,
-};
+use spendflow_engine::checkpoint::{Checkpoint, DeadLetterScan, SavedPosition, open_store};
 use spendflow_engine::cluster::Share;
 use spendflow_operators::{ExpenseId, Fact, Name};
 

@@ -91,6 +91,8 @@ impl Admin for CassandraAdmin {
             interned_names: 0,
             // Only the engine that writes checkpoints knows them.
             checkpoint: None,
+            // No engine processes to list (the tables hold no per-process state).
+            ..Default::default()
         }))
     }
 

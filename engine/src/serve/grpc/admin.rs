@@ -32,6 +32,27 @@ impl Admin for AdminService {
         // the service is safe wherever it is mounted behind the interceptor.
         check(&request, |p| p.require(Scope::Admin))?;
         let s = self.status.status();
+        let topology = s.topology;
+        let this_process = pb::ProcessStatus {
+            process: topology.process as u32,
+            // The cluster's services fill in the addresses from the cluster file.
+            grpc_address: String::new(),
+            reachable: true,
+            error: String::new(),
+            workers: s
+                .worker_partitions
+                .iter()
+                .enumerate()
+                .map(|(local, partitions)| pb::WorkerStatus {
+                    worker: topology.global_worker(local) as u32,
+                    partitions: partitions.iter().map(partition_status).collect(),
+                })
+                .collect(),
+            published_epoch: s.published_epoch.unwrap_or(0),
+            caught_up: s.caught_up,
+            records_read: s.records_read,
+            users: s.users as u64,
+        };
         Ok(Response::new(pb::GetStatusResponse {
             as_of: Some(convert::as_of(&s.as_of)),
             records_read: s.records_read,
@@ -43,27 +64,7 @@ impl Admin for AdminService {
                 .map(|(k, v)| (k.to_string(), *v))
                 .collect(),
             caught_up: s.caught_up,
-            partitions: s
-                .partitions
-                .iter()
-                .map(|p| pb::PartitionStatus {
-                    source: p.source.to_string(),
-                    partition: p.partition,
-                    position: p.position,
-                    high_watermark: p.high_watermark.unwrap_or(-1),
-                    lag: p.high_watermark.map_or(-1, |h| (h - p.position).max(0)),
-                    state: p.state.as_str().to_string(),
-                    error: p.error.as_deref().unwrap_or_default().to_string(),
-                    lost: p
-                        .lost
-                        .iter()
-                        .map(|r| pb::OffsetRange {
-                            from: r.from,
-                            to: r.to,
-                        })
-                        .collect(),
-                })
-                .collect(),
+            partitions: s.partitions.iter().map(partition_status).collect(),
             workers: s.workers as u32,
             users: s.users as u64,
             live_expenses: s.live_expenses,
@@ -76,6 +77,8 @@ impl Admin for AdminService {
                 last_error: c.last_error.unwrap_or_default(),
                 failures: c.failures,
             }),
+            processes: vec![this_process],
+            process: topology.process as u32,
         }))
     }
 
@@ -102,5 +105,26 @@ impl Admin for AdminService {
             records,
             total_rejected: dead_letters.total(),
         }))
+    }
+}
+
+/// One input partition's progress as the wire carries it.
+fn partition_status(p: &crate::core::PartitionPosition) -> pb::PartitionStatus {
+    pb::PartitionStatus {
+        source: p.source.to_string(),
+        partition: p.partition,
+        position: p.position,
+        high_watermark: p.high_watermark.unwrap_or(-1),
+        lag: p.high_watermark.map_or(-1, |h| (h - p.position).max(0)),
+        state: p.state.as_str().to_string(),
+        error: p.error.as_deref().unwrap_or_default().to_string(),
+        lost: p
+            .lost
+            .iter()
+            .map(|r| pb::OffsetRange {
+                from: r.from,
+                to: r.to,
+            })
+            .collect(),
     }
 }

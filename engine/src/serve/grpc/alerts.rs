@@ -73,26 +73,43 @@ impl AlertsService {
     }
 
     /// The snapshot to answer from, after waiting for `consistency.min_epoch` if asked.
+    /// `pinned`: a cluster peer gathering an answer asks for the state of exactly
+    /// `consistency.min_epoch` (see [`super::backend::Wait::pinned`]).
     async fn snapshot(
         &self,
         consistency: Option<&pb::Consistency>,
+        pinned: bool,
     ) -> Result<Arc<Snapshot>, Status> {
         let latest = self.read_model.published_epoch();
         let (min_epoch, timeout) =
             convert::consistency(consistency, self.read_model.incarnation(), latest)?;
         if min_epoch == 0 {
-            return Ok(self.read_model.snapshot());
+            return Ok(if pinned {
+                self.read_model.snapshot_from(0)
+            } else {
+                self.read_model.snapshot()
+            });
         }
-        self.read_model
+        let newest = self
+            .read_model
             .snapshot_at_least(min_epoch, timeout)
             .await
             .ok_or_else(|| {
                 convert::epoch_not_reached(
-                    super::backend::Wait { min_epoch, timeout },
+                    super::backend::Wait {
+                        min_epoch,
+                        timeout,
+                        pinned: false,
+                    },
                     self.read_model.published_epoch(),
                     "published",
                 )
-            })
+            })?;
+        Ok(if pinned {
+            self.read_model.snapshot_from(min_epoch)
+        } else {
+            newest
+        })
     }
 }
 
@@ -186,10 +203,11 @@ impl Alerts for AlertsService {
     ) -> Result<Response<pb::ListAlertsResponse>, Status> {
         let user = user_filter(request.get_ref().user_id)?;
         check_filter(&request, user, "ListAlerts of every user (user_id 0)")?;
+        let pinned = super::cluster::pinned(&request);
         let request = request.into_inner();
         let page_size = convert::limit(request.page_size, 100, 1000, "page_size")?;
         let after = parse_page_token(&request.page_token)?;
-        let snapshot = self.snapshot(request.consistency.as_ref()).await?;
+        let snapshot = self.snapshot(request.consistency.as_ref(), pinned).await?;
         let mut views = snapshot.alerts_after(user, after);
         let page: Vec<&AlertView> = views.by_ref().take(page_size).collect();
         let next_page_token = match (views.next(), page.last()) {

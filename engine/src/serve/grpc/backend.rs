@@ -36,6 +36,20 @@ pub struct Wait {
     pub min_epoch: Epoch,
     /// How long to wait for it.
     pub timeout: Duration,
+    /// Answer from the oldest state at or after `min_epoch` the backend still holds, not the
+    /// newest (a cluster's gathered queries, so that every process answers as of one epoch;
+    /// see [`crate::serve::read_model::ReadModel::snapshot_from`]). Backends that hold only
+    /// their newest state ignore it.
+    pub pinned: bool,
+}
+
+impl Wait {
+    /// Whatever is current, no wait.
+    pub const NOW: Wait = Wait {
+        min_epoch: 0,
+        timeout: Duration::ZERO,
+        pinned: false,
+    };
 }
 
 /// A value and the state it was read from.

@@ -176,15 +176,25 @@ impl ReadModelBackend {
 
     /// The snapshot to answer from, after waiting for `wait.min_epoch` if asked.
     async fn snapshot(&self, wait: Wait) -> Result<Arc<Snapshot>, Status> {
-        if wait.min_epoch == 0 {
+        if wait.min_epoch == 0 && !wait.pinned {
             return Ok(self.read_model.snapshot());
         }
-        self.read_model
-            .snapshot_at_least(wait.min_epoch, wait.timeout)
-            .await
-            .ok_or_else(|| {
-                convert::epoch_not_reached(wait, self.read_model.published_epoch(), "published")
-            })
+        let newest = if wait.min_epoch == 0 {
+            self.read_model.snapshot()
+        } else {
+            self.read_model
+                .snapshot_at_least(wait.min_epoch, wait.timeout)
+                .await
+                .ok_or_else(|| {
+                    convert::epoch_not_reached(wait, self.read_model.published_epoch(), "published")
+                })?
+        };
+        if wait.pinned {
+            // The oldest kept state at or after the epoch (a cluster asks every process for
+            // the same one).
+            return Ok(self.read_model.snapshot_from(wait.min_epoch));
+        }
+        Ok(newest)
     }
 }
 
@@ -633,10 +643,7 @@ mod tests {
             ..EpochDelta::default()
         });
         let backend = ReadModelBackend::new(Arc::clone(&model));
-        let now = Wait {
-            min_epoch: 0,
-            timeout: Duration::ZERO,
-        };
+        let now = Wait::NOW;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();

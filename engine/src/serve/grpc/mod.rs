@@ -16,6 +16,7 @@
 mod admin;
 mod alerts;
 pub mod backend;
+pub mod cluster;
 pub(crate) mod convert;
 mod memory;
 mod personnel;
@@ -34,6 +35,7 @@ use tower_http::trace::TraceLayer;
 
 pub use admin::AdminService;
 pub use alerts::{ALERTS_UNIMPLEMENTED, AlertsService, AlertsUnimplemented};
+pub use cluster::{ClusterAdmin, ClusterAlerts, ClusterQuery, Peers, PeersError};
 #[cfg(test)]
 pub(crate) use memory::category_totals;
 pub use memory::{Clock, ReadModelBackend};
@@ -73,10 +75,40 @@ pub async fn router(
     personnel: Option<Arc<Personnel>>,
     auth: Option<Arc<Authenticator>>,
 ) -> Result<Routes, GrpcError> {
+    cluster_router(read_model, status, personnel, auth, None).await
+}
+
+/// [`router`] of one process of a cluster: with `peers`, every process answers every query
+/// ([`cluster`]: calls about users another process owns are forwarded to it, calls over all
+/// users are gathered from all processes as of one epoch, `Admin/GetStatus` lists every
+/// process), and the read model keeps its [`cluster::KEPT_SNAPSHOTS`] newest snapshots for
+/// that. Without `peers`, exactly [`router`].
+///
+/// # Errors
+///
+/// A message if the reflection service could not be built from the descriptor sets.
+pub async fn cluster_router(
+    read_model: Arc<ReadModel>,
+    status: StatusProbe,
+    personnel: Option<Arc<Personnel>>,
+    auth: Option<Arc<Authenticator>>,
+    peers: Option<Arc<Peers>>,
+) -> Result<Routes, GrpcError> {
     let query = QueryService::over_read_model(Arc::clone(&read_model));
-    let alerts = AlertsService::new(read_model).sharing_subscribers(query.subscriber_count());
-    let (routes, health) =
-        router_with(query, alerts, AdminService::new(status), auth.clone()).await?;
+    let subscribers = query.subscriber_count();
+    let alerts =
+        AlertsService::new(Arc::clone(&read_model)).sharing_subscribers(Arc::clone(&subscribers));
+    let admin = AdminService::new(status);
+    let (routes, health) = match peers {
+        None => router_with(query, alerts, admin, auth.clone()).await?,
+        Some(peers) => {
+            read_model.keep_recent_snapshots(cluster::KEPT_SNAPSHOTS);
+            let query = ClusterQuery::new(query, Arc::clone(&peers), Arc::clone(&read_model));
+            let alerts = ClusterAlerts::new(alerts, Arc::clone(&peers), read_model, subscribers);
+            let admin = ClusterAdmin::new(admin, peers);
+            router_with(query, alerts, admin, auth.clone()).await?
+        }
+    };
     // Only the engine serves alerts (`serve --from cassandra` answers UNIMPLEMENTED, and its
     // health does not list them).
     health.set_serving::<AlertsServer<AlertsService>>().await;
@@ -145,8 +177,29 @@ pub async fn serve(
     auth: Option<Arc<Authenticator>>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), GrpcError> {
-    let router = router(read_model, status, personnel, auth).await?;
+    let peers = cluster_peers(&status, &transport)?;
+    let router = cluster_router(read_model, status, personnel, auth, peers).await?;
     serve_router(listener, router, transport, shutdown).await
+}
+
+/// The peers of a cluster process (`status.shared.cluster`, with more than one process), called
+/// with `transport`'s TLS; `None` for a single process. Must run inside a tokio runtime.
+///
+/// # Errors
+///
+/// [`PeersError`] for an unusable address in the cluster file.
+pub fn cluster_peers(
+    status: &StatusProbe,
+    transport: &Transport,
+) -> Result<Option<Arc<Peers>>, PeersError> {
+    match &status.shared.cluster {
+        Some(spec) if spec.processes.len() > 1 => Ok(Some(Arc::new(Peers::new(
+            spec,
+            status.shared.topology,
+            transport.tls.as_deref(),
+        )?))),
+        _ => Ok(None),
+    }
 }
 
 /// Serves `routes` on `listener` until `shutdown` completes, with a trace span and a timeout
@@ -274,6 +327,9 @@ pub enum GrpcError {
     /// The server failed (accepting connections, serving them).
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The cluster's peers could not be set up from the cluster file.
+    #[error("gRPC peers: {0}")]
+    Peers(#[from] PeersError),
 }
 
 #[cfg(test)]

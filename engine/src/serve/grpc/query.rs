@@ -17,7 +17,7 @@ use crate::serve::auth::grpc::{caller, check};
 use crate::serve::read_model::{AsOf, ReadModel, format_day, format_month};
 
 /// Users one subscription may select.
-const MAX_SUBSCRIBED_USERS: usize = 1000;
+pub(super) const MAX_SUBSCRIBED_USERS: usize = 1000;
 /// Widest day range of `GetUserWindows`.
 const MAX_DAYS: i32 = 3660;
 /// Widest month range of `GetUserWindows`.
@@ -54,10 +54,16 @@ impl<B: QueryBackend> QueryService<B> {
         Arc::clone(&self.subscribers)
     }
 
-    fn wait(&self, consistency: Option<&pb::Consistency>) -> Result<Wait, Status> {
+    /// `pinned`: a cluster peer gathering an answer asks for the state of exactly
+    /// `consistency.min_epoch` ([`Wait::pinned`]).
+    fn wait(&self, consistency: Option<&pb::Consistency>, pinned: bool) -> Result<Wait, Status> {
         let (incarnation, latest) = self.backend.timeline();
         let (min_epoch, timeout) = convert::consistency(consistency, &incarnation, latest)?;
-        Ok(Wait { min_epoch, timeout })
+        Ok(Wait {
+            min_epoch,
+            timeout,
+            pinned,
+        })
     }
 }
 
@@ -77,7 +83,7 @@ impl<B: QueryBackend> ExpenseQuery for QueryService<B> {
         let user = convert::user_id(request.get_ref().user_id)?;
         check(&request, |p| p.read_user(user))?;
         let request = request.into_inner();
-        let wait = self.wait(request.consistency.as_ref())?;
+        let wait = self.wait(request.consistency.as_ref(), false)?;
         let answer = self.backend.user_summary(wait, user).await?;
         let summary = answer.value.ok_or_else(|| not_found(user, &answer.as_of))?;
         Ok(Response::new(pb::GetUserSummaryResponse {
@@ -91,6 +97,7 @@ impl<B: QueryBackend> ExpenseQuery for QueryService<B> {
         request: Request<pb::ListUserSummariesRequest>,
     ) -> Result<Response<pb::ListUserSummariesResponse>, Status> {
         check(&request, |p| p.read_all("ListUserSummaries"))?;
+        let pinned = super::cluster::pinned(&request);
         let request = request.into_inner();
         let page_size = convert::limit(request.page_size, 100, 1000, "page_size")?;
         let after = match request.page_token.as_str() {
@@ -101,7 +108,7 @@ impl<B: QueryBackend> ExpenseQuery for QueryService<B> {
                 ))
             })?),
         };
-        let wait = self.wait(request.consistency.as_ref())?;
+        let wait = self.wait(request.consistency.as_ref(), pinned)?;
         let answer = self.backend.user_summaries(wait, after, page_size).await?;
         let page = answer.value;
         Ok(Response::new(pb::ListUserSummariesResponse {
@@ -164,7 +171,7 @@ impl<B: QueryBackend> ExpenseQuery for QueryService<B> {
                 to - from + 1
             )));
         }
-        let wait = self.wait(request.consistency.as_ref())?;
+        let wait = self.wait(request.consistency.as_ref(), false)?;
         let answer = self
             .backend
             .user_windows(wait, user, buckets, from, to)
@@ -196,9 +203,10 @@ impl<B: QueryBackend> ExpenseQuery for QueryService<B> {
         request: Request<pb::TopSpendersRequest>,
     ) -> Result<Response<pb::TopSpendersResponse>, Status> {
         check(&request, |p| p.read_all("TopSpenders"))?;
+        let pinned = super::cluster::pinned(&request);
         let request = request.into_inner();
         let limit = convert::limit(request.limit, 10, 1000, "limit")?;
-        let wait = self.wait(request.consistency.as_ref())?;
+        let wait = self.wait(request.consistency.as_ref(), pinned)?;
         let reporting_currency = self.backend.reporting_currency();
         let answer = self.backend.top_spenders(wait, limit).await?;
         let spenders = answer

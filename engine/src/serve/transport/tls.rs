@@ -182,6 +182,26 @@ impl LoadedTls {
         }
         config
     }
+
+    /// The TLS configuration a cluster process calls its peers with (they serve with the same
+    /// kind of material): it trusts the client CA (`--tls-client-ca`) if one is set, else every
+    /// certificate of the server's own `--tls-cert` file (a self-signed certificate, or a chain
+    /// that ends with the CA that signed the peers' certificates), and presents the server's
+    /// certificate and key as its client identity when clients must present one (mTLS; the
+    /// certificate then needs the `clientAuth` extended key usage too).
+    #[cfg(feature = "grpc")]
+    pub fn grpc_client_config(&self) -> tonic::transport::ClientTlsConfig {
+        let root = self.client_ca_pem.as_ref().unwrap_or(&self.cert_pem);
+        let mut config = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(root));
+        if self.requires_client_certificates() {
+            config = config.identity(tonic::transport::Identity::from_pem(
+                &self.cert_pem,
+                &self.key_pem,
+            ));
+        }
+        config
+    }
 }
 
 #[cfg(test)]

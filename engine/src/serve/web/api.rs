@@ -269,10 +269,7 @@ fn totals(mut entries: Vec<(String, Amount)>) -> Vec<Total> {
 }
 
 /// Whatever the backend has now: the web report never waits for an epoch.
-const NOW: Wait = Wait {
-    min_epoch: 0,
-    timeout: Duration::ZERO,
-};
+const NOW: Wait = Wait::NOW;
 
 #[derive(Debug, Serialize)]
 struct AsOfJson {
@@ -1049,6 +1046,7 @@ pub async fn user(
             let wait = Wait {
                 min_epoch: epoch,
                 timeout: MONTHS_WAIT,
+                pinned: false,
             };
             let months = query
                 .user_windows(wait, user, Buckets::Month, i32::MIN, i32::MAX)
