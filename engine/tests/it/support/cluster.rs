@@ -234,14 +234,18 @@ pub fn exited(processes: &mut [Process]) -> Option<(usize, ExitStatus)> {
     })
 }
 
-/// How long every process may say `caught_up` while the records read do not add up, before
-/// the wait fails (input read twice, or a count that is wrong).
+/// How long the records read may add up while some process has not yet said `caught_up`,
+/// or every process has said it while the records read do not add up, before the wait fails.
 const SETTLE: Duration = Duration::from_secs(20);
 
-/// Waits (at most `secs`) until every process answers `Admin/GetStatus` with `caught_up` and
-/// the records read add up to exactly `expected` ([`read_exactly`]); fails the test if a
-/// process exits meanwhile, or if all say `caught_up` for [`SETTLE`] without the count adding
-/// up. Returns the statuses.
+/// Waits (at most `secs`) until the records read add up to exactly `expected`
+/// ([`read_exactly`]) and every process has answered `Admin/GetStatus` with `caught_up` since
+/// they do (each at some poll, not necessarily all at the same one: in cluster mode each
+/// process's `caught_up` gathers every process's, and a process's own flag was seen to flicker
+/// between polls while nothing was left to read; the answers are compared with MySQL
+/// afterwards, so a process that was not really caught up still fails the test). Fails the
+/// test if a process exits meanwhile, or if either condition holds for [`SETTLE`] without the
+/// other. Returns the last statuses.
 pub fn wait_caught_up(
     runtime: &tokio::runtime::Runtime,
     processes: &mut [Process],
@@ -250,7 +254,10 @@ pub fn wait_caught_up(
 ) -> Vec<pb::GetStatusResponse> {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(secs);
-    let mut caught_up_since: Option<Instant> = None;
+    let mut said_caught_up = vec![false; processes.len()];
+    let mut added_up_since: Option<Instant> = None;
+    let mut all_said_since: Option<Instant> = None;
+    let mut flickers = 0;
     loop {
         if let Some((i, exit)) = exited(processes) {
             panic!(
@@ -275,29 +282,54 @@ pub fn wait_caught_up(
                 })
                 .collect()
         };
+        let all: Vec<pb::GetStatusResponse> = statuses.iter().flatten().cloned().collect();
+        let added_up = all.len() == processes.len() && read_exactly(&all, expected);
+        if added_up {
+            added_up_since.get_or_insert_with(Instant::now);
+            for (said, s) in said_caught_up.iter_mut().zip(&statuses) {
+                let now = s.as_ref().is_some_and(|s| s.caught_up);
+                if *said && !now {
+                    flickers += 1;
+                }
+                *said |= now;
+            }
+        } else {
+            added_up_since = None;
+            said_caught_up.iter_mut().for_each(|s| *s = false);
+        }
         if statuses
             .iter()
             .all(|s| s.as_ref().is_some_and(|s| s.caught_up))
         {
-            let all: Vec<pb::GetStatusResponse> = statuses.iter().flatten().cloned().collect();
-            if read_exactly(&all, expected) {
-                eprintln!(
-                    "{} process(es) caught up with {expected} records in {:?}",
-                    processes.len(),
-                    started.elapsed()
-                );
-                return all;
-            }
-            let since = *caught_up_since.get_or_insert_with(Instant::now);
+            all_said_since.get_or_insert_with(Instant::now);
+        } else {
+            all_said_since = None;
+        }
+        if added_up && said_caught_up.iter().all(|s| *s) {
+            eprintln!(
+                "{} process(es) caught up with {expected} records in {:?} ({flickers} \
+                 caught_up flag(s) seen true, then false)",
+                processes.len(),
+                started.elapsed()
+            );
+            return all;
+        }
+        for (what, since) in [
+            (
+                "the records read add up, but not every process said caught_up",
+                added_up_since,
+            ),
+            (
+                "every process says caught_up, but the records read do not add up",
+                all_said_since,
+            ),
+        ] {
             assert!(
-                since.elapsed() < SETTLE,
-                "caught up for {SETTLE:?}, but the records read do not add up to {expected}: \
-                 {:?}\n{}",
+                since.is_none_or(|t| t.elapsed() < SETTLE),
+                "{what} for {SETTLE:?} ({expected} expected): {:?}\n{}",
                 brief(),
                 log_tails(processes)
             );
-        } else {
-            caught_up_since = None;
         }
         assert!(
             Instant::now() < deadline,
