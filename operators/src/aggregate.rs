@@ -265,9 +265,8 @@ impl<'scope> LastSeenByUser<'scope> for VecCollection<'scope, Epoch, Fact, i64> 
     fn last_seen_by_user(self, sink: CapturedLastSeen) -> Stream<'scope, Epoch, Vec<()>> {
         // The same owner as the cells' arrangement: a user's last-seen time and cells are
         // published by one worker (one process, in a cluster).
-        let by_user = Exchange::new(|update: &(Fact, Epoch, i64)| {
-            AggKey::User(update.0.user_id).hashed()
-        });
+        let by_user =
+            Exchange::new(|update: &(Fact, Epoch, i64)| AggKey::User(update.0.user_id).hashed());
         self.inner
             .unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
                 by_user,
