@@ -433,15 +433,20 @@ impl TableReader {
                 )
                 .await?;
             for row in &rows {
-                let epoch: i64 = row
-                    .get_r_by_name("epoch")
-                    .map_err(|e| decode_error("sink_progress", e))?;
-                state.newest.get_or_insert(epoch as Epoch);
                 if state.generation.is_none() {
                     state.generation = row
                         .get_by_name("generation")
                         .map_err(|e| decode_error("sink_progress", e))?;
                 }
+                // A partition claimed (or fenced) before its first commit has only its static
+                // columns: one row without an epoch.
+                let epoch: Option<i64> = row
+                    .get_by_name("epoch")
+                    .map_err(|e| decode_error("sink_progress", e))?;
+                let Some(epoch) = epoch else {
+                    continue;
+                };
+                state.newest.get_or_insert(epoch as Epoch);
                 let committed: Option<bool> = row
                     .get_by_name("committed")
                     .map_err(|e| decode_error("sink_progress", e))?;
