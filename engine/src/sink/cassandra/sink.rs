@@ -36,6 +36,15 @@
 //! engine re-reads the input after `C` and re-writes every cell that input touches, which
 //! includes every cell the previous run wrote after its checkpoint: Cassandra converges to
 //! exactly the state of the input, with each row at least as new as the progress row says.
+//!
+//! **Shares.** In a cluster every process runs this sink for the users it owns
+//! ([`SinkContext::share`](crate::sink::SinkContext)), and everything above happens per share:
+//! share `p` of `n` claims, leases, fences and commits in its own `sink_progress` partition
+//! `main/<p>-of-<n>` (a single engine keeps `main`), and `open` returns the epoch that share
+//! committed. A new layout (another number of processes) registers itself and fences every
+//! share of the other layouts before it claims, taking a timestamp floor above every lease any
+//! of them held, so after a rescale (a user moving from old share 2-of-3 to new share 1-of-2)
+//! the new share's writes win over any zombie's: see [`super::claim`].
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
