@@ -211,10 +211,11 @@ async fn register(
     loop {
         let current = registry(session, ks).await?;
         let same = current.processes == Some(processes);
-        if same && ours.iter().all(|s| current.shares.contains(s)) {
-            if let Some(generation) = current.generation {
-                return Ok((generation, current.shares));
-            }
+        if same
+            && ours.iter().all(|s| current.shares.contains(s))
+            && let Some(generation) = current.generation
+        {
+            return Ok((generation, current.shares));
         }
         let next = match (same, current.generation) {
             (true, Some(generation)) => generation,
