@@ -122,6 +122,24 @@ pub struct RunArgs {
     #[arg(long)]
     discard_checkpoints: bool,
 
+    /// Run as one process of a cluster: FILE has one line per process, `TIMELY_ADDR
+    /// GRPC_ADDR` (e.g. `10.0.0.1:2101 10.0.0.1:50051`, `#` starts a comment), the same file
+    /// for every process. This process listens for its peers on its line's first address and
+    /// serves gRPC on the second (unless --grpc is given); -w is the workers per process, the
+    /// same in every process. Partitions are divided among the workers of all processes and
+    /// any process answers any query. See the README's "Cluster" section.
+    #[arg(long, value_name = "FILE", requires = "process")]
+    cluster: Option<PathBuf>,
+
+    /// With --cluster: this process's line in the cluster file, counting from 0.
+    #[arg(long, value_name = "I", requires = "cluster")]
+    process: Option<usize>,
+
+    /// With --cluster: how long to wait at start for every other process to join before
+    /// giving up with an error (processes may start in any order).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    cluster_wait: Duration,
+
     /// Serve the live web report on this address (overview and a page per user), e.g.
     /// 127.0.0.1:8080. Off unless given.
     #[arg(long, value_name = "ADDR")]
@@ -342,6 +360,24 @@ impl RunArgs {
         if take("epoch_interval_ms") {
             config.epoch_interval_ms = self.engine.epoch_interval_ms;
         }
+        if let (Some(file), Some(process)) = (&self.cluster, self.process) {
+            let mut spec = spendflow_engine::cluster::ClusterSpec::read(file, process)?;
+            spec.wait = self.cluster_wait;
+            if !given(matches, "grpc") {
+                let addr = &spec.me().grpc;
+                let resolved = std::net::ToSocketAddrs::to_socket_addrs(addr.as_str())
+                    .with_context(|| {
+                        format!(
+                            "the gRPC address {addr} of process {process} in {}",
+                            file.display()
+                        )
+                    })?
+                    .next()
+                    .with_context(|| format!("the gRPC address {addr} resolves to nothing"))?;
+                config.grpc = Some(resolved);
+            }
+            config.cluster = Some(spec);
+        }
         if config.grpc.is_none() || given(matches, "grpc") {
             config.grpc = Some(self.engine.grpc);
         }
@@ -382,6 +418,11 @@ impl RunArgs {
             None => bail!("give --input SOURCE, or a [source] table in the config file"),
         }
         if let Some(topic) = &self.alerts_topic {
+            if config.cluster.is_some() {
+                bail!(
+                    "--alerts-topic is not supported with --cluster yet: run the alerts from a single engine, or read ListAlerts/Subscribe from the cluster"
+                );
+            }
             let Some(SourceConfig::Kafka(kafka)) = &config.source else {
                 bail!(
                     "--alerts-topic needs Kafka input (--input kafka:HOST:PORT): alerts go to the same brokers"

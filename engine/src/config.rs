@@ -279,6 +279,21 @@ fn default_dead_letter_topic() -> String {
     crate::sink::dead_letter::DEFAULT_DEAD_LETTER_TOPIC.to_string()
 }
 
+impl EngineConfig {
+    /// Where this process stands in the computation: a single engine, or its place in the
+    /// cluster (`workers` per process).
+    pub fn topology(&self) -> crate::cluster::Topology {
+        match &self.cluster {
+            Some(spec) => crate::cluster::Topology {
+                process: spec.process,
+                processes: spec.processes.len(),
+                workers_per_process: self.workers.max(1),
+            },
+            None => crate::cluster::Topology::single(self.workers),
+        }
+    }
+}
+
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {

@@ -44,6 +44,14 @@ pub enum EngineError {
     /// The dataflow workers failed (a worker thread panicked or could not start).
     #[error("dataflow workers failed: {0}")]
     Workers(String),
+    /// The processes of a cluster could not be joined, or do not agree on how to start.
+    #[error("cluster: {message}")]
+    Cluster {
+        /// What went wrong and what to do.
+        message: String,
+        /// True if starting again may succeed (a peer that was not up yet).
+        retriable: bool,
+    },
     /// The engine was already shut down.
     #[error("the engine has shut down")]
     ShutDown,
@@ -58,6 +66,7 @@ impl EngineError {
             EngineError::Sink(e) => e.is_retriable(),
             EngineError::Alerts(e) => e.is_retriable(),
             EngineError::Serve { .. } | EngineError::Web { .. } => true,
+            EngineError::Cluster { retriable, .. } => *retriable,
             EngineError::Config(_) | EngineError::Workers(_) | EngineError::ShutDown => false,
         }
     }

@@ -80,6 +80,9 @@ use crate::serve::status::StatusProbe;
 /// connections.
 const SERVERS_SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
+/// How long a stopping cluster process waits for the other processes to stop too.
+const CLUSTER_STOP_GRACE: Duration = Duration::from_secs(30);
+
 /// How long shutdown waits for the durable sink to write what is queued.
 const SINK_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
@@ -211,10 +214,14 @@ impl Engine {
         config.validate()?;
         let runtime = start::EngineRuntime::new(runtime)?;
         let mut recovered = start::recover(&config, sink, &runtime.handle())?;
+        let placement = start::join_cluster(&config, &mut recovered)?;
         let restored = recovered.positions();
         let (input, sources) = start::open_sources(&config, &restored)?;
         let restoring = recovered.restored.is_some();
         let (shared, read_model, writer) = start::shared_state(&config, &mut recovered, &restored)?;
+        if let Some(spec) = &shared.cluster {
+            cluster::exit_when_a_peer_is_lost(Arc::clone(&shared), Arc::clone(spec));
+        }
         let listeners = start::bind(&config)?;
         let start::Recovered {
             store,
@@ -231,6 +238,7 @@ impl Engine {
         };
         let (sink, sink_committed) = sink.unzip();
         let threads = start::spawn(
+            placement,
             config.workers,
             &shared,
             sink,
@@ -351,6 +359,28 @@ impl Engine {
         self.shared.dead_letters.close();
         let mut result = Ok(());
         if let Some(workers) = self.workers.take() {
+            if self.shared.cluster.is_some() {
+                // The dataflow ends only when every process's input has ended: a process asked to
+                // stop alone would wait for the others for ever.
+                let deadline = Instant::now() + CLUSTER_STOP_GRACE;
+                while !workers.is_finished() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                if !workers.is_finished() {
+                    let message = format!(
+                        "the other processes of the cluster did not stop within {}s: stop every process of the cluster together (e.g. SIGTERM to each); this process exits without a clean end (a restart resumes from the newest complete checkpoint)",
+                        CLUSTER_STOP_GRACE.as_secs()
+                    );
+                    tracing::error!("{message}");
+                    self.read_model.close();
+                    self.servers
+                        .stop(&self.runtime.handle(), SERVERS_SHUTDOWN_GRACE);
+                    return Err(EngineError::Cluster {
+                        message,
+                        retriable: false,
+                    });
+                }
+            }
             match workers.join() {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => result = Err(EngineError::Workers(e.0)),

@@ -40,20 +40,47 @@ pub(crate) struct Recovered {
     pub sink: Option<(Box<dyn Sink>, Option<Epoch>)>,
     /// Makes the sink's retries give up (at shutdown, after a grace period).
     pub sink_stop: Arc<AtomicBool>,
+    /// A new incarnation, for a run that does not continue a checkpoint's.
+    fresh_incarnation: String,
     /// The alerts topic, opened and read (it is compared with before anything is written).
     #[cfg(feature = "kafka")]
     pub alerts: Option<crate::sink::alerts::kafka::AlertsOutput>,
+    /// In a cluster, the start every process agreed on (see [`join_cluster`]).
+    pub agreed: Option<crate::cluster::Agreed>,
 }
 
 impl Recovered {
-    /// The first epoch of this run: after everything the checkpoint and the sink hold.
+    /// The first epoch of this run: after everything the checkpoint and the sink hold (in a
+    /// cluster: those of every process).
     pub fn first_epoch(&self) -> Epoch {
+        if let Some(agreed) = &self.agreed {
+            return agreed.first_epoch;
+        }
+        self.own_first_epoch()
+    }
+
+    /// The first epoch after what this process's checkpoint and sink share hold.
+    fn own_first_epoch(&self) -> Epoch {
         self.restored
             .as_ref()
             .map(|c| c.epoch)
             .max(self.sink.as_ref().and_then(|(_, committed)| *committed))
             .unwrap_or(0)
             + 1
+    }
+
+    /// The incarnation of this run's epochs. Epochs continue a previous timeline only when a
+    /// checkpoint is restored: then they keep its incarnation; otherwise (or for a checkpoint
+    /// from before incarnations) a new one. In a cluster, process 0's.
+    pub fn incarnation(&self) -> String {
+        if let Some(agreed) = &self.agreed {
+            return agreed.incarnation.clone();
+        }
+        self.restored
+            .as_ref()
+            .map(|c| c.incarnation.clone())
+            .filter(|i| !i.is_empty())
+            .unwrap_or_else(|| self.fresh_incarnation.clone())
     }
 
     /// Where each partition resumes.
@@ -141,23 +168,50 @@ pub(crate) fn recover(
         restored,
         sink,
         sink_stop,
+        fresh_incarnation: read_model::new_incarnation(),
+        agreed: None,
         #[cfg(feature = "kafka")]
         alerts,
     })
 }
 
-/// Step 2: the in-process input, and every worker's readers (the input is read by worker 0).
+/// Step 1b, cluster mode only: join the other processes (a bounded wait) and agree on the start
+/// (the first epoch and the incarnation, the same in every process). A single engine runs its
+/// workers locally.
+pub(crate) fn join_cluster(
+    config: &EngineConfig,
+    recovered: &mut Recovered,
+) -> Result<spendflow_operators::runtime::Placement, EngineError> {
+    use spendflow_operators::runtime::Placement;
+    let Some(spec) = &config.cluster else {
+        return Ok(Placement::Local(config.workers));
+    };
+    let (connected, agreed) = crate::cluster::join(
+        spec,
+        config.workers,
+        recovered.restored.as_ref().map(|c| c.epoch),
+        recovered.own_first_epoch(),
+        &recovered.incarnation(),
+    )?;
+    recovered.agreed = Some(agreed);
+    Ok(Placement::Cluster(connected))
+}
+
+/// Step 2: the in-process input, and this process's workers' readers, one list per local
+/// worker. Partitions are divided among all workers of the computation (of every process, in
+/// a cluster); the in-process input is read by worker 0.
 pub(crate) fn open_sources(
     config: &EngineConfig,
     restored: &RestoredPositions,
 ) -> Result<(InputHandle, Vec<Vec<Box<dyn Source>>>), EngineError> {
+    let topology = config.topology();
     let (input, input_source) = source::input::channel();
-    let mut input_source = Some(input_source);
+    let mut input_source = (topology.process == 0).then_some(input_source);
     let mut per_worker = Vec::with_capacity(config.workers);
-    for index in 0..config.workers {
+    for local in 0..topology.workers_per_process {
         let place = WorkerPlace {
-            index,
-            count: config.workers,
+            index: topology.global_worker(local),
+            count: topology.peers(),
         };
         let mut readers = Vec::new();
         for source in config.source.iter().chain(&config.reference) {
@@ -177,15 +231,7 @@ pub(crate) fn shared_state(
     recovered: &mut Recovered,
     #[cfg_attr(not(feature = "kafka"), allow(unused_variables))] restored: &RestoredPositions,
 ) -> Result<(Arc<Shared>, Arc<ReadModel>, ReadModelWriter), EngineError> {
-    // Epochs continue a previous timeline only when a checkpoint is restored: then they keep
-    // its incarnation; otherwise (or for a checkpoint from before incarnations) a new one.
-    let incarnation: Arc<str> = recovered
-        .restored
-        .as_ref()
-        .map(|c| c.incarnation.clone())
-        .filter(|i| !i.is_empty())
-        .unwrap_or_else(read_model::new_incarnation)
-        .into();
+    let incarnation: Arc<str> = recovered.incarnation().into();
     tracing::info!(%incarnation, "Incarnation of this run's epochs.");
     let (read_model, mut writer) = ReadModel::with_incarnation(Arc::clone(&incarnation));
     writer.set_reporting_currency(config.dataflow_options().reporting_currency);
@@ -217,7 +263,12 @@ pub(crate) fn shared_state(
         }
         dead_letters = dead_letters.with_output(Box::new(output));
     }
-    if let Some(restored) = &recovered.restored {
+    let topology = config.topology();
+    // The restored counts are process 0's to show (each process counts what it rejects; their
+    // sum is the cluster's).
+    if let Some(restored) = &recovered.restored
+        && topology.process == 0
+    {
         dead_letters.restore_counts(&restored.rejected);
     }
 
@@ -230,6 +281,11 @@ pub(crate) fn shared_state(
             .as_ref()
             .map(|c| Duration::from_millis(c.interval_ms)),
     );
+    let clock = if topology.process > 0 {
+        clock.follow_the_leader()
+    } else {
+        clock
+    };
     let mut shared = Shared::new(config.workers, clock, Arc::new(dead_letters));
     if recovered.sink.is_some() {
         // What an earlier run wrote may be ahead of its checkpoint (and of its committed
@@ -237,6 +293,8 @@ pub(crate) fn shared_state(
         shared = shared.with_replay();
     }
     shared.checkpoints_enabled = config.checkpoint.is_some();
+    shared.topology = topology;
+    shared.cluster = config.cluster.clone().map(Arc::new);
     shared.incarnation = incarnation;
     shared.dataflow_options = config.dataflow_options();
     if let Some(restored) = recovered.restored.take() {
@@ -264,6 +322,7 @@ pub(crate) struct Threads {
 
 /// Step 4: the sink driver, the checkpointer, the publisher and the workers.
 pub(crate) fn spawn(
+    placement: spendflow_operators::runtime::Placement,
     workers: usize,
     shared: &Arc<Shared>,
     sink: Option<Box<dyn Sink>>,
@@ -349,10 +408,11 @@ pub(crate) fn spawn(
         .name("spendflow-workers".into())
         .spawn(move || {
             let reports_tx = Mutex::new(reports_tx);
-            let result = spendflow_operators::runtime::execute(workers, move |ctx| {
+            let result = spendflow_operators::runtime::execute_on(placement, move |ctx| {
+                let local = shared.topology.local_worker(ctx.index());
                 let sources = per_worker
                     .lock()
-                    .get_mut(ctx.index())
+                    .get_mut(local)
                     .and_then(Option::take)
                     .unwrap_or_default();
                 let reports = reports_tx.lock().clone();

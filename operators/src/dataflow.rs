@@ -28,10 +28,13 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
 use differential_dataflow::input::{Input, InputSession};
+use timely::container::CapacityContainerBuilder;
 use timely::dataflow::ProbeHandle;
-use timely::dataflow::operators::Probe;
+use timely::dataflow::operators::vec::Broadcast;
+use timely::dataflow::operators::{Input as _, Inspect, Probe};
 use timely::worker::Worker;
 
 use crate::Epoch;
@@ -42,7 +45,7 @@ use crate::enrich::{
     CapturedAlerts, CapturedConverted, CapturedRates, CapturedUsers, JoinReference, RefRows,
     RefSnapshots, UpsertReference, capture_and_forward_spend,
 };
-use crate::model::{CellChange, LastSeen, Record};
+use crate::model::{CellChange, LastSeen, Name, Record};
 use crate::model::{ExpenseId, Fact, LiveFact};
 use crate::reference::{
     AlertEvent, Converted, DataflowOptions, RateChange, RefChange, RefKey, RefValue, UserRef,
@@ -85,9 +88,36 @@ impl ClosedEpoch {
     }
 }
 
+/// What a worker tells every other worker about epochs, in a cluster: the processes cut epochs
+/// together (one leads, the others follow; see the engine's epoch clock). The dataflow only
+/// carries these; it gives them no meaning.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClockSignal {
+    /// The process that sent it.
+    pub process: u32,
+    /// The epoch the sender's input moved to (0: none).
+    pub epoch: Epoch,
+    /// A checkpoint epoch the sender decided on (0: none).
+    pub checkpoint: Epoch,
+    /// The sender read input since its last signal.
+    pub input: bool,
+    /// The sender has taken a whole epoch budget of records into its current epoch.
+    pub full: bool,
+}
+
+/// The input of name texts (see [`ExpenseDataflow`]'s `names`).
+type NamesInput = timely::dataflow::InputHandle<Epoch, CapacityContainerBuilder<Vec<String>>>;
+
 /// One worker's handle to the expense dataflow.
 pub struct ExpenseDataflow {
     input: InputSession<Epoch, Instruction, i64>,
+    /// Texts of names this worker interned first, sent to every worker (see
+    /// [`Name::collect_fresh`]): in a cluster, the process that owns a user may never have
+    /// read the records naming its categories and merchants.
+    names: NamesInput,
+    /// Clock signals to every worker, and those received (see [`ClockSignal`]).
+    signals: timely::dataflow::InputHandle<Epoch, CapacityContainerBuilder<Vec<ClockSignal>>>,
+    received: Rc<RefCell<Vec<ClockSignal>>>,
     reference: InputSession<Epoch, RefChange, i64>,
     probe: ProbeHandle<Epoch>,
     captured: CapturedChanges,
@@ -132,7 +162,21 @@ impl ExpenseDataflow {
         let snapshots = UpsertSnapshots::default();
         let ref_snapshots = RefSnapshots::default();
         let probe = ProbeHandle::new();
-        let (input, reference) = worker.dataflow::<Epoch, _, _>(|scope| {
+        Name::collect_fresh();
+        let received = Rc::new(RefCell::new(Vec::new()));
+        let (input, reference, names, signals) = worker.dataflow::<Epoch, _, _>(|scope| {
+            let (signals, sent) = scope.new_input::<Vec<ClockSignal>>();
+            let inbox = Rc::clone(&received);
+            // Not probed: signals are read as they arrive, whatever the epochs.
+            sent.broadcast()
+                .inspect(move |signal: &ClockSignal| inbox.borrow_mut().push(*signal));
+            let (names, texts) = scope.new_input::<Vec<String>>();
+            // Learned before the epoch passes the probe, so before anything of it is
+            // published.
+            texts
+                .broadcast()
+                .inspect(|text: &String| Name::learn(text))
+                .probe_with(&probe);
             let (input, instructions) = scope.new_collection::<Instruction, i64>();
             let (reference, changes) = scope.new_collection::<RefChange, i64>();
             let facts = instructions.upsert_by_expense(snapshots.clone());
@@ -152,10 +196,13 @@ impl ExpenseDataflow {
                 )
                 .probe_with(&probe);
             // The trace handle is dropped here: nobody reads the arrangement but the capture.
-            (input, reference)
+            (input, reference, names, signals)
         });
         ExpenseDataflow {
             input,
+            names,
+            signals,
+            received,
             reference,
             probe,
             captured,
@@ -250,6 +297,20 @@ impl ExpenseDataflow {
     /// Adds a record to the current epoch.
     pub fn push(&mut self, record: Record) {
         self.input.update(Instruction::from(record), 1);
+        for text in Name::take_fresh() {
+            self.names.send(text.to_string());
+        }
+    }
+
+    /// Sends `signal` to every worker of the computation (this one included), now.
+    pub fn signal(&mut self, signal: ClockSignal) {
+        self.signals.send(signal);
+        self.signals.flush();
+    }
+
+    /// The signals received from workers since the last call.
+    pub fn take_signals(&mut self) -> Vec<ClockSignal> {
+        std::mem::take(&mut *self.received.borrow_mut())
     }
 
     /// The epoch records are currently pushed at.
@@ -263,6 +324,10 @@ impl ExpenseDataflow {
         if epoch > *self.input.time() {
             self.input.advance_to(epoch);
             self.input.flush();
+            self.names.advance_to(epoch);
+            self.names.flush();
+            self.signals.advance_to(epoch);
+            self.signals.flush();
             self.reference.advance_to(epoch);
             self.reference.flush();
         }
@@ -272,6 +337,7 @@ impl ExpenseDataflow {
     /// handle closes the input for good: the dataflow then drains and completes.)
     pub fn flush(&mut self) {
         self.input.flush();
+        self.names.flush();
         self.reference.flush();
     }
 

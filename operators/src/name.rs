@@ -34,6 +34,11 @@ static COLLISIONS: AtomicU64 = AtomicU64::new(0);
 thread_local! {
     /// Names this thread has seen: the registry's lock is taken once per name and thread.
     static SEEN: RefCell<IdMap> = RefCell::new(IdMap::default());
+    /// Texts this thread interned for the first time since the last [`Name::take_fresh`],
+    /// collected only on threads that asked ([`Name::collect_fresh`]: dataflow workers, which
+    /// send them to every other worker so a cluster process that never read a name can still
+    /// answer with its text).
+    static FRESH: RefCell<Option<Vec<Arc<str>>>> = const { RefCell::new(None) };
 }
 
 fn registry() -> &'static RwLock<IdMap> {
@@ -73,7 +78,49 @@ impl Name {
             shared
         };
         SEEN.with(|seen| seen.borrow_mut().insert(id, Arc::clone(&shared)));
+        FRESH.with(|fresh| {
+            if let Some(fresh) = fresh.borrow_mut().as_mut() {
+                fresh.push(Arc::clone(&shared));
+            }
+        });
         (Name(id), shared)
+    }
+
+    /// Makes this thread collect the texts it interns for the first time, for
+    /// [`Name::take_fresh`].
+    pub fn collect_fresh() {
+        FRESH.with(|fresh| {
+            fresh.borrow_mut().get_or_insert_with(Vec::new);
+        });
+    }
+
+    /// The texts this thread interned for the first time since the last call (empty unless
+    /// [`Name::collect_fresh`] was called on it).
+    pub fn take_fresh() -> Vec<Arc<str>> {
+        FRESH.with(|fresh| {
+            fresh
+                .borrow_mut()
+                .as_mut()
+                .map(std::mem::take)
+                .unwrap_or_default()
+        })
+    }
+
+    /// Learns a text another worker interned (see [`Name::collect_fresh`]): registers it
+    /// without counting it as fresh here, so it is not sent on again.
+    pub fn learn(text: &str) {
+        let id = fnv1a(text);
+        if SEEN.with(|seen| seen.borrow().contains_key(&id)) {
+            return;
+        }
+        let shared = {
+            let mut registry = registry().write().unwrap_or_else(|p| p.into_inner());
+            registry
+                .entry(id)
+                .or_insert_with(|| Arc::from(text))
+                .clone()
+        };
+        SEEN.with(|seen| seen.borrow_mut().insert(id, shared));
     }
 
     /// The text of the name, or `#<id>` for a name this process never interned.
@@ -151,6 +198,29 @@ impl fmt::Display for Name {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn fresh_names_are_collected_once_per_thread_and_learned_ones_are_not() {
+        std::thread::spawn(|| {
+            // Not collecting: nothing is kept.
+            Name::intern("fresh-test-before");
+            Name::collect_fresh();
+            assert!(Name::take_fresh().is_empty());
+            Name::intern("fresh-test-a");
+            Name::intern("fresh-test-a");
+            Name::learn("fresh-test-learned");
+            Name::intern("fresh-test-learned");
+            let fresh: Vec<String> = Name::take_fresh().iter().map(|t| t.to_string()).collect();
+            assert_eq!(fresh, vec!["fresh-test-a".to_string()]);
+            assert!(Name::take_fresh().is_empty());
+            assert_eq!(
+                &*Name::from_id(Name::intern("fresh-test-learned").0.id()).text(),
+                "fresh-test-learned"
+            );
+        })
+        .join()
+        .unwrap();
+    }
     use super::*;
 
     #[test]

@@ -32,7 +32,12 @@ pub struct ClusterSpec {
     pub processes: Vec<ProcessAddrs>,
     /// This process's index into `processes`.
     pub process: usize,
+    /// How long to wait at start for the other processes to join (`--cluster-wait`).
+    pub wait: std::time::Duration,
 }
+
+/// The default of [`ClusterSpec::wait`].
+pub const DEFAULT_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A hostfile that cannot be used, or a process index outside it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -138,7 +143,11 @@ impl ClusterSpec {
                 processes: processes.len(),
             });
         }
-        Ok(ClusterSpec { processes, process })
+        Ok(ClusterSpec {
+            processes,
+            process,
+            wait: DEFAULT_WAIT,
+        })
     }
 
     /// This process's addresses.
@@ -234,6 +243,12 @@ impl Topology {
         self.process * self.workers_per_process + local
     }
 
+    /// The index among this process's workers of global worker `global` (one of this
+    /// process's).
+    pub fn local_worker(&self, global: usize) -> usize {
+        global - self.process * self.workers_per_process
+    }
+
     /// The process hosting global worker `worker`.
     pub fn process_of_worker(&self, worker: usize) -> usize {
         worker / self.workers_per_process
@@ -253,6 +268,12 @@ impl Topology {
         }
     }
 }
+
+mod join;
+mod peers;
+pub(crate) use join::{Agreed, join};
+pub use peers::LOST_PEER_EXIT;
+pub(crate) use peers::exit_when_a_peer_is_lost;
 
 #[cfg(test)]
 mod tests;

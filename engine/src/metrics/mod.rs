@@ -74,9 +74,13 @@ pub mod names {
     pub const WEB_CLIENTS: &str = "spendflow_web_event_clients";
     /// Gauge: resident memory of the process.
     pub const RSS: &str = "spendflow_process_resident_memory_bytes";
+    /// Counter: bytes this process sent to the other processes of its cluster.
+    pub const CLUSTER_SENT: &str = "spendflow_cluster_sent_bytes_total";
+    /// Counter: bytes this process received from the other processes of its cluster.
+    pub const CLUSTER_RECEIVED: &str = "spendflow_cluster_received_bytes_total";
 
     /// Every name, for the exporter's descriptions and the tests.
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 21] = [
         RECORDS_READ,
         RECORDS_ACCEPTED,
         RECORDS_REJECTED,
@@ -96,6 +100,8 @@ pub mod names {
         GRPC_SUBSCRIBERS,
         WEB_CLIENTS,
         RSS,
+        CLUSTER_SENT,
+        CLUSTER_RECEIVED,
     ];
 }
 
@@ -161,6 +167,16 @@ pub fn describe() {
     describe_gauge!(GRPC_SUBSCRIBERS, "Open gRPC Subscribe streams.");
     describe_gauge!(WEB_CLIENTS, "Open web event streams (/api/events).");
     describe_gauge!(RSS, Unit::Bytes, "Resident memory of the process.");
+    describe_counter!(
+        CLUSTER_SENT,
+        Unit::Bytes,
+        "Bytes sent to the other processes of the cluster (timely's exchanges, headers included)."
+    );
+    describe_counter!(
+        CLUSTER_RECEIVED,
+        Unit::Bytes,
+        "Bytes received from the other processes of the cluster."
+    );
 }
 
 /// The source name of the in-process input (`crate::source::input`).
@@ -195,6 +211,11 @@ pub fn refresh() {
     let Some(probe) = probe else {
         return;
     };
+    if probe.shared.topology.processes > 1 {
+        let (sent, received) = spendflow_operators::runtime::cluster_bytes();
+        counter!(names::CLUSTER_SENT).absolute(sent);
+        counter!(names::CLUSTER_RECEIVED).absolute(received);
+    }
     let status = probe.status();
     counter!(names::RECORDS_READ).absolute(status.records_read);
     counter!(names::RECORDS_ACCEPTED).absolute(status.records_accepted);

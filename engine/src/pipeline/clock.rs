@@ -14,6 +14,15 @@
 //!
 //! Whichever worker finds a cut due moves the shared epoch on; every worker advances to it at its
 //! next step, as before (the rendezvous of the workers is the dataflow's frontier).
+//!
+//! **In a cluster** the processes must cut the same epochs, and take checkpoints at the same
+//! epoch (every process writes its share of it). Process 0's clock *leads*: it alone applies the
+//! policy above and decides checkpoints; its worker 0 signals every cut (and the checkpoint
+//! epoch it closes) to all workers through the dataflow (`ClockSignal`). The other processes'
+//! clocks *follow*: they never cut on their own, but move to each epoch the leader signals, and
+//! signal the leader when they read input (so its timer cuts) or fill an epoch's budget (so it
+//! cuts now). A follower is therefore never ahead of the leader, and a checkpoint epoch the leader
+//! signals is still open on every worker when the signal arrives.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -42,6 +51,10 @@ pub struct EpochClock {
     unsaved: AtomicBool,
     /// When recent epochs were cut (for `spendflow_epoch_close_seconds`).
     pub(crate) cuts: std::sync::Arc<crate::metrics::EpochCuts>,
+    /// True in a cluster process other than process 0 (see the module docs).
+    follower: bool,
+    /// A follower asked for a cut (its worker filled an epoch's budget).
+    cut_requested: AtomicBool,
 }
 
 impl EpochClock {
@@ -73,7 +86,49 @@ impl EpochClock {
             checkpoint_mark: AtomicU64::new(0),
             unsaved: AtomicBool::new(false),
             cuts: Default::default(),
+            follower: false,
+            cut_requested: AtomicBool::new(false),
         }
+    }
+
+    /// Makes this clock follow the leader's cuts (a cluster process other than process 0).
+    pub fn follow_the_leader(mut self) -> Self {
+        self.follower = true;
+        self
+    }
+
+    /// True if this clock follows another process's cuts.
+    pub fn is_follower(&self) -> bool {
+        self.follower
+    }
+
+    /// A follower: moves to `epoch`, which the leader cut to (never back).
+    pub fn follow(&self, epoch: Epoch) {
+        let before = self.current.fetch_max(epoch, Ordering::AcqRel);
+        for cut in before..epoch {
+            self.cuts.cut(cut);
+        }
+    }
+
+    /// A follower: copies the state at `epoch` for a checkpoint, as the leader decided (unless
+    /// this process is still writing its share of an earlier one: then the leader's checkpoint
+    /// misses this share, is never restored, and the next one is taken).
+    pub fn follow_checkpoint(&self, epoch: Epoch) {
+        if self
+            .checkpoint_mark
+            .compare_exchange(0, epoch, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            tracing::warn!(
+                epoch,
+                "Still writing this process's share of an earlier checkpoint: this process skips the checkpoint the cluster takes at this epoch."
+            );
+        }
+    }
+
+    /// The leader: a follower filled an epoch's budget; cut at the next chance.
+    pub fn request_cut(&self) {
+        self.cut_requested.store(true, Ordering::Release);
     }
 
     /// Notes that records were read (so the timer should cut an epoch).
@@ -91,6 +146,10 @@ impl EpochClock {
 
     /// [`EpochClock::target`] at `now` nanoseconds after the clock started.
     fn target_at(&self, now: u64, in_epoch: usize, lagging: bool) -> Epoch {
+        if self.follower {
+            return self.current.load(Ordering::SeqCst);
+        }
+        let requested = self.cut_requested.load(Ordering::Acquire);
         let last = self.last_cut_ns.load(Ordering::Acquire);
         let interval = if lagging {
             self.interval.max(LAGGING_MAX_INTERVAL)
@@ -106,7 +165,7 @@ impl EpochClock {
             && now.saturating_sub(self.last_checkpoint_ns.load(Ordering::SeqCst))
                 >= self.checkpoint_every_ns
             && self.unsaved.load(Ordering::Acquire);
-        if (due || checkpoint_due || in_epoch >= self.budget)
+        if (due || checkpoint_due || requested || in_epoch >= self.budget)
             && self
                 .last_cut_ns
                 .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)

@@ -158,9 +158,14 @@ impl Shared {
     /// Notes that `worker`'s sources had nothing more; the last worker to get there for the
     /// first time ends the replay at the epoch being read now. Every record any worker read
     /// before is in that epoch or an earlier one.
+    ///
+    /// In a cluster the replay never ends: this process's workers being done says nothing of
+    /// records other processes still re-read, whose cells this process owns and must rewrite.
+    /// (Touching costs little there: nearly every touched cell changes anyway.)
     fn note_idle(&self, worker: usize) {
         if !self.workers[worker].was_idle.swap(true, Ordering::AcqRel)
             && self.workers_were_idle.fetch_add(1, Ordering::AcqRel) + 1 == self.workers.len()
+            && self.topology.processes == 1
         {
             let last = self.clock.current();
             if self.replay.until() == Epoch::MAX {

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
-use spendflow_operators::dataflow::ExpenseDataflow;
+use spendflow_operators::dataflow::{ClockSignal, ExpenseDataflow};
 use spendflow_operators::decode::decode;
 use spendflow_operators::runtime::WorkerContext;
 use spendflow_operators::{ClosedEpoch, Epoch, RejectReason, Rejection};
@@ -57,7 +57,10 @@ type Close = (Epoch, Arc<Vec<PartitionPosition>>, u64);
 
 /// One worker's state between the steps.
 struct Worker<'a> {
+    /// This worker's index among the workers of this process (its status and reports).
     index: usize,
+    /// Its index in the whole computation (in a cluster, across processes).
+    global: usize,
     shared: &'a Shared,
     status: &'a WorkerStatus,
     dataflow: ExpenseDataflow,
@@ -80,6 +83,9 @@ struct Worker<'a> {
     /// A source that failed for good is no longer read: what it had left is never read, so
     /// this worker is never caught up again.
     lost_source: bool,
+    /// In a cluster: this worker told every worker that it read input, or filled its epoch
+    /// budget, in its current epoch (see `clock`: the leader cuts for followers).
+    signaled: (bool, bool),
 }
 
 impl<'a> Worker<'a> {
@@ -89,9 +95,11 @@ impl<'a> Worker<'a> {
         sources: Vec<Box<dyn Source>>,
         reports: Sender<WorkerReport>,
     ) -> Self {
-        let index = ctx.index();
+        let global = ctx.index();
+        let index = shared.topology.local_worker(global);
         Worker {
             index,
+            global,
             shared,
             status: &shared.workers[index],
             dataflow: ctx
@@ -108,6 +116,7 @@ impl<'a> Worker<'a> {
             last_status: Instant::now(),
             last_busy: None,
             lost_source: false,
+            signaled: (false, false),
         }
     }
 
@@ -136,13 +145,15 @@ impl<'a> Worker<'a> {
         };
         self.dataflow.advance_to(checkpoint.epoch);
         let peers = ctx.peers();
-        for (id, fact) in checkpoint.live.iter().skip(self.index).step_by(peers) {
+        // Every process holds the whole checkpoint (all shares, merged): each worker of the
+        // computation pushes its slice, and the dataflow routes every entry to its owner.
+        for (id, fact) in checkpoint.live.iter().skip(self.global).step_by(peers) {
             self.dataflow.push_live(id.clone(), *fact);
         }
-        for (key, value) in checkpoint.reference.iter().skip(self.index).step_by(peers) {
+        for (key, value) in checkpoint.reference.iter().skip(self.global).step_by(peers) {
             self.dataflow.push_live_reference(*key, *value);
         }
-        if self.index == 0 {
+        if self.global == 0 {
             self.read = checkpoint.records_read;
             for (code, n) in &checkpoint.rejected {
                 if let Some(i) = RejectReason::ALL_CODES.iter().position(|c| c == code) {
@@ -253,6 +264,21 @@ impl<'a> Worker<'a> {
         if !idle {
             shared.clock.note_input();
         }
+        if shared.clock.is_follower() {
+            // The leader cuts for this process: tell it there is input to cut, or a full epoch.
+            let full = self.in_epoch >= shared.clock.budget;
+            let (input, full) = (!idle && !self.signaled.0, full && !self.signaled.1);
+            if input || full {
+                self.signaled.0 |= input;
+                self.signaled.1 |= full;
+                self.dataflow.signal(ClockSignal {
+                    process: shared.topology.process as u32,
+                    input,
+                    full,
+                    ..ClockSignal::default()
+                });
+            }
+        }
         status.read.store(self.read, Ordering::Release);
         status.lagging.store(lagging, Ordering::Release);
         // Positions for the status service: after reads, and now and then for sources whose
@@ -303,9 +329,25 @@ impl<'a> Worker<'a> {
                     self.rejected.clone(),
                 ));
             }
+            if self.global == 0 && self.shared.topology.processes > 1 {
+                // The leader's cut, for the followers (see `clock`).
+                let checkpoint = self
+                    .shared
+                    .clock
+                    .checkpoint_mark()
+                    .filter(|mark| (self.dataflow.epoch()..target).contains(mark))
+                    .unwrap_or(0);
+                self.dataflow.signal(ClockSignal {
+                    process: 0,
+                    epoch: target,
+                    checkpoint,
+                    ..ClockSignal::default()
+                });
+            }
             self.closes.push_back((target - 1, positions, self.read));
             self.dataflow.advance_to(target);
             self.in_epoch = 0;
+            self.signaled = (false, false);
         }
         self.stopping |= stop_now;
     }
@@ -319,6 +361,7 @@ impl<'a> Worker<'a> {
         } else {
             ctx.step_or_park(Duration::from_millis(1));
         }
+        self.take_signals();
         let checkpoints = &mut self.checkpoints;
         let snapshots: Vec<SnapshotPart> = self
             .dataflow
@@ -351,6 +394,34 @@ impl<'a> Worker<'a> {
             }
         }
         !self.stopping || self.dataflow.is_behind()
+    }
+}
+
+impl Worker<'_> {
+    /// In a cluster: applies the clock signals other processes' workers sent (see `clock`).
+    fn take_signals(&mut self) {
+        let me = self.shared.topology.process as u32;
+        let clock = &self.shared.clock;
+        for signal in self.dataflow.take_signals() {
+            if signal.process == me {
+                continue;
+            }
+            if clock.is_follower() {
+                if signal.checkpoint > 0 {
+                    clock.follow_checkpoint(signal.checkpoint);
+                }
+                if signal.epoch > 0 {
+                    clock.follow(signal.epoch);
+                }
+            } else {
+                if signal.input {
+                    clock.note_input();
+                }
+                if signal.full {
+                    clock.request_cut();
+                }
+            }
+        }
     }
 }
 
