@@ -686,3 +686,40 @@ fn a_single_engine_opens_a_keyspace_written_before_shares_with_its_committed_epo
 
     select(&runtime, &contact, format!("DROP KEYSPACE {keyspace}"));
 }
+
+/// The same number of processes with another `-w`: users move between shares of one layout,
+/// so no layout change fences the old run. The old holder of another share may extend its
+/// lease after this share claimed (before its own replacement claims); this share's first
+/// write still goes above it.
+#[test]
+fn a_shares_first_write_is_above_the_leases_its_siblings_hold_then() {
+    let contact = service_env("SPENDFLOW_CASSANDRA");
+    let (keyspace, config) = keyspace_config(&contact, "spendflow_siblings");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+
+    let (_old_one, _) = open_share(&config, "old p1", share(1, 2), &runtime).unwrap();
+    let (mut zero, start0) = open_share(&config, "new p0", share(0, 2), &runtime).unwrap();
+    // The old process 1 extends its lease well beyond the new share 0's floor (a zombie's
+    // extension, made far ahead here so that the clock cannot catch up during the test)...
+    let extended = start0.timestamp_floor + 3_600_000_000;
+    select(
+        &runtime,
+        &contact,
+        format!(
+            "UPDATE {keyspace}.sink_progress SET ts_lease = {extended} WHERE sink = 'main/1-of-2'"
+        ),
+    );
+    // ...then its replacement claims, and the cluster starts writing.
+    let (_one, start1) = open_share(&config, "new p1", share(1, 2), &runtime).unwrap();
+    assert!(start1.timestamp_floor > extended);
+    zero.put(&group(1, vec![cell(AggKey::User(10), 1, 100, Some(1))]))
+        .unwrap();
+    let (total, ts) = user_total(&runtime, &contact, &keyspace, 10).unwrap();
+    assert_eq!(total, 100);
+    assert!(
+        ts > extended,
+        "share 0 writes above every lease its siblings held at its first write: {ts} <= {extended}"
+    );
+
+    select(&runtime, &contact, format!("DROP KEYSPACE {keyspace}"));
+}

@@ -32,12 +32,13 @@
 //! registered), and the loser is refused at any partition the winner already touched, or
 //! fenced later at its next lease extension or commit.
 //!
-//! Not covered: a change of workers per process alone (`-w`) keeps the layout (the sink only
-//! knows the number of processes), so the shares are not fenced by layout; each process's
-//! replacement fences its own share, and since every process claims before the cluster's
-//! dataflow runs, the old processes are fenced before the new ones write, but a zombie's
-//! last lease extension between a sibling's step 3 and its own replacement's claim is not
-//! bounded by the sibling's floor.
+//! A change of workers per process alone (`-w`) keeps the layout (the sink only knows the
+//! number of processes), so users move between shares of one layout without a layout change;
+//! each process's replacement fences its own share. A zombie may still extend its lease
+//! between a sibling's step 3 and its own replacement's claim, so before its first write a
+//! share raises its timestamps above its siblings' leases once more (`Connection::
+//! above_siblings` in `sink.rs`): by then every process of the cluster has claimed (they open
+//! their sinks before they join), so every zombie's lease is final and below those.
 
 use std::collections::BTreeSet;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -385,6 +386,27 @@ pub(super) async fn claim(
             layout_generation: layout,
         });
     }
+}
+
+/// The largest lease the other shares of `share`'s layout hold now (serial reads); `None`
+/// for a single engine or when none holds one.
+///
+/// # Errors
+///
+/// A failed request.
+pub(super) async fn sibling_leases(
+    session: &CqlSession,
+    ks: &str,
+    share: Share,
+) -> Result<Option<i64>, CassandraError> {
+    let own = schema::share_partition(share);
+    let mut largest = None;
+    for partition in schema::layout_partitions(share.processes) {
+        if partition != own {
+            largest = largest.max(statics(session, ks, &partition).await?.ts_lease);
+        }
+    }
+    Ok(largest)
 }
 
 /// The newest epoch committed in `partition`.

@@ -137,6 +137,11 @@ struct Connection {
     lease: i64,
     stop: Arc<AtomicBool>,
     counters: SinkCounters,
+    /// This process's share of the sink.
+    share: crate::cluster::Share,
+    /// The first write has raised the timestamps above this layout's other shares' leases
+    /// (see [`Connection::above_siblings`]).
+    above_siblings: bool,
 }
 
 impl std::fmt::Debug for CassandraSink {
@@ -299,6 +304,8 @@ impl Connection {
             config,
             stop,
             counters: SinkCounters::default(),
+            share,
+            above_siblings: share.is_single(),
         })
     }
 
@@ -317,6 +324,9 @@ impl Connection {
             .map_err(|e| e.in_keyspace(&self.config.keyspace))?;
         let rows: usize = batches.iter().map(|b| b.len()).sum();
         let epoch = group.epoch;
+        if !self.above_siblings {
+            self.with_reconnects(group.epoch, Connection::above_siblings)?;
+        }
         let timestamp = write_timestamp(now_us(), self.last_timestamp);
         // Every step is idempotent (the same timestamp, absolute values), so the whole group
         // is simply written again on a new session.
@@ -325,6 +335,34 @@ impl Connection {
         })?;
         self.counters.rows += rows as u64;
         self.counters.batches += batches.len() as u64;
+        Ok(())
+    }
+
+    /// Before a share's first write: raises its timestamps above the leases this layout's
+    /// other shares hold now. A cluster's processes all claim their shares before the
+    /// dataflow runs (they open their sinks, then join), so by the first write every other
+    /// share is held by this run, whose floor is above everything its predecessor could use.
+    /// That covers what the claim cannot see: a user moving between shares of one layout (the
+    /// same number of processes, another `-w`) while the old process of that share, not
+    /// fenced yet, still extended its lease after this share claimed.
+    fn above_siblings(&mut self) -> Result<(), CassandraError> {
+        let session = Arc::clone(&self.session);
+        let stop = Arc::clone(&self.stop);
+        let keyspace = self.config.keyspace.clone();
+        let share = self.share;
+        let retries = std::sync::atomic::AtomicU64::new(0);
+        let leases = self.runtime.block_on(retry(
+            "read the other shares' leases",
+            &stop,
+            &retries,
+            || super::claim::sibling_leases(&session, &keyspace, share),
+        ));
+        self.counters.retries += retries.into_inner();
+        if let Some(lease) = leases? {
+            // The next write is at least one above it.
+            self.last_timestamp = self.last_timestamp.max(lease);
+        }
+        self.above_siblings = true;
         Ok(())
     }
 
