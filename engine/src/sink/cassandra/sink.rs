@@ -44,7 +44,7 @@
 //! committed. A new layout (another number of processes) registers itself and fences every
 //! share of the other layouts before it claims, taking a timestamp floor above every lease any
 //! of them held, so after a rescale (a user moving from old share 2-of-3 to new share 1-of-2)
-//! the new share's writes win over any zombie's: see [`super::claim`].
+//! the new share's writes win over any zombie's: see `claim.rs`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
