@@ -198,7 +198,9 @@ fn build(stage: &str, worker: &mut Worker) -> Built {
                 return input;
             }
             "arrange" | "capture" => {
-                facts.aggregate_cells(ReplayTouch::default(), Default::default())
+                facts
+                    .aggregate_cells(ReplayTouch::default(), Default::default())
+                    .0
             }
             "arrange_no_preagg" => facts
                 .explode(|fact: Fact| {
@@ -237,6 +239,5 @@ fn pre_aggregate<'scope>(
     facts.pre_aggregate_cells(
         move |cell| !(three_cells && matches!(cell, AggKey::User(_) | AggKey::Month(..))),
         ReplayTouch::default(),
-        Default::default(),
     )
 }

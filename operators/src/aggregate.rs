@@ -23,9 +23,12 @@
 //! wrote it *between* those changes (the insert written, the delete not yet), and a replay that
 //! reads both into one epoch would never correct it. So during replay epochs (before
 //! [`ReplayTouch::until`], set by the engine until its sources have passed everything the
-//! previous run can have read) the pre-aggregation also reports every cell it touched
-//! ([`CapturedTouches`]), and the worker turns each into a zero change: "write this cell's
-//! current value", or delete it if it has no live expense.
+//! previous run can have read) the pre-aggregation also sends every cell it touched, with a
+//! zero sum where its changes cancelled; those updates go, like the cells, to the worker that
+//! owns the user, which captures them ([`CapturedTouches`]) and turns each into a zero change:
+//! "write this cell's current value", or delete it if it has no live expense. (Captured where
+//! the facts were summed, a touch would be published by a worker that does not own the cell: in
+//! a cluster, by a process that holds nothing of the user, which then wrote it as deleted.)
 //!
 //! A user's last event time is no sum (a delete of the newest expense must reveal the one
 //! before), so it is not a cell: [`LastSeenByUser`] keeps each user's multiset of live event
@@ -132,13 +135,15 @@ impl ReplayTouch {
 /// Arranges live facts into aggregate cells.
 pub trait AggregateCells<'scope> {
     /// Explodes each fact into its cells, sums them per epoch, and arranges them by cell; in
-    /// the replay epochs of `replay`, also appends every touched cell to `touched`. See the
-    /// module docs.
+    /// the replay epochs of `replay`, also appends every touched cell to `touched` on the
+    /// worker that owns it. The returned stream carries no data, only the progress of that
+    /// capture, for a probe: an epoch's touches are all captured once it passes. See the module
+    /// docs.
     fn aggregate_cells(
         self,
         replay: ReplayTouch,
         touched: CapturedTouches,
-    ) -> Arranged<'scope, CellTrace>;
+    ) -> (Arranged<'scope, CellTrace>, Stream<'scope, Epoch, Vec<()>>);
 }
 
 impl<'scope> AggregateCells<'scope> for VecCollection<'scope, Epoch, Fact, i64> {
@@ -146,11 +151,63 @@ impl<'scope> AggregateCells<'scope> for VecCollection<'scope, Epoch, Fact, i64> 
         self,
         replay: ReplayTouch,
         touched: CapturedTouches,
-    ) -> Arranged<'scope, CellTrace> {
-        self.inner
-            .pre_aggregate_cells(|_| true, replay, touched)
-            .as_collection()
-            .arrange_by_self_named("AggregateCells")
+    ) -> (Arranged<'scope, CellTrace>, Stream<'scope, Epoch, Vec<()>>) {
+        let sums = self.inner.pre_aggregate_cells(|_| true, replay.clone());
+        let touches = sums.clone().capture_touches(replay, touched);
+        let cells = sums.as_collection().arrange_by_self_named("AggregateCells");
+        (cells, touches)
+    }
+}
+
+/// Captures the cells summed in replay epochs (see [`AggregateCells`]) on their owners.
+trait CaptureTouches<'scope> {
+    fn capture_touches(
+        self,
+        replay: ReplayTouch,
+        touched: CapturedTouches,
+    ) -> Stream<'scope, Epoch, Vec<()>>;
+}
+
+impl<'scope> CaptureTouches<'scope> for Stream<'scope, Epoch, Vec<(AggKey, Epoch, CountSum)>> {
+    fn capture_touches(
+        self,
+        replay: ReplayTouch,
+        touched: CapturedTouches,
+    ) -> Stream<'scope, Epoch, Vec<()>> {
+        use differential_dataflow::Hashable;
+        let covered = replay.clone();
+        // Only replay epochs' updates cross to the owner a second time.
+        self.unary::<CapacityContainerBuilder<Vec<(AggKey, Epoch)>>, _, _, _>(
+            Pipeline,
+            "ReplayTouches",
+            move |_capability, _info| {
+                move |input, output| {
+                    input.for_each(|capability, data| {
+                        let touches: Vec<(AggKey, Epoch)> = data
+                            .drain(..)
+                            .filter(|(_, time, _)| covered.covers(*time))
+                            .map(|(key, time, _)| (key, time))
+                            .collect();
+                        if !touches.is_empty() {
+                            output
+                                .session(&capability)
+                                .give_iterator(touches.into_iter());
+                        }
+                    });
+                }
+            },
+        )
+        .unary::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
+            Exchange::new(|(key, _): &(AggKey, Epoch)| key.hashed()),
+            "CaptureTouches",
+            move |_capability, _info| {
+                move |input, _output| {
+                    input.for_each(|_capability, data| {
+                        touched.borrow_mut().extend(data.drain(..));
+                    });
+                }
+            },
+        )
     }
 }
 
@@ -159,12 +216,12 @@ impl<'scope> AggregateCells<'scope> for VecCollection<'scope, Epoch, Fact, i64> 
 /// as one update per changed cell when the epoch closes.
 pub trait PreAggregateCells<'scope> {
     /// Explodes each fact into the cells `keep` accepts and sums them per epoch; in the replay
-    /// epochs of `replay`, also appends every touched cell to `touched`.
+    /// epochs of `replay`, also sends the touched cells whose changes cancelled, with a zero
+    /// sum.
     fn pre_aggregate_cells<F>(
         self,
         keep: F,
         replay: ReplayTouch,
-        touched: CapturedTouches,
     ) -> Stream<'scope, Epoch, Vec<(AggKey, Epoch, CountSum)>>
     where
         F: Fn(&AggKey) -> bool + 'static;
@@ -175,7 +232,6 @@ impl<'scope> PreAggregateCells<'scope> for Stream<'scope, Epoch, Vec<(Fact, Epoc
         self,
         keep: F,
         replay: ReplayTouch,
-        touched: CapturedTouches,
     ) -> Stream<'scope, Epoch, Vec<(AggKey, Epoch, CountSum)>>
     where
         F: Fn(&AggKey) -> bool + 'static,
@@ -215,15 +271,13 @@ impl<'scope> PreAggregateCells<'scope> for Stream<'scope, Epoch, Vec<(Fact, Epoc
                             break;
                         }
                         let (time, (capability, mut sums)) = entry.remove_entry();
-                        if replay.covers(time) {
-                            touched
-                                .borrow_mut()
-                                .extend(sums.keys().map(|FullKey(key)| (*key, time)));
-                        }
+                        // In a replay epoch, cancelled cells go too (zero sums: nothing for
+                        // the arrangement, a touch for `CaptureTouches`).
+                        let touch = replay.covers(time);
                         let mut session = output.session(&capability);
                         session.give_iterator(
                             sums.drain()
-                                .filter(|(_, sum)| *sum != (0, 0))
+                                .filter(|(_, sum)| touch || *sum != (0, 0))
                                 .map(|(FullKey(key), sum)| (key, time, sum)),
                         );
                         spare.push(sums);

@@ -184,7 +184,8 @@ impl ExpenseDataflow {
                 .clone()
                 .last_seen_by_user(last_seen.clone())
                 .probe_with(&probe);
-            let cells = facts.aggregate_cells(replay, touched.clone());
+            let (cells, touches) = facts.aggregate_cells(replay, touched.clone());
+            touches.probe_with(&probe);
             let rows =
                 changes.upsert_reference(ref_snapshots.clone(), users.clone(), rates.clone());
             capture_and_forward_spend(&cells, captured.clone())

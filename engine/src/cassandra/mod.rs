@@ -53,16 +53,34 @@ pub enum CassandraError {
         /// The exact total.
         sum: i128,
     },
-    /// Another engine claimed this keyspace's sink after us: we must stop writing.
+    /// Another engine claimed this keyspace's sink (or our share of it) after us: we must stop
+    /// writing.
     #[error(
-        "another engine (generation {theirs}) took over the sink of keyspace {keyspace}; this one (generation {ours}) stops writing"
+        "another engine (generation {theirs}) took over the sink {sink:?} of keyspace {keyspace}; this one (generation {ours}) stops writing"
     )]
     Fenced {
         /// The keyspace.
         keyspace: String,
+        /// The progress partition: `main` for a single engine, `main/<p>-of-<n>` for a share.
+        sink: String,
         /// Our generation.
         ours: i64,
         /// The generation that holds the sink now.
+        theirs: i64,
+    },
+    /// A newer layout (a cluster of another size, or a single engine) took the keyspace's sink
+    /// over after this engine registered its own: this engine must stop writing.
+    #[error(
+        "a newer layout of the sink of keyspace {keyspace} (layout generation {theirs}) took over {sink:?}; this engine (layout generation {ours}) stops writing (start it again with the current hostfile)"
+    )]
+    Superseded {
+        /// The keyspace.
+        keyspace: String,
+        /// The progress partition found taken over.
+        sink: String,
+        /// The layout generation this engine registered under.
+        ours: i64,
+        /// The layout generation that holds the partition now.
         theirs: i64,
     },
 }
@@ -90,6 +108,7 @@ impl CassandraError {
             CassandraError::Request { retriable, .. } => *retriable,
             CassandraError::Config(_)
             | CassandraError::Fenced { .. }
+            | CassandraError::Superseded { .. }
             | CassandraError::ValueOutOfRange { .. } => false,
         }
     }

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use spendflow_operators::{CountSum, Epoch, UserId};
 
 use super::keys;
-use super::schema::{SINK_NAME, validate_keyspace};
+use super::schema::{LAYOUT_PARTITION, SINK_NAME, layout_partitions, validate_keyspace};
 use super::{CassandraError, CqlSession};
 use crate::core::PartitionPosition;
 
@@ -56,13 +56,34 @@ pub struct ProgressRow {
 }
 
 /// What `sink_progress` says now.
+///
+/// For a cluster (a layout of several shares, see `cassandra::schema`), the keyspace's state
+/// combines its shares ([`ProgressState::combine`]): the committed epoch is the minimum of the
+/// shares' newest committed epochs (nothing while one share has committed nothing), since
+/// every share has written at least that epoch; the positions and records covered are those
+/// of every share's newest committed row together (what the tables hold).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ProgressState {
     /// The newest committed row: the tables show at least this epoch.
     pub committed: Option<ProgressRow>,
     /// The newest row's epoch, committed or not (an epoch in flight is newer than `committed`).
     pub newest: Option<Epoch>,
-    /// The static `generation` column: the sink generation of the engine writing the tables.
+    /// The static `generation` column: the sink generation of the engine writing the tables
+    /// (for a cluster, the layout generation).
+    pub generation: Option<i64>,
+    /// For a cluster: each share of the newest layout, in process order (empty for a single
+    /// engine).
+    pub shares: Vec<ShareProgress>,
+}
+
+/// One share's progress, in a cluster's [`ProgressState`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShareProgress {
+    /// The share's progress partition, `main/<p>-of-<n>`.
+    pub sink: String,
+    /// Its newest committed epoch.
+    pub committed: Option<Epoch>,
+    /// Its sink generation (each start of the process claims the next one).
     pub generation: Option<i64>,
 }
 
@@ -74,10 +95,48 @@ impl ProgressState {
 
     /// The incarnation answers carry: `cassandra-generation-<g>`. Every engine start claims a
     /// new generation, so epochs of two engine runs are never taken for one timeline.
+    ///
+    /// For a cluster: `cassandra-layout-<l>-generations-<g0>-<g1>-...` (the layout generation
+    /// and every share's generation, so a restart of any process is a new timeline).
     pub fn incarnation(&self) -> Arc<str> {
-        match self.generation {
-            Some(g) => format!("cassandra-generation-{g}").into(),
-            None => Arc::from("cassandra-generation-none"),
+        let text = |g: Option<i64>| g.map_or_else(|| "none".to_string(), |g| g.to_string());
+        if self.shares.is_empty() {
+            return format!("cassandra-generation-{}", text(self.generation)).into();
+        }
+        let generations: Vec<String> = self.shares.iter().map(|s| text(s.generation)).collect();
+        format!(
+            "cassandra-layout-{}-generations-{}",
+            text(self.generation),
+            generations.join("-")
+        )
+        .into()
+    }
+
+    /// A cluster's state from its shares' (`shares` in process order, with their progress
+    /// partitions): see the type's docs.
+    pub fn combine(layout_generation: Option<i64>, shares: Vec<(String, ProgressState)>) -> Self {
+        let all_committed = !shares.is_empty() && shares.iter().all(|(_, s)| s.committed.is_some());
+        let committed = all_committed.then(|| {
+            let rows = shares.iter().filter_map(|(_, s)| s.committed.as_ref());
+            ProgressRow {
+                epoch: rows.clone().map(|r| r.epoch).min().unwrap_or_default(),
+                positions: rows.clone().flat_map(|r| r.positions.clone()).collect(),
+                records_covered: rows.map(|r| r.records_covered).sum(),
+                committed: true,
+            }
+        });
+        ProgressState {
+            committed,
+            newest: shares.iter().filter_map(|(_, s)| s.newest).max(),
+            generation: layout_generation,
+            shares: shares
+                .into_iter()
+                .map(|(sink, s)| ShareProgress {
+                    committed: s.committed_epoch(),
+                    generation: s.generation,
+                    sink,
+                })
+                .collect(),
         }
     }
 
@@ -296,34 +355,98 @@ impl TableReader {
             .0)
     }
 
-    /// What `sink_progress` says: the newest committed row, and the newest row of all.
+    /// What `sink_progress` says: the newest committed row, and the newest row of all. For a
+    /// keyspace whose newest layout is a cluster, every share of that layout combined
+    /// ([`ProgressState::combine`]); otherwise (a single engine, or a keyspace written before
+    /// clusters) the single engine's partition `main`.
     ///
     /// # Errors
     ///
     /// The request failed, or a row is malformed.
     pub async fn progress(&self) -> Result<ProgressState, CassandraError> {
+        match self.layout().await? {
+            Some((generation, processes)) if processes > 1 => {
+                let partitions = layout_partitions(processes);
+                let states = futures::future::try_join_all(
+                    partitions.iter().map(|p| self.share_progress(p)),
+                )
+                .await?;
+                Ok(ProgressState::combine(
+                    generation,
+                    partitions.into_iter().zip(states).collect(),
+                ))
+            }
+            _ => self.share_progress(SINK_NAME).await,
+        }
+    }
+
+    /// The layout registry: the layout generation and the number of shares of the newest
+    /// layout; `None` for a keyspace without one (written before clusters). `SELECT *`, so a
+    /// keyspace whose table has no layout columns yet reads as one without a registry.
+    async fn layout(&self) -> Result<Option<(Option<i64>, usize)>, CassandraError> {
+        const DOING: &str = "read the sink layout";
+        let params = StatementParamsBuilder::new()
+            .with_consistency(READ_CONSISTENCY)
+            .with_values(query_values!(LAYOUT_PARTITION.to_string()))
+            .idempotent(true)
+            .build();
+        let rows = self
+            .session
+            .query_with_params(
+                format!(
+                    "SELECT * FROM {}.sink_progress WHERE sink = ? LIMIT 1",
+                    self.keyspace
+                ),
+                params,
+            )
+            .await
+            .and_then(|envelope| envelope.response_body())
+            .map_err(|e| CassandraError::request(DOING, e))?
+            .into_rows()
+            .unwrap_or_default();
+        let Some(row) = rows.first().filter(|r| r.contains_column("processes")) else {
+            return Ok(None);
+        };
+        let processes: Option<i32> = row
+            .get_by_name("processes")
+            .map_err(|e| decode_error("sink_progress", e))?;
+        let generation: Option<i64> = row
+            .get_by_name("generation")
+            .map_err(|e| decode_error("sink_progress", e))?;
+        Ok(processes
+            .and_then(|p| usize::try_from(p).ok())
+            .map(|p| (generation, p)))
+    }
+
+    /// One progress partition's state (`main`, or a share's `main/<p>-of-<n>`).
+    async fn share_progress(&self, partition: &str) -> Result<ProgressState, CassandraError> {
         let mut state = ProgressState::default();
         let mut paging = None;
         loop {
             let (rows, next) = self
                 .page(
                     &self.statements.progress,
-                    Some(query_values!(SINK_NAME.to_string())),
+                    Some(query_values!(partition.to_string())),
                     Some(PROGRESS_PAGE),
                     paging,
                     "read sink_progress",
                 )
                 .await?;
             for row in &rows {
-                let epoch: i64 = row
-                    .get_r_by_name("epoch")
-                    .map_err(|e| decode_error("sink_progress", e))?;
-                state.newest.get_or_insert(epoch as Epoch);
                 if state.generation.is_none() {
                     state.generation = row
                         .get_by_name("generation")
                         .map_err(|e| decode_error("sink_progress", e))?;
                 }
+                // A partition claimed (or fenced) before its first commit has only its static
+                // columns: one row without an epoch.
+                let epoch: Option<i64> = row
+                    .get_by_name("epoch")
+                    .map_err(|e| decode_error("sink_progress", e))?;
+                let Some(epoch) = epoch else {
+                    continue;
+                };
+                state.newest.get_or_insert(epoch as Epoch);
                 let committed: Option<bool> = row
                     .get_by_name("committed")
                     .map_err(|e| decode_error("sink_progress", e))?;
@@ -656,6 +779,90 @@ mod tests {
         ] {
             assert!(parse_positions(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_cluster_is_committed_up_to_its_slowest_share() {
+        let state = |committed: Option<(Epoch, i64)>, newest, generation| ProgressState {
+            committed: committed.map(|(epoch, position)| ProgressRow {
+                epoch,
+                positions: parse_positions(&format!(
+                    r#"[{{"source":"expenses","partition":{epoch},"position":{position}}}]"#
+                ))
+                .unwrap(),
+                records_covered: position as u64,
+                committed: true,
+            }),
+            newest,
+            generation,
+            shares: Vec::new(),
+        };
+        let combined = ProgressState::combine(
+            Some(3),
+            vec![
+                (
+                    "main/0-of-2".to_string(),
+                    state(Some((9, 40)), Some(9), Some(2)),
+                ),
+                (
+                    "main/1-of-2".to_string(),
+                    state(Some((7, 25)), Some(7), Some(5)),
+                ),
+            ],
+        );
+        assert_eq!(combined.committed_epoch(), Some(7));
+        let committed = combined.committed.as_ref().unwrap();
+        assert_eq!(committed.records_covered, 65);
+        assert_eq!(committed.positions.len(), 2, "every share's positions");
+        assert_eq!(combined.newest, Some(9));
+        assert!(!combined.settled(), "one share is ahead of the other");
+        assert_eq!(
+            &*combined.incarnation(),
+            "cassandra-layout-3-generations-2-5"
+        );
+        assert_eq!(combined.shares[1].sink, "main/1-of-2");
+        assert_eq!(combined.shares[1].committed, Some(7));
+
+        // Once both have committed the same epoch, the cluster is settled at it.
+        let level = ProgressState::combine(
+            Some(3),
+            vec![
+                (
+                    "main/0-of-2".to_string(),
+                    state(Some((9, 40)), Some(9), Some(2)),
+                ),
+                (
+                    "main/1-of-2".to_string(),
+                    state(Some((9, 30)), Some(9), Some(5)),
+                ),
+            ],
+        );
+        assert_eq!(level.committed_epoch(), Some(9));
+        assert!(level.settled());
+
+        // A share that has committed nothing (a new layout's, say): nothing is committed.
+        let partial = ProgressState::combine(
+            Some(4),
+            vec![
+                (
+                    "main/0-of-2".to_string(),
+                    state(Some((9, 40)), Some(9), Some(1)),
+                ),
+                ("main/1-of-2".to_string(), state(None, None, None)),
+            ],
+        );
+        assert_eq!(partial.committed_epoch(), None);
+        assert!(!partial.settled());
+        assert_eq!(
+            &*partial.incarnation(),
+            "cassandra-layout-4-generations-1-none"
+        );
+
+        // A single engine keeps its incarnation.
+        assert_eq!(
+            &*state(None, None, Some(6)).incarnation(),
+            "cassandra-generation-6"
+        );
     }
 
     #[test]

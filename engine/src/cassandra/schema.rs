@@ -10,7 +10,7 @@
 //! | `user_merchant_totals` | `(user_id, merchant)` | `total_minor`, `expense_count`, `epoch` |
 //! | `user_daily_totals` | `(user_id, day)` (`YYYY-MM-DD`, UTC) | `total_minor`, `expense_count`, `epoch` |
 //! | `user_monthly_totals` | `(user_id, month)` (`YYYY-MM`, UTC) | `total_minor`, `expense_count`, `epoch` |
-//! | `sink_progress` | `((sink), epoch)`, newest first | `positions` (JSON), `records_covered`, `committed`, `committed_at`; static `generation`, `owner` |
+//! | `sink_progress` | `((sink), epoch)`, newest first | `positions` (JSON), `records_covered`, `committed`, `committed_at`; static `generation`, `owner`, `ts_lease`, `layout_generation`, `processes`, `shares` |
 //!
 //! Values are absolute (never counters): a row says what the aggregate *is* as of `epoch`, so
 //! writing it twice is harmless. A cell whose last live expense went away is deleted. Money is
@@ -27,6 +27,27 @@
 //! The static `ts_lease` bounds the write timestamps (µs since the Unix epoch) the holding
 //! generation may use; see `sink.rs` for how it keeps a replaced engine's writes below the
 //! next one's.
+//!
+//! # Shares (cluster mode)
+//!
+//! In a cluster every process writes the users it owns, and each process's *share* has a
+//! progress partition of its own ([`share_partition`]): `sink = 'main'` for a single engine
+//! (share 0 of 1, as before clusters, so an existing keyspace keeps its progress) and
+//! `sink = 'main/<p>-of-<n>'` for process `p` of `n`. Each share claims, fences and commits
+//! in its own partition, exactly as a single engine does in `main`.
+//!
+//! The partition `sink = 'main/layout'` ([`LAYOUT_PARTITION`], static columns only) is the
+//! layout registry: `processes` is the newest layout (how many shares), `generation` the
+//! *layout generation* (one more at every change of layout), and `shares` every progress
+//! partition any layout registered (so a later layout knows whom to fence). Each share
+//! partition's static `layout_generation` is the layout generation of whoever claimed or
+//! fenced it last; a claim or fence made under an older layout generation than that is
+//! refused (the engine stops, fenced). See `sink::cassandra::claim` for the protocol.
+//!
+//! **What is committed** in the keyspace (what readers report): the registry's layout names
+//! the shares; the committed epoch is the *minimum* of the newest committed epochs of those
+//! shares (nothing, while one of them has committed nothing). A keyspace without a registry
+//! (written before clusters), or whose layout is one process, is read from `main` alone.
 
 use crate::error::InvalidSetting;
 
@@ -72,6 +93,9 @@ pub const TABLES: &[&str] = &[
         generation bigint static,
         owner text static,
         ts_lease bigint static,
+        layout_generation bigint static,
+        processes int static,
+        shares set<text> static,
         positions text,
         records_covered bigint,
         committed boolean,
@@ -80,8 +104,38 @@ pub const TABLES: &[&str] = &[
         WITH CLUSTERING ORDER BY (epoch DESC)",
 ];
 
-/// The `sink` value of the engine's progress rows (one engine writes a keyspace).
+/// The `sink` value of a single engine's progress rows (share 0 of 1); a cluster's shares
+/// use [`share_partition`].
 pub const SINK_NAME: &str = "main";
+
+/// The `sink` value of the layout registry's partition (static columns only): its
+/// `generation` is the layout generation, `processes` the newest layout, `shares` every
+/// progress partition any layout registered.
+pub const LAYOUT_PARTITION: &str = "main/layout";
+
+/// The `sink` value (progress partition) of a share: [`SINK_NAME`] for a single engine (so a
+/// keyspace written before clusters keeps its progress), `main/<p>-of-<n>` for process `p` of
+/// a cluster of `n`.
+pub fn share_partition(share: crate::cluster::Share) -> String {
+    if share.is_single() {
+        SINK_NAME.to_string()
+    } else {
+        format!("{SINK_NAME}/{share}")
+    }
+}
+
+/// The progress partitions of every share of a layout of `processes` processes, in process
+/// order.
+pub fn layout_partitions(processes: usize) -> Vec<String> {
+    (0..processes.max(1))
+        .map(|process| {
+            share_partition(crate::cluster::Share {
+                process,
+                processes: processes.max(1),
+            })
+        })
+        .collect()
+}
 
 /// `CREATE KEYSPACE` with the given replication map, e.g.
 /// `{'class': 'SimpleStrategy', 'replication_factor': 1}`. The name and the map are checked
@@ -294,9 +348,15 @@ fn quoted(text: &str) -> Option<(&str, &str)> {
 /// Columns added after a table's first version: `ALTER TABLE` statements for keyspaces
 /// created before them (an error saying the column exists is expected and ignored).
 pub fn add_columns(keyspace: &str) -> Vec<String> {
-    vec![format!(
-        "ALTER TABLE {keyspace}.sink_progress ADD ts_lease bigint static"
-    )]
+    [
+        "ts_lease bigint static",
+        "layout_generation bigint static",
+        "processes int static",
+        "shares set<text> static",
+    ]
+    .iter()
+    .map(|column| format!("ALTER TABLE {keyspace}.sink_progress ADD {column}"))
+    .collect()
 }
 
 /// The `CREATE TABLE` statements for `keyspace`.
@@ -325,6 +385,25 @@ pub fn validate_keyspace(keyspace: &str) -> Result<(), InvalidSetting> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_single_engine_keeps_its_partition_and_shares_get_their_own() {
+        use crate::cluster::Share;
+        assert_eq!(share_partition(Share::SINGLE), "main");
+        assert_eq!(
+            share_partition(Share {
+                process: 1,
+                processes: 3
+            }),
+            "main/1-of-3"
+        );
+        assert_eq!(layout_partitions(1), vec!["main".to_string()]);
+        assert_eq!(
+            layout_partitions(2),
+            vec!["main/0-of-2".to_string(), "main/1-of-2".to_string()]
+        );
+        assert!(!layout_partitions(3).contains(&LAYOUT_PARTITION.to_string()));
+    }
 
     #[test]
     fn known_strategies_are_accepted_and_written_back_canonically() {

@@ -84,6 +84,22 @@ impl CqlSession {
         }
     }
 
+    /// Runs `query` with `params` (values, consistency, paging).
+    ///
+    /// # Errors
+    ///
+    /// The driver's error.
+    pub async fn query_with_params(
+        &self,
+        query: impl ToString,
+        params: StatementParams,
+    ) -> cdrs_tokio::error::Result<Envelope> {
+        match self {
+            CqlSession::Tcp(s) => s.query_with_params(query, params).await,
+            CqlSession::Tls(s) => s.query_with_params(query, params).await,
+        }
+    }
+
     /// Prepares `query`.
     ///
     /// # Errors

@@ -6,6 +6,10 @@
 //! user's `user_totals` row (from the scan), categories and months (point reads). A user with
 //! cells but no `user_totals` row is served with a zero total and count.
 //!
+//! In a cluster every process writes its own share of the tables; the sink's committed epoch
+//! is then the minimum over the shares of the newest layout (`cassandra::reader`), and "in
+//! flight" means some share has committed a newer epoch than another.
+//!
 //! "Ready" means the sink is quiet: an epoch is committed, none is in flight, and what the
 //! committed epoch covers has not changed for the quiet period (default 2 s). Cassandra cannot
 //! see what the engine has not read yet, so run verify once the engine has caught up (its
@@ -123,7 +127,7 @@ impl CassandraServed {
 }
 
 fn describe(state: &ProgressState) -> String {
-    match &state.committed {
+    let mut text = match &state.committed {
         None => "sink_progress has no committed epoch yet".to_string(),
         Some(p) => {
             let in_flight = match state.newest {
@@ -135,7 +139,20 @@ fn describe(state: &ProgressState) -> String {
                 p.epoch, p.records_covered
             )
         }
+    };
+    if !state.shares.is_empty() {
+        // A cluster's committed epoch is its slowest share's: say which share is where.
+        let shares: Vec<String> = state
+            .shares
+            .iter()
+            .map(|s| match s.committed {
+                Some(epoch) => format!("{} at epoch {epoch}", s.sink),
+                None => format!("{} has committed nothing", s.sink),
+            })
+            .collect();
+        text.push_str(&format!(" (shares: {})", shares.join(", ")));
     }
+    text
 }
 
 impl Served for CassandraServed {

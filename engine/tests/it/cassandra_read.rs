@@ -201,6 +201,18 @@ impl Keyspace {
 
     /// A `sink_progress` row.
     fn progress(&self, epoch: i64, positions: &str, records: i64, committed: bool) {
+        self.share_progress(schema::SINK_NAME, epoch, positions, records, committed);
+    }
+
+    /// A `sink_progress` row of the progress partition `sink` (a cluster's share).
+    fn share_progress(
+        &self,
+        sink: &str,
+        epoch: i64,
+        positions: &str,
+        records: i64,
+        committed: bool,
+    ) {
         self.cql_values(
             &format!(
                 "INSERT INTO {}.sink_progress (sink, epoch, positions, records_covered, committed) \
@@ -208,7 +220,7 @@ impl Keyspace {
                 self.name
             ),
             query_values!(
-                schema::SINK_NAME.to_string(),
+                sink.to_string(),
                 epoch,
                 positions.to_string(),
                 records,
@@ -356,6 +368,58 @@ fn serves_the_tables_as_of_the_committed_epoch() {
     health_and_reflection_as_on_the_engine(&client);
     the_index_follows_the_sink_in_the_background(&ks, &client);
     health_follows_sink_progress(&ks, &client);
+
+    server.shutdown().unwrap();
+}
+
+/// Issue 15: a cluster's processes each write their share of the tables and commit their own
+/// progress; the server answers as of the slowest share of the newest layout, with every
+/// share's positions, and ignores the progress of layouts it replaced.
+#[test]
+fn serves_a_clusters_tables_as_of_its_slowest_share() {
+    let ks = Keyspace::create("read_shares");
+    ks.write_users(&aggregate(&serve_expenses()), 5);
+    // What the sink's registry says after a rescale to two processes.
+    ks.cql(&format!(
+        "UPDATE {}.sink_progress SET generation = 2, processes = 2, \
+         shares = {{'main', 'main/0-of-3', 'main/1-of-3', 'main/2-of-3', 'main/0-of-2', 'main/1-of-2'}} \
+         WHERE sink = '{}'",
+        ks.name,
+        schema::LAYOUT_PARTITION
+    ));
+    // An older layout's share got further: it no longer counts.
+    ks.share_progress("main/2-of-3", 40, "[]", 100, true);
+    ks.share_progress(
+        "main/0-of-2",
+        6,
+        r#"[{"source":"expenses.user.1","partition":0,"position":4}]"#,
+        5,
+        true,
+    );
+    ks.share_progress(
+        "main/1-of-2",
+        5,
+        r#"[{"source":"expenses.user.2","partition":0,"position":1}]"#,
+        4,
+        true,
+    );
+
+    let server = ks.serve();
+    let client = Client::connect(server.addr());
+    let status = client.status();
+    assert_eq!(status.as_of.as_ref().unwrap().epoch, 5, "the slowest share");
+    assert_eq!(status.records_read, 9, "what both shares cover");
+    assert_eq!(status.partitions.len(), 2, "both shares' positions");
+    assert!(!status.caught_up, "one share is ahead of the other");
+    let answer = client.summary(1, None).unwrap();
+    assert_eq!(answer.as_of.as_ref().unwrap().epoch, 5);
+    // Waiting for epoch 6 runs out while one share has not committed it...
+    let status = client.summary(1, wait_for_epoch_6(200)).unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded);
+    // ...and returns once every share has.
+    ks.share_progress("main/1-of-2", 6, "[]", 4, true);
+    let answer = client.summary(1, wait_for_epoch_6(10_000)).unwrap();
+    assert_eq!(answer.as_of.as_ref().unwrap().epoch, 6);
 
     server.shutdown().unwrap();
 }

@@ -41,7 +41,7 @@ fn two_processes_exchange_data_and_hellos() {
                     .map(|h| String::from_utf8(h.clone()).unwrap())
                     .collect();
                 assert_eq!(hellos, vec!["hello from 0", "hello from 1"]);
-                let seen = runtime::execute_on(Placement::Cluster(connected), |ctx| {
+                runtime::execute_on(Placement::Cluster(connected), |ctx| {
                     let (index, peers) = (ctx.index(), ctx.peers());
                     ctx.with_worker(|worker| {
                         let seen = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
@@ -65,8 +65,7 @@ fn two_processes_exchange_data_and_hellos() {
                         (index, peers, seen)
                     })
                 })
-                .unwrap();
-                seen
+                .unwrap()
             })
         })
         .collect();

@@ -129,3 +129,56 @@ fn the_replay_bound_only_moves_down() {
     let none = ReplayTouch::default();
     assert!(!none.covers(0) && !none.covers(1));
 }
+
+#[test]
+fn touches_are_reported_by_the_worker_that_owns_the_user() {
+    // In a cluster each process publishes only the users its workers own: a touch reported by
+    // another worker (where the facts happened to be summed) would be published by a process
+    // that holds nothing of the user, as a deleted cell.
+    let workers = 3;
+    let mut epoch = Vec::new();
+    for user in 0..40u64 {
+        for n in 0..3 {
+            let id = format!("u{user}e{n}");
+            epoch.push(Record::Upsert(expense(&id, user, "Shop", 100 + n)));
+            epoch.push(Record::Delete {
+                expense_id: id.parse().unwrap(),
+                user_id: user,
+            });
+        }
+    }
+    let epochs = Arc::new(vec![epoch]);
+    let replay = ReplayTouch::until_told(1);
+    let drained = execute(workers, move |ctx| {
+        let mut dataflow = ctx.build_dataflow_with_replay(replay.clone());
+        let (index, peers) = (ctx.index(), ctx.peers());
+        dataflow.advance_to(1);
+        for record in epochs[0]
+            .iter()
+            .filter(|r| r.user_id() as usize % peers == index)
+        {
+            dataflow.push(record.clone());
+        }
+        dataflow.advance_to(2);
+        while dataflow.is_behind() {
+            ctx.step();
+        }
+        (index, dataflow.drain_closed())
+    })
+    .expect("workers ran");
+    let mut touched = 0;
+    for (worker, closed) in drained {
+        for cell in closed.iter().flat_map(|c| &c.cells) {
+            assert_eq!(
+                spendflow_operators::owner_worker(cell.key.user_id(), workers),
+                worker,
+                "{cell:?} reported by worker {worker}"
+            );
+            touched += 1;
+        }
+    }
+    assert!(
+        touched >= 40 * 5,
+        "every user's cells are touched: {touched}"
+    );
+}

@@ -7,7 +7,10 @@
 //! The sink writes epoch by epoch: every changed cell's absolute value, then a `sink_progress`
 //! row marked committed. A task here reads `sink_progress` every poll interval
 //! ([`progress`]); the newest committed row is the `as_of` of an answer (its epoch and the
-//! input positions it covers). The tables can be read while the sink writes the next epoch,
+//! input positions it covers). In a cluster every process writes its own share of the tables
+//! and commits its own progress: the `as_of` is then the minimum over the shares of the newest
+//! layout (every share has written at least that epoch), with every share's positions
+//! (`cassandra::reader::ProgressState`). The tables can be read while the sink writes the next epoch,
 //! so a row may be newer than the `as_of` reported: it is then a later, correct value. Answers
 //! are **at least** `as_of`, never older; different rows of one answer (a user's total and its
 //! categories, say) may come from different epochs at or after it. The engine's own gRPC

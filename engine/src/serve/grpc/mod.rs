@@ -98,6 +98,7 @@ pub async fn cluster_router(
     let subscribers = query.subscriber_count();
     let alerts =
         AlertsService::new(Arc::clone(&read_model)).sharing_subscribers(Arc::clone(&subscribers));
+    let engine = Arc::downgrade(&status.shared);
     let admin = AdminService::new(status);
     let (routes, health) = match peers {
         None => router_with(query, alerts, admin, auth.clone()).await?,
@@ -113,8 +114,41 @@ pub async fn cluster_router(
     // health does not list them).
     health.set_serving::<AlertsServer<AlertsService>>().await;
     personnel::report_health(&health, personnel.is_some()).await;
+    tokio::spawn(not_serving_once_failed(engine, health));
     let personnel = PersonnelService::new(personnel).server();
     Ok(routes.add_service(intercept(personnel, auth.as_ref())))
+}
+
+/// How often the health service looks whether the engine failed.
+const FAILURE_POLL: Duration = Duration::from_millis(100);
+
+/// Reports every service `NOT_SERVING` once the engine failed for good (a fenced sink, a lost
+/// cluster peer): what it serves no longer advances. Ends with the engine.
+async fn not_serving_once_failed(
+    engine: std::sync::Weak<crate::pipeline::Shared>,
+    health: tonic_health::server::HealthReporter,
+) {
+    loop {
+        tokio::time::sleep(FAILURE_POLL).await;
+        let Some(shared) = engine.upgrade() else {
+            return;
+        };
+        if shared.fatal.lock().is_some() {
+            for service in [
+                "",
+                "spendflow.v1.ExpenseQuery",
+                "spendflow.v1.Admin",
+                "spendflow.v1.Alerts",
+                "spendflow.v1.Personnel",
+            ] {
+                health
+                    .set_service_status(service, tonic_health::ServingStatus::NotServing)
+                    .await;
+            }
+            tracing::warn!("The engine failed: the health service reports NOT_SERVING.");
+            return;
+        }
+    }
 }
 
 /// Builds routes serving `query`, `alerts` and `admin`, with health (`query` and `admin`
@@ -368,6 +402,65 @@ mod tests {
             })
             .unwrap();
         assert_eq!(status.code(), tonic::Code::Cancelled, "{status:?}");
+    }
+
+    #[test]
+    fn health_turns_not_serving_when_the_engine_fails() {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let shared = Arc::new(crate::pipeline::Shared::new(
+            1,
+            crate::pipeline::EpochClock::starting_at(1, Duration::from_millis(10), 1000, None),
+            Arc::new(crate::sink::dead_letter::DeadLetters::default()),
+        ));
+        let (read_model, _writer) = ReadModel::new();
+        let status = StatusProbe {
+            shared: Arc::clone(&shared),
+            read_model: Arc::clone(&read_model),
+        };
+        let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let routes = runtime
+            .block_on(router(read_model, status, None, None))
+            .unwrap();
+        runtime.spawn(serve_routes(
+            listener,
+            routes,
+            Transport::default(),
+            std::future::pending(),
+            Duration::from_secs(60),
+        ));
+        let check = |service: &str| {
+            let service = service.to_string();
+            runtime.block_on(async move {
+                let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+                    .unwrap()
+                    .connect()
+                    .await
+                    .unwrap();
+                let mut client = HealthClient::new(channel);
+                client
+                    .check(HealthCheckRequest { service })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .status()
+            })
+        };
+        assert_eq!(check("spendflow.v1.ExpenseQuery"), ServingStatus::Serving);
+        shared.fail("lost peer process 1".into());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while check("") != ServingStatus::NotServing {
+            assert!(std::time::Instant::now() < deadline, "still SERVING");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            check("spendflow.v1.ExpenseQuery"),
+            ServingStatus::NotServing
+        );
+        assert_eq!(check("spendflow.v1.Admin"), ServingStatus::NotServing);
     }
 
     #[test]

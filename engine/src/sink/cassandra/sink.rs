@@ -36,23 +36,32 @@
 //! engine re-reads the input after `C` and re-writes every cell that input touches, which
 //! includes every cell the previous run wrote after its checkpoint: Cassandra converges to
 //! exactly the state of the input, with each row at least as new as the progress row says.
+//!
+//! **Shares.** In a cluster every process runs this sink for the users it owns
+//! ([`SinkContext::share`](crate::sink::SinkContext)), and everything above happens per share:
+//! share `p` of `n` claims, leases, fences and commits in its own `sink_progress` partition
+//! `main/<p>-of-<n>` (a single engine keeps `main`), and `open` returns the epoch that share
+//! committed. A new layout (another number of processes) registers itself and fences every
+//! share of the other layouts before it claims, taking a timestamp floor above every lease any
+//! of them held, so after a rescale (a user moving from old share 2-of-3 to new share 1-of-2)
+//! the new share's writes win over any zombie's: see `claim.rs`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use cdrs_tokio::consistency::Consistency;
 use cdrs_tokio::frame::message_batch::BatchType;
 use cdrs_tokio::query::{BatchQueryBuilder, PreparedQuery, QueryValues};
 use cdrs_tokio::query_values;
-use cdrs_tokio::types::IntoRustByName;
 use cdrs_tokio::types::value::Value;
 use futures::StreamExt;
 use spendflow_operators::{AggKey, Epoch};
 
+use super::claim::{claim, lwt_result, now_ms, now_us};
 use super::config::CassandraSinkConfig;
-use crate::cassandra::schema::{self, SINK_NAME};
+use crate::cassandra::schema;
 use crate::cassandra::{CassandraError, CqlSession, connect_with};
 use crate::core::{CellValue, format_day, format_month};
 use crate::sink::{EpochGroup, Sink, SinkContext, SinkCounters, SinkError};
@@ -74,7 +83,7 @@ const RECONNECT_AFTER: Duration = Duration::from_secs(15);
 pub const TS_LEASE: i64 = 5_000_000;
 
 /// Progress rows kept: older ones are deleted now and then.
-const PROGRESS_ROWS_KEPT: u64 = 1000;
+pub(super) const PROGRESS_ROWS_KEPT: u64 = 1000;
 
 /// What the sink found when it started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +95,8 @@ pub struct SinkStart {
     /// The smallest write timestamp this generation uses: above every timestamp an earlier
     /// generation could use (µs since the Unix epoch).
     pub timestamp_floor: i64,
+    /// The layout generation this share registered under (see `claim`).
+    pub layout_generation: i64,
 }
 
 /// The statements, prepared once.
@@ -118,12 +129,19 @@ struct Connection {
     config: CassandraSinkConfig,
     /// What this generation found when it claimed the sink (its generation number too).
     start: SinkStart,
+    /// This share's progress partition (`main`, or `main/<p>-of-<n>` in a cluster).
+    partition: String,
     /// The newest write timestamp used (µs).
     last_timestamp: i64,
     /// The largest write timestamp this generation holds a lease for (µs).
     lease: i64,
     stop: Arc<AtomicBool>,
     counters: SinkCounters,
+    /// This process's share of the sink.
+    share: crate::cluster::Share,
+    /// The first write has raised the timestamps above this layout's other shares' leases
+    /// (see [`Connection::above_siblings`]).
+    above_siblings: bool,
 }
 
 impl std::fmt::Debug for CassandraSink {
@@ -134,6 +152,7 @@ impl std::fmt::Debug for CassandraSink {
                 "generation",
                 &self.conn.as_ref().map(|c| c.start.generation),
             )
+            .field("share", &self.conn.as_ref().map(|c| &c.partition))
             .finish_non_exhaustive()
     }
 }
@@ -175,6 +194,7 @@ impl Sink for CassandraSink {
         let conn = Connection::open(
             self.config.clone(),
             &ctx.owner,
+            ctx.share,
             Arc::clone(&ctx.stop),
             ctx.runtime.clone(),
         )?;
@@ -210,7 +230,10 @@ impl From<CassandraError> for SinkError {
                 sink,
                 source: Box::new(e),
             }
-        } else if matches!(e, CassandraError::Fenced { .. }) {
+        } else if matches!(
+            e,
+            CassandraError::Fenced { .. } | CassandraError::Superseded { .. }
+        ) {
             SinkError::Fenced {
                 sink,
                 source: Box::new(e),
@@ -231,6 +254,7 @@ impl Connection {
     fn open(
         config: CassandraSinkConfig,
         owner: &str,
+        share: crate::cluster::Share,
         stop: Arc<AtomicBool>,
         runtime: tokio::runtime::Handle,
     ) -> Result<Connection, CassandraError> {
@@ -257,16 +281,20 @@ impl Connection {
                 }
             }
             let prepared = prepare(&session, ks).await?;
-            let start = claim(&session, ks, owner).await?;
+            let start = claim(&session, ks, owner, share).await?;
             Ok::<_, CassandraError>((session, prepared, start))
         })?;
+        let partition = schema::share_partition(share);
         tracing::info!(
             keyspace = %config.keyspace,
+            share = %partition,
             generation = start.generation,
+            layout_generation = start.layout_generation,
             committed_epoch = ?start.committed_epoch,
             "Cassandra sink ready."
         );
         Ok(Connection {
+            partition,
             runtime,
             session,
             prepared: Arc::new(prepared),
@@ -276,6 +304,8 @@ impl Connection {
             config,
             stop,
             counters: SinkCounters::default(),
+            share,
+            above_siblings: share.is_single(),
         })
     }
 
@@ -294,6 +324,9 @@ impl Connection {
             .map_err(|e| e.in_keyspace(&self.config.keyspace))?;
         let rows: usize = batches.iter().map(|b| b.len()).sum();
         let epoch = group.epoch;
+        if !self.above_siblings {
+            self.with_reconnects(group.epoch, Connection::above_siblings)?;
+        }
         let timestamp = write_timestamp(now_us(), self.last_timestamp);
         // Every step is idempotent (the same timestamp, absolute values), so the whole group
         // is simply written again on a new session.
@@ -305,6 +338,34 @@ impl Connection {
         Ok(())
     }
 
+    /// Before a share's first write: raises its timestamps above the leases this layout's
+    /// other shares hold now. A cluster's processes all claim their shares before the
+    /// dataflow runs (they open their sinks, then join), so by the first write every other
+    /// share is held by this run, whose floor is above everything its predecessor could use.
+    /// That covers what the claim cannot see: a user moving between shares of one layout (the
+    /// same number of processes, another `-w`) while the old process of that share, not
+    /// fenced yet, still extended its lease after this share claimed.
+    fn above_siblings(&mut self) -> Result<(), CassandraError> {
+        let session = Arc::clone(&self.session);
+        let stop = Arc::clone(&self.stop);
+        let keyspace = self.config.keyspace.clone();
+        let share = self.share;
+        let retries = std::sync::atomic::AtomicU64::new(0);
+        let leases = self.runtime.block_on(retry(
+            "read the other shares' leases",
+            &stop,
+            &retries,
+            || super::claim::sibling_leases(&session, &keyspace, share),
+        ));
+        self.counters.retries += retries.into_inner();
+        if let Some(lease) = leases? {
+            // The next write is at least one above it.
+            self.last_timestamp = self.last_timestamp.max(lease);
+        }
+        self.above_siblings = true;
+        Ok(())
+    }
+
     /// Commits the group's progress row, `IF generation = <ours>`; retried like
     /// [`Connection::write`].
     fn commit(&mut self, group: &EpochGroup) -> Result<(), CassandraError> {
@@ -312,12 +373,13 @@ impl Connection {
             let session = Arc::clone(&conn.session);
             let stop = Arc::clone(&conn.stop);
             let keyspace = conn.config.keyspace.clone();
+            let partition = conn.partition.clone();
             let generation = conn.start.generation;
             let retries = std::sync::atomic::AtomicU64::new(0);
             let result = conn
                 .runtime
                 .block_on(retry("commit progress", &stop, &retries, || {
-                    commit(&session, &keyspace, generation, group)
+                    commit(&session, &keyspace, &partition, generation, group)
                 }));
             conn.counters.retries += retries.into_inner();
             result
@@ -331,7 +393,7 @@ impl Connection {
             let older = (group.epoch - PROGRESS_ROWS_KEPT) as i64;
             if let Err(e) = self.runtime.block_on(
                 self.session
-                    .query_with_values(cql, query_values!(SINK_NAME.to_string(), older)),
+                    .query_with_values(cql, query_values!(self.partition.clone(), older)),
             ) {
                 tracing::debug!(error = %e, "Could not trim old progress rows; will retry later.");
             }
@@ -459,18 +521,20 @@ impl Connection {
         let session = Arc::clone(&self.session);
         let stop = Arc::clone(&self.stop);
         let keyspace = self.config.keyspace.clone();
+        let partition = self.partition.clone();
         let generation = self.start.generation;
         let retries = std::sync::atomic::AtomicU64::new(0);
         let result = self.runtime.block_on(retry("extend the timestamp lease", &stop, &retries, || {
             let session = &session;
             let keyspace = &keyspace;
+            let partition = &partition;
             async move {
                 let envelope = session
                     .query_with_values(
                         format!(
                             "UPDATE {keyspace}.sink_progress SET ts_lease = ? WHERE sink = ? IF generation = ?"
                         ),
-                        query_values!(until, SINK_NAME.to_string(), generation),
+                        query_values!(until, partition.clone(), generation),
                     )
                     .await
                     .map_err(|e| CassandraError::request("extend the timestamp lease", e))?;
@@ -478,6 +542,7 @@ impl Connection {
                     (true, _) => Ok(()),
                     (false, theirs) => Err(CassandraError::Fenced {
                         keyspace: keyspace.clone(),
+                        sink: partition.clone(),
                         ours: generation,
                         theirs: theirs.unwrap_or(-1),
                     }),
@@ -779,108 +844,11 @@ async fn prepare(session: &CqlSession, ks: &str) -> Result<Prepared, CassandraEr
     })
 }
 
-/// Whether a lightweight transaction applied, and the generation it saw.
-fn lwt_result(
-    envelope: cdrs_tokio::frame::Envelope,
-    doing: &str,
-) -> Result<(bool, Option<i64>), CassandraError> {
-    let rows = envelope
-        .response_body()
-        .map_err(|e| CassandraError::request(doing, e))?
-        .into_rows()
-        .unwrap_or_default();
-    let Some(row) = rows.first() else {
-        return Ok((false, None));
-    };
-    let applied: bool = row
-        .get_r_by_name("[applied]")
-        .map_err(|e| CassandraError::request(doing, e))?;
-    let generation: Option<i64> = row.get_by_name("generation").ok().flatten();
-    Ok((applied, generation))
-}
-
-/// Claims the next generation of the sink with a lightweight transaction, and reads the newest
-/// committed epoch.
-async fn claim(session: &CqlSession, ks: &str, owner: &str) -> Result<SinkStart, CassandraError> {
-    let owner = format!("{owner} at {}", now_ms());
-    loop {
-        let rows = session
-            .query_with_values(
-                format!(
-                    "SELECT generation, ts_lease FROM {ks}.sink_progress WHERE sink = ? LIMIT 1"
-                ),
-                query_values!(SINK_NAME.to_string()),
-            )
-            .await
-            .map_err(|e| CassandraError::request("read the sink generation", e))?
-            .response_body()
-            .map_err(|e| CassandraError::request("read the sink generation", e))?
-            .into_rows()
-            .unwrap_or_default();
-        let current: Option<i64> = rows
-            .first()
-            .and_then(|r| r.get_by_name("generation").ok().flatten());
-        let lease: Option<i64> = rows
-            .first()
-            .and_then(|r| r.get_by_name("ts_lease").ok().flatten());
-        let next = current.unwrap_or(0) + 1;
-        let value = |v: Option<i64>| v.map_or_else(|| "null".to_string(), |v| v.to_string());
-        // Conditional on the lease read too: an extension by the old generation in between
-        // makes this fail and read again.
-        let condition = format!(
-            "IF generation = {} AND ts_lease = {}",
-            value(current),
-            value(lease)
-        );
-        let floor = now_us().max(lease.unwrap_or(0).saturating_add(1));
-        let envelope = session
-            .query_with_values(
-                format!(
-                    "UPDATE {ks}.sink_progress SET generation = ?, owner = ?, ts_lease = ? WHERE sink = ? {condition}"
-                ),
-                // The lease starts at the floor and is extended at the first write, so engines
-                // that restart without writing do not push timestamps ahead of the clock.
-                query_values!(next, owner.clone(), floor, SINK_NAME.to_string()),
-            )
-            .await
-            .map_err(|e| CassandraError::request("claim the sink", e))?;
-        let (applied, _) = lwt_result(envelope, "claim the sink")?;
-        if !applied {
-            continue; // Someone else claimed in between: read again.
-        }
-        let committed = session
-            .query_with_values(
-                format!(
-                    "SELECT epoch, committed FROM {ks}.sink_progress WHERE sink = ? LIMIT {}",
-                    PROGRESS_ROWS_KEPT
-                ),
-                query_values!(SINK_NAME.to_string()),
-            )
-            .await
-            .map_err(|e| CassandraError::request("read sink progress", e))?
-            .response_body()
-            .map_err(|e| CassandraError::request("read sink progress", e))?
-            .into_rows()
-            .unwrap_or_default()
-            .iter()
-            .find_map(|row| {
-                let committed: Option<bool> = row.get_by_name("committed").ok().flatten();
-                let epoch: Option<i64> = row.get_by_name("epoch").ok().flatten();
-                epoch.filter(|_| committed == Some(true))
-            })
-            .map(|e| e as Epoch);
-        return Ok(SinkStart {
-            generation: next,
-            committed_epoch: committed,
-            timestamp_floor: floor,
-        });
-    }
-}
-
 /// Writes the group's progress row, only if this engine still holds the sink.
 async fn commit(
     session: &CqlSession,
     ks: &str,
+    partition: &str,
     generation: i64,
     group: &EpochGroup,
 ) -> Result<(), CassandraError> {
@@ -901,7 +869,7 @@ async fn commit(
                 serde_json::Value::Array(positions).to_string(),
                 group.records_covered as i64,
                 now_ms(),
-                SINK_NAME.to_string(),
+                partition.to_string(),
                 group.epoch as i64,
                 generation
             ),
@@ -912,20 +880,9 @@ async fn commit(
         (true, _) => Ok(()),
         (false, theirs) => Err(CassandraError::Fenced {
             keyspace: ks.to_string(),
+            sink: partition.to_string(),
             ours: generation,
             theirs: theirs.unwrap_or(-1),
         }),
     }
-}
-
-fn now_us() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
