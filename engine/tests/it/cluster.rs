@@ -22,7 +22,7 @@
 //!   checkpoint (the records before its positions) and grows by what is read since, so it ends
 //!   at exactly first + more only if every partition resumed at its saved position (one read
 //!   from its start, or from an older position, counts its records twice, and the wait fails
-//!   once every process has said `caught_up` for 20 s without the count adding up).
+//!   once every process has said `caught_up` for 60 s without the count adding up).
 //!
 //! Needs SPENDFLOW_KAFKA, SPENDFLOW_MYSQL, SPENDFLOW_CASSANDRA and SPENDFLOW_HDFS
 //! (`docker/native/services env`).

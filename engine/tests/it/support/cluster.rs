@@ -236,7 +236,7 @@ pub fn exited(processes: &mut [Process]) -> Option<(usize, ExitStatus)> {
 
 /// How long the records read may add up while some process has not yet said `caught_up`,
 /// or every process has said it while the records read do not add up, before the wait fails.
-const SETTLE: Duration = Duration::from_secs(20);
+const SETTLE: Duration = Duration::from_secs(60);
 
 /// Waits (at most `secs`) until the records read add up to exactly `expected`
 /// ([`read_exactly`]) and every process has answered `Admin/GetStatus` with `caught_up` since
