@@ -103,6 +103,8 @@ pub struct ClockSignal {
     pub input: bool,
     /// The sender has taken a whole epoch budget of records into its current epoch.
     pub full: bool,
+    /// The sender stops: `epoch` is its last input epoch.
+    pub stopping: bool,
 }
 
 /// The input of name texts (see [`ExpenseDataflow`]'s `names`).

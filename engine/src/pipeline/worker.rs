@@ -86,6 +86,9 @@ struct Worker<'a> {
     /// In a cluster: this worker told every worker that it read input, or filled its epoch
     /// budget, in its current epoch (see `clock`: the leader cuts for followers).
     signaled: (bool, bool),
+    /// In a cluster, once stopping: the last input epoch each process said it stops at. Every
+    /// process ends at the latest of them, so all publish (and commit) the same last epoch.
+    stopped: std::collections::BTreeMap<u32, Epoch>,
 }
 
 impl<'a> Worker<'a> {
@@ -117,6 +120,7 @@ impl<'a> Worker<'a> {
             last_busy: None,
             lost_source: false,
             signaled: (false, false),
+            stopped: std::collections::BTreeMap::new(),
         }
     }
 
@@ -302,7 +306,13 @@ impl<'a> Worker<'a> {
     /// asking for a checkpoint copy when a checkpoint mark falls in the epochs it closes.
     fn cut_epochs(&mut self) {
         let target = if self.stopping {
-            self.dataflow.epoch()
+            // In a cluster, the latest last epoch any process stops at (signals raise the clock).
+            let last = if self.shared.topology.processes > 1 {
+                self.shared.clock.current()
+            } else {
+                0
+            };
+            self.dataflow.epoch().max(last)
         } else {
             self.shared
                 .clock
@@ -349,7 +359,28 @@ impl<'a> Worker<'a> {
             self.in_epoch = 0;
             self.signaled = (false, false);
         }
+        if stop_now && self.shared.topology.processes > 1 {
+            let process = self.shared.topology.process as u32;
+            let last = self.dataflow.epoch();
+            let mine = self.stopped.entry(process).or_insert(last);
+            *mine = (*mine).max(last);
+            self.dataflow.signal(ClockSignal {
+                process,
+                epoch: last,
+                stopping: true,
+                ..ClockSignal::default()
+            });
+        }
         self.stopping |= stop_now;
+    }
+
+    /// In a cluster, a stopping worker is done only once every process said where it stops
+    /// and this worker's input reached the latest of those epochs (see [`Worker::stopped`]).
+    fn every_process_stops_here(&self) -> bool {
+        let processes = self.shared.topology.processes;
+        processes == 1
+            || (self.stopped.len() == processes
+                && self.stopped.values().all(|&e| e <= self.dataflow.epoch()))
     }
 
     /// Step 4: steps the dataflow (parking briefly when no source had more) and reports the
@@ -393,7 +424,7 @@ impl<'a> Worker<'a> {
                 return false;
             }
         }
-        !self.stopping || self.dataflow.is_behind()
+        !self.stopping || self.dataflow.is_behind() || !self.every_process_stops_here()
     }
 }
 
@@ -404,6 +435,12 @@ impl Worker<'_> {
         let clock = &self.shared.clock;
         for signal in self.dataflow.take_signals() {
             if signal.process == me {
+                continue;
+            }
+            if signal.stopping {
+                let last = self.stopped.entry(signal.process).or_insert(signal.epoch);
+                *last = (*last).max(signal.epoch);
+                clock.follow(signal.epoch);
                 continue;
             }
             if clock.is_follower() {
