@@ -47,9 +47,11 @@ leaf() {
   echo "dev-certs: made $dir/$name.pem"
 }
 
+# clientAuth too: in a cluster with mTLS, each process presents its server certificate when it
+# forwards a query to a peer.
 leaf server engine "basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature
-extendedKeyUsage=serverAuth
+extendedKeyUsage=serverAuth,clientAuth
 subjectAltName=DNS:localhost,DNS:engine,IP:127.0.0.1,IP:::1"
 leaf client spendflow-client "basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature
