@@ -71,6 +71,9 @@ pub struct WorkerStatus {
     pub accepted: AtomicU64,
     /// True when every source of this worker had nothing more at the last poll.
     pub idle: AtomicBool,
+    /// Polls started plus polls finished: odd while a poll is in flight (see
+    /// [`WorkerStatus::idle_after_poll`]).
+    pub polls: AtomicU64,
     /// Partition positions after the last poll.
     pub partitions: parking_lot::Mutex<Vec<PartitionPosition>>,
     /// Set the first time every source of this worker had nothing more (see
@@ -78,6 +81,34 @@ pub struct WorkerStatus {
     pub was_idle: AtomicBool,
     /// True when a source of this worker reported lag at the last poll.
     pub lagging: AtomicBool,
+}
+
+/// How long a status probe waits for a worker's poll in flight to finish.
+const POLL_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+
+impl WorkerStatus {
+    /// Whether the worker's last finished poll found nothing more. A poll in flight may be
+    /// taking records that are not counted yet, so never counts as idle: the probe waits for it
+    /// to finish (a poll of sources with nothing to return takes microseconds), and says "not
+    /// idle" only if it takes longer than [`POLL_WAIT`]. (Saying "not idle" at once made
+    /// `caught_up` flicker between probes on a busy machine, where a worker is often
+    /// descheduled in the middle of a poll.)
+    pub fn idle_after_poll(&self) -> bool {
+        let deadline = Instant::now() + POLL_WAIT;
+        loop {
+            let before = self.polls.load(Ordering::Acquire);
+            if before % 2 == 0 {
+                let idle = self.idle.load(Ordering::Acquire);
+                if self.polls.load(Ordering::Acquire) == before {
+                    return idle;
+                }
+            } else if Instant::now() >= deadline {
+                return false;
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
 }
 
 /// State shared by the workers, the publisher and the services.
@@ -215,7 +246,7 @@ impl Shared {
 
     /// True if every worker's sources had nothing more at their last poll.
     pub fn sources_idle(&self) -> bool {
-        self.workers.iter().all(|w| w.idle.load(Ordering::Acquire))
+        self.workers.iter().all(WorkerStatus::idle_after_poll)
     }
 
     /// True if a source of any worker reported lag at its last poll (epochs are then cut by
@@ -280,4 +311,44 @@ pub struct WorkerReport {
 /// A bounded channel from the workers to the publisher.
 pub fn report_channel() -> (Sender<WorkerReport>, Receiver<WorkerReport>) {
     crossbeam_channel::bounded(REPORT_QUEUE)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+
+    use super::WorkerStatus;
+
+    #[test]
+    fn a_probe_waits_for_a_poll_in_flight_instead_of_saying_not_idle() {
+        let status = std::sync::Arc::new(WorkerStatus::default());
+        // A finished poll that found nothing.
+        status.polls.store(2, Ordering::Release);
+        status.idle.store(true, Ordering::Release);
+        assert!(status.idle_after_poll());
+        // A poll starts, and finishes 5 ms later finding nothing again: the probe says idle.
+        status.polls.fetch_add(1, Ordering::AcqRel);
+        let poller = {
+            let status = std::sync::Arc::clone(&status);
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(5));
+                status.idle.store(true, Ordering::Release);
+                status.polls.fetch_add(1, Ordering::AcqRel);
+            })
+        };
+        assert!(status.idle_after_poll(), "flickered to not idle");
+        poller.join().unwrap();
+        // A poll that took records: not idle once it finishes.
+        status.polls.fetch_add(1, Ordering::AcqRel);
+        status.idle.store(false, Ordering::Release);
+        status.polls.fetch_add(1, Ordering::AcqRel);
+        assert!(!status.idle_after_poll());
+        // A poll stuck in flight (a slow source): not idle, after a bounded wait.
+        status.idle.store(true, Ordering::Release);
+        status.polls.fetch_add(1, Ordering::AcqRel);
+        let started = Instant::now();
+        assert!(!status.idle_after_poll());
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
 }

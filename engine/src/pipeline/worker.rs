@@ -192,9 +192,9 @@ impl<'a> Worker<'a> {
     fn poll_sources(&mut self) -> bool {
         let (index, shared, status) = (self.index, self.shared, self.status);
         let mut busy = false;
-        // Not idle while polling: records taken from a source but not yet counted must never
-        // look caught up.
-        status.idle.store(false, Ordering::Release);
+        // A poll in flight: records taken from a source but not yet counted must never look
+        // caught up (see `WorkerStatus::idle_after_poll`).
+        status.polls.fetch_add(1, Ordering::AcqRel);
         let mut idle = true;
         // A source that is not caught up although it has nothing to return now.
         let mut behind = self.lost_source;
@@ -296,6 +296,7 @@ impl<'a> Worker<'a> {
         }
         self.last_busy = Some(not_idle);
         status.idle.store(!not_idle, Ordering::Release);
+        status.polls.fetch_add(1, Ordering::AcqRel);
         if !not_idle {
             shared.note_idle(index);
         }
