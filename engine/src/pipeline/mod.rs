@@ -97,7 +97,7 @@ impl WorkerStatus {
         let deadline = Instant::now() + POLL_WAIT;
         loop {
             let before = self.polls.load(Ordering::Acquire);
-            if before % 2 == 0 {
+            if before.is_multiple_of(2) {
                 let idle = self.idle.load(Ordering::Acquire);
                 if self.polls.load(Ordering::Acquire) == before {
                     return idle;
