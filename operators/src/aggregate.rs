@@ -152,8 +152,16 @@ impl<'scope> AggregateCells<'scope> for VecCollection<'scope, Epoch, Fact, i64> 
         replay: ReplayTouch,
         touched: CapturedTouches,
     ) -> (Arranged<'scope, CellTrace>, Stream<'scope, Epoch, Vec<()>>) {
+        let scope = self.inner.scope();
         let sums = self.inner.pre_aggregate_cells(|_| true, replay.clone());
-        let touches = sums.clone().capture_touches(replay, touched);
+        // A replay bound only ever moves down, so a dataflow built with no replay epoch never
+        // gets one: it needs no capture, and its pre-aggregated sums are not copied for one
+        // (timely clones a stream's batches for every consumer but the last).
+        let touches = if replay.until() > replay.from() {
+            sums.clone().capture_touches(replay, touched)
+        } else {
+            timely::dataflow::operators::generic::operator::empty(scope)
+        };
         let cells = sums.as_collection().arrange_by_self_named("AggregateCells");
         (cells, touches)
     }
