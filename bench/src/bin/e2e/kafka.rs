@@ -351,15 +351,17 @@ pub fn raw_consume(brokers: &str, topics: &[String], threads: usize) -> Result<(
         let total = Arc::clone(&total);
         let barrier = Arc::clone(&barrier);
         handles.push(std::thread::spawn(move || -> Result<(Instant, Instant)> {
-            let consumer: BaseConsumer = ClientConfig::new()
+            let mut config = ClientConfig::new();
+            for (key, value) in spendflow_engine::source::kafka::READ_SETTINGS {
+                config.set(key, value);
+            }
+            let consumer: BaseConsumer = config
                 .set("bootstrap.servers", &brokers)
                 .set("group.id", format!("spendflow-bench-raw-{}", wall_ms()))
                 .set("enable.auto.commit", "false")
                 .set("enable.auto.offset.store", "false")
                 .set("isolation.level", "read_committed")
                 .set("enable.partition.eof", "false")
-                .set("queued.max.messages.kbytes", "16384")
-                .set("fetch.wait.max.ms", "10")
                 .create()
                 .context("create the raw consumer")?;
             let mut expected = 0u64;

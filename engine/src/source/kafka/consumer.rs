@@ -31,11 +31,45 @@ const LAGGING_RECORDS: u64 = 50_000;
 /// How often progress is committed to the consumer group (for monitoring only).
 const COMMIT_INTERVAL: Duration = Duration::from_secs(5);
 
-/// The worker (of `peers`) that reads a partition: a stable hash (FNV-1a, then fmix64) of
-/// topic and partition, the same in every process and build.
+/// The consumer's fetch settings, tuned for catch-up and bounded memory; the benchmark's raw
+/// consume ceiling reads with the same.
+pub const READ_SETTINGS: [(&str, &str); 6] = [
+    // Bounded prefetch: the memory bound of the source (besides the fetch thread's
+    // channel, `BATCHES_AHEAD` batches).
+    ("queued.max.messages.kbytes", "16384"),
+    // Keep prefetching until 16 MiB are queued rather than stopping at librdkafka's
+    // default 100,000 messages: with small records (~150 bytes) that default empties
+    // in well under a second of catch-up and the next fetch starts only then.
+    ("queued.min.messages", "1000000"),
+    // When a fetch overfills that queue (one response of 4 MiB per partition can),
+    // librdkafka postpones the partition's next fetch by `fetch.queue.backoff.ms`,
+    // 1 s by default: the queue then drained in a fraction of that and the worker
+    // waited out the rest with nothing to read. 10 ms: catch-up 2 M keyed records in
+    // about 6 s instead of 7-8 s (bench/README.md). 0 was slower than 10.
+    ("fetch.queue.backoff.ms", "10"),
+    // Larger fetches during catch-up (fewer round trips, one lz4 batch set per
+    // partition and request): 4 MiB per partition instead of 1 MiB.
+    ("max.partition.fetch.bytes", "4194304"),
+    // A fetch waits for 64 KiB or `fetch.wait.max.ms`: while behind, fetches come back
+    // full at once; when caught up this adds at most 10 ms to the freshness, against
+    // many near-empty round trips of a few records each.
+    ("fetch.min.bytes", "65536"),
+    ("fetch.wait.max.ms", "10"),
+];
+
+/// The worker (of `peers`) that reads a partition: the partitions of one topic go round the
+/// workers in turn, starting at a worker chosen by a stable hash (FNV-1a, then fmix64) of the
+/// topic's name, the same in every process and build.
+///
+/// Round the workers, not hashed one by one: a keyed topic's partitions must be spread evenly,
+/// or one worker (and its fetch thread) reads most of the input while the other waits for it.
+/// Hashing each partition gave 4 partitions over 2 workers a 4–0 or 3–1 split 5 times in 8,
+/// and the catch-up ran at the speed of the loaded worker. The hashed start spreads the
+/// single-partition topics of the per-user layout.
 pub(crate) fn owner_of(topic: &str, partition: i32, peers: usize) -> usize {
+    let peers = peers.max(1) as u64;
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in topic.bytes().chain(partition.to_le_bytes()) {
+    for byte in topic.bytes() {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
@@ -45,7 +79,7 @@ pub(crate) fn owner_of(topic: &str, partition: i32, peers: usize) -> usize {
     hash ^= hash >> 33;
     hash = hash.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
     hash ^= hash >> 33;
-    (hash % peers.max(1) as u64) as usize
+    ((hash % peers + u64::from(partition.unsigned_abs()) % peers) % peers) as usize
 }
 
 /// The user a per-user topic belongs to: `<prefix><digits>`.
@@ -129,22 +163,10 @@ impl KafkaSource {
             // ("offset out of range") and handled as lost input.
             .set("auto.offset.reset", "error")
             .set("isolation.level", "read_committed")
-            .set("enable.partition.eof", "false")
-            // Bounded prefetch: the memory bound of the source (besides the fetch thread's
-            // channel, `BATCHES_AHEAD` batches).
-            .set("queued.max.messages.kbytes", "16384")
-            // Keep prefetching until 16 MiB are queued rather than stopping at librdkafka's
-            // default 100,000 messages: with small records (~150 bytes) that default empties
-            // in well under a second of catch-up and the next fetch starts only then.
-            .set("queued.min.messages", "1000000")
-            // Larger fetches during catch-up (fewer round trips, one lz4 batch set per
-            // partition and request): 4 MiB per partition instead of 1 MiB.
-            .set("max.partition.fetch.bytes", "4194304")
-            // A fetch waits for 64 KiB or `fetch.wait.max.ms`: while behind, fetches come back
-            // full at once; when caught up this adds at most 10 ms to the freshness, against
-            // many near-empty round trips of a few records each.
-            .set("fetch.min.bytes", "65536")
-            .set("fetch.wait.max.ms", "10");
+            .set("enable.partition.eof", "false");
+        for (key, value) in READ_SETTINGS {
+            client.set(key, value);
+        }
         config.librdkafka_options.apply(&mut client);
         let consumer: Arc<BaseConsumer> = Arc::new(
             client

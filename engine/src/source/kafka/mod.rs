@@ -8,10 +8,11 @@
 //! * **Users.** A topic named `<user_topic_prefix><digits>` (default prefix `expenses.user.`)
 //!   belongs to that user, and a record in it that names another user is rejected
 //!   (`user_mismatch`). In a keyed topic, a key that is a number is the user the record must name.
-//! * **Workers.** Every worker lists the same partitions and takes those whose stable hash of
-//!   `(topic, partition)` falls on its index: deterministic, no coordination, and a partition
-//!   never moves while the engine runs, so each partition keeps a single reader (which keeps each
-//!   expense's records in order).
+//! * **Workers.** Every worker lists the same partitions and takes its share: a topic's
+//!   partitions go round the workers in turn from a worker chosen by a stable hash of the topic
+//!   (so a keyed topic is spread evenly, and single-partition topics are spread by the hash):
+//!   deterministic, no coordination, and a partition never moves while the engine runs, so each
+//!   partition keeps a single reader (which keeps each expense's records in order).
 //! * **Positions.** Partitions are assigned manually at positions spendflow chooses (the
 //!   beginning, or a checkpoint); consumer-group commits are sent only so Kafka tools can show
 //!   lag, never read back. `isolation.level=read_committed`.
@@ -50,4 +51,4 @@ mod fetch;
 mod tests;
 
 pub use config::{KafkaSourceConfig, OnDataLoss};
-pub use consumer::{KafkaSource, user_of_topic};
+pub use consumer::{KafkaSource, READ_SETTINGS, user_of_topic};

@@ -18,9 +18,34 @@ fn partitions_are_divided_stably_and_evenly() {
             "{peers} workers: {counts:?}"
         );
     }
-    // The value itself is part of the contract (a restart must give the same assignment).
+    // Every process of a cluster computes the same owner.
     assert_eq!(owner_of("expenses", 3, 2), owner_of("expenses", 3, 2));
     assert_eq!(owner_of("t", 0, 1), 0);
+}
+
+#[test]
+fn a_topics_partitions_are_spread_evenly_over_the_workers() {
+    // Hashing every partition on its own put 3 or 4 of a keyed topic's 4 partitions on one of
+    // 2 workers for most names, and that worker's fetch thread bounded the catch-up.
+    for peers in 1..=6 {
+        for partitions in [1, 2, 3, 4, 6, 8, 12, 16] {
+            for n in 0..50 {
+                let topic = format!("sfbench.{n:08x}.keyed");
+                let mut counts = vec![0; peers];
+                for p in 0..partitions {
+                    counts[owner_of(&topic, p, peers)] += 1;
+                }
+                let (min, max) = (
+                    counts.iter().min().copied().unwrap_or(0),
+                    counts.iter().max().copied().unwrap_or(0),
+                );
+                assert!(
+                    max - min <= 1,
+                    "{topic}: {partitions} partitions over {peers} workers: {counts:?}"
+                );
+            }
+        }
+    }
 }
 
 #[test]
