@@ -493,13 +493,15 @@ fn admit(
         Payload::Reference(_) => unreachable!("reference changes are pushed before admit"),
         Payload::Bytes(bytes) => match decode(&bytes) {
             Ok(record) => (record, Some(bytes)),
-            Err(rejection) => return Err((rejection, bytes)),
+            Err(rejection) => return Err((rejection, bytes.to_vec())),
         },
     };
     match expected_user {
         Some(user) if record.user_id() != user => {
-            let raw =
-                bytes.unwrap_or_else(|| spendflow_operators::decode::encode(&record).into_bytes());
+            let raw = bytes.map_or_else(
+                || spendflow_operators::decode::encode(&record).into_bytes(),
+                |bytes| bytes.to_vec(),
+            );
             let detail = format!(
                 "the record's user_id {} differs from the topic's user {user}",
                 record.user_id()

@@ -96,7 +96,7 @@ impl FileSource {
         self.partial_len = 0;
         if !bytes.iter().all(u8::is_ascii_whitespace) {
             out.push(SourceRecord {
-                payload: Payload::Bytes(bytes),
+                payload: Payload::Bytes(bytes.into()),
                 partition: 0,
                 offset,
                 expected_user: None,

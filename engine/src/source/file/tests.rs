@@ -9,7 +9,7 @@ fn lines(source: &mut FileSource) -> (Vec<(i64, Vec<u8>)>, Poll) {
     let got = out
         .into_iter()
         .map(|r| match r.payload {
-            Payload::Bytes(b) => (r.offset, b),
+            Payload::Bytes(b) => (r.offset, b.to_vec()),
             Payload::Record(_) | Payload::Reference(_) => panic!("files hold bytes"),
         })
         .collect();

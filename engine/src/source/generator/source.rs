@@ -238,7 +238,7 @@ impl Source for GeneratorSource {
         for _ in 0..allowed {
             let offset = self.stream.produced() as i64;
             let payload = match self.stream.next_item() {
-                Item::Expense(generated) => Payload::Bytes(generated.bytes),
+                Item::Expense(generated) => Payload::Bytes(generated.bytes.into()),
                 Item::Reference(change) => Payload::Reference(change),
             };
             out.push(SourceRecord {

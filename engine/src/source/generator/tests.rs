@@ -40,7 +40,7 @@ fn drain(mut source: GeneratorSource) -> Vec<(i64, Rec)> {
         }
         for record in batch.drain(..) {
             let rec = match record.payload {
-                Payload::Bytes(bytes) => Rec::Bytes(bytes),
+                Payload::Bytes(bytes) => Rec::Bytes(bytes.to_vec()),
                 Payload::Reference(change) => Rec::Reference(change),
                 Payload::Record(_) => panic!("the generator sends bytes"),
             };

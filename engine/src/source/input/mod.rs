@@ -37,7 +37,7 @@ impl InputHandle {
     /// [`EngineError::ShutDown`] if the engine has stopped.
     pub fn push_json(&self, bytes: impl Into<Vec<u8>>) -> Result<(), EngineError> {
         self.tx
-            .send(Payload::Bytes(bytes.into()))
+            .send(Payload::Bytes(bytes.into().into()))
             .map_err(|_| EngineError::ShutDown)
     }
 

@@ -118,8 +118,8 @@ mod read_ahead {
                     topic: Arc::clone(&topic),
                     partition,
                     offset,
-                    payload: format!("{offset}").into_bytes(),
-                    key: Some(b"42".to_vec()),
+                    payload: format!("{offset}").into_bytes().into(),
+                    key: Some(bytes::Bytes::from_static(b"42")),
                 })
                 .collect(),
         )
@@ -166,7 +166,7 @@ mod read_ahead {
         let Payload::Bytes(bytes) = &out[12].payload else {
             panic!("bytes expected");
         };
-        assert_eq!(bytes, b"7");
+        assert_eq!(&bytes[..], b"7");
         assert_eq!(out[12].key.as_deref(), Some(&b"42"[..]));
         assert_eq!(out[12].expected_user, Some(42));
     }
