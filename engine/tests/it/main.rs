@@ -32,6 +32,7 @@ mod service_cassandra;
 mod service_hdfs;
 mod service_kafka;
 mod service_mysql;
+mod services_kit;
 mod sink_stall;
 mod tls;
 mod web_api;
