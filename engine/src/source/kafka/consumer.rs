@@ -35,9 +35,14 @@ const COMMIT_INTERVAL: Duration = Duration::from_secs(5);
 /// consume ceiling reads with the same.
 pub const READ_SETTINGS: [(&str, &str); 6] = [
     // Bounded prefetch: the memory bound of the source (besides the fetch thread's
-    // channel, `BATCHES_AHEAD` batches).
-    ("queued.max.messages.kbytes", "16384"),
-    // Keep prefetching until 16 MiB are queued rather than stopping at librdkafka's
+    // channel, `BATCHES_AHEAD` batches). The fetch thread empties this queue as fast as
+    // fetches fill it, so it only has to cover a fetch's round trip: at 16 MiB librdkafka
+    // held about 175 MiB at the peak of a 2 M-record catch-up (a queued record costs far
+    // more than its payload: one op struct each, and whole decompressed batches), and the
+    // catch-up's peak RSS was about 800 MiB; at 2 MiB it is about 555 MiB, no slower
+    // (`bench/scripts/catchup.sh`, bench/README.md). 1 MiB saved little more.
+    ("queued.max.messages.kbytes", "2048"),
+    // Keep prefetching until that many kilobytes are queued rather than stopping at librdkafka's
     // default 100,000 messages: with small records (~150 bytes) that default empties
     // in well under a second of catch-up and the next fetch starts only then.
     ("queued.min.messages", "1000000"),
