@@ -35,6 +35,14 @@ pub use crate::core::{Amount, AsOf, CellValue, format_day, format_month, new_inc
 /// Closed epochs of changes kept for resuming subscribers.
 pub const HISTORY_EPOCHS: usize = 512;
 
+/// Changed cells the history of changes keeps at most, over all its epochs (it always keeps the
+/// newest epoch). Caught up, epochs are small and [`HISTORY_EPOCHS`] bounds it; during a
+/// catch-up each epoch changes up to hundreds of thousands of cells, and 512 of them held
+/// every change of a 2 M-record catch-up (about 70 MiB at its peak, growing with the input). A
+/// subscriber that resumes after an epoch the history no longer holds gets a snapshot instead,
+/// which is always correct.
+pub const HISTORY_CELLS: usize = 256 * 1024;
+
 /// The changes of one or more closed epochs, merged over all workers, ready to apply.
 #[derive(Clone, Debug, Default)]
 pub struct EpochDelta {
@@ -661,7 +669,7 @@ pub struct ReadModel {
     current: ArcSwap<Snapshot>,
     epoch: watch::Sender<Option<Epoch>>,
     changes: broadcast::Sender<Arc<Published>>,
-    history: Mutex<VecDeque<Arc<Published>>>,
+    history: Mutex<History>,
     /// Alert changes per published epoch (empty ones too: they carry the progress), for
     /// `Alerts/Subscribe`; bounded like `history`.
     alert_changes: broadcast::Sender<Arc<PublishedAlerts>>,
@@ -672,6 +680,29 @@ pub struct ReadModel {
     /// [`ReadModel::keep_recent_snapshots`]).
     recent: Mutex<VecDeque<Arc<Snapshot>>>,
     keep_recent: std::sync::atomic::AtomicUsize,
+}
+
+/// The changes of the newest published epochs, for resuming subscribers: at most
+/// [`HISTORY_EPOCHS`] epochs and, beyond the newest one, [`HISTORY_CELLS`] changed cells.
+#[derive(Debug, Default)]
+struct History {
+    epochs: VecDeque<Arc<Published>>,
+    /// Changed cells over `epochs`.
+    cells: usize,
+}
+
+impl History {
+    /// Appends the newest epoch and forgets the oldest ones over the bounds.
+    fn push(&mut self, published: Arc<Published>) {
+        self.cells += published.cells.len();
+        self.epochs.push_back(published);
+        while self.epochs.len() > HISTORY_EPOCHS
+            || (self.cells > HISTORY_CELLS && self.epochs.len() > 1)
+        {
+            let oldest = self.epochs.pop_front().expect("more than one epoch");
+            self.cells -= oldest.cells.len();
+        }
+    }
 }
 
 /// The alerts that changed state when an epoch (or several, merged) was published.
@@ -724,7 +755,7 @@ impl ReadModel {
             current: ArcSwap::from_pointee(empty.clone()),
             epoch: watch::Sender::new(None),
             changes: broadcast::Sender::new(1024),
-            history: Mutex::new(VecDeque::with_capacity(HISTORY_EPOCHS)),
+            history: Mutex::new(History::default()),
             alert_changes: broadcast::Sender::new(1024),
             alert_history: Mutex::new(VecDeque::with_capacity(HISTORY_EPOCHS)),
             closed: watch::Sender::new(false),
@@ -832,10 +863,14 @@ impl ReadModel {
         let history = self.history.lock();
         let receiver = self.changes.subscribe();
         if let Some(after) = resume_after {
-            let covered = history.front().is_some_and(|p| p.as_of.epoch <= after + 1)
+            let covered = history
+                .epochs
+                .front()
+                .is_some_and(|p| p.as_of.epoch <= after + 1)
                 || self.published_epoch().is_some_and(|e| e <= after);
             if covered {
                 let replay = history
+                    .epochs
                     .iter()
                     .filter(|p| p.as_of.epoch > after)
                     .cloned()
@@ -975,10 +1010,7 @@ impl ReadModelWriter {
         }
         {
             let mut history = self.model.history.lock();
-            if history.len() == HISTORY_EPOCHS {
-                history.pop_front();
-            }
-            history.push_back(Arc::clone(&published));
+            history.push(Arc::clone(&published));
             // No receivers is fine: nobody is subscribed.
             let _ = self.model.changes.send(Arc::clone(&published));
         }

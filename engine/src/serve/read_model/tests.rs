@@ -162,6 +162,45 @@ fn subscriptions_resume_from_history_or_start_from_a_snapshot() {
     assert_eq!(receiver.try_recv().unwrap().as_of.epoch, 1_000);
 }
 
+/// Catch-up epochs change many cells each: the history keeps them only up to
+/// `HISTORY_CELLS` (not 512 epochs of them, which held every change of a long catch-up), and a
+/// subscriber resuming before what it holds gets a snapshot.
+#[test]
+fn the_history_is_bounded_by_cells_as_well_as_epochs() {
+    let (model, mut writer) = ReadModel::new();
+    let per_epoch = HISTORY_CELLS / 4 + 1;
+    for epoch in 1..=8 {
+        let cells = (0..per_epoch as u64)
+            .map(|u| change(AggKey::User(u), 1, epoch as i64))
+            .collect();
+        writer.apply(delta(epoch, cells, vec![]));
+    }
+    let kept: Vec<Epoch> = model
+        .history
+        .lock()
+        .epochs
+        .iter()
+        .map(|p| p.as_of.epoch)
+        .collect();
+    // Four such epochs are just over the bound: the newest three stay.
+    assert_eq!(kept, vec![6, 7, 8]);
+    assert_eq!(model.history.lock().cells, 3 * per_epoch);
+    assert!(matches!(
+        model.subscribe(Some(4)).0,
+        SubscriptionStart::Snapshot(_)
+    ));
+    match model.subscribe(Some(5)).0 {
+        SubscriptionStart::Replay(replay) => assert_eq!(replay.len(), 3),
+        SubscriptionStart::Snapshot(_) => panic!("epochs 6 to 8 are in the history"),
+    }
+    // One epoch larger than the bound on its own is still kept (the newest always is).
+    let cells = (0..(HISTORY_CELLS as u64 + 1))
+        .map(|u| change(AggKey::User(u), 1, 1))
+        .collect();
+    writer.apply(delta(9, cells, vec![]));
+    assert_eq!(model.history.lock().epochs.len(), 1);
+}
+
 #[test]
 fn formats_dates() {
     assert_eq!(
