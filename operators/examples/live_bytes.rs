@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use spendflow_operators::Epoch;
 use spendflow_operators::model::Fact;
 use spendflow_operators::runtime::execute;
-use spendflow_operators::upsert::{Instruction, LiveMap};
+use spendflow_operators::upsert::{Instruction, LiveEntry};
 
 /// The system allocator, counting live bytes, their peak, and allocation calls.
 struct Counting;
@@ -98,7 +98,7 @@ fn main() {
     );
     println!(
         "  upsert map entry ((user, id) -> fact, one per live expense): {}",
-        size_of::<<LiveMap as IntoIterator>::Item>()
+        size_of::<LiveEntry>()
     );
     println!(
         "  Fact (one per change of a live fact, to the aggregates): {}",
