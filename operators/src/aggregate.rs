@@ -60,6 +60,7 @@ use timely::dataflow::operators::generic::operator::Operator;
 
 use crate::Epoch;
 use crate::model::{AggKey, CountSum, Fact, LastSeen, UserId};
+use crate::small_map::SmallMap;
 
 /// The trace type of the cell arrangement.
 pub type CellTrace = TraceAgent<KeySpine<AggKey, Epoch, CountSum>>;
@@ -335,7 +336,7 @@ impl<'scope> LastSeenByUser<'scope> for VecCollection<'scope, Epoch, Fact, i64> 
                 "LastSeenByUser",
                 |_capability, _info| {
                     // user -> (event_ms -> live expenses at that time).
-                    let mut times: SeededMap<UserId, BTreeMap<i64, i64>> = SeededMap::default();
+                    let mut times: SeededMap<UserId, SmallMap<i64, i64>> = SeededMap::default();
                     // Changes of epochs not yet closed, applied in epoch order once they are.
                     let mut open: BTreeMap<Epoch, (Capability<Epoch>, Vec<(UserId, i64, i64)>)> =
                         BTreeMap::new();
@@ -356,21 +357,17 @@ impl<'scope> LastSeenByUser<'scope> for VecCollection<'scope, Epoch, Fact, i64> 
                             // its changes are in the sink.
                             let (epoch, (_capability, mut changes)) = entry.remove_entry();
                             for &(user, event_ms, diff) in &changes {
-                                let user_times = times.entry(user).or_default();
-                                let count = user_times.entry(event_ms).or_insert(0);
-                                *count += diff;
-                                if *count == 0 {
-                                    user_times.remove(&event_ms);
-                                }
+                                times.entry(user).or_default().update(
+                                    event_ms,
+                                    |count| *count += diff,
+                                    |count| *count != 0,
+                                );
                             }
                             changes.sort_unstable_by_key(|(user, _, _)| *user);
                             changes.dedup_by_key(|(user, _, _)| *user);
                             let mut sink = sink.borrow_mut();
                             for (user, _, _) in changes {
-                                let newest = times
-                                    .get(&user)
-                                    .and_then(|t| t.last_key_value())
-                                    .map(|(ms, _)| *ms);
+                                let newest = times.get(&user).and_then(SmallMap::last_key);
                                 if newest.is_none() {
                                     times.remove(&user);
                                 }

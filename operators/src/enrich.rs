@@ -53,6 +53,7 @@ use crate::reference::{
     AlertEvent, AlertState, Converted, Currency, RateChange, RefChange, RefKey, RefValue,
     THRESHOLDS_PCT, UNKNOWN_CURRENCY, UserRef, UserRow, alert_fired, convert, rate_for,
 };
+use crate::small_map::SmallMap;
 
 /// User-row changes per closed epoch, for the worker to drain.
 pub type CapturedUsers = Rc<RefCell<Vec<(Epoch, UserRef)>>>;
@@ -276,7 +277,7 @@ struct UserState {
     /// The user's total cell.
     total: CountSum,
     /// The user's month cells that are not `(0, 0)`.
-    months: BTreeMap<i32, CountSum>,
+    months: SmallMap<i32, CountSum>,
     /// The user's row, if any.
     row: Option<UserRow>,
     /// `(month, threshold)` of every fired alert.
@@ -425,12 +426,14 @@ impl Join {
                     }
                 }
                 Some(month) => {
-                    let cell = state.months.entry(month).or_insert((0, 0));
-                    cell.0 += count;
-                    cell.1 += sum;
-                    if *cell == (0, 0) {
-                        state.months.remove(&month);
-                    }
+                    state.months.update(
+                        month,
+                        |cell| {
+                            cell.0 += count;
+                            cell.1 += sum;
+                        },
+                        |cell| *cell != (0, 0),
+                    );
                     if state.alerts_may_change() {
                         dirty.entry(user).or_default().months.push(month);
                     }
@@ -482,7 +485,7 @@ impl Join {
             let currency = state.row.map_or(UNKNOWN_CURRENCY, |row| row.currency);
             let mut months = dirty.months;
             if dirty.all {
-                months.extend(state.months.keys().copied());
+                months.extend(state.months.keys());
                 months.extend(state.fired.iter().map(|(month, _)| *month));
             }
             months.sort_unstable();

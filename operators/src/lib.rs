@@ -33,6 +33,7 @@ pub mod name;
 pub mod oracle;
 pub mod reference;
 pub mod runtime;
+pub mod small_map;
 pub mod upsert;
 
 /// The dataflow's logical time: a number that grows by one each time the input is cut into a new
