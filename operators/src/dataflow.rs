@@ -389,33 +389,37 @@ impl ExpenseDataflow {
         // By epoch, then by key, so each epoch's run consolidates in one pass.
         updates.sort_unstable_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
         let mut closed: Vec<ClosedEpoch> = Vec::new();
-        let mut updates = updates.into_iter().peekable();
-        while let Some((key, epoch, (mut count, mut sum))) = updates.next() {
-            // A zero change survives only if it is all there is for the cell in the epoch: a
-            // touched cell (real changes of one epoch never sum to zero here, the arrangement
-            // consolidated them).
-            let mut only_touches = (count, sum) == (0, 0);
-            while let Some((_, _, (c, s))) =
-                updates.next_if(|(next, time, _)| *time == epoch && *next == key)
-            {
-                count += c;
-                sum += s;
-                only_touches &= (c, s) == (0, 0);
+        for run in updates.chunk_by(|a, b| a.1 == b.1) {
+            let epoch = run[0].1;
+            // Sized to the run (consolidation only shrinks it): grown by doubling, an epoch's
+            // changes held up to twice their size while they wait for the publisher.
+            let mut cells = Vec::with_capacity(run.len());
+            for same_cell in run.chunk_by(|a, b| a.0 == b.0) {
+                // A zero change survives only if it is all there is for the cell in the epoch:
+                // a touched cell (real changes of one epoch never sum to zero here, the
+                // arrangement consolidated them).
+                let (mut count, mut sum, mut only_touches) = (0, 0, true);
+                for (_, _, (c, s)) in same_cell {
+                    count += c;
+                    sum += s;
+                    only_touches &= (*c, *s) == (0, 0);
+                }
+                if (count, sum) == (0, 0) && !only_touches {
+                    continue;
+                }
+                cells.push(CellChange {
+                    key: same_cell[0].0,
+                    count,
+                    sum,
+                });
             }
-            if (count, sum) == (0, 0) && !only_touches {
-                continue;
-            }
-            if closed.last().is_none_or(|c| c.epoch != epoch) {
+            if !cells.is_empty() {
                 closed.push(ClosedEpoch {
                     epoch,
+                    cells,
                     ..ClosedEpoch::default()
                 });
             }
-            closed
-                .last_mut()
-                .expect("pushed above")
-                .cells
-                .push(CellChange { key, count, sum });
         }
 
         // The other outputs, each in the entry of its epoch, sorted by key within it (one per
