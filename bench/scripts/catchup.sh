@@ -3,8 +3,10 @@
 # two builds (bench/README.md, "Second pass"): time from process start until Admin/GetStatus says
 # caught_up with every record read, and the peak RSS (VmHWM) then.
 #
-#   spendflow generate --brokers 127.0.0.1:9092 --layout keyed --topic probe.keyed \
-#       --partitions 4 --users 10000 --events 2000000 --bad-rate 0      # once
+#   spendflow generate --mysql "$SPENDFLOW_MYSQL" --brokers 127.0.0.1:9092 --layout keyed \
+#       --topic probe.keyed --partitions 4 --users 10000 --events 2000000 --bad-rate 0   # once
+#   (the generator keeps its run in MariaDB: another topic or user count needs a database of its
+#   own, e.g. .../spendflow_u1m for --users 1000000 --topic probe.users1m)
 #   bench/scripts/catchup.sh target/release/spendflow [more `spendflow run` flags]
 #
 # Env: TOPIC (probe.keyed), RECORDS (2000000), BROKERS (127.0.0.1:9092), GRPCURL
@@ -17,15 +19,17 @@ records=${RECORDS:-2000000}
 brokers=${BROKERS:-127.0.0.1:9092}
 grpcurl=${GRPCURL:-$(dirname "$0")/../../target/tools/bin/grpcurl}
 addr=127.0.0.1:50999
+# shellcheck source=lib.sh
+source "$(dirname "$0")/lib.sh"
+require_free_grpc "$addr"
 log=$(mktemp)
 start=$(date +%s.%N)
 "$binary" run --input "kafka:$brokers" --topic "$topic" -w 2 --grpc "$addr" "$@" >"$log" 2>&1 &
 pid=$!
-trap 'kill "$pid" 2>/dev/null || true; rm -f "$log"' EXIT
+# Wait for it to exit, so a run started right after finds the port free.
+trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -f "$log"' EXIT
 while kill -0 "$pid" 2>/dev/null; do
-  status=$("$grpcurl" -plaintext -d '{}' "$addr" spendflow.v1.Admin/GetStatus 2>/dev/null || true)
-  read=$(grep -o '"recordsRead": "[0-9]*"' <<<"$status" | head -1 | grep -o '[0-9]*' || true)
-  if [[ -n $read && $read -ge $records ]] && grep -q '"caughtUp": true' <<<"$status"; then
+  if caught_up "$addr" "$records"; then
     end=$(date +%s.%N)
     hwm=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
     awk -v s="$start" -v e="$end" -v n="$records" -v h="$hwm" \

@@ -16,7 +16,6 @@ events = []  # (tid, comm, time, stack)
 cur = None
 for line in open(sys.argv[1]):
     if not line.startswith('\t') and line.strip():
-        parts = line.split()
         # comm may contain spaces; find tid as first all-digit token followed by time
         m = re.match(r'^(.*?)\s+(\d+)\s+([\d.]+):\s+prev_comm=.*prev_state=(\S+)', line)
         if not m: cur=None; continue

@@ -14,6 +14,9 @@ topic=${TOPIC:-probe.keyed}
 records=${RECORDS:-2000000}
 grpcurl=${GRPCURL:-$(dirname "$0")/../../target/tools/bin/grpcurl}
 keyspace=sweep_c${concurrency}_b${batch}_$(date +%s)
+# shellcheck source=lib.sh
+source "$(dirname "$0")/lib.sh"
+require_free_grpc 127.0.0.1:50999
 work=$(mktemp -d)
 cat >"$work/sweep.toml" <<EOT
 [sink]
@@ -32,9 +35,7 @@ trap 'kill -INT "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm 
 served="" last=-1 stable=0 done_at=""
 while kill -0 "$pid" 2>/dev/null; do
   if [[ -z $served ]]; then
-    status=$("$grpcurl" -plaintext -d '{}' 127.0.0.1:50999 spendflow.v1.Admin/GetStatus 2>/dev/null || true)
-    read=$(grep -o '"recordsRead": "[0-9]*"' <<<"$status" | head -1 | grep -o '[0-9]*' || true)
-    if [[ -n $read && $read -ge $records ]] && grep -q '"caughtUp": true' <<<"$status"; then
+    if caught_up 127.0.0.1:50999 "$records"; then
       served=$(date +%s.%N)
     fi
   else

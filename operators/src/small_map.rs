@@ -5,7 +5,7 @@
 //! for even one: about 200–250 bytes for these key and value types. At a million users those
 //! nodes were the largest per-user item of the engine's heap (heaptrack of a 2 M-record
 //! catch-up, `bench/README.md`). A `SmallMap` keeps up to [`SmallMap::FEW`] entries in a sorted
-//! `Vec` (allocated to fit, 16–24 bytes per entry here) and moves to a `BTreeMap` beyond that,
+//! `Vec` (grown by half at a time, 16–24 bytes per entry here) and moves to a `BTreeMap` beyond that,
 //! so a user with many entries still costs `O(log n)` per change: no input can make its
 //! updates quadratic.
 
