@@ -31,6 +31,7 @@ pub fn run_sink(inbox: Arc<SinkInbox>, mut sink: Box<dyn Sink>, shared: &Shared)
                     sink = sink.name(),
                     epoch = group.epoch,
                     cells = group.cells.len(),
+                    ms = began.elapsed().as_millis() as u64,
                     "Committed an epoch group."
                 );
             }

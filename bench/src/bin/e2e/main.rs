@@ -175,6 +175,10 @@ struct Args {
     #[arg(long, allow_hyphen_values = true)]
     engine_arg: Vec<String>,
 
+    /// Keep the run's work directory (the engines' logs) instead of deleting it at the end.
+    #[arg(long)]
+    keep_logs: bool,
+
     /// Where to write the results. Default bench/RESULTS.md (--quick:
     /// target/bench/RESULTS-quick.md).
     #[arg(long)]
@@ -439,7 +443,11 @@ fn real_main(args: Args) -> Result<()> {
     }
     say(format!("wrote {}", output.display()));
     print!("{}", report.summary());
-    let _ = std::fs::remove_dir_all(&work);
+    if args.keep_logs {
+        say(format!("engine logs kept in {}", work.display()));
+    } else {
+        let _ = std::fs::remove_dir_all(&work);
+    }
     Ok(())
 }
 
