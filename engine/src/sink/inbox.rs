@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
 
-use super::EpochGroup;
+use super::{EpochGroup, GroupRuns};
 use crate::core::{AsOf, CellValue};
 
 /// The hand-off between the publisher and the durable sink: one group of epochs that grows
@@ -16,10 +16,11 @@ use crate::core::{AsOf, CellValue};
 /// with its last value, so the further the sink falls behind, the larger its next group and
 /// the fewer writes per input record.
 ///
-/// Memory: the waiting group is a map by cell, so it holds at most one entry per distinct
-/// cell — it is bounded by the size of the state, not by how much input arrives while the
-/// sink is busy (the same cell changing a million times is one entry). With the group being
-/// written, that is at most about two copies of the changed part of the state. For a huge
+/// Memory: the waiting group keeps one value per distinct cell (sorted runs merged as they
+/// come, see `GroupRuns`: at most about two per cell until they are merged) — it is bounded by
+/// the size of the state, not by how much input arrives while the sink is busy (the same cell
+/// changing a million times is one entry). With the group being written, that is at most a few
+/// copies of the changed part of the state. For a huge
 /// state behind a very slow sink there is still a hard bound, `max_cells` (the sink's
 /// [`Sink::max_group_cells`](super::Sink::max_group_cells), millions by default): only once
 /// the waiting group holds that many distinct cells does the publisher wait, its own bounded
@@ -31,7 +32,7 @@ use crate::core::{AsOf, CellValue};
 /// committed; a restart re-reads and re-writes everything after the sink's last commit.
 #[derive(Debug)]
 pub(crate) struct SinkInbox {
-    waiting: Mutex<(Option<EpochGroup>, bool)>,
+    waiting: Mutex<(Option<GroupRuns>, bool)>,
     changed: Condvar,
     max_cells: usize,
 }
@@ -52,22 +53,23 @@ impl SinkInbox {
     /// closed the inbox (it failed for good).
     pub fn put(&self, as_of: &AsOf, cells: &[CellValue], records_covered: u64) -> bool {
         let mut state = self.waiting.lock();
+        // The runs may hold a cell more than once; only the exact count (which merges them)
+        // decides to wait.
         while !state.1
-            && state
-                .0
-                .as_ref()
-                .is_some_and(|g| g.cells.len() >= self.max_cells)
+            && state.0.as_mut().is_some_and(|g| {
+                g.held_cells() >= self.max_cells && g.distinct_cells() >= self.max_cells
+            })
         {
             self.changed.wait(&mut state);
         }
         if state.1 {
             return false;
         }
-        state.0.get_or_insert_with(EpochGroup::default).merge(
+        state.0.get_or_insert_with(GroupRuns::default).push(
             as_of.epoch,
             Arc::clone(&as_of.positions),
             records_covered,
-            cells.iter().cloned(),
+            cells.to_vec(),
         );
         self.changed.notify_all();
         true
@@ -75,17 +77,21 @@ impl SinkInbox {
 
     /// The waiting group, once there is one; `None` once the inbox is closed and empty.
     pub(crate) fn take(&self) -> Option<EpochGroup> {
-        let mut state = self.waiting.lock();
-        loop {
-            if let Some(group) = state.0.take() {
-                self.changed.notify_all();
-                return Some(group);
+        let runs = {
+            let mut state = self.waiting.lock();
+            loop {
+                if let Some(runs) = state.0.take() {
+                    self.changed.notify_all();
+                    break runs;
+                }
+                if state.1 {
+                    return None;
+                }
+                self.changed.wait(&mut state);
             }
-            if state.1 {
-                return None;
-            }
-            self.changed.wait(&mut state);
-        }
+        };
+        // Merged outside the lock: the publisher goes on meanwhile.
+        Some(runs.finish())
     }
 
     /// No more groups: the publisher is done (the sink writes what waits), or the sink failed
@@ -132,7 +138,7 @@ mod tests {
         assert_eq!(group.epoch, 10_000);
         assert_eq!(group.records_covered, 10_000);
         assert_eq!(group.cells.len(), 2);
-        assert_eq!(group.cells[&AggKey::User(1)], cell(1, 10_000));
+        assert_eq!(group.get(&AggKey::User(1)), Some(&cell(1, 10_000)));
     }
 
     #[test]

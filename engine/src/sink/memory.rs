@@ -81,11 +81,11 @@ impl Sink for MemorySink {
 
     fn write(&mut self, group: &EpochGroup) -> Result<(), SinkError> {
         let mut state = self.state.lock();
-        for (key, cell) in &group.cells {
+        for cell in &group.cells {
             if cell.removed() {
-                state.cells.remove(key);
+                state.cells.remove(&cell.key);
             } else {
-                state.cells.insert(*key, cell.clone());
+                state.cells.insert(cell.key, cell.clone());
             }
         }
         drop(state);

@@ -614,7 +614,7 @@ fn plan_cells(
     per_batch: usize,
 ) -> Result<Vec<Vec<&CellValue>>, CassandraError> {
     let mut by_user: BTreeMap<u64, Vec<&CellValue>> = BTreeMap::new();
-    for cell in group.cells.values() {
+    for cell in &group.cells {
         if i64::try_from(cell.sum).is_err() {
             return Err(out_of_range(cell));
         }

@@ -28,7 +28,10 @@ fn later_epochs_replace_earlier_values_in_a_group() {
     assert_eq!(group.epoch, 4);
     assert_eq!(group.records_covered, 12);
     // A cell that changed and changed back is still written (its last value).
-    assert_eq!(group.cells[&AggKey::User(1)], cell(AggKey::User(1), 0, 0));
+    assert_eq!(
+        group.get(&AggKey::User(1)),
+        Some(&cell(AggKey::User(1), 0, 0))
+    );
     assert_eq!(group.cells.len(), 2);
 }
 
