@@ -38,12 +38,14 @@
 mod checkpointer;
 mod clock;
 mod publisher;
+mod reports;
 mod sink_driver;
 mod worker;
 
 pub use checkpointer::{AlertsCommitted, run_checkpointer};
 pub use clock::EpochClock;
 pub use publisher::{Outputs, run_publisher};
+pub use reports::{ReportReceiver, ReportSender, report_channel};
 pub use sink_driver::run_sink;
 pub use worker::run_worker;
 
@@ -51,16 +53,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
-use crossbeam_channel::{Receiver, Sender};
 use spendflow_operators::aggregate::ReplayTouch;
 use spendflow_operators::{ClosedEpoch, Epoch};
 
 use crate::checkpoint::Checkpoint;
 use crate::core::{CheckpointProgress, PartitionPosition};
 use crate::sink::dead_letter::DeadLetters;
-
-/// Reports the publisher may have queued before workers wait for it (back-pressure).
-const REPORT_QUEUE: usize = 64;
 
 /// Live counters of one worker, readable by the status service.
 #[derive(Debug, Default)]
@@ -306,11 +304,6 @@ pub struct WorkerReport {
     pub epochs: Vec<WorkerEpoch>,
     /// Shares of checkpoints taken since the last report.
     pub snapshots: Vec<SnapshotPart>,
-}
-
-/// A bounded channel from the workers to the publisher.
-pub fn report_channel() -> (Sender<WorkerReport>, Receiver<WorkerReport>) {
-    crossbeam_channel::bounded(REPORT_QUEUE)
 }
 
 #[cfg(test)]

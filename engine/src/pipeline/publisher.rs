@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
 use spendflow_operators::Epoch;
 
 use super::*;
@@ -44,7 +44,7 @@ pub struct Outputs {
 /// group holds millions of distinct cells), so the served state does not move at the durable
 /// store's pace.
 pub fn run_publisher(
-    reports: Receiver<WorkerReport>,
+    reports: ReportReceiver,
     workers: usize,
     mut writer: ReadModelWriter,
     mut outputs: Outputs,
@@ -262,7 +262,7 @@ mod tests {
             restored: true,
             ..Outputs::default()
         };
-        let (tx, rx) = crossbeam_channel::unbounded();
+        let (tx, rx) = crate::pipeline::report_channel();
         let position = |source: &str, position| PartitionPosition {
             source: Arc::from(source),
             partition: 0,

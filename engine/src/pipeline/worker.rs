@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
 use spendflow_operators::dataflow::{ClockSignal, ExpenseDataflow};
 use spendflow_operators::decode::decode;
 use spendflow_operators::runtime::WorkerContext;
@@ -28,7 +27,7 @@ pub fn run_worker(
     ctx: &mut WorkerContext<'_>,
     shared: &Shared,
     sources: Vec<Box<dyn Source>>,
-    reports: Sender<WorkerReport>,
+    reports: ReportSender,
 ) {
     let mut worker = Worker::new(ctx, shared, sources, reports);
     // 0. Restore this worker's share of a checkpoint, or start a new timeline.
@@ -65,7 +64,7 @@ struct Worker<'a> {
     status: &'a WorkerStatus,
     dataflow: ExpenseDataflow,
     sources: Vec<Box<dyn Source>>,
-    reports: Sender<WorkerReport>,
+    reports: ReportSender,
     batch: Vec<SourceRecord>,
     /// Advances not yet matched with the epochs they closed, oldest first.
     closes: VecDeque<Close>,
@@ -96,7 +95,7 @@ impl<'a> Worker<'a> {
         ctx: &mut WorkerContext<'_>,
         shared: &'a Shared,
         sources: Vec<Box<dyn Source>>,
-        reports: Sender<WorkerReport>,
+        reports: ReportSender,
     ) -> Self {
         let global = ctx.index();
         let index = shared.topology.local_worker(global);
