@@ -27,7 +27,7 @@ impl Sink for TotalsFile {
     }
 
     fn write(&mut self, group: &EpochGroup) -> Result<(), SinkError> {
-        for cell in group.cells.values() {
+        for cell in &group.cells {
             if let AggKey::User(user) = cell.key {
                 writeln!(
                     self.file,
