@@ -17,11 +17,11 @@ use crate::core::{AsOf, CellValue};
 /// the fewer writes per input record.
 ///
 /// Memory: the waiting group keeps one value per distinct cell (sorted runs merged as they
-/// come, see `GroupRuns`: at most about two per cell until they are merged) — it is bounded by
-/// the size of the state, not by how much input arrives while the sink is busy (the same cell
-/// changing a million times is one entry). With the group being written, that is at most a few
-/// copies of the changed part of the state. For a huge
-/// state behind a very slow sink there is still a hard bound, `max_cells` (the sink's
+/// come, see `GroupRuns`: fewer than two values per distinct cell until they merge) — it is
+/// bounded by the size of the state, not by how much input arrives while the sink is busy (the
+/// same cell changing a million times is one entry). With the group being written, that is a
+/// few copies of the changed part of the state at most. For a huge state behind a very slow
+/// sink there is still a hard bound, `max_cells` (the sink's
 /// [`Sink::max_group_cells`](super::Sink::max_group_cells), millions by default): only once
 /// the waiting group holds that many distinct cells does the publisher wait, its own bounded
 /// queue then holds the workers, and they stop reading their sources (back-pressure).

@@ -153,9 +153,10 @@ fn merge_runs(earlier: Vec<CellValue>, later: Vec<CellValue>) -> Vec<CellValue> 
 /// is more than twice as long as the next (a cell is copied `O(log n)` times in all, each merge
 /// a sequential pass). The finished group ([`GroupRuns::finish`]) is the merge of all runs.
 ///
-/// Memory: the runs hold each distinct cell once in the longest run that has it, so at most
-/// about twice the distinct cells in all; [`GroupRuns::distinct_cells`] merges everything first
-/// when it needs the exact count.
+/// Memory: a cell changed in several epochs is held once per run that has it until they merge,
+/// but the runs hold fewer than twice the distinct cells (each run holds a cell once, and each
+/// is less than half as long as the one before); [`GroupRuns::distinct_cells`] merges
+/// everything first when the exact count is needed.
 #[derive(Debug, Default)]
 pub(crate) struct GroupRuns {
     epoch: Epoch,
@@ -301,8 +302,9 @@ pub trait Sink: Send + std::fmt::Debug {
 
     /// Distinct cells merged into the waiting group at most while the sink is busy, before
     /// the publisher waits for the sink (back-pressure on the sources beyond it). The group
-    /// holds one value per cell, so it is bounded by the state anyway; this bound matters only for a huge
-    /// state behind a very slow sink. Below it the read model never waits for the sink.
+    /// holds one value per cell, so it is bounded by the state anyway; this bound matters only
+    /// for a huge state behind a very slow sink. Below it the read model never waits for the
+    /// sink.
     fn max_group_cells(&self) -> usize {
         DEFAULT_MAX_GROUP_CELLS
     }
