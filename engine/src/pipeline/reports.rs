@@ -103,7 +103,9 @@ impl WorkerReport {
 /// The workers' end of the report queue.
 #[derive(Clone, Debug)]
 pub struct ReportSender {
-    tx: Sender<WorkerReport>,
+    /// Each report travels with its item count, so the publisher releases exactly what the
+    /// worker counted.
+    tx: Sender<(usize, WorkerReport)>,
     budget: Arc<Budget>,
 }
 
@@ -129,9 +131,9 @@ impl ReportSender {
             }
             *queued += items;
         }
-        self.tx.send(report).map_err(|e| {
+        self.tx.send((items, report)).map_err(|e| {
             self.budget.release(items);
-            e.into_inner()
+            e.into_inner().1
         })
     }
 }
@@ -139,7 +141,7 @@ impl ReportSender {
 /// The publisher's end of the report queue.
 #[derive(Debug)]
 pub struct ReportReceiver {
-    rx: Receiver<WorkerReport>,
+    rx: Receiver<(usize, WorkerReport)>,
     budget: Arc<Budget>,
 }
 
@@ -147,9 +149,10 @@ impl ReportReceiver {
     /// The reports as they come, until every worker has hung up; each one's items are released
     /// as it is taken.
     pub fn iter(&self) -> impl Iterator<Item = WorkerReport> + '_ {
-        self.rx
-            .iter()
-            .inspect(|report| self.budget.release(report.items()))
+        self.rx.iter().map(|(items, report)| {
+            self.budget.release(items);
+            report
+        })
     }
 }
 
@@ -191,26 +194,35 @@ mod tests {
         }
     }
 
-    /// Sends `report` from another thread; the receiver says when the send returned.
-    fn send_in_background(
-        tx: &ReportSender,
-        report: WorkerReport,
-    ) -> crossbeam_channel::Receiver<bool> {
+    /// A queue bounded by 10 items that holds a report of `first` items, and a report of
+    /// `second` items sent from another thread, checked to be held back; the receiver says
+    /// whether that send succeeded once it returns.
+    fn second_report_held_back(
+        first: usize,
+        second: usize,
+    ) -> (
+        ReportSender,
+        ReportReceiver,
+        crossbeam_channel::Receiver<bool>,
+    ) {
+        let (tx, rx) = report_channel_bounded(64, 10);
+        tx.send(report(first)).unwrap();
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
-        let tx = tx.clone();
+        let sender = tx.clone();
         std::thread::spawn(move || {
-            let _ = done_tx.send(tx.send(report).is_ok());
+            let _ = done_tx.send(sender.send(report(second)).is_ok());
         });
-        done_rx
+        assert!(
+            done_rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "a report of {second} items went past {first} queued ones"
+        );
+        (tx, rx, done_rx)
     }
 
     #[test]
     fn a_worker_waits_while_the_queued_reports_hold_the_item_bound() {
-        let (tx, rx) = report_channel_bounded(64, 10);
-        tx.send(report(6)).unwrap();
         // 6 + 6 > 10: the second report waits, although the queue holds one report of 64 ...
-        let second = send_in_background(&tx, report(6));
-        assert!(second.recv_timeout(Duration::from_millis(200)).is_err());
+        let (_tx, rx, second) = second_report_held_back(6, 6);
         // ... until the publisher takes the first.
         let mut reports = rx.iter();
         assert_eq!(reports.next().map(|r| r.items()), Some(6));
@@ -220,20 +232,15 @@ mod tests {
 
     #[test]
     fn a_report_larger_than_the_bound_goes_alone_into_an_empty_queue() {
-        let (tx, rx) = report_channel_bounded(64, 10);
-        tx.send(report(50)).unwrap();
-        let small = send_in_background(&tx, report(1));
-        assert!(small.recv_timeout(Duration::from_millis(200)).is_err());
+        // The report of 50 went into the empty queue; the small one waits for it to be taken.
+        let (_tx, rx, small) = second_report_held_back(50, 1);
         assert_eq!(rx.iter().next().map(|r| r.items()), Some(50));
         assert_eq!(small.recv_timeout(Duration::from_secs(30)), Ok(true));
     }
 
     #[test]
     fn a_waiting_worker_is_let_go_when_the_publisher_is_gone() {
-        let (tx, rx) = report_channel_bounded(64, 10);
-        tx.send(report(10)).unwrap();
-        let waiting = send_in_background(&tx, report(5));
-        assert!(waiting.recv_timeout(Duration::from_millis(200)).is_err());
+        let (tx, rx, waiting) = second_report_held_back(10, 5);
         drop(rx);
         assert_eq!(waiting.recv_timeout(Duration::from_secs(30)), Ok(false));
         assert!(tx.send(report(1)).is_err());
